@@ -1,0 +1,36 @@
+"""``millstream-cloud``: one entry point, one sub-command per module that registers itself."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Each module exposes ``add_parser(subparsers)`` which registers its sub-command(s) and
+# sets ``func(args) -> int`` as the parser default. A module that is not installed yet
+# (optional feature) is skipped so the rest of the CLI still works.
+COMMAND_MODULES: tuple[str, ...] = (
+    "millstream_cloud.serve",
+    "millstream_cloud.detection.eval.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="millstream-cloud", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(name)
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The data every stage of the cloud passes along: readings in, anomalies out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, frozen=True)
+class Reading:
+    """One validated reading, as the ingest pipeline hands it to storage and detectors.
+
+    ``time_ns`` is the source timestamp in UTC nanoseconds (InfluxDB's native precision),
+    or the arrival time when the device's clock could not be trusted (then
+    ``source_time_ns`` keeps the original).
+    """
+
+    device: str
+    site: str
+    metric: str
+    time_ns: int
+    value: float
+    unit: str | None = None
+    quality: str = "good"
+    source_time_ns: int | None = None
+
+
+@dataclass(slots=True)
+class Contribution:
+    """How far one metric was from its normal level when an anomaly was raised."""
+
+    metric: str
+    value: float
+    expected: float
+    sigma: float  # signed distance from normal in robust standard deviations
+
+
+@dataclass(slots=True)
+class Anomaly:
+    """A detector's verdict that a device (or one of its metrics) left its normal behaviour."""
+
+    device: str
+    site: str
+    time_ns: int
+    detector: str
+    score: float  # detector's raw score, higher is more anomalous
+    likelihood: float  # calibrated, 0..1
+    metric: str | None = None  # None for a multivariate (whole-device) anomaly
+    explanation: str = ""
+    contributions: list[Contribution] = field(default_factory=list)
