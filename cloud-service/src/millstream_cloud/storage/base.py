@@ -1,0 +1,147 @@
+"""The storage interface every backend implements, and the query model it answers.
+
+The logical model is InfluxDB's, so one model serves the embedded store, InfluxDB 1.x,
+2.x and 3.x, and the InfluxQL ``/query`` endpoint Grafana talks to:
+
+* measurement ``telemetry``: tags ``site``, ``device``, ``kind``; one field per metric;
+* measurement ``anomalies``: tags ``site``, ``device``, ``metric``, ``detector``;
+  fields ``score``, ``likelihood``, ``explanation``;
+* measurement ``alerts``: tags ``alertname``, ``site``, ``device``, ``severity``, ``state``;
+  fields ``value``, ``summary``.
+
+Writes are idempotent per (measurement, tag set, time): writing the same point twice
+stores it once (last write wins), as in InfluxDB. That is what lets a redelivered MQTT
+message be written again safely.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from millstream_cloud.model import Reading
+
+FieldValue = float | int | bool | str
+
+TELEMETRY = "telemetry"
+ANOMALIES = "anomalies"
+ALERTS = "alerts"
+
+AGGREGATES = ("mean", "min", "max", "last", "first", "count", "sum")
+
+
+@dataclass(slots=True, frozen=True)
+class Point:
+    """One point in InfluxDB's model: measurement, tags, fields, time (UTC ns)."""
+
+    measurement: str
+    tags: Mapping[str, str]
+    fields: Mapping[str, FieldValue]
+    time_ns: int
+
+
+@dataclass(slots=True)
+class SeriesQuery:
+    """A range query over one measurement.
+
+    ``tags`` are equality filters (all must match). With ``every_ns`` and ``agg`` the
+    points are grouped into buckets aligned to the epoch (InfluxDB's ``GROUP BY time``);
+    a bucket's time is its start, and empty buckets are left out (``fill(none)``).
+    ``group_by`` splits the result into one series per distinct value of those tags.
+    """
+
+    measurement: str
+    fields: Sequence[str]
+    tags: Mapping[str, str] = field(default_factory=dict)
+    start_ns: int | None = None  # inclusive
+    end_ns: int | None = None  # exclusive
+    every_ns: int | None = None
+    agg: str | None = None
+    group_by: Sequence[str] = ()
+    limit: int | None = None
+
+
+@dataclass(slots=True)
+class Series:
+    """The answer for one field and one group of tags, points in time order."""
+
+    field: str
+    tags: dict[str, str]
+    points: list[tuple[int, FieldValue]]
+
+
+class Storage(abc.ABC):
+    """A storage backend. Implementations register themselves by ``name``."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def write_points(self, points: Sequence[Point]) -> None:
+        """Store the points durably before returning (the caller then acks the broker)."""
+
+    def write_readings(self, readings: Sequence[Reading], kinds: Mapping[str, str] | None = None) -> None:
+        """Store telemetry readings: one point per reading in ``telemetry``."""
+        self.write_points(readings_to_points(readings, kinds or {}))
+
+    @abc.abstractmethod
+    def query(self, query: SeriesQuery) -> list[Series]:
+        """Answer a range query; see :class:`SeriesQuery`."""
+
+    @abc.abstractmethod
+    def latest(self, measurement: str, tags: Mapping[str, str]) -> dict[str, tuple[int, FieldValue]]:
+        """The newest (time, value) of every field of the series matching ``tags``."""
+
+    @abc.abstractmethod
+    def measurements(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def field_keys(self, measurement: str) -> dict[str, str]:
+        """Field name -> InfluxDB type name (``float``, ``integer``, ``boolean``, ``string``)."""
+
+    @abc.abstractmethod
+    def tag_keys(self, measurement: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def tag_values(
+        self, measurement: str, key: str, tags: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """Distinct values of tag ``key`` among series matching ``tags``."""
+
+    def ping(self) -> bool:
+        """True when the backend can take writes now (used by ``/readyz``)."""
+        return True
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Flush and release resources."""
+
+
+def readings_to_points(readings: Iterable[Reading], kinds: Mapping[str, str]) -> list[Point]:
+    """Telemetry readings as points; ``kinds`` maps device id to its machine kind."""
+    points = []
+    for r in readings:
+        tags = {"site": r.site, "device": r.device}
+        kind = kinds.get(r.device)
+        if kind:
+            tags["kind"] = kind
+        points.append(Point(TELEMETRY, tags, {r.metric: r.value}, r.time_ns))
+    return points
+
+
+_BACKENDS: dict[str, type[Storage]] = {}
+
+
+def register(cls: type[Storage]) -> type[Storage]:
+    """Class decorator: make a backend selectable by ``storage.backend: <name>``."""
+    _BACKENDS[cls.name] = cls
+    return cls
+
+
+def backend_class(name: str) -> type[Storage]:
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown storage backend {name!r}; known: {', '.join(sorted(_BACKENDS))}"
+        ) from None
