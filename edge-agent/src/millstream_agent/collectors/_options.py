@@ -64,8 +64,10 @@ def get_int(
     default: int,
     minimum: Optional[int] = None,
     maximum: Optional[int] = None,
+    where: str = "",
 ) -> int:
     value = options.get(key, default)
+    key = where + key
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{key}: expected an integer, got {value!r}")
     if minimum is not None and value < minimum:
@@ -76,9 +78,14 @@ def get_int(
 
 
 def get_float(
-    options: dict[str, Any], key: str, default: float, minimum: Optional[float] = None
+    options: dict[str, Any],
+    key: str,
+    default: float,
+    minimum: Optional[float] = None,
+    where: str = "",
 ) -> float:
     value = options.get(key, default)
+    key = where + key
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{key}: expected a number, got {value!r}")
     if minimum is not None and value < minimum:
@@ -87,9 +94,14 @@ def get_float(
 
 
 def get_str(
-    options: dict[str, Any], key: str, default: Optional[str], choices: Optional[list[str]] = None
+    options: dict[str, Any],
+    key: str,
+    default: Optional[str],
+    choices: Optional[list[str]] = None,
+    where: str = "",
 ) -> Optional[str]:
     value = options.get(key, default)
+    key = where + key
     if value is None:
         return None
     if not isinstance(value, str):
@@ -99,8 +111,9 @@ def get_str(
     return value
 
 
-def get_bool(options: dict[str, Any], key: str, default: bool) -> bool:
+def get_bool(options: dict[str, Any], key: str, default: bool, where: str = "") -> bool:
     value = options.get(key, default)
+    key = where + key
     if not isinstance(value, bool):
         raise ValueError(f"{key}: expected true or false, got {value!r}")
     return value
