@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -75,7 +76,7 @@ def test_temperatures_follow_load_with_a_lag() -> None:
     # Within a minute of a load change the current has moved most of its range; the
     # winding, with a thermal time constant of ten minutes, only a small part of it.
     def minute_change(xs: list[float]) -> float:
-        return max(abs(a - b) for a, b in zip(xs, xs[60:])) / (max(xs) - min(xs))
+        return max(abs(a - b) for a, b in zip(xs, xs[60:], strict=False)) / (max(xs) - min(xs))
 
     assert minute_change(current) > 0.5
     assert minute_change(winding) < 0.3
@@ -103,7 +104,7 @@ def test_faults_do_not_change_the_machine_outside_their_intervals() -> None:
     assert len(truth) >= 3
     intervals = [(parse_rfc3339(g["start"], "s"), parse_rfc3339(g["end"], "e")) for g in truth]
     inside = 0
-    for i, (c, f) in enumerate(zip(clean, faulty)):
+    for i, (c, f) in enumerate(zip(clean, faulty, strict=False)):
         ts = T0 + i
         if any(s <= ts < e for s, e in intervals):
             inside += 1
@@ -132,7 +133,9 @@ def test_drift_rises_linearly_to_magnitude_sigma() -> None:
         }
     )
     sigma = 0.05
-    diff = [f["bearing_vibration"] - c["bearing_vibration"] for c, f in zip(clean, faulty)]
+    diff = [
+        f["bearing_vibration"] - c["bearing_vibration"] for c, f in zip(clean, faulty, strict=False)
+    ]
     assert diff[59] == 0
     assert diff[60 + 300] == pytest.approx(1.0 * sigma, abs=2e-4)
     assert diff[60 + 599] == pytest.approx(2.0 * sigma * 599 / 600, abs=2e-4)
@@ -173,7 +176,7 @@ def test_spike_hits_one_sample() -> None:
     clean, faulty, truth = one_fault(
         {"type": "spike", "metric": "power", "start": 100, "magnitude": -10}
     )
-    diffs = [round(f["power"] - c["power"], 6) for c, f in zip(clean, faulty)]
+    diffs = [round(f["power"] - c["power"], 6) for c, f in zip(clean, faulty, strict=False)]
     assert [i for i, d in enumerate(diffs) if d] == [100]
     assert diffs[100] == pytest.approx(-10 * 0.06, abs=1e-3)
     assert truth[0]["end"] == "2025-11-24T16:01:41.000Z"
@@ -214,7 +217,7 @@ def test_ground_truth_file_is_jsonl_with_rfc3339_utc(tmp_path: Any) -> None:
         assert end > start >= T0 + 300  # quiet for fault_start_after (5m) first
         ends.append((start, end))
     # The random schedule has one fault at a time, so intervals never overlap.
-    for (_, e1), (s2, _) in zip(ends, ends[1:]):
+    for (_, e1), (s2, _) in itertools.pairwise(ends):
         assert s2 >= e1
     assert {r["fault"] for r in lines} >= {"spike", "dropout", "stuck"}
 
