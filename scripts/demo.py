@@ -143,7 +143,9 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=float(os.environ.get("DURATION", 0)))
     ap.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between summary lines")
+    ap.add_argument("--workdir", type=Path, default=VAR, help="state and logs (cleared first)")
     args = ap.parse_args()
+    var = args.workdir
 
     if port_in_use(args.port):
         print(f"demo: port {args.port} is in use; run `make demo PORT=8001`", file=sys.stderr)
@@ -157,8 +159,8 @@ def main() -> int:
         )
         return 2
 
-    shutil.rmtree(VAR, ignore_errors=True)
-    VAR.mkdir(parents=True)
+    shutil.rmtree(var, ignore_errors=True)
+    var.mkdir(parents=True)
     stack = Stack()
     stopping = {"signal": False}
 
@@ -169,18 +171,18 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         broker_port = free_port()
-        conf = VAR / "mosquitto.conf"
-        conf.write_text(MOSQUITTO_CONF.format(port=broker_port, log=VAR / "mosquitto.log"))
-        broker = stack.start("mosquitto", [mosquitto, "-c", str(conf)], VAR / "mosquitto.out")
+        conf = var / "mosquitto.conf"
+        conf.write_text(MOSQUITTO_CONF.format(port=broker_port, log=var / "mosquitto.log"))
+        broker = stack.start("mosquitto", [mosquitto, "-c", str(conf)], var / "mosquitto.out")
         broker_url = f"mqtt://127.0.0.1:{broker_port}"
         deadline = time.monotonic() + 10
         while not port_in_use(broker_port):
             if broker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto did not start; see {VAR / 'mosquitto.log'}")
+                raise RuntimeError(f"mosquitto did not start; see {var / 'mosquitto.log'}")
             time.sleep(0.1)
 
         api = f"http://127.0.0.1:{args.port}"
-        cloud_log = VAR / "cloud.log"
+        cloud_log = var / "cloud.log"
         env = {**os.environ, "MILLSTREAM_DEMO": "1"}
         if os.environ.get("WEBHOOK"):
             env["MILLSTREAM_ALERTS__WEBHOOK_URL"] = os.environ["WEBHOOK"]
@@ -194,13 +196,13 @@ def main() -> int:
                 "--port",
                 str(args.port),
                 "--data-dir",
-                str(VAR / "cloud"),
+                str(var / "cloud"),
             ],
             cloud_log,
             env=env,
         )
         wait_http(f"{api}/healthz", cloud, 60, cloud_log)
-        fleet_log = VAR / "agents.log"
+        fleet_log = var / "agents.log"
         stack.start(
             "agents",
             [
@@ -217,7 +219,7 @@ def main() -> int:
                 "--site",
                 "demo-plant",
                 "--queue-dir",
-                str(VAR / "agents"),
+                str(var / "agents"),
             ],
             fleet_log,
         )
@@ -230,7 +232,7 @@ def main() -> int:
         print(
             f"  Grafana      point an InfluxDB datasource (InfluxQL, database millstream) at {api}"
         )
-        print(f"  logs         {VAR}/")
+        print(f"  logs         {var}/")
         print(
             "  stop         Ctrl-C"
             + (f" (or after {args.duration:.0f} s)" if args.duration else "")
@@ -245,7 +247,7 @@ def main() -> int:
                 break
             for name, proc in stack.procs:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited unexpectedly ({proc.returncode}); see {VAR}")
+                    raise RuntimeError(f"{name} exited unexpectedly ({proc.returncode}); see {var}")
             if now >= next_line:
                 try:
                     line, last = summary(api, last)
