@@ -10,6 +10,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from millstream_cloud.timeutil import parse_time_ns
 from tests.support.cloud import API, metric_value
 from tests.support.servers import ServerProcess
 
@@ -120,7 +121,7 @@ def test_fleet_readings_stored_exactly_once_and_bad_messages_rejected(
             + "&start=2000-01-01T00:00:00Z"
         )
         for series in answer:
-            times = [p["time"] for p in series["points"]]
+            times = [parse_time_ns(p["time"]) for p in series["points"]]
             assert times == sorted(set(times)), "each reading once, in time order"
             total += len(times)
     assert total == 1000
