@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from millstream_agent import protocol
 from millstream_agent.collectors.base import Sample
-
 from tests.protocol_cases import is_schema_valid, load_cases, schema_errors
 
 

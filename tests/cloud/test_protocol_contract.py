@@ -6,6 +6,7 @@ import time
 
 import msgspec
 import pytest
+
 from millstream_cloud.ingest.decode import DecodeError, decode_status, decode_telemetry
 from millstream_cloud.protocol import (
     WireCommand,
@@ -14,7 +15,6 @@ from millstream_cloud.protocol import (
     WireConfigReported,
     parse_ts_ns,
 )
-
 from tests.protocol_cases import Case, is_schema_valid, load_cases
 
 CASES = load_cases()
