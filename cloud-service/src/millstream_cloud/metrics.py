@@ -34,6 +34,12 @@ class ServiceMetrics:
             "Sequence numbers skipped by devices (messages missing)",
             registry=r,
         )
+        self.late = Counter(
+            "millstream_ingest_late_messages",
+            "Messages that arrived after a later sequence number and filled a gap "
+            "(gaps minus late = sequence numbers still missing)",
+            registry=r,
+        )
         self.restamped = Counter(
             "millstream_ingest_restamped_readings",
             "Readings stored at arrival time because the device clock was not trusted",

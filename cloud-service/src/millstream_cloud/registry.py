@@ -28,6 +28,10 @@ from typing import Any
 
 # Gaps older than this many sequence numbers are given up as lost, to bound memory.
 MAX_TRACKED_MISSING = 10_000
+# A device first seen at sequence S (not 0: the cloud met it mid-life, or another worker
+# is still storing its earlier messages) may still deliver S-1, S-2, ... late; this many
+# below S are accepted once each instead of being taken for duplicates.
+BIRTH_WINDOW = 1_000
 
 
 @dataclass(slots=True)
@@ -50,6 +54,8 @@ class Device:
     dirty: bool = True
     clock_skewed: bool = False
     rejected: int = 0
+    seq_floor: int = -1  # first sequence number seen
+    below_floor: set[int] = field(default_factory=set)  # seen later, below seq_floor
 
 
 class SeqVerdict:
@@ -60,8 +66,10 @@ class SeqVerdict:
 
 _COLUMNS = (
     "id, site, kind, online, last_seen_ns, first_seen_ns, agent_version, metadata, last_seq, "
-    "missing, metrics, duplicates, gaps, clock_skew_s, restamped, clock_skewed, rejected"
+    "missing, metrics, duplicates, gaps, clock_skew_s, restamped, clock_skewed, rejected, "
+    "seq_floor, below_floor"
 )
+_NCOLS = 19
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -81,7 +89,9 @@ CREATE TABLE IF NOT EXISTS devices (
   clock_skew_s REAL NOT NULL DEFAULT 0,
   restamped BIGINT NOT NULL DEFAULT 0,
   clock_skewed INTEGER NOT NULL DEFAULT 0,
-  rejected BIGINT NOT NULL DEFAULT 0
+  rejected BIGINT NOT NULL DEFAULT 0,
+  seq_floor BIGINT NOT NULL DEFAULT -1,
+  below_floor TEXT NOT NULL DEFAULT '[]'
 )
 """
 
@@ -106,6 +116,8 @@ def _row_to_device(r: tuple[Any, ...]) -> Device:
         dirty=False,
         clock_skewed=bool(r[15]),
         rejected=r[16],
+        seq_floor=r[17],
+        below_floor=set(json.loads(r[18])),
     )
 
 
@@ -128,11 +140,23 @@ def _device_row(d: Device) -> tuple[Any, ...]:
         d.restamped,
         int(d.clock_skewed),
         d.rejected,
+        d.seq_floor,
+        json.dumps(sorted(d.below_floor)),
     )
 
 
 def check_seq(dev: Device, seq: int) -> tuple[str, int]:
     """Classify ``seq`` for ``dev`` and update its state; returns (verdict, new gap size)."""
+    if dev.last_seq < 0:
+        dev.seq_floor = seq
+    elif seq < dev.seq_floor:
+        if seq in dev.below_floor or dev.seq_floor - seq > BIRTH_WINDOW:
+            dev.duplicates += 1
+            dev.dirty = True
+            return SeqVerdict.DUPLICATE, 0
+        dev.below_floor.add(seq)
+        dev.dirty = True
+        return SeqVerdict.LATE, 0
     if seq > dev.last_seq:
         gap = seq - dev.last_seq - 1 if dev.last_seq >= 0 else 0
         if gap:
@@ -237,6 +261,8 @@ class DeviceRegistry:
             for col, decl in (
                 ("clock_skewed", "INTEGER NOT NULL DEFAULT 0"),
                 ("rejected", "INTEGER NOT NULL DEFAULT 0"),
+                ("seq_floor", "INTEGER NOT NULL DEFAULT -1"),
+                ("below_floor", "TEXT NOT NULL DEFAULT '[]'"),
             ):
                 if col not in have:
                     self._conn.execute(f"ALTER TABLE devices ADD COLUMN {col} {decl}")
@@ -323,7 +349,7 @@ class DeviceRegistry:
     def _write(self, devices: list[Device]) -> None:
         if not devices:
             return
-        marks = ",".join([self._ph] * 17)
+        marks = ",".join([self._ph] * _NCOLS)
         if self._pg:
             cols = [c.strip() for c in _COLUMNS.split(",")]
             updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[1:])

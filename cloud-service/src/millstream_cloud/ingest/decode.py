@@ -140,6 +140,7 @@ def decode_telemetry(
     reject_ns = int(limits.max_future_s * NS)
     readings = batch.readings
     max_ahead = 0
+    untrusted: list[tuple[int, int]] = []  # (index, source ts) of readings to restamp
     for i, r in enumerate(msg.readings):
         value = r.value
         if isinstance(value, bool):
@@ -161,25 +162,19 @@ def decode_telemetry(
                 f"readings[{i}].ts: {r.ts} is {ahead / NS / 86400:.0f} days in the future",
             )
         if not synced or ahead > future_ns or ts < PLAUSIBLE_SINCE_NS:
+            untrusted.append((len(readings), ts))
             readings.append(
-                Reading(
-                    where.device,
-                    where.site,
-                    r.metric,
-                    arrival_ns,
-                    float(value),
-                    r.unit,
-                    r.quality,
-                    ts,
-                )
+                Reading(where.device, where.site, r.metric, ts, float(value), r.unit, r.quality, ts)
             )
-            batch.restamped += 1
         else:
             if ahead > max_ahead:
                 max_ahead = ahead
             readings.append(
                 Reading(where.device, where.site, r.metric, ts, float(value), r.unit, r.quality)
             )
+    if untrusted:
+        _restamp(readings, untrusted, arrival_ns)
+        batch.restamped = len(untrusted)
     if msg.sent_at is not None and synced:
         try:
             batch.skew_s = (_ts_ns(msg.sent_at) - arrival_ns) / NS
@@ -188,6 +183,26 @@ def decode_telemetry(
     else:
         batch.skew_s = max_ahead / NS
     return batch
+
+
+RESTAMP_MAX_SPAN_NS = 86400 * NS
+
+
+def _restamp(readings: list[Reading], untrusted: list[tuple[int, int]], arrival_ns: int) -> None:
+    """Store untrusted readings at arrival time, keeping their spacing.
+
+    The batch is shifted so its newest untrusted reading lands on the arrival time (the
+    readings were taken before they arrived), so readings of one metric stay distinct and
+    in order. When the source times span more than a day they are not spacing either:
+    then the readings are stored 1 ns apart, in message order, ending at arrival time.
+    """
+    newest = max(ts for _, ts in untrusted)
+    oldest = min(ts for _, ts in untrusted)
+    n = len(untrusted)
+    for k, (i, ts) in enumerate(untrusted):
+        r = readings[i]
+        t = arrival_ns - (newest - ts) if newest - oldest <= RESTAMP_MAX_SPAN_NS else arrival_ns - (n - 1 - k)
+        readings[i] = Reading(r.device, r.site, r.metric, t, r.value, r.unit, r.quality, ts)
 
 
 def decode_status(topic_name: str, payload: bytes) -> tuple[Topic, WireStatus]:

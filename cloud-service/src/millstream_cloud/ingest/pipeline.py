@@ -28,7 +28,7 @@ from millstream_cloud.protocol import parse_topic
 from millstream_cloud.protocol import WireStatus
 from millstream_cloud.registry import Device, DeviceRegistry, RegistryTransaction, SeqVerdict
 from millstream_cloud.settings import IngestSettings
-from millstream_cloud.storage.base import Storage
+from millstream_cloud.storage.base import Point, Storage
 
 log = logging.getLogger("millstream.ingest")
 
@@ -61,6 +61,20 @@ class GroupResult:
     rejected: int = 0
     duplicates: int = 0
     readings: list[Reading] = field(default_factory=list)
+
+
+RESTAMPED = "restamped"
+
+
+def restamp_points(readings: Sequence[Reading]) -> list[Point]:
+    """The original source times of readings stored at arrival time, kept beside them:
+    measurement ``restamped``, same tags and time as the stored reading, field = metric,
+    value = the source timestamp (epoch ns) the device sent."""
+    return [
+        Point(RESTAMPED, {"site": r.site, "device": r.device}, {r.metric: r.source_time_ns}, r.time_ns)
+        for r in readings
+        if r.source_time_ns is not None
+    ]
 
 
 class IngestPipeline:
@@ -132,7 +146,7 @@ class IngestPipeline:
             except DecodeError as exc:
                 rejects.append((msg.arrival_ns, msg.topic, exc.reason, str(exc), msg.payload))
         readings: list[Reading] = []
-        duplicates = gaps = restamped = skewed = 0
+        duplicates = gaps = late = restamped = skewed = 0
         if work:
             with self.registry.transaction() as txn:
                 txn.load({self._device_of(m, item) for m, item, _ in work})
@@ -144,6 +158,7 @@ class IngestPipeline:
                                 duplicates += 1
                                 continue
                             gaps += gap
+                            late += verdict == SeqVerdict.LATE
                             if kept:
                                 readings.extend(kept)
                                 restamped += item.restamped
@@ -169,6 +184,8 @@ class IngestPipeline:
                         d: dev.kind for d, dev in txn.devices.items() if dev.kind is not None
                     }
                     self.storage.write_readings(readings, kinds)
+                    if restamped:
+                        self.storage.write_points(restamp_points(readings))
                     self.metrics.write_latency.observe(time.perf_counter() - t0)
                 self.dead_letters.add_many(rejects)
         else:
@@ -183,6 +200,8 @@ class IngestPipeline:
             self.metrics.duplicates.inc(duplicates)
         if gaps:
             self.metrics.gaps.inc(gaps)
+        if late:
+            self.metrics.late.inc(late)
         if restamped:
             self.metrics.restamped.inc(restamped)
         if skewed:
