@@ -66,7 +66,9 @@ class ServiceMetrics:
             registry=r,
         )
         self.groups = Counter(
-            "millstream_ingest_groups", "Groups of messages written (one transaction each)", registry=r
+            "millstream_ingest_groups",
+            "Groups of messages written (one transaction each)",
+            registry=r,
         )
         self.broker_connect_failures = Counter(
             "millstream_broker_connect_failures",

@@ -299,7 +299,8 @@ class DeviceRegistry:
         limit: int | None = None,
     ) -> list[Device]:
         """Devices ordered by id, filtered; ``after`` is the last id of the previous page."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[object] = []
         if site is not None:
             where.append(f"site = {self._ph}")
             args.append(site)

@@ -75,7 +75,9 @@ class RemoteService:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=60000")
         self._db.execute(_SCHEMA)
-        self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[dict[str, Any]]]] = {}
+        self._waiters: dict[
+            str, tuple[asyncio.AbstractEventLoop, asyncio.Future[dict[str, Any]]]
+        ] = {}
         self.connected = threading.Event()
         self.client = make_client(settings.mqtt, f"{settings.mqtt.client_id}-remote")
         self.client.on_connect = self._on_connect
@@ -253,11 +255,16 @@ class RemoteService:
                 return cmd_id, await asyncio.wait_for(fut, timeout)
             except asyncio.TimeoutError:
                 log.warning(
-                    "device %s: command %s (%s) timed out after %.1fs", device, name, cmd_id, timeout
+                    "device %s: command %s (%s) timed out after %.1fs",
+                    device,
+                    name,
+                    cmd_id,
+                    timeout,
                 )
                 return cmd_id, None
         finally:
             self._waiters.pop(cmd_id, None)
+
 
 def _resolve(fut: asyncio.Future[dict[str, Any]], body: dict[str, Any]) -> None:
     if not fut.done():

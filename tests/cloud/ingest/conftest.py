@@ -33,7 +33,9 @@ def batch(device: str, seq: int, t0_ns: int, n: int = 40, metrics: int = 4, **ex
         {"ts": ts(t0_ns + i * 1_000_000), "metric": f"m{i % metrics}", "value": float(seq * n + i)}
         for i in range(n)
     ]
-    return json.dumps({"v": 1, "device": device, "seq": seq, "readings": readings, **extra}).encode()
+    return json.dumps(
+        {"v": 1, "device": device, "seq": seq, "readings": readings, **extra}
+    ).encode()
 
 
 def telemetry_topic(device: str, site: str = "plant1") -> str:
@@ -214,5 +216,3 @@ def stored_count(cloud: Cloud, devices: list[str], metrics: int = 4) -> int:
         for series in res if isinstance(res, list) else [res]:
             total += sum(int(p["value"]) for p in series["points"])
     return total
-
-

@@ -97,3 +97,34 @@ def test_two_workers_split_the_load_and_store_each_reading_once(make_cloud, publ
         assert total == 12_000
     finally:
         svc.stop()
+
+
+def test_broker_outage_is_logged_counted_and_survived(make_cloud, mosquitto, broker_url):
+    from tests.cloud.ingest.conftest import Publisher
+
+    cloud = make_cloud("cloud-o")
+    pub = Publisher(broker_url, "pub-1")
+    t0 = time.time_ns() - 600 * NS
+    for seq in range(5):
+        pub.publish(telemetry_topic("o-1"), batch("o-1", seq, t0 + seq * NS))
+    pub.close()
+    wait_until(lambda: stored_count(cloud, ["o-1"]) == 200)
+    mosquitto.stop()
+    wait_until(lambda: _not_ready(cloud), 20, 0.2, "readyz 503 while the broker is down")
+    time.sleep(2)
+    mosquitto.start()
+    wait_until(lambda: cloud.metric("millstream_broker_connected") == 1, 40, 0.3, "reconnect")
+    pub = Publisher(broker_url, "pub-2")
+    for seq in range(5, 10):
+        pub.publish(telemetry_topic("o-1"), batch("o-1", seq, t0 + seq * NS))
+    pub.close()
+    wait_until(lambda: stored_count(cloud, ["o-1"]) == 400, 30, 0.3, "stored after outage")
+    assert cloud.metric("millstream_broker_disconnects_total") >= 1
+    assert cloud.metric("millstream_broker_outage_seconds_total") >= 2
+    assert "disconnected from broker" in cloud.log() and "reconnected to" in cloud.log()
+
+
+def _not_ready(cloud) -> bool:
+    import httpx
+
+    return httpx.get(cloud.url + "/readyz", timeout=5).status_code == 503

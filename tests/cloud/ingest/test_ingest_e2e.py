@@ -44,7 +44,9 @@ def test_bad_inputs_dead_lettered_stream_unharmed(make_cloud, publisher, broker_
 
     def good() -> None:
         nonlocal good_seq
-        publisher.publish(telemetry_topic("good"), batch("good", good_seq, now - 300 * NS + good_seq * NS))
+        publisher.publish(
+            telemetry_topic("good"), batch("good", good_seq, now - 300 * NS + good_seq * NS)
+        )
         good_seq += 1
 
     def reading(value: object = 1.0, when: int | None = None, metric: str = "m0") -> dict:
@@ -55,7 +57,10 @@ def test_bad_inputs_dead_lettered_stream_unharmed(make_cloud, publisher, broker_
 
     bad = {
         "not_json": (telemetry_topic("bad1"), b"{this is not json"),
-        "schema": (telemetry_topic("bad2"), json.dumps({"v": 1, "device": "bad2", "seq": "x"}).encode()),
+        "schema": (
+            telemetry_topic("bad2"),
+            json.dumps({"v": 1, "device": "bad2", "seq": "x"}).encode(),
+        ),
         "oversize": (telemetry_topic("bad3"), b'{"v":1,"pad":"' + b"x" * 300_000 + b'"}'),
         "non_finite": (
             telemetry_topic("bad4"),
@@ -90,7 +95,9 @@ def test_bad_inputs_dead_lettered_stream_unharmed(make_cloud, publisher, broker_
     good()
     publisher.publish(telemetry_topic("card"), msg("card", 1, [reading(metric="one_too_many")]))
     good()
-    publisher.publish(telemetry_topic("card"), msg("card", 2, [reading(metric="c5", when=now + NS)]))
+    publisher.publish(
+        telemetry_topic("card"), msg("card", 2, [reading(metric="c5", when=now + NS)])
+    )
     good()
     publisher.flush()
 

@@ -136,7 +136,8 @@ def test_rate_limiter_rejects_to_dead_letters(tmp_path: Path) -> None:
     pipe.limiter = Limiter(2)
     t0 = 1_700_000_000 * NS
     msgs = [
-        Message(telemetry_topic("d1"), batch("d1", s, t0 + s * NS), time.time_ns()) for s in range(4)
+        Message(telemetry_topic("d1"), batch("d1", s, t0 + s * NS), time.time_ns())
+        for s in range(4)
     ]
     r = pipe.process(msgs)
     assert r.stored == 80 and r.rejected == 2

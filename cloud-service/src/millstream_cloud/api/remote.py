@@ -49,7 +49,9 @@ def put_config(
     services: Services = Depends(get_services),
 ) -> dict[str, Any]:
     dev = _device(services, device_id)
-    config = body["config"] if set(body) == {"config"} and isinstance(body["config"], dict) else body
+    config = (
+        body["config"] if set(body) == {"config"} and isinstance(body["config"], dict) else body
+    )
     try:
         return _remote(services).set_desired(device_id, dev.site, config)
     except RemoteError as exc:

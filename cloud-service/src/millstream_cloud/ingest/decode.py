@@ -201,7 +201,11 @@ def _restamp(readings: list[Reading], untrusted: list[tuple[int, int]], arrival_
     n = len(untrusted)
     for k, (i, ts) in enumerate(untrusted):
         r = readings[i]
-        t = arrival_ns - (newest - ts) if newest - oldest <= RESTAMP_MAX_SPAN_NS else arrival_ns - (n - 1 - k)
+        t = (
+            arrival_ns - (newest - ts)
+            if newest - oldest <= RESTAMP_MAX_SPAN_NS
+            else arrival_ns - (n - 1 - k)
+        )
         readings[i] = Reading(r.device, r.site, r.metric, t, r.value, r.unit, r.quality, ts)
 
 

@@ -24,8 +24,7 @@ from millstream_cloud.ingest.decode import (
 )
 from millstream_cloud.metrics import ServiceMetrics
 from millstream_cloud.model import Reading
-from millstream_cloud.protocol import parse_topic
-from millstream_cloud.protocol import WireStatus
+from millstream_cloud.protocol import WireStatus, parse_topic
 from millstream_cloud.registry import Device, DeviceRegistry, RegistryTransaction, SeqVerdict
 from millstream_cloud.settings import IngestSettings
 from millstream_cloud.storage.base import Point, Storage
@@ -71,7 +70,9 @@ def restamp_points(readings: Sequence[Reading]) -> list[Point]:
     measurement ``restamped``, same tags and time as the stored reading, field = metric,
     value = the source timestamp (epoch ns) the device sent."""
     return [
-        Point(RESTAMPED, {"site": r.site, "device": r.device}, {r.metric: r.source_time_ns}, r.time_ns)
+        Point(
+            RESTAMPED, {"site": r.site, "device": r.device}, {r.metric: r.source_time_ns}, r.time_ns
+        )
         for r in readings
         if r.source_time_ns is not None
     ]
@@ -124,7 +125,11 @@ class IngestPipeline:
             try:
                 if channel == "telemetry":
                     work.append(
-                        (msg, decode_telemetry(msg.topic, msg.payload, msg.arrival_ns, self.limits), "")
+                        (
+                            msg,
+                            decode_telemetry(msg.topic, msg.payload, msg.arrival_ns, self.limits),
+                            "",
+                        )
                     )
                 elif channel == "status":
                     where, status = decode_status(msg.topic, msg.payload)
@@ -137,7 +142,8 @@ class IngestPipeline:
                         self.remote.handle(msg.topic, msg.payload, msg.arrival_ns)
                 elif channel == "invalid":
                     raise DecodeError(
-                        "bad_topic", f"topic {msg.topic!r} is not millstream/v1/<site>/<device>/<channel>"
+                        "bad_topic",
+                        f"topic {msg.topic!r} is not millstream/v1/<site>/<device>/<channel>",
                     )
                 else:
                     raise DecodeError(
@@ -180,9 +186,7 @@ class IngestPipeline:
                         )
                 if readings:
                     t0 = time.perf_counter()
-                    kinds = {
-                        d: dev.kind for d, dev in txn.devices.items() if dev.kind is not None
-                    }
+                    kinds = {d: dev.kind for d, dev in txn.devices.items() if dev.kind is not None}
                     self.storage.write_readings(readings, kinds)
                     if restamped:
                         self.storage.write_points(restamp_points(readings))
@@ -255,9 +259,7 @@ class IngestPipeline:
         if verdict == SeqVerdict.DUPLICATE:
             return verdict, 0, None
         if gap:
-            log.warning(
-                "device %s: sequence gap of %d before seq %d", batch.device, gap, batch.seq
-            )
+            log.warning("device %s: sequence gap of %d before seq %d", batch.device, gap, batch.seq)
         txn.seen(dev, batch.arrival_ns)
         try:
             self._check_content(dev, batch)
