@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
 
-@dataclass(slots=True, frozen=True)
-class Reading:
+
+class Reading(msgspec.Struct, frozen=True, gc=False):
     """One validated reading, as the ingest pipeline hands it to storage and detectors.
 
     ``time_ns`` is the source timestamp in UTC nanoseconds (InfluxDB's native precision),
     or the arrival time when the device's clock could not be trusted (then
     ``source_time_ns`` keeps the original).
+
+    A msgspec Struct rather than a frozen dataclass: same constructor, attributes,
+    equality and hashing, but built about ten times faster (0.2 against 2.9 us), and
+    ingest builds one per reading (bench/ingest_throughput.py).
     """
 
     device: str
