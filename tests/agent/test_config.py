@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from millstream_agent.config import (
     ConfigError,
     load_config,
@@ -83,7 +82,9 @@ def test_collector_option_checked_against_options_spec() -> None:
 
 
 def test_every_error_reported_at_once() -> None:
-    text = GOOD.replace("id: press-01", "id: 'bad id!'").replace("max_bytes: 64MB", "max_bytes: lots")
+    text = GOOD.replace("id: press-01", "id: 'bad id!'").replace(
+        "max_bytes: 64MB", "max_bytes: lots"
+    )
     text = text.replace("type: simulated", "type: teleport")
     errors = errors_of(text)
     assert [e.split(":")[1] for e in errors] == ["2", "9", "12"], errors

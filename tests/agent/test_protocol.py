@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from millstream_agent import protocol
 from millstream_agent.collectors.base import Sample
 
@@ -27,21 +26,36 @@ def test_raw_telemetry_matches_schema_and_dict_encoder() -> None:
     ]
     texts = protocol.readings_json(samples)
     assert len(texts) == 3  # NaN is not JSON
-    raw = protocol.encode_telemetry_raw("press-01", 42, "[" + ",".join(texts) + "]",
-                                        sent_at=1_764_000_001.0, clock_synced=False)
+    raw = protocol.encode_telemetry_raw(
+        "press-01", 42, "[" + ",".join(texts) + "]", sent_at=1_764_000_001.0, clock_synced=False
+    )
     message = json.loads(raw)
     jsonschema.validate(message, schema("telemetry"))
     assert message["clock"] == "unsynced"
-    same = json.loads(protocol.encode_telemetry("press-01", 42, [json.loads(t) for t in texts],
-                                                sent_at=1_764_000_001.0, clock_synced=False))
+    same = json.loads(
+        protocol.encode_telemetry(
+            "press-01",
+            42,
+            [json.loads(t) for t in texts],
+            sent_at=1_764_000_001.0,
+            clock_synced=False,
+        )
+    )
     assert message == same
 
 
 def test_status_config_and_command_messages_match_schemas() -> None:
-    jsonschema.validate(json.loads(protocol.encode_status("d", "online", "connected", ts=1.0,
-                                                          agent_version="0.1", kind="motor")),
-                        schema("status"))
-    jsonschema.validate(json.loads(protocol.encode_config_reported(3, "rejected", "bad", ts=1.0)),
-                        schema("config"))
-    jsonschema.validate(json.loads(protocol.encode_command_result("c1", True, {"pong": True})),
-                        schema("command"))
+    jsonschema.validate(
+        json.loads(
+            protocol.encode_status(
+                "d", "online", "connected", ts=1.0, agent_version="0.1", kind="motor"
+            )
+        ),
+        schema("status"),
+    )
+    jsonschema.validate(
+        json.loads(protocol.encode_config_reported(3, "rejected", "bad", ts=1.0)), schema("config")
+    )
+    jsonschema.validate(
+        json.loads(protocol.encode_command_result("c1", True, {"pong": True})), schema("command")
+    )

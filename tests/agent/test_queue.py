@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-
 from millstream_agent.queue import BaseQueue, MemoryQueue, SqliteQueue
 
 
 def readings(start: int, n: int) -> list[str]:
-    return [json.dumps({"ts": "2026-01-01T00:00:00.000Z", "metric": "m", "value": i})
-            for i in range(start, start + n)]
+    return [
+        json.dumps({"ts": "2026-01-01T00:00:00.000Z", "metric": "m", "value": i})
+        for i in range(start, start + n)
+    ]
 
 
 def values(queue: BaseQueue) -> list[int]:

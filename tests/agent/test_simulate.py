@@ -24,15 +24,33 @@ def test_five_devices_every_reading_acknowledged_and_received(
     broker_url: str, recorder: Recorder
 ) -> None:
     result = subprocess.run(
-        simulate("--devices", "5", "--rate", "5", "--metrics", "4", "--duration", "3",
-                 "--broker", broker_url, "--site", "plant-b"),
-        capture_output=True, text=True, timeout=60,
+        simulate(
+            "--devices",
+            "5",
+            "--rate",
+            "5",
+            "--metrics",
+            "4",
+            "--duration",
+            "3",
+            "--broker",
+            broker_url,
+            "--site",
+            "plant-b",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     assert counts["generated"] == counts["published"] == counts["acknowledged"] > 5 * 4 * 10
-    wait_until(lambda: sum(len(check_stream(m)) for m in recorder.telemetry().values())
-               == counts["generated"], timeout=10)
+    wait_until(
+        lambda: (
+            sum(len(check_stream(m)) for m in recorder.telemetry().values()) == counts["generated"]
+        ),
+        timeout=10,
+    )
     streams = recorder.telemetry()
     assert sorted(streams) == [f"plant-b-{i:04d}" for i in range(1, 6)]
     for device, messages in streams.items():
@@ -50,7 +68,9 @@ def test_runs_until_sigterm_and_prints_counts_last(
 ) -> None:
     proc = subprocess.Popen(
         simulate("--devices", "3", "--broker", broker_url, "--rate", "2"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_until(lambda: len(recorder.telemetry()) == 3, timeout=15)
@@ -67,7 +87,8 @@ def test_runs_until_sigterm_and_prints_counts_last(
 def test_last_will_when_the_process_dies(mosquitto: ServerProcess, recorder: Recorder) -> None:
     proc = subprocess.Popen(
         simulate("--devices", "2", "--broker", f"mqtt://127.0.0.1:{mosquitto.port}"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_until(lambda: len([s for s in recorder.on("/status") if s["state"] == "online"]) == 2)
@@ -76,8 +97,10 @@ def test_last_will_when_the_process_dies(mosquitto: ServerProcess, recorder: Rec
         proc.wait()
         # the broker notices the dead sockets at once and publishes each device's will
         wait_until(
-            lambda: {s["device"] for s in recorder.on("/status")
-                     if s["reason"] == "connection-lost"} == {"sim-0001", "sim-0002"},
+            lambda: (
+                {s["device"] for s in recorder.on("/status") if s["reason"] == "connection-lost"}
+                == {"sim-0001", "sim-0002"}
+            ),
             timeout=15,
         )
     finally:

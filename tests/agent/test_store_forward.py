@@ -52,14 +52,33 @@ def test_broker_down_30s_then_back_every_reading_arrives_in_order(
     agent = AgentProcess(tmp_path, agent_config(tmp_path, broker))
     agents.append(agent.start())
     sim = subprocess.Popen(
-        [sys.executable, "-m", "millstream_agent.cli", "simulate", "--devices", "3",
-         "--rate", "5", "--metrics", "10", "--broker", broker, "--site", "plant-s",
-         "--reconnect-max", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "millstream_agent.cli",
+            "simulate",
+            "--devices",
+            "3",
+            "--rate",
+            "5",
+            "--metrics",
+            "10",
+            "--broker",
+            broker,
+            "--site",
+            "plant-s",
+            "--reconnect-max",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
-        wait_until(lambda: live_readings(recorder, "press-01") >= 200
-                   and len(recorder.telemetry()) == 4, timeout=20)
+        wait_until(
+            lambda: live_readings(recorder, "press-01") >= 200 and len(recorder.telemetry()) == 4,
+            timeout=20,
+        )
         mosquitto.stop()
         time.sleep(OUTAGE)
         assert agent.alive and sim.poll() is None
@@ -67,8 +86,9 @@ def test_broker_down_30s_then_back_every_reading_arrives_in_order(
         back = time.time()
         mosquitto.start()
         # the backlog (OUTAGE x 100 readings) drains and live readings follow it
-        wait_until(lambda: live_readings(recorder, "press-01") >= before + OUTAGE * 100 + 200,
-                   timeout=60)
+        wait_until(
+            lambda: live_readings(recorder, "press-01") >= before + OUTAGE * 100 + 200, timeout=60
+        )
         sim.send_signal(signal.SIGTERM)
         out, err = sim.communicate(timeout=60)
         assert agent.stop() == 0
@@ -93,10 +113,14 @@ def test_broker_down_30s_then_back_every_reading_arrives_in_order(
 def test_agent_sigkill_mid_stream_loses_nothing(
     tmp_path: Path, mosquitto: ServerProcess, recorder: Recorder, agents: list[AgentProcess]
 ) -> None:
-    config = agent_config(tmp_path, f"mqtt://127.0.0.1:{mosquitto.port}",
-                          collectors=[{"type": "simulated", "name": "machine",
-                                       "interval": "50ms", "options": {"metrics": 10}}],
-                          queue={"fsync": "full"})
+    config = agent_config(
+        tmp_path,
+        f"mqtt://127.0.0.1:{mosquitto.port}",
+        collectors=[
+            {"type": "simulated", "name": "machine", "interval": "50ms", "options": {"metrics": 10}}
+        ],
+        queue={"fsync": "full"},
+    )
     agent = AgentProcess(tmp_path, config)
     agents.append(agent.start())
     wait_until(lambda: live_readings(recorder, "press-01") >= 400, timeout=20)
@@ -139,7 +163,8 @@ def test_queue_limit_during_outage_drops_oldest_and_reports(
     tmp_path: Path, mosquitto: ServerProcess, recorder: Recorder, agents: list[AgentProcess]
 ) -> None:
     config = agent_config(
-        tmp_path, f"mqtt://127.0.0.1:{mosquitto.port}",
+        tmp_path,
+        f"mqtt://127.0.0.1:{mosquitto.port}",
         queue={"max_bytes": "60KB"},
         self_monitoring={"enabled": True, "interval": "1s"},
     )
@@ -155,8 +180,12 @@ def test_queue_limit_during_outage_drops_oldest_and_reports(
     mosquitto.start()
 
     def dropped_reported() -> float:
-        values = [r["value"] for m in recorder.telemetry().get("press-01", [])
-                  for r in m["readings"] if r["metric"] == "agent.dropped"]
+        values = [
+            r["value"]
+            for m in recorder.telemetry().get("press-01", [])
+            for r in m["readings"]
+            if r["metric"] == "agent.dropped"
+        ]
         return max(values, default=0)
 
     wait_until(lambda: dropped_reported() > 100, timeout=30)
@@ -164,8 +193,12 @@ def test_queue_limit_during_outage_drops_oldest_and_reports(
     assert agent.alive
     assert agent.stop() == 0
     time.sleep(0.5)
-    readings = [r for m in recorder.telemetry()["press-01"] for r in m["readings"]
-                if not r["metric"].startswith("agent.")]
+    readings = [
+        r
+        for m in recorder.telemetry()["press-01"]
+        for r in m["readings"]
+        if not r["metric"].startswith("agent.")
+    ]
     from tests.agent.conftest import ts_gaps as gaps_of
 
     gaps = gaps_of(readings)
