@@ -51,16 +51,27 @@ def main() -> int:
     try:
         url = f"mqtt://127.0.0.1:{broker.port}"
         sample = subprocess.run(
-            [sys.executable, "-m", "millstream_agent.cli", "sample-config", "--broker", url,
-             "--queue-path", str(work / "queue.db")],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "millstream_agent.cli",
+                "sample-config",
+                "--broker",
+                url,
+                "--queue-path",
+                str(work / "queue.db"),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         config = work / "agent.yaml"
         config.write_text(sample)
         log = open(work / "agent.log", "wb")  # noqa: SIM115
         agent = subprocess.Popen(
             [sys.executable, "-m", "millstream_agent.cli", "run", "-c", str(config)],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         time.sleep(args.settle)
         if agent.poll() is not None:

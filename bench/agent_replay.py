@@ -37,7 +37,9 @@ METRICS = 10
 
 def prefill(path: Path, end: float) -> int:
     queue = SqliteQueue(str(path), fsync="normal")
-    collector = collector_class("simulated")("machine", {"kind": "motor", "metrics": METRICS, "seed": 1})
+    collector = collector_class("simulated")(
+        "machine", {"kind": "motor", "metrics": METRICS, "seed": 1}
+    )
     n = 0
     for i in range(BACKLOG_SECONDS):
         ts = end - BACKLOG_SECONDS + i
@@ -73,22 +75,38 @@ def main() -> int:
     time.sleep(0.5)
 
     sample = subprocess.run(
-        [sys.executable, "-m", "millstream_agent.cli", "sample-config", "--broker", url,
-         "--queue-path", str(work / "queue.db")],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "millstream_agent.cli",
+            "sample-config",
+            "--broker",
+            url,
+            "--queue-path",
+            str(work / "queue.db"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     (work / "agent.yaml").write_text(sample)
     log = open(work / "agent.log", "wb")  # noqa: SIM115
     started = time.monotonic()
     agent = subprocess.Popen(
         [sys.executable, "-m", "millstream_agent.cli", "run", "-c", str(work / "agent.yaml")],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
+
         def backlog_done() -> int:
             with lock:
-                return sum(1 for _, m in received for r in m["readings"]
-                           if r["ts"] < protocol.format_ts(cut) and not r["metric"].startswith("agent."))
+                return sum(
+                    1
+                    for _, m in received
+                    for r in m["readings"]
+                    if r["ts"] < protocol.format_ts(cut) and not r["metric"].startswith("agent.")
+                )
 
         deadline = started + 120
         while backlog_done() < backlog and time.monotonic() < deadline:

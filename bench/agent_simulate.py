@@ -50,9 +50,22 @@ def main() -> int:
     extra = "user root\n" if os.geteuid() == 0 else ""
     broker = mosquitto_server(work / "mosquitto", persistence=False, extra_config=extra).start()
     url = f"mqtt://127.0.0.1:{broker.port}"
-    cmd = [sys.executable, "-m", "millstream_agent.cli", "simulate",
-           "--devices", str(args.devices), "--rate", str(args.rate),
-           "--metrics", str(args.metrics), "--duration", str(args.seconds), "--broker", url]
+    cmd = [
+        sys.executable,
+        "-m",
+        "millstream_agent.cli",
+        "simulate",
+        "--devices",
+        str(args.devices),
+        "--rate",
+        str(args.rate),
+        "--metrics",
+        str(args.metrics),
+        "--duration",
+        str(args.seconds),
+        "--broker",
+        url,
+    ]
     pinned = shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1
     argv = (["taskset", "-c", "0"] if pinned else []) + cmd
     err = open(work / "simulate.log", "wb")  # noqa: SIM115

@@ -155,7 +155,7 @@ def agent_config(tmp_path: Path, broker_url: str, **sections: Any) -> dict:
                 "type": "simulated",
                 "name": "machine",
                 "interval": "100ms",
-                "options": {"kind": "motor", "metrics": 10, "seed": 1},
+                "options": {"kind": "motor", "metrics": 10, "seed": 1, "faults": "none"},
             }
         ],
     }

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from millstream_agent.config import (
     ConfigError,
     load_config,
@@ -51,7 +52,11 @@ def test_good_config_normalized() -> None:
     assert config["batch"] == {"max_readings": 100, "max_delay": 1.0}
     [block] = config["collectors"]
     assert block["name"] == "simulated" and block["interval"] == 0.5
-    assert block["options"] == {"kind": "motor", "metrics": 4, "seed": 7}
+    assert {k: block["options"][k] for k in ("kind", "metrics", "seed")} == {
+        "kind": "motor",
+        "metrics": 4,
+        "seed": 7,
+    }
 
 
 def test_invalid_yaml_names_line() -> None:
@@ -79,6 +84,11 @@ def test_collector_option_checked_against_options_spec() -> None:
         for e in errors
     ), errors
     assert any("collectors[0].options.colour: unknown option" in e for e in errors), errors
+
+
+def test_collector_constructor_checks_values_beyond_types() -> None:
+    [error] = errors_of(GOOD.replace("kind: motor", "kind: turbine"))
+    assert error.startswith("agent.yaml:14: collectors[0].options: kind:"), error
 
 
 def test_every_error_reported_at_once() -> None:

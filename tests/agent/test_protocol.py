@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from millstream_agent import protocol
 from millstream_agent.collectors.base import Sample
 

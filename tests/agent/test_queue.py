@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from millstream_agent.queue import BaseQueue, MemoryQueue, SqliteQueue
 
 

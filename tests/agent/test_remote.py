@@ -39,7 +39,7 @@ def three_metrics(interval: str = "100ms") -> dict:
                 "type": "simulated",
                 "name": "machine",
                 "interval": interval,
-                "options": {"kind": "motor", "metrics": 3, "seed": 2},
+                "options": {"kind": "motor", "metrics": 3, "seed": 2, "faults": "none"},
             }
         ]
     }

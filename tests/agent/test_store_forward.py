@@ -117,7 +117,12 @@ def test_agent_sigkill_mid_stream_loses_nothing(
         tmp_path,
         f"mqtt://127.0.0.1:{mosquitto.port}",
         collectors=[
-            {"type": "simulated", "name": "machine", "interval": "50ms", "options": {"metrics": 10}}
+            {
+                "type": "simulated",
+                "name": "machine",
+                "interval": "50ms",
+                "options": {"metrics": 10, "faults": "none"},
+            }
         ],
         queue={"fsync": "full"},
     )

@@ -11,6 +11,7 @@ and ``MILLSTREAM_MQTT_USERNAME`` override ``mqtt.password`` and ``mqtt.username`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -551,7 +552,7 @@ def _type_name(spec_type: Any) -> str:
 
 
 def _validate_collectors(
-    data: Any, errors: _Errors, parent_line: Optional[int]
+    data: Any, errors: _Errors, parent_line: Optional[int], device_id: Optional[str] = None
 ) -> list[dict[str, Any]]:
     from millstream_agent.collectors import collector_class, known_types
 
@@ -598,6 +599,7 @@ def _validate_collectors(
         ctype = norm.get("type")
         if not isinstance(ctype, str):
             continue
+        before = len(errors.items)
         try:
             cls = collector_class(ctype)
         except ValueError as exc:
@@ -632,6 +634,9 @@ def _validate_collectors(
                 continue
             if key in spec:
                 typ = spec[key][0]
+                if value is None and spec[key][1] is None:
+                    opts[key] = None
+                    continue
                 if not _check_option(typ, value):
                     errors.add(
                         _line(options, key),
@@ -645,15 +650,44 @@ def _validate_collectors(
         for key, (_typ, default, _doc) in spec.items():
             if key not in opts:
                 opts[key] = copy.deepcopy(default)
+        if "device" in spec and opts.get("device") is None and device_id:
+            opts["device"] = device_id  # e.g. the simulator's ground truth names the device
         norm["options"] = opts
-        validate = getattr(cls, "validate_options", None)
-        if callable(validate):
-            try:
-                validate(opts)
-            except ValueError as exc:
-                errors.add(oline, f"{path}.options", str(exc))
+        if len(errors.items) == before:
+            _construct_check(cls, norm["name"], opts, options, oline, path, errors)
         out.append(norm)
     return out
+
+
+def _construct_check(
+    cls: Any,
+    name: str,
+    opts: dict[str, Any],
+    raw_options: Any,
+    oline: Optional[int],
+    path: str,
+    errors: _Errors,
+) -> None:
+    """Build the collector once (constructors validate, ``start()`` does the I/O) so a
+    value its options_spec cannot express (a kind, a range) is refused at start too.
+    Collectors raise ``ValueError("<option>: ...")``; the option's line is looked up."""
+    try:
+        instance = cls(name, dict(opts))
+    except ValueError as exc:
+        text = str(exc)
+        key = text.split(":", 1)[0].strip()
+        line = (
+            _line(raw_options, key)
+            if isinstance(raw_options, dict) and key in raw_options
+            else oline
+        )
+        errors.add(line, f"{path}.options", text)
+        return
+    except Exception as exc:
+        errors.add(oline, f"{path}.options", f"collector refused its options: {exc}")
+        return
+    with contextlib.suppress(Exception):  # validation only
+        instance.close()
 
 
 def _plain(value: Any) -> Any:
@@ -692,8 +726,9 @@ def validate(
     top_spec["collectors"] = Section("collectors")
     data = _validate_section(top_spec, raw, "", errors, 1)
     if isinstance(raw, dict):
+        device_id = data["device"]["id"] if isinstance(data["device"].get("id"), str) else None
         data["collectors"] = _validate_collectors(
-            raw.get("collectors"), errors, _line(raw, "collectors")
+            raw.get("collectors"), errors, _line(raw, "collectors"), device_id
         )
         if "collectors" not in raw:
             errors.add(
