@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from millstream_cloud.anomalies import AnomalySink
 from millstream_cloud.ingest.deadletters import DeadLetterStore
 from millstream_cloud.ingest.pipeline import IngestPipeline
 from millstream_cloud.ingest.subscriber import Subscriber
@@ -25,6 +26,7 @@ class Services:
     dead_letters: DeadLetterStore
     metrics: ServiceMetrics
     pipeline: IngestPipeline
+    anomalies: AnomalySink
     subscriber: Subscriber | None = None
     extras: dict[str, object] = field(default_factory=dict)
 
@@ -36,12 +38,16 @@ class Services:
         registry = DeviceRegistry(data / "registry.db")
         dead_letters = DeadLetterStore(data / "dead_letters.db", settings.ingest.dead_letter_max)
         pipeline = IngestPipeline(storage, registry, dead_letters, metrics, settings.ingest)
+        anomalies = AnomalySink(storage, metrics)
+        pipeline.hooks.append(anomalies.on_readings)
         subscriber = (
             Subscriber(settings.mqtt, settings.ingest, pipeline, metrics)
             if with_subscriber
             else None
         )
-        return cls(settings, storage, registry, dead_letters, metrics, pipeline, subscriber)
+        return cls(
+            settings, storage, registry, dead_letters, metrics, pipeline, anomalies, subscriber
+        )
 
     def start(self) -> None:
         if self.subscriber is not None:

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+
 from millstream_agent.collectors import collector_class
 from millstream_agent.collectors._options import parse_rfc3339
 from millstream_agent.collectors.simulated import (
