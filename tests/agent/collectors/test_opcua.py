@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("asyncua")
 
 from asyncua import ua
+
 from millstream_agent.collectors import CollectorError, collector_class
 from millstream_agent.collectors.base import Sample
 from millstream_agent.collectors.opcua import OpcUaCollector
