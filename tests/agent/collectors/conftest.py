@@ -96,6 +96,16 @@ def modbus_server_factory() -> Iterator[Any]:
             server.stop()
 
 
+def data_value(variant: Any, status: Any) -> Any:
+    """An asyncua DataValue with a status code (the keyword is StatusCode_ before asyncua 1.2)."""
+    from asyncua import ua
+
+    try:
+        return ua.DataValue(variant, StatusCode=ua.StatusCode(status))
+    except TypeError:
+        return ua.DataValue(variant, StatusCode_=ua.StatusCode(status))
+
+
 class OpcUaServer:
     """An asyncua server in a thread with its own loop, holding variables under ``Line1``.
 
@@ -173,7 +183,7 @@ class OpcUaServer:
         if status is None:
             self.call(self.nodes[name].write_value(variant))
         else:
-            dv = ua.DataValue(variant, StatusCode=ua.StatusCode(status))
+            dv = data_value(variant, status)
             self.call(self.nodes[name].write_value(dv))
 
     def stop(self) -> None:

@@ -15,6 +15,7 @@ from asyncua import ua
 from millstream_agent.collectors import CollectorError, collector_class
 from millstream_agent.collectors.base import Sample
 from millstream_agent.collectors.opcua import OpcUaCollector
+from tests.agent.collectors.conftest import data_value
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -107,13 +108,13 @@ def test_quality_follows_the_status_code() -> None:
         (ua.StatusCodes.UncertainSensorNotAccurate, "uncertain"),
         (ua.StatusCodes.BadSensorFailure, "bad"),
     ]:
-        dv = ua.DataValue(ua.Variant(1.5), StatusCode=ua.StatusCode(code))
+        dv = data_value(ua.Variant(1.5), code)
         c._received(spec, dv, now=100.0)
         assert c._buffer.pop().quality == expected
     # A Bad reading usually carries no value at all: nothing to send.
     c._received(
         spec,
-        ua.DataValue(ua.Variant(None), StatusCode=ua.StatusCode(ua.StatusCodes.BadNoCommunication)),
+        data_value(ua.Variant(None), ua.StatusCodes.BadNoCommunication),
     )
     assert not c._buffer
 
