@@ -138,7 +138,9 @@ def mosquitto_server(
     """A Mosquitto broker (Debian package ``mosquitto``) configured for tests; not started."""
     binary = find_binary("mosquitto")
     if binary is None:
-        raise RuntimeError("mosquitto not found: `make test` installs it (apt-get install mosquitto)")
+        raise RuntimeError(
+            "mosquitto not found: `make test` installs it (apt-get install mosquitto)"
+        )
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"

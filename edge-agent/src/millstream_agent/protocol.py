@@ -27,13 +27,17 @@ def topic(site: str, device: str, channel: str) -> str:
 
 def format_ts(ts: float) -> str:
     """Epoch seconds as RFC 3339 UTC with millisecond precision and a ``Z`` suffix."""
-    ms = int(round(ts * 1000.0))
+    ms = round(ts * 1000.0)
     secs, millis = divmod(ms, 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{millis:03d}Z"
 
 
 def reading(sample: Sample) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"ts": format_ts(sample.ts), "metric": sample.metric, "value": sample.value}
+    out: Dict[str, Any] = {
+        "ts": format_ts(sample.ts),
+        "metric": sample.metric,
+        "value": sample.value,
+    }
     if sample.unit:
         out["unit"] = sample.unit
     if sample.quality != "good":

@@ -81,7 +81,9 @@ class Storage(abc.ABC):
     def write_points(self, points: Sequence[Point]) -> None:
         """Store the points durably before returning (the caller then acks the broker)."""
 
-    def write_readings(self, readings: Sequence[Reading], kinds: Mapping[str, str] | None = None) -> None:
+    def write_readings(
+        self, readings: Sequence[Reading], kinds: Mapping[str, str] | None = None
+    ) -> None:
         """Store telemetry readings: one point per reading in ``telemetry``."""
         self.write_points(readings_to_points(readings, kinds or {}))
 
@@ -90,7 +92,9 @@ class Storage(abc.ABC):
         """Answer a range query; see :class:`SeriesQuery`."""
 
     @abc.abstractmethod
-    def latest(self, measurement: str, tags: Mapping[str, str]) -> dict[str, tuple[int, FieldValue]]:
+    def latest(
+        self, measurement: str, tags: Mapping[str, str]
+    ) -> dict[str, tuple[int, FieldValue]]:
         """The newest (time, value) of every field of the series matching ``tags``."""
 
     @abc.abstractmethod

@@ -32,13 +32,17 @@ def collector_class(type_name: str) -> Type[Collector]:
     """The collector class for ``type_name``, importing its module on first use."""
     if type_name not in _REGISTRY:
         if type_name not in _KNOWN:
-            raise ValueError(f"unknown collector type {type_name!r}; known: {', '.join(known_types())}")
+            raise ValueError(
+                f"unknown collector type {type_name!r}; known: {', '.join(known_types())}"
+            )
         module, extra = _KNOWN[type_name]
         try:
             importlib.import_module(module)
         except ImportError as exc:
             hint = f" (install it with: pip install 'millstream-agent[{extra}]')" if extra else ""
-            raise ValueError(f"collector {type_name!r} needs a missing package: {exc.name}{hint}") from exc
+            raise ValueError(
+                f"collector {type_name!r} needs a missing package: {exc.name}{hint}"
+            ) from exc
     return _REGISTRY[type_name]
 
 

@@ -1,0 +1,130 @@
+"""Devices, their latest values and their telemetry."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+
+from millstream_cloud.api.deps import get_services
+from millstream_cloud.registry import Device
+from millstream_cloud.services import Services
+from millstream_cloud.storage.base import AGGREGATES, TELEMETRY, SeriesQuery
+from millstream_cloud.timeutil import parse_duration_ns, parse_time_ns, rfc3339
+
+router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+
+DEFAULT_RANGE_NS = 3600 * 1_000_000_000
+
+
+def device_json(dev: Device, detail: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": dev.id,
+        "site": dev.site,
+        "online": dev.online,
+        "last_seen": rfc3339(dev.last_seen_ns) if dev.last_seen_ns else None,
+    }
+    if detail:
+        out.update(
+            kind=dev.kind,
+            agent_version=dev.agent_version,
+            first_seen=rfc3339(dev.first_seen_ns) if dev.first_seen_ns else None,
+            metadata=dev.metadata,
+            metrics=sorted(dev.metrics),
+            sequence={
+                "last": dev.last_seq,
+                "duplicates": dev.duplicates,
+                "missing": dev.gaps,
+            },
+            clock={"skew_s": round(dev.clock_skew_s, 3), "restamped_readings": dev.restamped},
+        )
+    return out
+
+
+def _device(services: Services, device_id: str) -> Device:
+    dev = services.registry.get(device_id)
+    if dev is None:
+        raise HTTPException(404, f"device {device_id!r} not found")
+    return dev
+
+
+@router.get("", summary="Devices with online state, paginated by cursor")
+def list_devices(
+    services: Services = Depends(get_services),
+    site: str | None = Query(None, description="only devices of this site"),
+    online: bool | None = Query(None, description="only online (true) or offline (false) devices"),
+    limit: int | None = Query(None, ge=1, le=100_000, description="page size (default 1000)"),
+    cursor: str | None = Query(None, description="the `next` value of the previous page"),
+) -> dict[str, Any]:
+    size = limit or services.settings.api.page_size
+    devices = [
+        d
+        for d in services.registry.all()
+        if (site is None or d.site == site)
+        and (online is None or d.online == online)
+        and (cursor is None or d.id > cursor)
+    ]
+    page = devices[:size]
+    nxt = page[-1].id if len(devices) > size else None
+    return {"devices": [device_json(d) for d in page], "next": nxt}
+
+
+@router.get("/{device_id}", summary="One device with its metrics, sequence and clock state")
+def get_device(device_id: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+    return device_json(_device(services, device_id), detail=True)
+
+
+@router.get("/{device_id}/latest", summary="The newest reading of every metric")
+def latest(device_id: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+    _device(services, device_id)
+    values = services.storage.latest(TELEMETRY, {"device": device_id})
+    return {
+        "device": device_id,
+        "metrics": {m: {"time": rfc3339(t), "value": v} for m, (t, v) in sorted(values.items())},
+    }
+
+
+@router.get("/{device_id}/telemetry", summary="A time range of one or more metrics")
+def telemetry(
+    device_id: str,
+    services: Services = Depends(get_services),
+    metric: list[str] = Query(..., description="metric name; repeat for several"),
+    start: str | None = Query(None, description="RFC 3339, inclusive (default: end - 1h)"),
+    end: str | None = Query(None, description="RFC 3339, exclusive (default: now)"),
+    every: str | None = Query(None, description="bucket width: 10s, 1m, 1h, 1d"),
+    agg: str | None = Query(
+        None, description="mean, min, max, last or count (default mean with every)"
+    ),
+    limit: int | None = Query(
+        None, ge=1, le=1_000_000, description="at most this many points per metric"
+    ),
+) -> Any:
+    _device(services, device_id)
+    try:
+        end_ns = parse_time_ns(end) if end else time.time_ns() + 1
+        start_ns = parse_time_ns(start) if start else end_ns - DEFAULT_RANGE_NS
+        every_ns = parse_duration_ns(every) if every else None
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    if start_ns >= end_ns:
+        raise HTTPException(422, "start must be before end")
+    if agg is not None and agg not in AGGREGATES:
+        raise HTTPException(422, f"agg must be one of {', '.join(AGGREGATES)}")
+    if every_ns and agg is None:
+        agg = "mean"
+    series = services.storage.query(
+        SeriesQuery(
+            TELEMETRY, metric, {"device": device_id}, start_ns, end_ns, every_ns, agg, limit=limit
+        )
+    )
+    by_field = {s.field: s.points for s in series}
+    results = [
+        {
+            "device": device_id,
+            "metric": m,
+            "points": [{"time": rfc3339(t), "value": v} for t, v in by_field.get(m, [])],
+        }
+        for m in metric
+    ]
+    return results[0] if len(results) == 1 else results

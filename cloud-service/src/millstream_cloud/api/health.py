@@ -1,0 +1,39 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from millstream_cloud.api.deps import get_services
+from millstream_cloud.services import Services
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Alive: 200 while the process runs")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Ready: broker connected and storage writable")
+def readyz(services: Services = Depends(get_services)) -> JSONResponse:
+    broker = services.subscriber is None or services.subscriber.connected.is_set()
+    try:
+        store = services.storage.ping()
+    except Exception:
+        store = False
+    ok = broker and store
+    return JSONResponse(
+        {"status": "ready" if ok else "not ready", "broker": broker, "storage": store},
+        status_code=200 if ok else 503,
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(services: Services = Depends(get_services)) -> Response:
+    devices = services.registry.all()
+    services.metrics.devices_known.set(len(devices))
+    services.metrics.devices_online.set(sum(1 for d in devices if d.online))
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,129 @@
+"""``millstream-cloud serve`` and ``millstream-cloud check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+from typing import Any
+
+from millstream_cloud.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("millstream.serve")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "broker", None):
+        out.setdefault("mqtt", {})["broker"] = args.broker
+    if getattr(args, "client_id", None):
+        out.setdefault("mqtt", {})["client_id"] = args.client_id
+    if getattr(args, "host", None):
+        out.setdefault("api", {})["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        out.setdefault("api", {})["port"] = args.port
+    if getattr(args, "insecure", False):
+        out.setdefault("api", {})["insecure"] = True
+    if getattr(args, "data_dir", None):
+        out["data_dir"] = args.data_dir
+    if getattr(args, "storage", None):
+        out.setdefault("storage", {})["backend"] = args.storage
+    return out
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None), _overrides(args))
+
+
+def api_policy(settings: Settings, tokens_configured: bool) -> str | None:
+    """None when the bind address is allowed, else why not. Logs the open-API warning."""
+    if tokens_configured:
+        return None
+    if is_loopback(settings.api.host):
+        log.warning(
+            "API is OPEN: no API tokens configured; anyone on this machine can use it "
+            "(bound to loopback %s). Create tokens to require them.",
+            settings.api.host,
+        )
+        return None
+    if settings.api.insecure:
+        log.warning("API is OPEN on %s without tokens (--insecure)", settings.api.host)
+        return None
+    return (
+        f"refusing to serve on {settings.api.host} without API tokens: create one "
+        "(millstream-cloud tokens create) or pass --insecure"
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        print(f"millstream-cloud: bad settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    problem = api_policy(settings, tokens_configured=False)
+    if problem:
+        print(f"millstream-cloud: {problem}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from millstream_cloud.app import create_app
+
+    app = create_app(settings)
+    log.info(
+        "serving on http://%s:%d (docs at /docs), broker %s, storage %s in %s",
+        settings.api.host,
+        settings.api.port,
+        settings.mqtt.broker,
+        settings.storage.backend,
+        settings.data_dir,
+    )
+    uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level="warning")
+    return 0
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.file)
+    except SettingsError as exc:
+        print(f"invalid:\n{exc}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: OK (storage {settings.storage.backend}, broker {settings.mqtt.broker})")
+    return 0
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML settings file (see docs/cloud.md)")
+    p.add_argument("--broker", help="MQTT broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT")
+    p.add_argument("--data-dir", help="where the service keeps its state")
+    p.add_argument("--storage", help="storage backend: embedded or influxdb")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run ingest and the HTTP API")
+    add_common(p)
+    p.add_argument("--host", help="API bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="API port (default 8000)")
+    p.add_argument("--client-id", help="MQTT client id; stable per worker (persistent session)")
+    p.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback bind without tokens"
+    )
+    p.set_defaults(func=run_serve)
+    c = sub.add_parser("check-config", help="validate a settings file and exit")
+    c.add_argument("file")
+    c.set_defaults(func=run_check_config)

@@ -1,0 +1,193 @@
+"""All of the cloud service's configuration, in one place, with documented defaults.
+
+Precedence, lowest to highest: defaults here < YAML settings file < environment
+(``MILLSTREAM_<SECTION>__<KEY>``, e.g. ``MILLSTREAM_MQTT__BROKER``) < command-line flags.
+Unknown keys are errors: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TLSSettings(Section):
+    ca: str | None = Field(
+        None, description="CA certificate (PEM) that signed the broker's certificate"
+    )
+    cert: str | None = Field(None, description="client certificate (PEM) for mutual TLS")
+    key: str | None = Field(None, description="client private key (PEM) for mutual TLS")
+    server_hostname: str | None = Field(
+        None, description="name to verify instead of the URL's host"
+    )
+
+
+class MQTTSettings(Section):
+    broker: str = Field(
+        "mqtt://127.0.0.1:1883", description="mqtt:// or mqtts:// URL of the broker"
+    )
+    client_id: str = Field(
+        "millstream-cloud-1",
+        description="stable per worker: the broker keeps the persistent session under it",
+    )
+    shared_group: str | None = Field(
+        "millstream",
+        description="shared subscription group ($share/<group>/...); workers in one group split the load",
+    )
+    username: str | None = None
+    password: str | None = Field(None, description="prefer MILLSTREAM_MQTT__PASSWORD")
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    keepalive_s: int = Field(30, ge=5)
+    session_expiry_s: int = Field(
+        7 * 86400, ge=0, description="how long the broker keeps our queue while we are away"
+    )
+    ack_batch: int = Field(
+        500,
+        ge=1,
+        description="acknowledge to the broker after at most this many messages are stored",
+    )
+
+
+class IngestSettings(Section):
+    max_payload_bytes: int = Field(
+        256 * 1024, ge=1024, description="larger messages are dead-lettered"
+    )
+    max_readings_per_message: int = Field(10_000, ge=1)
+    max_metric_length: int = Field(128, ge=1, le=128)
+    max_metrics_per_device: int = Field(
+        1_000,
+        ge=1,
+        description="metric cardinality limit per device; new metrics beyond it are rejected",
+    )
+    clock_skew_bound_s: float = Field(
+        5.0,
+        gt=0,
+        description="source time ahead of arrival by more than this is flagged as clock skew",
+    )
+    future_bound_s: float = Field(
+        300.0, gt=0, description="readings further ahead are stored at arrival time (original kept)"
+    )
+    max_future_s: float = Field(
+        365 * 86400.0, gt=0, description="readings further ahead still are rejected as garbage"
+    )
+    dead_letter_max: int = Field(10_000, ge=0, description="dead letters kept; oldest out")
+    queue_max_messages: int = Field(
+        20_000, ge=1, description="bounded queue between subscriber and writer (backpressure)"
+    )
+    write_batch_readings: int = Field(20_000, ge=1, description="readings per storage write")
+    write_max_delay_s: float = Field(
+        0.05, ge=0, description="longest a message waits to be grouped"
+    )
+    unknown_devices: str = Field(
+        "accept",
+        pattern="^(accept|reject)$",
+        description="accept: a device appears on its first message; reject: only registered devices",
+    )
+
+
+class StorageSettings(Section):
+    backend: str = Field("embedded", description="embedded | influxdb")
+
+
+class APISettings(Section):
+    host: str = Field(
+        "127.0.0.1", description="bind address; beyond loopback API tokens are required"
+    )
+    port: int = Field(8000, ge=0, le=65535)
+    insecure: bool = Field(False, description="allow binding beyond loopback without API tokens")
+    page_size: int = Field(
+        1000, ge=1, le=100_000, description="default page size of list endpoints"
+    )
+
+
+class Settings(Section):
+    data_dir: str = Field("./millstream-data", description="where the service keeps its state")
+    log_level: str = Field("INFO")
+    mqtt: MQTTSettings = Field(default_factory=MQTTSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    api: APISettings = Field(default_factory=APISettings)
+
+    @property
+    def data_path(self) -> Path:
+        path = Path(self.data_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class SettingsError(ValueError):
+    """A settings file or variable that cannot be used; the message names the key."""
+
+
+ENV_PREFIX = "MILLSTREAM_"
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _explain(exc: ValidationError, source: str) -> SettingsError:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{source}: {key}: {msg}")
+    return SettingsError("\n".join(lines))
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Settings from defaults, an optional YAML file, the environment and ``overrides``."""
+    data: dict[str, Any] = {}
+    source = "settings"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise SettingsError(f"{source}: cannot read: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{source}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"{source}: the top level must be a mapping of sections")
+        data = loaded
+    env = _env_overrides(dict(os.environ if environ is None else environ))
+    if env:
+        data = _merge(data, env)
+        source += " + environment"
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(exc, source) from None
