@@ -6,18 +6,19 @@ The app factory calls :func:`install_auth` once, after it has built the app::
     app.include_router(...)
     install_auth(app, settings)
 
-Every request goes through :class:`AuthMiddleware`, which finds the route the request
-will reach and the scope it needs, *before* the route runs, so a router added later
-cannot be forgotten: a route is protected unless it is listed in ``OPEN_PATHS``.
+Every request goes through :class:`AuthMiddleware`, which works out the scope the request
+needs *before* any route runs. Routes are read from the app's OpenAPI schema (a public,
+stable view of every route however routers are nested) plus its plain routes (``/docs``,
+``/openapi.json``); a path that matches no known route still needs a token, so a route
+cannot slip through unprotected: only ``OPEN_PATHS`` (``/healthz``) are open.
 
 Scope of a route, first match wins:
 
-1. an explicit declaration: ``@requires_scope("admin")`` on the endpoint function, or
-   ``openapi_extra={"x-millstream-scope": "admin"}`` on the route;
+1. an explicit declaration on the route: ``openapi_extra=needs_scope("read")``
+   (``{"x-millstream-scope": "read"}``), e.g. for a POST that only reads;
 2. ``admin`` for routes tagged ``admin`` or under ``/api/v1/admin``;
-3. by method: GET, HEAD and OPTIONS need ``read``; every other method needs ``write``;
-   a path that matches no route needs ``read`` (unknown paths answer 401, not 404, to
-   callers without a token).
+3. by method: GET, HEAD and OPTIONS need ``read``; every other method needs ``write``.
+   When several routes match a path, the strictest scope wins.
 
 Credentials: ``Authorization: Bearer <token>``, ``Authorization: Token <token>``
 (InfluxDB style) or HTTP Basic with the token as the password (any user name; browsers
@@ -36,14 +37,14 @@ import binascii
 import ipaddress
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Match, Mount
 
 from millstream_cloud.security.tokens import SCOPES, TokenInfo, TokenStore, scope_allows
 
@@ -58,31 +59,24 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 OPEN_PATHS = frozenset({"/healthz"})
 ADMIN_PREFIXES = ("/api/v1/admin",)
 INFLUX_PARAM_PATHS = ("/query", "/write")
-SCOPE_ATTR = "__millstream_scope__"
 SCOPE_EXTRA = "x-millstream-scope"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
 DEFAULT_MAX_BODY = 1_048_576
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class InsecureBindError(RuntimeError):
     """The API would listen beyond loopback without any token to protect it."""
 
 
-def requires_scope(scope: str | None) -> Callable[[F], F]:
-    """Declare the scope an endpoint needs (``None``: open to everyone; use with care).
+def needs_scope(scope: str) -> dict[str, Any]:
+    """``openapi_extra`` for a route whose scope is not the one its method implies::
 
-    Put it *below* the router decorator so the router registers the marked function.
+    @router.post("/export", openapi_extra=needs_scope("read"))
     """
-    if scope is not None and scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}")
-
-    def mark(func: F) -> F:
-        setattr(func, SCOPE_ATTR, scope or "open")
-        return func
-
-    return mark
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
+    return {SCOPE_EXTRA: scope}
 
 
 @dataclass
@@ -99,26 +93,36 @@ class AuthSettings:
 def auth_settings(settings: Any) -> AuthSettings:
     """Read the security fields of the cloud settings object, with safe defaults.
 
-    Fields: ``host`` ("127.0.0.1"), ``insecure`` (False), ``data_dir``,
-    ``api_tokens_file`` (default ``<data_dir>/security/tokens.sqlite3``),
-    ``cors_origins`` ([] = CORS off), ``max_request_bytes`` (1 MiB).
+    Looked up in ``settings.api`` (then on ``settings`` itself): ``host`` ("127.0.0.1"),
+    ``insecure`` (False), ``api_tokens_file`` / ``tokens_file`` (default
+    ``<data_dir>/security/tokens.sqlite3``), ``cors_origins`` ([]: CORS off),
+    ``max_request_bytes`` (1 MiB).
     """
     if isinstance(settings, AuthSettings):
         return settings
-    tokens = getattr(settings, "api_tokens_file", None)
+    api = getattr(settings, "api", None)
+
+    def pick(*names: str, default: Any = None) -> Any:
+        for obj in (api, settings):
+            for name in names:
+                value = getattr(obj, name, None) if obj is not None else None
+                if value is not None:
+                    return value
+        return default
+
+    tokens = pick("api_tokens_file", "tokens_file")
     if tokens is None:
-        data_dir = Path(getattr(settings, "data_dir", None) or "var")
+        data_dir = Path(getattr(settings, "data_dir", None) or "millstream-data")
         tokens = data_dir / "security" / "tokens.sqlite3"
-    origins = getattr(settings, "cors_origins", None) or []
+    origins = pick("cors_origins", default=[])
     if isinstance(origins, str):
         origins = [o.strip() for o in origins.split(",") if o.strip()]
     return AuthSettings(
         tokens_path=Path(tokens),
-        host=str(getattr(settings, "host", "127.0.0.1") or "127.0.0.1"),
-        insecure=bool(getattr(settings, "insecure", False)),
+        host=str(pick("host", default="127.0.0.1")),
+        insecure=bool(pick("insecure", default=False)),
         cors_origins=list(origins),
-        max_body_bytes=int(getattr(settings, "max_request_bytes", DEFAULT_MAX_BODY) or 0)
-        or DEFAULT_MAX_BODY,
+        max_body_bytes=int(pick("max_request_bytes", default=DEFAULT_MAX_BODY)),
     )
 
 
@@ -158,40 +162,77 @@ def startup_policy(host: str, tokens: TokenStore, insecure: bool) -> str:
     )
 
 
-def route_scope(route: Any, method: str) -> str | None:
-    """The scope a matched route needs for ``method``; None when it is open."""
-    path = getattr(route, "path", "")
+def default_scope(path: str, method: str, tags: Any = (), declared: Any = None) -> str | None:
+    """The scope a route needs; None only for ``OPEN_PATHS``."""
     if path in OPEN_PATHS:
-        return None
-    endpoint = getattr(route, "endpoint", None)
-    declared = getattr(endpoint, SCOPE_ATTR, None)
-    extra = getattr(route, "openapi_extra", None) or {}
-    declared = extra.get(SCOPE_EXTRA, declared)
-    if declared == "open":
         return None
     if declared in SCOPES:
         return str(declared)
-    tags = getattr(route, "tags", None) or []
-    if "admin" in tags or any(path.startswith(p) for p in ADMIN_PREFIXES):
+    if "admin" in (tags or ()) or any(path.startswith(p) for p in ADMIN_PREFIXES):
         return "admin"
     return "read" if method in READ_METHODS else "write"
 
 
-def find_route(routes: list[Any], scope: Scope) -> Any | None:
-    """The route Starlette will dispatch ``scope`` to (a partial match: wrong method)."""
-    partial = None
-    for route in routes:
-        match, _ = route.matches(scope)
-        if match == Match.FULL:
-            if isinstance(route, Mount) and getattr(route, "routes", None):
-                child_scope = dict(scope)
-                child_scope.update(_)
-                inner = find_route(route.routes, child_scope)
-                return inner or route
-            return route
-        if match == Match.PARTIAL and partial is None:
-            partial = route
-    return partial
+@dataclass(frozen=True)
+class RouteRule:
+    path: str  # the route's template, e.g. /api/v1/devices/{device_id}
+    method: str
+    scope: str | None
+    regex: re.Pattern[str]
+
+
+_PARAM = re.compile(r"\{([^}:]+)(:[^}]*)?\}")
+
+
+def _template_regex(path: str) -> re.Pattern[str]:
+    parts = []
+    pos = 0
+    for m in _PARAM.finditer(path):
+        parts.append(re.escape(path[pos : m.start()]))
+        parts.append(".+" if m.group(2) == ":path" else "[^/]+")
+        pos = m.end()
+    parts.append(re.escape(path[pos:]))
+    return re.compile("".join(parts))
+
+
+def route_rules(app: Any) -> list[RouteRule]:
+    """Every (path, method) the app serves, with the scope it needs."""
+    rules: list[RouteRule] = []
+    seen: set[tuple[str, str]] = set()
+    try:
+        paths = app.openapi().get("paths", {})
+    except Exception:  # a broken schema must not open anything: defaults still apply
+        log.exception("cannot build the OpenAPI schema; routes get the default scopes")
+        paths = {}
+    for path, operations in paths.items():
+        for method, op in operations.items():
+            method = method.upper()
+            if method not in HTTP_METHODS or not isinstance(op, dict):
+                continue
+            scope = default_scope(path, method, op.get("tags"), op.get(SCOPE_EXTRA))
+            rules.append(RouteRule(path, method, scope, _template_regex(path)))
+            seen.add((path, method))
+    for route in getattr(app, "routes", []):  # plain routes outside the schema (/docs, ...)
+        path = getattr(route, "path", None)
+        for method in getattr(route, "methods", None) or ():
+            if path and (path, method) not in seen:
+                rules.append(
+                    RouteRule(path, method, default_scope(path, method), _template_regex(path))
+                )
+                seen.add((path, method))
+    return rules
+
+
+def required_scope(rules: list[RouteRule], method: str, path: str) -> str | None:
+    """The strictest scope among the routes matching this request (by method first)."""
+    lookup = "GET" if method == "HEAD" else method
+    matching = [r for r in rules if r.method == lookup and r.regex.fullmatch(path)]
+    if not matching:
+        return default_scope(path, method)
+    scopes = [r.scope for r in matching]
+    if all(s is None for s in scopes):
+        return None
+    return max((s for s in scopes if s is not None), key=SCOPES.index)
 
 
 def _credentials(scope: Scope) -> str | None:
@@ -244,13 +285,14 @@ class AuthMiddleware:
         self,
         app: ASGIApp,
         *,
-        router_app: Any,
+        app_with_routes: Any,
         tokens: TokenStore,
         open_without_tokens: bool,
         max_body_bytes: int = DEFAULT_MAX_BODY,
     ) -> None:
         self.app = app
-        self.router_app = router_app
+        self.routed_app = app_with_routes
+        self._rules: list[RouteRule] | None = None
         self.tokens = tokens
         self.open_without_tokens = open_without_tokens
         self.max_body_bytes = max_body_bytes
@@ -260,8 +302,9 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         method = scope.get("method", "GET")
-        route = find_route(self.router_app.routes, scope)
-        needed = route_scope(route, method) if route is not None else "read"
+        if self._rules is None:  # on the first request: every router is included by then
+            self._rules = route_rules(self.routed_app)
+        needed = required_scope(self._rules, method, scope.get("path", ""))
         if needed is not None:
             token = _credentials(scope)
             info: TokenInfo | None = self.tokens.verify(token) if token else None
@@ -281,9 +324,7 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
 
     async def _deny(self, scope: Scope, send: Send, status: int, detail: str) -> None:
-        log.info(
-            "API %s %s refused: %s", scope.get("method", "WS"), scope.get("path", ""), detail
-        )
+        log.info("API %s %s refused: %s", scope.get("method", "WS"), scope.get("path", ""), detail)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
@@ -291,49 +332,61 @@ class AuthMiddleware:
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.max_body_bytes
+        declared = None
         for k, v in scope["headers"]:
             if k.lower() == b"content-length":
-                try:
-                    declared = int(v)
-                except ValueError:
-                    await _reply(send, 400, "invalid Content-Length", [])
-                    return
-                if declared > limit:
-                    await _reply(send, 413, f"request body larger than {limit} bytes", [])
-                    return
+                declared = v
                 break
-        else:
-            if scope.get("method") in READ_METHODS:
-                await self.app(scope, receive, send)
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                await _reply(send, 400, "invalid Content-Length", [])
                 return
-            # Chunked body: read it (bounded) before the route sees any of it.
-            chunks: list[bytes] = []
-            size = 0
-            more = True
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":
-                    break
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    await _reply(send, 413, f"request body larger than {limit} bytes", [])
-                    return
-                chunks.append(chunk)
-                more = bool(message.get("more_body"))
-            body = b"".join(chunks)
-            sent = False
-
-            async def replay() -> Message:
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            await self.app(scope, replay, send)
+            if size > limit:
+                await _reply(send, 413, f"request body larger than {limit} bytes", [])
+                return
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        if scope.get("method") in READ_METHODS:
+            await self.app(scope, receive, send)
+            return
+        # A chunked body: read it (bounded) before the route sees any of it.
+        body = await _read_bounded(receive, limit)
+        if body is None:
+            await _reply(send, 413, f"request body larger than {limit} bytes", [])
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+
+async def _read_bounded(receive: Receive, limit: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def install_auth(app: Any, settings: Any, tokens: TokenStore | None = None) -> str:
@@ -350,7 +403,7 @@ def install_auth(app: Any, settings: Any, tokens: TokenStore | None = None) -> s
     app.state.tokens = store
     app.add_middleware(
         AuthMiddleware,
-        router_app=app.router,
+        app_with_routes=app,
         tokens=store,
         open_without_tokens=policy != "enforced",
         max_body_bytes=cfg.max_body_bytes,

@@ -118,9 +118,7 @@ class TokenStore:
             raise TokenError("a token name is 1-64 printable characters")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         created = _now()
-        expires = (
-            (created + dt.timedelta(days=expires_days)).isoformat() if expires_days else None
-        )
+        expires = (created + dt.timedelta(days=expires_days)).isoformat() if expires_days else None
         try:
             with self._db() as db:
                 cur = db.execute(
