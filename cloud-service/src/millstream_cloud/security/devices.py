@@ -136,14 +136,31 @@ class DeviceProvisioner:
 
     # -- registry ----------------------------------------------------------------------------
     def records(self) -> list[DeviceRecord]:
+        return [DeviceRecord(**r) for r in self._load().get("devices", [])]
+
+    def _load(self) -> dict[str, Any]:
         f = self.paths.devices_file
         if not f.exists():
-            return []
-        return [DeviceRecord(**r) for r in json.loads(f.read_text()).get("devices", [])]
+            return {"devices": [], "fleets": []}
+        data: dict[str, Any] = json.loads(f.read_text())
+        return data
 
-    def _save(self, records: list[DeviceRecord]) -> None:
-        body = json.dumps({"devices": [asdict(r) for r in records]}, indent=2) + "\n"
-        write_public(self.paths.devices_file, body.encode())
+    def _save(
+        self, records: list[DeviceRecord], fleets: list[tuple[str, str]] | None = None
+    ) -> None:
+        if fleets is None:
+            fleets = self.stored_fleets()
+        body = {
+            "devices": [asdict(r) for r in records],
+            "fleets": [{"identity": i, "site": s} for i, s in fleets],
+        }
+        write_public(self.paths.devices_file, (json.dumps(body, indent=2) + "\n").encode())
+
+    def stored_fleets(self) -> list[tuple[str, str]]:
+        return [(f["identity"], f["site"]) for f in self._load().get("fleets", [])]
+
+    def all_fleets(self) -> list[tuple[str, str]]:
+        return sorted(set(self.fleets) | set(self.stored_fleets()))
 
     def active(self) -> list[DeviceRecord]:
         return [r for r in self.records() if not r.revoked_at]
@@ -154,7 +171,7 @@ class DeviceProvisioner:
         text = render_acl(
             (AclDevice(r.site, r.device) for r in self.active()),
             cloud_identities=self.cloud_identities,
-            fleets=self.fleets,
+            fleets=self.all_fleets(),
         )
         write_public(path, text.encode())
         return path
@@ -178,7 +195,7 @@ class DeviceProvisioner:
         days: int = CLIENT_DAYS,
     ) -> Provisioned:
         site, device = check_name(site), check_name(device)
-        if device in self.cloud_identities or any(device == f for f, _ in self.fleets):
+        if device in self.cloud_identities or any(device == f for f, _ in self.all_fleets()):
             raise ProvisioningError(f"{device!r} is a reserved identity")
         records = self.records()
         for r in records:
@@ -210,6 +227,17 @@ class DeviceProvisioner:
         )
         return Provisioned(record, text, self.pki.ca_cert_path, cert, key)
 
+    def add_fleet(self, identity: str, site: str, days: int = CLIENT_DAYS) -> tuple[Path, Path]:
+        """A certificate that may act as every device of ``site`` (simulated fleets only)."""
+        identity, site = check_name(identity), check_name(site)
+        if any(r.device == identity and not r.revoked_at for r in self.records()):
+            raise ProvisioningError(f"{identity!r} is already a device id")
+        cert, key = self.pki.client_cert(identity, kind="fleet", days=days)
+        fleets = [f for f in self.stored_fleets() if f[0] != identity] + [(identity, site)]
+        self._save(self.records(), fleets)
+        self.write_acl()
+        return cert, key
+
     def revoke(self, device: str, broker_pid: int | None = None) -> DeviceRecord:
         records = self.records()
         found = None
@@ -217,10 +245,14 @@ class DeviceProvisioner:
             if r.device == device and not r.revoked_at:
                 r.revoked_at = _now()
                 found = r
+        fleets = self.stored_fleets()
+        if found is None and any(f[0] == device for f in fleets):
+            found = DeviceRecord(device=device, site="*", kind="fleet", revoked_at=_now())
+            fleets = [f for f in fleets if f[0] != device]
         if found is None:
             raise ProvisioningError(f"no active device {device!r}")
         self.pki.revoke(device)
-        self._save(records)
+        self._save(records, fleets)
         self.write_acl()
         if broker_pid is not None:
             self.reload_broker(broker_pid)
