@@ -29,7 +29,7 @@ def test_tokens_are_stored_hashed_and_verified(tmp_path: Path) -> None:
 
 def test_revoke_by_name_or_id_and_reuse_the_name(tmp_path: Path) -> None:
     store = TokenStore(tmp_path / "t.sqlite3")
-    a, token_a = store.create("ops", "admin")
+    _, token_a = store.create("ops", "admin")
     with pytest.raises(TokenError, match="exists"):
         store.create("ops", "read")
     store.revoke("ops")
