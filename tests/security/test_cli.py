@@ -100,3 +100,14 @@ def test_tokens_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert run(["tokens", "revoke", "grafana", *d]) == 0
     assert store.verify(token) is None
     assert run(["tokens", "revoke", "grafana", *d]) == 2
+
+
+def test_rendered_agent_config_is_accepted_by_the_agent(tmp_path: Path) -> None:
+    agent_config = pytest.importorskip("millstream_agent.config", reason="agent not merged yet")
+    d = ["--data-dir", str(tmp_path / "data")]
+    assert run(["pki", "init", *d]) == 0
+    out = tmp_path / "device"
+    assert run(["devices", "add", "plant1/press-01", *d, "--out", str(out)]) == 0
+    loaded = agent_config.load_config(str(out / "agent.yaml"), env={})
+    assert loaded["device"]["id"] == "press-01"
+    assert loaded["mqtt"]["tls"]["cert"] == "/etc/millstream/press-01.crt"
