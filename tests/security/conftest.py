@@ -13,9 +13,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+
 from millstream_cloud.security.acl import render_mosquitto_conf
 from millstream_cloud.security.devices import DeviceProvisioner, SecurityPaths
-
 from tests.support.servers import ServerProcess, find_binary, free_port
 
 CLOUD = "millstream-cloud"

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
+from starlette.routing import Route
+
 from millstream_cloud.security.auth import (
     AuthSettings,
     InsecureBindError,
@@ -22,7 +24,6 @@ from millstream_cloud.security.auth import (
     startup_policy,
 )
 from millstream_cloud.security.tokens import TokenStore
-from starlette.routing import Route
 
 
 @pytest.fixture

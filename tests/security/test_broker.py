@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from millstream_cloud.security.pki import PKI
 
+from millstream_cloud.security.pki import PKI
 from tests.security.conftest import CLOUD, MqttProbe, SecureBroker
 
 pytestmark = pytest.mark.integration

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from millstream_cloud.security.limits import DeviceLimiter, DeviceRateLimiter, LimitSettings
 from millstream_cloud.security.tokens import TokenError, TokenStore, hash_token, scope_allows
 
