@@ -19,12 +19,12 @@ LABEL org.opencontainers.image.title="millstream-agent" \
 ENV PATH=/opt/millstream/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-RUN groupadd --system --gid 10001 millstream \
-    && useradd --system --uid 10001 --gid millstream --home-dir /var/lib/millstream --shell /usr/sbin/nologin millstream \
+RUN groupadd --system --gid 10002 millstream \
+    && useradd --system --uid 10002 --gid millstream --home-dir /var/lib/millstream --shell /usr/sbin/nologin millstream \
     && mkdir -p /var/lib/millstream \
     && chown millstream:millstream /var/lib/millstream
 COPY --from=build /opt/millstream /opt/millstream
-USER 10001:10001
+USER 10002:10002
 WORKDIR /var/lib/millstream
 VOLUME ["/var/lib/millstream"]
 ENTRYPOINT ["millstream-agent"]

@@ -104,7 +104,9 @@ def test_tokens_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_rendered_agent_config_is_accepted_by_the_agent(tmp_path: Path) -> None:
-    agent_config = pytest.importorskip("millstream_agent.config", reason="millstream_agent.config not on this branch yet")
+    agent_config = pytest.importorskip(
+        "millstream_agent.config", reason="millstream_agent.config not on this branch yet"
+    )
     d = ["--data-dir", str(tmp_path / "data")]
     assert run(["pki", "init", *d]) == 0
     out = tmp_path / "device"

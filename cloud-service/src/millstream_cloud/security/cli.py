@@ -67,8 +67,18 @@ def _tokens_path(args: argparse.Namespace) -> Path:
     return _paths(args).tokens_db
 
 
+def _ca_key(args: argparse.Namespace) -> Path | None:
+    return Path(args.ca_key) if getattr(args, "ca_key", None) else None
+
+
+def _pki(args: argparse.Namespace) -> PKI:
+    return PKI(_paths(args).pki_dir, ca_key=_ca_key(args))
+
+
 def _provisioner(args: argparse.Namespace) -> DeviceProvisioner:
-    return DeviceProvisioner(_paths(args), cloud_identities=(args.cloud_identity,))
+    return DeviceProvisioner(
+        _paths(args), cloud_identities=(args.cloud_identity,), ca_key=_ca_key(args)
+    )
 
 
 def _broker_pid(args: argparse.Namespace) -> int | None:
@@ -89,14 +99,14 @@ def _print(data: Any, as_json: bool, lines: list[str]) -> None:
 
 # -- pki --------------------------------------------------------------------------------------
 def cmd_pki_init(args: argparse.Namespace) -> int:
-    pki = PKI(_paths(args).pki_dir)
+    pki = _pki(args)
     path = pki.init(common_name=args.cn, days=args.days, force=args.force)
     print(f"CA created: {path} (key {pki.ca_key_path}, mode 0600); empty CRL {pki.crl_path}")
     return 0
 
 
 def cmd_pki_server(args: argparse.Namespace) -> int:
-    pki = PKI(_paths(args).pki_dir)
+    pki = _pki(args)
     dns = args.dns or ["localhost"]
     ips = args.ip if args.ip is not None else ["127.0.0.1"]
     cert, key = pki.server_cert(dns, ips, name=args.name, days=args.days)
@@ -105,14 +115,14 @@ def cmd_pki_server(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_client(args: argparse.Namespace) -> int:
-    pki = PKI(_paths(args).pki_dir)
+    pki = _pki(args)
     cert, key = pki.client_cert(args.name, kind=args.kind, days=args.days)
     print(f"client certificate {cert} (key {key}), CN={args.name}")
     return 0
 
 
 def cmd_pki_status(args: argparse.Namespace) -> int:
-    pki = PKI(_paths(args).pki_dir)
+    pki = _pki(args)
     if not pki.initialised:
         print(f"no CA in {pki.dir}: run `millstream-cloud pki init`", file=sys.stderr)
         return 1
@@ -134,7 +144,7 @@ def cmd_pki_status(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_crl(args: argparse.Namespace) -> int:
-    path = PKI(_paths(args).pki_dir).write_crl()
+    path = _pki(args).write_crl()
     print(f"CRL re-signed: {path}; reload the broker (SIGHUP) to use it")
     return 0
 
@@ -262,6 +272,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="cloud settings file (for data_dir and token file)")
     p.add_argument("--data-dir", help=f"data directory (default {DEFAULT_DATA_DIR})")
     p.add_argument("--pki-dir", help="PKI directory (default <data-dir>/pki)")
+    p.add_argument("--ca-key", help="CA private key file (default <pki-dir>/ca.key)")
 
 
 def _device_common(p: argparse.ArgumentParser) -> None:

@@ -128,9 +128,10 @@ class DeviceProvisioner:
         paths: SecurityPaths,
         cloud_identities: tuple[str, ...] = (DEFAULT_CLOUD_IDENTITY,),
         fleets: tuple[tuple[str, str], ...] = (),
+        ca_key: Path | None = None,
     ) -> None:
         self.paths = paths
-        self.pki = PKI(paths.pki_dir)
+        self.pki = PKI(paths.pki_dir, ca_key=ca_key)
         self.cloud_identities = cloud_identities
         self.fleets = fleets
 

@@ -122,8 +122,11 @@ def check_name(name: str) -> str:
 class PKI:
     """The PKI in one directory. Create with :meth:`init`, then issue and revoke."""
 
-    def __init__(self, directory: Path | str) -> None:
+    def __init__(self, directory: Path | str, ca_key: Path | str | None = None) -> None:
         self.dir = Path(directory)
+        # The CA key may live apart from everything the broker and services mount (the
+        # compose stack keeps it in a volume only the setup job sees).
+        self._ca_key = Path(ca_key) if ca_key else None
 
     # -- paths -------------------------------------------------------------------------------
     @property
@@ -132,7 +135,7 @@ class PKI:
 
     @property
     def ca_key_path(self) -> Path:
-        return self.dir / "ca.key"
+        return self._ca_key or self.dir / "ca.key"
 
     @property
     def crl_path(self) -> Path:
@@ -176,7 +179,8 @@ class PKI:
         if self.initialised and not force:
             raise PKIError(f"a CA already exists in {self.dir} (use --force to replace it)")
         self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        if self._ca_key is None:
+            os.chmod(self.dir, 0o700)  # it holds the CA key
         key = _new_key()
         now = _now()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -216,7 +220,7 @@ class PKI:
                     name=common_name,
                     kind="ca",
                     cert="ca.crt",
-                    key="ca.key",
+                    key="ca.key" if self._ca_key is None else str(self._ca_key),
                     not_after=_rfc3339(cert.not_valid_after_utc),
                 )
             ]
