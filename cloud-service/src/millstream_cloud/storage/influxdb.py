@@ -385,7 +385,9 @@ class InfluxDBStorage(Storage):
                         exc.status or 0, exc.body or exc.reason or "", "write"
                     ) from None
                 return
-            params = {"db": s.database, "precision": "ns"}
+            # no precision: nanoseconds are the default everywhere, and the specs disagree
+            # on its spelling ("n" in 1.x, "ns" in 2.x and 3.x)
+            params = {"db": s.database}
             if s.retention_policy:
                 params["rp"] = s.retention_policy
             headers = {"Content-Type": "text/plain; charset=utf-8", **self._headers}
