@@ -68,6 +68,8 @@ KNOWN_UNSUPPORTED = {
     "kaufmans_efficiency_ratio", "kaufmans_adaptive_moving_average", "triple_exponential_moving_average",
     "triple_exponential_derivative", "relative_strength_index",
 }  # fmt: skip
+# Aggregates whose bucket value does not depend on which series wins a tie in time.
+PUSHDOWN_AGGREGATES = ("mean", "min", "max", "count", "sum")
 MAX_BUCKETS = 1_000_000
 MIN_TIME = -(2**63) + 2
 MAX_TIME = 2**63 - 2
@@ -337,6 +339,11 @@ def _numeric(v: FieldValue | None) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _tie_key(p: tuple[int, FieldValue]) -> tuple[int, Any]:
+    v = p[1]
+    return (1, v) if _numeric(v) else (0, str(v))
+
+
 def aggregate(
     func: str, points: list[tuple[int, FieldValue]]
 ) -> tuple[int | None, FieldValue | None]:
@@ -345,25 +352,21 @@ def aggregate(
         return None, None  # even count(): an empty bucket is filled later, as InfluxDB does
     if func == "count":
         return None, len(points)
+    # Ties are broken as InfluxDB's reducers do: at equal times first() and last() keep
+    # the larger value; at equal values min() and max() keep the earlier point.
     if func == "first":
-        return points[0]
+        t0 = points[0][0]
+        return max((p for p in points if p[0] == t0), key=_tie_key)
     if func == "last":
-        return points[-1]
+        t1 = points[-1][0]
+        return max((p for p in points if p[0] == t1), key=_tie_key)
     nums = [(t, v) for t, v in points if _numeric(v)]
     if not nums:
         return None, None
     if func == "min":
-        best = nums[0]
-        for p in nums[1:]:
-            if p[1] < best[1]:  # type: ignore[operator]
-                best = p
-        return best
+        return min(nums, key=lambda p: (p[1], p[0]))
     if func == "max":
-        best = nums[0]
-        for p in nums[1:]:
-            if p[1] > best[1]:  # type: ignore[operator]
-                best = p
-        return best
+        return min(nums, key=lambda p: (-p[1], p[0]))  # type: ignore[operator]
     values = [v for _, v in nums]
     if func == "sum":
         if all(isinstance(v, int) for v in values):
@@ -639,7 +642,7 @@ class QueryEngine:
             groups = self._raw(s, measurement, columns, tr, cond, dims, field_types, tag_keys)
         names = [c.name for c in columns]
         series = []
-        for gkey in sorted(groups):
+        for gkey in sorted(groups, reverse=s.descending):
             rows = groups[gkey]
             if s.descending:
                 rows = rows[::-1]
@@ -875,6 +878,8 @@ class QueryEngine:
         eq, complete = equality_tags(cond, tag_keys)
         if not complete or td.offset_ns or any(d not in tag_keys for d in dims):
             return None
+        if any(c.func not in PUSHDOWN_AGGREGATES for c in columns):
+            return None  # first/last: InfluxDB's tie-breaking between series needs the points
         start = None if tr.start == MIN_TIME else tr.start
         end = None if tr.end == MAX_TIME else tr.end + 1
         results: dict[tuple[str, str], dict[tuple[str, ...], dict[int, FieldValue]]] = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,13 +60,10 @@ async def _params(request: Request) -> dict[str, str]:
     params = dict(request.query_params)
     if request.method == "POST":
         ctype = request.headers.get("content-type", "")
-        if ctype.startswith("application/x-www-form-urlencoded") or ctype.startswith(
-            "multipart/form-data"
-        ):
-            form = await request.form()
-            for k, v in form.items():
-                if isinstance(v, str):
-                    params[k] = v
+        if ctype.startswith("application/x-www-form-urlencoded"):
+            # parsed here rather than with request.form(): no python-multipart needed
+            body = (await request.body()).decode("utf-8", errors="replace")
+            params.update(urllib.parse.parse_qsl(body, keep_blank_values=True))
     return params
 
 
