@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-
 from millstream_cloud.api.deps import get_services
 from millstream_cloud.grafana import query_api
 from millstream_cloud.grafana.engine import QueryEngine
 from millstream_cloud.storage.embedded import EmbeddedStorage
+
 from tests.grafana.data import fleet_points, line_protocol
 from tests.support.servers import ServerProcess, find_binary, free_port
 
@@ -50,7 +50,9 @@ class Influx:
         self.server = server
         self.url = f"http://127.0.0.1:{server.port}"
 
-    def query(self, q: str, db: str | None = "millstream", epoch: str | None = None) -> tuple[int, Any]:
+    def query(
+        self, q: str, db: str | None = "millstream", epoch: str | None = None
+    ) -> tuple[int, Any]:
         params = {"q": q}
         if db:
             params["db"] = db

@@ -112,7 +112,12 @@ class ContractServer:
             ds.update(id=self._id(), orgId=1, readOnly=False, version=1,
                       secureJsonFields={k: True for k in body.get("secureJsonData", {})})  # fmt: skip
             st.datasources[body["uid"]] = ds
-            return 200, {"datasource": ds, "id": ds["id"], "message": "Datasource added", "name": ds["name"]}
+            return 200, {
+                "datasource": ds,
+                "id": ds["id"],
+                "message": "Datasource added",
+                "name": ds["name"],
+            }
         if method == "GET" and parts[0] == "folders" and len(parts) == 2:
             f = st.folders.get(parts[1])
             return (200, f) if f else (404, {"message": "folder not found"})
@@ -137,7 +142,10 @@ class ContractServer:
             dash.update(id=dash_id, version=version)
             if body.get("folderUid") and body["folderUid"] not in st.folders:
                 return 400, {"message": "folder not found"}
-            st.dashboards[uid] = {"dashboard": dash, "meta": {"folderUid": body.get("folderUid", ""), "version": version}}
+            st.dashboards[uid] = {
+                "dashboard": dash,
+                "meta": {"folderUid": body.get("folderUid", ""), "version": version},
+            }
             return 200, {"id": dash_id, "uid": uid, "status": "success", "version": version,
                          "url": f"/d/{uid}/x", "title": dash.get("title", ""),
                          "folderUid": body.get("folderUid", "")}  # fmt: skip

@@ -35,7 +35,9 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
     return out
 
 
-def substitute(query: str, variables: dict[str, str], from_ms: int, to_ms: int, interval: str) -> str:
+def substitute(
+    query: str, variables: dict[str, str], from_ms: int, to_ms: int, interval: str
+) -> str:
     """Expand Grafana's macros and variables the way its InfluxDB datasource does."""
     q = query.replace("$timeFilter", f"time >= {from_ms}ms and time <= {to_ms}ms")
     q = q.replace("$__interval", interval)

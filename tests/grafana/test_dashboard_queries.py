@@ -44,18 +44,24 @@ def assert_same(expected: Any, actual: Any, path: str = "") -> None:
     """Equal JSON, except that numbers compare within float tolerance."""
     if isinstance(expected, dict):
         assert isinstance(actual, dict), f"{path}: {actual!r} is not an object"
-        assert sorted(expected) == sorted(actual), f"{path}: keys {sorted(actual)} != {sorted(expected)}"
+        assert sorted(expected) == sorted(actual), (
+            f"{path}: keys {sorted(actual)} != {sorted(expected)}"
+        )
         for k in expected:
             assert_same(expected[k], actual[k], f"{path}/{k}")
     elif isinstance(expected, list):
         assert isinstance(actual, list), f"{path}: {actual!r} is not a list"
-        assert len(expected) == len(actual), f"{path}: {len(actual)} items, InfluxDB has {len(expected)}"
+        assert len(expected) == len(actual), (
+            f"{path}: {len(actual)} items, InfluxDB has {len(expected)}"
+        )
         for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
             assert_same(e, a, f"{path}/{i}")
     elif isinstance(expected, bool) or expected is None or isinstance(expected, str):
         assert expected == actual, f"{path}: {actual!r} != InfluxDB's {expected!r}"
     elif isinstance(expected, int | float):
-        assert isinstance(actual, int | float) and not isinstance(actual, bool), f"{path}: {actual!r}"
+        assert isinstance(actual, int | float) and not isinstance(actual, bool), (
+            f"{path}: {actual!r}"
+        )
         assert math.isclose(expected, actual, rel_tol=1e-9, abs_tol=1e-9), (
             f"{path}: {actual!r} != InfluxDB's {expected!r}"
         )

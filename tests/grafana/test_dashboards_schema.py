@@ -41,17 +41,25 @@ def test_dashboard_validates(path: Path) -> None:
     defs = schema["definitions"]
     for panel in dash["panels"]:
         ref = "RowPanel" if panel["type"] == "row" else "Panel"
-        assert _errors({"$ref": f"#/definitions/{ref}", "definitions": defs}, panel) == [], panel["title"]
+        assert _errors({"$ref": f"#/definitions/{ref}", "definitions": defs}, panel) == [], panel[
+            "title"
+        ]
         if panel["type"] == "row":
             continue
         plugin = PANEL_SCHEMAS.get(panel["type"])
         assert plugin, f"no contract schema for panel type {panel['type']}"
-        pschema = json.loads((GRAFANA_CONTRACTS / "panels" / f"{plugin}.jsonschema.json").read_text())
+        pschema = json.loads(
+            (GRAFANA_CONTRACTS / "panels" / f"{plugin}.jsonschema.json").read_text()
+        )
         pdefs = pschema["definitions"]
-        assert _errors({"$ref": "#/definitions/Options", "definitions": pdefs}, panel["options"]) == [], panel["title"]
+        assert (
+            _errors({"$ref": "#/definitions/Options", "definitions": pdefs}, panel["options"]) == []
+        ), panel["title"]
         custom = panel.get("fieldConfig", {}).get("defaults", {}).get("custom")
         if custom is not None and "FieldConfig" in pdefs:
-            assert _errors({"$ref": "#/definitions/FieldConfig", "definitions": pdefs}, custom) == [], panel["title"]
+            assert (
+                _errors({"$ref": "#/definitions/FieldConfig", "definitions": pdefs}, custom) == []
+            ), panel["title"]
 
 
 @pytest.mark.parametrize("path", sorted(DASHBOARD_DIR.glob("*.json")), ids=lambda p: p.stem)

@@ -87,7 +87,9 @@ QUERIES = [
 @pytest.mark.integration
 @pytest.mark.parametrize("epoch", ["ms", None])
 @pytest.mark.parametrize("query", QUERIES)
-def test_same_answer_as_influxdb(influx: Influx, millstream: TestClient, query: str, epoch: str | None) -> None:
+def test_same_answer_as_influxdb(
+    influx: Influx, millstream: TestClient, query: str, epoch: str | None
+) -> None:
     status, expected = influx.query(query, epoch=epoch)
     resp = millstream.post(
         "/query", data={"db": "millstream", "q": query, **({"epoch": epoch} if epoch else {})}
@@ -116,7 +118,9 @@ def test_epochs(influx: Influx, millstream: TestClient, epoch: str) -> None:
         ("millstream", "SELECT mean(temperature) FROM millstream.weekly.telemetry"),
     ],
 )
-def test_database_errors(influx: Influx, millstream: TestClient, db: str | None, query: str) -> None:
+def test_database_errors(
+    influx: Influx, millstream: TestClient, db: str | None, query: str
+) -> None:
     status, expected = influx.query(query, db=db)
     resp = millstream.get("/query", params={"q": query, **({"db": db} if db else {})})
     assert resp.status_code == status

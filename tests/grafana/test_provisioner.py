@@ -9,7 +9,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-
 from millstream_cloud.grafana.provisioner import (
     DATASOURCE_UID,
     FOLDER_UID,
@@ -18,6 +17,7 @@ from millstream_cloud.grafana.provisioner import (
     load_dashboards,
 )
 from millstream_cloud.model import Anomaly
+
 from tests.grafana.contract_server import ContractServer
 
 TOKEN = "glsa_test_token"
@@ -91,18 +91,20 @@ def test_annotations_are_valid_requests(grafana: ContractServer) -> None:
     assert second["timeEnd"] == 1_709_251_800_000 and "state:resolved" in second["tags"]
 
 
-def test_the_contract_server_rejects_what_grafana_would_not_describe(grafana: ContractServer) -> None:
+def test_the_contract_server_rejects_what_grafana_would_not_describe(
+    grafana: ContractServer,
+) -> None:
     # proof that the checks bite: nulls for integers (what add_annotation() sends) and no auth
     prov = Provisioner.connect(grafana.url, TOKEN)
     try:
         prov.api.annotations.add_annotation(time_from=1, text="x")
-    except Exception:  # noqa: BLE001 - the stub answers 400
+    except Exception:
         pass
     assert grafana.errors, "a null panelId must fail the API description"
     bare = Provisioner.connect(grafana.url, None)
     try:
         bare.api.client.GET("/health")
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     assert any("Security" in e for e in grafana.errors)
 
@@ -116,14 +118,20 @@ def test_live_grafana() -> None:
     token = os.environ.get("MILLSTREAM_TEST_GRAFANA_TOKEN")
     prov = Provisioner.connect(url, token)
     suffix = uuid.uuid4().hex[:8]
-    spec = DatasourceSpec(url="http://127.0.0.1:8000", uid=f"ms-test-{suffix}", name=f"Millstream test {suffix}")
+    spec = DatasourceSpec(
+        url="http://127.0.0.1:8000", uid=f"ms-test-{suffix}", name=f"Millstream test {suffix}"
+    )
     dashboards = [{**d, "uid": f"{d['uid'][:30]}-{suffix}", "panels": [
         {**p, "datasource": {"type": "influxdb", "uid": spec.uid}} for p in d["panels"]
     ]} for d in load_dashboards()]  # fmt: skip
     folder = f"ms-test-{suffix}"
-    first = prov.provision(spec, dashboards, folder_uid=folder, folder_title=f"Millstream test {suffix}")
+    first = prov.provision(
+        spec, dashboards, folder_uid=folder, folder_title=f"Millstream test {suffix}"
+    )
     assert len(first.writes) == 2 + len(dashboards)
-    second = prov.provision(spec, dashboards, folder_uid=folder, folder_title=f"Millstream test {suffix}")
+    second = prov.provision(
+        spec, dashboards, folder_uid=folder, folder_title=f"Millstream test {suffix}"
+    )
     assert second.writes == [], second.summary()
     assert prov.annotate("millstream live test", 1_709_251_200_000, ["millstream-test"]) is not None
 

@@ -39,7 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--datasource-token", default=os.environ.get("MILLSTREAM_DATASOURCE_TOKEN"),
                    help="sent by Grafana as 'Authorization: Token ...' (InfluxDB 2.x)")  # fmt: skip
     p.add_argument("--datasource-uid", default=DATASOURCE_UID, help="default %(default)s")
-    p.add_argument("--database", default="millstream", help="InfluxQL database (default %(default)s)")
+    p.add_argument(
+        "--database", default="millstream", help="InfluxQL database (default %(default)s)"
+    )
     p.add_argument("--folder-uid", default=FOLDER_UID, help="default %(default)s")
     p.add_argument("--folder-title", default=FOLDER_TITLE, help="default %(default)s")
     p.add_argument("--dashboards", type=Path, default=DEFAULT_DASHBOARD_DIR,
@@ -56,7 +58,7 @@ def run_provision(args: argparse.Namespace) -> int:
         report = Provisioner.connect(args.url, args.token).provision(
             spec, dashboards, folder_uid=args.folder_uid, folder_title=args.folder_title
         )
-    except Exception as exc:  # noqa: BLE001 - one clear line for the operator
+    except Exception as exc:
         print(f"grafana provision failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(report.summary())

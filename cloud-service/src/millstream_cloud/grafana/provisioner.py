@@ -184,7 +184,9 @@ class Provisioner:
         else:
             report.unchanged.append(f"folder {uid}")
 
-    def ensure_dashboard(self, dash: dict[str, Any], folder_uid: str, report: ProvisionReport) -> None:
+    def ensure_dashboard(
+        self, dash: dict[str, Any], folder_uid: str, report: ProvisionReport
+    ) -> None:
         uid = dash["uid"]
         wanted = {k: v for k, v in dash.items() if k not in _VOLATILE_DASHBOARD_KEYS}
         existing = self._get(f"/dashboards/uid/{uid}")
