@@ -158,6 +158,7 @@ class Dispatcher:
         self.root = root
         self.integrations = integrations
         self.groups: dict[str, Group] = {}
+        self._due: set[str] = set()
         # What was last handed to each integration (moves at submit) and what was last
         # delivered (moves on success, persisted): a failed delivery falls back to it.
         self.sent: dict[tuple[str, str], NflogEntry] = dict(nflog)
@@ -168,7 +169,7 @@ class Dispatcher:
         self.on_notify = on_notify
 
     def insert(self, alert: Alert, now: int) -> None:
-        """An alert fired, changed or resolved: put it in its groups; flush those due."""
+        """An alert fired, changed or resolved: put it in its groups (see ``flush_due``)."""
         for route in self.root.match(alert.labels):
             labels = route.group_labels(alert.labels)
             key = group_key(route, labels)
@@ -180,6 +181,15 @@ class Dispatcher:
                 self.groups[key] = group
             group.alerts[alert.fingerprint] = alert
             if now >= group.next_flush:
+                self._due.add(key)
+
+    def flush_due(self, now: int) -> None:
+        """Flush the groups that became due by inserts. Called after a whole evaluation, so
+        alerts raised together (a site and its devices) are seen together by inhibition."""
+        due, self._due = self._due, set()
+        for key in due:
+            group = self.groups.get(key)
+            if group is not None and group.next_flush <= now:
                 self.flush(group, now)
 
     def remove(self, fingerprints: Iterable[str]) -> None:
@@ -197,6 +207,7 @@ class Dispatcher:
         )
 
     def tick(self, now: int) -> None:
+        self._due.clear()
         for group in [g for g in self.groups.values() if g.next_flush <= now]:
             self.flush(group, now)
 

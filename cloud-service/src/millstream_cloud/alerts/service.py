@@ -96,6 +96,7 @@ class AlertService:
         with self.lock:
             self.engine.set_rules(self._all_rules(), now)
             self._restore(now)
+            self.dispatcher.flush_due(now)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.notified: list[tuple[str, Notification]] = []  # last few, for the demo summary
@@ -175,13 +176,17 @@ class AlertService:
         if not self.settings.enabled or not readings:
             return
         with self.lock:
-            self.engine.observe_readings(readings, self.clock.now_ns())
+            now = self.clock.now_ns()
+            self.engine.observe_readings(readings, now)
+            self.dispatcher.flush_due(now)
 
     def observe_anomalies(self, anomalies: Sequence[Anomaly]) -> None:
         if not self.settings.enabled or not anomalies:
             return
         with self.lock:
-            self.engine.observe_anomalies(anomalies, self.clock.now_ns())
+            now = self.clock.now_ns()
+            self.engine.observe_anomalies(anomalies, now)
+            self.dispatcher.flush_due(now)
 
     def tick(self, now: int | None = None) -> None:
         """Evaluate time-based rules and group timers (the background thread calls this)."""
@@ -364,6 +369,7 @@ class AlertService:
             self.store.save_rule(rule.name, rule.to_dict(), now)
             self.api_rules[rule.name] = rule
             self.engine.set_rules(self._all_rules(), now)
+            self.dispatcher.flush_due(now)
         return {**rule.to_dict(), "source": "api"}
 
     def delete_rule(self, name: str) -> None:
@@ -374,7 +380,9 @@ class AlertService:
                 raise KeyError(name)
             del self.api_rules[name]
             self.store.delete_rule(name)
-            self.engine.set_rules(self._all_rules(), self.clock.now_ns())
+            now = self.clock.now_ns()
+            self.engine.set_rules(self._all_rules(), now)
+            self.dispatcher.flush_due(now)
 
     # silences
     def silence_json(self, s: Silence) -> dict[str, Any]:
