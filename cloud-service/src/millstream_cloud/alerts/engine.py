@@ -328,7 +328,7 @@ class AlertEngine:
                 if name != rule.name:
                     continue
                 labels, fp = self._identity(rule, device, site, metric)
-                silent = now - seen > after
+                silent = now - seen >= after
                 alert = self.alerts.get(fp)
                 if silent or (alert is not None and alert.state in ACTIVE):
                     self._condition(rule, labels, fp, silent, now)

@@ -228,7 +228,9 @@ AnyRule = ThresholdRule | RateOfChangeRule | AnomalyRule | OfflineRule | NoDataR
 def _field(loc: tuple[Any, ...]) -> str:
     # Pydantic puts the union tag in the location (("threshold", "metric")); users wrote
     # only "metric".
-    parts = [str(p) for p in loc if str(p) not in RULE_TYPES]
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in RULE_TYPES:
+        parts = parts[1:]
     text = ""
     for p in parts:
         if p.isdigit():
@@ -263,6 +265,8 @@ def parse_rule(data: Any) -> AnyRule:
         for err in exc.errors():
             field = _field(tuple(err["loc"]))
             msg = _message(dict(err))
+            if err["type"].startswith("union_tag"):
+                field = "type"
             # Cross-field checks (clear vs threshold) say their field in the message.
             if not field and ": " in msg and msg.split(": ", 1)[0].isidentifier():
                 field, msg = msg.split(": ", 1)
