@@ -34,13 +34,13 @@ sys.path.insert(0, str(ROOT))
 
 import paho.mqtt.client as mqtt  # noqa: E402
 import yaml  # noqa: E402
-
 from millstream_cloud.alerts.service import AlertService  # noqa: E402
 from millstream_cloud.alerts.settings import AlertSettings  # noqa: E402
 from millstream_cloud.model import Reading  # noqa: E402
 from millstream_cloud.protocol import format_ts  # noqa: E402
 from millstream_cloud.services import Services  # noqa: E402
 from millstream_cloud.settings import load_settings  # noqa: E402
+
 from tests.support.servers import mosquitto_server  # noqa: E402
 
 TARGET_P99_S = 2.0
@@ -63,7 +63,7 @@ class Receiver:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 now = time.perf_counter()
                 for alert in json.loads(body)["alerts"]:
@@ -226,8 +226,10 @@ def main() -> int:
         "target_p99_s": TARGET_P99_S,
         "mqtt_end_to_end": end_to_end,
         "observe_path": observe,
-        "pass": end_to_end["p99_s"] < TARGET_P99_S and observe["p99_s"] < TARGET_P99_S
-        and end_to_end["lost"] == 0 and observe["lost"] == 0,
+        "pass": end_to_end["p99_s"] < TARGET_P99_S
+        and observe["p99_s"] < TARGET_P99_S
+        and end_to_end["lost"] == 0
+        and observe["lost"] == 0,
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
         "when": format_ts(time.time_ns()),
     }

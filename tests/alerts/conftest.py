@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from millstream_cloud.alerts.clock import ManualClock
 from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.alerts.settings import AlertSettings
@@ -51,7 +50,7 @@ class WebhookServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 raw = self.rfile.read(length)
                 arrived = time.time()
@@ -181,7 +180,12 @@ def make_service(tmp_path: Path) -> Iterator[ServiceFactory]:
                 "rule_files": [write_rules(tmp_path / "rules.yaml", rules)],
                 "route": route,
                 "receivers": receivers,
-                "delivery": {"max_attempts": 4, "backoff_initial_s": 0.05, "backoff_max_s": 0.2, "timeout_s": 2},
+                "delivery": {
+                    "max_attempts": 4,
+                    "backoff_initial_s": 0.05,
+                    "backoff_max_s": 0.2,
+                    "timeout_s": 2,
+                },
                 **extra,
             }
         )
@@ -197,7 +201,9 @@ def make_service(tmp_path: Path) -> Iterator[ServiceFactory]:
             pass
 
 
-def reading(device: str, metric: str, value: float, clock: ManualClock, site: str = "plant-a") -> Reading:
+def reading(
+    device: str, metric: str, value: float, clock: ManualClock, site: str = "plant-a"
+) -> Reading:
     return Reading(device=device, site=site, metric=metric, time_ns=clock.now_ns(), value=value)
 
 

@@ -8,11 +8,9 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-
 from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.alerts.settings import AlertSettings
 from millstream_cloud.api import alerts as alerts_api
@@ -21,6 +19,7 @@ from millstream_cloud.ingest.pipeline import Message
 from millstream_cloud.protocol import format_ts
 from millstream_cloud.services import Services
 from millstream_cloud.settings import Settings
+
 from tests.alerts.conftest import WebhookServer, write_rules
 
 RULE = {
@@ -34,7 +33,9 @@ RULE = {
 
 
 @pytest.fixture
-def app(tmp_path: Path, webhook: WebhookServer) -> Iterator[tuple[TestClient, Services, AlertService]]:
+def app(
+    tmp_path: Path, webhook: WebhookServer
+) -> Iterator[tuple[TestClient, Services, AlertService]]:
     settings = Settings(data_dir=str(tmp_path / "data"))
     services = Services.build(settings, with_subscriber=False)
     alert_settings = AlertSettings.model_validate(
@@ -61,8 +62,12 @@ def app(tmp_path: Path, webhook: WebhookServer) -> Iterator[tuple[TestClient, Se
 
 def telemetry(device: str, seq: int, value: float, metric: str = "temp") -> Message:
     now = time.time_ns()
-    body = {"v": 1, "device": device, "seq": seq,
-            "readings": [{"ts": format_ts(now), "metric": metric, "value": value}]}
+    body = {
+        "v": 1,
+        "device": device,
+        "seq": seq,
+        "readings": [{"ts": format_ts(now), "metric": metric, "value": value}],
+    }
     return Message(f"millstream/v1/plant-a/{device}/telemetry", json.dumps(body).encode(), now)
 
 
@@ -74,9 +79,15 @@ def test_reading_through_pipeline_raises_alert_listed_and_notified(app, webhook)
     assert alert["receivers"] == ["hook"]
     assert webhook.wait_for(1)[0]["alerts"][0]["fingerprint"] == alert["fingerprint"]
     assert client.get("/api/v1/alerts", params={"state": "pending"}).json()["alerts"] == []
-    assert len(client.get("/api/v1/alerts", params={"filter": 'device="press-1"'}).json()["alerts"]) == 1
+    assert (
+        len(client.get("/api/v1/alerts", params={"filter": 'device="press-1"'}).json()["alerts"])
+        == 1
+    )
     assert client.get("/api/v1/alerts", params={"filter": 'device="other"'}).json()["alerts"] == []
-    assert client.get("/api/v1/alerts", params={"state": "burning"}).json()["detail"][0]["field"] == "state"
+    assert (
+        client.get("/api/v1/alerts", params={"state": "burning"}).json()["detail"][0]["field"]
+        == "state"
+    )
     fp = alert["fingerprint"]
     assert client.get(f"/api/v1/alerts/{fp}").json()["fingerprint"] == fp
     assert client.get("/api/v1/alerts/0000").status_code == 404
@@ -84,18 +95,31 @@ def test_reading_through_pipeline_raises_alert_listed_and_notified(app, webhook)
     assert client.post(f"/api/v1/alerts/{fp}/ack", json={}).json()["detail"][0]["field"] == "by"
     acked = client.post(f"/api/v1/alerts/{fp}/ack", json={"by": "maria", "comment": "on it"}).json()
     assert acked["status"]["acknowledged"] and acked["acknowledgement"]["by"] == "maria"
-    assert client.get("/api/v1/alerts", params={"acknowledged": "true"}).json()["alerts"][0]["fingerprint"] == fp
+    assert (
+        client.get("/api/v1/alerts", params={"acknowledged": "true"}).json()["alerts"][0][
+            "fingerprint"
+        ]
+        == fp
+    )
     # resolve, then history
     services.pipeline.process([telemetry("press-1", 2, 60.0)])
     assert client.get(f"/api/v1/alerts/{fp}").json()["state"] == "resolved"
     events = client.get("/api/v1/alerts/history", params={"fingerprint": fp}).json()["events"]
-    assert [e["event"] for e in events][::-1][:4] == ["pending", "firing", "notified", "acknowledged"]
+    assert [e["event"] for e in events][::-1][:4] == [
+        "pending",
+        "firing",
+        "notified",
+        "acknowledged",
+    ]
     assert events[0]["event"] in ("resolved", "notified")
     svc.tick(time.time_ns() + 300 * 10**9)  # the group's next flush sends the resolution
     assert [b["status"] for b in webhook.wait_for(2)] == ["firing", "resolved"]
     assert svc.wait_idle(5)
     metrics = client.get("/metrics").text
-    assert 'millstream_alert_notifications_total{integration="webhook[0]",outcome="success",receiver="hook"} 2.0' in metrics
+    assert (
+        'millstream_alert_notifications_total{integration="webhook[0]",outcome="success",receiver="hook"} 2.0'
+        in metrics
+    )
     assert "millstream_alert_transitions_total" in metrics
 
 
@@ -105,10 +129,16 @@ def test_device_offline_from_last_will(tmp_path, app, webhook):
     services.pipeline.process([telemetry("press-2", 1, 20.0)])
     status = {"v": 1, "device": "press-2", "state": "offline", "reason": "connection-lost"}
     services.pipeline.process(
-        [Message("millstream/v1/plant-a/press-2/status", json.dumps(status).encode(), time.time_ns())]
+        [
+            Message(
+                "millstream/v1/plant-a/press-2/status", json.dumps(status).encode(), time.time_ns()
+            )
+        ]
     )
     svc.tick()
-    (alert,) = client.get("/api/v1/alerts", params={"filter": 'alertname="DeviceOffline"'}).json()["alerts"]
+    (alert,) = client.get("/api/v1/alerts", params={"filter": 'alertname="DeviceOffline"'}).json()[
+        "alerts"
+    ]
     assert alert["labels"] == {"alertname": "DeviceOffline", "device": "press-2", "site": "plant-a"}
     assert alert["annotations"]["summary"] == "press-2 is offline"
 
@@ -120,17 +150,29 @@ def test_rules_crud_with_errors_naming_the_field(app):
     bad = client.post("/api/v1/rules", json={"name": "Vib", "type": "threshold", "metric": "vib"})
     assert bad.status_code == 422
     assert bad.json()["detail"] == [{"field": "threshold", "message": "field required"}]
-    bad = client.post("/api/v1/rules", json={"name": "Vib", "type": "threshold", "metric": "vib",
-                                             "threshold": 7, "for": "soon"})
+    bad = client.post(
+        "/api/v1/rules",
+        json={"name": "Vib", "type": "threshold", "metric": "vib", "threshold": 7, "for": "soon"},
+    )
     assert bad.json()["detail"][0]["field"] == "for"
-    rule = {"name": "Vib", "type": "threshold", "metric": "vib", "threshold": 7.1, "clear": 4.5, "for": "1m"}
+    rule = {
+        "name": "Vib",
+        "type": "threshold",
+        "metric": "vib",
+        "threshold": 7.1,
+        "clear": 4.5,
+        "for": "1m",
+    }
     created = client.post("/api/v1/rules", json=rule)
     assert created.status_code == 201 and created.json()["source"] == "api"
     assert client.post("/api/v1/rules", json=rule).status_code == 409
     assert client.get("/api/v1/rules/Vib").json()["threshold"] == 7.1
     replaced = client.put("/api/v1/rules/Vib", json={**rule, "threshold": 9})
     assert replaced.status_code == 200 and replaced.json()["threshold"] == 9
-    assert client.put("/api/v1/rules/Vib", json={**rule, "name": "Other"}).json()["detail"][0]["field"] == "name"
+    assert (
+        client.put("/api/v1/rules/Vib", json={**rule, "name": "Other"}).json()["detail"][0]["field"]
+        == "name"
+    )
     assert client.put("/api/v1/rules/Nope", json={**rule, "name": "Nope"}).status_code == 404
     assert client.put("/api/v1/rules/HotSpindle", json={**RULE}).status_code == 409
     assert client.delete("/api/v1/rules/HotSpindle").status_code == 409
@@ -150,19 +192,34 @@ def tmp_path_of(svc: AlertService) -> Path:
 
 def test_silences_create_list_expire(app, webhook):
     client, services, svc = app
-    bad = client.post("/api/v1/silences", json={"matchers": ['device="press-1"'], "duration": "1h",
-                                                "createdBy": "maria"})
+    bad = client.post(
+        "/api/v1/silences",
+        json={"matchers": ['device="press-1"'], "duration": "1h", "createdBy": "maria"},
+    )
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "comment"
-    bad = client.post("/api/v1/silences", json={"matchers": ["device press-1"], "duration": "1h",
-                                                "createdBy": "maria", "comment": "x"})
+    bad = client.post(
+        "/api/v1/silences",
+        json={
+            "matchers": ["device press-1"],
+            "duration": "1h",
+            "createdBy": "maria",
+            "comment": "x",
+        },
+    )
     assert bad.json()["detail"][0]["field"] == "matchers"
-    bad = client.post("/api/v1/silences", json={"matchers": ['device=~".*"'], "duration": "1h",
-                                                "createdBy": "maria", "comment": "x"})
+    bad = client.post(
+        "/api/v1/silences",
+        json={"matchers": ['device=~".*"'], "duration": "1h", "createdBy": "maria", "comment": "x"},
+    )
     assert bad.json()["detail"][0]["field"] == "matchers"
     created = client.post(
         "/api/v1/silences",
-        json={"matchers": [{"name": "device", "value": "press-1", "isRegex": False}],
-              "duration": "2h", "createdBy": "maria", "comment": "bearing swap"},
+        json={
+            "matchers": [{"name": "device", "value": "press-1", "isRegex": False}],
+            "duration": "2h",
+            "createdBy": "maria",
+            "comment": "bearing swap",
+        },
     )
     assert created.status_code == 201
     sid = created.json()["id"]
@@ -172,7 +229,10 @@ def test_silences_create_list_expire(app, webhook):
     (alert,) = client.get("/api/v1/alerts").json()["alerts"]
     assert alert["status"]["silencedBy"] == [sid]
     assert svc.wait_idle(5) and webhook.bodies() == []
-    assert [s["id"] for s in client.get("/api/v1/silences", params={"state": "active"}).json()["silences"]] == [sid]
+    assert [
+        s["id"]
+        for s in client.get("/api/v1/silences", params={"state": "active"}).json()["silences"]
+    ] == [sid]
     expired = client.delete(f"/api/v1/silences/{sid}")
     assert expired.json()["status"]["state"] == "expired"
     assert client.get(f"/api/v1/silences/{sid}").json()["status"]["state"] == "expired"
@@ -188,5 +248,3 @@ def test_no_alert_service_is_503(tmp_path):
     app.include_router(alerts_api.router)
     with TestClient(app) as client:
         assert client.get("/api/v1/alerts").status_code == 503
-
-

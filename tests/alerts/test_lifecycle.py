@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 from millstream_cloud.alerts.clock import ManualClock
 from millstream_cloud.alerts.labels import fingerprint
 from millstream_cloud.alerts.service import AlertService
+
 from tests.alerts.conftest import T0, WebhookServer, reading
 
 HOT = {
@@ -105,7 +107,7 @@ def test_repeat_interval_spaces_reminders(make_service, webhook):
         if len(webhook.received) > before:
             times.append(clock.now_ns())
     assert statuses(webhook) == ["firing"] * len(times)
-    gaps = [(b - a) / 1e9 for a, b in zip(times, times[1:])]
+    gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(times)]
     assert all(g >= 120 for g in gaps), gaps
     assert len(times) <= 600 / 120 + 1
 

@@ -4,11 +4,11 @@ real receivers (HTTP webhook servers and an SMTP server)."""
 from __future__ import annotations
 
 import pytest
-
 from millstream_cloud.alerts.clock import ManualClock
 from millstream_cloud.alerts.labels import Matcher
 from millstream_cloud.alerts.routing import Route
 from millstream_cloud.alerts.settings import RouteConfig
+
 from tests.alerts.conftest import T0, FakeDevice, reading
 from tests.alerts.test_lifecycle import HOT, hook, route, run, statuses
 
@@ -86,16 +86,34 @@ def test_routes_by_label_to_receivers_and_groups(make_service, webhook, webhook2
     assert [b["alerts"][0]["labels"]["device"] for b in b_bodies] == ["press-9"]
     assert b_bodies[0]["receiver"] == "plant-b-team"
     body = a_bodies[0]
-    for key in ("version", "groupKey", "status", "receiver", "groupLabels", "commonLabels",
-                "commonAnnotations", "externalURL", "alerts"):
+    for key in (
+        "version",
+        "groupKey",
+        "status",
+        "receiver",
+        "groupLabels",
+        "commonLabels",
+        "commonAnnotations",
+        "externalURL",
+        "alerts",
+    ):
         assert key in body
     assert body["version"] == "4"
-    assert set(body["alerts"][0]) >= {"status", "labels", "annotations", "startsAt", "endsAt", "fingerprint"}
+    assert set(body["alerts"][0]) >= {
+        "status",
+        "labels",
+        "annotations",
+        "startsAt",
+        "endsAt",
+        "fingerprint",
+    }
 
 
 def test_silence_suppresses_and_expiry_restores(make_service, webhook):
     clock = ManualClock(T0)
-    svc = make_service([FIRE_NOW], route(group_wait="0s", group_interval="30s"), hook(webhook), clock)
+    svc = make_service(
+        [FIRE_NOW], route(group_wait="0s", group_interval="30s"), hook(webhook), clock
+    )
     silence = svc.create_silence(
         ['device="press-1"'], created_by="maria", comment="bearing swap", duration="2h"
     )
@@ -116,11 +134,20 @@ def test_silence_suppresses_and_expiry_restores(make_service, webhook):
 
 def test_inhibition_mutes_devices_of_offline_site(make_service, webhook):
     clock = ManualClock(T0)
-    devices = [FakeDevice("press-1", "plant-a"), FakeDevice("press-2", "plant-a"),
-               FakeDevice("press-9", "plant-b"), FakeDevice("press-8", "plant-b")]
+    devices = [
+        FakeDevice("press-1", "plant-a"),
+        FakeDevice("press-2", "plant-a"),
+        FakeDevice("press-9", "plant-b"),
+        FakeDevice("press-8", "plant-b"),
+    ]
     rules = [
         FIRE_NOW,
-        {"name": "SiteOffline", "type": "offline", "scope": "site", "labels": {"severity": "critical"}},
+        {
+            "name": "SiteOffline",
+            "type": "offline",
+            "scope": "site",
+            "labels": {"severity": "critical"},
+        },
         {"name": "DeviceOffline", "type": "offline", "scope": "device"},
     ]
     svc = make_service(
@@ -130,8 +157,11 @@ def test_inhibition_mutes_devices_of_offline_site(make_service, webhook):
         clock,
         devices=lambda: devices,
         inhibit_rules=[
-            {"source_matchers": ['alertname="SiteOffline"'],
-             "target_matchers": ['alertname!="SiteOffline"'], "equal": ["site"]},
+            {
+                "source_matchers": ['alertname="SiteOffline"'],
+                "target_matchers": ['alertname!="SiteOffline"'],
+                "equal": ["site"],
+            },
         ],
     )
     for d in devices:
@@ -146,21 +176,29 @@ def test_inhibition_mutes_devices_of_offline_site(make_service, webhook):
     assert "SiteOffline" in names and "DeviceOffline" not in names
     inhibited = svc.list_alerts(inhibited=True)
     assert {a["labels"]["alertname"] for a in inhibited} >= {"DeviceOffline"}
-    site_fp = next(a["fingerprint"] for a in svc.list_alerts() if a["labels"]["alertname"] == "SiteOffline")
+    site_fp = next(
+        a["fingerprint"] for a in svc.list_alerts() if a["labels"]["alertname"] == "SiteOffline"
+    )
     assert all(a["status"]["inhibitedBy"] == [site_fp] for a in inhibited)
     # One of plant-b's devices goes down, the site stays up: not inhibited.
     devices[2].online = False
     run(svc, clock, 60, 3, None)
-    devs = [a["labels"].get("device") for b in webhook.bodies() for a in b["alerts"]
-            if a["labels"]["alertname"] == "DeviceOffline"]
+    devs = [
+        a["labels"].get("device")
+        for b in webhook.bodies()
+        for a in b["alerts"]
+        if a["labels"]["alertname"] == "DeviceOffline"
+    ]
     assert devs == ["press-9"]
 
 
 def test_acknowledged_alert_gets_no_reminders_but_resolution(make_service, webhook):
     clock = ManualClock(T0)
     svc = make_service(
-        [FIRE_NOW], route(group_wait="0s", group_interval="30s", repeat_interval="2m"),
-        hook(webhook), clock,
+        [FIRE_NOW],
+        route(group_wait="0s", group_interval="30s", repeat_interval="2m"),
+        hook(webhook),
+        clock,
     )
     run(svc, clock, 30, 3, lambda i: 90.0)
     (alert,) = svc.list_alerts()
@@ -181,8 +219,11 @@ def test_receiver_down_gets_retries_others_deliver(make_service, webhook, webhoo
             "name": "all",
             "webhook_configs": [{"url": webhook.url}, {"url": webhook2.url}],
             "email_configs": [
-                {"to": ["ops@example.org"], "from": "millstream@example.org",
-                 "smarthost": f"127.0.0.1:{smtp.port}"}
+                {
+                    "to": ["ops@example.org"],
+                    "from": "millstream@example.org",
+                    "smarthost": f"127.0.0.1:{smtp.port}",
+                }
             ],
         }
     ]
@@ -199,9 +240,18 @@ def test_receiver_down_gets_retries_others_deliver(make_service, webhook, webhoo
     from prometheus_client import generate_latest
 
     text = generate_latest(svc.metrics.registry).decode()
-    assert 'millstream_alert_notifications_total{integration="webhook[0]",outcome="failed_attempt",receiver="all"} 4.0' in text
-    assert 'millstream_alert_notifications_total{integration="webhook[0]",outcome="dropped",receiver="all"} 1.0' in text
-    assert 'millstream_alert_notifications_total{integration="webhook[1]",outcome="success",receiver="all"} 1.0' in text
+    assert (
+        'millstream_alert_notifications_total{integration="webhook[0]",outcome="failed_attempt",receiver="all"} 4.0'
+        in text
+    )
+    assert (
+        'millstream_alert_notifications_total{integration="webhook[0]",outcome="dropped",receiver="all"} 1.0'
+        in text
+    )
+    assert (
+        'millstream_alert_notifications_total{integration="webhook[1]",outcome="success",receiver="all"} 1.0'
+        in text
+    )
     # The receiver comes back: the group's next flush delivers to it, not again to others.
     webhook.status = 200
     run(svc, clock, 300, 3, None)

@@ -73,7 +73,9 @@ class AlertEngine:
         self._anomaly: list[AnomalyRule] = []
         self._offline: list[OfflineRule] = []
         self._no_data: list[NoDataRule] = []
-        self._ident: dict[tuple[str, str | None, str | None, str | None], tuple[dict[str, str], str]] = {}
+        self._ident: dict[
+            tuple[str, str | None, str | None, str | None], tuple[dict[str, str], str]
+        ] = {}
         self._last_seen: dict[tuple[str, str, str], tuple[int, str]] = {}
         self._recent: dict[tuple[str, str, str], deque[tuple[int, float]]] = {}
         self._clearing: set[str] = set()
@@ -130,7 +132,9 @@ class AlertEngine:
         return result
 
     @staticmethod
-    def _values(rule: AnyRule, labels: Mapping[str, str], extra: Mapping[str, Any]) -> dict[str, Any]:
+    def _values(
+        rule: AnyRule, labels: Mapping[str, str], extra: Mapping[str, Any]
+    ) -> dict[str, Any]:
         values: dict[str, Any] = {
             "alertname": rule.name,
             "device": labels.get("device", ""),
@@ -154,7 +158,7 @@ class AlertEngine:
         values = self._values(rule, alert.labels, {"value": alert.value, **extra})
         templates = dict(rule.annotations)
         if "summary" not in templates:
-            kind = rule.type
+            kind: str = rule.type
             if isinstance(rule, OfflineRule) and rule.scope == "site":
                 kind = "offline_site"
             templates["summary"] = DEFAULT_SUMMARY[kind]
@@ -307,7 +311,7 @@ class AlertEngine:
                     continue
                 labels, fp = self._identity(rule, a.device, a.site, a.metric)
                 explanation = a.explanation or ", ".join(
-                    f"{c.metric}={c.value:.4g} (normal {c.expected:.4g}, {c.sigma:+.1f}σ)"
+                    f"{c.metric}={c.value:.4g} (normal {c.expected:.4g}, {c.sigma:+.1f} sigma)"
                     for c in a.contributions
                 )
                 extra = {
@@ -322,16 +326,16 @@ class AlertEngine:
         """Everything that changes with time alone: offline, no data, expiries, ``for``."""
         if self._offline:
             self._offline_rules(now, list(devices))
-        for rule in self._no_data:
-            after = parse_duration(rule.after)
+        for nd in self._no_data:
+            after = parse_duration(nd.after)
             for (name, device, metric), (seen, site) in list(self._last_seen.items()):
-                if name != rule.name:
+                if name != nd.name:
                     continue
-                labels, fp = self._identity(rule, device, site, metric)
+                labels, fp = self._identity(nd, device, site, metric)
                 silent = now - seen >= after
                 alert = self.alerts.get(fp)
                 if silent or (alert is not None and alert.state in ACTIVE):
-                    self._condition(rule, labels, fp, silent, now)
+                    self._condition(nd, labels, fp, silent, now)
         for alert in list(self.alerts.values()):
             rule = self.rules.get(alert.rule)
             if rule is None:
@@ -395,7 +399,8 @@ class AlertEngine:
         old = [
             a.fingerprint
             for a in self.alerts.values()
-            if a.state == "resolved" and a.ends_at is not None
+            if a.state == "resolved"
+            and a.ends_at is not None
             and now - a.ends_at > self.resolved_retention_ns
         ]
         if old:

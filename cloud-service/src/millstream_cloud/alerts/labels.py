@@ -31,7 +31,14 @@ def fingerprint(labels: Mapping[str, str]) -> str:
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_UNITS = {"ms": NS // 1000, "s": NS, "m": 60 * NS, "h": 3600 * NS, "d": 86400 * NS, "w": 7 * 86400 * NS}
+_UNITS = {
+    "ms": NS // 1000,
+    "s": NS,
+    "m": 60 * NS,
+    "h": 3600 * NS,
+    "d": 86400 * NS,
+    "w": 7 * 86400 * NS,
+}
 
 
 def parse_duration(value: Any) -> int:
@@ -94,7 +101,7 @@ class Matcher:
         m = _MATCHER.match(text)
         if not m:
             raise ValueError(
-                f"{text!r} is not a matcher like severity=\"critical\", site!=\"a\", "
+                f'{text!r} is not a matcher like severity="critical", site!="a", '
                 'device=~"press-.*" or alertname!~"Test.*"'
             )
         value = m.group(3) if m.group(3) is not None else m.group(4)

@@ -30,7 +30,10 @@ class AlertMetrics:
             registry=r,
         )
         self.alerts = Gauge(
-            "millstream_alerts", "Alerts by state (pending, firing, resolved)", ["state"], registry=r
+            "millstream_alerts",
+            "Alerts by state (pending, firing, resolved)",
+            ["state"],
+            registry=r,
         )
         self.transitions = Counter(
             "millstream_alert_transitions",

@@ -43,8 +43,10 @@ class Route:
     @classmethod
     def build(cls, cfg: RouteConfig, parent: Route | None = None) -> Route:
         matchers = parse_matchers(cfg.matchers)
-        key = (parent.key if parent else "") + ("/" if parent else "") + (
-            "{" + ",".join(str(m) for m in matchers) + "}"
+        key = (
+            (parent.key if parent else "")
+            + ("/" if parent else "")
+            + ("{" + ",".join(str(m) for m in matchers) + "}")
         )
 
         def inherit(name: str) -> int:
@@ -57,7 +59,9 @@ class Route:
             key=key,
             receiver=cfg.receiver or (parent.receiver if parent else ""),
             matchers=matchers,
-            group_by=list(cfg.group_by) if cfg.group_by is not None else (parent.group_by if parent else []),
+            group_by=list(cfg.group_by)
+            if cfg.group_by is not None
+            else (parent.group_by if parent else []),
             group_wait=inherit("group_wait"),
             group_interval=inherit("group_interval"),
             repeat_interval=inherit("repeat_interval"),
@@ -202,9 +206,7 @@ class Dispatcher:
                 del self.groups[key]
 
     def _announced(self, key: str, fp: str) -> bool:
-        return any(
-            fp in entry.firing for (gk, _), entry in self.sent.items() if gk == key
-        )
+        return any(fp in entry.firing for (gk, _), entry in self.sent.items() if gk == key)
 
     def tick(self, now: int) -> None:
         self._due.clear()
@@ -248,7 +250,7 @@ class Dispatcher:
             )
             if self.on_notify:
                 self.on_notify(note, integ.id)
-            integ.submit(note, lambda ok, k=ikey, e=new: self._done(k, e, ok))
+            integ.submit(note, self._callback(ikey, new))
         # A resolution, once handed out, leaves the group; an empty group ends.
         for a in alerts:
             if a.state == "resolved":
@@ -257,6 +259,9 @@ class Dispatcher:
         group.next_flush = now + route.group_interval
         if not group.alerts:
             del self.groups[group.key]
+
+    def _callback(self, ikey: tuple[str, str], entry: NflogEntry) -> Callable[[bool | None], None]:
+        return lambda ok: self._done(ikey, entry, ok)
 
     def _done(self, ikey: tuple[str, str], entry: NflogEntry, ok: bool | None) -> None:
         if ok is None:

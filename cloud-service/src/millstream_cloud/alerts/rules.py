@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from millstream_cloud.alerts.labels import Matcher, check_template, parse_duration, parse_matchers
 
@@ -307,7 +315,9 @@ def parse_rules(data: Any, source: str = "rules") -> list[AnyRule]:
 DEFAULT_RULES = Path(__file__).with_name("default_rules.yaml")
 
 
-def load_rule_files(paths: Iterable[str], base: Path | None = None) -> dict[str, tuple[AnyRule, str]]:
+def load_rule_files(
+    paths: Iterable[str], base: Path | None = None
+) -> dict[str, tuple[AnyRule, str]]:
     """Rules from files (``default`` is the packaged demo set): name -> (rule, source)."""
     out: dict[str, tuple[AnyRule, str]] = {}
     for entry in paths:

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from millstream_cloud.alerts.clock import Clock, SystemClock
 from millstream_cloud.alerts.engine import AlertEngine, DeviceLike
-from millstream_cloud.alerts.inhibit import InhibitRule, Inhibitor
+from millstream_cloud.alerts.inhibit import Inhibitor, InhibitRule
 from millstream_cloud.alerts.labels import Matcher, match_all, parse_duration, parse_matchers
 from millstream_cloud.alerts.metrics import AlertMetrics
 from millstream_cloud.alerts.notifiers.base import Notification, NotifierContext, notifier_types
@@ -80,7 +80,9 @@ class AlertService:
             on_notify=self._on_notify,
             lock=self.lock,
         )
-        self.file_rules = load_rule_files(settings.rule_files, Path(config_dir) if config_dir else None)
+        self.file_rules = load_rule_files(
+            settings.rule_files, Path(config_dir) if config_dir else None
+        )
         self.api_rules: dict[str, AnyRule] = {}
         for body in self.store.load_rules():
             try:
@@ -269,7 +271,13 @@ class AlertService:
                 if acknowledged is not None and bool(a.acked_by) != acknowledged:
                     continue
                 out.append(row)
-        out.sort(key=lambda r: (r["state"] != "firing", r["labels"].get("alertname", ""), r["fingerprint"]))
+        out.sort(
+            key=lambda r: (
+                r["state"] != "firing",
+                r["labels"].get("alertname", ""),
+                r["fingerprint"],
+            )
+        )
         return out
 
     def get_alert(self, fp: str) -> dict[str, Any] | None:
@@ -348,7 +356,9 @@ class AlertService:
             return {**self.api_rules[name].to_dict(), "source": "api"}
         return None
 
-    def put_rule(self, body: Mapping[str, Any], create: bool, name: str | None = None) -> dict[str, Any]:
+    def put_rule(
+        self, body: Mapping[str, Any], create: bool, name: str | None = None
+    ) -> dict[str, Any]:
         """Create (``create``) or replace rule ``name``; RuleError names bad fields."""
         data = dict(body)
         if name is not None:
@@ -362,7 +372,9 @@ class AlertService:
                     f"rule {rule.name!r} is defined in {self.file_rules[rule.name][1]}; edit that file"
                 )
             if create and rule.name in self.api_rules:
-                raise RuleConflict(f"rule {rule.name!r} exists; PUT /api/v1/rules/{rule.name} replaces it")
+                raise RuleConflict(
+                    f"rule {rule.name!r} exists; PUT /api/v1/rules/{rule.name} replaces it"
+                )
             if not create and rule.name not in self.api_rules:
                 raise KeyError(rule.name)
             now = self.clock.now_ns()
@@ -375,7 +387,9 @@ class AlertService:
     def delete_rule(self, name: str) -> None:
         with self.lock:
             if name in self.file_rules:
-                raise RuleConflict(f"rule {name!r} is defined in {self.file_rules[name][1]}; edit that file")
+                raise RuleConflict(
+                    f"rule {name!r} is defined in {self.file_rules[name][1]}; edit that file"
+                )
             if name not in self.api_rules:
                 raise KeyError(name)
             del self.api_rules[name]
@@ -415,7 +429,9 @@ class AlertService:
         if ends_at is None:
             ends_at = start + parse_duration(duration or "1h")
         with self.lock:
-            return self.silences.create(matchers, start, ends_at, created_by, comment, now, silence_id)
+            return self.silences.create(
+                matchers, start, ends_at, created_by, comment, now, silence_id
+            )
 
     def expire_silence(self, silence_id: str) -> Silence:
         with self.lock:

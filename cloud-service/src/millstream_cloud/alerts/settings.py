@@ -123,7 +123,9 @@ def _default_route() -> RouteConfig:
 
 
 def _default_receivers() -> list[ReceiverConfig]:
-    return [ReceiverConfig.model_validate({"name": "log", "logfile_configs": [{"path": "alerts.log"}]})]
+    return [
+        ReceiverConfig.model_validate({"name": "log", "logfile_configs": [{"path": "alerts.log"}]})
+    ]
 
 
 def _default_inhibit() -> list[InhibitRuleConfig]:

@@ -123,7 +123,7 @@ class Silences:
     def get(self, silence_id: str) -> Silence | None:
         return self._by_id.get(silence_id)
 
-    def list(self) -> list[Silence]:
+    def all(self) -> list[Silence]:
         with self._lock:
             return sorted(self._by_id.values(), key=lambda s: (s.starts_at, s.id))
 

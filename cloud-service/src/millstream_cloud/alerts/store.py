@@ -117,9 +117,7 @@ class AlertStore:
                 "SELECT fingerprint, rule, labels, annotations, state, active_at, starts_at, "
                 "ends_at, last_true_at, value, acked_by, acked_at, ack_comment FROM alerts"
             ).fetchall()
-        return [
-            Alert(r[0], r[1], json.loads(r[2]), json.loads(r[3]), *r[4:]) for r in rows
-        ]
+        return [Alert(r[0], r[1], json.loads(r[2]), json.loads(r[3]), *r[4:]) for r in rows]
 
     def save_alert(self, a: Alert) -> None:
         with self._lock:
@@ -270,8 +268,13 @@ class AlertStore:
         until: int | None = None,
         limit: int = 1000,
     ) -> list[dict[str, Any]]:
-        where, args = [], []
-        for column, value in (("fingerprint", fingerprint), ("alertname", alertname), ("event", event)):
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (
+            ("fingerprint", fingerprint),
+            ("alertname", alertname),
+            ("event", event),
+        ):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)

@@ -76,7 +76,9 @@ def history(
     svc: AlertService = Depends(get_alerts),
     fingerprint: str | None = Query(None),
     alertname: str | None = Query(None),
-    event: str | None = Query(None, description="pending, firing, resolved, inactive, notified, acknowledged"),
+    event: str | None = Query(
+        None, description="pending, firing, resolved, inactive, notified, acknowledged"
+    ),
     since: str | None = Query(None, description="RFC 3339, inclusive"),
     until: str | None = Query(None, description="RFC 3339, exclusive"),
     limit: int = Query(1000, ge=1, le=100_000),
@@ -116,11 +118,15 @@ def get_alert(fingerprint: str, svc: AlertService = Depends(get_alerts)) -> Any:
     return alert
 
 
-@alerts_router.post("/{fingerprint}/ack", summary="Acknowledge: no reminders; resolution still sent")
+@alerts_router.post(
+    "/{fingerprint}/ack", summary="Acknowledge: no reminders; resolution still sent"
+)
 def ack(
     fingerprint: str,
     svc: AlertService = Depends(get_alerts),
-    body: dict[str, Any] = Body(default_factory=dict, examples=[{"by": "maria", "comment": "on it"}]),
+    body: dict[str, Any] = Body(
+        default_factory=dict, examples=[{"by": "maria", "comment": "on it"}]
+    ),
 ) -> Any:
     by = str(body.get("by") or body.get("createdBy") or "").strip()
     if not by:
@@ -196,7 +202,7 @@ def list_silences(
     svc: AlertService = Depends(get_alerts),
     state: str | None = Query(None, description="pending, active or expired"),
 ) -> Any:
-    rows = [svc.silence_json(s) for s in svc.silences.list()]
+    rows = [svc.silence_json(s) for s in svc.silences.all()]
     if state is not None:
         rows = [r for r in rows if r["status"]["state"] == state]
     return {"silences": rows}

@@ -88,7 +88,9 @@ class AlertmanagerNotifier(Notifier):
             try:
                 self._post(alerts)
             except Exception as exc:
-                log.warning("re-sending %d alerts to %s failed: %s", len(alerts), self.endpoint, exc)
+                log.warning(
+                    "re-sending %d alerts to %s failed: %s", len(alerts), self.endpoint, exc
+                )
 
     def close(self) -> None:
         self._stop.set()

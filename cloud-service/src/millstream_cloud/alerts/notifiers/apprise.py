@@ -36,7 +36,9 @@ class AppriseNotifier(Notifier):
             try:
                 import apprise
             except ImportError:
-                raise DeliveryError("apprise is not installed (pip install apprise)", retry=False) from None
+                raise DeliveryError(
+                    "apprise is not installed (pip install apprise)", retry=False
+                ) from None
             client = apprise.Apprise()
             for url in self.config.urls:
                 if not client.add(url):

@@ -32,7 +32,9 @@ class RetryPolicy:
     multiplier: float = 2.0
 
     def delay(self, attempt: int) -> float:
-        return float(min(self.backoff_max_s, self.backoff_initial_s * self.multiplier ** (attempt - 1)))
+        return float(
+            min(self.backoff_max_s, self.backoff_initial_s * self.multiplier ** (attempt - 1))
+        )
 
 
 class IntegrationWorker:

@@ -59,6 +59,8 @@ class EmailNotifier(Notifier):
                     smtp.login(c.username, os.environ.get(c.password_env or "", ""))
                 smtp.send_message(msg)
         except smtplib.SMTPAuthenticationError as exc:
-            raise DeliveryError(f"{c.smarthost}: authentication failed: {exc}", retry=False) from None
+            raise DeliveryError(
+                f"{c.smarthost}: authentication failed: {exc}", retry=False
+            ) from None
         except (smtplib.SMTPException, OSError) as exc:
             raise DeliveryError(f"{c.smarthost}: {exc}") from None
