@@ -215,3 +215,14 @@ def test_bad_receiver_config_names_the_key():
     with pytest.raises(ValueError) as info:
         AlertSettings.model_validate({"route": {"receiver": "nobody"}})
     assert "route.receiver: no receiver named 'nobody'" in str(info.value)
+
+
+def test_webhook_shortcut_setting_adds_a_receiver(make_service, webhook, tmp_path):
+    clock = ManualClock(T0)
+    receivers = [{"name": "log", "logfile_configs": [{"path": "alerts.log"}]}]
+    svc = make_service(
+        [FIRE_NOW], route(receiver="log", group_wait="0s"), receivers, clock, webhook=webhook.url
+    )
+    run(svc, clock, 3, 3, lambda i: 90.0)
+    assert webhook.wait_for(1)[0]["receiver"] == "log"
+    assert (tmp_path / "data" / "alerts.log").read_text().count("\n") == 1

@@ -257,9 +257,10 @@ class AlertEngine:
             rules = by_metric.get(r.metric)
             if not rules:
                 continue
-            series = {"device": r.device, "site": r.site, "metric": r.metric}
             for rule in rules:
-                if rule.matchers and not match_all(rule.series_matchers, series):
+                if rule.matchers and not match_all(
+                    rule.series_matchers, {"device": r.device, "site": r.site, "metric": r.metric}
+                ):
                     continue
                 labels, fp = self._identity(rule, r.device, r.site, r.metric)
                 if isinstance(rule, ThresholdRule):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Iterable, Mapping
@@ -43,13 +44,20 @@ _UNITS = {
 
 def parse_duration(value: Any) -> int:
     """``30s``, ``5m``, ``1h30m``, ``0s`` (or a number of seconds) to nanoseconds."""
+    if isinstance(value, str):
+        return _parse_text(value)
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration like 0s, 30s, 5m or 1h")
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return int(value * NS)
-    text = str(value).strip()
+    return _parse_text(str(value))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_text(value: str) -> int:
+    text = value.strip()
     if text == "0":
         return 0
     pos, total = 0, 0

@@ -127,6 +127,14 @@ class AlertService:
                 out.setdefault(receiver.name, []).append(
                     Integration(worker.id, receiver.name, config.send_resolved, worker.submit)
                 )
+        if self.settings.webhook:
+            name = self.settings.route.receiver or ""
+            config = types["webhook"].Config.model_validate({"url": self.settings.webhook})
+            worker = IntegrationWorker(
+                name, "webhook[shortcut]", types["webhook"](config, context), policy, self.metrics
+            )
+            self.workers.append(worker)
+            out.setdefault(name, []).append(Integration(worker.id, name, True, worker.submit))
         return out
 
     def _all_rules(self) -> dict[str, AnyRule]:

@@ -155,6 +155,12 @@ class AlertSettings(_Section):
     external_url: str = Field(
         "http://127.0.0.1:8000", description="this service's URL, put into notifications"
     )
+    webhook: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="shortcut (the demo's WEBHOOK=): also POST the top-level route's "
+        "notifications to this URL, in Alertmanager's webhook format",
+    )
     resolved_retention: str = Field(
         "1h", description="resolved alerts stay listed (and restorable) this long"
     )
