@@ -217,6 +217,8 @@ class ProfileResult:
 
 
 def normalise(raw: float, n_windows: int, profile: Mapping[str, float]) -> float:
+    if n_windows == 0:
+        return 0.0
     null = -profile["fn"] * n_windows
     perfect = profile["tp"] * n_windows
     return 100.0 * (raw - null) / (perfect - null)
