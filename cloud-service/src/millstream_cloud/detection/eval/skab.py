@@ -106,3 +106,27 @@ def score_runs(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> SkabScore:
         fn += int(np.sum(t & ~p))
         tn += int(np.sum(~t & ~p))
     return SkabScore(tp, fp, fn, tn)
+
+
+def lag_autocorrelation(x: np.ndarray, lag: int) -> float:
+    """Autocorrelation of ``x`` at ``lag``; 1.0 for a constant series (it cannot move)."""
+    x = np.asarray(x, dtype=float) - float(np.mean(x))
+    var = float(x @ x)
+    if var <= 0.0 or len(x) <= lag:
+        return 1.0
+    return float(x[:-lag] @ x[lag:]) / var
+
+
+def slow_channels(runs: list[SkabRun], train_rows: int, lag: int, max_acf: float) -> set[str]:
+    """Channels that wander slowly in the training rows (thermal lag, for instance).
+
+    Such a channel's training mean does not describe the rest of the run, so a fixed model
+    would flag its drift as a fault. The decision uses training rows only: the mean, over
+    runs, of each channel's autocorrelation at ``lag`` rows within its first ``train_rows``.
+    """
+    acf: dict[str, list[float]] = {}
+    for run in runs:
+        train = run.values[:train_rows]
+        for j, name in enumerate(run.columns):
+            acf.setdefault(name, []).append(lag_autocorrelation(train[:, j], lag))
+    return {name for name, v in acf.items() if float(np.mean(v)) > max_acf}
