@@ -52,7 +52,9 @@ def _ts(t: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac // 1_000_000:03d}Z"
 
 
-def make_messages(n: int, devices: int, prefix: str = "millstream/v1/bench") -> list[tuple[str, bytes]]:
+def make_messages(
+    n: int, devices: int, prefix: str = "millstream/v1/bench"
+) -> list[tuple[str, bytes]]:
     """``n`` telemetry messages, round-robin over devices, seq growing per device."""
     t0 = time.time_ns() - 3 * 86400 * NS
     out = []

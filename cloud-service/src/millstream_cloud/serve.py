@@ -84,7 +84,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from millstream_cloud.app import create_app
 
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except RuntimeError as exc:
+        print(f"millstream-cloud: {exc}", file=sys.stderr)
+        return 2
     log.info(
         "serving on http://%s:%d (docs at /docs), broker %s, storage %s in %s",
         settings.api.host,

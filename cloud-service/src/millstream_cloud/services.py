@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
 
 from millstream_cloud.anomalies import AnomalySink
 from millstream_cloud.ingest.deadletters import DeadLetterStore
@@ -35,6 +38,7 @@ class Services:
     def build(cls, settings: Settings, with_subscriber: bool = True) -> Services:
         data = settings.data_path
         metrics = ServiceMetrics()
+        writer_lock = _embedded_writer_lock(settings) if with_subscriber else None
         storage = open_storage(settings)
         registry = DeviceRegistry(data / "registry.db", settings.registry.url)
         dead_letters = DeadLetterStore(data / "dead_letters.db", settings.ingest.dead_letter_max)
@@ -53,6 +57,8 @@ class Services:
             remote = RemoteService(settings, data / "remote.db")
             pipeline.remote = remote
             services.extras["remote"] = remote
+        if writer_lock is not None:
+            services.extras["embedded_writer_lock"] = writer_lock
         return services
 
     def start(self) -> None:
@@ -71,3 +77,27 @@ class Services:
         self.registry.close()
         self.dead_letters.close()
         self.storage.close()
+        lock = self.extras.pop("embedded_writer_lock", None)
+        if lock is not None:
+            lock.close()  # type: ignore[attr-defined]
+
+
+def _embedded_writer_lock(settings: Settings) -> IO[bytes] | None:
+    """One ingest process per embedded store: it keeps series ids and recent points in
+    memory, so a second writer would corrupt it. Several workers need a shared store
+    (storage.backend: influxdb); see docs/cloud.md."""
+    if settings.storage.backend != "embedded":
+        return None
+    emb = settings.storage.embedded
+    store = Path(emb.path) if emb.path else settings.data_path / "embedded"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(store.parent / f"{store.name}.writer.lock", "wb")  # noqa: SIM115
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RuntimeError(
+            f"another millstream-cloud ingest process writes the embedded store {store}; "
+            "several workers need storage.backend: influxdb (or one embedded path each)"
+        ) from None
+    return handle

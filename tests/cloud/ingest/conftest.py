@@ -172,8 +172,13 @@ def clouds(broker_url: str, tmp_path: Path) -> Iterator[list[Cloud]]:
 
 @pytest.fixture
 def make_cloud(clouds: list[Cloud], broker_url: str, tmp_path: Path) -> Any:
-    def make(client_id: str = "cloud-1", data_dir: Path | None = None, start: bool = True) -> Cloud:
-        cloud = Cloud(broker_url, data_dir or tmp_path / "data", client_id)
+    def make(
+        client_id: str = "cloud-1",
+        data_dir: Path | None = None,
+        start: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> Cloud:
+        cloud = Cloud(broker_url, data_dir or tmp_path / "data", client_id, env=env or {})
         clouds.append(cloud)
         return cloud.start() if start else cloud
 

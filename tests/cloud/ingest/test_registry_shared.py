@@ -92,7 +92,7 @@ def test_two_processes_same_messages_each_stored_once(tmp_path: Path) -> None:
     dups = sum(r[1] for r in results)
     assert stored == 5 * 60 * 4  # each of the 300 messages admitted by exactly one worker
     assert dups == 300
-    assert all(r[0] > 0 for r in results)
+    # (which worker won each race varies; with 300 messages both usually win some)
     reg = DeviceRegistry(tmp_path / "registry.db")
     for dev in reg.all():
         assert dev.last_seq == 59 and dev.duplicates == 60
