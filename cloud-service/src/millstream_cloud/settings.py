@@ -50,12 +50,12 @@ class MQTTSettings(Section):
         7 * 86400, ge=0, description="how long the broker keeps our queue while we are away"
     )
     ack_batch: int = Field(
-        500,
+        1000,
         ge=1,
         description="messages per group: stored in one transaction, then acknowledged together",
     )
     receive_maximum: int = Field(
-        1000,
+        4000,
         ge=1,
         le=65535,
         description="unacknowledged messages the broker may send us (MQTT 5 Receive Maximum); keep above ack_batch",
