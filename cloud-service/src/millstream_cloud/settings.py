@@ -245,7 +245,15 @@ ENV_PREFIX = "MILLSTREAM_"
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if "__" not in name:
+            # top-level keys (MILLSTREAM_DATA_DIR, MILLSTREAM_LOG_LEVEL); other
+            # MILLSTREAM_* variables (tests, tools) are not settings
+            key = name[len(ENV_PREFIX) :].lower()
+            field = Settings.model_fields.get(key)
+            if field is not None and field.annotation in (str, int, float, bool):
+                tree[key] = value
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         node = tree
