@@ -111,6 +111,37 @@ def run_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_retire(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        print(f"millstream-cloud: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from millstream_cloud.services import Services
+
+    try:
+        services = Services.build(settings)
+    except RuntimeError as exc:
+        print(f"millstream-cloud: {exc}", file=sys.stderr)
+        return 2
+    assert services.subscriber is not None
+    try:
+        drained = services.subscriber.retire(idle_s=args.idle)
+    finally:
+        services.subscriber = None  # retire() already disconnected
+        services.stop()
+    print(
+        f"retired {settings.mqtt.client_id}: {drained} queued messages stored and acked, "
+        "session deleted"
+    )
+    return 0
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML settings file (see docs/cloud.md)")
     p.add_argument("--broker", help="MQTT broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT")
@@ -128,6 +159,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--insecure", action="store_true", help="allow a non-loopback bind without tokens"
     )
     p.set_defaults(func=run_serve)
+    r = sub.add_parser(
+        "retire",
+        help="take a worker out of the shared group for good, after storing what the "
+        "broker queued for it (stop that worker first)",
+    )
+    add_common(r)
+    r.add_argument("--client-id", required=True, help="client id of the worker to retire")
+    r.add_argument(
+        "--idle", type=float, default=3.0, help="seconds without messages that mean drained"
+    )
+    r.set_defaults(func=run_retire)
     c = sub.add_parser("check-config", help="validate a settings file and exit")
     c.add_argument("file")
     c.set_defaults(func=run_check_config)

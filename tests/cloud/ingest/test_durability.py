@@ -165,3 +165,38 @@ def test_second_writer_of_one_embedded_store_refuses_to_start(make_cloud, tmp_pa
     with pytest.raises(RuntimeError, match="cloud exited"):
         b.start()
     assert "another millstream-cloud ingest process writes the embedded store" in b.log()
+
+
+def test_retire_drains_the_queued_share_and_deletes_the_session(
+    make_cloud, publisher, broker_url, tmp_path
+):
+    import subprocess
+    import sys
+
+    import paho.mqtt.client as mqtt
+
+    cloud = make_cloud("cloud-r")
+    cloud.stop()  # offline, but its persistent session stays in the group
+    t0 = time.time_ns() - 600 * NS
+    for seq in range(20):
+        publisher.publish(telemetry_topic("r-1"), batch("r-1", seq, t0 + seq * NS))
+    publisher.flush()  # all 20 queued at the broker for cloud-r
+    out = subprocess.run(
+        [sys.executable, "-m", "millstream_cloud.cli", "retire", "--client-id", "cloud-r",
+         "--broker", broker_url, "--data-dir", str(cloud.data_dir), "--idle", "1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "20 queued messages stored and acked" in out.stdout
+    # the session is gone: resuming it finds nothing
+    seen = {}
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="cloud-r", protocol=mqtt.MQTTv5)
+    c.on_connect = lambda cl, u, flags, rc, p: seen.setdefault("present", flags.session_present)
+    c.connect("127.0.0.1", int(broker_url.rsplit(":", 1)[1]), clean_start=False)
+    c.loop_start()
+    wait_until(lambda: "present" in seen, 10)
+    c.disconnect()
+    c.loop_stop()
+    assert seen["present"] is False
+    cloud.start()  # a fresh worker on that data dir finds the drained readings stored
+    assert stored_count(cloud, ["r-1"]) == 800

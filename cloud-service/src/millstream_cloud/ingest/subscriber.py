@@ -84,6 +84,8 @@ class Subscriber:
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._stopping = False
+        self._retiring = False
+        self._last_message = time.monotonic()
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
         # A PUBACK names a packet id, which is only meaningful on the connection that
         # delivered the message: after a reconnect the broker redelivers whatever was not
@@ -126,6 +128,30 @@ class Subscriber:
         self.client.disconnect()
         self.client.loop_stop()
 
+    def retire(self, idle_s: float = 3.0, timeout: float = 600.0) -> int:
+        """Leave the shared group for good: resume this worker's session, unsubscribe,
+        store and ack what the broker still had queued for it, then disconnect with
+        session expiry 0 so the broker deletes the session. Returns messages drained."""
+        self._retiring = True
+        self.start()
+        if not self.connected.wait(30):
+            raise RuntimeError(f"cannot connect to {self.settings.broker}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            idle = time.monotonic() - self._last_message
+            if idle >= idle_s and self.queue.empty() and self._unacked == 0:
+                break
+        drained = self.pipeline.messages_total
+        self._stopping = True
+        self._stop.set()
+        self._writer.join(30)
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = 0
+        self.client.disconnect(properties=props)
+        self.client.loop_stop()
+        return drained
+
     def _on_connect(
         self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object
     ) -> None:
@@ -148,7 +174,10 @@ class Subscriber:
             getattr(flags, "session_present", None),
         )
         self._ever_connected = True
-        client.subscribe([(t, 1) for t in self.topics()])
+        if self._retiring:
+            client.unsubscribe(self.topics())
+        else:
+            client.subscribe([(t, 1) for t in self.topics()])
         self.connected.set()
         self.metrics.broker_connected.set(1)
 
@@ -181,6 +210,7 @@ class Subscriber:
             if qos > 0 and generation == self._generation:
                 client.ack(mid, qos)
 
+        self._last_message = time.monotonic()
         with self._count_lock:
             self._unacked += 1
         # Blocks when the writer is behind: paho then stops reading the socket and the
