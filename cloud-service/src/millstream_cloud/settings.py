@@ -42,10 +42,10 @@ class MQTTSettings(Section):
         "millstream",
         description="shared subscription group ($share/<group>/...); workers in one group split the load",
     )
-    username: str | None = None
+    username: str | None = Field(None, description="broker user name")
     password: str | None = Field(None, description="prefer MILLSTREAM_MQTT__PASSWORD")
     tls: TLSSettings = Field(default_factory=TLSSettings)
-    keepalive_s: int = Field(30, ge=5)
+    keepalive_s: int = Field(30, ge=5, description="MQTT keepalive; a dead link is noticed after 1.5x this")
     session_expiry_s: int = Field(
         7 * 86400, ge=0, description="how long the broker keeps our queue while we are away"
     )
@@ -66,8 +66,12 @@ class IngestSettings(Section):
     max_payload_bytes: int = Field(
         256 * 1024, ge=1024, description="larger messages are dead-lettered"
     )
-    max_readings_per_message: int = Field(10_000, ge=1)
-    max_metric_length: int = Field(128, ge=1, le=128)
+    max_readings_per_message: int = Field(
+        10_000, ge=1, description="more readings in one message are dead-lettered"
+    )
+    max_metric_length: int = Field(
+        128, ge=1, le=128, description="longer metric names are dead-lettered"
+    )
     max_metrics_per_device: int = Field(
         1_000,
         ge=1,
@@ -211,7 +215,7 @@ class APISettings(Section):
     host: str = Field(
         "127.0.0.1", description="bind address; beyond loopback API tokens are required"
     )
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="API port")
     insecure: bool = Field(False, description="allow binding beyond loopback without API tokens")
     page_size: int = Field(
         1000, ge=1, le=100_000, description="default page size of list endpoints"
@@ -220,7 +224,7 @@ class APISettings(Section):
 
 class Settings(Section):
     data_dir: str = Field("./millstream-data", description="where the service keeps its state")
-    log_level: str = Field("INFO")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     mqtt: MQTTSettings = Field(default_factory=MQTTSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
