@@ -9,7 +9,7 @@ The database is the only source of truth. Several ingest workers may share it (o
 dir, or one PostgreSQL database), and a shared subscription hands any device's messages
 to any of them, so per-device state is read and written inside one write transaction per
 group of messages (:meth:`DeviceRegistry.transaction`, ``BEGIN IMMEDIATE`` in SQLite,
-``SELECT ... FOR UPDATE`` in PostgreSQL). The ingest pipeline keeps that transaction
+per-device advisory locks in PostgreSQL). The ingest pipeline keeps that transaction
 open until the group's readings are stored, so a worker that dies between storing and
 committing leaves the sequence state as it was: the broker redelivers, the readings are
 written again (idempotently) and counted once.
@@ -187,7 +187,7 @@ class RegistryTransaction:
 
     def load(self, ids: Iterable[str]) -> dict[str, Device]:
         """Read the current rows of ``ids`` (those that exist) into this transaction."""
-        todo = [i for i in set(ids) if i not in self.devices]
+        todo = sorted(i for i in set(ids) if i not in self.devices)
         for dev in self._registry._select(todo, for_update=True):
             self.devices[dev.id] = dev
         return self.devices
@@ -273,6 +273,12 @@ class DeviceRegistry:
         if not ids:
             return []
         out: list[Device] = []
+        if for_update and self._pg:
+            # Row locks cannot lock a device that has no row yet (two workers seeing its
+            # first messages): a per-device advisory lock, held to the end of the
+            # transaction and taken in id order (no deadlocks), covers both cases.
+            with self._conn.cursor() as cur:
+                cur.executemany("SELECT pg_advisory_xact_lock(hashtext(%s))", [(i,) for i in ids])
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
             marks = ",".join([self._ph] * len(chunk))

@@ -93,6 +93,38 @@ def test_two_workers_split_the_load_and_store_each_reading_once(
     _check_two_workers(a, b, publisher, DEVICES_ODD)
 
 
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the server of MILLSTREAM_TEST_POSTGRES_URL, dropped after."""
+    import os
+
+    base = os.environ.get("MILLSTREAM_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("MILLSTREAM_TEST_POSTGRES_URL not set")
+    psycopg = pytest.importorskip("psycopg")
+    name = f"millstream_test_{time.time_ns()}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_two_workers_with_a_postgresql_registry(
+    make_cloud, publisher, tmp_path, influxdb, postgres_url
+):
+    """Workers on different data dirs (as on different hosts): registry in PostgreSQL."""
+    envs = [
+        {**_influx_env(influxdb, w, tmp_path), "MILLSTREAM_REGISTRY__URL": postgres_url}
+        for w in ("a", "b")
+    ]
+    a = make_cloud("cloud-a", data_dir=tmp_path / "host-a", env=envs[0])
+    b = make_cloud("cloud-b", data_dir=tmp_path / "host-b", env=envs[1])
+    _check_two_workers(a, b, publisher, DEVICES_ODD)
+
+
 # An odd number of devices: Mosquitto's round robin then hands each device's messages to
 # both workers in turn, so sequence state really is shared.
 DEVICES_ODD = [f"press-{i:02d}" for i in range(11)]
