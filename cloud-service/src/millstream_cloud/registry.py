@@ -244,7 +244,9 @@ class DeviceRegistry:
         self._lock = threading.RLock()
         self.url = url
         self._pg = bool(url and url.startswith(("postgres://", "postgresql://")))
-        if self._pg:
+        if url and not self._pg:
+            raise ValueError(f"registry.url {url!r}: only postgresql:// URLs are supported")
+        if url and self._pg:
             import psycopg  # optional dependency: pip install 'psycopg[binary]'
 
             self._conn: Any = psycopg.connect(url, autocommit=True)
