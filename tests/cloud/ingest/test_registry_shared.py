@@ -169,3 +169,13 @@ def test_clock_policy(tmp_path: Path) -> None:
     good = batch("d1", 3, now - NS, n=1)
     r = pipe.process([Message(telemetry_topic("d1"), good, now)])
     assert not pipe.registry.get("d1").clock_skewed  # type: ignore[union-attr]
+
+
+def test_dead_letters_bounded_oldest_out(tmp_path: Path) -> None:
+    store = DeadLetterStore(tmp_path / "dl.db", max_items=5)
+    for i in range(12):
+        store.add_many([(i, f"t/{i}", "schema", "bad", b"x" * (70_000 if i == 11 else 1))])
+    kept = store.list(100)
+    assert [d.topic for d in kept] == [f"t/{i}" for i in range(11, 6, -1)]  # newest first
+    assert kept[0].size == 70_000 and len(kept[0].payload) == 64 * 1024  # kept truncated
+    assert [d.topic for d in store.list(2, before_id=kept[1].id)] == ["t/9", "t/8"]
