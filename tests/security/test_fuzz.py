@@ -157,7 +157,7 @@ def test_decoder_structured_fuzz(message: tuple[str, bytes]) -> None:
         assert all(math.isfinite(r.value) for r in batch.readings)
 
 
-@fuzz(2500)
+@fuzz(2000)
 @given(
     topic=st.one_of(st.just("millstream/v1/s/d/telemetry"), weird_text),
     payload=st.binary(max_size=512),
