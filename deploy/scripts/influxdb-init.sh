@@ -6,7 +6,8 @@
 # It makes the bucket answer InfluxQL, which is what Millstream's storage backend and
 # Grafana's InfluxQL datasource speak (docs/deploy.md):
 #   1. a DBRP mapping: database $INFLUXDB_V1_DB / retention policy $INFLUXDB_V1_RP -> bucket
-#   2. v1 credentials ($INFLUXDB_V1_USER / $INFLUXDB_V1_PASSWORD) with read+write on it
+#   2. v1 credentials: $INFLUXDB_V1_USER (read+write, the cloud service) and
+#      $INFLUXDB_GRAFANA_USER (read only, Grafana's datasource)
 set -euo pipefail
 
 bucket="${DOCKER_INFLUXDB_INIT_BUCKET:?}"
@@ -15,6 +16,8 @@ db="${INFLUXDB_V1_DB:-millstream}"
 rp="${INFLUXDB_V1_RP:-autogen}"
 user="${INFLUXDB_V1_USER:-millstream}"
 password="${INFLUXDB_V1_PASSWORD:?INFLUXDB_V1_PASSWORD is not set}"
+grafana_user="${INFLUXDB_GRAFANA_USER:-grafana}"
+grafana_password="${INFLUXDB_GRAFANA_PASSWORD:?INFLUXDB_GRAFANA_PASSWORD is not set}"
 
 bucket_id="$(influx bucket list --org "$org" --name "$bucket" --hide-headers | cut -f1)"
 if [ -z "$bucket_id" ]; then
@@ -31,4 +34,10 @@ if ! influx v1 auth list --org "$org" --user "$user" --hide-headers 2>/dev/null 
     influx v1 auth create --org "$org" --username "$user" --password "$password" \
         --read-bucket "$bucket_id" --write-bucket "$bucket_id" >/dev/null
     echo "influxdb-init: v1 credentials for $user (read/write $bucket)"
+fi
+
+if ! influx v1 auth list --org "$org" --user "$grafana_user" --hide-headers 2>/dev/null | grep -q .; then
+    influx v1 auth create --org "$org" --username "$grafana_user" --password "$grafana_password" \
+        --read-bucket "$bucket_id" >/dev/null
+    echo "influxdb-init: v1 credentials for $grafana_user (read $bucket)"
 fi
