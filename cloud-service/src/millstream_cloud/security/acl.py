@@ -87,7 +87,10 @@ def render_acl(
 class BrokerLimits:
     """Broker-side limits against abuse; values chosen for a single-node factory broker."""
 
-    max_packet_size: int = 262_144  # bytes; the cloud's default payload limit is below this
+    # Above the cloud's payload limit (256 KiB) on purpose: a message between the two reaches
+    # the cloud and is dead-lettered with a reason and counted; beyond this the broker
+    # drops the client before the message costs anything.
+    max_packet_size: int = 1_048_576
     max_connections: int = 10_000  # per listener; -1 is unlimited
     max_inflight_messages: int = 1000  # the cloud acks in groups (docs/cloud.md)
     max_queued_messages: int = 100_000
