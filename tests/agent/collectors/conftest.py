@@ -121,11 +121,13 @@ class OpcUaServer:
         self._server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self.listening = False
 
     def node_id(self, name: str) -> str:
         return f"ns={self.ns};s=Line1.{name}"
 
-    def start(self) -> OpcUaServer:
+    def start(self, listen: bool = True) -> OpcUaServer:
+        """Build the address space (slow: a second or more) and, if ``listen``, serve it."""
         from asyncua import Server, ua
 
         ready = threading.Event()
@@ -142,8 +144,10 @@ class OpcUaServer:
                 self.nodes[name] = await line.add_variable(
                     ua.NodeId(f"Line1.{name}", self.ns), name, variant
                 )
-            await server.start()
             self._server = server
+            if listen:
+                await server.start()
+                self.listening = True
 
         def run() -> None:
             loop = asyncio.new_event_loop()
@@ -186,10 +190,21 @@ class OpcUaServer:
             dv = data_value(variant, status)
             self.call(self.nodes[name].write_value(dv))
 
+    def listen(self) -> None:
+        """Accept connections (again): a server restart without rebuilding the address space."""
+        self.call(self._server.start())
+        self.listening = True
+
+    def unlisten(self) -> None:
+        """Stop serving, as a server that goes down; ``listen`` brings it back."""
+        self.call(self._server.stop())
+        self.listening = False
+
     def stop(self) -> None:
         if self._thread is None or self._loop is None:
             return
-        self.call(self._server.stop())
+        if self.listening:
+            self.unlisten()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._thread = None
@@ -199,13 +214,39 @@ class OpcUaServer:
 def opcua_server_factory() -> Iterator[Any]:
     servers: list[OpcUaServer] = []
 
-    def make(variables: dict[str, Any], port: int | None = None) -> OpcUaServer:
+    def make(
+        variables: dict[str, Any], port: int | None = None, listen: bool = True
+    ) -> OpcUaServer:
         server = OpcUaServer(variables, port)
         servers.append(server)
-        return server.start()
+        return server.start(listen)
 
     try:
         yield make
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_opcua_server() -> Iterator[OpcUaServer]:
+    """One asyncua server for a test module (starting one takes a second or more)."""
+    server = OpcUaServer(
+        {
+            "Temperature": 21.5,
+            "Speed": _int32(1200),
+            "Running": True,
+            "Pressure": 3.0,
+            "Label": "batch-17",
+        }
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _int32(value: int) -> Any:
+    from asyncua import ua
+
+    return ua.Variant(value, ua.VariantType.Int32)

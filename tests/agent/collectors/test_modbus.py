@@ -274,3 +274,31 @@ def test_bad_options_are_refused_naming_the_key(options: dict[str, Any], key: st
     with pytest.raises(ValueError) as info:
         ModbusCollector("press", options)
     assert str(info.value).startswith(key + ":")
+
+
+def test_a_device_that_never_answers_costs_one_timeout() -> None:
+    """A hung PLC (TCP accepted, no reply) must not stall the agent beyond ``timeout``."""
+    import socket
+    import time
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    c = ModbusCollector(
+        "press",
+        {
+            "host": "127.0.0.1",
+            "port": port,
+            "timeout": "300ms",
+            "registers": [{"name": "a", "address": 0}],
+        },
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(CollectorError, match="press"):
+            c.collect(NOW)
+        assert time.monotonic() - started < 3
+    finally:
+        c.close()
+        listener.close()

@@ -148,7 +148,7 @@ class OpcUaCollector(Collector):
     options_spec = {
         "endpoint": (str, None, "server URL, e.g. opc.tcp://plc.local:4840 (required)"),
         "mode": (str, "subscription", "subscription (server pushes changes) or polling"),
-        "interval": (str, "1s", "subscription: publishing and sampling interval"),
+        "publishing_interval": (str, "1s", "subscription: publishing and sampling interval"),
         "timestamps": (str, "auto", "auto, source, server or agent (auto: source for subs)"),
         "timeout": (str, "5s", "connect and request timeout"),
         "reconnect_interval": (str, "5s", "wait between reconnect attempts after a loss"),
@@ -170,12 +170,14 @@ class OpcUaCollector(Collector):
             )
         self.endpoint = endpoint
         self.mode = get_str(options, "mode", "subscription", list(MODES)) or "subscription"
-        self.interval = parse_duration(options.get("interval", "1s"), "interval")
+        self.interval = parse_duration(
+            options.get("publishing_interval", "1s"), "publishing_interval"
+        )
         self.timeout = parse_duration(options.get("timeout", "5s"), "timeout")
         self.reconnect_interval = parse_duration(
             options.get("reconnect_interval", "5s"), "reconnect_interval"
         )
-        for key, value in (("timeout", self.timeout), ("interval", self.interval)):
+        for key, value in (("timeout", self.timeout), ("publishing_interval", self.interval)):
             if value <= 0:
                 raise ValueError(f"{key}: must be positive")
         stamps = get_str(options, "timestamps", "auto", list(TIMESTAMPS)) or "auto"
@@ -329,10 +331,16 @@ class OpcUaCollector(Collector):
                         self.reconnect_interval,
                     )
             finally:
+                session = self._client is not None
                 self._connected.clear()
                 self._client = None
                 with contextlib.suppress(Exception):  # the connection is gone either way
-                    await asyncio.wait_for(client.disconnect(), 2)
+                    if session:
+                        await asyncio.wait_for(client.disconnect(), 2)
+                    else:
+                        # Never got a session: closing a channel that was not opened
+                        # makes asyncua warn on every attempt of an outage.
+                        client.disconnect_socket()
             if not self._stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.reconnect_interval)
