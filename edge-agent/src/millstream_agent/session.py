@@ -201,7 +201,10 @@ class DeviceSession:
         try:
             self.client.reconnect()
         except ssl.SSLCertVerificationError as exc:
-            self._refused = f"TLS: broker certificate not trusted ({exc.verify_message})"
+            self._refused = (
+                f"TLS: broker certificate not trusted ({exc.verify_message}); check mqtt.tls.ca"
+                " and mqtt.tls.server_hostname"
+            )
             self._fail(self._refused)
         except ssl.SSLError as exc:
             self._refused = f"TLS handshake failed: {exc}"
@@ -250,7 +253,13 @@ class DeviceSession:
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
     ) -> None:
         if rc.is_failure:
-            self._refused = f"broker refused the connection: {rc}"
+            hint = ""
+            if str(rc) in ("Bad user name or password", "Not authorized"):
+                hint = (
+                    " (check mqtt.username, mqtt.password or MILLSTREAM_MQTT_PASSWORD,"
+                    " and the broker ACL)"
+                )
+            self._refused = f"broker refused the connection: {rc}{hint}"
             return  # paho closes the socket next and calls _on_disconnect
         self.connected = True
         self.connects += 1

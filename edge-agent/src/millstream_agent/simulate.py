@@ -72,7 +72,7 @@ class SimDevice:
         self.loop = loop
         self.device = device
         self.generated = 0
-        options: dict = {"kind": opts.kind, "metrics": opts.metrics, "seed": seed}
+        options: dict = {"kind": opts.kind, "metrics": opts.metrics, "seed": seed, "device": device}
         cls = collector_class("simulated")
         spec = getattr(cls, "options_spec", {}) or {}
         options = {k: v for k, v in options.items() if k in spec or not spec}
@@ -161,7 +161,7 @@ def run(opts: SimOptions, out: Any = None) -> int:
                 "device id %r is not valid (pattern %s)", device_id, protocol.ID_PATTERN.pattern
             )
             return 2
-        devices.append(SimDevice(loop, device_id, opts, settings, opts.seed * 100003 + i))
+        devices.append(SimDevice(loop, device_id, opts, settings, opts.seed))
 
     stop = {"requested": False}
 
