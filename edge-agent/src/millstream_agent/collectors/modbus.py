@@ -213,7 +213,7 @@ class ModbusCollector(Collector):
         "host": (str, None, "the device's or gateway's address (required)"),
         "port": (int, 502, "Modbus TCP port"),
         "unit_id": (int, 1, "unit (slave) id, for gateways; a register can override it"),
-        "timeout": (str, "2s", "how long to wait for a connection or an answer"),
+        "timeout": (object, "2s", "how long to wait for a connection or an answer"),
         "word_order": (str, "big", "big: high word first (ABCD); little: low word first (CDAB)"),
         "byte_order": (str, "big", "byte order inside each 16-bit word (big is the standard)"),
         "merge_gap": (int, 8, "read values up to this many registers apart in one request"),

@@ -148,10 +148,10 @@ class OpcUaCollector(Collector):
     options_spec = {
         "endpoint": (str, None, "server URL, e.g. opc.tcp://plc.local:4840 (required)"),
         "mode": (str, "subscription", "subscription (server pushes changes) or polling"),
-        "publishing_interval": (str, "1s", "subscription: publishing and sampling interval"),
+        "publishing_interval": (object, "1s", "subscription: publishing and sampling interval"),
         "timestamps": (str, "auto", "auto, source, server or agent (auto: source for subs)"),
-        "timeout": (str, "5s", "connect and request timeout"),
-        "reconnect_interval": (str, "5s", "wait between reconnect attempts after a loss"),
+        "timeout": (object, "5s", "connect and request timeout"),
+        "reconnect_interval": (object, "5s", "wait between reconnect attempts after a loss"),
         "username": (str, None, "user name, if the server wants one"),
         "password": (str, None, "password (use an environment variable, not the file)"),
         "security": (str, None, "asyncua security string: Policy,Mode,cert,key[,server_cert]"),
