@@ -254,6 +254,7 @@ def test_auto_rate_is_roughly_the_configured_rate() -> None:
         ({"faults": [{"type": "spike"}]}, "faults[0].start"),
         ({"faults": [{"type": "spike", "start": "soon"}]}, "faults[0].start"),
         ({"faults": [{"type": "spike", "start": 1, "magnitud": 3}]}, "faults[0].magnitud"),
+        ({"faults": [{"type": "spike", "start": 1, "duration": 0}]}, "faults[0].duration"),
         ({"fault_types": ["spike", "melt"]}, "fault_types"),
         ({"fault_rate_per_hour": -1}, "fault_rate_per_hour"),
         ({"load_change_interval": "fast"}, "load_change_interval"),

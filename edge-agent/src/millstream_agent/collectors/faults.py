@@ -140,6 +140,8 @@ def parse_faults(value: Any, info: MetricInfo, key: str = "faults") -> list[Faul
         else:
             start_after = parse_duration(start_value, f"{where}.start")
         duration = parse_duration(item.get("duration", default_duration), f"{where}.duration")
+        if duration <= 0:
+            raise ValueError(f"{where}.duration: must be positive (a spike lasts 1s)")
         magnitude = item.get("magnitude", default_magnitude)
         if isinstance(magnitude, bool) or not isinstance(magnitude, (int, float)):
             raise ValueError(f"{where}.magnitude: expected a number (in sigmas), got {magnitude!r}")
