@@ -112,8 +112,14 @@ class OpcUaServer:
     ``variables`` maps a name to its initial value; node ids are ``ns=<ns>;s=Line1.<name>``.
     """
 
-    def __init__(self, variables: dict[str, Any], port: int | None = None) -> None:
+    def __init__(
+        self,
+        variables: dict[str, Any],
+        port: int | None = None,
+        users: dict[str, str] | None = None,
+    ) -> None:
         self.variables = variables
+        self.users = users  # name -> password; None: anonymous access
         self.port = port or free_port()
         self.endpoint = f"opc.tcp://127.0.0.1:{self.port}/millstream/"
         self.ns = 0
@@ -134,9 +140,11 @@ class OpcUaServer:
         failure: list[BaseException] = []
 
         async def setup() -> None:
-            server = Server()
+            server = Server(user_manager=self._user_manager()) if self.users else Server()
             await server.init()
             server.set_endpoint(self.endpoint)
+            if self.users:
+                server.set_security_IDs(["Username"])
             self.ns = await server.register_namespace("urn:millstream:test")
             line = await server.nodes.objects.add_object(ua.NodeId("Line1", self.ns), "Line1")
             for name, value in self.variables.items():
@@ -175,6 +183,25 @@ class OpcUaServer:
         if failure:
             raise failure[0]
         return self
+
+    def _user_manager(self) -> Any:
+        from asyncua.crypto.permission_rules import User, UserRole
+
+        users = self.users or {}
+
+        class Passwords:
+            def get_user(
+                self,
+                iserver: Any,
+                username: Any = None,
+                password: Any = None,
+                certificate: Any = None,
+            ) -> Any:
+                if username in users and users[username] == password:
+                    return User(role=UserRole.User)
+                return None
+
+        return Passwords()
 
     def call(self, coro: Any) -> Any:
         assert self._loop is not None
@@ -215,9 +242,12 @@ def opcua_server_factory() -> Iterator[Any]:
     servers: list[OpcUaServer] = []
 
     def make(
-        variables: dict[str, Any], port: int | None = None, listen: bool = True
+        variables: dict[str, Any],
+        port: int | None = None,
+        listen: bool = True,
+        users: dict[str, str] | None = None,
     ) -> OpcUaServer:
-        server = OpcUaServer(variables, port)
+        server = OpcUaServer(variables, port, users)
         servers.append(server)
         return server.start(listen)
 

@@ -203,6 +203,42 @@ def test_server_down_then_up_then_restarted(opcua_server_factory: Any) -> None:
         c.close()
 
 
+def test_user_and_password_from_the_environment(
+    opcua_server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = opcua_server_factory({"Temperature": 40.0}, users={"agent": "s3cret"})
+
+    def collector(**auth: Any) -> OpcUaCollector:
+        options = {
+            "endpoint": server.endpoint,
+            "reconnect_interval": "200ms",
+            "publishing_interval": "100ms",
+            "nodes": [{"node_id": server.node_id("Temperature"), "name": "temperature"}],
+            **auth,
+        }
+        c = OpcUaCollector("oven", options)
+        c.start()
+        return c
+
+    wrong = collector(username="agent", password="guess")
+    try:
+        time.sleep(1.0)
+        with pytest.raises(CollectorError, match="not connected") as info:
+            wrong.collect(time.time())
+        assert "BadUserAccessDenied" in str(info.value)
+        assert "reconnecting every 60s" in str(info.value)  # not every 0.2s: no hot loop
+    finally:
+        wrong.close()
+
+    monkeypatch.setenv("OVEN_OPCUA_PASSWORD", "s3cret")
+    right = collector(username="agent", password_env="OVEN_OPCUA_PASSWORD")
+    try:
+        got = collect_until(right, lambda got: bool(got))
+        assert got[0].value == 40.0
+    finally:
+        right.close()
+
+
 def test_buffer_drops_oldest_and_counts(server: Any) -> None:
     c = make(server, buffer_size=3)
     try:
