@@ -315,7 +315,9 @@ class AuthMiddleware:
             token = _credentials(scope)
             info: TokenInfo | None = self.tokens.verify(token) if token else None
             if info is None:
-                if token or not self.open_without_tokens or self.tokens.has_active_tokens():
+                # Open (no token exists; loopback or --insecure, announced at start): any
+                # credentials a client sends anyway are ignored, as if the API had none.
+                if not self.open_without_tokens or self.tokens.has_active_tokens():
                     await self._deny(scope, send, 401, "missing or invalid API token")
                     return
             elif not scope_allows(info.scope, needed):
