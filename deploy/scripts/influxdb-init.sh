@@ -6,8 +6,9 @@
 # It makes the bucket answer InfluxQL, which is what Millstream's storage backend and
 # Grafana's InfluxQL datasource speak (docs/deploy.md):
 #   1. a DBRP mapping: database $INFLUXDB_V1_DB / retention policy $INFLUXDB_V1_RP -> bucket
-#   2. v1 credentials: $INFLUXDB_V1_USER (read+write, the cloud service) and
-#      $INFLUXDB_GRAFANA_USER (read only, Grafana's datasource)
+#   2. v1 credentials $INFLUXDB_V1_USER (read+write this bucket): the cloud service
+#   3. an API token that can only read this bucket, for Grafana's datasource, written to
+#      $GRAFANA_TOKEN_FILE (a volume only InfluxDB and Grafana mount)
 set -euo pipefail
 
 bucket="${DOCKER_INFLUXDB_INIT_BUCKET:?}"
@@ -16,8 +17,7 @@ db="${INFLUXDB_V1_DB:-millstream}"
 rp="${INFLUXDB_V1_RP:-autogen}"
 user="${INFLUXDB_V1_USER:-millstream}"
 password="${INFLUXDB_V1_PASSWORD:?INFLUXDB_V1_PASSWORD is not set}"
-grafana_user="${INFLUXDB_GRAFANA_USER:-grafana}"
-grafana_password="${INFLUXDB_GRAFANA_PASSWORD:?INFLUXDB_GRAFANA_PASSWORD is not set}"
+token_file="${GRAFANA_TOKEN_FILE:-/millstream-grafana/influxdb-token}"
 
 bucket_id="$(influx bucket list --org "$org" --name "$bucket" --hide-headers | cut -f1)"
 if [ -z "$bucket_id" ]; then
@@ -36,8 +36,15 @@ if ! influx v1 auth list --org "$org" --user "$user" --hide-headers 2>/dev/null 
     echo "influxdb-init: v1 credentials for $user (read/write $bucket)"
 fi
 
-if ! influx v1 auth list --org "$org" --user "$grafana_user" --hide-headers 2>/dev/null | grep -q .; then
-    influx v1 auth create --org "$org" --username "$grafana_user" --password "$grafana_password" \
-        --read-bucket "$bucket_id" >/dev/null
-    echo "influxdb-init: v1 credentials for $grafana_user (read $bucket)"
+if [ ! -s "$token_file" ]; then
+    token="$(influx auth create --org "$org" --read-bucket "$bucket_id" \
+        --description "grafana: read $bucket" --json \
+        | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p' | head -n 1)"
+    if [ -z "$token" ]; then
+        echo "influxdb-init: could not create Grafana's read token" >&2
+        exit 1
+    fi
+    mkdir -p "$(dirname "$token_file")"
+    (umask 0222 && printf '%s' "$token" > "$token_file")
+    echo "influxdb-init: read-only API token for Grafana in $token_file"
 fi
