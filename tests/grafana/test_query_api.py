@@ -6,10 +6,10 @@ import base64
 
 import pytest
 from fastapi.testclient import TestClient
+
 from millstream_cloud.grafana.influxql import ParseError, parse
 from millstream_cloud.grafana.query_api import InfluxCredentials
 from millstream_cloud.storage.embedded import EmbeddedStorage
-
 from tests.grafana.conftest import Influx, query_app
 
 
