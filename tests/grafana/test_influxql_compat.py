@@ -53,6 +53,11 @@ QUERIES = [
     "SELECT temperature FROM telemetry WHERE device = 'lathe-01' AND time > '2024-03-01T00:10:00Z' AND time <= '2024-03-01 00:12:00'",
     "SELECT temperature FROM telemetry WHERE time > now() - 1h",
     f"SELECT temperature FROM telemetry WHERE device = 'press-01' AND time >= {T0_NS} AND time < {T0_NS + 60 * 10**9}",
+    # Grafana's multi-value variables: pushed down per value and merged, or evaluated here
+    f"SELECT mean(temperature) FROM telemetry WHERE site =~ /^(plant-a|plant-b)$/ AND {TF} GROUP BY time(15m)",
+    f"SELECT min(temperature), max(temperature), count(temperature), sum(temperature) FROM telemetry WHERE device =~ /^(press-01|lathe-01)$/ AND {TF} GROUP BY time(15m)",
+    f"SELECT mean(temperature) FROM telemetry WHERE device =~ /^(press\\-01|lathe\\-01)$/ AND site =~ /^plant\\-a$/ AND {TF} GROUP BY time(15m), device",
+    f"SELECT sum(online) FROM devices WHERE device =~ /^(press-01|press-02)$/ AND {TF} GROUP BY time(30s) fill(none) LIMIT 5",
     # raw selects: tags as columns, wildcard, order, limits, quoted and qualified names
     f"SELECT * FROM anomalies WHERE {TF} ORDER BY time DESC LIMIT 5",
     f"SELECT * FROM alerts WHERE {TF} GROUP BY alertname",

@@ -71,6 +71,7 @@ KNOWN_UNSUPPORTED = {
 # Aggregates whose bucket value does not depend on which series wins a tie in time.
 PUSHDOWN_AGGREGATES = ("mean", "min", "max", "count", "sum")
 MAX_BUCKETS = 1_000_000
+MAX_PUSHDOWN_QUERIES = 64
 MIN_TIME = -(2**63) + 2
 MAX_TIME = 2**63 - 2
 EPOCH_DIVISORS = {"ns": 1, "n": 1, "u": 1_000, "µ": 1_000, "ms": 1_000_000, "s": 10**9,
@@ -302,6 +303,84 @@ def _dnf(expr: Expr) -> list[list[Expr]]:
     if isinstance(expr, BinaryExpr) and expr.op == "AND":
         return [a + b for a in _dnf(expr.lhs) for b in _dnf(expr.rhs)]
     return [[expr]]
+
+
+_REGEX_SPECIAL = set(".^$*+?()[]{}|\\")
+
+
+def regex_literals(pattern: str) -> list[str] | None:
+    """The exact values ``/^value$/`` or ``/^(a|b)$/`` matches, else None.
+
+    That is what Grafana writes for a variable in ``=~ /^$var$/``; knowing the values
+    lets the engine hand the filter to the storage as equalities.
+    """
+    if not (pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$")):
+        return None
+    body = pattern[1:-1]
+    if body.startswith("(") and body.endswith(")"):
+        body = body[1:-1]
+    values, cur, i = [], [], 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\":
+            if i + 1 >= len(body) or body[i + 1].isalnum():
+                return None  # \d, \w...: a class, not a literal
+            cur.append(body[i + 1])
+            i += 2
+            continue
+        if c == "|":
+            values.append("".join(cur))
+            cur = []
+        elif c in _REGEX_SPECIAL:
+            return None
+        else:
+            cur.append(c)
+        i += 1
+    values.append("".join(cur))
+    if any(v == "" for v in values):
+        return None
+    return values
+
+
+def pushdown_filters(expr: Expr | None, tag_keys: Iterable[str]) -> list[dict[str, str]] | None:
+    """``expr`` as a list of equality tag sets whose union it selects, or None.
+
+    Only ANDs of ``tag = 'v'`` and ``tag =~ /^(v1|v2)$/`` qualify.
+    """
+    keys = set(tag_keys)
+    combos: list[dict[str, str]] = [{}]
+    for c in _conjuncts(expr):
+        if not (isinstance(c, BinaryExpr) and isinstance(c.lhs, VarRef) and c.lhs.name in keys):
+            return None
+        name = c.lhs.name
+        if c.op == "=" and isinstance(c.rhs, StringLit) and c.rhs.value != "":
+            options = [c.rhs.value]
+        elif c.op == "=~" and isinstance(c.rhs, RegexLit):
+            found = regex_literals(c.rhs.pattern)
+            if found is None:
+                return None
+            options = sorted(set(found))
+        else:
+            return None
+        merged = []
+        for combo in combos:
+            for v in options:
+                if combo.get(name, v) == v:
+                    merged.append({**combo, name: v})
+        combos = merged
+        if len(combos) > MAX_PUSHDOWN_QUERIES:
+            return None
+    return combos
+
+
+def _merge(agg: str, a: FieldValue, b: FieldValue) -> FieldValue:
+    if agg in ("sum", "count"):
+        return a + b  # type: ignore[operator]
+    if agg == "min":
+        return min(a, b)  # type: ignore[type-var]
+    if agg == "max":
+        return max(a, b)  # type: ignore[type-var]
+    raise InfluxQLError(f"cannot merge {agg}() across tag sets")
 
 
 def equality_tags(expr: Expr | None, tag_keys: Iterable[str]) -> tuple[dict[str, str], bool]:
@@ -875,22 +954,35 @@ class QueryEngine:
     def _pushdown(self, s, measurement, columns, tr, cond, dims, tag_keys):  # type: ignore[no-untyped-def]
         """Aggregate in the storage when the statement allows it, else None."""
         td = s.time_dimension
-        eq, complete = equality_tags(cond, tag_keys)
-        if not complete or td.offset_ns or any(d not in tag_keys for d in dims):
+        if td.offset_ns or any(d not in tag_keys for d in dims):
             return None
         if any(c.func not in PUSHDOWN_AGGREGATES for c in columns):
             return None  # first/last: InfluxDB's tie-breaking between series needs the points
+        filters = pushdown_filters(cond, tag_keys)
+        if filters is None:
+            return None
+        if len(filters) > 1:
+            # Several tag sets (Grafana's /^(a|b)$/): their answers merge exactly when each
+            # lands in its own group, or when the aggregate merges (a sum of sums...).
+            varying = {k for f in filters for k in f if any(f.get(k) != g.get(k) for g in filters)}
+            if not varying <= set(dims) and any(c.func == "mean" for c in columns):
+                return None
+            if len(filters) > MAX_PUSHDOWN_QUERIES:
+                return None
         start = None if tr.start == MIN_TIME else tr.start
         end = None if tr.end == MAX_TIME else tr.end + 1
         results: dict[tuple[str, str], dict[tuple[str, ...], dict[int, FieldValue]]] = {}
         for agg, fld in {(c.func, c.source) for c in columns}:
             got = results.setdefault((agg, fld), {})
-            for ser in self.storage.query(
-                SeriesQuery(measurement, [fld], tags=eq, start_ns=start, end_ns=end,
-                            every_ns=td.interval_ns, agg=agg, group_by=list(dims))
-            ):  # fmt: skip
-                gkey = tuple(ser.tags.get(d, "") or "" for d in dims)
-                got.setdefault(gkey, {}).update(ser.points)
+            for eq in filters:
+                for ser in self.storage.query(
+                    SeriesQuery(measurement, [fld], tags=eq, start_ns=start, end_ns=end,
+                                every_ns=td.interval_ns, agg=agg, group_by=list(dims))
+                ):  # fmt: skip
+                    gkey = tuple(ser.tags.get(d, "") or "" for d in dims)
+                    buckets = got.setdefault(gkey, {})
+                    for b, v in ser.points:
+                        buckets[b] = v if b not in buckets else _merge(agg, buckets[b], v)
         gkeys = {g for per in results.values() for g in per}
         out = {}
         for gkey in gkeys:
