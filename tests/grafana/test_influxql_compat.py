@@ -53,6 +53,15 @@ QUERIES = [
     "SELECT temperature FROM telemetry WHERE device = 'lathe-01' AND time > '2024-03-01T00:10:00Z' AND time <= '2024-03-01 00:12:00'",
     "SELECT temperature FROM telemetry WHERE time > now() - 1h",
     f"SELECT temperature FROM telemetry WHERE device = 'press-01' AND time >= {T0_NS} AND time < {T0_NS + 60 * 10**9}",
+    # time ranges open on one side, empty groups, fills on integers
+    f"SELECT mean(temperature) FROM telemetry WHERE time <= {TO_MS}ms GROUP BY time(30m)",
+    f"SELECT count(temperature) FROM telemetry WHERE time >= {FROM_MS}ms GROUP BY device",
+    f"SELECT last(temperature) FROM telemetry WHERE device = 'press-02' AND {TF} GROUP BY time(10m) fill(previous)",
+    f"SELECT max(online) FROM devices WHERE device = 'press-02' AND {TF} GROUP BY time(5m) fill(linear)",
+    f"SELECT max(online), min(offline) FROM devices WHERE {TF} GROUP BY time(5m), device fill(none)",
+    f"SELECT mean(temperature) FROM telemetry WHERE device = 'press-02' AND time >= {T0S + 2500}s AND time < {T0S + 3500}s GROUP BY time(5m)",
+    f"SELECT temperature FROM telemetry WHERE device = 'press-02' AND time >= {T0S + 2500}s AND time < {T0S + 3500}s",
+    f"SELECT sum(readings), mean(rate) FROM ingest WHERE {TF} GROUP BY time(25m) fill(none) ORDER BY time DESC",
     # Grafana's multi-value variables: pushed down per value and merged, or evaluated here
     f"SELECT mean(temperature) FROM telemetry WHERE site =~ /^(plant-a|plant-b)$/ AND {TF} GROUP BY time(15m)",
     f"SELECT min(temperature), max(temperature), count(temperature), sum(temperature) FROM telemetry WHERE device =~ /^(press-01|lathe-01)$/ AND {TF} GROUP BY time(15m)",
