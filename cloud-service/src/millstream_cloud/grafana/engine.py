@@ -373,7 +373,7 @@ def pushdown_filters(expr: Expr | None, tag_keys: Iterable[str]) -> list[dict[st
     return combos
 
 
-def _merge(agg: str, a: FieldValue, b: FieldValue) -> FieldValue:
+def _merge(agg: str | None, a: FieldValue, b: FieldValue) -> FieldValue:
     if agg in ("sum", "count"):
         return a + b  # type: ignore[operator]
     if agg == "min":
@@ -424,7 +424,7 @@ def _tie_key(p: tuple[int, FieldValue]) -> tuple[int, Any]:
 
 
 def aggregate(
-    func: str, points: list[tuple[int, FieldValue]]
+    func: str | None, points: list[tuple[int, FieldValue]]
 ) -> tuple[int | None, FieldValue | None]:
     """(time of the selected point or None, value) of ``func`` over time-ordered points."""
     if not points:
@@ -498,6 +498,22 @@ def apply_fill(
 
 
 # --------------------------------------------------------------------------- engine
+
+Groups = dict[tuple[str, ...], list[list[Any]]]  # group tag values -> rows [time, v1, ...]
+
+
+@dataclass
+class _Plan:
+    """One SELECT with everything resolved against the storage."""
+
+    stmt: SelectStatement
+    measurement: str
+    columns: list[Column]
+    tr: TimeRange
+    cond: Expr | None
+    dims: list[str]
+    field_types: Mapping[str, str]
+    tag_keys: list[str]
 
 
 class QueryEngine:
@@ -709,16 +725,15 @@ class QueryEngine:
             return StatementResult()
         if not columns:
             return StatementResult()
+        plan = _Plan(s, measurement, columns, tr, cond, dims, field_types, tag_keys)
+        groups: Groups | None = None
         if aggregated:
-            groups = None
             if self.pushdown and s.time_dimension:
-                groups = self._pushdown(s, measurement, columns, tr, cond, dims, tag_keys)
+                groups = self._pushdown(plan)
             if groups is None:
-                groups = self._aggregate_raw(
-                    s, measurement, columns, tr, cond, dims, field_types, tag_keys
-                )
+                groups = self._aggregate_raw(plan)
         else:
-            groups = self._raw(s, measurement, columns, tr, cond, dims, field_types, tag_keys)
+            groups = self._raw(plan)
         names = [c.name for c in columns]
         series = []
         for gkey in sorted(groups, reverse=s.descending):
@@ -848,8 +863,15 @@ class QueryEngine:
                 out[key] = kept
         return out
 
-    def _raw(self, s, measurement, columns, tr, cond, dims, field_types, tag_keys):  # type: ignore[no-untyped-def]
-        data = self._read(measurement, [c.source for c in columns], tr, cond, field_types, tag_keys)
+    def _raw(self, plan: _Plan) -> Groups:
+        columns, dims, field_types, tag_keys = (
+            plan.columns,
+            plan.dims,
+            plan.field_types,
+            plan.tag_keys,
+        )
+        data = self._read(plan.measurement, [c.source for c in columns], plan.tr, plan.cond,
+                          field_types, tag_keys)  # fmt: skip
         idx = {k: i for i, k in enumerate(tag_keys)}
         groups: dict[tuple[str, ...], list[tuple[int, tuple[str, ...], list[Any]]]] = {}
         for skey, rows in data.items():
@@ -874,8 +896,11 @@ class QueryEngine:
             out[gkey] = [row for _, _, row in items]
         return out
 
-    def _aggregate_raw(self, s, measurement, columns, tr, cond, dims, field_types, tag_keys):  # type: ignore[no-untyped-def]
-        data = self._read(measurement, [c.source for c in columns], tr, cond, field_types, tag_keys)
+    def _aggregate_raw(self, plan: _Plan) -> Groups:
+        s, columns, tr, dims = plan.stmt, plan.columns, plan.tr, plan.dims
+        tag_keys = plan.tag_keys
+        data = self._read(plan.measurement, [c.source for c in columns], tr, plan.cond,
+                          plan.field_types, tag_keys)  # fmt: skip
         idx = {k: i for i, k in enumerate(tag_keys)}
         # group -> field -> [(time, value)]
         points: dict[tuple[str, ...], dict[str, list[tuple[int, FieldValue]]]] = {}
@@ -896,10 +921,10 @@ class QueryEngine:
                 row: list[Any] = [tr.start if tr.has_start else 0]
                 single_selector = len(columns) == 1 and columns[0].func in SELECTORS
                 for c in columns:
-                    t, v = aggregate(c.func, per_field.get(c.source, []))
-                    if single_selector and t is not None:
-                        row[0] = t
-                    row.append(v)
+                    sel_t, sel_v = aggregate(c.func, per_field.get(c.source, []))
+                    if single_selector and sel_t is not None:
+                        row[0] = sel_t
+                    row.append(sel_v)
                 out[gkey] = [row]
                 continue
             buckets: dict[int, dict[str, list[tuple[int, FieldValue]]]] = {}
@@ -951,9 +976,12 @@ class QueryEngine:
         }
         return apply_fill(rows, ncols, s.fill, s.fill_value, count_cols)
 
-    def _pushdown(self, s, measurement, columns, tr, cond, dims, tag_keys):  # type: ignore[no-untyped-def]
+    def _pushdown(self, plan: _Plan) -> Groups | None:
         """Aggregate in the storage when the statement allows it, else None."""
+        s, measurement, columns, tr = plan.stmt, plan.measurement, plan.columns, plan.tr
+        cond, dims, tag_keys = plan.cond, plan.dims, plan.tag_keys
         td = s.time_dimension
+        assert td is not None
         if td.offset_ns or any(d not in tag_keys for d in dims):
             return None
         if any(c.func not in PUSHDOWN_AGGREGATES for c in columns):
@@ -971,7 +999,7 @@ class QueryEngine:
                 return None
         start = None if tr.start == MIN_TIME else tr.start
         end = None if tr.end == MAX_TIME else tr.end + 1
-        results: dict[tuple[str, str], dict[tuple[str, ...], dict[int, FieldValue]]] = {}
+        results: dict[tuple[str | None, str], dict[tuple[str, ...], dict[int, FieldValue]]] = {}
         for agg, fld in {(c.func, c.source) for c in columns}:
             got = results.setdefault((agg, fld), {})
             for eq in filters:
