@@ -53,7 +53,7 @@ def _notification() -> Notification:
                 {"summary": "press-02 back to 61 C"},
                 T,
                 T + 600_000 * MS,
-            ),  # fmt: skip
+            ),
         ],
     )
 
