@@ -67,6 +67,9 @@ QUERIES = [
     f"SELECT min(temperature), max(temperature), count(temperature), sum(temperature) FROM telemetry WHERE device =~ /^(press-01|lathe-01)$/ AND {TF} GROUP BY time(15m)",
     f"SELECT mean(temperature) FROM telemetry WHERE device =~ /^(press\\-01|lathe\\-01)$/ AND site =~ /^plant\\-a$/ AND {TF} GROUP BY time(15m), device",
     f"SELECT sum(online) FROM devices WHERE device =~ /^(press-01|press-02)$/ AND {TF} GROUP BY time(30s) fill(none) LIMIT 5",
+    # what Grafana's visual query editor writes: type casts, quoted everything
+    f'SELECT mean("temperature"::field) FROM "telemetry" WHERE ("device"::tag = \'press-01\') AND {TF} GROUP BY time(10m) fill(null)',
+    f'SELECT "score"::field, "metric"::tag FROM "anomalies" WHERE ("site"::tag =~ /^plant\\-a$/) AND "score"::field > 4 AND {TF}',
     # raw selects: tags as columns, wildcard, order, limits, quoted and qualified names
     f"SELECT * FROM anomalies WHERE {TF} ORDER BY time DESC LIMIT 5",
     f"SELECT * FROM alerts WHERE {TF} GROUP BY alertname",

@@ -276,7 +276,8 @@ def compile_predicate(expr: Expr | None, field_names: Iterable[str]) -> Predicat
                 raise InfluxQLError(f"invalid operator for {_render(rhs)}: {_render(e)}")
             lit = _literal(rhs)
             name = lhs.name
-            if name in fields:
+            is_field = name in fields if lhs.dtype is None else lhs.dtype == "field"
+            if is_field:
                 return lambda t, v: _compare(op, v.get(name), lit)
             # a tag: a series without it has the empty value, as in InfluxDB
             if op not in ("=", "!=", "=~", "!~"):
@@ -352,6 +353,8 @@ def pushdown_filters(expr: Expr | None, tag_keys: Iterable[str]) -> list[dict[st
     for c in _conjuncts(expr):
         if not (isinstance(c, BinaryExpr) and isinstance(c.lhs, VarRef) and c.lhs.name in keys):
             return None
+        if c.lhs.dtype == "field":
+            return None
         name = c.lhs.name
         if c.op == "=" and isinstance(c.rhs, StringLit) and c.rhs.value != "":
             options = [c.rhs.value]
@@ -395,6 +398,7 @@ def equality_tags(expr: Expr | None, tag_keys: Iterable[str]) -> tuple[dict[str,
             and isinstance(c.lhs, VarRef)
             and isinstance(c.rhs, StringLit)
             and c.lhs.name in keys
+            and c.lhs.dtype != "field"
             and c.rhs.value != ""
             and tags.get(c.lhs.name, c.rhs.value) == c.rhs.value
         ):
