@@ -7,6 +7,10 @@ bounds of the time range, fill modes, column names and error messages.
 
 from __future__ import annotations
 
+import json
+import urllib.parse
+import urllib.request
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -142,3 +146,12 @@ def test_database_errors(
     resp = millstream.get("/query", params={"q": query, **({"db": db} if db else {})})
     assert resp.status_code == status
     assert_same(expected, resp.json())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("rp", ["autogen", "weekly"])
+def test_retention_policy_parameter(influx: Influx, millstream: TestClient, rp: str) -> None:
+    params = {"db": "millstream", "q": f"SELECT count(score) FROM anomalies WHERE {TF}", "rp": rp}
+    with urllib.request.urlopen(f"{influx.url}/query?{urllib.parse.urlencode(params)}") as resp:
+        expected = json.loads(resp.read())
+    assert_same(expected, millstream.get("/query", params=params).json())

@@ -536,18 +536,22 @@ class QueryEngine:
         self.pushdown = pushdown
 
     # -- entry points
-    def execute(self, text: str, db: str | None = None, epoch: str | None = None) -> dict[str, Any]:
+    def execute(
+        self, text: str, db: str | None = None, epoch: str | None = None, rp: str | None = None
+    ) -> dict[str, Any]:
         """The InfluxDB JSON body for ``text``; raises :class:`ParseError` for bad syntax."""
         statements = parse(text)
         results = []
         for i, stmt in enumerate(statements):
-            res = self.run(stmt, db, epoch)
+            res = self.run(stmt, db, epoch, rp)
             results.append(res.as_json(i))
             if res.error is not None:
                 break  # InfluxDB stops at the first failing statement
         return {"results": results}
 
-    def run(self, stmt: Statement, db: str | None, epoch: str | None) -> StatementResult:
+    def run(
+        self, stmt: Statement, db: str | None, epoch: str | None, rp: str | None = None
+    ) -> StatementResult:
         if epoch is not None and epoch not in EPOCH_DIVISORS:
             epoch = None
         try:
@@ -580,7 +584,7 @@ class QueryEngine:
             if isinstance(stmt, ShowFieldKeysStatement):
                 return self._show_field_keys(stmt, db)
             if isinstance(stmt, SelectStatement):
-                return self._select(stmt, db, epoch)
+                return self._select(stmt, db, epoch, rp)
         except InfluxQLError as exc:
             return StatementResult(error=str(exc))
         return StatementResult(error="statement not supported")
@@ -592,10 +596,11 @@ class QueryEngine:
         if db != self.database:
             raise InfluxQLError(f"database not found: {db}")
 
-    def _measurement(self, m: Measurement, db: str | None) -> str:
+    def _measurement(self, m: Measurement, db: str | None, rp: str | None = None) -> str:
         self._check_db(m.database or db)
-        if m.retention_policy and m.retention_policy != RETENTION_POLICY:
-            raise InfluxQLError(f"retention policy not found: {m.retention_policy}")
+        policy = m.retention_policy or rp
+        if policy and policy != RETENTION_POLICY:
+            raise InfluxQLError(f"retention policy not found: {policy}")
         assert m.name is not None
         return m.name
 
@@ -709,8 +714,10 @@ class QueryEngine:
         return out
 
     # -- SELECT
-    def _select(self, s: SelectStatement, db: str | None, epoch: str | None) -> StatementResult:
-        measurement = self._measurement(s.source, db)
+    def _select(
+        self, s: SelectStatement, db: str | None, epoch: str | None, rp: str | None = None
+    ) -> StatementResult:
+        measurement = self._measurement(s.source, db, rp)
         now = self.now_ns()
         tr, cond = split_condition(s.condition, now)
         if measurement not in self.storage.measurements():

@@ -113,7 +113,9 @@ def run_query(engine: QueryEngine, params: dict[str, str]) -> tuple[int, dict[st
     if epoch is not None and epoch not in EPOCH_DIVISORS:
         epoch = None  # InfluxDB answers RFC 3339 for an unknown precision
     try:
-        return 200, engine.execute(q, db=params.get("db") or None, epoch=epoch)
+        return 200, engine.execute(
+            q, db=params.get("db") or None, epoch=epoch, rp=params.get("rp") or None
+        )
     except ParseError as exc:
         return 400, {"error": str(exc)}
     except InfluxQLError as exc:
