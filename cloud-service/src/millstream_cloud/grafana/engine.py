@@ -68,8 +68,6 @@ KNOWN_UNSUPPORTED = {
     "kaufmans_efficiency_ratio", "kaufmans_adaptive_moving_average", "triple_exponential_moving_average",
     "triple_exponential_derivative", "relative_strength_index",
 }  # fmt: skip
-# Aggregates whose bucket value does not depend on which series wins a tie in time.
-PUSHDOWN_AGGREGATES = ("mean", "min", "max", "count", "sum")
 MAX_BUCKETS = 1_000_000
 MAX_PUSHDOWN_QUERIES = 64
 MIN_TIME = -(2**63) + 2
@@ -739,7 +737,7 @@ class QueryEngine:
         plan = _Plan(s, measurement, columns, tr, cond, dims, field_types, tag_keys)
         groups: Groups | None = None
         if aggregated:
-            if self.pushdown and s.time_dimension:
+            if self.pushdown:
                 groups = self._pushdown(plan)
             if groups is None:
                 groups = self._aggregate_raw(plan)
@@ -988,50 +986,113 @@ class QueryEngine:
         return apply_fill(rows, ncols, s.fill, s.fill_value, count_cols)
 
     def _pushdown(self, plan: _Plan) -> Groups | None:
-        """Aggregate in the storage when the statement allows it, else None."""
+        """Aggregate in the storage when the answer stays exact, else None (raw path).
+
+        ``first``/``last`` go to the storage per series; when a group turns out to hold
+        several series of a field, InfluxDB's tie-breaking between them needs the points
+        and the raw path answers instead. Without ``GROUP BY time``, the WHERE range is
+        covered by at most two epoch-aligned buckets whose answers are folded (a mean as
+        sum / count).
+        """
         s, measurement, columns, tr = plan.stmt, plan.measurement, plan.columns, plan.tr
         cond, dims, tag_keys = plan.cond, plan.dims, plan.tag_keys
         td = s.time_dimension
-        assert td is not None
-        if td.offset_ns or any(d not in tag_keys for d in dims):
+        if any(d not in tag_keys for d in dims) or any(c.func is None for c in columns):
             return None
-        if any(c.func not in PUSHDOWN_AGGREGATES for c in columns):
-            return None  # first/last: InfluxDB's tie-breaking between series needs the points
+        if td is not None:
+            if td.offset_ns:
+                return None
+            every = td.interval_ns
+        else:
+            if not (tr.has_start and tr.has_end):
+                return None
+            if len(columns) == 1 and columns[0].func in SELECTORS:
+                return None  # the answer's time is the selected point's: needs the points
+            every = 1 << (tr.end - tr.start).bit_length()  # >= the span: at most 2 buckets
         filters = pushdown_filters(cond, tag_keys)
-        if filters is None:
+        if filters is None or len(filters) > MAX_PUSHDOWN_QUERIES:
             return None
-        if len(filters) > 1:
+        if len(filters) > 1 and td is not None:
             # Several tag sets (Grafana's /^(a|b)$/): their answers merge exactly when each
             # lands in its own group, or when the aggregate merges (a sum of sums...).
             varying = {k for f in filters for k in f if any(f.get(k) != g.get(k) for g in filters)}
             if not varying <= set(dims) and any(c.func == "mean" for c in columns):
                 return None
-            if len(filters) > MAX_PUSHDOWN_QUERIES:
-                return None
+        requests: set[tuple[str, str]] = set()
+        for c in columns:
+            assert c.func is not None
+            if c.func == "mean" and td is None:
+                requests |= {("sum", c.source), ("count", c.source)}
+            else:
+                requests.add((c.func, c.source))
         start = None if tr.start == MIN_TIME else tr.start
         end = None if tr.end == MAX_TIME else tr.end + 1
-        results: dict[tuple[str | None, str], dict[tuple[str, ...], dict[int, FieldValue]]] = {}
-        for agg, fld in {(c.func, c.source) for c in columns}:
+        # (agg, field) -> group -> bucket -> value
+        results: dict[tuple[str, str], dict[tuple[str, ...], dict[int, FieldValue]]] = {}
+        for agg, fld in sorted(requests):
             got = results.setdefault((agg, fld), {})
+            per_series = agg in SELECTORS[:2]  # first, last
+            seen: dict[tuple[str, ...], set[tuple[str, ...]]] = {}
             for eq in filters:
-                for ser in self.storage.query(
-                    SeriesQuery(measurement, [fld], tags=eq, start_ns=start, end_ns=end,
-                                every_ns=td.interval_ns, agg=agg, group_by=list(dims))
-                ):  # fmt: skip
+                group_by = list(tag_keys) if per_series else list(dims)
+                query = SeriesQuery(measurement, [fld], tags=eq, start_ns=start, end_ns=end,
+                                    every_ns=every, agg=agg, group_by=group_by)  # fmt: skip
+                for ser in self.storage.query(query):
+                    if not ser.points:
+                        continue
                     gkey = tuple(ser.tags.get(d, "") or "" for d in dims)
+                    if per_series:
+                        skey = tuple(ser.tags.get(k, "") or "" for k in tag_keys)
+                        seen.setdefault(gkey, set()).add(skey)
+                        if len(seen[gkey]) > 1:
+                            return None
                     buckets = got.setdefault(gkey, {})
                     for b, v in ser.points:
                         buckets[b] = v if b not in buckets else _merge(agg, buckets[b], v)
         gkeys = {g for per in results.values() for g in per}
-        out = {}
+        out: Groups = {}
         for gkey in gkeys:
+            if td is None:
+                row = [tr.start, *(self._fold(c, results, gkey) for c in columns)]
+                if any(v is not None for v in row[1:]):
+                    out[gkey] = [row]
+                continue
             values: dict[int, list[Any]] = {}
             for i, c in enumerate(columns):
-                for b, v in results.get((c.func, c.source), {}).get(gkey, {}).items():
+                for b, v in results.get((str(c.func), c.source), {}).get(gkey, {}).items():
                     values.setdefault(b, [None] * len(columns))[i] = v
             values = {b: v for b, v in values.items() if any(x is not None for x in v)}
             if not values:
                 continue
-            present = {c.source for c in columns if results.get((c.func, c.source), {}).get(gkey)}
+            present = {
+                c.source for c in columns if results.get((str(c.func), c.source), {}).get(gkey)
+            }
             out[gkey] = self._fill_buckets(s, tr, values, columns, min(values), present)
         return out
+
+    @staticmethod
+    def _fold(
+        c: Column,
+        results: Mapping[tuple[str, str], Mapping[tuple[str, ...], Mapping[int, FieldValue]]],
+        gkey: tuple[str, ...],
+    ) -> FieldValue | None:
+        """One column's value over the whole range, from its (at most two) buckets."""
+
+        def buckets(agg: str) -> list[tuple[int, FieldValue]]:
+            return sorted(results.get((agg, c.source), {}).get(gkey, {}).items())
+
+        if c.func == "mean":
+            sums, counts = buckets("sum"), buckets("count")
+            n = sum(int(v) for _, v in counts)
+            return math.fsum(float(v) for _, v in sums) / n if n else None
+        got = buckets(str(c.func))
+        if not got:
+            return None
+        if c.func == "first":
+            return got[0][1]
+        if c.func == "last":
+            return got[-1][1]
+        value = got[0][1]
+        for _, v in got[1:]:
+            value = _merge(c.func, value, v)
+        return value
