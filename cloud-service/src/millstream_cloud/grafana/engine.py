@@ -9,12 +9,14 @@ names (``mean``, ``mean_1``, ``mean_temp`` for ``mean(*)``).
 
 Two paths produce the same result:
 
-* **pushdown**: ``GROUP BY time`` with aggregates the storage knows, equality tag filters
-  and tag grouping go to the backend as one :class:`SeriesQuery` per (aggregate, field),
-  so a week of 1 Hz data is aggregated where it lives; the engine only fills buckets;
-* **raw**: anything else (regex and ``!=`` filters, ``OR``, field conditions, selectors
-  without ``GROUP BY time``, raw selects) reads the points of the matching series in the
-  time range and evaluates the statement here.
+* **pushdown**: aggregates with equality tag filters (also Grafana's ``/^(a|b)$/``, as one
+  storage query per value), tag grouping and ``GROUP BY time`` (or a whole-range
+  aggregate, as at most two buckets folded here) go to the backend as
+  :class:`SeriesQuery` objects, so a week of 1 Hz data is aggregated where it lives;
+  ``first``/``last`` too when each group holds one series of the field;
+* **raw**: anything else (other regexes, ``!=``, ``OR``, field conditions, a single
+  selector's point time, raw selects, ties between series) reads the points of the
+  matching series in the time range and evaluates the statement here.
 """
 
 from __future__ import annotations
