@@ -95,6 +95,14 @@ class IngestSettings(Section):
     write_max_delay_s: float = Field(
         0.05, ge=0, description="longest a message waits to be grouped"
     )
+    rate_limit_per_device: float | None = Field(
+        None,
+        gt=0,
+        description="messages/s one device may send (token bucket); beyond it messages are dead-lettered as rate_limited; unset: no limit",
+    )
+    rate_limit_burst: float | None = Field(
+        None, ge=1, description="token bucket size (default 2 s of rate_limit_per_device)"
+    )
     unknown_devices: str = Field(
         "accept",
         pattern="^(accept|reject)$",
