@@ -55,6 +55,11 @@ class ServiceMetrics:
             "Bound of the queue between subscriber and writer",
             registry=r,
         )
+        self.queue_bytes = Gauge(
+            "millstream_ingest_held_bytes",
+            "Payload bytes received and not yet stored (bounded by ingest.queue_max_bytes)",
+            registry=r,
+        )
         self.inflight = Gauge(
             "millstream_ingest_unacked_messages",
             "Messages received from the broker and not yet acknowledged",

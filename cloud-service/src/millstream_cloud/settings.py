@@ -45,7 +45,9 @@ class MQTTSettings(Section):
     username: str | None = Field(None, description="broker user name")
     password: str | None = Field(None, description="prefer MILLSTREAM_MQTT__PASSWORD")
     tls: TLSSettings = Field(default_factory=TLSSettings)
-    keepalive_s: int = Field(30, ge=5, description="MQTT keepalive; a dead link is noticed after 1.5x this")
+    keepalive_s: int = Field(
+        30, ge=5, description="MQTT keepalive; a dead link is noticed after 1.5x this"
+    )
     session_expiry_s: int = Field(
         7 * 86400, ge=0, description="how long the broker keeps our queue while we are away"
     )
@@ -90,7 +92,12 @@ class IngestSettings(Section):
     )
     dead_letter_max: int = Field(10_000, ge=0, description="dead letters kept; oldest out")
     queue_max_messages: int = Field(
-        20_000, ge=1, description="bounded queue between subscriber and writer (backpressure)"
+        10_000, ge=1, description="bounded queue between subscriber and writer (backpressure)"
+    )
+    queue_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="payload bytes received and not yet stored, at most (backpressure)",
     )
     write_max_delay_s: float = Field(
         0.05, ge=0, description="longest a message waits to be grouped"

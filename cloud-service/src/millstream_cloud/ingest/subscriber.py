@@ -96,6 +96,10 @@ class Subscriber:
         self._down_since: float | None = None
         self._ever_connected = False
         self._rate_window: list[tuple[float, int]] = []
+        # Received and not yet processed, in payload bytes: the memory bound that holds
+        # even when the broker ignores our receive maximum (see docs/cloud.md).
+        self._held_bytes = 0
+        self._room = threading.Condition()
         self.client = make_client(mqtt_settings, mqtt_settings.client_id, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
@@ -213,8 +217,15 @@ class Subscriber:
         self._last_message = time.monotonic()
         with self._count_lock:
             self._unacked += 1
-        # Blocks when the writer is behind: paho then stops reading the socket and the
-        # broker stops at our receive maximum (backpressure, bounded memory).
+        # Blocks when the writer is behind (queue full, or too many bytes held): paho's
+        # network thread then stops reading the socket and TCP flow control holds the
+        # broker back (backpressure, bounded memory); the backlog waits at the broker.
+        size = len(msg.payload)
+        limit = self.ingest.queue_max_bytes
+        with self._room:
+            while self._held_bytes and self._held_bytes + size > limit and not self._stopping:
+                self._room.wait(0.5)
+            self._held_bytes += size
         self.queue.put(Message(msg.topic, msg.payload, time.time_ns(), ack))
 
     def _take_group(self) -> list[Message]:
@@ -277,5 +288,9 @@ class Subscriber:
             with self._count_lock:
                 self._unacked = max(self._unacked - len(group), 0)
                 self.metrics.inflight.set(self._unacked)
+            with self._room:
+                self._held_bytes -= sum(len(m.payload) for m in group)
+                self.metrics.queue_bytes.set(self._held_bytes)
+                self._room.notify_all()
             self.metrics.groups.inc()
             self._note_rate(result.stored)
