@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
+
 from tests.cloud.ingest.conftest import (
     NS,
     batch,
@@ -136,3 +138,34 @@ def test_bad_inputs_dead_lettered_stream_unharmed(make_cloud, publisher, broker_
     assert cloud.get("/readyz")["status"] == "ready"
     by_reason = cloud.get("/api/v1/dead-letters", reason="oversize")["dead_letters"]
     assert [d["reason"] for d in by_reason] == ["oversize"]
+
+
+def test_birth_and_last_will_set_online_state_and_metadata(make_cloud, broker_url):
+    import paho.mqtt.client as mqtt
+
+    cloud = make_cloud()
+    topic = "millstream/v1/plant1/lwt-1/status"
+    dev = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="lwt-1", protocol=mqtt.MQTTv5)
+    will = {"v": 1, "device": "lwt-1", "state": "offline", "reason": "connection-lost"}
+    dev.will_set(topic, json.dumps(will), qos=1, retain=True)
+    dev.connect("127.0.0.1", int(broker_url.rsplit(":", 1)[1]), keepalive=5)
+    dev.loop_start()
+    birth = {
+        "v": 1, "device": "lwt-1", "state": "online", "reason": "connected",
+        "agent_version": "0.1.0", "kind": "pump", "metadata": {"hall": "2"},
+    }  # fmt: skip
+    dev.publish(topic, json.dumps(birth), qos=1, retain=True).wait_for_publish(5)
+
+    def state() -> dict:
+        r = httpx.get(cloud.url + "/api/v1/devices/lwt-1")
+        return r.json() if r.status_code == 200 else {}
+
+    wait_until(lambda: state().get("online") is True, what="birth")
+    d = state()
+    assert d["agent_version"] == "0.1.0" and d["kind"] == "pump"
+    assert d["metadata"] == {"hall": "2"} and d["last_seen"]
+    dev.loop_stop()
+    dev.socket().close()  # the link dies without DISCONNECT: the broker sends the will
+    wait_until(lambda: state().get("online") is False, 20, 0.2, "last will")
+    listed = cloud.get("/api/v1/devices", online="false")["devices"]
+    assert [x["id"] for x in listed] == ["lwt-1"]
