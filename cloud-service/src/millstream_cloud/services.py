@@ -13,6 +13,7 @@ from millstream_cloud.ingest.subscriber import Subscriber
 from millstream_cloud.metrics import ServiceMetrics
 from millstream_cloud.registry import DeviceRegistry
 from millstream_cloud.remote import RemoteService
+from millstream_cloud.security.limits import DeviceRateLimiter
 from millstream_cloud.settings import Settings
 from millstream_cloud.storage import open_storage
 from millstream_cloud.storage.base import Storage
@@ -42,7 +43,11 @@ class Services:
         storage = open_storage(settings)
         registry = DeviceRegistry(data / "registry.db", settings.registry.url)
         dead_letters = DeadLetterStore(data / "dead_letters.db", settings.ingest.dead_letter_max)
-        pipeline = IngestPipeline(storage, registry, dead_letters, metrics, settings.ingest)
+        rate = settings.ingest.rate_limit_per_device
+        limiter = DeviceRateLimiter(rate, settings.ingest.rate_limit_burst) if rate else None
+        pipeline = IngestPipeline(
+            storage, registry, dead_letters, metrics, settings.ingest, limiter=limiter
+        )
         anomalies = AnomalySink(storage, metrics)
         pipeline.hooks.append(anomalies.on_readings)
         subscriber = (
