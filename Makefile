@@ -50,6 +50,7 @@ format: venv
 	$(BIN)/ruff format edge-agent cloud-service tests bench scripts
 
 demo: system-deps venv
+	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || $(BIN)/pip install -q amqtt
 	$(PY) scripts/demo.py --devices $(DEVICES) --duration $(DURATION) --port $(PORT)
 
 bench: system-deps venv
