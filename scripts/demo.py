@@ -281,7 +281,7 @@ def main() -> int:
             fleet_log,
         )
         print(
-            f"Millstream demo: {args.devices} simulated machines -> Mosquitto {broker_url} -> cloud"
+            f"Millstream demo: {args.devices} simulated machines -> {broker_name} {broker_url} -> cloud"
         )
         print(f"  API          {api}/api/v1/devices")
         print(f"  API docs     {api}/docs")
