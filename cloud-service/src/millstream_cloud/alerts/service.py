@@ -79,6 +79,7 @@ class AlertService:
             settings.external_url,
             on_notify=self._on_notify,
             lock=self.lock,
+            lookup=lambda fp: self.engine.alerts.get(fp),
         )
         self.file_rules = load_rule_files(
             settings.rule_files, Path(config_dir) if config_dir else None
