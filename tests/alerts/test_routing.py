@@ -275,7 +275,9 @@ def test_receiver_recovers_within_retries(make_service, webhook):
 
 def test_resolution_survives_a_receiver_down_past_all_retries(make_service, webhook):
     clock = ManualClock(T0)
-    svc = make_service([FIRE_NOW], route(group_wait="0s", group_interval="30s"), hook(webhook), clock)
+    svc = make_service(
+        [FIRE_NOW], route(group_wait="0s", group_interval="30s"), hook(webhook), clock
+    )
     run(svc, clock, 3, 3, lambda i: 90.0)
     webhook.status = 503
     run(svc, clock, 30, 3, lambda i: 50.0)  # resolves; every attempt to tell fails
