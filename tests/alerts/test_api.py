@@ -16,6 +16,7 @@ from millstream_cloud.alerts.settings import AlertSettings
 from millstream_cloud.api import alerts as alerts_api
 from millstream_cloud.app import create_app
 from millstream_cloud.ingest.pipeline import Message
+from millstream_cloud.model import Anomaly
 from millstream_cloud.protocol import format_ts
 from millstream_cloud.services import Services
 from millstream_cloud.settings import Settings
@@ -45,14 +46,7 @@ def app(
             "receivers": [{"name": "hook", "webhook_configs": [{"url": webhook.url}]}],
         }
     )
-    svc = AlertService(
-        alert_settings,
-        settings.data_path,
-        devices=services.registry.all,
-        metrics_registry=services.metrics.registry,
-    )
-    services.extras["alerts"] = svc
-    services.pipeline.hooks.append(svc.observe_readings)
+    svc = AlertService.for_services(services, alert_settings)
     app = create_app(settings, services, start=False)
     app.include_router(alerts_api.router)
     with TestClient(app) as client:
@@ -248,3 +242,51 @@ def test_no_alert_service_is_503(tmp_path):
     app.include_router(alerts_api.router)
     with TestClient(app) as client:
         assert client.get("/api/v1/alerts").status_code == 503
+
+
+class SpikeDetector:
+    """Stands in for the detection engine: anything above 1000 is an anomaly."""
+
+    def observe(self, readings: list[Any]) -> list[Anomaly]:
+        return [
+            Anomaly(
+                r.device,
+                r.site,
+                r.time_ns,
+                "spike",
+                9.0,
+                0.999,
+                metric=r.metric,
+                explanation=f"{r.metric} jumped to {r.value:g}",
+            )
+            for r in readings
+            if r.value > 1000
+        ]
+
+
+def test_anomaly_from_detector_raises_alert(app, webhook):
+    client, services, svc = app
+    svc.put_rule(
+        {
+            "name": "Anomaly",
+            "type": "anomaly",
+            "min_likelihood": 0.99,
+            "annotations": {"summary": "{device}: {explanation}"},
+        },
+        create=True,
+    )
+    services.anomalies.detector = SpikeDetector()
+    services.pipeline.process([telemetry("press-3", 1, 5000.0, metric="vib")])
+    (alert,) = client.get("/api/v1/alerts", params={"filter": 'alertname="Anomaly"'}).json()[
+        "alerts"
+    ]
+    assert alert["labels"] == {
+        "alertname": "Anomaly",
+        "device": "press-3",
+        "site": "plant-a",
+        "metric": "vib",
+    }
+    assert alert["annotations"]["summary"] == "press-3: vib jumped to 5000"
+    assert alert["state"] == "firing"
+    svc.tick()
+    assert "millstream_alerts_firing 1.0" in client.get("/metrics").text

@@ -360,6 +360,7 @@ class AlertEngine:
             counts[alert.state] = counts.get(alert.state, 0) + 1
         for state, n in counts.items():
             self.metrics.alerts.labels(state).set(n)
+        self.metrics.firing.set(counts["firing"])
 
     def _offline_rules(self, now: int, devices: list[DeviceLike]) -> None:
         for rule in self._offline:

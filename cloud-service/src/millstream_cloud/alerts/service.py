@@ -104,6 +104,27 @@ class AlertService:
         self._thread: threading.Thread | None = None
         self.notified: list[tuple[str, Notification]] = []  # last few, for the demo summary
 
+    @classmethod
+    def for_services(
+        cls, services: Any, settings: AlertSettings, clock: Clock | None = None
+    ) -> AlertService:
+        """Build one for a ``Services`` and hook it in: readings from the ingest pipeline,
+        anomalies from the anomaly sink, devices from the registry, metrics into the
+        service's registry; reachable as ``services.extras["alerts"]``."""
+        svc = cls(
+            settings,
+            services.settings.data_path,
+            devices=services.registry.all,
+            metrics_registry=services.metrics.registry,
+            clock=clock,
+        )
+        services.pipeline.hooks.append(svc.observe_readings)
+        anomalies = getattr(services, "anomalies", None)
+        if anomalies is not None and hasattr(anomalies, "hooks"):
+            anomalies.hooks.append(svc.observe_anomalies)
+        services.extras["alerts"] = svc
+        return svc
+
     # wiring
     def _integrations(self) -> dict[str, list[Integration]]:
         types = notifier_types()
