@@ -34,13 +34,13 @@ sys.path.insert(0, str(ROOT))
 
 import paho.mqtt.client as mqtt  # noqa: E402
 import yaml  # noqa: E402
+
 from millstream_cloud.alerts.service import AlertService  # noqa: E402
 from millstream_cloud.alerts.settings import AlertSettings  # noqa: E402
 from millstream_cloud.model import Reading  # noqa: E402
 from millstream_cloud.protocol import format_ts  # noqa: E402
 from millstream_cloud.services import Services  # noqa: E402
 from millstream_cloud.settings import load_settings  # noqa: E402
-
 from tests.support.servers import mosquitto_server  # noqa: E402
 
 TARGET_P99_S = 2.0

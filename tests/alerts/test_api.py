@@ -8,9 +8,11 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+
 from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.alerts.settings import AlertSettings
 from millstream_cloud.api import alerts as alerts_api
@@ -20,7 +22,6 @@ from millstream_cloud.model import Anomaly
 from millstream_cloud.protocol import format_ts
 from millstream_cloud.services import Services
 from millstream_cloud.settings import Settings
-
 from tests.alerts.conftest import WebhookServer, write_rules
 
 RULE = {

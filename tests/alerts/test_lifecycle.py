@@ -8,7 +8,6 @@ from collections.abc import Callable
 from millstream_cloud.alerts.clock import ManualClock
 from millstream_cloud.alerts.labels import fingerprint
 from millstream_cloud.alerts.service import AlertService
-
 from tests.alerts.conftest import T0, WebhookServer, reading
 
 HOT = {

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from millstream_cloud.alerts.clock import ManualClock, SystemClock
 
+from millstream_cloud.alerts.clock import ManualClock, SystemClock
 from tests.alerts.conftest import T0, WebhookServer, reading
 from tests.alerts.test_lifecycle import HOT, route, run
 from tests.support.servers import ServerProcess, find_binary, free_port

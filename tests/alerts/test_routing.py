@@ -4,11 +4,11 @@ real receivers (HTTP webhook servers and an SMTP server)."""
 from __future__ import annotations
 
 import pytest
+
 from millstream_cloud.alerts.clock import ManualClock
 from millstream_cloud.alerts.labels import Matcher
 from millstream_cloud.alerts.routing import Route
 from millstream_cloud.alerts.settings import RouteConfig
-
 from tests.alerts.conftest import T0, FakeDevice, reading
 from tests.alerts.test_lifecycle import HOT, hook, route, run, statuses
 

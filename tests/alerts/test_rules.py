@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from millstream_cloud.alerts.clock import ManualClock
 from millstream_cloud.alerts.labels import fingerprint, parse_duration
 from millstream_cloud.alerts.rules import (
@@ -13,7 +14,6 @@ from millstream_cloud.alerts.rules import (
     parse_rules,
 )
 from millstream_cloud.model import Anomaly, Contribution
-
 from tests.alerts.conftest import T0, FakeDevice
 from tests.alerts.test_lifecycle import hook, route, run
 
