@@ -51,6 +51,10 @@ class AlertService:
         config_dir: str | Path | None = None,
     ) -> None:
         self.settings = settings
+        # First, so a bad rules file stops the start before any thread or file is opened.
+        self.file_rules = load_rule_files(
+            settings.rule_files, Path(config_dir) if config_dir else None
+        )
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.devices = devices or (lambda: ())
@@ -80,9 +84,6 @@ class AlertService:
             on_notify=self._on_notify,
             lock=self.lock,
             lookup=lambda fp: self.engine.alerts.get(fp),
-        )
-        self.file_rules = load_rule_files(
-            settings.rule_files, Path(config_dir) if config_dir else None
         )
         self.api_rules: dict[str, AnyRule] = {}
         for body in self.store.load_rules():
