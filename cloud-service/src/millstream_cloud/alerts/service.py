@@ -100,7 +100,8 @@ class AlertService:
         with self.lock:
             self.engine.set_rules(self._all_rules(), now)
             self._restore(now)
-            self.dispatcher.flush_due(now)
+            with self.store.transaction():  # after the engine's commit
+                self.dispatcher.flush_due(now)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.notified: list[tuple[str, Notification]] = []  # last few, for the demo summary
@@ -197,8 +198,14 @@ class AlertService:
         return self.silences.muting(alert.labels, now)
 
     def inhibited_by(self, alert: Alert) -> str | None:
-        firing = [a for a in self.engine.alerts.values() if a.state == "firing"]
-        return self.inhibitor.inhibited_by(alert.labels, alert.fingerprint, firing)
+        if not self.inhibitor.rules:
+            return None
+        with self.lock:
+            self.inhibitor.refresh(
+                (a for a in self.engine.alerts.values() if a.state == "firing"),
+                self.engine.version,
+            )
+            return self.inhibitor.inhibited_by(alert.labels, alert.fingerprint)
 
     # inputs
     def now(self) -> int:
@@ -210,16 +217,20 @@ class AlertService:
             return
         with self.lock:
             now = self.clock.now_ns()
-            self.engine.observe_readings(readings, now)
-            self.dispatcher.flush_due(now)
+            with self.store.transaction():
+                self.engine.observe_readings(readings, now)
+            with self.store.transaction():  # after the engine's commit
+                self.dispatcher.flush_due(now)
 
     def observe_anomalies(self, anomalies: Sequence[Anomaly]) -> None:
         if not self.settings.enabled or not anomalies:
             return
         with self.lock:
             now = self.clock.now_ns()
-            self.engine.observe_anomalies(anomalies, now)
-            self.dispatcher.flush_due(now)
+            with self.store.transaction():
+                self.engine.observe_anomalies(anomalies, now)
+            with self.store.transaction():  # after the engine's commit
+                self.dispatcher.flush_due(now)
 
     def tick(self, now: int | None = None) -> None:
         """Evaluate time-based rules and group timers (the background thread calls this)."""
@@ -228,8 +239,10 @@ class AlertService:
         now = self.clock.now_ns() if now is None else now
         devices = list(self.devices())
         with self.lock:
-            self.engine.evaluate_time(now, devices)
-            self.dispatcher.tick(now)
+            with self.store.transaction():
+                self.engine.evaluate_time(now, devices)
+            with self.store.transaction():
+                self.dispatcher.tick(now)
             muted = {"silenced": 0, "inhibited": 0}
             for a in self.engine.alerts.values():
                 if a.state == "firing":
@@ -411,8 +424,10 @@ class AlertService:
             now = self.clock.now_ns()
             self.store.save_rule(rule.name, rule.to_dict(), now)
             self.api_rules[rule.name] = rule
-            self.engine.set_rules(self._all_rules(), now)
-            self.dispatcher.flush_due(now)
+            with self.store.transaction():
+                self.engine.set_rules(self._all_rules(), now)
+            with self.store.transaction():  # after the engine's commit
+                self.dispatcher.flush_due(now)
         return {**rule.to_dict(), "source": "api"}
 
     def delete_rule(self, name: str) -> None:
@@ -426,8 +441,10 @@ class AlertService:
             del self.api_rules[name]
             self.store.delete_rule(name)
             now = self.clock.now_ns()
-            self.engine.set_rules(self._all_rules(), now)
-            self.dispatcher.flush_due(now)
+            with self.store.transaction():
+                self.engine.set_rules(self._all_rules(), now)
+            with self.store.transaction():  # after the engine's commit
+                self.dispatcher.flush_due(now)
 
     # silences
     def silence_json(self, s: Silence) -> dict[str, Any]:
