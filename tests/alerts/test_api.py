@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.alerts.settings import AlertSettings
+from millstream_cloud.api import ROUTERS
 from millstream_cloud.api import alerts as alerts_api
 from millstream_cloud.app import create_app
 from millstream_cloud.ingest.pipeline import Message
@@ -34,23 +35,43 @@ RULE = {
 }
 
 
+def wire(
+    settings_kwargs: dict[str, Any], alert_settings: dict[str, Any]
+) -> tuple[Services, AlertService]:
+    """Services with an AlertService, whether or not Services already builds one."""
+    if "alerts" in Settings.model_fields:  # wired into the service settings
+        settings = Settings(**settings_kwargs, alerts=alert_settings)
+        services = Services.build(settings, with_subscriber=False)
+        svc = services.extras["alerts"]
+        assert isinstance(svc, AlertService)
+        return services, svc
+    settings = Settings(**settings_kwargs)
+    services = Services.build(settings, with_subscriber=False)
+    return services, AlertService.for_services(
+        services, AlertSettings.model_validate(alert_settings)
+    )
+
+
+def make_app(services: Services) -> Any:
+    app = create_app(services.settings, services, start=False)
+    if alerts_api.router not in ROUTERS:
+        app.include_router(alerts_api.router)
+    return app
+
+
 @pytest.fixture
 def app(
     tmp_path: Path, webhook: WebhookServer
 ) -> Iterator[tuple[TestClient, Services, AlertService]]:
-    settings = Settings(data_dir=str(tmp_path / "data"))
-    services = Services.build(settings, with_subscriber=False)
-    alert_settings = AlertSettings.model_validate(
+    services, svc = wire(
+        {"data_dir": str(tmp_path / "data")},
         {
             "rule_files": [write_rules(tmp_path / "rules.yaml", [RULE])],
             "route": {"receiver": "hook", "group_wait": "0s", "group_by": ["alertname"]},
             "receivers": [{"name": "hook", "webhook_configs": [{"url": webhook.url}]}],
-        }
+        },
     )
-    svc = AlertService.for_services(services, alert_settings)
-    app = create_app(settings, services, start=False)
-    app.include_router(alerts_api.router)
-    with TestClient(app) as client:
+    with TestClient(make_app(services)) as client:
         yield client, services, svc
     svc.stop()
 
@@ -237,11 +258,10 @@ def test_silences_create_list_expire(app, webhook):
 
 
 def test_no_alert_service_is_503(tmp_path):
-    settings = Settings(data_dir=str(tmp_path / "d"))
-    services = Services.build(settings, with_subscriber=False)
-    app = create_app(settings, services, start=False)
-    app.include_router(alerts_api.router)
-    with TestClient(app) as client:
+    services, svc = wire({"data_dir": str(tmp_path / "d")}, {})
+    svc.stop()
+    services.extras.pop("alerts")
+    with TestClient(make_app(services)) as client:
         assert client.get("/api/v1/alerts").status_code == 503
 
 
