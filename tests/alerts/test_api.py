@@ -23,6 +23,7 @@ from millstream_cloud.model import Anomaly
 from millstream_cloud.protocol import format_ts
 from millstream_cloud.services import Services
 from millstream_cloud.settings import Settings
+from millstream_cloud.storage.base import ALERTS, SeriesQuery
 from tests.alerts.conftest import WebhookServer, write_rules
 
 RULE = {
@@ -89,6 +90,8 @@ def telemetry(device: str, seq: int, value: float, metric: str = "temp") -> Mess
 
 def test_reading_through_pipeline_raises_alert_listed_and_notified(app, webhook):
     client, services, svc = app
+    events: list[dict[str, Any]] = []
+    svc.listeners.append(events.append)  # e.g. Grafana annotations
     services.pipeline.process([telemetry("press-1", 1, 95.0)])
     (alert,) = client.get("/api/v1/alerts").json()["alerts"]
     assert alert["state"] == "firing" and alert["labels"]["device"] == "press-1"
@@ -131,6 +134,16 @@ def test_reading_through_pipeline_raises_alert_listed_and_notified(app, webhook)
     svc.tick(time.time_ns() + 300 * 10**9)  # the group's next flush sends the resolution
     assert [b["status"] for b in webhook.wait_for(2)] == ["firing", "resolved"]
     assert svc.wait_idle(5)
+    # Transitions are in the `alerts` measurement the dashboards query.
+    series = services.storage.query(
+        SeriesQuery(
+            ALERTS, ["value", "summary"], {"device": "press-1"}, 0, 2**62, group_by=["state"]
+        )
+    )
+    by_state = {(s.tags or {}).get("state"): s for s in series if s.field == "value"}
+    assert set(by_state) == {"firing", "resolved"}
+    assert [v for _, v in by_state["firing"].points] == [95.0]
+    assert [(e["state"], e["fingerprint"]) for e in events] == [("firing", fp), ("resolved", fp)]
     metrics = client.get("/metrics").text
     assert (
         'millstream_alert_notifications_total{integration="webhook[0]",outcome="success",receiver="hook"} 2.0'

@@ -11,6 +11,7 @@ through per-integration worker threads, so no receiver can slow the engine down.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,8 +33,27 @@ from millstream_cloud.alerts.settings import AlertSettings
 from millstream_cloud.alerts.silences import Silence, Silences
 from millstream_cloud.alerts.store import Alert, AlertStore
 from millstream_cloud.model import Anomaly, Reading
+from millstream_cloud.storage.base import ALERTS, Point, Storage
 
 log = logging.getLogger("millstream.alerts")
+
+
+def alert_point(event: Mapping[str, Any]) -> Point:
+    """One alert transition in the ``alerts`` measurement (what the dashboards query):
+    tags alertname, site, device, metric, severity, state; fields value, summary,
+    fingerprint."""
+    labels = event["labels"]
+    tags = {"alertname": labels.get("alertname", ""), "state": event["state"]}
+    for key in ("site", "device", "metric", "severity"):
+        if labels.get(key):
+            tags[key] = labels[key]
+    value = event.get("value")
+    fields: dict[str, Any] = {
+        "value": float(value) if isinstance(value, (int, float)) else 1.0,
+        "summary": event["annotations"].get("summary", ""),
+        "fingerprint": event["fingerprint"],
+    }
+    return Point(ALERTS, tags, fields, event["time_ns"])
 
 
 class RuleConflict(Exception):
@@ -49,8 +69,15 @@ class AlertService:
         metrics_registry: CollectorRegistry | None = None,
         clock: Clock | None = None,
         config_dir: str | Path | None = None,
+        storage: Storage | None = None,
     ) -> None:
         self.settings = settings
+        self.storage = storage
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._events: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=100_000)
+        self._event_thread = threading.Thread(
+            target=self._event_loop, name="alerts-events", daemon=True
+        )
         # First, so a bad rules file stops the start before any thread or file is opened.
         self.file_rules = load_rule_files(
             settings.rule_files, Path(config_dir) if config_dir else None
@@ -104,6 +131,7 @@ class AlertService:
                 self.dispatcher.flush_due(now)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._event_thread.start()
         self.notified: list[tuple[str, Notification]] = []  # last few, for the demo summary
 
     @classmethod
@@ -119,6 +147,7 @@ class AlertService:
             devices=services.registry.all,
             metrics_registry=services.metrics.registry,
             clock=clock,
+            storage=getattr(services, "storage", None),
         )
         services.pipeline.hooks.append(svc.observe_readings)
         anomalies = getattr(services, "anomalies", None)
@@ -174,6 +203,49 @@ class AlertService:
 
     def _on_change(self, alert: Alert, now: int) -> None:
         self.dispatcher.insert(alert, now)
+        if self.storage is not None or self.listeners:
+            event = {
+                "time_ns": now,
+                "fingerprint": alert.fingerprint,
+                "state": alert.state,
+                "labels": dict(alert.labels),
+                "annotations": dict(alert.annotations),
+                "value": alert.value,
+                "starts_at": alert.starts_at,
+                "ends_at": alert.ends_at,
+            }
+            try:
+                self._events.put_nowait(event)
+            except queue.Full:
+                log.warning("alert event queue full; %s %s not recorded", alert.name, alert.state)
+
+    def _event_loop(self) -> None:
+        """Alert transitions to the ``alerts`` measurement and to listeners (Grafana
+        annotations), off the engine's path so a slow store or Grafana delays nobody."""
+        while True:
+            first = self._events.get()
+            batch = [first]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            events = [e for e in batch if e is not None]
+            try:
+                if events and self.storage is not None:
+                    self.storage.write_points([alert_point(e) for e in events])
+            except Exception:
+                log.exception("writing %d alert events to storage failed", len(events))
+            for e in events:
+                for listener in self.listeners:
+                    try:
+                        listener(e)
+                    except Exception:
+                        log.exception("alert listener %r failed", listener)
+            for _ in batch:
+                self._events.task_done()
+            if first is None or None in batch:
+                return
 
     def _on_forget(self, fingerprints: list[str]) -> None:
         self.dispatcher.remove(fingerprints)
@@ -275,8 +347,11 @@ class AlertService:
                 log.exception("alert evaluation failed")
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Block until every queued notification is delivered or given up (tests, bench)."""
+        """Block until every queued notification is delivered or given up and every alert
+        event is recorded (tests, bench)."""
         deadline = time.monotonic() + timeout
+        while self._events.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
         return all(w.wait_idle(max(0.0, deadline - time.monotonic())) for w in self.workers)
 
     def stop(self) -> None:
@@ -286,6 +361,9 @@ class AlertService:
             self._thread = None
         for w in self.workers:
             w.stop()
+        if self._event_thread.is_alive():
+            self._events.put(None)
+            self._event_thread.join(timeout=5)
         self.store.close()
 
     # queries and actions for the API
