@@ -90,8 +90,8 @@ def telemetry(device: str, seq: int, value: float, metric: str = "temp") -> Mess
 
 def test_reading_through_pipeline_raises_alert_listed_and_notified(app, webhook):
     client, services, svc = app
-    events: list[dict[str, Any]] = []
-    svc.listeners.append(events.append)  # e.g. Grafana annotations
+    seen: list[dict[str, Any]] = []
+    svc.listeners.append(seen.append)  # e.g. Grafana annotations
     services.pipeline.process([telemetry("press-1", 1, 95.0)])
     (alert,) = client.get("/api/v1/alerts").json()["alerts"]
     assert alert["state"] == "firing" and alert["labels"]["device"] == "press-1"
@@ -143,7 +143,7 @@ def test_reading_through_pipeline_raises_alert_listed_and_notified(app, webhook)
     by_state = {(s.tags or {}).get("state"): s for s in series if s.field == "value"}
     assert set(by_state) == {"firing", "resolved"}
     assert [v for _, v in by_state["firing"].points] == [95.0]
-    assert [(e["state"], e["fingerprint"]) for e in events] == [("firing", fp), ("resolved", fp)]
+    assert [(e["state"], e["fingerprint"]) for e in seen] == [("firing", fp), ("resolved", fp)]
     metrics = client.get("/metrics").text
     assert (
         'millstream_alert_notifications_total{integration="webhook[0]",outcome="success",receiver="hook"} 2.0'
