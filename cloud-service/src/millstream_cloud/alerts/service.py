@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from millstream_cloud.alerts.clock import Clock, SystemClock
 from millstream_cloud.alerts.engine import AlertEngine, DeviceLike
 from millstream_cloud.alerts.inhibit import Inhibitor, InhibitRule
-from millstream_cloud.alerts.labels import Matcher, match_all, parse_duration, parse_matchers
+from millstream_cloud.alerts.labels import match_all, parse_duration, parse_matchers
 from millstream_cloud.alerts.metrics import AlertMetrics
 from millstream_cloud.alerts.notifiers.base import Notification, NotifierContext, notifier_types
 from millstream_cloud.alerts.notifiers.delivery import IntegrationWorker, RetryPolicy
@@ -93,6 +93,9 @@ class AlertService:
         self.inhibitor = Inhibitor(InhibitRule.from_config(c) for c in settings.inhibit_rules)
         self.resolved_retention_ns = parse_duration(settings.resolved_retention)
         self.workers: list[IntegrationWorker] = []
+        self.notified: list[tuple[str, Notification]] = []  # the last few, for a summary
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         integrations = self._integrations()
         self.engine = AlertEngine(
             self.store,
@@ -129,10 +132,7 @@ class AlertService:
             self._restore(now)
             with self.store.transaction():  # after the engine's commit
                 self.dispatcher.flush_due(now)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._event_thread.start()
-        self.notified: list[tuple[str, Notification]] = []  # last few, for the demo summary
 
     @classmethod
     def for_services(
@@ -562,6 +562,3 @@ class AlertService:
     def expire_silence(self, silence_id: str) -> Silence:
         with self.lock:
             return self.silences.expire(silence_id, self.clock.now_ns())
-
-    def matchers_of(self, texts: Sequence[str]) -> list[Matcher]:
-        return parse_matchers(texts)
