@@ -194,7 +194,7 @@ def test_check_rules_cli(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     cli.add_parser(parser.add_subparsers())
     good = tmp_path / "good.yaml"
-    good.write_text("rules:\n  - {name: Off, type: offline}\n")
+    good.write_text("rules:\n  - {name: DeviceDown, type: offline}\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "rules:\n  - {name: Hot, type: threshold, metric: t, threshold: 80, for: soon}\n"
