@@ -43,7 +43,7 @@ def wire(
     if "alerts" in Settings.model_fields:  # wired into the service settings
         settings = Settings(**settings_kwargs, alerts=alert_settings)
         services = Services.build(settings, with_subscriber=False)
-        svc = services.extras["alerts"]
+        svc = getattr(services, "alerts", None) or services.extras["alerts"]
         assert isinstance(svc, AlertService)
         return services, svc
     settings = Settings(**settings_kwargs)
@@ -274,6 +274,8 @@ def test_no_alert_service_is_503(tmp_path):
     services, svc = wire({"data_dir": str(tmp_path / "d")}, {})
     svc.stop()
     services.extras.pop("alerts")
+    if hasattr(services, "alerts"):
+        services.alerts = None
     with TestClient(make_app(services)) as client:
         assert client.get("/api/v1/alerts").status_code == 503
 

@@ -139,8 +139,9 @@ class AlertService:
         cls, services: Any, settings: AlertSettings, clock: Clock | None = None
     ) -> AlertService:
         """Build one for a ``Services`` and hook it in: readings from the ingest pipeline,
-        anomalies from the anomaly sink, devices from the registry, metrics into the
-        service's registry; reachable as ``services.extras["alerts"]``."""
+        anomalies from the anomaly sink, devices from the registry, metrics and the
+        ``alerts`` measurement into the service's registry and storage; reachable as
+        ``services.alerts`` (when Services has that field) and ``services.extras["alerts"]``."""
         svc = cls(
             settings,
             services.settings.data_path,
@@ -154,6 +155,8 @@ class AlertService:
         if anomalies is not None and hasattr(anomalies, "hooks"):
             anomalies.hooks.append(svc.observe_anomalies)
         services.extras["alerts"] = svc
+        if hasattr(services, "alerts"):
+            services.alerts = svc
         return svc
 
     # wiring
