@@ -242,7 +242,7 @@ def main() -> int:
         api = f"http://127.0.0.1:{args.port}"
         cloud_log = var / "cloud.log"
         if os.environ.get("WEBHOOK"):
-            env["MILLSTREAM_ALERTS__WEBHOOK_URL"] = os.environ["WEBHOOK"]
+            env["MILLSTREAM_ALERTS__WEBHOOK"] = os.environ["WEBHOOK"]
         cloud = stack.start(
             "cloud",
             [

@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Any
 
+from millstream_cloud.alerts.rules import RuleError
 from millstream_cloud.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("millstream.serve")
@@ -56,6 +57,9 @@ def run_serve(args: argparse.Namespace) -> int:
         app = create_app(settings)
     except InsecureBindError as exc:
         print(f"millstream-cloud: {exc}", file=sys.stderr)
+        return 2
+    except RuleError as exc:
+        print(f"millstream-cloud: bad alert rules:\n{exc}", file=sys.stderr)
         return 2
     log.info(
         "serving on http://%s:%d (docs at /docs), broker %s, storage %s in %s",

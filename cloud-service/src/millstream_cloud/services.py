@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.anomalies import AnomalySink
 from millstream_cloud.grafana.fleet import FleetWriter
 from millstream_cloud.ingest.deadletters import DeadLetterStore
@@ -33,6 +34,7 @@ class Services:
     subscriber: Subscriber | None = None
     remote: RemoteService | None = None
     fleet: FleetWriter | None = None
+    alerts: AlertService | None = None
     # Per-instance caches and hooks of optional parts (query engine, authorizers).
     extras: dict[str, object] = field(default_factory=dict)
 
@@ -58,6 +60,9 @@ class Services:
         services = cls(
             settings, storage, registry, dead_letters, metrics, pipeline, anomalies, subscriber
         )
+        # Rules on readings (pipeline hook) and anomalies (sink hook), devices from the
+        # registry, metrics, the `alerts` measurement. A bad rules file raises RuleError.
+        AlertService.for_services(services, settings.alerts)  # sets services.alerts
         if with_subscriber:
             services.remote = RemoteService(settings, data / "remote.db")
             pipeline.remote = services.remote
@@ -72,6 +77,8 @@ class Services:
             self.remote.start()
         if self.fleet is not None:
             self.fleet.start()
+        if self.alerts is not None:
+            self.alerts.start()
 
     def stop(self) -> None:
         if self.fleet is not None:
@@ -80,6 +87,8 @@ class Services:
             self.subscriber.stop()
         if self.remote is not None:
             self.remote.stop()
+        if self.alerts is not None:
+            self.alerts.stop()  # after the subscriber: no more readings arrive
         self.registry.close()
         self.dead_letters.close()
         self.storage.close()
