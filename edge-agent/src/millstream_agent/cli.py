@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample-config", help="print a complete, documented configuration")
     s.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL to put in it")
     s.add_argument("--queue-path", default=None, help="queue file to put in it")
+    s.add_argument("--device-id", default="press-01", help="device id to put in it")
+    s.add_argument("--site", default="plant-a", help="site to put in it")
 
     m = sub.add_parser("simulate", help="many simulated devices, each its own MQTT session")
     m.add_argument("--devices", type=int, default=1, help="number of devices (default 1)")
@@ -78,8 +80,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _simulate(args)
     if args.command == "sample-config":
         from millstream_agent.config import sample_config
+        from millstream_agent.protocol import ID_PATTERN
 
-        sys.stdout.write(sample_config(broker=args.broker, queue_path=args.queue_path))
+        for flag, value in (("--device-id", args.device_id), ("--site", args.site)):
+            if not ID_PATTERN.match(value):
+                sys.stderr.write(f"{flag}: expected {ID_PATTERN.pattern}, got {value!r}\n")
+                return EXIT_CONFIG
+        sys.stdout.write(
+            sample_config(
+                broker=args.broker,
+                queue_path=args.queue_path,
+                device_id=args.device_id,
+                site=args.site,
+            )
+        )
         return 0
     if args.command == "check-config":
         from millstream_agent.config import ConfigError, load_config

@@ -855,6 +855,7 @@ def sample_config(
     broker: str = "mqtt://127.0.0.1:1883",
     queue_path: Optional[str] = None,
     device_id: str = "press-01",
+    site: str = "plant-a",
 ) -> str:
     """A complete configuration: every option, its default and why; it runs as it is."""
     from millstream_agent.collectors import collector_class
@@ -868,7 +869,7 @@ def sample_config(
     overrides: dict[str, Any] = {
         "mqtt.broker": broker,
         "device.id": device_id,
-        "device.site": "plant-a",
+        "device.site": site,
         "device.kind": "motor",
     }
     if queue_path:
