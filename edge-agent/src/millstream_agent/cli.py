@@ -57,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--kind", default="motor", help="machine kind of the simulated collector")
     m.add_argument("--seed", type=int, default=1, help="random seed (device i gets its own)")
+    m.add_argument(
+        "--faults",
+        choices=("auto", "none"),
+        default=None,
+        help="fault injection of the simulated machines (default: the collector's, auto)",
+    )
+    m.add_argument("--fault-rate", type=float, default=None, help="faults per device per hour")
+    m.add_argument("--ground-truth", default=None, help="append fault intervals to this JSONL")
     m.add_argument("--queue-dir", default=None, help="on-disk queues here (default: in memory)")
     m.add_argument("--batch-size", type=int, default=100, help="max readings per message")
     m.add_argument("--batch-delay", type=float, default=1.0, help="max seconds a reading waits")
@@ -153,6 +161,9 @@ def _simulate(args: argparse.Namespace) -> int:
         cert=args.cert,
         key=args.key,
         server_hostname=args.server_hostname,
+        faults=args.faults,
+        fault_rate=args.fault_rate,
+        ground_truth=args.ground_truth,
     )
     return run(opts)
 

@@ -58,6 +58,9 @@ class SimOptions:
     cert: Optional[str] = None
     key: Optional[str] = None
     server_hostname: Optional[str] = None
+    faults: Optional[str] = None  # auto | none; None = the collector's default
+    fault_rate: Optional[float] = None
+    ground_truth: Optional[str] = None
 
 
 def default_prefix(site: str) -> str:
@@ -73,6 +76,12 @@ class SimDevice:
         self.device = device
         self.generated = 0
         options: dict = {"kind": opts.kind, "metrics": opts.metrics, "seed": seed, "device": device}
+        if opts.faults is not None:
+            options["faults"] = opts.faults
+        if opts.fault_rate is not None:
+            options["fault_rate_per_hour"] = opts.fault_rate
+        if opts.ground_truth:
+            options["ground_truth"] = opts.ground_truth
         cls = collector_class("simulated")
         spec = getattr(cls, "options_spec", {}) or {}
         options = {k: v for k, v in options.items() if k in spec or not spec}
@@ -161,7 +170,11 @@ def run(opts: SimOptions, out: Any = None) -> int:
                 "device id %r is not valid (pattern %s)", device_id, protocol.ID_PATTERN.pattern
             )
             return 2
-        devices.append(SimDevice(loop, device_id, opts, settings, opts.seed))
+        try:
+            devices.append(SimDevice(loop, device_id, opts, settings, opts.seed))
+        except ValueError as exc:  # the collector refused an option (--kind, --metrics, ...)
+            log.error("simulated collector: %s", exc)
+            return 2
 
     stop = {"requested": False}
 
