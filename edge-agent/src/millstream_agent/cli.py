@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--fault-rate", type=float, default=None, help="faults per device per hour")
     m.add_argument("--ground-truth", default=None, help="append fault intervals to this JSONL")
     m.add_argument("--queue-dir", default=None, help="on-disk queues here (default: in memory)")
+    m.add_argument(
+        "--queue-max-bytes",
+        default="8MB",
+        help="per-device queue bound (oldest dropped first), e.g. 8MB; default 8MB",
+    )
     m.add_argument("--batch-size", type=int, default=100, help="max readings per message")
     m.add_argument("--batch-delay", type=float, default=1.0, help="max seconds a reading waits")
     m.add_argument("--max-inflight", type=int, default=20, help="messages awaiting PUBACK/device")
@@ -138,7 +143,15 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.devices < 1 or args.metrics < 1 or args.rate < 0:
         sys.stderr.write("--devices and --metrics must be >= 1, --rate >= 0\n")
         return EXIT_CONFIG
+    from millstream_agent.config import Invalid, parse_size
+
+    try:
+        queue_max_bytes = parse_size(args.queue_max_bytes)
+    except Invalid as exc:
+        sys.stderr.write(f"--queue-max-bytes: expected {exc}\n")
+        return EXIT_CONFIG
     opts = SimOptions(
+        queue_max_bytes=queue_max_bytes,
         devices=args.devices,
         rate=args.rate,
         metrics=args.metrics,

@@ -46,6 +46,7 @@ class SimOptions:
     kind: str = "motor"
     seed: int = 1
     queue_dir: Optional[str] = None
+    queue_max_bytes: int = 8_000_000
     batch_size: int = 100
     batch_delay: float = 1.0
     max_inflight: int = 20
@@ -89,9 +90,13 @@ class SimDevice:
         self.collector.start()
         self.queue: BaseQueue
         if opts.queue_dir:
-            self.queue = SqliteQueue(os.path.join(opts.queue_dir, f"{device}.db"), fsync="normal")
+            self.queue = SqliteQueue(
+                os.path.join(opts.queue_dir, f"{device}.db"),
+                max_bytes=opts.queue_max_bytes,
+                fsync="normal",
+            )
         else:
-            self.queue = MemoryQueue()
+            self.queue = MemoryQueue(max_bytes=opts.queue_max_bytes)
         self.session = DeviceSession(
             loop,
             device,
@@ -247,6 +252,9 @@ def run(opts: SimOptions, out: Any = None) -> int:
         "published": sum(d.session.published for d in devices),
         "acknowledged": sum(d.session.acknowledged for d in devices),
     }
+    dropped = sum(d.queue.dropped for d in devices)
+    if dropped:
+        log.warning("%d readings were dropped by the queue bound (--queue-max-bytes)", dropped)
     left = sum(d.queue.stats().depth for d in devices)
     if left:
         log.warning("%d readings were not acknowledged before exit", left)
