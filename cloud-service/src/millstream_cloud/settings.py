@@ -52,7 +52,13 @@ class MQTTSettings(Section):
     ack_batch: int = Field(
         500,
         ge=1,
-        description="acknowledge to the broker after at most this many messages are stored",
+        description="messages per group: stored in one transaction, then acknowledged together",
+    )
+    receive_maximum: int = Field(
+        1000,
+        ge=1,
+        le=65535,
+        description="unacknowledged messages the broker may send us (MQTT 5 Receive Maximum); keep above ack_batch",
     )
 
 
@@ -82,7 +88,6 @@ class IngestSettings(Section):
     queue_max_messages: int = Field(
         20_000, ge=1, description="bounded queue between subscriber and writer (backpressure)"
     )
-    write_batch_readings: int = Field(20_000, ge=1, description="readings per storage write")
     write_max_delay_s: float = Field(
         0.05, ge=0, description="longest a message waits to be grouped"
     )
@@ -93,8 +98,113 @@ class IngestSettings(Section):
     )
 
 
+class EmbeddedSettings(Section):
+    """The embedded store (see docs/storage.md): one directory, no server."""
+
+    path: str | None = Field(
+        None, description="directory of the store; default <data_dir>/embedded"
+    )
+    synchronous: str = Field(
+        "full",
+        pattern="^(full|normal)$",
+        description="full: every write is fsynced before it returns (survives power loss); "
+        "normal: survives a process crash, may lose the last writes on power loss",
+    )
+    chunk_s: int = Field(
+        3600,
+        ge=60,
+        description="time window of one compacted chunk per series (fixed when the store is created)",
+    )
+    compact_interval_s: float = Field(
+        5.0, gt=0, description="how often recent writes are compacted into per-series chunks"
+    )
+    memtable_max_points: int = Field(
+        500_000,
+        ge=1_000,
+        description="compact as soon as this many points wait in memory; writers wait at 4x this",
+    )
+    retention_s: int = Field(
+        365 * 86400, ge=0, description="chunks older than this are dropped; 0 keeps everything"
+    )
+    downsample_after_s: int = Field(
+        30 * 86400,
+        ge=0,
+        description="numeric chunks older than this keep only per-bucket aggregates; 0 never",
+    )
+    downsample_every_s: int = Field(
+        60, ge=1, description="bucket width of downsampled data (must divide chunk_s)"
+    )
+    maintenance_interval_s: float = Field(
+        600.0, gt=0, description="how often retention and downsampling run (first run after this)"
+    )
+
+
+class InfluxDBSettings(Section):
+    """The InfluxDB backend (1.x, 2.x, 3.x); see docs/storage.md."""
+
+    url: str = Field("http://127.0.0.1:8086", description="base URL of the InfluxDB server")
+    api: str = Field(
+        "v2",
+        pattern="^(v1|v2)$",
+        description="v2: write through /api/v2/write (InfluxDB 1.8+, 2.x, 3.x); "
+        "v1: /write?db=&rp= (InfluxDB before 1.8)",
+    )
+    token: str | None = Field(
+        None, description="API token (2.x/3.x); prefer MILLSTREAM_STORAGE__INFLUXDB__TOKEN"
+    )
+    username: str | None = Field(None, description="1.x user (or v1 auth on 2.x)")
+    password: str | None = Field(None, description="prefer MILLSTREAM_STORAGE__INFLUXDB__PASSWORD")
+    org: str = Field("-", description="organization for /api/v2/write ('-' on InfluxDB 1.8)")
+    bucket: str | None = Field(
+        None, description="bucket for /api/v2/write; default <database>/<retention_policy>"
+    )
+    database: str = Field("millstream", description="database for InfluxQL /query (and v1 /write)")
+    retention_policy: str = Field("", description="retention policy; empty: the database default")
+    create_database: bool = Field(
+        True, description="v1: CREATE DATABASE at start (idempotent; needs admin on 1.x with auth)"
+    )
+    create_dbrp: bool = Field(
+        False,
+        description="2.x: create the database/retention-policy mapping for the bucket at start",
+    )
+    batch_size: int = Field(5_000, ge=1, description="points per write request")
+    timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one request")
+    gzip: bool = Field(False, description="gzip write bodies")
+    verify_tls: bool = Field(True, description="verify the server certificate for https URLs")
+    ca_cert: str | None = Field(None, description="CA bundle (PEM) for https URLs")
+    spool_dir: str | None = Field(
+        None,
+        description="where writes wait while InfluxDB is down; default <data_dir>/influx-spool",
+    )
+    spool_max_bytes: int = Field(
+        2 * 1024**3,
+        ge=1024 * 1024,
+        description="when the spool is this full, writes fail (ingest then stops acking)",
+    )
+    retry_initial_s: float = Field(0.5, gt=0, description="first retry delay of the spool")
+    retry_max_s: float = Field(5.0, gt=0, description="longest retry delay of the spool")
+
+
 class StorageSettings(Section):
     backend: str = Field("embedded", description="embedded | influxdb")
+    embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
+    influxdb: InfluxDBSettings = Field(default_factory=InfluxDBSettings)
+
+
+class RegistrySettings(Section):
+    url: str | None = Field(
+        None,
+        description="postgresql://... to share the device registry between hosts (needs psycopg); default: SQLite in data_dir",
+    )
+
+
+class RemoteSettings(Section):
+    command_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="default wait for a command result"
+    )
+    max_command_timeout_s: float = Field(
+        120.0, gt=0, description="longest wait a caller may ask for (timeout parameter)"
+    )
 
 
 class APISettings(Section):
@@ -115,6 +225,8 @@ class Settings(Section):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     api: APISettings = Field(default_factory=APISettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
 
     @property
     def data_path(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import struct
 from typing import Any
@@ -162,7 +163,9 @@ def test_sees_changed_values(modbus_server_factory: Any) -> None:
     try:
         assert {s.metric: s.value for s in c.collect(NOW)}["temperature"] == 23.5
         assert writer.connect()
-        writer.write_registers(6, encode(-40.25, "float32"), device_id=1)
+        params = inspect.signature(writer.write_registers).parameters
+        unit = {"device_id" if "device_id" in params else "slave": 1}  # pymodbus < 3.9: slave
+        writer.write_registers(6, encode(-40.25, "float32"), **unit)
         assert {s.metric: s.value for s in c.collect(NOW + 1)}["temperature"] == -40.25
     finally:
         writer.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import statistics
 import time
@@ -19,6 +18,18 @@ from millstream_agent.collectors.simulated import (
 )
 
 T0 = 1_764_000_000.0  # 2025-11-24T16:00:00Z
+
+
+# Written out rather than zip(strict=)/statistics.correlation so the suite runs on 3.9 too.
+def pairs(a: list[Any], b: list[Any]) -> list[tuple[Any, Any]]:
+    assert len(a) == len(b)
+    return [(a[i], b[i]) for i in range(len(a))]
+
+
+def correlation(x: list[float], y: list[float]) -> float:
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    sxy = sum((a - mx) * (b - my) for a, b in pairs(x, y))
+    return sxy / (len(x) * statistics.pstdev(x) * statistics.pstdev(y))
 
 
 def run(options: dict[str, Any], seconds: int, name: str = "m1") -> list[dict[str, float]]:
@@ -64,9 +75,9 @@ def test_load_moves_related_metrics_together() -> None:
     current = [r["current"] for r in rows]
     power = [r["power"] for r in rows]
     speed = [r["speed"] for r in rows]
-    assert statistics.correlation(current, power) > 0.9
+    assert correlation(current, power) > 0.9
     # An induction motor slows a little under load (slip).
-    assert statistics.correlation(current, speed) < -0.5
+    assert correlation(current, speed) < -0.5
 
 
 def test_temperatures_follow_load_with_a_lag() -> None:
@@ -77,12 +88,12 @@ def test_temperatures_follow_load_with_a_lag() -> None:
     # Within a minute of a load change the current has moved most of its range; the
     # winding, with a thermal time constant of ten minutes, only a small part of it.
     def minute_change(xs: list[float]) -> float:
-        return max(abs(a - b) for a, b in zip(xs, xs[60:], strict=False)) / (max(xs) - min(xs))
+        return max(abs(xs[i + 60] - xs[i]) for i in range(len(xs) - 60)) / (max(xs) - min(xs))
 
     assert minute_change(current) > 0.5
     assert minute_change(winding) < 0.3
-    lagged = statistics.correlation(current[:-600], winding[600:])
-    assert lagged > statistics.correlation(current, winding) - 0.05
+    lagged = correlation(current[:-600], winding[600:])
+    assert lagged > correlation(current, winding) - 0.05
 
 
 def test_daily_cycle_warms_the_afternoon() -> None:
@@ -105,7 +116,8 @@ def test_faults_do_not_change_the_machine_outside_their_intervals() -> None:
     assert len(truth) >= 3
     intervals = [(parse_rfc3339(g["start"], "s"), parse_rfc3339(g["end"], "e")) for g in truth]
     inside = 0
-    for i, (c, f) in enumerate(zip(clean, faulty, strict=False)):
+    for i, c in enumerate(clean):
+        f = faulty[i]
         ts = T0 + i
         if any(s <= ts < e for s, e in intervals):
             inside += 1
@@ -134,9 +146,7 @@ def test_drift_rises_linearly_to_magnitude_sigma() -> None:
         }
     )
     sigma = 0.05
-    diff = [
-        f["bearing_vibration"] - c["bearing_vibration"] for c, f in zip(clean, faulty, strict=False)
-    ]
+    diff = [f["bearing_vibration"] - c["bearing_vibration"] for c, f in pairs(clean, faulty)]
     assert diff[59] == 0
     assert diff[60 + 300] == pytest.approx(1.0 * sigma, abs=2e-4)
     assert diff[60 + 599] == pytest.approx(2.0 * sigma * 599 / 600, abs=2e-4)
@@ -177,7 +187,7 @@ def test_spike_hits_one_sample() -> None:
     clean, faulty, truth = one_fault(
         {"type": "spike", "metric": "power", "start": 100, "magnitude": -10}
     )
-    diffs = [round(f["power"] - c["power"], 6) for c, f in zip(clean, faulty, strict=False)]
+    diffs = [round(f["power"] - c["power"], 6) for c, f in pairs(clean, faulty)]
     assert [i for i, d in enumerate(diffs) if d] == [100]
     assert diffs[100] == pytest.approx(-10 * 0.06, abs=1e-3)
     assert truth[0]["end"] == "2025-11-24T16:01:41.000Z"
@@ -218,7 +228,7 @@ def test_ground_truth_file_is_jsonl_with_rfc3339_utc(tmp_path: Any) -> None:
         assert end > start >= T0 + 300  # quiet for fault_start_after (5m) first
         ends.append((start, end))
     # The random schedule has one fault at a time, so intervals never overlap.
-    for (_, e1), (s2, _) in itertools.pairwise(ends):
+    for (_, e1), (s2, _) in pairs(ends[:-1], ends[1:]):
         assert s2 >= e1
     assert {r["fault"] for r in lines} >= {"spike", "dropout", "stuck"}
 

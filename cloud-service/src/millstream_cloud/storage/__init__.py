@@ -12,7 +12,7 @@ def open_storage(settings: Settings) -> Storage:
     if name == "embedded":
         from millstream_cloud.storage.embedded import EmbeddedStorage
 
-        return EmbeddedStorage(settings.data_path / "telemetry.db")
+        return EmbeddedStorage.from_settings(settings)
     if name == "influxdb":
         import importlib
 

@@ -1,19 +1,49 @@
-"""The embedded default store: SQLite, one file, no server to run.
+"""The embedded default store: one directory, no server, written for ingest speed.
 
-Points live in one table keyed by (series, time), so a rewrite of the same point is an
-idempotent upsert; series (measurement + tag set + field) are numbered in a small table
-kept in memory as well, so tag filters are resolved without touching the points.
+Layout (one SQLite database in WAL mode, ``store.db``; docs/storage.md has the figures):
+
+* ``wal``: the write path. One row per ``write_points`` call holding the whole batch as
+  columns (series ids, times, float values as packed arrays; other types msgpack). No
+  index is touched, so a 5,000-point batch is one row and one fsync'd commit.
+* a **memtable** in memory holds the same points per series until they are compacted;
+  queries read it, so a write is visible as soon as ``write_points`` returns.
+* ``chunks``: a background thread compacts the memtable into one row per series and
+  time window (``chunk_s``): sorted, deduplicated times and values as packed arrays, and
+  a summary (count, first, last, min, max, sum). In the same transaction it deletes the
+  compacted ``wal`` rows, so after a crash the remaining ``wal`` rows are exactly what
+  must be replayed into the memtable.
+* rolled-up chunks (``rollup`` > 0) keep, past ``downsample_after_s``, one
+  (count, sum, min, max, first, last) per ``downsample_every_s`` bucket instead of points.
+
+Idempotency: a point rewritten at the same (series, time) replaces the older value, at
+query time (newest source wins) and at compaction. Queries with ``every``/``agg`` use a
+chunk's summary when the chunk lies inside the range and inside one bucket, so long
+ranges read few bytes.
+
+Threads: one writer at a time (a lock), any number of readers (one read connection per
+thread; SQLite WAL readers do not block the writer), one compactor thread.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from array import array
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import msgspec
+import numpy as np
+
+from millstream_cloud.model import Reading
+from millstream_cloud.settings import EmbeddedSettings, Settings
 from millstream_cloud.storage.base import (
+    TELEMETRY,
     FieldValue,
     Point,
     Series,
@@ -22,7 +52,10 @@ from millstream_cloud.storage.base import (
     register,
 )
 
+log = logging.getLogger("millstream.storage.embedded")
+
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS series (
   id INTEGER PRIMARY KEY,
   measurement TEXT NOT NULL,
@@ -31,21 +64,37 @@ CREATE TABLE IF NOT EXISTS series (
   ftype TEXT NOT NULL,
   UNIQUE (measurement, tags, field)
 );
-CREATE TABLE IF NOT EXISTS points (
+CREATE TABLE IF NOT EXISTS wal (
+  id INTEGER PRIMARY KEY,
+  sids BLOB NOT NULL,
+  times BLOB NOT NULL,
+  vals BLOB NOT NULL,
+  other BLOB
+);
+CREATE TABLE IF NOT EXISTS chunks (
   series_id INTEGER NOT NULL,
-  time_ns INTEGER NOT NULL,
-  value,
-  PRIMARY KEY (series_id, time_ns)
-) WITHOUT ROWID;
+  start_ns INTEGER NOT NULL,
+  rollup INTEGER NOT NULL,
+  n INTEGER NOT NULL,
+  first_t INTEGER NOT NULL,
+  last_t INTEGER NOT NULL,
+  first_v,
+  last_v,
+  vmin REAL,
+  vmax REAL,
+  vsum REAL,
+  times BLOB NOT NULL,
+  vals BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS chunks_series_start ON chunks (series_id, start_ns);
 """
 
-_AGG_SQL = {
-    "mean": "AVG(value)",
-    "min": "MIN(value)",
-    "max": "MAX(value)",
-    "sum": "SUM(value)",
-    "count": "COUNT(value)",
-}
+_NUMPY_DTYPE = {"float": np.float64, "integer": np.int64, "boolean": np.int8, "string": object}
+_NUMERIC = ("float", "integer", "boolean")
+_SEC = 1_000_000_000
+
+_I64 = np.int64
+_F64 = np.float64
 
 
 def _ftype(value: FieldValue) -> str:
@@ -55,171 +104,1008 @@ def _ftype(value: FieldValue) -> str:
         return "integer"
     if isinstance(value, float):
         return "float"
-    return "string"
+    if isinstance(value, str):
+        return "string"
+    raise TypeError(f"unsupported field value {value!r} ({type(value).__name__})")
+
+
+def _tags_key(tags: Mapping[str, str]) -> str:
+    return json.dumps(dict(sorted(tags.items())), separators=(",", ":"))
+
+
+def _encode_values(values: np.ndarray, ftype: str) -> bytes:
+    if ftype == "string":
+        return msgspec.msgpack.encode(values.tolist())
+    return np.ascontiguousarray(values, dtype=_NUMPY_DTYPE[ftype]).tobytes()
+
+
+def _decode_values(blob: bytes, ftype: str) -> np.ndarray:
+    if ftype == "string":
+        out = np.empty(0, dtype=object)
+        items = msgspec.msgpack.decode(blob)
+        out = np.empty(len(items), dtype=object)
+        out[:] = items
+        return out
+    return np.frombuffer(blob, dtype=_NUMPY_DTYPE[ftype])
+
+
+def _to_array(values: Sequence[Any], ftype: str) -> np.ndarray:
+    if ftype == "string":
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+    return np.asarray(values, dtype=_NUMPY_DTYPE[ftype])
+
+
+def _dedupe_last(t: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort by time; of several values at one time keep the last one given (newest)."""
+    if len(t) > 1:
+        order = np.argsort(t, kind="stable")
+        t = t[order]
+        v = v[order]
+        keep = np.empty(len(t), dtype=bool)
+        np.not_equal(t[1:], t[:-1], out=keep[:-1])
+        keep[-1] = True
+        if not keep.all():
+            t = t[keep]
+            v = v[keep]
+    return t, v
+
+
+@dataclass(slots=True)
+class _Partials:
+    """Per-bucket partial aggregates; several of them combine into one answer."""
+
+    b: np.ndarray
+    cnt: np.ndarray
+    sm: np.ndarray
+    mn: np.ndarray
+    mx: np.ndarray
+    ft: np.ndarray
+    fv: np.ndarray
+    lt: np.ndarray
+    lv: np.ndarray
+
+
+def _bucket(t: np.ndarray, every: int | None) -> np.ndarray:
+    if every is None:
+        return np.zeros(len(t), dtype=_I64)
+    return t - np.mod(t, every)
+
+
+def _partials_from_points(
+    t: np.ndarray, v: np.ndarray, every: int | None, numeric: bool
+) -> _Partials:
+    """``t`` sorted; one partial per non-empty bucket."""
+    b = _bucket(t, every)
+    n = len(t)
+    brk = np.empty(n, dtype=bool)
+    brk[0] = True
+    np.not_equal(b[1:], b[:-1], out=brk[1:])
+    starts = np.flatnonzero(brk)
+    ends = np.empty(len(starts), dtype=np.intp)
+    ends[:-1] = starts[1:] - 1
+    ends[-1] = n - 1
+    cnt = ends - starts + 1
+    if numeric:
+        vf = v.astype(_F64, copy=False)
+        sm = np.add.reduceat(vf, starts)
+        mn = np.minimum.reduceat(vf, starts)
+        mx = np.maximum.reduceat(vf, starts)
+    else:
+        sm = mn = mx = np.zeros(len(starts), dtype=_F64)
+    return _Partials(b[starts], cnt, sm, mn, mx, t[starts], v[starts], t[ends], v[ends])
+
+
+def _combine(parts: list[_Partials], force: bool = False) -> _Partials:
+    """Merge partials into one per bucket (``force``: even a single, non-unique set)."""
+    if len(parts) == 1 and not force:
+        return parts[0]
+    b = np.concatenate([p.b for p in parts])
+    cnt = np.concatenate([p.cnt for p in parts])
+    sm = np.concatenate([p.sm for p in parts])
+    mn = np.concatenate([p.mn for p in parts])
+    mx = np.concatenate([p.mx for p in parts])
+    ft = np.concatenate([p.ft for p in parts])
+    fv = np.concatenate([p.fv for p in parts])
+    lt = np.concatenate([p.lt for p in parts])
+    lv = np.concatenate([p.lv for p in parts])
+    order = np.lexsort((ft, b))
+    bs = b[order]
+    brk = np.empty(len(bs), dtype=bool)
+    brk[0] = True
+    np.not_equal(bs[1:], bs[:-1], out=brk[1:])
+    starts = np.flatnonzero(brk)
+    out_cnt = np.add.reduceat(cnt[order], starts)
+    out_sm = np.add.reduceat(sm[order], starts)
+    out_mn = np.minimum.reduceat(mn[order], starts)
+    out_mx = np.maximum.reduceat(mx[order], starts)
+    first_idx = order[starts]
+    order2 = np.lexsort((lt, b))
+    ends = np.empty(len(starts), dtype=np.intp)
+    ends[:-1] = starts[1:] - 1
+    ends[-1] = len(bs) - 1
+    last_idx = order2[ends]
+    return _Partials(
+        bs[starts], out_cnt, out_sm, out_mn, out_mx, ft[first_idx], fv[first_idx],
+        lt[last_idx], lv[last_idx],
+    )  # fmt: skip
+
+
+def _py(value: Any, ftype: str) -> FieldValue:
+    if ftype == "float":
+        return float(value)
+    if ftype == "integer":
+        return int(value)
+    if ftype == "boolean":
+        return bool(value)
+    return str(value)
+
+
+@dataclass(slots=True)
+class _Memtable:
+    """Points not yet compacted, per series in arrival order (newest write last)."""
+
+    points: dict[int, tuple[list[int], list[Any]]] = field(default_factory=dict)
+    n: int = 0
+    max_wal_id: int = 0
+
+    def add(self, sids: Iterable[int], times: Iterable[int], vals: Iterable[Any]) -> None:
+        pts = self.points
+        n = 0
+        for sid, t, v in zip(sids, times, vals, strict=False):
+            e = pts.get(sid)
+            if e is None:
+                e = pts[sid] = ([], [])
+            e[0].append(t)
+            e[1].append(v)
+            n += 1
+        self.n += n
+
+
+@dataclass(slots=True)
+class _SeriesMeta:
+    measurement: str
+    tags: dict[str, str]
+    field: str
+    ftype: str
+
+
+@dataclass(slots=True)
+class _Chunk:
+    rowid: int
+    start_ns: int
+    rollup: int
+    n: int
+    first_t: int
+    last_t: int
+    first_v: Any
+    last_v: Any
+    vmin: float | None
+    vmax: float | None
+    vsum: float | None
 
 
 @register
 class EmbeddedStorage(Storage):
     name = "embedded"
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        # (measurement, tags json, field) -> (id, tags dict, ftype)
-        self._series: dict[tuple[str, str, str], int] = {}
-        self._meta: dict[int, tuple[str, dict[str, str], str, str]] = {}
+    def __init__(
+        self, path: str | Path, settings: EmbeddedSettings | None = None, start: bool = True
+    ) -> None:
+        self.settings = settings or EmbeddedSettings()
+        path = Path(path)
+        if path.suffix == ".db":  # the skeleton's file path: keep the directory beside it
+            path = path.with_suffix("")
+        self.dir = path
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.dir / "store.db"
+        self._wlock = threading.RLock()  # the write connection and series allocation
+        self._mlock = threading.Lock()  # memtables and in-memory series metadata
+        self._closed = False
+        self._sync = self.settings.synchronous.upper()
+        self._db = self._connect()
+        with self._db:
+            self._db.executescript(_SCHEMA)
+        self.chunk_ns = self._meta_int("chunk_ns", self.settings.chunk_s * _SEC)
+        self._readers: list[sqlite3.Connection] = []
+        self._local = threading.local()
+
+        self._meta: dict[int, _SeriesMeta] = {}
+        self._by_key: dict[tuple[str, str, str], int] = {}
+        self._by_reading: dict[tuple[str, str, str | None, str], int] = {}
+        self._by_field: dict[tuple[str, str], set[int]] = {}
+        self._by_tag: dict[tuple[str, str, str], set[int]] = {}
         for sid, m, tags, f, ft in self._db.execute(
             "SELECT id, measurement, tags, field, ftype FROM series"
         ):
-            self._series[(m, tags, f)] = sid
-            self._meta[sid] = (m, json.loads(tags), f, ft)
+            self._index_series(int(sid), m, json.loads(tags), f, ft)
+        self._next_sid = max(self._meta, default=0) + 1
 
-    def _series_id(
-        self, measurement: str, tags: Mapping[str, str], field: str, value: FieldValue
-    ) -> int:
-        key_tags = json.dumps(dict(sorted(tags.items())), separators=(",", ":"))
-        key = (measurement, key_tags, field)
-        sid = self._series.get(key)
-        if sid is None:
-            ftype = _ftype(value)
-            cur = self._db.execute(
-                "INSERT INTO series (measurement, tags, field, ftype) VALUES (?, ?, ?, ?)",
-                (measurement, key_tags, field, ftype),
+        self._active = _Memtable()
+        self._frozen: list[_Memtable] = []
+        self._replay_wal()
+
+        self._wake = threading.Event()
+        self._room = threading.Condition(self._mlock)
+        self._compact_lock = threading.Lock()
+        self.compactions = 0
+        self._last_maintenance = time.monotonic()
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(
+                target=self._run, name="embedded-compactor", daemon=True
             )
-            sid = int(cur.lastrowid or 0)
-            self._series[key] = sid
-            self._meta[sid] = (measurement, dict(sorted(tags.items())), field, ftype)
+            self._thread.start()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EmbeddedStorage:
+        emb = settings.storage.embedded
+        path = Path(emb.path) if emb.path else settings.data_path / "embedded"
+        return cls(path, emb)
+
+    # -- connections --------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.db_path, check_same_thread=False, isolation_level=None, timeout=60
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self._sync}")
+        db.execute("PRAGMA cache_size=-65536")
+        return db
+
+    def _reader(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._connect()
+            self._local.db = db
+            with self._mlock:
+                self._readers.append(db)
+        return db
+
+    def _meta_int(self, key: str, default: int) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, str(default)))
+        return default
+
+    # -- series metadata ----------------------------------------------------------------
+
+    def _index_series(
+        self, sid: int, measurement: str, tags: dict[str, str], fname: str, ftype: str
+    ) -> None:
+        self._meta[sid] = _SeriesMeta(measurement, tags, fname, ftype)
+        self._by_key[(measurement, _tags_key(tags), fname)] = sid
+        self._by_field.setdefault((measurement, fname), set()).add(sid)
+        for k, v in tags.items():
+            self._by_tag.setdefault((measurement, k, v), set()).add(sid)
+        if (
+            measurement == TELEMETRY
+            and set(tags) <= {"site", "device", "kind"}
+            and "site" in tags
+            and "device" in tags
+        ):
+            self._by_reading[(tags["site"], tags["device"], tags.get("kind"), fname)] = sid
+
+    def _unindex_series(self, sid: int) -> None:
+        m = self._meta.pop(sid)
+        self._by_key.pop((m.measurement, _tags_key(m.tags), m.field), None)
+        self._by_field.get((m.measurement, m.field), set()).discard(sid)
+        for k, v in m.tags.items():
+            self._by_tag.get((m.measurement, k, v), set()).discard(sid)
+        self._by_reading.pop((m.tags.get("site", ""), m.tags.get("device", ""),
+                              m.tags.get("kind"), m.field), None)  # fmt: skip
+
+    def _new_series(
+        self,
+        measurement: str,
+        tags: Mapping[str, str],
+        fname: str,
+        ftype: str,
+        created: list[tuple[int, str, str, str, str]],
+    ) -> int:
+        """Allocate a series id (caller holds the write lock; rows go in its transaction)."""
+        sid = self._next_sid
+        self._next_sid += 1
+        tags = dict(sorted(tags.items()))
+        with self._mlock:
+            self._index_series(sid, measurement, tags, fname, ftype)
+        created.append((sid, measurement, _tags_key(tags), fname, ftype))
         return sid
 
-    def write_points(self, points: Sequence[Point]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = []
-                for p in points:
-                    for f, v in p.fields.items():
-                        rows.append((self._series_id(p.measurement, p.tags, f, v), p.time_ns, v))
-                self._db.executemany(
-                    "INSERT INTO points (series_id, time_ns, value) VALUES (?, ?, ?) "
-                    "ON CONFLICT (series_id, time_ns) DO UPDATE SET value = excluded.value",
-                    rows,
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                self._series = {k: v for k, v in self._series.items() if v in self._committed_ids()}
-                raise
+    # -- writes -------------------------------------------------------------------------
 
-    def _committed_ids(self) -> set[int]:
-        return {row[0] for row in self._db.execute("SELECT id FROM series")}
+    def write_readings(
+        self, readings: Sequence[Reading], kinds: Mapping[str, str] | None = None
+    ) -> None:
+        """Telemetry fast path: no Point objects, series ids from one dictionary lookup."""
+        if not readings:
+            return
+        kget = (kinds or {}).get
+        self._wait_for_room()
+        with self._wlock:
+            self._check_open()
+            cache = self._by_reading
+            created: list[tuple[int, str, str, str, str]] = []
+            sids = []
+            for r in readings:
+                kind = kget(r.device) or None
+                sid = cache.get((r.site, r.device, kind, r.metric))
+                if sid is None:
+                    tags = {"site": r.site, "device": r.device}
+                    if kind:
+                        tags["kind"] = kind
+                    sid = self._by_key.get((TELEMETRY, _tags_key(tags), r.metric))
+                    if sid is None:
+                        sid = self._new_series(TELEMETRY, tags, r.metric, "float", created)
+                    elif self._meta[sid].ftype != "float":
+                        raise TypeError(
+                            f"field {r.metric!r} of {tags} is {self._meta[sid].ftype}, not float"
+                        )
+                sids.append(sid)
+            times = [r.time_ns for r in readings]
+            vals = [r.value for r in readings]
+            self._commit(sids, times, vals, [], created)
+
+    def write_points(self, points: Sequence[Point]) -> None:
+        if not points:
+            return
+        self._wait_for_room()
+        with self._wlock:
+            self._check_open()
+            created: list[tuple[int, str, str, str, str]] = []
+            sids: list[int] = []
+            times: list[int] = []
+            vals: list[float] = []
+            other: list[tuple[int, int, Any]] = []
+            for p in points:
+                tkey = _tags_key(p.tags)
+                for fname, value in p.fields.items():
+                    ftype = _ftype(value)
+                    sid = self._by_key.get((p.measurement, tkey, fname))
+                    if sid is None:
+                        sid = self._new_series(p.measurement, p.tags, fname, ftype, created)
+                    else:
+                        have = self._meta[sid].ftype
+                        if have != ftype:
+                            if have == "float" and ftype == "integer":
+                                value = float(value)
+                                ftype = "float"
+                            else:
+                                self._forget(created)
+                                raise TypeError(
+                                    f"field type conflict: {p.measurement} {dict(p.tags)} "
+                                    f"{fname!r} is {have}, got {ftype} {value!r}"
+                                )
+                    if ftype == "float":
+                        sids.append(sid)
+                        times.append(p.time_ns)
+                        vals.append(value)  # type: ignore[arg-type]
+                    else:
+                        other.append((sid, p.time_ns, value))
+            self._commit(sids, times, vals, other, created)
+
+    def _forget(self, created: list[tuple[int, str, str, str, str]]) -> None:
+        with self._mlock:
+            for row in created:
+                self._unindex_series(row[0])
+        self._next_sid = max(self._meta, default=0) + 1
+        self._by_reading.clear()
+        with self._mlock:
+            for sid, m in self._meta.items():
+                self._index_series(sid, m.measurement, m.tags, m.field, m.ftype)
+
+    def _commit(
+        self,
+        sids: list[int],
+        times: list[int],
+        vals: list[Any],
+        other: list[tuple[int, int, Any]],
+        created: list[tuple[int, str, str, str, str]],
+    ) -> None:
+        """One transaction: new series + one wal row; then the memtable (write lock held)."""
+        try:
+            blob_s = array("q", sids).tobytes()
+            blob_t = array("q", times).tobytes()
+            blob_v = array("d", vals).tobytes()
+            blob_o = msgspec.msgpack.encode(other) if other else None
+        except (TypeError, OverflowError) as exc:
+            self._forget(created)
+            raise TypeError(f"cannot store values: {exc}") from None
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            if created:
+                db.executemany(
+                    "INSERT INTO series (id, measurement, tags, field, ftype) VALUES (?,?,?,?,?)",
+                    created,
+                )
+            cur = db.execute(
+                "INSERT INTO wal (sids, times, vals, other) VALUES (?, ?, ?, ?)",
+                (blob_s, blob_t, blob_v, blob_o),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            self._forget(created)
+            raise
+        wal_id = int(cur.lastrowid or 0)
+        with self._mlock:
+            mem = self._active
+            mem.add(sids, times, vals)
+            if other:
+                mem.add(*zip(*other, strict=False))
+            mem.max_wal_id = wal_id
+            if mem.n >= self.settings.memtable_max_points:
+                self._wake.set()
+
+    def _wait_for_room(self) -> None:
+        """Bounded memory: when compaction falls far behind, writers wait for it."""
+        limit = 4 * self.settings.memtable_max_points
+        with self._room:
+            while (
+                self._active.n + sum(f.n for f in self._frozen) > limit
+                and not self._closed
+                and self._thread is not None
+                and self._thread.is_alive()
+            ):
+                self._wake.set()
+                self._room.wait(1.0)
+
+    def _replay_wal(self) -> None:
+        rows = 0
+        for wid, bs, bt, bv, bo in self._db.execute(
+            "SELECT id, sids, times, vals, other FROM wal ORDER BY id"
+        ):
+            s = array("q")
+            s.frombytes(bs)
+            t = array("q")
+            t.frombytes(bt)
+            v = array("d")
+            v.frombytes(bv)
+            self._active.add(s, t, v)
+            if bo:
+                other = msgspec.msgpack.decode(bo)
+                if other:
+                    self._active.add(*zip(*other, strict=False))
+            self._active.max_wal_id = int(wid)
+            rows += 1
+        if rows:
+            log.info("embedded store: replayed %d uncompacted writes (%d points)", rows,
+                     self._active.n)  # fmt: skip
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("storage is closed")
+
+    # -- compaction ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        interval = self.settings.compact_interval_s
+        while not self._closed:
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._closed:
+                break
+            try:
+                self.compact()
+                if (
+                    time.monotonic() - self._last_maintenance
+                    >= self.settings.maintenance_interval_s
+                ):
+                    self._last_maintenance = time.monotonic()
+                    self.maintain()
+            except Exception:
+                log.exception("embedded store: compaction failed; retrying later")
+                time.sleep(1.0)
+
+    def flush(self) -> None:
+        """Compact everything written so far into chunks (tests, benchmarks, shutdown)."""
+        self.compact()
+        self.compact()
+
+    def compact(self) -> int:
+        """Move the memtable into chunks; returns the number of points compacted."""
+        with self._compact_lock:
+            with self._mlock:
+                if not self._frozen:
+                    if self._active.n == 0:
+                        return 0
+                    self._frozen.append(self._active)
+                    self._active = _Memtable()
+                mem = self._frozen[0]
+            rows = self._merge_memtable(mem)
+            with self._wlock:
+                db = self._db
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany(
+                        "INSERT OR REPLACE INTO chunks (series_id, start_ns, rollup, n, first_t, "
+                        "last_t, first_v, last_v, vmin, vmax, vsum, times, vals) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        rows,
+                    )
+                    db.execute("DELETE FROM wal WHERE id <= ?", (mem.max_wal_id,))
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            with self._room:
+                self._frozen.remove(mem)
+                self._room.notify_all()
+            self.compactions += 1
+            return mem.n
+
+    def _merge_memtable(self, mem: _Memtable) -> list[tuple[Any, ...]]:
+        rdb = self._reader()
+        chunk_ns = self.chunk_ns
+        rows: list[tuple[Any, ...]] = []
+        for sid, (tl, vl) in mem.points.items():
+            ftype = self._meta[sid].ftype
+            t, v = _dedupe_last(np.asarray(tl, dtype=_I64), _to_array(vl, ftype))
+            w = t - np.mod(t, chunk_ns)
+            brk = np.flatnonzero(w[1:] != w[:-1]) + 1
+            for ts, vs in zip(np.split(t, brk), np.split(v, brk), strict=False):
+                start = int(ts[0] - ts[0] % chunk_ns)
+                old = rdb.execute(
+                    "SELECT rollup, times, vals FROM chunks WHERE series_id = ? AND start_ns = ?",
+                    (sid, start),
+                ).fetchone()
+                if old is None:
+                    rows.append(self._raw_row(sid, start, ts, vs, ftype))
+                elif old[0] == 0:
+                    ot = np.frombuffer(old[1], dtype=_I64)
+                    ov = _decode_values(old[2], ftype)
+                    mt, mv = _dedupe_last(np.concatenate([ot, ts]), np.concatenate([ov, vs]))
+                    rows.append(self._raw_row(sid, start, mt, mv, ftype))
+                else:  # late points into a rolled-up window are folded into its buckets
+                    width = int(old[0])
+                    parts = _combine([
+                        _rollup_partials(old[1], old[2], width, width),
+                        _partials_from_points(ts, vs, width, True),
+                    ])  # fmt: skip
+                    rows.append(_rollup_row(sid, start, width, parts))
+        return rows
+
+    @staticmethod
+    def _raw_row(sid: int, start: int, t: np.ndarray, v: np.ndarray, ftype: str) -> tuple[Any, ...]:
+        vmin: float | None = None
+        vmax: float | None = None
+        vsum: float | None = None
+        if ftype in _NUMERIC:
+            vf = v.astype(_F64, copy=False)
+            vmin, vmax, vsum = float(vf.min()), float(vf.max()), float(vf.sum())
+            first_v: Any = v[0].item()
+            last_v: Any = v[-1].item()
+        else:
+            first_v, last_v = v[0], v[-1]
+        return (sid, start, 0, len(t), int(t[0]), int(t[-1]), first_v, last_v, vmin, vmax,
+                vsum, t.tobytes(), _encode_values(v, ftype))  # fmt: skip
+
+    # -- retention and downsampling -----------------------------------------------------
+
+    def maintain(self, now_ns: int | None = None) -> dict[str, int]:
+        """Drop chunks past retention, roll up numeric chunks past ``downsample_after_s``."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        s = self.settings
+        dropped = rolled = 0
+        with self._compact_lock:
+            if s.retention_s:
+                cutoff = now_ns - s.retention_s * _SEC
+                with self._wlock:
+                    cur = self._db.execute(
+                        "DELETE FROM chunks WHERE start_ns + ? <= ?", (self.chunk_ns, cutoff)
+                    )
+                    dropped = cur.rowcount
+            width = s.downsample_every_s * _SEC
+            if s.downsample_after_s and self.chunk_ns % width == 0:
+                cutoff = now_ns - s.downsample_after_s * _SEC
+                rdb = self._reader()
+                while True:
+                    todo = rdb.execute(
+                        "SELECT rowid, series_id, start_ns, times, vals FROM chunks "
+                        "WHERE rollup = 0 AND start_ns + ? <= ? LIMIT 2000",
+                        (self.chunk_ns, cutoff),
+                    ).fetchall()
+                    rows = []
+                    skip = []
+                    for _rowid, sid, start, bt, bv in todo:
+                        meta = self._meta.get(sid)
+                        if meta is None or meta.ftype not in ("float", "integer"):
+                            skip.append(_rowid)
+                            continue
+                        t = np.frombuffer(bt, dtype=_I64)
+                        v = _decode_values(bv, meta.ftype)
+                        rows.append(_rollup_row(sid, start, width,
+                                                _partials_from_points(t, v, width, True)))  # fmt: skip
+                    if not rows:
+                        break
+                    with self._wlock:
+                        self._db.execute("BEGIN IMMEDIATE")
+                        self._db.executemany(
+                            "INSERT OR REPLACE INTO chunks (series_id, start_ns, rollup, n, "
+                            "first_t, last_t, first_v, last_v, vmin, vmax, vsum, times, vals) "
+                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            rows,
+                        )
+                        self._db.execute("COMMIT")
+                    rolled += len(rows)
+                    if len(todo) < 2000:
+                        break
+        if dropped or rolled:
+            log.info("embedded store: retention dropped %d chunks, rolled up %d", dropped, rolled)
+        return {"dropped": dropped, "rolled_up": rolled}
+
+    # -- queries ------------------------------------------------------------------------
 
     def _matching(
         self, measurement: str, tags: Mapping[str, str], fields: Sequence[str] | None
     ) -> list[int]:
-        out = []
-        for sid, (m, stags, f, _) in self._meta.items():
-            if m != measurement or (fields is not None and f not in fields):
-                continue
-            if all(stags.get(k) == v for k, v in tags.items()):
-                out.append(sid)
-        return out
+        with self._mlock:
+            if fields is None:
+                cand: set[int] = {s for s, m in self._meta.items() if m.measurement == measurement}
+            else:
+                cand = set()
+                for f in fields:
+                    cand |= self._by_field.get((measurement, f), set())
+            for k, v in tags.items():
+                if not cand:
+                    break
+                cand = cand & self._by_tag.get((measurement, k, v), set())
+            return sorted(cand)
+
+    def _tail(self, sid: int) -> tuple[list[int], list[Any]]:
+        """The series' uncompacted points, oldest source first (caller holds _mlock)."""
+        ts: list[int] = []
+        vs: list[Any] = []
+        for mem in (*self._frozen, self._active):
+            e = mem.points.get(sid)
+            if e is not None:
+                ts.extend(e[0])
+                vs.extend(e[1])
+        return ts, vs
+
+    def _chunks(
+        self, db: sqlite3.Connection, sid: int, start: int | None, end: int | None
+    ) -> list[_Chunk]:
+        lo = -(2**63) if start is None else start - start % self.chunk_ns
+        hi = 2**63 - 1 if end is None else end
+        return [
+            _Chunk(*row)
+            for row in db.execute(
+                "SELECT rowid, start_ns, rollup, n, first_t, last_t, first_v, last_v, vmin, vmax, "
+                "vsum FROM chunks WHERE series_id = ? AND start_ns >= ? AND start_ns < ? "
+                "ORDER BY start_ns",
+                (sid, lo, hi),
+            )
+        ]
 
     def query(self, query: SeriesQuery) -> list[Series]:
-        sids = self._matching(query.measurement, query.tags, list(query.fields))
+        q = query
+        agg = q.agg if q.agg else None
+        every = int(q.every_ns) if (q.every_ns and agg) else None
+        sids = self._matching(q.measurement, q.tags, list(q.fields))
         groups: dict[tuple[str, tuple[tuple[str, str], ...]], list[int]] = {}
+        with self._mlock:
+            metas = {sid: self._meta[sid] for sid in sids}
+            tails = {sid: self._tail(sid) for sid in sids}
         for sid in sids:
-            _, stags, f, _ = self._meta[sid]
-            gkey = tuple((k, stags.get(k, "")) for k in query.group_by)
-            groups.setdefault((f, gkey), []).append(sid)
+            m = metas[sid]
+            gkey = tuple((k, m.tags.get(k, "")) for k in q.group_by)
+            groups.setdefault((m.field, gkey), []).append(sid)
+        db = self._reader()
         result = []
-        with self._lock:
-            for (f, gkey), ids in sorted(groups.items()):
-                result.append(Series(f, dict(gkey), self._points(ids, query)))
+        # one read transaction: a consistent snapshot of chunks taken after the memtables
+        db.execute("BEGIN")
+        try:
+            for (fname, gkey), ids in sorted(groups.items()):
+                if agg is None:
+                    points = self._raw(db, ids, tails, metas, q)
+                else:
+                    points = self._aggregate(db, ids, tails, metas, q, agg, every)
+                if points:
+                    result.append(Series(fname, dict(gkey), points))
+        finally:
+            db.execute("COMMIT")
         return result
 
-    def _points(self, ids: list[int], q: SeriesQuery) -> list[tuple[int, FieldValue]]:
-        where = [f"series_id IN ({','.join('?' * len(ids))})"]
-        args: list[object] = list(ids)
-        if q.start_ns is not None:
-            where.append("time_ns >= ?")
-            args.append(q.start_ns)
-        if q.end_ns is not None:
-            where.append("time_ns < ?")
-            args.append(q.end_ns)
-        cond = " AND ".join(where)
-        limit = f" LIMIT {int(q.limit)}" if q.limit else ""
-        if not q.every_ns or not q.agg:
-            if q.agg and q.agg != "last" and q.agg != "first" and q.agg in _AGG_SQL:
-                sql = f"SELECT MIN(time_ns), {_AGG_SQL[q.agg]} FROM points WHERE {cond}"
-                rows = self._db.execute(sql, args).fetchall()
-                return [(int(t), v) for t, v in rows if t is not None]
-            sql = f"SELECT time_ns, value FROM points WHERE {cond} ORDER BY time_ns{limit}"
-            return [(int(t), v) for t, v in self._db.execute(sql, args)]
-        every = int(q.every_ns)
-        bucket = f"(time_ns - (((time_ns % {every}) + {every}) % {every}))"
-        if q.agg in ("last", "first"):
-            pick = "MAX" if q.agg == "last" else "MIN"
-            sql = (
-                f"SELECT b, value FROM (SELECT {bucket} AS b, time_ns, value, "
-                f"ROW_NUMBER() OVER (PARTITION BY {bucket} ORDER BY time_ns "
-                f"{'DESC' if pick == 'MAX' else 'ASC'}) AS rn FROM points WHERE {cond}) "
-                f"WHERE rn = 1 ORDER BY b{limit}"
-            )
+    def _series_points(
+        self,
+        db: sqlite3.Connection,
+        sid: int,
+        tail: tuple[list[int], list[Any]],
+        ftype: str,
+        q: SeriesQuery,
+        summary: Callable[[_Chunk, np.ndarray], bool] | None = None,
+        rollups: list[tuple[_Chunk, bytes, bytes]] | None = None,
+        summarized: list[_Chunk] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Deduplicated points of one series in [start, end), chunks then memtable."""
+        start, end = q.start_ns, q.end_ns
+        tt = np.asarray(tail[0], dtype=_I64)
+        tv = _to_array(tail[1], ftype)
+        if len(tt) and (start is not None or end is not None):
+            sel = np.ones(len(tt), dtype=bool)
+            if start is not None:
+                sel &= tt >= start
+            if end is not None:
+                sel &= tt < end
+            tt, tv = tt[sel], tv[sel]
+        t_parts = []
+        v_parts = []
+        for c in self._chunks(db, sid, start, end):
+            if summary is not None and c.rollup == 0 and summary(c, tt):
+                assert summarized is not None
+                summarized.append(c)
+                continue
+            bt, bv = db.execute(
+                "SELECT times, vals FROM chunks WHERE rowid = ?", (c.rowid,)
+            ).fetchone()
+            if c.rollup:
+                if rollups is not None:
+                    rollups.append((c, bt, bv))
+                    continue
+                p = _rollup_partials(bt, bv, c.rollup, c.rollup)
+                ct, cv = p.b, (p.sm / p.cnt)  # raw reads of rolled-up data: bucket means
+            else:
+                ct = np.frombuffer(bt, dtype=_I64)
+                cv = _decode_values(bv, ftype)
+            if (start is not None and c.first_t < start) or (end is not None and c.last_t >= end):
+                sel = np.ones(len(ct), dtype=bool)
+                if start is not None:
+                    sel &= ct >= start
+                if end is not None:
+                    sel &= ct < end
+                ct, cv = ct[sel], cv[sel]
+            t_parts.append(ct)
+            v_parts.append(cv)
+        if len(tt):
+            t_parts.append(tt)
+            v_parts.append(tv)
+            if len(t_parts) == 1:
+                return _dedupe_last(tt, tv)
+            return _dedupe_last(np.concatenate(t_parts), np.concatenate(v_parts))
+        if not t_parts:
+            return np.empty(0, dtype=_I64), _to_array([], ftype)
+        if len(t_parts) == 1:
+            return t_parts[0], v_parts[0]
+        return np.concatenate(t_parts), np.concatenate(v_parts)  # disjoint, sorted windows
+
+    def _raw(
+        self,
+        db: sqlite3.Connection,
+        ids: list[int],
+        tails: dict[int, tuple[list[int], list[Any]]],
+        metas: dict[int, _SeriesMeta],
+        q: SeriesQuery,
+    ) -> list[tuple[int, FieldValue]]:
+        ftype = metas[ids[0]].ftype
+        ts, vs = [], []
+        for sid in ids:
+            t, v = self._series_points(db, sid, tails[sid], metas[sid].ftype, q)
+            ts.append(t)
+            vs.append(v)
+        if len(ts) == 1:
+            t, v = ts[0], vs[0]
         else:
-            sql = f"SELECT {bucket} AS b, {_AGG_SQL[q.agg]} FROM points WHERE {cond} GROUP BY b ORDER BY b{limit}"
-        return [(int(t), v) for t, v in self._db.execute(sql, args)]
+            t = np.concatenate(ts)
+            v = np.concatenate([x.astype(object) if x.dtype == object else x for x in vs])
+            order = np.argsort(t, kind="stable")
+            t, v = t[order], v[order]
+        if q.limit:
+            t, v = t[: q.limit], v[: q.limit]
+        if ftype == "float" or v.dtype == _F64:
+            return list(zip(t.tolist(), v.astype(_F64, copy=False).tolist(), strict=False))
+        return [(tt, _py(vv, ftype)) for tt, vv in zip(t.tolist(), v.tolist(), strict=False)]
+
+    def _aggregate(
+        self,
+        db: sqlite3.Connection,
+        ids: list[int],
+        tails: dict[int, tuple[list[int], list[Any]]],
+        metas: dict[int, _SeriesMeta],
+        q: SeriesQuery,
+        agg: str,
+        every: int | None,
+    ) -> list[tuple[int, FieldValue]]:
+        ftype = metas[ids[0]].ftype
+        numeric = ftype in _NUMERIC
+        if not numeric and agg not in ("count", "first", "last"):
+            raise ValueError(f"aggregate {agg!r} needs a numeric field; {ftype} given")
+        start, end = q.start_ns, q.end_ns
+
+        def summary(c: _Chunk, tail_t: np.ndarray) -> bool:
+            if (start is not None and c.first_t < start) or (end is not None and c.last_t >= end):
+                return False
+            if every is not None and (c.first_t - c.first_t % every) != (
+                c.last_t - c.last_t % every
+            ):
+                return False
+            if not numeric and agg not in ("count", "first", "last"):
+                return False
+            return not (len(tail_t) and bool(((tail_t >= c.first_t) & (tail_t <= c.last_t)).any()))
+
+        parts: list[_Partials] = []
+        from_points = 0
+        for sid in ids:
+            st = metas[sid].ftype
+            summarized: list[_Chunk] = []
+            rollups: list[tuple[_Chunk, bytes, bytes]] = []
+            t, v = self._series_points(db, sid, tails[sid], st, q, summary, rollups, summarized)
+            if len(t):
+                parts.append(_partials_from_points(t, v, every, numeric))
+                from_points += 1
+            for c, bt, bv in rollups:
+                p = _rollup_partials(bt, bv, every, c.rollup)
+                sel = np.ones(len(p.ft), dtype=bool)
+                if start is not None:
+                    sel &= p.ft >= start
+                if end is not None:
+                    sel &= p.ft < end
+                if sel.any():
+                    parts.append(_Partials(*(getattr(p, f)[sel] for f in p.__slots__)))  # type: ignore[attr-defined]
+            if summarized:
+                n = len(summarized)
+                fv = _to_array([c.first_v for c in summarized], st)
+                lv = _to_array([c.last_v for c in summarized], st)
+                ft = np.fromiter((c.first_t for c in summarized), dtype=_I64, count=n)
+                parts.append(
+                    _Partials(
+                        _bucket(ft, every),
+                        np.fromiter((c.n for c in summarized), dtype=_I64, count=n),
+                        np.fromiter((c.vsum or 0.0 for c in summarized), dtype=_F64, count=n),
+                        np.fromiter((c.vmin or 0.0 for c in summarized), dtype=_F64, count=n),
+                        np.fromiter((c.vmax or 0.0 for c in summarized), dtype=_F64, count=n),
+                        ft,
+                        fv,
+                        np.fromiter((c.last_t for c in summarized), dtype=_I64, count=n),
+                        lv,
+                    )
+                )
+        if not parts:
+            return []
+        # partials made from points have one entry per bucket; summaries and rollups may not
+        p = parts[0] if (len(parts) == 1 and from_points == 1) else _combine(parts, force=True)
+        n = len(p.b) if q.limit is None else min(len(p.b), q.limit)
+        if every is not None:
+            times = p.b[:n].tolist()
+        elif agg == "first":
+            times = p.ft[:n].tolist()
+        elif agg == "last":
+            times = p.lt[:n].tolist()
+        else:
+            times = [start if start is not None else 0] * n
+        if agg == "mean":
+            vals: list[Any] = (p.sm[:n] / p.cnt[:n]).tolist()
+        elif agg == "count":
+            vals = p.cnt[:n].tolist()
+        elif agg in ("sum", "min", "max"):
+            arr = {"sum": p.sm, "min": p.mn, "max": p.mx}[agg][:n]
+            vals = arr.astype(_I64).tolist() if ftype in ("integer", "boolean") else arr.tolist()
+        elif agg in ("first", "last"):
+            arr = (p.fv if agg == "first" else p.lv)[:n]
+            vals = [_py(x, ftype) for x in arr.tolist()]
+        else:
+            raise ValueError(f"unknown aggregate {agg!r}")
+        return list(zip(times, vals, strict=False))
 
     def latest(
         self, measurement: str, tags: Mapping[str, str]
     ) -> dict[str, tuple[int, FieldValue]]:
+        sids = self._matching(measurement, tags, None)
+        with self._mlock:
+            metas = {sid: self._meta[sid] for sid in sids}
+            tails = {sid: self._tail(sid) for sid in sids}
+        db = self._reader()
         out: dict[str, tuple[int, FieldValue]] = {}
-        with self._lock:
-            for sid in self._matching(measurement, tags, None):
-                row = self._db.execute(
-                    "SELECT time_ns, value FROM points WHERE series_id = ? ORDER BY time_ns DESC LIMIT 1",
-                    (sid,),
-                ).fetchone()
-                if row is None:
-                    continue
-                f = self._meta[sid][2]
-                if f not in out or row[0] > out[f][0]:
-                    out[f] = (int(row[0]), row[1])
+        for sid in sids:
+            m = metas[sid]
+            best: tuple[int, Any] | None = None
+            row = db.execute(
+                "SELECT last_t, last_v, rollup, vsum, n FROM chunks WHERE series_id = ? "
+                "ORDER BY start_ns DESC LIMIT 1",
+                (sid,),
+            ).fetchone()
+            if row is not None:
+                best = (int(row[0]), row[1])
+            tt, tv = tails[sid]
+            if tt:
+                i = max(range(len(tt)), key=lambda j: (tt[j], j))
+                if best is None or tt[i] >= best[0]:
+                    best = (tt[i], tv[i])
+            if best is None:
+                continue
+            value = _py(best[1], m.ftype)
+            if m.field not in out or best[0] > out[m.field][0]:
+                out[m.field] = (best[0], value)
         return out
 
     def measurements(self) -> list[str]:
-        return sorted({m for m, _, _, _ in self._meta.values()})
+        with self._mlock:
+            return sorted({m.measurement for m in self._meta.values()})
 
     def field_keys(self, measurement: str) -> dict[str, str]:
-        return {f: ft for m, _, f, ft in self._meta.values() if m == measurement}
+        with self._mlock:
+            return {m.field: m.ftype for m in self._meta.values() if m.measurement == measurement}
 
     def tag_keys(self, measurement: str) -> list[str]:
-        return sorted(
-            {k for m, tags, _, _ in self._meta.values() if m == measurement for k in tags}
-        )
+        with self._mlock:
+            return sorted(
+                {k for m in self._meta.values() if m.measurement == measurement for k in m.tags}
+            )
 
     def tag_values(
         self, measurement: str, key: str, tags: Mapping[str, str] | None = None
     ) -> list[str]:
-        tags = tags or {}
-        return sorted(
-            {
-                stags[key]
-                for m, stags, _, _ in self._meta.values()
-                if m == measurement
-                and key in stags
-                and all(stags.get(k) == v for k, v in tags.items())
-            }
-        )
+        sids = self._matching(measurement, tags or {}, None)
+        with self._mlock:
+            return sorted({self._meta[s].tags[key] for s in sids if key in self._meta[s].tags})
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM points").fetchone()[0])
+        """Distinct stored points (after deduplication); for tests."""
+        total = 0
+        for sid in self._matching_all():
+            m = self._meta[sid]
+            t, _ = self._series_points(
+                self._reader(), sid, self._tail_locked(sid), m.ftype, SeriesQuery(m.measurement, [])
+            )
+            total += len(t)
+        return total
+
+    def _matching_all(self) -> list[int]:
+        with self._mlock:
+            return sorted(self._meta)
+
+    def _tail_locked(self, sid: int) -> tuple[list[int], list[Any]]:
+        with self._mlock:
+            return self._tail(sid)
+
+    def ping(self) -> bool:
+        if self._closed:
+            return False
+        try:
+            self._reader().execute("SELECT 1").fetchone()
+        except sqlite3.Error:
+            return False
+        return True
 
     def close(self) -> None:
-        with self._lock:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        with self._room:
+            self._room.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        try:
+            self.compact()  # so the next start has little to replay
+        except Exception:
+            log.exception("embedded store: final compaction failed; the wal keeps the data")
+        with self._wlock, self._mlock:
+            for db in self._readers:
+                db.close()
+            self._readers.clear()
             self._db.close()
+
+
+def _rollup_partials(bt: bytes, bv: bytes, every: int | None, width: int) -> _Partials:
+    t = np.frombuffer(bt, dtype=_I64)
+    m = np.frombuffer(bv, dtype=_F64).reshape(6, len(t))
+    p = _Partials(t, m[0].astype(_I64), m[1], m[2], m[3], t, m[4], t, m[5])
+    if every != width:
+        p.b = _bucket(t, every)
+    return p
+
+
+def _rollup_row(sid: int, start: int, width: int, p: _Partials) -> tuple[Any, ...]:
+    blob = np.stack(
+        [p.cnt.astype(_F64), p.sm, p.mn, p.mx, p.fv.astype(_F64), p.lv.astype(_F64)]
+    ).tobytes()
+    return (sid, start, width, int(p.cnt.sum()), int(p.ft[0]), int(p.lt[-1]),
+            float(p.fv[0]), float(p.lv[-1]), float(p.mn.min()), float(p.mx.max()),
+            float(p.sm.sum()), np.ascontiguousarray(p.b, dtype=_I64).tobytes(), blob)  # fmt: skip

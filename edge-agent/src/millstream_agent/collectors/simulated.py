@@ -150,6 +150,8 @@ class SimulatedCollector(Collector):
         # Separate streams: faults on or off never change the machine's own signals.
         self._rng = random.Random(f"{seed}:{self.device}:signal")
         fault_rng = random.Random(f"{seed}:{self.device}:faults")
+        # No two machines of a fleet sit at exactly the same levels.
+        self._base = [b * (1.0 + self._rng.gauss(0.0, 0.02)) for b in self._base]
         self._load = self._setpoint = self._rng.uniform(0.45, 0.95)
         self._lags = [self._load] * len(taus)
         self._next_change = math.inf
