@@ -194,6 +194,16 @@ def test_queue_limit_during_outage_drops_oldest_and_reports(
         return max(values, default=0)
 
     wait_until(lambda: dropped_reported() > 100, timeout=30)
+    health = {r["metric"] for m in recorder.telemetry()["press-01"] for r in m["readings"]}
+    assert {
+        "agent.queue_depth",
+        "agent.queue_oldest_age",
+        "agent.dropped",
+        "agent.reconnects",
+        "agent.connected",
+        "agent.publish_latency",
+        "agent.rss",
+    } <= health
     time.sleep(1.5)
     assert agent.alive
     assert agent.stop() == 0
