@@ -194,8 +194,7 @@ def test_queue_limit_during_outage_drops_oldest_and_reports(
         return max(values, default=0)
 
     wait_until(lambda: dropped_reported() > 100, timeout=30)
-    health = {r["metric"] for m in recorder.telemetry()["press-01"] for r in m["readings"]}
-    assert {
+    expected = {
         "agent.queue_depth",
         "agent.queue_oldest_age",
         "agent.dropped",
@@ -203,7 +202,14 @@ def test_queue_limit_during_outage_drops_oldest_and_reports(
         "agent.connected",
         "agent.publish_latency",
         "agent.rss",
-    } <= health
+    }
+    wait_until(
+        lambda: (
+            expected
+            <= {r["metric"] for m in recorder.telemetry()["press-01"] for r in m["readings"]}
+        ),
+        timeout=10,
+    )
     time.sleep(1.5)
     assert agent.alive
     assert agent.stop() == 0

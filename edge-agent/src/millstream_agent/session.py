@@ -200,6 +200,7 @@ class DeviceSession:
             return
         self.attempts += 1
         self._refused = None
+        self._cancel_connack_timer()
         try:
             self.client.reconnect()
             # a broker that accepts TCP but never answers CONNECT must not stall us forever
@@ -216,6 +217,11 @@ class DeviceSession:
             self._fail(self._refused)
         except (OSError, ValueError) as exc:
             self._fail(f"cannot connect to {self.host}:{self.port}: {exc}")
+
+    def _cancel_connack_timer(self) -> None:
+        if self._connack_timer is not None:
+            self._connack_timer.cancel()
+            self._connack_timer = None
 
     def _connack_overdue(self) -> None:
         self._connack_timer = None
@@ -274,9 +280,7 @@ class DeviceSession:
             return  # paho closes the socket next and calls _on_disconnect
         self.connected = True
         self.connects += 1
-        if self._connack_timer is not None:
-            self._connack_timer.cancel()
-            self._connack_timer = None
+        self._cancel_connack_timer()
         if self.connects > 1:
             self.reconnects += 1
         self._failures = 0
@@ -316,6 +320,7 @@ class DeviceSession:
     ) -> None:
         was = self.connected
         self.connected = False
+        self._cancel_connack_timer()
         client.drop_out_messages()
         self._inflight.clear()
         if self.closed:
@@ -497,8 +502,7 @@ class DeviceSession:
             self._retry = None
         if self._pump_timer is not None:
             self._pump_timer.cancel()
-        if self._connack_timer is not None:
-            self._connack_timer.cancel()
+        self._cancel_connack_timer()
         if self.client.socket() is not None:
             try:
                 self.client.disconnect()
