@@ -77,6 +77,10 @@ if [ -n "$EXTRAS" ]; then TARGET="$SOURCE[$EXTRAS]"; fi
 say "installing $TARGET"
 "$VENV/bin/pip" install --quiet --upgrade pip >/dev/null 2>&1 || true
 "$VENV/bin/pip" install --quiet --upgrade "$TARGET"
+if [ -d "$SOURCE" ]; then
+    # same version number, newer code: reinstall the agent itself (not its dependencies)
+    "$VENV/bin/pip" install --quiet --force-reinstall --no-deps "$SOURCE"
+fi
 if [ -f "$REPO/docs/agent.md" ]; then install -d "$PREFIX/docs" && install -m 0644 "$REPO/docs/agent.md" "$PREFIX/docs/"; fi
 
 # configuration: generated once, never overwritten
