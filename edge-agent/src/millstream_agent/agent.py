@@ -422,9 +422,14 @@ class Agent:
                     until=lambda: self.session.goodbye_done or time.monotonic() > deadline
                 )
             self.session.close()
-            left = self.queue.stats().depth
-            if left:
-                log.info("%d readings stay queued for the next start", left)
+            stats = self.queue.stats()
+            log.info(
+                "stopped: collected %d readings in this run, %d stay queued for the next start, "
+                "%d dropped in total",
+                self.runner.collected,
+                stats.depth,
+                stats.dropped,
+            )
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
