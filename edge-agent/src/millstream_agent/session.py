@@ -153,6 +153,7 @@ class DeviceSession:
         self._max_sent = -1
         self._retry: Optional[Timer] = None
         self._connack_timer: Optional[Timer] = None
+        self._seal_timer: Optional[Timer] = None
         self._pump_timer: Optional[Timer] = None
         self._tokens = max(float(settings.replay_rate), float(max_readings))
         self._tokens_at = time.monotonic()
@@ -407,6 +408,9 @@ class DeviceSession:
             )
             if sealed:
                 msgs = self.queue.unacked(self._last_sent, room)
+            elif self._seal_timer is None and self.queue.pending:
+                # not due yet: come back when the oldest pending reading is max_delay old
+                self._seal_timer = self.loop.call_later(self.max_delay, self._seal_later)
         if not msgs:
             return
         rate = self.settings.replay_rate
@@ -437,6 +441,10 @@ class DeviceSession:
             if m.seq > self._max_sent:
                 self._max_sent = m.seq
                 self.published += m.n
+
+    def _seal_later(self) -> None:
+        self._seal_timer = None
+        self.pump()
 
     def _pump_later(self) -> None:
         self._pump_timer = None
@@ -503,6 +511,8 @@ class DeviceSession:
         if self._pump_timer is not None:
             self._pump_timer.cancel()
         self._cancel_connack_timer()
+        if self._seal_timer is not None:
+            self._seal_timer.cancel()
         if self.client.socket() is not None:
             try:
                 self.client.disconnect()
