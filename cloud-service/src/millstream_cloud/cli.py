@@ -13,6 +13,8 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "millstream_cloud.serve",
     "millstream_cloud.detection.eval.cli",
+    "millstream_cloud.grafana.cli",
+    "millstream_cloud.security.cli",
 )
 
 

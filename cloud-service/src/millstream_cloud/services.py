@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from millstream_cloud.anomalies import AnomalySink
+from millstream_cloud.grafana.fleet import FleetWriter
 from millstream_cloud.ingest.deadletters import DeadLetterStore
 from millstream_cloud.ingest.pipeline import IngestPipeline
 from millstream_cloud.ingest.subscriber import Subscriber
@@ -29,6 +30,9 @@ class Services:
     pipeline: IngestPipeline
     anomalies: AnomalySink
     subscriber: Subscriber | None = None
+    remote: RemoteService | None = None
+    fleet: FleetWriter | None = None
+    # Per-instance caches and hooks of optional parts (query engine, authorizers).
     extras: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -50,24 +54,27 @@ class Services:
             settings, storage, registry, dead_letters, metrics, pipeline, anomalies, subscriber
         )
         if with_subscriber:
-            remote = RemoteService(settings, data / "remote.db")
-            pipeline.remote = remote
-            services.extras["remote"] = remote
+            services.remote = RemoteService(settings, data / "remote.db")
+            pipeline.remote = services.remote
+            # Device state and ingest rate as series, for the fleet dashboard.
+            services.fleet = FleetWriter(storage, registry, metrics, settings.mqtt.client_id)
         return services
 
     def start(self) -> None:
         if self.subscriber is not None:
             self.subscriber.start()
-        remote = self.extras.get("remote")
-        if isinstance(remote, RemoteService):
-            remote.start()
+        if self.remote is not None:
+            self.remote.start()
+        if self.fleet is not None:
+            self.fleet.start()
 
     def stop(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
         if self.subscriber is not None:
             self.subscriber.stop()
-        remote = self.extras.get("remote")
-        if isinstance(remote, RemoteService):
-            remote.stop()
+        if self.remote is not None:
+            self.remote.stop()
         self.registry.close()
         self.dead_letters.close()
         self.storage.close()

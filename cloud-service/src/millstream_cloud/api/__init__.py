@@ -3,5 +3,13 @@
 from __future__ import annotations
 
 from millstream_cloud.api import anomalies, deadletters, devices, health, remote
+from millstream_cloud.grafana import query_api
 
-ROUTERS = [health.router, devices.router, deadletters.router, anomalies.router, remote.router]
+ROUTERS = [
+    health.router,
+    devices.router,
+    deadletters.router,
+    anomalies.router,
+    remote.router,
+    query_api.router,
+]
