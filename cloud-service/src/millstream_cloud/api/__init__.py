@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from millstream_cloud.api import anomalies, deadletters, devices, health, remote
+from millstream_cloud.api import alerts, anomalies, deadletters, devices, health, remote
 from millstream_cloud.grafana import query_api
 
 ROUTERS = [
@@ -12,4 +12,5 @@ ROUTERS = [
     anomalies.router,
     remote.router,
     query_api.router,
+    alerts.router,
 ]
