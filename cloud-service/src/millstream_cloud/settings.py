@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from millstream_cloud.alerts.settings import AlertSettings
 
@@ -65,6 +65,15 @@ class MQTTSettings(Section):
         description="unacknowledged messages the broker may send us (MQTT 5 Receive Maximum); keep above ack_batch",
     )
 
+    @model_validator(mode="after")
+    def _window_holds_a_group(self) -> MQTTSettings:
+        if self.ack_batch > self.receive_maximum:
+            raise ValueError(
+                f"ack_batch ({self.ack_batch}) must not exceed receive_maximum "
+                f"({self.receive_maximum}): a group would never fill"
+            )
+        return self
+
 
 class IngestSettings(Section):
     rate_limit_per_device: float | None = Field(
@@ -111,14 +120,6 @@ class IngestSettings(Section):
     )
     write_max_delay_s: float = Field(
         0.05, ge=0, description="longest a message waits to be grouped"
-    )
-    rate_limit_per_device: float | None = Field(
-        None,
-        gt=0,
-        description="messages/s one device may send (token bucket); beyond it messages are dead-lettered as rate_limited; unset: no limit",
-    )
-    rate_limit_burst: float | None = Field(
-        None, ge=1, description="token bucket size (default 2 s of rate_limit_per_device)"
     )
     unknown_devices: str = Field(
         "accept",

@@ -179,20 +179,3 @@ def test_dead_letters_bounded_oldest_out(tmp_path: Path) -> None:
     assert [d.topic for d in kept] == [f"t/{i}" for i in range(11, 6, -1)]  # newest first
     assert kept[0].size == 70_000 and len(kept[0].payload) == 64 * 1024  # kept truncated
     assert [d.topic for d in store.list(2, before_id=kept[1].id)] == ["t/9", "t/8"]
-
-
-def test_rate_limit_from_settings(tmp_path: Path) -> None:
-    pipe = IngestPipeline(
-        CountingStorage(),
-        DeviceRegistry(tmp_path / "registry.db"),
-        DeadLetterStore(tmp_path / "dead_letters.db"),
-        ServiceMetrics(),
-        IngestSettings(rate_limit_per_device=1, rate_limit_burst=3),
-    )
-    t0 = 1_700_000_000 * NS
-    msgs = [
-        Message(telemetry_topic("d1"), batch("d1", s, t0 + s * NS), time.time_ns())
-        for s in range(5)
-    ]
-    r = pipe.process(msgs)
-    assert r.stored == 3 * 40 and r.rejected == 2

@@ -101,10 +101,6 @@ class IngestPipeline:
             max_future_s=settings.max_future_s,
         )
         self.hooks: list[ReadingsHook] = []
-        if limiter is None and settings.rate_limit_per_device:
-            from millstream_cloud.security.limits import DeviceRateLimiter
-
-            limiter = DeviceRateLimiter(settings.rate_limit_per_device, settings.rate_limit_burst)
         self.limiter = limiter
         self.remote: RemoteSink | None = None
         self.stored_total = 0
