@@ -66,7 +66,9 @@ class RollingRobust:
 
     def _refresh(self) -> None:
         self._since = 0
-        arr = np.sort(self._ring[: self._count])
+        self._use_snapshot(np.sort(self._ring[: self._count]))
+
+    def _use_snapshot(self, arr: np.ndarray) -> None:
         self.sorted = arr
         n = len(arr)
         self.center = float(arr[n // 2]) if n % 2 else float(0.5 * (arr[n // 2 - 1] + arr[n // 2]))
@@ -109,7 +111,10 @@ class RollingRobust:
         return self._count
 
     def state_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "every": self.every, "buf": self.buf.tolist()}
+        # The sorted snapshot and the refresh counter are kept too, so a restored detector
+        # scores exactly like the one that was saved.
+        return {"size": self.size, "every": self.every, "buf": self.buf.tolist(),
+                "snapshot": self.sorted.tolist(), "since": self._since}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.size, self.every = int(state["size"]), int(state["every"])
@@ -118,8 +123,11 @@ class RollingRobust:
         self._ring[: len(vals)] = vals
         self._count = len(vals)
         self._pos = self._count % self.size
-        self._since = 0
-        if self._count:
+        self._since = int(state.get("since", 0))
+        snap = state.get("snapshot")
+        if snap:
+            self._use_snapshot(np.asarray(snap, dtype=float))
+        elif self._count:
             self._refresh()
 
 
