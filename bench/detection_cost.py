@@ -26,8 +26,10 @@ if __name__ == "__main__":
     batches = list(fleet.batches())
     engine = DetectionEngine()
     split = int(len(batches) * 12.5 / 16)  # the models train after 12 h of rows
-    phases = {"warmup (per-metric ensembles)": batches[:split], "trained (per-device models)":
-              batches[split:]}
+    phases = {
+        "warmup (per-metric ensembles)": batches[:split],
+        "trained (per-device models)": batches[split:],
+    }
     result: dict[str, object] = {}
     for name, part in phases.items():
         n = sum(len(b) for b in part)
@@ -35,8 +37,11 @@ if __name__ == "__main__":
         for b in part:
             engine.observe(b)
         us = 1e6 * (time.process_time() - t0) / n
-        result[name] = {"readings": n, "us_per_reading": round(us, 2),
-                        "readings_per_s_one_core": round(1e6 / us)}
+        result[name] = {
+            "readings": n,
+            "us_per_reading": round(us, 2),
+            "readings_per_s_one_core": round(1e6 / us),
+        }
         print(f"{name:<34} {us:8.2f} us/reading  ({1e6 / us:,.0f} readings/s on one core)")
     X = np.random.default_rng(0).normal(size=(1000, 4))
     iso = IsolationForestDetector().fit(X)

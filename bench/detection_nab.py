@@ -15,5 +15,18 @@ BENCH = ROOT / ".." / "shared" / "benchmarks" / "nab"
 
 if __name__ == "__main__":
     out = ROOT / "bench" / "results" / "detection_nab.json"
-    sys.exit(main(["eval", "nab", "--data", str(BENCH / "data"), "--labels", str(BENCH / "labels"),
-                   "--json", str(out), *sys.argv[1:]]))
+    sys.exit(
+        main(
+            [
+                "eval",
+                "nab",
+                "--data",
+                str(BENCH / "data"),
+                "--labels",
+                str(BENCH / "labels"),
+                "--json",
+                str(out),
+                *sys.argv[1:],
+            ]
+        )
+    )

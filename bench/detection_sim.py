@@ -27,8 +27,10 @@ if __name__ == "__main__":
         n_anoms += r["anomalies"]
         tp_anoms += r["anomalies"] - len(r["false_positives"])
         delays += [f["delay_s"] for f in r["faults"] if f["detected"]]
-        print(f"seed {seed}: recall {r['recall']:.2f} precision {r['precision']:.2f} "
-              f"median delay {r['median_delay_s']} s, {r['us_per_reading']} us/reading")
+        print(
+            f"seed {seed}: recall {r['recall']:.2f} precision {r['precision']:.2f} "
+            f"median delay {r['median_delay_s']} s, {r['us_per_reading']} us/reading"
+        )
     out = {
         "seeds": list(SEEDS),
         "recall": round(tp_faults / n_faults, 4),
@@ -36,8 +38,10 @@ if __name__ == "__main__":
         "median_delay_s": round(median(delays), 1) if delays else None,
         "per_seed": per_seed,
     }
-    print(f"pooled over seeds {SEEDS}: recall {out['recall']:.2f} precision "
-          f"{out['precision']:.2f} median delay {out['median_delay_s']} s")
+    print(
+        f"pooled over seeds {SEEDS}: recall {out['recall']:.2f} precision "
+        f"{out['precision']:.2f} median delay {out['median_delay_s']} s"
+    )
     path = ROOT / "bench" / "results" / "detection_sim.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -15,5 +15,6 @@ BENCH = ROOT / ".." / "shared" / "benchmarks" / "skab"
 
 if __name__ == "__main__":
     out = ROOT / "bench" / "results" / "detection_skab.json"
-    sys.exit(main(["eval", "skab", "--data", str(BENCH / "data"), "--json", str(out),
-                   *sys.argv[1:]]))
+    sys.exit(
+        main(["eval", "skab", "--data", str(BENCH / "data"), "--json", str(out), *sys.argv[1:]])
+    )

@@ -108,8 +108,13 @@ def test_stuck_sensor_scores_long_repeats() -> None:
 def test_batch_contract_fit_score_samples_and_state_round_trip(name: str) -> None:
     rng = np.random.default_rng(0)
     load = rng.uniform(0, 1, 600)
-    X = np.column_stack([load + rng.normal(0, 0.02, 600), 2 * load + rng.normal(0, 0.02, 600),
-                         rng.normal(0, 1, 600)])
+    X = np.column_stack(
+        [
+            load + rng.normal(0, 0.02, 600),
+            2 * load + rng.normal(0, 0.02, 600),
+            rng.normal(0, 1, 600),
+        ]
+    )
     det = base.create(name)
     assert isinstance(det, base.BatchDetector)
     assert det.fit(X[:500]) is det
@@ -134,8 +139,12 @@ def test_virtual_sensor_attributes_a_fault_to_its_own_metric() -> None:
     rng = np.random.default_rng(3)
     load = np.repeat(rng.uniform(0.2, 1.0, 40), 50)
     noise = [0.01, 0.02, 0.01]
-    X = np.column_stack([g * load + rng.normal(0, s, len(load))
-                         for g, s in zip((1.0, 3.0, 2.0), noise, strict=True)])
+    X = np.column_stack(
+        [
+            g * load + rng.normal(0, s, len(load))
+            for g, s in zip((1.0, 3.0, 2.0), noise, strict=True)
+        ]
+    )
     model = VirtualSensorResidual(spans=(5, 20), smooth=20).fit(X[:1500])
     Y = X[1500:].copy()
     Y[100:, 1] += 0.1  # level shift in metric 1

@@ -55,16 +55,21 @@ def test_steady_signal_raises_nothing() -> None:
     batch: list[Reading] = []
     for i in range(4000):
         t = i * 10**10
-        batch += [Reading("m1", "s1", "temp", t, 50.0 + rng.normal(0, 0.2)),
-                  Reading("m1", "s1", "rpm", t, 1500.0 + rng.normal(0, 2.0))]
+        batch += [
+            Reading("m1", "s1", "temp", t, 50.0 + rng.normal(0, 0.2)),
+            Reading("m1", "s1", "rpm", t, 1500.0 + rng.normal(0, 2.0)),
+        ]
         if len(batch) >= 200:
             assert engine.observe(batch) == []
             batch = []
     assert engine.observe(batch) == []
 
 
-@pytest.mark.xfail(reason="known limit: the per-device model still raises about one false "
-                   "alarm per device-day on the simulator (docs/detection.md, Limits)", strict=False)
+@pytest.mark.xfail(
+    reason="known limit: the per-device model still raises about one false "
+    "alarm per device-day on the simulator (docs/detection.md, Limits)",
+    strict=False,
+)
 def test_healthy_simulated_device_raises_nothing() -> None:
     anomalies, _ = _run(SimConfig(seed=2, devices=1, hours=18, faults=()))
     assert anomalies == []
@@ -85,8 +90,9 @@ def test_engine_state_round_trip_continues_identically(tmp_path: Path) -> None:
     for b in batches[cut:]:
         rest_a += a.observe(b)
         rest_b += b_engine.observe(b)
-    assert [(x.time_ns, x.metric, round(x.score, 9)) for x in rest_a] == \
-        [(x.time_ns, x.metric, round(x.score, 9)) for x in rest_b]
+    assert [(x.time_ns, x.metric, round(x.score, 9)) for x in rest_a] == [
+        (x.time_ns, x.metric, round(x.score, 9)) for x in rest_b
+    ]
     assert rest_a, "the fault after the restart should still be found"
 
 

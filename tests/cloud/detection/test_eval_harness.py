@@ -53,8 +53,18 @@ def test_skab_empty_dir_says_what_is_missing(tmp_path: Path) -> None:
 def test_nab_cli_frozen_run_writes_contract_keys(bench_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "nab.json"
     nab = bench_root / "nab"
-    rc = cli.main(["eval", "nab", "--data", str(nab / "data"), "--labels", str(nab / "labels"),
-                   "--json", str(out)])
+    rc = cli.main(
+        [
+            "eval",
+            "nab",
+            "--data",
+            str(nab / "data"),
+            "--labels",
+            str(nab / "labels"),
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert {"standard", "low_fp", "low_fn", "thresholds"} <= set(data)
@@ -65,11 +75,13 @@ def test_nab_cli_frozen_run_writes_contract_keys(bench_root: Path, tmp_path: Pat
 def test_sim_cli_small_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from millstream_cloud.detection.eval import sim
 
-    small = sim.SimConfig(seed=4, devices=2, hours=18, fault_after_h=13,
-                          faults=("overheating", "stuck"))
+    small = sim.SimConfig(
+        seed=4, devices=2, hours=18, fault_after_h=13, faults=("overheating", "stuck")
+    )
     orig = runners.run_sim
-    monkeypatch.setattr(runners, "run_sim",
-                        lambda settings, seed=0, config=None: orig(settings, seed, small))
+    monkeypatch.setattr(
+        runners, "run_sim", lambda settings, seed=0, config=None: orig(settings, seed, small)
+    )
     out = tmp_path / "sim.json"
     assert cli.main(["eval", "sim", "--seed", "4", "--json", str(out)]) == 0
     data = json.loads(out.read_text())

@@ -113,8 +113,13 @@ class RollingRobust:
     def state_dict(self) -> dict[str, Any]:
         # The sorted snapshot and the refresh counter are kept too, so a restored detector
         # scores exactly like the one that was saved.
-        return {"size": self.size, "every": self.every, "buf": self.buf.tolist(),
-                "snapshot": self.sorted.tolist(), "since": self._since}
+        return {
+            "size": self.size,
+            "every": self.every,
+            "buf": self.buf.tolist(),
+            "snapshot": self.sorted.tolist(),
+            "since": self._since,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.size, self.every = int(state["size"]), int(state["every"])
@@ -207,8 +212,13 @@ class Hysteresis:
         return self.active, False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"on": self.on, "off": self.off, "min_on": self.min_on,
-                "active": self.active, "held": self._held}
+        return {
+            "on": self.on,
+            "off": self.off,
+            "min_on": self.min_on,
+            "active": self.active,
+            "held": self._held,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.on, self.off = float(state["on"]), float(state["off"])

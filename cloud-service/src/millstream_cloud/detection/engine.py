@@ -40,8 +40,15 @@ class EngineSettings:
     nothing. ``mv_on``/``mv_off`` are in robust sigmas of the smoothed per-metric residual.
     """
 
-    streaming: dict[str, Any] = field(default_factory=lambda: {
-        "history": 6000, "short": 4, "long": 32, "alert_level": 0.35, "refractory": 300})
+    streaming: dict[str, Any] = field(
+        default_factory=lambda: {
+            "history": 6000,
+            "short": 4,
+            "long": 32,
+            "alert_level": 0.35,
+            "refractory": 300,
+        }
+    )
     warmup: int = 720
     streaming_alarms: bool = True  # raise per-metric anomalies, not only multivariate ones
     streaming_min_score: float = 0.6  # per-metric alarms on multi-metric devices need this
@@ -97,8 +104,9 @@ class DeviceModel:
         self.model = model
         self.since_fit = 0
 
-    def add_rows(self, rows: list[tuple[int, list[float]]]) -> list[tuple[int, float, int,
-                                                                          np.ndarray, np.ndarray]]:
+    def add_rows(
+        self, rows: list[tuple[int, list[float]]]
+    ) -> list[tuple[int, float, int, np.ndarray, np.ndarray]]:
         """Score new complete rows in one matrix call.
 
         Returns the new incidents: (time, score, index of the metric held responsible,
@@ -126,8 +134,9 @@ class DeviceModel:
                     a_inst[k, j] = max(a_inst[k, j], self.s.mv_on)
                 self.last_excursion[j] = row
             if len(self.gates) != m:
-                self.gates = [Hysteresis(self.s.mv_on, self.s.mv_off, self.s.mv_min_on_rows)
-                              for _ in range(m)]
+                self.gates = [
+                    Hysteresis(self.s.mv_on, self.s.mv_off, self.s.mv_min_on_rows) for _ in range(m)
+                ]
                 self.quiet_m = [0] * m
             for k, (t, r) in enumerate(rows):
                 rising = []
@@ -167,12 +176,17 @@ class DeviceModel:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "metrics": self.metrics, "last": self.last, "rows": list(self.rows),
+            "metrics": self.metrics,
+            "last": self.last,
+            "rows": list(self.rows),
             "flags": list(self.flags),
             "model": None if self.model is None else self.model.state_dict(),
-            "gates": [g.state_dict() for g in self.gates], "quiet": self.quiet_m,
-            "open": sorted(self.open), "since_fit": self.since_fit,
-            "last_excursion": self.last_excursion, "n_rows": self.n_rows,
+            "gates": [g.state_dict() for g in self.gates],
+            "quiet": self.quiet_m,
+            "open": sorted(self.open),
+            "since_fit": self.since_fit,
+            "last_excursion": self.last_excursion,
+            "n_rows": self.n_rows,
         }
 
     def load_state(self, st: dict[str, Any]) -> None:
@@ -287,12 +301,23 @@ class DetectionEngine:
         contrib = Contribution(r.metric, r.value, ref.center, sigma)
         if comp.startswith("volatility"):
             vol = det.parts[comp].score_one(r.value)
-            text = (f"{r.metric} {'barely moving (stuck sensor?)' if vol < 1e-9 else 'moving unusually'}"
-                    f": {comp.replace('_', ' ')} tail probability {tails[comp]:.1e}")
+            how = "barely moving (stuck sensor?)" if vol < 1e-9 else "moving unusually"
+            text = f"{r.metric} {how}: {comp.replace('_', ' ')} tail probability {tails[comp]:.1e}"
         else:
             text = explain([contrib], words.get(comp, "its usual level"))
-        out.append(Anomaly(device, site, r.time_ns, f"ensemble:{comp}", score,
-                           1.0 - min(tails.values(), default=1.0), r.metric, text, [contrib]))
+        out.append(
+            Anomaly(
+                device,
+                site,
+                r.time_ns,
+                f"ensemble:{comp}",
+                score,
+                1.0 - min(tails.values(), default=1.0),
+                r.metric,
+                text,
+                [contrib],
+            )
+        )
         return out
 
     def _stuck(self, device: str, site: str, r: Reading) -> list[Anomaly]:
@@ -305,13 +330,35 @@ class DetectionEngine:
         # Raise once, on the reading whose repeat count reaches the bar.
         if det.run == 0 or det.run != math.ceil(max(det.min_run, det.factor * det.longest)):
             return []
-        text = (f"{r.metric} stuck: the same value {r.value:.6g} for {det.run + 1} readings "
-                f"(longest normal repeat {det.longest})")
-        return [Anomaly(device, site, r.time_ns, "stuck", score, 1.0, r.metric, text,
-                        [Contribution(r.metric, r.value, r.value, float("inf"))])]
+        text = (
+            f"{r.metric} stuck: the same value {r.value:.6g} for {det.run + 1} readings "
+            f"(longest normal repeat {det.longest})"
+        )
+        return [
+            Anomaly(
+                device,
+                site,
+                r.time_ns,
+                "stuck",
+                score,
+                1.0,
+                r.metric,
+                text,
+                [Contribution(r.metric, r.value, r.value, float("inf"))],
+            )
+        ]
 
-    def _mv_anomaly(self, device: str, site: str, dev: DeviceModel, t: int, score: float,
-                    j: int, z: np.ndarray, x: np.ndarray) -> Anomaly:
+    def _mv_anomaly(
+        self,
+        device: str,
+        site: str,
+        dev: DeviceModel,
+        t: int,
+        score: float,
+        j: int,
+        z: np.ndarray,
+        x: np.ndarray,
+    ) -> Anomaly:
         assert dev.model is not None
         exp = dev.model.expected(x, z)
         main = Contribution(dev.metrics[j], float(x[j]), float(exp[j]), float(z[j]))
@@ -325,8 +372,9 @@ class DetectionEngine:
         if others:
             text += "; also " + explain(others, "prediction", limit=2)
         likelihood = 1.0 - math.erfc(score / math.sqrt(2.0))
-        return Anomaly(device, site, t, "virtual_sensor", score, likelihood, main.metric, text,
-                       [main, *others])
+        return Anomaly(
+            device, site, t, "virtual_sensor", score, likelihood, main.metric, text, [main, *others]
+        )
 
     # --- persistence -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -342,8 +390,10 @@ class DetectionEngine:
 
     def load_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"detection state version {state.get('version')!r} is not "
-                             f"{STATE_VERSION}; delete the state file to start fresh")
+            raise ValueError(
+                f"detection state version {state.get('version')!r} is not "
+                f"{STATE_VERSION}; delete the state file to start fresh"
+            )
         settings = dict(state["settings"])
         settings["mv_spans"] = tuple(settings["mv_spans"])
         self.settings = EngineSettings(**settings)

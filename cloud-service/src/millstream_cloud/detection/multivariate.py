@@ -59,8 +59,12 @@ class PCAT2Q:
         return self
 
     def _check(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        if self.mean_ is None or self.scale_ is None or self.components_ is None \
-                or self.eigvals_ is None:
+        if (
+            self.mean_ is None
+            or self.scale_ is None
+            or self.components_ is None
+            or self.eigvals_ is None
+        ):
             raise RuntimeError("PCAT2Q is not fitted; call fit(X) first")
         return self.mean_, self.scale_, self.components_, self.eigvals_
 
@@ -86,9 +90,16 @@ class PCAT2Q:
         def lst(a: np.ndarray | None) -> list[Any] | None:
             return None if a is None else a.tolist()
 
-        return {"variance": self.variance, "quantile": self.quantile, "mean": lst(self.mean_),
-                "scale": lst(self.scale_), "components": lst(self.components_),
-                "eigvals": lst(self.eigvals_), "t2_ref": self.t2_ref_, "q_ref": self.q_ref_}
+        return {
+            "variance": self.variance,
+            "quantile": self.quantile,
+            "mean": lst(self.mean_),
+            "scale": lst(self.scale_),
+            "components": lst(self.components_),
+            "eigvals": lst(self.eigvals_),
+            "t2_ref": self.t2_ref_,
+            "q_ref": self.q_ref_,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         def arr(v: Any) -> np.ndarray | None:
@@ -109,8 +120,9 @@ class IsolationForestDetector:
     seed), which keeps persistence to plain JSON.
     """
 
-    def __init__(self, n_estimators: int = 100, max_samples: int = 256,
-                 random_state: int = 0) -> None:
+    def __init__(
+        self, n_estimators: int = 100, max_samples: int = 256, random_state: int = 0
+    ) -> None:
         self.n_estimators = n_estimators
         self.max_samples = max_samples
         self.random_state = random_state
@@ -134,9 +146,12 @@ class IsolationForestDetector:
         return -np.asarray(self._model.score_samples(_as2d(X)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n_estimators": self.n_estimators, "max_samples": self.max_samples,
-                "random_state": self.random_state,
-                "train": None if self._train is None else self._train.tolist()}
+        return {
+            "n_estimators": self.n_estimators,
+            "max_samples": self.max_samples,
+            "random_state": self.random_state,
+            "train": None if self._train is None else self._train.tolist(),
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.n_estimators = int(state["n_estimators"])
@@ -160,8 +175,9 @@ class VirtualSensorResidual:
     which is what the explanation names.
     """
 
-    def __init__(self, spans: tuple[int, ...] = (30, 120), smooth: int = 60,
-                 ridge: float = 1e-3) -> None:
+    def __init__(
+        self, spans: tuple[int, ...] = (30, 120), smooth: int = 60, ridge: float = 1e-3
+    ) -> None:
         self.spans = tuple(spans)
         self.smooth = smooth
         self.ridge = ridge
@@ -216,13 +232,19 @@ class VirtualSensorResidual:
         c = np.cumsum(np.vstack([np.zeros(m), R]), axis=0)
         self.sig_smooth_ = _tail_aware_sd((c[w:] - c[:-w]) / w)
         self._ema = ema
-        self._recent = R[-(self.smooth - 1):] if self.smooth > 1 else np.zeros((0, m))
+        self._recent = R[-(self.smooth - 1) :] if self.smooth > 1 else np.zeros((0, m))
         return self
 
     def residuals(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(instantaneous z, smoothed z), each rows x metrics; advances the stream state."""
-        if self.coef_ is None or self.mean_ is None or self.scale_ is None \
-                or self.sig_ is None or self.sig_smooth_ is None or self._recent is None:
+        if (
+            self.coef_ is None
+            or self.mean_ is None
+            or self.scale_ is None
+            or self.sig_ is None
+            or self.sig_smooth_ is None
+            or self._recent is None
+        ):
             raise RuntimeError("VirtualSensorResidual is not fitted; call fit(X) first")
         Z = (_as2d(X) - self.mean_) / self.scale_
         F, self._ema = self._features(Z, self._ema)
@@ -233,7 +255,7 @@ class VirtualSensorResidual:
         ends = np.arange(len(allr) - k + 1, len(allr) + 1)
         starts = np.maximum(ends - self.smooth, 0)
         M = (c[ends] - c[starts]) / (ends - starts)[:, None]
-        self._recent = allr[-(self.smooth - 1):] if self.smooth > 1 else allr[:0]
+        self._recent = allr[-(self.smooth - 1) :] if self.smooth > 1 else allr[:0]
         return R / self.sig_, M / self.sig_smooth_
 
     def expected(self, x: np.ndarray, z_inst: np.ndarray) -> np.ndarray:
@@ -267,17 +289,25 @@ class VirtualSensorResidual:
         return int(np.argmax(num / den))
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
-        inst, smooth = self.residuals(X)
+        _, smooth = self.residuals(X)
         return np.max(np.abs(smooth), axis=1)
 
     def state_dict(self) -> dict[str, Any]:
         def lst(a: np.ndarray | None) -> list[Any] | None:
             return None if a is None else a.tolist()
 
-        return {"spans": list(self.spans), "smooth": self.smooth, "ridge": self.ridge,
-                "mean": lst(self.mean_), "scale": lst(self.scale_), "coef": lst(self.coef_),
-                "sig": lst(self.sig_), "sig_smooth": lst(self.sig_smooth_),
-                "ema": lst(self._ema), "recent": lst(self._recent)}
+        return {
+            "spans": list(self.spans),
+            "smooth": self.smooth,
+            "ridge": self.ridge,
+            "mean": lst(self.mean_),
+            "scale": lst(self.scale_),
+            "coef": lst(self.coef_),
+            "sig": lst(self.sig_),
+            "sig_smooth": lst(self.sig_smooth_),
+            "ema": lst(self._ema),
+            "recent": lst(self._recent),
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         def arr(v: Any) -> np.ndarray | None:
@@ -285,8 +315,11 @@ class VirtualSensorResidual:
 
         self.spans = tuple(int(s) for s in state["spans"])
         self.smooth, self.ridge = int(state["smooth"]), float(state["ridge"])
-        self.mean_, self.scale_, self.coef_ = (arr(state["mean"]), arr(state["scale"]),
-                                               arr(state["coef"]))
+        self.mean_, self.scale_, self.coef_ = (
+            arr(state["mean"]),
+            arr(state["scale"]),
+            arr(state["coef"]),
+        )
         self.sig_, self.sig_smooth_ = arr(state["sig"]), arr(state["sig_smooth"])
         self._ema, self._recent = arr(state["ema"]), arr(state["recent"])
 

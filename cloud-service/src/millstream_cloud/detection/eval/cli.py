@@ -33,7 +33,9 @@ def _write_json(path: str | None, data: dict[str, Any]) -> None:
 
 def _require_dir(value: Path | None, flag: str) -> Path:
     if value is None:
-        raise SystemExit(f"eval: {flag} is required (no ../shared/benchmarks found beside the repo)")
+        raise SystemExit(
+            f"eval: {flag} is required (no ../shared/benchmarks found beside the repo)"
+        )
     if not value.is_dir():
         raise SystemExit(f"eval: {flag} {value} is not a directory")
     return value
@@ -44,12 +46,17 @@ def cmd_nab(args: argparse.Namespace) -> int:
     data = _require_dir(args.data, "--data")
     labels = _require_dir(args.labels, "--labels")
     out = runners.run_nab(data, labels, settings, sweep=args.sweep)
-    mode = ("thresholds SWEPT on these files (NAB's optimiser; not the frozen ones)"
-            if args.sweep else "frozen thresholds from the settings file (no re-tuning)")
+    mode = (
+        "thresholds SWEPT on these files (NAB's optimiser; not the frozen ones)"
+        if args.sweep
+        else "frozen thresholds from the settings file (no re-tuning)"
+    )
     print(f"NAB: {out['files']} files, {out['windows']} windows, {mode}, {out['seconds']} s")
     print(f"{'detector':<34}{'standard':>10}{'low FP':>10}{'low FN':>10}")
-    print(f"{'Millstream ensemble (this run)':<34}{out['standard']:>10.1f}"
-          f"{out['low_fp']:>10.1f}{out['low_fn']:>10.1f}")
+    print(
+        f"{'Millstream ensemble (this run)':<34}{out['standard']:>10.1f}"
+        f"{out['low_fp']:>10.1f}{out['low_fn']:>10.1f}"
+    )
     print("published, on the 18-file subset:")
     for name, (a, b, c) in runners.NAB_REFERENCE_SUBSET.items():
         print(f"  {name:<32}{a:>10.1f}{b:>10.1f}{c:>10.1f}")
@@ -65,15 +72,20 @@ def cmd_skab(args: argparse.Namespace) -> int:
     settings = runners.load_frozen(args.settings)
     data = _require_dir(args.data, "--data")
     out = runners.run_skab(data, settings)
-    print(f"SKAB: {out['runs']} runs, first {settings['skab']['train_rows']} rows of each for "
-          f"training, pooled over the rest; {out['seconds']} s")
+    print(
+        f"SKAB: {out['runs']} runs, first {settings['skab']['train_rows']} rows of each for "
+        f"training, pooled over the rest; {out['seconds']} s"
+    )
     print(f"{'detector':<34}{'F1':>8}{'FAR %':>9}{'MAR %':>9}")
-    print(f"{'Millstream PCA T2/Q (this run)':<34}{out['f1']:>8.2f}{out['far']:>9.2f}{out['mar']:>9.2f}")
+    name = "Millstream PCA T2/Q (this run)"
+    print(f"{name:<34}{out['f1']:>8.2f}{out['far']:>9.2f}{out['mar']:>9.2f}")
     print("published, valve1 + valve2 subset:")
     for name, (f1, far, mar) in runners.SKAB_REFERENCE_SUBSET.items():
         print(f"  {name:<32}{f1:>8.2f}{far:>9.2f}{mar:>9.2f}")
-    print("channels left to the per-metric detectors (slow in training):",
-          ", ".join(out["slow_channels_excluded"]) or "none")
+    print(
+        "channels left to the per-metric detectors (slow in training):",
+        ", ".join(out["slow_channels_excluded"]) or "none",
+    )
     _write_json(args.json, out)
     return 0
 
@@ -81,10 +93,14 @@ def cmd_skab(args: argparse.Namespace) -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     settings = runners.load_frozen(args.settings)
     out = runners.run_sim(settings, seed=args.seed)
-    print(f"simulator (seed {out['seed']}): {out['readings']} readings, "
-          f"{len(out['faults'])} faults, {out['anomalies']} anomalies, {out['seconds']} s")
-    print(f"recall {out['recall']:.2f}  precision {out['precision']:.2f}  "
-          f"median delay {out['median_delay_s']} s  ({out['us_per_reading']} us/reading)")
+    print(
+        f"simulator (seed {out['seed']}): {out['readings']} readings, "
+        f"{len(out['faults'])} faults, {out['anomalies']} anomalies, {out['seconds']} s"
+    )
+    print(
+        f"recall {out['recall']:.2f}  precision {out['precision']:.2f}  "
+        f"median delay {out['median_delay_s']} s  ({out['us_per_reading']} us/reading)"
+    )
     for f in out["faults"]:
         status = f"after {f['delay_s']:.0f} s" if f["detected"] else "MISSED"
         print(f"  {f['device']:<10} {f['kind']:<12} {f['metric']:<16} {status}")
@@ -94,29 +110,49 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``eval`` and its sub-commands on the top-level CLI."""
-    p = sub.add_parser("eval", help="score the detectors on NAB, SKAB or the fault simulator",
-                       description=__doc__)
+    p = sub.add_parser(
+        "eval", help="score the detectors on NAB, SKAB or the fault simulator", description=__doc__
+    )
     esub = p.add_subparsers(dest="eval_command", metavar="BENCHMARK")
     esub.required = True
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--settings", type=Path, default=None,
-                        help="settings file (default: the committed frozen.json)")
+        sp.add_argument(
+            "--settings",
+            type=Path,
+            default=None,
+            help="settings file (default: the committed frozen.json)",
+        )
         sp.add_argument("--json", metavar="PATH", help="also write the scores to PATH")
 
     nab = esub.add_parser("nab", help="Numenta Anomaly Benchmark, scored by NAB's rules")
-    nab.add_argument("--data", type=Path, default=_bench_default("nab", "data"),
-                     help="folder of NAB data CSVs (category/file.csv)")
-    nab.add_argument("--labels", type=Path, default=_bench_default("nab", "labels"),
-                     help="folder holding combined_windows.json")
-    nab.add_argument("--sweep", action="store_true",
-                     help="sweep each profile's threshold on these files instead of the frozen ones")
+    nab.add_argument(
+        "--data",
+        type=Path,
+        default=_bench_default("nab", "data"),
+        help="folder of NAB data CSVs (category/file.csv)",
+    )
+    nab.add_argument(
+        "--labels",
+        type=Path,
+        default=_bench_default("nab", "labels"),
+        help="folder holding combined_windows.json",
+    )
+    nab.add_argument(
+        "--sweep",
+        action="store_true",
+        help="sweep each profile's threshold on these files instead of the frozen ones",
+    )
     common(nab)
     nab.set_defaults(func=cmd_nab)
 
     skab = esub.add_parser("skab", help="Skoltech Anomaly Benchmark, pooled F1/FAR/MAR")
-    skab.add_argument("--data", type=Path, default=_bench_default("skab", "data"),
-                      help="folder of SKAB runs (any depth; unlabelled files are skipped)")
+    skab.add_argument(
+        "--data",
+        type=Path,
+        default=_bench_default("skab", "data"),
+        help="folder of SKAB runs (any depth; unlabelled files are skipped)",
+    )
     common(skab)
     skab.set_defaults(func=cmd_skab)
 

@@ -44,8 +44,9 @@ def streaming_scores(values: np.ndarray, settings: dict[str, Any], warmup: int) 
     return np.fromiter((det.update(float(v)) for v in values), dtype=float, count=len(values))
 
 
-def run_nab(data_dir: Path, labels_dir: Path, settings: dict[str, Any],
-            sweep: bool = False) -> dict[str, Any]:
+def run_nab(
+    data_dir: Path, labels_dir: Path, settings: dict[str, Any], sweep: bool = False
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     files = nab.load_corpus(data_dir, labels_dir)
     scores = [
@@ -58,10 +59,11 @@ def run_nab(data_dir: Path, labels_dir: Path, settings: dict[str, Any],
     files_out = {}
     for f, s in zip(files, scores, strict=True):
         one = per_file([f], [s], {p: r.threshold for p, r in res.items()}, ["standard"])
-        files_out[f.name] = {"windows": len(f.windows), "raw_standard": round(one["standard"].raw, 4)}
-    out: dict[str, Any] = {
-        nab.PROFILE_KEYS[p]: round(r.normalised, 2) for p, r in res.items()
-    }
+        files_out[f.name] = {
+            "windows": len(f.windows),
+            "raw_standard": round(one["standard"].raw, 4),
+        }
+    out: dict[str, Any] = {nab.PROFILE_KEYS[p]: round(r.normalised, 2) for p, r in res.items()}
     out["thresholds"] = {nab.PROFILE_KEYS[p]: r.threshold for p, r in res.items()}
     out["raw"] = {nab.PROFILE_KEYS[p]: round(r.raw, 4) for p, r in res.items()}
     out["threshold_mode"] = "swept on these files" if sweep else "frozen"
@@ -96,12 +98,17 @@ def run_skab(data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     pairs = [(r.anomaly[n:], skab_predict(r, cfg, slow)[n:]) for r in runs]
     sc = skab.score_runs(pairs)
     return {
-        "f1": sc.f1, "far": sc.far, "mar": sc.mar,
+        "f1": sc.f1,
+        "far": sc.far,
+        "mar": sc.mar,
         "counts": {"tp": sc.tp, "fp": sc.fp, "fn": sc.fn, "tn": sc.tn},
         "runs": len(runs),
         "slow_channels_excluded": sorted(slow),
-        "thresholds": {"on": cfg["on_factor"], "off": cfg["on_factor"] * cfg["off_ratio"],
-                       "unit": "multiple of the training-rows quantile of max(T2, Q)"},
+        "thresholds": {
+            "on": cfg["on_factor"],
+            "off": cfg["on_factor"] * cfg["off_ratio"],
+            "unit": "multiple of the training-rows quantile of max(T2, Q)",
+        },
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -124,18 +131,31 @@ def match_anomalies(anomalies: list[Any], faults: list[Any], grace_ns: int) -> d
     delays: list[float] = []
     per_fault = []
     for f in faults:
-        hits = [a for a in anomalies if a.device == f.device
-                and f.start_ns <= a.time_ns <= f.end_ns + grace_ns and f.metric in names(a)]
+        hits = [
+            a
+            for a in anomalies
+            if a.device == f.device
+            and f.start_ns <= a.time_ns <= f.end_ns + grace_ns
+            and f.metric in names(a)
+        ]
         first = min((a.time_ns for a in hits), default=None)
         if first is not None:
             delays.append((first - f.start_ns) / 1e9)
-        per_fault.append({"device": f.device, "metric": f.metric, "kind": f.kind,
-                          "detected": first is not None,
-                          "delay_s": None if first is None else (first - f.start_ns) / 1e9})
+        per_fault.append(
+            {
+                "device": f.device,
+                "metric": f.metric,
+                "kind": f.kind,
+                "detected": first is not None,
+                "delay_s": None if first is None else (first - f.start_ns) / 1e9,
+            }
+        )
     tp = sum(
-        1 for a in anomalies
-        if any(a.device == f.device and f.start_ns <= a.time_ns <= f.end_ns + grace_ns
-               for f in faults)
+        1
+        for a in anomalies
+        if any(
+            a.device == f.device and f.start_ns <= a.time_ns <= f.end_ns + grace_ns for f in faults
+        )
     )
     return {
         "recall": round(sum(p["detected"] for p in per_fault) / len(faults), 4) if faults else 1.0,
@@ -146,8 +166,10 @@ def match_anomalies(anomalies: list[Any], faults: list[Any], grace_ns: int) -> d
         "false_positives": [
             {"device": a.device, "metric": a.metric, "time_ns": a.time_ns, "detector": a.detector}
             for a in anomalies
-            if not any(a.device == f.device and f.start_ns <= a.time_ns <= f.end_ns + grace_ns
-                       for f in faults)
+            if not any(
+                a.device == f.device and f.start_ns <= a.time_ns <= f.end_ns + grace_ns
+                for f in faults
+            )
         ],
     }
 

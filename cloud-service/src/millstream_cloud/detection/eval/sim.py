@@ -51,13 +51,28 @@ KINDS: dict[str, dict[str, tuple[float, float, float, bool]]] = {
 }
 # Which metric each fault hits, per device kind.
 FAULT_METRIC: dict[str, dict[str, str]] = {
-    "motor": {"drift": "vibration_mm_s", "stuck": "current_a", "level_shift": "speed_rpm",
-              "spikes": "vibration_mm_s", "overheating": "bearing_temp_c"},
-    "pump": {"drift": "pressure_bar", "stuck": "flow_l_min", "level_shift": "motor_current_a",
-             "spikes": "pressure_bar", "overheating": "fluid_temp_c"},
+    "motor": {
+        "drift": "vibration_mm_s",
+        "stuck": "current_a",
+        "level_shift": "speed_rpm",
+        "spikes": "vibration_mm_s",
+        "overheating": "bearing_temp_c",
+    },
+    "pump": {
+        "drift": "pressure_bar",
+        "stuck": "flow_l_min",
+        "level_shift": "motor_current_a",
+        "spikes": "pressure_bar",
+        "overheating": "fluid_temp_c",
+    },
 }
-FAULT_DURATION_S = {"drift": 7200.0, "stuck": 3600.0, "level_shift": 3600.0, "spikes": 600.0,
-                    "overheating": 3600.0}
+FAULT_DURATION_S = {
+    "drift": 7200.0,
+    "stuck": 3600.0,
+    "level_shift": 3600.0,
+    "spikes": 600.0,
+    "overheating": 3600.0,
+}
 
 
 @dataclass(slots=True, frozen=True)
@@ -142,8 +157,9 @@ def simulate(config: SimConfig | None = None) -> Fleet:
     return fleet
 
 
-def _inject(fleet: Fleet, dev: str, kind: str, fault: str, rng: np.random.Generator,
-            t_s: np.ndarray) -> Fault:
+def _inject(
+    fleet: Fleet, dev: str, kind: str, fault: str, rng: np.random.Generator, t_s: np.ndarray
+) -> Fault:
     cfg = fleet.config
     metric = FAULT_METRIC[kind][fault]
     sigma = KINDS[kind][metric][2]
