@@ -63,6 +63,8 @@ class EngineSettings:
     mv_retrain_rows: int = 1440
     mv_spans: tuple[int, ...] = (6, 30, 120, 480)
     mv_smooth_rows: int = 180
+    mv_holdout: float = 0.0  # share of training rows held out to measure residual spread
+    # (0.3 trades recall of 1-sigma drifts for fewer false alarms; see docs)
     mv_spike_sigma: float = 6.5  # a single row this far off counts on its own
     mv_pair_sigma: float = 4.5  # two rows this far off within mv_pair_rows count too
     mv_pair_rows: int = 60
@@ -99,7 +101,9 @@ class DeviceModel:
         keep = ~np.asarray(self.flags, dtype=bool)
         if keep.sum() < len(X) // 2:
             return
-        model = VirtualSensorResidual(tuple(self.s.mv_spans), self.s.mv_smooth_rows)
+        model = VirtualSensorResidual(
+            tuple(self.s.mv_spans), self.s.mv_smooth_rows, holdout=self.s.mv_holdout
+        )
         model.fit(X if keep.all() else X[keep])
         self.model = model
         self.since_fit = 0

@@ -176,8 +176,13 @@ class VirtualSensorResidual:
     """
 
     def __init__(
-        self, spans: tuple[int, ...] = (30, 120), smooth: int = 60, ridge: float = 1e-3
+        self,
+        spans: tuple[int, ...] = (30, 120),
+        smooth: int = 60,
+        ridge: float = 1e-3,
+        holdout: float = 0.0,
     ) -> None:
+        self.holdout = holdout
         self.spans = tuple(spans)
         self.smooth = smooth
         self.ridge = ridge
@@ -217,23 +222,42 @@ class VirtualSensorResidual:
         F, ema = self._features(Z, None)
         n, _, m = F.shape
         burn = min(max(self.spans), n // 4)  # let the moving averages settle first
+        self.coef_ = self._solve(F, Z, burn, n)
+        R = (Z - self._predict(F))[burn:]
+        sig, sig_smooth = self._sigmas(R)
+        if self.holdout > 0.0:
+            # In-sample residuals flatter a model: it has partly fitted the slow wander of
+            # its own training rows. Fit on the first rows, measure on the held-out tail,
+            # and keep the wider of the two spreads (then refit on everything).
+            cut = int(n * (1.0 - self.holdout))
+            if cut - burn > 50 * m and n - cut > 2 * self.smooth:
+                full = self.coef_
+                self.coef_ = self._solve(F, Z, burn, cut)
+                R_out = (Z - self._predict(F))[cut:]
+                o_sig, o_smooth = self._sigmas(R_out)
+                sig, sig_smooth = np.maximum(sig, o_sig), np.maximum(sig_smooth, o_smooth)
+                self.coef_ = full
+        self.sig_, self.sig_smooth_ = sig, sig_smooth
+        self._ema = ema
+        self._recent = R[-(self.smooth - 1) :] if self.smooth > 1 else np.zeros((0, m))
+        return self
+
+    def _solve(self, F: np.ndarray, Z: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        n, _, m = F.shape
         coef = []
         for j in range(m):
-            A = np.delete(F, j, axis=2).reshape(n, -1)[burn:]
-            y = Z[burn:, j]
+            A = np.delete(F, j, axis=2).reshape(n, -1)[lo:hi]
+            y = Z[lo:hi, j]
             A1 = np.hstack([A, np.ones((len(A), 1))])
             reg = self.ridge * len(A) * np.eye(A1.shape[1])
             reg[-1, -1] = 0.0
             coef.append(np.linalg.solve(A1.T @ A1 + reg, A1.T @ y))
-        self.coef_ = np.asarray(coef)
-        R = (Z - self._predict(F))[burn:]
-        self.sig_ = _tail_aware_sd(R)
+        return np.asarray(coef)
+
+    def _sigmas(self, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         w = max(1, min(self.smooth, len(R) // 4))
-        c = np.cumsum(np.vstack([np.zeros(m), R]), axis=0)
-        self.sig_smooth_ = _tail_aware_sd((c[w:] - c[:-w]) / w)
-        self._ema = ema
-        self._recent = R[-(self.smooth - 1) :] if self.smooth > 1 else np.zeros((0, m))
-        return self
+        c = np.cumsum(np.vstack([np.zeros(R.shape[1]), R]), axis=0)
+        return _tail_aware_sd(R), _tail_aware_sd((c[w:] - c[:-w]) / w)
 
     def residuals(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(instantaneous z, smoothed z), each rows x metrics; advances the stream state."""
@@ -297,6 +321,7 @@ class VirtualSensorResidual:
             return None if a is None else a.tolist()
 
         return {
+            "holdout": self.holdout,
             "spans": list(self.spans),
             "smooth": self.smooth,
             "ridge": self.ridge,
@@ -313,6 +338,7 @@ class VirtualSensorResidual:
         def arr(v: Any) -> np.ndarray | None:
             return None if v is None else np.asarray(v, dtype=float)
 
+        self.holdout = float(state.get("holdout", 0.0))
         self.spans = tuple(int(s) for s in state["spans"])
         self.smooth, self.ridge = int(state["smooth"]), float(state["ridge"])
         self.mean_, self.scale_, self.coef_ = (
