@@ -122,3 +122,13 @@ def test_single_metric_device_uses_the_streaming_ensemble() -> None:
 def test_sim_eval_default_fleet_recall() -> None:
     res = runners.run_sim(runners.load_frozen(), seed=0)
     assert res["recall"] >= 0.9
+
+
+def test_settings_from_mapping_names_bad_keys() -> None:
+    from millstream_cloud.detection.engine import settings_from_mapping
+
+    assert settings_from_mapping({"warmup": 100, "mv_spans": [5, 10]}).mv_spans == (5, 10)
+    with pytest.raises(ValueError, match=r"unknown key.*warmpu"):
+        settings_from_mapping({"warmpu": 1})
+    with pytest.raises(ValueError, match="mv_on must be"):
+        settings_from_mapping({"mv_on": "high"})

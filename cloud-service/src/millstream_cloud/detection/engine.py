@@ -74,6 +74,37 @@ class EngineSettings:
     mv_quiet_rows: int = 360  # after an incident ends, its tail is not a new incident
 
 
+def settings_from_mapping(block: dict[str, Any] | None) -> EngineSettings:
+    """Build settings from a config block (e.g. the ``detection:`` section of the cloud's
+    settings); an unknown key or a wrong type is an error that names the key."""
+    if not block:
+        return EngineSettings()
+    fields = EngineSettings.__dataclass_fields__
+    unknown = sorted(set(block) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"detection settings: unknown key(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(fields))}"
+        )
+    defaults = EngineSettings()
+    values: dict[str, Any] = {}
+    for key, value in block.items():
+        current = getattr(defaults, key)
+        if isinstance(current, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(current, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(current, tuple):
+            ok = isinstance(value, (list, tuple))
+            value = tuple(value) if ok else value
+        else:
+            ok = isinstance(value, type(current))
+        if not ok:
+            raise ValueError(f"detection settings: {key} must be like {current!r}, got {value!r}")
+        values[key] = value
+    return EngineSettings(**values)
+
+
 class DeviceModel:
     """Multivariate state of one device: aligned rows, virtual-sensor residuals, a gate."""
 
