@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def test_injected_fault_raises_an_anomaly_naming_the_metric(kind: str) -> None:
     assert hits[0].metric == f.metric
     assert f.metric in hits[0].explanation
     assert hits[0].contributions[0].metric == f.metric
+    assert all(math.isfinite(c.sigma) for a in anomalies for c in a.contributions)
+    assert all(0.0 <= a.likelihood <= 1.0 and math.isfinite(a.score) for a in anomalies)
 
 
 def test_steady_signal_raises_nothing() -> None:

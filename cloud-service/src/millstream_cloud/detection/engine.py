@@ -379,7 +379,9 @@ class DetectionEngine:
                 1.0,
                 r.metric,
                 text,
-                [Contribution(r.metric, r.value, r.value, float("inf"))],
+                # The value itself may be perfectly ordinary; what is wrong is that it does
+                # not move. Sigma stays finite so stored contributions remain valid JSON.
+                [Contribution(r.metric, r.value, r.value, 0.0)],
             )
         ]
 
