@@ -78,12 +78,17 @@ def test_healthy_simulated_device_raises_nothing() -> None:
     assert anomalies == []
 
 
-def test_engine_state_round_trip_continues_identically(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "settings", [FAST, replace(FAST, mv_extrapolation_penalty=3.0, mv_holdout=0.3)]
+)
+def test_engine_state_round_trip_continues_identically(
+    tmp_path: Path, settings: EngineSettings
+) -> None:
     cfg = SimConfig(seed=1, devices=1, hours=18, fault_after_h=13, faults=("level_shift",))
     fleet = simulate(cfg)
     batches = list(fleet.batches())
     cut = int(len(batches) * 12.5 / 18)  # after the models are trained, before the fault
-    a = DetectionEngine(FAST)
+    a = DetectionEngine(settings)
     for b in batches[:cut]:
         a.observe(b)
     a.save(tmp_path)

@@ -63,6 +63,7 @@ class EngineSettings:
     mv_retrain_rows: int = 1440
     mv_spans: tuple[int, ...] = (6, 30, 120, 480)
     mv_smooth_rows: int = 180
+    mv_extrapolation_penalty: float = 0.0
     mv_holdout: float = 0.0  # share of training rows held out to measure residual spread
     # (0.3 trades recall of 1-sigma drifts for fewer false alarms; see docs)
     mv_spike_sigma: float = 6.5  # a single row this far off counts on its own
@@ -133,7 +134,10 @@ class DeviceModel:
         if keep.sum() < len(X) // 2:
             return
         model = VirtualSensorResidual(
-            tuple(self.s.mv_spans), self.s.mv_smooth_rows, holdout=self.s.mv_holdout
+            tuple(self.s.mv_spans),
+            self.s.mv_smooth_rows,
+            holdout=self.s.mv_holdout,
+            extrapolation_penalty=self.s.mv_extrapolation_penalty,
         )
         model.fit(X if keep.all() else X[keep])
         self.model = model

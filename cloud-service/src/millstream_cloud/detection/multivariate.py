@@ -181,8 +181,12 @@ class VirtualSensorResidual:
         smooth: int = 60,
         ridge: float = 1e-3,
         holdout: float = 0.0,
+        extrapolation_penalty: float = 0.0,
     ) -> None:
         self.holdout = holdout
+        self.extrapolation_penalty = extrapolation_penalty
+        self.lo_: np.ndarray | None = None
+        self.hi_: np.ndarray | None = None
         self.spans = tuple(spans)
         self.smooth = smooth
         self.ridge = ridge
@@ -239,6 +243,8 @@ class VirtualSensorResidual:
                 self.coef_ = full
         self.sig_, self.sig_smooth_ = sig, sig_smooth
         self._ema = ema
+        self.lo_ = Z.min(axis=0)
+        self.hi_ = Z.max(axis=0)
         self._recent = R[-(self.smooth - 1) :] if self.smooth > 1 else np.zeros((0, m))
         return self
 
@@ -280,7 +286,17 @@ class VirtualSensorResidual:
         starts = np.maximum(ends - self.smooth, 0)
         M = (c[ends] - c[starts]) / (ends - starts)[:, None]
         self._recent = allr[-(self.smooth - 1) :] if self.smooth > 1 else allr[:0]
-        return R / self.sig_, M / self.sig_smooth_
+        zi, zs = R / self.sig_, M / self.sig_smooth_
+        if self.extrapolation_penalty > 0.0 and self.lo_ is not None and self.hi_ is not None:
+            # Outside the range of its training rows the model extrapolates and its error
+            # grows; how far the *other* metrics are outside that range scales the bar.
+            ema_now = F[:, 1:, :].mean(axis=1)
+            excess = np.maximum(ema_now - self.hi_, 0.0) + np.maximum(self.lo_ - ema_now, 0.0)
+            m = excess.shape[1]
+            others = (excess.sum(axis=1, keepdims=True) - excess) / max(m - 1, 1)
+            damp = 1.0 + self.extrapolation_penalty * others
+            zi, zs = zi / damp, zs / damp
+        return zi, zs
 
     def expected(self, x: np.ndarray, z_inst: np.ndarray) -> np.ndarray:
         """What each metric "should" read given the others: value minus its residual."""
@@ -322,6 +338,9 @@ class VirtualSensorResidual:
 
         return {
             "holdout": self.holdout,
+            "extrapolation_penalty": self.extrapolation_penalty,
+            "lo": lst(self.lo_),
+            "hi": lst(self.hi_),
             "spans": list(self.spans),
             "smooth": self.smooth,
             "ridge": self.ridge,
@@ -339,6 +358,8 @@ class VirtualSensorResidual:
             return None if v is None else np.asarray(v, dtype=float)
 
         self.holdout = float(state.get("holdout", 0.0))
+        self.extrapolation_penalty = float(state.get("extrapolation_penalty", 0.0))
+        self.lo_, self.hi_ = arr(state.get("lo")), arr(state.get("hi"))
         self.spans = tuple(int(s) for s in state["spans"])
         self.smooth, self.ridge = int(state["smooth"]), float(state["ridge"])
         self.mean_, self.scale_, self.coef_ = (
