@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from millstream_cloud.alerts.settings import AlertSettings
 
@@ -237,6 +237,31 @@ class APISettings(Section):
     )
 
 
+class DetectionSettings(Section):
+    enabled: bool = Field(True, description="run the anomaly detectors on every stored reading")
+    queue_max_readings: int = Field(
+        200_000,
+        ge=1000,
+        description="readings waiting for the detectors; beyond it batches skip detection "
+        "(counted) so detection never slows ingest",
+    )
+    save_interval_s: float = Field(
+        300.0, gt=0, description="how often detector state is saved (and at shutdown)"
+    )
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of the frozen detector settings (docs/detection.md)",
+    )
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_known(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from millstream_cloud.detection.engine import settings_from_mapping
+
+        settings_from_mapping(value)  # raises ValueError naming the key
+        return value
+
+
 class Settings(Section):
     data_dir: str = Field("./millstream-data", description="where the service keeps its state")
     log_level: str = Field("INFO")
@@ -247,6 +272,7 @@ class Settings(Section):
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
+    detection: DetectionSettings = Field(default_factory=DetectionSettings)
 
     @property
     def data_path(self) -> Path:
