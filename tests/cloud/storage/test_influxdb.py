@@ -10,8 +10,8 @@ import pytest
 from millstream_cloud.model import Reading
 from millstream_cloud.settings import load_settings
 from millstream_cloud.storage import open_storage
-from millstream_cloud.storage.base import TELEMETRY, Point, SeriesQuery
-from millstream_cloud.storage.influxdb import InfluxDBStorage, SpoolFull, line
+from millstream_cloud.storage.base import TELEMETRY, Point, SeriesQuery, readings_to_points
+from millstream_cloud.storage.influxdb import InfluxDBStorage, SpoolFull, line, reading_lines
 
 from tests.cloud.storage.conftest import influx_settings
 from tests.support.influxdb import InfluxDBServer, influxdb_available, influxdb_server
@@ -37,6 +37,22 @@ def test_line_protocol_escaping() -> None:
         'f\\ k\\=1=1.5,n=3i,ok=true,txt="say \\"hi\\" \\\\ bye" ' + str(T0)
     )
     assert line(Point("m", {}, {"nan": float("inf")}, T0)) is None
+
+
+def test_fast_reading_lines_equal_the_general_encoder() -> None:
+    rs = [
+        Reading("press 1", "plant,a", "temp=c", T0, 1.0),
+        Reading("d2", "p", "rpm", T0 + 1, 3),  # an int value stays a float field
+        Reading("d2", "p", "rpm", T0 + 2, float("nan")),
+        Reading("d3", "p", "x", T0 + 3, -2.5e-7),
+    ]
+    kinds = {"press 1": "hydraulic press"}
+    prefixes: dict = {}
+    fast = reading_lines(rs, kinds, prefixes)
+    slow = [line(p) for p in readings_to_points(rs, kinds)]
+    slow[1] = slow[1].replace("rpm=3i", "rpm=3.0")  # type: ignore[union-attr]
+    assert fast == [ln for ln in slow if ln is not None and "nan" not in ln]
+    assert reading_lines(rs, kinds, prefixes) == fast  # cached prefixes give the same lines
 
 
 def test_open_storage_builds_the_backend(influxdb: InfluxDBServer, tmp_path: Path) -> None:
