@@ -215,11 +215,20 @@ def main() -> int:
         "benchmark": "storage_compare",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},  # fmt: skip
-        "data": {"devices": args.devices, "metrics": len(METRICS), "timestamps": args.timestamps,
-                 "step_s": args.step_s, "readings": sum(len(b) for b in batches),
-                 "batch_readings": len(batches[0])},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        },  # fmt: skip
+        "data": {
+            "devices": args.devices,
+            "metrics": len(METRICS),
+            "timestamps": args.timestamps,
+            "step_s": args.step_s,
+            "readings": sum(len(b) for b in batches),
+            "batch_readings": len(batches[0]),
+        },  # fmt: skip
         "query": "one metric of one device, 1 hour, 1-minute buckets, mean; random windows",
     }
     try:
@@ -231,6 +240,7 @@ def main() -> int:
                 result["influxdb"] = bench_influxdb(batches, args, t0, span, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if "influxdb" in result:
         e, i = result["embedded"], result["influxdb"]
         result["verdict"] = {
@@ -241,7 +251,9 @@ def main() -> int:
                 i["query_1h_1m_mean"]["p50_ms"] / e["query_1h_1m_mean"]["p50_ms"], 1
             ),
             "write_target_met": e["write"]["points_per_s"]
-            >= max(i["write_server_only"]["points_per_s"], i["write_through_backend"]["points_per_s"]),
+            >= max(
+                i["write_server_only"]["points_per_s"], i["write_through_backend"]["points_per_s"]
+            ),
             "query_target_met": e["query_1h_1m_mean"]["p50_ms"] <= i["query_1h_1m_mean"]["p50_ms"],
         }
         print(json.dumps(result["verdict"], indent=2))

@@ -34,6 +34,7 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def _to_array(values: Sequence[Any], ftype: str) -> np.ndarray:
 
 def _dedupe_last(t: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sort by time; of several values at one time keep the last one given (newest)."""
-    if len(t) > 1:
+    if len(t) > 1 and not bool((t[1:] > t[:-1]).all()):  # already strictly increasing: done
         order = np.argsort(t, kind="stable")
         t = t[order]
         v = v[order]
@@ -641,35 +642,69 @@ class EmbeddedStorage(Storage):
             return mem.n
 
     def _merge_memtable(self, mem: _Memtable) -> list[tuple[Any, ...]]:
-        rdb = self._reader()
+        """Chunk rows for everything in ``mem``, merged with the chunks already stored."""
         chunk_ns = self.chunk_ns
-        rows: list[tuple[Any, ...]] = []
+        series: list[tuple[int, str, np.ndarray, np.ndarray]] = []
+        floats = [sid for sid in mem.points if self._meta[sid].ftype == "float"]
+        if floats:  # the common case in bulk: two array conversions instead of two per series
+            lens = [len(mem.points[sid][0]) for sid in floats]
+            total = sum(lens)
+            all_t = np.fromiter(chain.from_iterable(mem.points[s][0] for s in floats), _I64, total)
+            all_v = np.fromiter(chain.from_iterable(mem.points[s][1] for s in floats), _F64, total)
+            off = 0
+            for sid, n in zip(floats, lens, strict=True):
+                series.append((sid, "float", all_t[off : off + n], all_v[off : off + n]))
+                off += n
         for sid, (tl, vl) in mem.points.items():
             ftype = self._meta[sid].ftype
-            t, v = _dedupe_last(np.asarray(tl, dtype=_I64), _to_array(vl, ftype))
+            if ftype != "float":
+                series.append((sid, ftype, np.asarray(tl, dtype=_I64), _to_array(vl, ftype)))
+        pieces: list[tuple[int, int, np.ndarray, np.ndarray, str]] = []
+        for sid, ftype, t0, v0 in series:
+            t, v = _dedupe_last(t0, v0)
+            first = int(t[0] - t[0] % chunk_ns)
+            if int(t[-1]) < first + chunk_ns:
+                pieces.append((sid, first, t, v, ftype))
+                continue
             w = t - np.mod(t, chunk_ns)
             brk = np.flatnonzero(w[1:] != w[:-1]) + 1
-            for ts, vs in zip(np.split(t, brk), np.split(v, brk), strict=False):
-                start = int(ts[0] - ts[0] % chunk_ns)
-                old = rdb.execute(
-                    "SELECT rollup, times, vals FROM chunks WHERE series_id = ? AND start_ns = ?",
-                    (sid, start),
-                ).fetchone()
-                if old is None:
-                    rows.append(self._raw_row(sid, start, ts, vs, ftype))
-                elif old[0] == 0:
-                    ot = np.frombuffer(old[1], dtype=_I64)
-                    ov = _decode_values(old[2], ftype)
-                    mt, mv = _dedupe_last(np.concatenate([ot, ts]), np.concatenate([ov, vs]))
-                    rows.append(self._raw_row(sid, start, mt, mv, ftype))
-                else:  # late points into a rolled-up window are folded into its buckets
-                    width = int(old[0])
-                    parts = _combine([
-                        _rollup_partials(old[1], old[2], width, width),
-                        _partials_from_points(ts, vs, width, True),
-                    ])  # fmt: skip
-                    rows.append(_rollup_row(sid, start, width, parts))
+            for ts, vs in zip(np.split(t, brk), np.split(v, brk), strict=True):
+                pieces.append((sid, int(ts[0] - ts[0] % chunk_ns), ts, vs, ftype))
+        existing = self._existing_chunks([(p[0], p[1]) for p in pieces])
+        rows: list[tuple[Any, ...]] = []
+        for sid, start, ts, vs, ftype in pieces:
+            old = existing.get((sid, start))
+            if old is None:
+                rows.append(self._raw_row(sid, start, ts, vs, ftype))
+            elif old[0] == 0:
+                ot = np.frombuffer(old[1], dtype=_I64)
+                ov = _decode_values(old[2], ftype)
+                mt, mv = _dedupe_last(np.concatenate([ot, ts]), np.concatenate([ov, vs]))
+                rows.append(self._raw_row(sid, start, mt, mv, ftype))
+            else:  # late points into a rolled-up window are folded into its buckets
+                width = int(old[0])
+                parts = _combine([
+                    _rollup_partials(old[1], old[2], width, width),
+                    _partials_from_points(ts, vs, width, True),
+                ])  # fmt: skip
+                rows.append(_rollup_row(sid, start, width, parts))
         return rows
+
+    def _existing_chunks(
+        self, keys: list[tuple[int, int]]
+    ) -> dict[tuple[int, int], tuple[int, bytes, bytes]]:
+        """Stored chunks for (series, window start) keys, a few hundred keys per statement."""
+        rdb = self._reader()
+        out: dict[tuple[int, int], tuple[int, bytes, bytes]] = {}
+        for i in range(0, len(keys), 500):
+            part = keys[i : i + 500]
+            sql = (
+                "SELECT series_id, start_ns, rollup, times, vals FROM chunks "
+                "WHERE (series_id, start_ns) IN (VALUES " + ",".join(["(?,?)"] * len(part)) + ")"
+            )
+            for sid, start, rollup, bt, bv in rdb.execute(sql, [x for k in part for x in k]):
+                out[(int(sid), int(start))] = (int(rollup), bt, bv)
+        return out
 
     @staticmethod
     def _raw_row(sid: int, start: int, t: np.ndarray, v: np.ndarray, ftype: str) -> tuple[Any, ...]:
