@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import urllib3  # noqa: E402
-
 from millstream_cloud.model import Reading  # noqa: E402
 from millstream_cloud.settings import EmbeddedSettings, InfluxDBSettings  # noqa: E402
 from millstream_cloud.storage.base import (  # noqa: E402
@@ -49,6 +48,7 @@ from millstream_cloud.storage.base import (  # noqa: E402
 )
 from millstream_cloud.storage.embedded import EmbeddedStorage  # noqa: E402
 from millstream_cloud.storage.influxdb import InfluxDBStorage, line_protocol_batches  # noqa: E402
+
 from tests.support.influxdb import influxdb_available, influxdb_server  # noqa: E402
 
 S = 1_000_000_000
@@ -74,7 +74,7 @@ def make_batches(devices: int, timestamps: int, step_s: int, t0: int) -> list[li
 
 def percentile(values: list[float], p: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def write_all(store: Storage, batches: list[list[Reading]]) -> dict[str, float]:
@@ -220,7 +220,7 @@ def main() -> int:
             "python": platform.python_version(),
             "platform": platform.platform(),
             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        },  # fmt: skip
+        },
         "data": {
             "devices": args.devices,
             "metrics": len(METRICS),
@@ -228,7 +228,7 @@ def main() -> int:
             "step_s": args.step_s,
             "readings": sum(len(b) for b in batches),
             "batch_readings": len(batches[0]),
-        },  # fmt: skip
+        },
         "query": "one metric of one device, 1 hour, 1-minute buckets, mean; random windows",
     }
     try:
