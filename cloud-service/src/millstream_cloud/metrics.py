@@ -34,9 +34,50 @@ class ServiceMetrics:
             "Sequence numbers skipped by devices (messages missing)",
             registry=r,
         )
+        self.late = Counter(
+            "millstream_ingest_late_messages",
+            "Messages that arrived after a later sequence number and filled a gap "
+            "(gaps minus late = sequence numbers still missing)",
+            registry=r,
+        )
         self.restamped = Counter(
             "millstream_ingest_restamped_readings",
             "Readings stored at arrival time because the device clock was not trusted",
+            registry=r,
+        )
+        self.clock_skewed = Counter(
+            "millstream_ingest_clock_skewed_messages",
+            "Telemetry messages whose device clock was off by more than the skew bound",
+            registry=r,
+        )
+        self.queue_capacity = Gauge(
+            "millstream_ingest_queue_capacity",
+            "Bound of the queue between subscriber and writer",
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "millstream_ingest_unacked_messages",
+            "Messages received from the broker and not yet acknowledged",
+            registry=r,
+        )
+        self.ingest_rate = Gauge(
+            "millstream_ingest_readings_per_second",
+            "Readings stored per second, averaged over the last 10 s",
+            registry=r,
+        )
+        self.groups = Counter(
+            "millstream_ingest_groups",
+            "Groups of messages written (one transaction each)",
+            registry=r,
+        )
+        self.broker_connect_failures = Counter(
+            "millstream_broker_connect_failures",
+            "Connection attempts to the broker that failed (refused or unreachable)",
+            registry=r,
+        )
+        self.broker_outage_seconds = Counter(
+            "millstream_broker_outage_seconds",
+            "Time spent disconnected from the broker after the first connection",
             registry=r,
         )
         self.queue_depth = Gauge(

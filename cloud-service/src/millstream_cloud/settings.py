@@ -52,7 +52,13 @@ class MQTTSettings(Section):
     ack_batch: int = Field(
         500,
         ge=1,
-        description="acknowledge to the broker after at most this many messages are stored",
+        description="messages per group: stored in one transaction, then acknowledged together",
+    )
+    receive_maximum: int = Field(
+        1000,
+        ge=1,
+        le=65535,
+        description="unacknowledged messages the broker may send us (MQTT 5 Receive Maximum); keep above ack_batch",
     )
 
 
@@ -82,7 +88,6 @@ class IngestSettings(Section):
     queue_max_messages: int = Field(
         20_000, ge=1, description="bounded queue between subscriber and writer (backpressure)"
     )
-    write_batch_readings: int = Field(20_000, ge=1, description="readings per storage write")
     write_max_delay_s: float = Field(
         0.05, ge=0, description="longest a message waits to be grouped"
     )
@@ -186,6 +191,22 @@ class StorageSettings(Section):
     influxdb: InfluxDBSettings = Field(default_factory=InfluxDBSettings)
 
 
+class RegistrySettings(Section):
+    url: str | None = Field(
+        None,
+        description="postgresql://... to share the device registry between hosts (needs psycopg); default: SQLite in data_dir",
+    )
+
+
+class RemoteSettings(Section):
+    command_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="default wait for a command result"
+    )
+    max_command_timeout_s: float = Field(
+        120.0, gt=0, description="longest wait a caller may ask for (timeout parameter)"
+    )
+
+
 class APISettings(Section):
     host: str = Field(
         "127.0.0.1", description="bind address; beyond loopback API tokens are required"
@@ -204,6 +225,8 @@ class Settings(Section):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     api: APISettings = Field(default_factory=APISettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
 
     @property
     def data_path(self) -> Path:

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from millstream_cloud.api import deadletters, devices, health
+from millstream_cloud.api import anomalies, deadletters, devices, health, remote
 
-ROUTERS = [health.router, devices.router, deadletters.router]
+ROUTERS = [health.router, devices.router, deadletters.router, anomalies.router, remote.router]

@@ -35,9 +35,16 @@ def device_json(dev: Device, detail: bool = False) -> dict[str, Any]:
             sequence={
                 "last": dev.last_seq,
                 "duplicates": dev.duplicates,
+                "gaps": dev.gaps,
                 "missing": dev.gaps,
+                "missing_seqs": sorted(dev.missing)[:100],
             },
-            clock={"skew_s": round(dev.clock_skew_s, 3), "restamped_readings": dev.restamped},
+            clock={
+                "skew_s": round(dev.clock_skew_s, 3),
+                "skewed": dev.clock_skewed,
+                "restamped_readings": dev.restamped,
+            },
+            rejected_messages=dev.rejected,
         )
     return out
 
@@ -58,13 +65,7 @@ def list_devices(
     cursor: str | None = Query(None, description="the `next` value of the previous page"),
 ) -> dict[str, Any]:
     size = limit or services.settings.api.page_size
-    devices = [
-        d
-        for d in services.registry.all()
-        if (site is None or d.site == site)
-        and (online is None or d.online == online)
-        and (cursor is None or d.id > cursor)
-    ]
+    devices = services.registry.page(site=site, online=online, after=cursor, limit=size + 1)
     page = devices[:size]
     nxt = page[-1].id if len(devices) > size else None
     return {"devices": [device_json(d) for d in page], "next": nxt}

@@ -33,7 +33,7 @@ def readyz(services: Services = Depends(get_services)) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 def metrics(services: Services = Depends(get_services)) -> Response:
-    devices = services.registry.all()
-    services.metrics.devices_known.set(len(devices))
-    services.metrics.devices_online.set(sum(1 for d in devices if d.online))
+    known, online = services.registry.counts()
+    services.metrics.devices_known.set(known)
+    services.metrics.devices_online.set(online)
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

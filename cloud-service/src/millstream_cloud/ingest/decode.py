@@ -49,7 +49,9 @@ class TelemetryBatch:
     arrival_ns: int
     clock_synced: bool = True
     restamped: int = 0  # readings stored at arrival time because their clock was off
-    max_skew_s: float = 0.0  # largest |source - arrival| among kept source timestamps
+    # Device clock minus ours (s): from ``sent_at`` when given, else the furthest-ahead
+    # reading (readings behind arrival are normal: store-and-forward buffering).
+    skew_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -68,6 +70,27 @@ def check_topic(topic_name: str, channel: str | None = None) -> Topic:
             "unknown_channel", f"topic {topic_name!r}: unknown channel {parsed.channel!r}"
         )
     return parsed
+
+
+_seconds_cache: dict[str, int] = {}
+
+
+def _ts_ns(ts: str) -> int:
+    """``parse_ts_ns`` for pattern-checked timestamps, caching the whole-second part.
+
+    Readings of one batch share few distinct seconds, and the calendar arithmetic is
+    most of the cost of a reading.
+    """
+    head = ts[:19]
+    secs = _seconds_cache.get(head)
+    if secs is None:
+        secs = parse_ts_ns(head + "Z") // NS
+        if len(_seconds_cache) >= 100_000:
+            _seconds_cache.clear()
+        _seconds_cache[head] = secs
+    if len(ts) > 20:
+        return secs * NS + int(ts[20:-1].ljust(9, "0"))
+    return secs * NS
 
 
 _NON_FINITE = re.compile(rb"\bNaN\b|\bInfinity\b")
@@ -116,6 +139,8 @@ def decode_telemetry(
     future_ns = int(limits.future_bound_s * NS)
     reject_ns = int(limits.max_future_s * NS)
     readings = batch.readings
+    max_ahead = 0
+    untrusted: list[tuple[int, int]] = []  # (index, source ts) of readings to restamp
     for i, r in enumerate(msg.readings):
         value = r.value
         if isinstance(value, bool):
@@ -127,7 +152,7 @@ def decode_telemetry(
                 "metric_name", f"readings[{i}].metric: longer than {limits.max_metric_length}"
             )
         try:
-            ts = parse_ts_ns(r.ts)
+            ts = _ts_ns(r.ts)
         except ValueError:
             raise DecodeError("schema", f"readings[{i}].ts: {r.ts!r} is not a valid date") from None
         ahead = ts - arrival_ns
@@ -137,27 +162,51 @@ def decode_telemetry(
                 f"readings[{i}].ts: {r.ts} is {ahead / NS / 86400:.0f} days in the future",
             )
         if not synced or ahead > future_ns or ts < PLAUSIBLE_SINCE_NS:
+            untrusted.append((len(readings), ts))
             readings.append(
-                Reading(
-                    where.device,
-                    where.site,
-                    r.metric,
-                    arrival_ns,
-                    float(value),
-                    r.unit,
-                    r.quality,
-                    ts,
-                )
+                Reading(where.device, where.site, r.metric, ts, float(value), r.unit, r.quality, ts)
             )
-            batch.restamped += 1
         else:
-            skew = abs(ahead) / NS
-            if skew > batch.max_skew_s and ahead > 0:
-                batch.max_skew_s = skew
+            if ahead > max_ahead:
+                max_ahead = ahead
             readings.append(
                 Reading(where.device, where.site, r.metric, ts, float(value), r.unit, r.quality)
             )
+    if untrusted:
+        _restamp(readings, untrusted, arrival_ns)
+        batch.restamped = len(untrusted)
+    if msg.sent_at is not None and synced:
+        try:
+            batch.skew_s = (_ts_ns(msg.sent_at) - arrival_ns) / NS
+        except ValueError:
+            raise DecodeError("schema", f"sent_at: {msg.sent_at!r} is not a valid date") from None
+    else:
+        batch.skew_s = max_ahead / NS
     return batch
+
+
+RESTAMP_MAX_SPAN_NS = 86400 * NS
+
+
+def _restamp(readings: list[Reading], untrusted: list[tuple[int, int]], arrival_ns: int) -> None:
+    """Store untrusted readings at arrival time, keeping their spacing.
+
+    The batch is shifted so its newest untrusted reading lands on the arrival time (the
+    readings were taken before they arrived), so readings of one metric stay distinct and
+    in order. When the source times span more than a day they are not spacing either:
+    then the readings are stored 1 ns apart, in message order, ending at arrival time.
+    """
+    newest = max(ts for _, ts in untrusted)
+    oldest = min(ts for _, ts in untrusted)
+    n = len(untrusted)
+    for k, (i, ts) in enumerate(untrusted):
+        r = readings[i]
+        t = (
+            arrival_ns - (newest - ts)
+            if newest - oldest <= RESTAMP_MAX_SPAN_NS
+            else arrival_ns - (n - 1 - k)
+        )
+        readings[i] = Reading(r.device, r.site, r.metric, t, r.value, r.unit, r.quality, ts)
 
 
 def decode_status(topic_name: str, payload: bytes) -> tuple[Topic, WireStatus]:

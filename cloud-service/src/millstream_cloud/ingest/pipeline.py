@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from millstream_cloud.ingest.deadletters import DeadLetterStore
 from millstream_cloud.ingest.decode import (
@@ -23,14 +24,26 @@ from millstream_cloud.ingest.decode import (
 )
 from millstream_cloud.metrics import ServiceMetrics
 from millstream_cloud.model import Reading
-from millstream_cloud.protocol import parse_topic
-from millstream_cloud.registry import DeviceRegistry, SeqVerdict
+from millstream_cloud.protocol import WireStatus, parse_topic
+from millstream_cloud.registry import Device, DeviceRegistry, RegistryTransaction, SeqVerdict
 from millstream_cloud.settings import IngestSettings
-from millstream_cloud.storage.base import Storage
+from millstream_cloud.storage.base import Point, Storage
 
 log = logging.getLogger("millstream.ingest")
 
 ReadingsHook = Callable[[Sequence[Reading]], None]
+
+
+class RateLimiter(Protocol):
+    """Per-device message rate limit (e.g. a token bucket); False rejects the message."""
+
+    def allow(self, device: str, now: float) -> bool: ...
+
+
+class RemoteSink(Protocol):
+    """Where config/reported and command results go (the remote-config service)."""
+
+    def handle(self, topic: str, payload: bytes, arrival_ns: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -49,6 +62,22 @@ class GroupResult:
     readings: list[Reading] = field(default_factory=list)
 
 
+RESTAMPED = "restamped"
+
+
+def restamp_points(readings: Sequence[Reading]) -> list[Point]:
+    """The original source times of readings stored at arrival time, kept beside them:
+    measurement ``restamped``, same tags and time as the stored reading, field = metric,
+    value = the source timestamp (epoch ns) the device sent."""
+    return [
+        Point(
+            RESTAMPED, {"site": r.site, "device": r.device}, {r.metric: r.source_time_ns}, r.time_ns
+        )
+        for r in readings
+        if r.source_time_ns is not None
+    ]
+
+
 class IngestPipeline:
     def __init__(
         self,
@@ -57,6 +86,7 @@ class IngestPipeline:
         dead_letters: DeadLetterStore,
         metrics: ServiceMetrics,
         settings: IngestSettings,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.storage = storage
         self.registry = registry
@@ -71,51 +101,123 @@ class IngestPipeline:
             max_future_s=settings.max_future_s,
         )
         self.hooks: list[ReadingsHook] = []
+        self.limiter = limiter
+        self.remote: RemoteSink | None = None
         self.stored_total = 0
         self.rejected_total = 0
+        self.duplicates_total = 0
+        self.messages_total = 0
 
     def process(self, messages: Sequence[Message]) -> GroupResult:
-        """Handle one group; storage errors propagate (the caller retries, acks nothing)."""
+        """Handle one group; storage errors propagate (the caller retries, acks nothing).
+
+        Decoding runs first, outside any lock. Then one registry transaction covers the
+        sequence checks, the storage write and the dead letters, and commits last: if
+        anything fails, nothing of the group counts and the caller retries it whole.
+        """
         result = GroupResult()
         rejects: list[tuple[int, str, str, str, bytes]] = []
-        touched = {}
-        readings: list[Reading] = []
+        work: list[tuple[Message, TelemetryBatch | WireStatus, str]] = []
+        by_channel: dict[str, int] = {}
         for msg in messages:
             channel = self._channel(msg.topic)
-            self.metrics.messages.labels(channel).inc()
+            by_channel[channel] = by_channel.get(channel, 0) + 1
             try:
                 if channel == "telemetry":
-                    batch = decode_telemetry(msg.topic, msg.payload, msg.arrival_ns, self.limits)
-                    kept = self._admit(batch)
-                    if kept is None:
-                        result.duplicates += 1
-                        continue
-                    readings.extend(kept)
-                    touched[batch.device] = self.registry.get(batch.device)
+                    work.append(
+                        (
+                            msg,
+                            decode_telemetry(msg.topic, msg.payload, msg.arrival_ns, self.limits),
+                            "",
+                        )
+                    )
                 elif channel == "status":
-                    self._status(msg)
-                elif channel in ("config/reported",) or channel.startswith("cmd/"):
-                    continue  # handled by the remote-config service when present
+                    where, status = decode_status(msg.topic, msg.payload)
+                    work.append((msg, status, where.site))
+                elif channel == "config/reported" or (
+                    channel.startswith("cmd/") and channel.endswith("/result")
+                ):
+                    # Recorded before the group is acked; idempotent if the group is retried.
+                    if self.remote is not None:
+                        self.remote.handle(msg.topic, msg.payload, msg.arrival_ns)
+                elif channel == "invalid":
+                    raise DecodeError(
+                        "bad_topic",
+                        f"topic {msg.topic!r} is not millstream/v1/<site>/<device>/<channel>",
+                    )
                 else:
                     raise DecodeError(
                         "unknown_channel", f"topic {msg.topic!r}: unknown channel {channel!r}"
                     )
             except DecodeError as exc:
                 rejects.append((msg.arrival_ns, msg.topic, exc.reason, str(exc), msg.payload))
-                self.metrics.rejected.labels(exc.reason).inc()
-                log.warning("rejected message on %s: %s: %s", msg.topic, exc.reason, exc)
-        if readings:
-            t0 = time.perf_counter()
-            kinds = {d: dev.kind for d, dev in touched.items() if dev is not None and dev.kind}
-            self.storage.write_readings(readings, kinds)
-            self.metrics.write_latency.observe(time.perf_counter() - t0)
-        self.registry.flush([d for d in touched.values() if d is not None])
-        self.dead_letters.add_many(rejects)
+        readings: list[Reading] = []
+        duplicates = gaps = late = restamped = skewed = 0
+        if work:
+            with self.registry.transaction() as txn:
+                txn.load({self._device_of(m, item) for m, item, _ in work})
+                for msg, item, site in work:
+                    try:
+                        if isinstance(item, TelemetryBatch):
+                            verdict, gap, kept = self._admit(txn, item)
+                            if verdict == SeqVerdict.DUPLICATE:
+                                duplicates += 1
+                                continue
+                            gaps += gap
+                            late += verdict == SeqVerdict.LATE
+                            if kept:
+                                readings.extend(kept)
+                                restamped += item.restamped
+                                if abs(item.skew_s) > self.settings.clock_skew_bound_s:
+                                    skewed += 1
+                        else:
+                            txn.set_status(
+                                item.device,
+                                site,
+                                item.state == "online",
+                                msg.arrival_ns,
+                                kind=item.kind,
+                                agent_version=item.agent_version,
+                                metadata=dict(item.metadata) if item.metadata else None,
+                            )
+                    except DecodeError as exc:
+                        rejects.append(
+                            (msg.arrival_ns, msg.topic, exc.reason, str(exc), msg.payload)
+                        )
+                if readings:
+                    t0 = time.perf_counter()
+                    kinds = {d: dev.kind for d, dev in txn.devices.items() if dev.kind is not None}
+                    self.storage.write_readings(readings, kinds)
+                    if restamped:
+                        self.storage.write_points(restamp_points(readings))
+                    self.metrics.write_latency.observe(time.perf_counter() - t0)
+                self.dead_letters.add_many(rejects)
+        else:
+            self.dead_letters.add_many(rejects)
+        # Counted only now: a failed group is retried and must not be counted twice.
+        for channel, n in by_channel.items():
+            self.metrics.messages.labels(channel).inc(n)
+        for _, topic, reason, err, _ in rejects:
+            self.metrics.rejected.labels(reason).inc()
+            log.warning("rejected message on %s: %s: %s", topic, reason, err)
+        if duplicates:
+            self.metrics.duplicates.inc(duplicates)
+        if gaps:
+            self.metrics.gaps.inc(gaps)
+        if late:
+            self.metrics.late.inc(late)
+        if restamped:
+            self.metrics.restamped.inc(restamped)
+        if skewed:
+            self.metrics.clock_skewed.inc(skewed)
         result.stored = len(readings)
         result.rejected = len(rejects)
+        result.duplicates = duplicates
         result.readings = readings
         self.stored_total += len(readings)
         self.rejected_total += len(rejects)
+        self.duplicates_total += duplicates
+        self.messages_total += len(messages)
         self.metrics.readings_stored.inc(len(readings))
         if messages:
             self.metrics.lag.set((time.time_ns() - messages[0].arrival_ns) / 1e9)
@@ -131,54 +233,73 @@ class IngestPipeline:
         parsed = parse_topic(topic)
         return parsed.channel if parsed else "invalid"
 
-    def _admit(self, batch: TelemetryBatch) -> list[Reading] | None:
-        """Sequence and cardinality checks; None when the message is a duplicate."""
-        dev = self.registry.get(batch.device)
+    @staticmethod
+    def _device_of(msg: Message, item: TelemetryBatch | WireStatus) -> str:
+        return item.device
+
+    def _admit(
+        self, txn: RegistryTransaction, batch: TelemetryBatch
+    ) -> tuple[str, int, list[Reading] | None]:
+        """Sequence, rate and cardinality checks: (verdict, gap, readings to store).
+
+        The sequence number is consumed before the other checks, so a message rejected
+        for its content is not mistaken for a gap, nor stored when it is redelivered.
+        """
+        dev = txn.get(batch.device)
         if dev is None:
             if self.settings.unknown_devices == "reject":
                 raise DecodeError("unknown_device", f"device {batch.device!r} is not registered")
-            dev = self.registry.ensure(batch.device, batch.site, batch.arrival_ns)
+            dev = txn.ensure(batch.device, batch.site, batch.arrival_ns)
         elif dev.site != batch.site:
             raise DecodeError(
                 "site_mismatch",
                 f"device {batch.device!r} belongs to site {dev.site!r}, not {batch.site!r}",
             )
-        new_metrics = {r.metric for r in batch.readings} - dev.metrics
-        if new_metrics:
-            if len(dev.metrics) + len(new_metrics) > self.settings.max_metrics_per_device:
-                raise DecodeError(
-                    "cardinality",
-                    f"device {batch.device!r} would have {len(dev.metrics) + len(new_metrics)} metrics; "
-                    f"the limit is {self.settings.max_metrics_per_device}",
-                )
-            dev.metrics |= new_metrics
-        verdict, gap = self.registry.check_seq(dev, batch.seq)
+        verdict, gap = txn.check_seq(dev, batch.seq)
         if verdict == SeqVerdict.DUPLICATE:
-            self.metrics.duplicates.inc()
-            return None
+            return verdict, 0, None
         if gap:
-            self.metrics.gaps.inc(gap)
             log.warning("device %s: sequence gap of %d before seq %d", batch.device, gap, batch.seq)
+        txn.seen(dev, batch.arrival_ns)
+        try:
+            self._check_content(dev, batch)
+        except DecodeError:
+            dev.rejected += 1
+            raise
         if batch.restamped:
             dev.restamped += batch.restamped
-            self.metrics.restamped.inc(batch.restamped)
-        if batch.max_skew_s > self.settings.clock_skew_bound_s:
-            if dev.clock_skew_s <= self.settings.clock_skew_bound_s:
-                log.warning(
-                    "device %s: clock %.1fs ahead of arrival", batch.device, batch.max_skew_s
-                )
-            dev.clock_skew_s = batch.max_skew_s
-        self.registry.seen(dev, batch.arrival_ns)
-        return batch.readings
+        skewed = abs(batch.skew_s) > self.settings.clock_skew_bound_s
+        if skewed and not dev.clock_skewed:
+            log.warning(
+                "device %s: clock off by %.1fs (bound %.1fs)",
+                batch.device,
+                batch.skew_s,
+                self.settings.clock_skew_bound_s,
+            )
+        if skewed or dev.clock_skewed:
+            dev.clock_skewed = skewed
+            dev.clock_skew_s = batch.skew_s
+        elif abs(batch.skew_s - dev.clock_skew_s) > 0.5:
+            dev.clock_skew_s = batch.skew_s
+        return verdict, gap, batch.readings
 
-    def _status(self, msg: Message) -> None:
-        where, status = decode_status(msg.topic, msg.payload)
-        self.registry.set_status(
-            where.device,
-            where.site,
-            status.state == "online",
-            msg.arrival_ns,
-            kind=status.kind,
-            agent_version=status.agent_version,
-            metadata=dict(status.metadata) if status.metadata else None,
-        )
+    def _check_content(self, dev: Device, batch: TelemetryBatch) -> None:
+        if self.limiter is not None and not self.limiter.allow(batch.device, time.time()):
+            raise DecodeError(
+                "rate_limited", f"device {batch.device!r} is over its message rate limit"
+            )
+        metrics = dev.metrics
+        new_metrics = None
+        for r in batch.readings:
+            if r.metric not in metrics:
+                new_metrics = {r.metric for r in batch.readings} - metrics
+                break
+        if new_metrics:
+            if len(metrics) + len(new_metrics) > self.settings.max_metrics_per_device:
+                raise DecodeError(
+                    "cardinality",
+                    f"device {batch.device!r} would have {len(metrics) + len(new_metrics)} "
+                    f"metrics; the limit is {self.settings.max_metrics_per_device}",
+                )
+            metrics |= new_metrics
+            dev.dirty = True

@@ -25,11 +25,13 @@ from millstream_cloud.settings import IngestSettings, MQTTSettings
 
 log = logging.getLogger("millstream.subscriber")
 
+# One level catches telemetry, status and unknown channels (dead-lettered), but not what
+# the cloud itself publishes (config/desired, cmd/<name>). Command results are taken by
+# the remote-config service on its own, non-shared subscription: the worker waiting for
+# a result must see it, whichever worker the shared group would have chosen.
 SUBSCRIPTIONS = (
-    "millstream/v1/+/+/telemetry",
-    "millstream/v1/+/+/status",
+    "millstream/v1/+/+/+",
     "millstream/v1/+/+/config/reported",
-    "millstream/v1/+/+/cmd/+/result",
 )
 
 
@@ -61,7 +63,7 @@ def make_client(settings: MQTTSettings, client_id: str, manual_ack: bool = False
             ctx.load_cert_chain(settings.tls.cert, settings.tls.key)
         client.tls_set_context(ctx)
     client.max_inflight_messages_set(1000)
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)  # exponential backoff, capped
     return client
 
 
@@ -78,11 +80,23 @@ class Subscriber:
         self.pipeline = pipeline
         self.metrics = metrics
         self.queue: queue.Queue[Message] = queue.Queue(maxsize=ingest_settings.queue_max_messages)
+        metrics.queue_capacity.set(ingest_settings.queue_max_messages)
         self.connected = threading.Event()
         self._stop = threading.Event()
+        self._stopping = False
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+        # A PUBACK names a packet id, which is only meaningful on the connection that
+        # delivered the message: after a reconnect the broker redelivers whatever was not
+        # acknowledged (possibly reusing ids), so acks of an older connection are dropped.
+        self._generation = 0
+        self._unacked = 0
+        self._count_lock = threading.Lock()
+        self._down_since: float | None = None
+        self._ever_connected = False
+        self._rate_window: list[tuple[float, int]] = []
         self.client = make_client(mqtt_settings, mqtt_settings.client_id, manual_ack=True)
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
 
@@ -94,7 +108,9 @@ class Subscriber:
         host, port, _ = parse_broker_url(self.settings.broker)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry_s
-        props.ReceiveMaximum = 1000
+        # How many unacknowledged messages the broker may send us (MQTT 5 Receive
+        # Maximum; for MQTT 3.1.1 clients Mosquitto uses its max_inflight_messages).
+        props.ReceiveMaximum = self.settings.receive_maximum
         self._writer.start()
         self.client.connect_async(
             host, port, keepalive=self.settings.keepalive_s, clean_start=False, properties=props
@@ -102,7 +118,9 @@ class Subscriber:
         self.client.loop_start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Drain what was received, ack it, then disconnect."""
+        """Store and ack what was received, then disconnect; later messages stay queued
+        at the broker for this session."""
+        self._stopping = True
         self._stop.set()
         self._writer.join(timeout)
         self.client.disconnect()
@@ -112,35 +130,62 @@ class Subscriber:
         self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object
     ) -> None:
         if getattr(rc, "is_failure", False):
-            log.error("broker refused the connection: %s", rc)
+            log.error("broker %s refused the connection: %s", self.settings.broker, rc)
+            self.metrics.broker_connect_failures.inc()
             return
+        with self._count_lock:
+            self._generation += 1
+            self._unacked = 0
+        if self._down_since is not None:
+            outage = time.monotonic() - self._down_since
+            self.metrics.broker_outage_seconds.inc(outage)
+            log.warning("reconnected to %s after %.1fs", self.settings.broker, outage)
+            self._down_since = None
         log.info(
-            "connected to %s (session present: %s)",
+            "connected to %s as %s (session present: %s)",
             self.settings.broker,
+            self.settings.client_id,
             getattr(flags, "session_present", None),
         )
+        self._ever_connected = True
         client.subscribe([(t, 1) for t in self.topics()])
         self.connected.set()
         self.metrics.broker_connected.set(1)
 
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        self.metrics.broker_connect_failures.inc()
+        if self._ever_connected and self._down_since is None:
+            self._down_since = time.monotonic()
+        log.warning("cannot reach broker %s; retrying with backoff", self.settings.broker)
+
     def _on_disconnect(
         self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object
     ) -> None:
-        if self.connected.is_set():
-            log.warning("disconnected from broker: %s; reconnecting with backoff", rc)
+        if self.connected.is_set() and not self._stopping:
+            log.warning(
+                "disconnected from broker %s: %s; reconnecting with backoff",
+                self.settings.broker,
+                rc,
+            )
             self.metrics.broker_disconnects.inc()
+            self._down_since = time.monotonic()
         self.connected.clear()
         self.metrics.broker_connected.set(0)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        mid, qos = msg.mid, msg.qos
+        if self._stopping:
+            return  # not acked: the broker keeps it for this session
+        mid, qos, generation = msg.mid, msg.qos, self._generation
 
         def ack() -> None:
-            if qos > 0:
+            if qos > 0 and generation == self._generation:
                 client.ack(mid, qos)
 
-        self.queue.put(Message(msg.topic, bytes(msg.payload), time.time_ns(), ack))
-        self.metrics.queue_depth.set(self.queue.qsize())
+        with self._count_lock:
+            self._unacked += 1
+        # Blocks when the writer is behind: paho then stops reading the socket and the
+        # broker stops at our receive maximum (backpressure, bounded memory).
+        self.queue.put(Message(msg.topic, msg.payload, time.time_ns(), ack))
 
     def _take_group(self) -> list[Message]:
         try:
@@ -148,32 +193,45 @@ class Subscriber:
         except queue.Empty:
             return []
         group = [first]
-        budget = self.ingest.write_batch_readings // 40 + 1  # ~40 readings per message
+        budget = self.settings.ack_batch
         deadline = time.monotonic() + self.ingest.write_max_delay_s
         while len(group) < budget:
-            remaining = deadline - time.monotonic()
             try:
-                group.append(
-                    self.queue.get(timeout=max(remaining, 0))
-                    if remaining > 0
-                    else self.queue.get_nowait()
-                )
+                group.append(self.queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                group.append(self.queue.get(timeout=remaining))
             except queue.Empty:
                 break
         return group
 
+    def _note_rate(self, stored: int) -> None:
+        now = time.monotonic()
+        window = self._rate_window
+        window.append((now, stored))
+        while window and window[0][0] < now - 10:
+            window.pop(0)
+        span = max(now - window[0][0], 1.0)
+        self.metrics.ingest_rate.set(sum(n for _, n in window) / span)
+
     def _write_loop(self) -> None:
         while True:
             group = self._take_group()
+            self.metrics.queue_depth.set(self.queue.qsize())
             if not group:
                 if self._stop.is_set():
                     return
+                self._note_rate(0)
                 continue
-            self.metrics.queue_depth.set(self.queue.qsize())
             delay = 0.5
             while True:
                 try:
-                    self.pipeline.process(group)
+                    result = self.pipeline.process(group)
                     break
                 except Exception:
                     self.metrics.store_errors.inc()
@@ -186,3 +244,8 @@ class Subscriber:
             for m in group:
                 if m.ack is not None:
                     m.ack()
+            with self._count_lock:
+                self._unacked = max(self._unacked - len(group), 0)
+                self.metrics.inflight.set(self._unacked)
+            self.metrics.groups.inc()
+            self._note_rate(result.stored)

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import importlib
-from typing import Dict, Type
 
 from millstream_agent.collectors.base import Collector, CollectorError, Sample
 
 # type name -> (module, pip extra that provides its dependencies)
-_KNOWN: Dict[str, tuple] = {
+_KNOWN: dict[str, tuple] = {
     "simulated": ("millstream_agent.collectors.simulated", None),
     "host": ("millstream_agent.collectors.host", "host"),
     "modbus": ("millstream_agent.collectors.modbus", "modbus"),
     "opcua": ("millstream_agent.collectors.opcua", "opcua"),
 }
 
-_REGISTRY: Dict[str, Type[Collector]] = {}
+_REGISTRY: dict[str, type[Collector]] = {}
 
 
-def register(cls: Type[Collector]) -> Type[Collector]:
+def register(cls: type[Collector]) -> type[Collector]:
     """Class decorator: one line makes a collector exist under ``cls.type_name``."""
     _REGISTRY[cls.type_name] = cls
     return cls
@@ -28,7 +27,7 @@ def known_types() -> list:
     return sorted(_KNOWN)
 
 
-def collector_class(type_name: str) -> Type[Collector]:
+def collector_class(type_name: str) -> type[Collector]:
     """The collector class for ``type_name``, importing its module on first use."""
     if type_name not in _REGISTRY:
         if type_name not in _KNOWN:

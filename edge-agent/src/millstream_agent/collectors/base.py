@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, ClassVar, Optional
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,14 @@ class Collector(abc.ABC):
 
     type_name: ClassVar[str]
     # Option name -> (type, default, one-line doc); used for validation and sample-config.
-    options_spec: ClassVar[Dict[str, Any]] = {}
+    options_spec: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, name: str, options: Dict[str, Any]) -> None:
+    def __init__(self, name: str, options: dict[str, Any]) -> None:
         self.name = name
         self.options = options
 
     @abc.abstractmethod
-    def collect(self, now: float) -> List[Sample]:
+    def collect(self, now: float) -> list[Sample]:
         """Read the source once; ``now`` is the agent's clock (epoch seconds)."""
 
     def start(self) -> None:  # noqa: B027 - optional hook

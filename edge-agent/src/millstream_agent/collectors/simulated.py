@@ -1,65 +1,258 @@
 """A simulated machine: realistic signals for demos, tests and detector evaluation.
 
-Each metric is a base level plus a daily cycle, a load factor and Gaussian noise, drawn
-from a seeded generator so a run can be reproduced.
+The machine has one hidden *load* (0..1): a set point that changes at random moments
+(a new job, a valve opening), follows a daily shift pattern (busier by day than by
+night) and wanders a little. Every metric is
+
+    base + load_k * (lagged load - 0.7) + daily_amp * daily wave + noise
+
+so current, power, flow and vibration move together with the load at once, while
+temperatures follow it with a thermal time constant of minutes, as on a real machine.
+Faults (:mod:`millstream_agent.collectors.faults`) are applied on top and recorded as
+ground truth.
+
+Standard library only: the agent's ``simulate`` command runs a thousand of these in one
+process, so ``collect`` does a handful of float operations per metric and nothing else.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Any, Dict, List, Tuple
+from collections.abc import Iterator
+from typing import Any, Optional
 
 from millstream_agent.collectors import register
+from millstream_agent.collectors._options import (
+    check_keys,
+    get_float,
+    get_int,
+    get_str,
+    parse_duration,
+)
 from millstream_agent.collectors.base import Collector, Sample
+from millstream_agent.collectors.faults import (
+    FAULT_TYPES,
+    FaultPlan,
+    MetricInfo,
+    parse_faults,
+)
 
-# metric -> (base level, daily amplitude, load sensitivity, noise sd, unit)
-MACHINE_METRICS: Dict[str, List[Tuple[str, float, float, float, float, str]]] = {
+# name, base level, daily amplitude, load sensitivity (per unit of load), noise sd,
+# unit, thermal time constant in seconds (0: follows the load at once)
+MetricRow = tuple[str, float, float, float, float, str, float]
+
+MACHINE_METRICS: dict[str, list[MetricRow]] = {
     "motor": [
-        ("bearing_vibration", 2.0, 0.1, 0.8, 0.05, "mm/s"),
-        ("winding_temperature", 65.0, 3.0, 15.0, 0.3, "degC"),
-        ("current", 12.0, 0.5, 6.0, 0.1, "A"),
-        ("speed", 1480.0, 2.0, -10.0, 1.0, "rpm"),
-        ("voltage", 400.0, 1.0, -2.0, 0.5, "V"),
-        ("power", 7.5, 0.3, 4.0, 0.05, "kW"),
-        ("ambient_temperature", 24.0, 4.0, 0.5, 0.2, "degC"),
-        ("housing_temperature", 45.0, 2.0, 8.0, 0.2, "degC"),
-        ("axial_vibration", 1.2, 0.05, 0.5, 0.03, "mm/s"),
-        ("power_factor", 0.86, 0.01, 0.05, 0.003, ""),
+        ("bearing_vibration", 2.0, 0.05, 0.8, 0.05, "mm/s", 0.0),
+        ("winding_temperature", 70.0, 3.0, 25.0, 0.3, "degC", 600.0),
+        ("current", 12.0, 0.0, 10.0, 0.1, "A", 0.0),
+        ("speed", 1480.0, 0.0, -12.0, 0.8, "rpm", 0.0),
+        ("voltage", 400.0, 1.0, -3.0, 0.6, "V", 0.0),
+        ("power", 7.5, 0.0, 6.0, 0.06, "kW", 0.0),
+        ("ambient_temperature", 24.0, 4.0, 0.5, 0.15, "degC", 1800.0),
+        ("housing_temperature", 48.0, 3.0, 12.0, 0.2, "degC", 1200.0),
+        ("axial_vibration", 1.2, 0.03, 0.5, 0.03, "mm/s", 0.0),
+        ("power_factor", 0.86, 0.0, 0.06, 0.003, "", 0.0),
+        ("bearing_temperature", 55.0, 3.0, 10.0, 0.2, "degC", 900.0),
+        ("torque", 48.0, 0.0, 40.0, 0.4, "N.m", 0.0),
+    ],
+    "pump": [
+        ("flow", 120.0, 0.0, 80.0, 0.8, "m3/h", 0.0),
+        ("discharge_pressure", 6.0, 0.0, 3.0, 0.03, "bar", 0.0),
+        ("suction_pressure", 1.2, 0.02, -0.3, 0.01, "bar", 0.0),
+        ("speed", 2400.0, 0.0, 1000.0, 2.0, "rpm", 0.0),
+        ("motor_current", 28.0, 0.0, 20.0, 0.2, "A", 0.0),
+        ("power", 15.0, 0.0, 12.0, 0.1, "kW", 0.0),
+        ("bearing_vibration", 2.8, 0.05, 1.2, 0.06, "mm/s", 0.0),
+        ("bearing_temperature", 50.0, 2.5, 10.0, 0.2, "degC", 900.0),
+        ("fluid_temperature", 35.0, 2.0, 4.0, 0.1, "degC", 1800.0),
+        ("ambient_temperature", 24.0, 4.0, 0.5, 0.15, "degC", 1800.0),
+        ("casing_vibration", 1.5, 0.03, 0.6, 0.04, "mm/s", 0.0),
+        ("seal_temperature", 42.0, 2.0, 8.0, 0.2, "degC", 900.0),
+    ],
+    "compressor": [
+        ("discharge_pressure", 7.5, 0.0, 1.0, 0.03, "bar", 0.0),
+        ("discharge_temperature", 85.0, 3.0, 20.0, 0.3, "degC", 300.0),
+        ("motor_current", 60.0, 0.0, 45.0, 0.4, "A", 0.0),
+        ("power", 37.0, 0.0, 28.0, 0.25, "kW", 0.0),
+        ("flow", 10.0, 0.0, 8.0, 0.08, "m3/min", 0.0),
+        ("vibration", 3.0, 0.05, 1.5, 0.07, "mm/s", 0.0),
+        ("oil_temperature", 60.0, 2.5, 12.0, 0.2, "degC", 900.0),
+        ("oil_pressure", 3.5, 0.0, 0.4, 0.02, "bar", 0.0),
+        ("speed", 2980.0, 0.0, -15.0, 1.0, "rpm", 0.0),
+        ("ambient_temperature", 24.0, 4.0, 0.5, 0.15, "degC", 1800.0),
+        ("suction_pressure", 1.0, 0.01, -0.05, 0.005, "bar", 0.0),
+        ("intercooler_temperature", 40.0, 3.0, 10.0, 0.2, "degC", 600.0),
     ],
 }
+
+_NOMINAL_LOAD = 0.7
+_LOAD_TAU = 30.0  # seconds for the load to settle on a new set point
+_LOAD_WANDER = 0.004  # sd of the load's random walk per sqrt(second)
+_DAY = 86400.0
 
 
 @register
 class SimulatedCollector(Collector):
-    """A simulated machine of a given ``kind`` producing ``metrics`` signals."""
+    """A simulated machine of a given ``kind`` producing ``metrics`` signals, with faults."""
 
     type_name = "simulated"
     options_spec = {
         "kind": (str, "motor", "machine kind: motor, pump or compressor"),
-        "metrics": (int, 10, "how many of the kind's metrics to produce"),
-        "seed": (int, 0, "random seed; the same seed gives the same signals"),
+        "metrics": (int, 10, "how many metrics; beyond the kind's 12 the names repeat with _1, _2"),
+        "seed": (int, 0, "random seed, mixed with the device id; same seed and device, same run"),
+        "device": (str, None, "device id written to the ground truth (default: collector name)"),
+        "load_change_interval": (str, "20m", "mean time between load set-point changes"),
+        "faults": (object, "auto", "auto (random schedule), none, or a list of faults"),
+        "fault_rate_per_hour": (float, 1.0, "faults: auto: mean faults per device per hour"),
+        "fault_types": (list, list(FAULT_TYPES), "faults: auto: the fault types to draw from"),
+        "fault_start_after": (str, "5m", "faults: auto: quiet time after start, for baselines"),
+        "ground_truth": (
+            str,
+            None,
+            "append fault intervals to this JSONL file (none: memory only)",
+        ),
     }
 
-    def __init__(self, name: str, options: Dict[str, Any]) -> None:
+    def __init__(self, name: str, options: dict[str, Any]) -> None:
         super().__init__(name, options)
-        kind = str(options.get("kind", "motor"))
-        table = MACHINE_METRICS.get(kind, MACHINE_METRICS["motor"])
-        count = int(options.get("metrics", 10))
-        self._metrics = [table[i % len(table)] for i in range(count)]
-        self._names = [
-            m[0] if i < len(table) else f"{m[0]}_{i // len(table)}"
-            for i, m in enumerate(self._metrics)
-        ]
-        self._rng = random.Random(int(options.get("seed", 0)))
-        self._load = 0.7
+        check_keys(options, self.options_spec)
+        kind = get_str(options, "kind", "motor", list(MACHINE_METRICS))
+        assert kind is not None
+        self.kind = kind
+        table = MACHINE_METRICS[kind]
+        count = get_int(options, "metrics", 10, minimum=1, maximum=10000)
+        seed = get_int(options, "seed", 0)
+        self.device = get_str(options, "device", None) or name
+        change = parse_duration(options.get("load_change_interval", "20m"), "load_change_interval")
+        if change <= 0:
+            raise ValueError("load_change_interval: must be positive")
+        self._change_mean = change
 
-    def collect(self, now: float) -> List[Sample]:
-        day = 2 * math.pi * ((now % 86400.0) / 86400.0)
-        self._load = min(1.0, max(0.2, self._load + self._rng.gauss(0, 0.01)))
-        samples = []
-        for name, (_, base, amp, load_k, noise, unit) in zip(self._names, self._metrics):
-            value = base + amp * math.sin(day) + load_k * (self._load - 0.7)
-            value += self._rng.gauss(0, noise)
-            samples.append(Sample(now, name, round(value, 4), unit or None))
-        return samples
+        rows = [table[i % len(table)] for i in range(count)]
+        self.metric_names = [
+            r[0] if i < len(table) else f"{r[0]}_{i // len(table)}" for i, r in enumerate(rows)
+        ]
+        self._base = [r[1] for r in rows]
+        self._amp = [r[2] for r in rows]
+        self._load_k = [r[3] for r in rows]
+        self._noise = [r[4] for r in rows]
+        self._units = [r[5] or None for r in rows]
+        taus = sorted({r[6] for r in rows})
+        self._taus = taus
+        self._tau_index = [taus.index(r[6]) for r in rows]
+        self._alphas = [1.0] * len(taus)
+        self._dt = -1.0
+        self._wander = 0.0
+        self._load_alpha = 1.0
+
+        # Separate streams: faults on or off never change the machine's own signals.
+        self._rng = random.Random(f"{seed}:{self.device}:signal")
+        fault_rng = random.Random(f"{seed}:{self.device}:faults")
+        # No two machines of a fleet sit at exactly the same levels.
+        self._base = [b * (1.0 + self._rng.gauss(0.0, 0.02)) for b in self._base]
+        self._load = self._setpoint = self._rng.uniform(0.45, 0.95)
+        self._lags = [self._load] * len(taus)
+        self._next_change = math.inf
+        self._last: Optional[float] = None
+
+        info = MetricInfo(self.metric_names, self._noise)
+        faults_opt = options.get("faults", "auto")
+        explicit = None
+        rate = 0.0
+        if faults_opt in ("none", "off", False, None):
+            pass
+        elif faults_opt == "auto":
+            rate = get_float(options, "fault_rate_per_hour", 1.0, minimum=0.0)
+        else:
+            explicit = parse_faults(faults_opt, info)
+        types = options.get("fault_types", list(FAULT_TYPES))
+        if not isinstance(types, list) or not types or any(t not in FAULT_TYPES for t in types):
+            raise ValueError(
+                f"fault_types: expected a non-empty list of {', '.join(FAULT_TYPES)}, got {types!r}"
+            )
+        self.faults = FaultPlan(
+            info,
+            fault_rng,
+            device=self.device,
+            collector=name,
+            kind=kind,
+            explicit=explicit,
+            rate_per_hour=rate,
+            types=types,
+            start_after=parse_duration(options.get("fault_start_after", "5m"), "fault_start_after"),
+            ground_truth_path=get_str(options, "ground_truth", None),
+        )
+
+    @property
+    def ground_truth(self) -> list[dict[str, Any]]:
+        """Fault intervals that have started so far (device, fault, metrics, start, end)."""
+        return self.faults.ground_truth
+
+    def _step_load(self, now: float) -> None:
+        rng = self._rng
+        if self._last is None:
+            dt = 0.0
+            self._next_change = now + rng.expovariate(1.0 / self._change_mean)
+        else:
+            dt = min(max(now - self._last, 0.0), 3600.0)
+        self._last = now
+        if dt != self._dt:
+            self._dt = dt
+            self._alphas = [1.0 - math.exp(-dt / t) if t > 0 else 1.0 for t in self._taus]
+            self._load_alpha = 1.0 - math.exp(-dt / _LOAD_TAU)
+            self._wander = _LOAD_WANDER * math.sqrt(dt)
+        if now >= self._next_change:
+            self._setpoint = rng.uniform(0.35, 1.0)
+            self._next_change = now + rng.expovariate(1.0 / self._change_mean)
+        # Busier by day: the shift pattern peaks mid-afternoon UTC, quietest at 03:00.
+        day = 0.5 - 0.5 * math.cos(2.0 * math.pi * ((now % _DAY) / _DAY - 0.125))
+        target = self._setpoint * (0.8 + 0.2 * day)
+        load = self._load + (target - self._load) * self._load_alpha
+        if dt > 0:
+            load += rng.gauss(0.0, self._wander)
+        self._load = load = min(1.1, max(0.05, load))
+        lags = self._lags
+        for k, a in enumerate(self._alphas):
+            lags[k] += (load - lags[k]) * a
+
+    def values(self, now: float) -> list[float]:
+        """The clean (fault-free) values at ``now``, advancing the machine's state."""
+        self._step_load(now)
+        # Ambient warmth peaks at 15:00 UTC; temperatures and a little of everything follow.
+        wave = math.sin(2.0 * math.pi * ((now % _DAY) / _DAY - 0.375))
+        gauss = self._rng.gauss
+        lags = self._lags
+        return [
+            base + k * (lags[ti] - _NOMINAL_LOAD) + amp * wave + gauss(0.0, sd)
+            for base, k, ti, amp, sd in zip(
+                self._base, self._load_k, self._tau_index, self._amp, self._noise
+            )
+        ]
+
+    def collect(self, now: float) -> list[Sample]:
+        values = self.values(now)
+        plan = self.faults
+        if now >= plan.next_event:
+            plan.update(now, values)
+        if plan.active:
+            if plan.dropout:
+                return []
+            plan.apply(now, values)
+        units = self._units
+        return [Sample(now, n, round(v, 4), u) for n, v, u in zip(self.metric_names, values, units)]
+
+
+def generate(
+    collector: SimulatedCollector, start: float, seconds: float, interval: float = 1.0
+) -> Iterator[tuple[float, list[Sample]]]:
+    """Run a simulated machine offline: ``(ts, samples)`` every ``interval`` from ``start``.
+
+    For detector evaluation without an agent or broker; afterwards
+    ``collector.ground_truth`` holds the fault intervals of the run.
+    """
+    steps = int(seconds / interval)
+    for i in range(steps):
+        ts = start + i * interval
+        yield ts, collector.collect(ts)

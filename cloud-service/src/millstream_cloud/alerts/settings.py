@@ -1,0 +1,197 @@
+"""Alerting settings: the ``alerts:`` section of the service settings.
+
+Routing, receivers and inhibition use Alertmanager's names and shapes, so an ops team can
+read them as they read an ``alertmanager.yml``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from millstream_cloud.alerts.labels import parse_duration, parse_matchers
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+def _duration(v: Any) -> str:
+    parse_duration(v)
+    return str(v)
+
+
+class RouteConfig(_Section):
+    receiver: str | None = Field(None, description="receiver name (inherited when omitted)")
+    matchers: list[str] = Field(
+        default_factory=list, description='label matchers: =, !=, =~, !~ (e.g. severity="critical")'
+    )
+    group_by: list[str] | None = Field(
+        None, description="labels that split alerts into groups; ['...'] groups by all labels"
+    )
+    group_wait: str | None = Field(None, description="wait before a new group's first notification")
+    group_interval: str | None = Field(None, description="wait before notifying a group's changes")
+    repeat_interval: str | None = Field(None, description="re-send an unchanged firing group")
+    continue_: bool = Field(
+        False, alias="continue", description="keep matching sibling routes after this one"
+    )
+    routes: list[RouteConfig] = Field(default_factory=list)
+
+    @field_validator("matchers")
+    @classmethod
+    def _matchers(cls, v: list[str]) -> list[str]:
+        parse_matchers(v)
+        return v
+
+    @field_validator("group_wait", "group_interval", "repeat_interval")
+    @classmethod
+    def _durations(cls, v: Any) -> str | None:
+        return None if v is None else _duration(v)
+
+
+class ReceiverConfig(_Section):
+    """A name and its integrations: ``webhook_configs``, ``email_configs``,
+    ``apprise_configs``, ``mqtt_configs``, ``alertmanager_configs``, ``logfile_configs``."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @model_validator(mode="after")
+    def _integrations(self) -> ReceiverConfig:
+        from millstream_cloud.alerts.notifiers.base import notifier_types
+
+        types = notifier_types()
+        for key, items in (self.model_extra or {}).items():
+            kind = key.removesuffix("_configs")
+            if not key.endswith("_configs") or kind not in types:
+                known = ", ".join(f"{k}_configs" for k in sorted(types))
+                raise ValueError(f"{key}: unknown key; a receiver has name and {known}")
+            if not isinstance(items, list):
+                raise ValueError(f"{key}: must be a list")
+            for i, item in enumerate(items):
+                try:
+                    types[kind].Config.model_validate(item)
+                except Exception as exc:
+                    errors = getattr(exc, "errors", None)
+                    if callable(errors):
+                        msgs = [
+                            f"{key}[{i}].{'.'.join(str(p) for p in e['loc'])}: "
+                            + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+                            for e in errors()
+                        ]
+                        raise ValueError("; ".join(msgs)) from None
+                    raise ValueError(f"{key}[{i}]: {exc}") from None
+        return self
+
+    def integrations(self) -> list[tuple[str, dict[str, Any]]]:
+        """(notifier name, its raw config) in order."""
+        out = []
+        for key, items in (self.model_extra or {}).items():
+            for item in items:
+                out.append((key.removesuffix("_configs"), item))
+        return out
+
+
+class InhibitRuleConfig(_Section):
+    source_matchers: list[str] = Field(..., min_length=1)
+    target_matchers: list[str] = Field(..., min_length=1)
+    equal: list[str] = Field(default_factory=list, description="labels both must share")
+
+    @field_validator("source_matchers", "target_matchers")
+    @classmethod
+    def _matchers(cls, v: list[str]) -> list[str]:
+        parse_matchers(v)
+        return v
+
+
+class DeliverySettings(_Section):
+    max_attempts: int = Field(8, ge=1, description="attempts per notification before giving up")
+    backoff_initial_s: float = Field(0.5, gt=0, description="first retry delay; doubles each time")
+    backoff_max_s: float = Field(30.0, gt=0, description="longest retry delay")
+    timeout_s: float = Field(10.0, gt=0, description="per-attempt network timeout")
+
+
+def _default_route() -> RouteConfig:
+    return RouteConfig(
+        receiver="log",
+        group_by=["alertname", "site"],
+        group_wait="30s",
+        group_interval="5m",
+        repeat_interval="4h",
+    )
+
+
+def _default_receivers() -> list[ReceiverConfig]:
+    return [
+        ReceiverConfig.model_validate({"name": "log", "logfile_configs": [{"path": "alerts.log"}]})
+    ]
+
+
+def _default_inhibit() -> list[InhibitRuleConfig]:
+    return [
+        InhibitRuleConfig(
+            source_matchers=['alertname="SiteOffline"'],
+            target_matchers=['alertname!="SiteOffline"'],
+            equal=["site"],
+        ),
+        InhibitRuleConfig(
+            source_matchers=['alertname="DeviceOffline"'],
+            target_matchers=['alertname!~"DeviceOffline|SiteOffline"'],
+            equal=["device"],
+        ),
+    ]
+
+
+class AlertSettings(_Section):
+    enabled: bool = Field(True, description="evaluate rules and send notifications")
+    rule_files: list[str] = Field(
+        default_factory=lambda: ["default"],
+        description="YAML rule files; 'default' is the packaged demo set",
+    )
+    tick_interval_s: float = Field(
+        1.0, gt=0, description="how often time-based rules and group timers are evaluated"
+    )
+    external_url: str = Field(
+        "http://127.0.0.1:8000", description="this service's URL, put into notifications"
+    )
+    webhook: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="shortcut (the demo's WEBHOOK=): also POST the top-level route's "
+        "notifications to this URL, in Alertmanager's webhook format",
+    )
+    resolved_retention: str = Field(
+        "1h", description="resolved alerts stay listed (and restorable) this long"
+    )
+    history_max: int = Field(100_000, ge=100, description="alert events kept in the history")
+    route: RouteConfig = Field(default_factory=_default_route)
+    receivers: list[ReceiverConfig] = Field(default_factory=_default_receivers)
+    inhibit_rules: list[InhibitRuleConfig] = Field(default_factory=_default_inhibit)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+
+    @field_validator("resolved_retention")
+    @classmethod
+    def _retention(cls, v: Any) -> str:
+        return _duration(v)
+
+    @model_validator(mode="after")
+    def _references(self) -> AlertSettings:
+        names = [r.name for r in self.receivers]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"receivers: duplicate name {sorted(dupes)[0]!r}")
+        if not self.route.receiver:
+            raise ValueError("route.receiver: the top-level route needs a receiver")
+
+        def walk(route: RouteConfig, path: str) -> None:
+            if route.receiver and route.receiver not in names:
+                raise ValueError(
+                    f"{path}.receiver: no receiver named {route.receiver!r} "
+                    f"(receivers: {', '.join(names) or 'none'})"
+                )
+            for i, child in enumerate(route.routes):
+                walk(child, f"{path}.routes[{i}]")
+
+        walk(self.route, "route")
+        return self

@@ -1,0 +1,147 @@
+"""Anomaly records: what the detectors found, stored beside the telemetry and handed on.
+
+Detectors run on every stored group of readings (a pipeline hook); whatever they return is
+written to the ``anomalies`` measurement of the configured storage (so InfluxDB and
+Grafana see it too), counted in ``/metrics``, and passed to every subscriber (the alert
+engine, Grafana annotations).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from prometheus_client import Counter
+
+from millstream_cloud.metrics import ServiceMetrics
+from millstream_cloud.model import Anomaly, Reading
+from millstream_cloud.storage.base import ANOMALIES, Point, SeriesQuery, Storage
+from millstream_cloud.timeutil import rfc3339
+
+log = logging.getLogger("millstream.anomalies")
+
+FIELDS = ("score", "likelihood", "explanation", "contributions")
+AnomalyHook = Callable[[Sequence[Anomaly]], None]
+
+
+class Detector(Protocol):
+    """What the live path needs of a detection engine."""
+
+    def observe(self, readings: Sequence[Reading]) -> list[Anomaly]: ...
+
+
+def anomaly_point(a: Anomaly) -> Point:
+    tags = {"site": a.site, "device": a.device, "detector": a.detector}
+    if a.metric:
+        tags["metric"] = a.metric
+    contributions = [
+        {"metric": c.metric, "value": c.value, "expected": c.expected, "sigma": round(c.sigma, 2)}
+        for c in a.contributions
+    ]
+    return Point(
+        ANOMALIES,
+        tags,
+        {
+            "score": float(a.score),
+            "likelihood": float(a.likelihood),
+            "explanation": a.explanation,
+            "contributions": json.dumps(contributions, separators=(",", ":")),
+        },
+        a.time_ns,
+    )
+
+
+class AnomalySink:
+    """Runs the detector on stored readings and records what it finds."""
+
+    def __init__(
+        self, storage: Storage, metrics: ServiceMetrics, detector: Detector | None = None
+    ) -> None:
+        self.storage = storage
+        self.detector = detector
+        self.hooks: list[AnomalyHook] = []
+        self.recent: deque[Anomaly] = deque(maxlen=1000)
+        self._lock = threading.Lock()
+        self.counter = Counter(
+            "millstream_anomalies",
+            "Anomalies raised by the detectors, by detector",
+            ["detector"],
+            registry=metrics.registry,
+        )
+
+    def on_readings(self, readings: Sequence[Reading]) -> None:
+        """Pipeline hook: score one stored group of readings."""
+        if self.detector is None or not readings:
+            return
+        found = self.detector.observe(readings)
+        if found:
+            self.record(found)
+
+    def record(self, anomalies: Sequence[Anomaly]) -> None:
+        self.storage.write_points([anomaly_point(a) for a in anomalies])
+        with self._lock:
+            self.recent.extend(anomalies)
+        for a in anomalies:
+            self.counter.labels(a.detector).inc()
+            log.info("anomaly on %s/%s: %s", a.device, a.metric or "*", a.explanation)
+        for hook in self.hooks:
+            try:
+                hook(anomalies)
+            except Exception:
+                log.exception("anomaly hook %r failed", hook)
+
+
+def list_anomalies(
+    storage: Storage,
+    device: str | None = None,
+    metric: str | None = None,
+    site: str | None = None,
+    start_ns: int | None = None,
+    end_ns: int | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
+    """Stored anomalies, newest first, as the API returns them."""
+    tags = {k: v for k, v in (("device", device), ("metric", metric), ("site", site)) if v}
+    series = storage.query(
+        SeriesQuery(
+            ANOMALIES,
+            FIELDS,
+            tags,
+            start_ns,
+            end_ns,
+            group_by=("site", "device", "metric", "detector"),
+        )
+    )
+    rows: dict[tuple[tuple[tuple[str, str], ...], int], dict[str, Any]] = {}
+    for s in series:
+        key_tags = tuple(sorted(s.tags.items()))
+        for t, v in s.points:
+            rows.setdefault((key_tags, t), {})[s.field] = v
+    out = []
+    for (key_tags, t), fields in rows.items():
+        tags_d = dict(key_tags)
+        contributions = fields.get("contributions")
+        out.append(
+            {
+                "time": rfc3339(t),
+                "time_ns": t,
+                "site": tags_d.get("site") or None,
+                "device": tags_d.get("device") or None,
+                "metric": tags_d.get("metric") or None,
+                "detector": tags_d.get("detector") or None,
+                "score": fields.get("score"),
+                "likelihood": fields.get("likelihood"),
+                "explanation": fields.get("explanation", ""),
+                "contributions": json.loads(contributions)
+                if isinstance(contributions, str)
+                else [],
+            }
+        )
+    out.sort(key=lambda r: r["time_ns"], reverse=True)
+    for r in out:
+        del r["time_ns"]
+    return out[:limit]

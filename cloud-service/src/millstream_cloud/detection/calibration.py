@@ -1,0 +1,189 @@
+"""Turning raw detector scores into calibrated likelihoods and stable on/off decisions.
+
+These objects are deliberately separate from the detectors (STYLE.md): a detector says how
+unusual a value is in its own units; a calibrator learns, per series, what is usual for that
+detector's output and answers with a tail probability; a hysteresis gate turns that into a
+state that does not flap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+LOG_FLOOR = 1e-10  # tail probabilities below this all map to score 1.0
+
+
+def tail_to_score(p: float) -> float:
+    """Map a tail probability to [0, 1]: 0.1 -> 0.1, 1e-5 -> 0.5, 1e-10 -> 1.0."""
+    return min(1.0, -math.log10(max(p, LOG_FLOOR)) / 10.0)
+
+
+def gaussian_tail(z: float, two_sided: bool = False) -> float:
+    """Upper (or two-sided) tail probability of a standard normal at ``z``."""
+    if two_sided:
+        return math.erfc(abs(z) / math.sqrt(2.0))
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+class RollingRobust:
+    """Median and MAD-based sigma of the last ``size`` values, refreshed every ``every``."""
+
+    def __init__(self, size: int, every: int = 8) -> None:
+        self.size = size
+        self.every = max(1, every)
+        self.buf: deque[float] = deque(maxlen=size)
+        self.center = 0.0
+        self.sigma = 0.0
+        self.sorted = np.empty(0)
+        self.lo_tail = self.hi_tail = 1.0
+        self._since = 0
+
+    def add(self, x: float) -> None:
+        self.buf.append(x)
+        self._since += 1
+        # Refresh cadence grows with the window: a sort of n values every n/100 additions
+        # keeps the cost per value flat while the reference moves by at most 1 %.
+        if self._since >= max(self.every, len(self.buf) // 100) or len(self.buf) < 2 * self.every:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        self._since = 0
+        arr = np.sort(np.fromiter(self.buf, dtype=float, count=len(self.buf)))
+        self.sorted = arr
+        self.center = float(np.median(arr))
+        mad = float(np.median(np.abs(arr - self.center)))
+        sigma = 1.4826 * mad
+        if sigma <= 0.0:
+            # Mostly constant signal: fall back to the standard deviation, then to a floor
+            # relative to the level, so a single change is still measurable.
+            sigma = float(arr.std())
+        floor = 1e-3 * max(abs(self.center), 1e-6)
+        self.sigma = max(sigma, floor)
+        # Spread of each tail (10 % quantile to the extreme), for extrapolating beyond it.
+        n = len(arr)
+        k = max(1, n // 10)
+        self.hi_tail = max(float(arr[-1] - arr[-1 - k]) if n > k else 0.0, 0.05 * self.sigma)
+        self.lo_tail = max(float(arr[k] - arr[0]) if n > k else 0.0, 0.05 * self.sigma)
+
+    def tail(self, x: float, two_sided: bool = False) -> float:
+        """Tail probability of ``x``: empirical inside the observed range, an exponential
+        (peaks-over-threshold) extrapolation beyond it, so it needs no Gaussian shape."""
+        arr = self.sorted
+        n = len(arr)
+        if n == 0:
+            return 1.0
+        above = n - int(np.searchsorted(arr, x, side="left"))
+        p_hi = (above + 1) / (n + 1)
+        if x > arr[-1]:
+            p_hi *= math.exp(-(x - arr[-1]) / self.hi_tail)
+        if not two_sided:
+            return p_hi
+        below = int(np.searchsorted(arr, x, side="right"))
+        p_lo = (below + 1) / (n + 1)
+        if x < arr[0]:
+            p_lo *= math.exp(-(arr[0] - x) / self.lo_tail)
+        return min(1.0, 2.0 * min(p_hi, p_lo))
+
+    def z(self, x: float) -> float:
+        return (x - self.center) / self.sigma if self.buf else 0.0
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "every": self.every, "buf": list(self.buf)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.size, self.every = int(state["size"]), int(state["every"])
+        self.buf = deque((float(v) for v in state["buf"]), maxlen=self.size)
+        if self.buf:
+            self._refresh()
+
+
+class AnomalyLikelihood:
+    """Per-series calibration in the spirit of Numenta's anomaly likelihood.
+
+    The short-term mean of the raw score (last ``short`` values) is compared with the
+    long-term distribution of that same short-term mean (last ``history`` values, robust
+    centre and spread). The answer is the tail probability of the current short-term mean:
+    small means "this series has not produced scores this high in a while".
+    """
+
+    def __init__(self, history: int = 750, short: int = 1, two_sided: bool = False) -> None:
+        self.short = max(1, short)
+        self.two_sided = two_sided
+        self.recent: deque[float] = deque(maxlen=self.short)
+        self.stats = RollingRobust(history)
+
+    def _mean_with(self, raw: float) -> float:
+        n = len(self.recent)
+        if n < self.short:
+            return (sum(self.recent) + raw) / (n + 1)
+        return (sum(self.recent) - self.recent[0] + raw) / self.short
+
+    def tail(self, raw: float) -> float:
+        """Tail probability of ``raw`` (with the recent history) without learning it."""
+        if len(self.stats) < 16:
+            return 1.0
+        return self.stats.tail(self._mean_with(raw), self.two_sided)
+
+    def learn(self, raw: float) -> None:
+        m = self._mean_with(raw)
+        self.recent.append(raw)
+        self.stats.add(m)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "short": self.short,
+            "two_sided": self.two_sided,
+            "recent": list(self.recent),
+            "stats": self.stats.state_dict(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.short = int(state["short"])
+        self.two_sided = bool(state["two_sided"])
+        self.recent = deque((float(v) for v in state["recent"]), maxlen=self.short)
+        self.stats.load_state(state["stats"])
+
+
+class Hysteresis:
+    """On/off gate: switches on at ``on`` and only back off below ``off`` (``off < on``).
+
+    ``min_on`` keeps a raised state for at least that many updates, so a borderline signal
+    gives one anomaly, not a burst of them.
+    """
+
+    def __init__(self, on: float, off: float | None = None, min_on: int = 0) -> None:
+        self.on = on
+        self.off = on * 0.8 if off is None else off
+        if self.off > self.on:
+            raise ValueError(f"hysteresis off level {self.off} is above on level {self.on}")
+        self.min_on = min_on
+        self.active = False
+        self._held = 0
+
+    def update(self, score: float) -> tuple[bool, bool]:
+        """Returns (active, rising_edge)."""
+        if not self.active:
+            if score >= self.on:
+                self.active, self._held = True, 0
+                return True, True
+            return False, False
+        self._held += 1
+        if score < self.off and self._held >= self.min_on:
+            self.active = False
+        return self.active, False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"on": self.on, "off": self.off, "min_on": self.min_on,
+                "active": self.active, "held": self._held}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.on, self.off = float(state["on"]), float(state["off"])
+        self.min_on = int(state["min_on"])
+        self.active, self._held = bool(state["active"]), int(state["held"])

@@ -1,0 +1,1 @@
+"""Evaluation harness: NAB and SKAB scorers, the fault simulator and the ``eval`` CLI."""

@@ -1,0 +1,106 @@
+"""Run the frozen detectors over NAB, SKAB and the simulator and score them."""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..calibration import Hysteresis
+from ..multivariate import PCAT2Q
+from ..streaming import StreamingEnsemble
+from . import nab, skab
+
+# Published leaderboards, printed beside our figures (see shared/benchmarks/README.md).
+NAB_REFERENCE_SUBSET = {
+    "ARTime (corpus thr.)": (65.2, 53.7, 71.5),
+    "ARTime (re-optimised)": (67.1, 58.1, 72.7),
+    "Numenta HTM (corpus thr.)": (58.1, 53.0, 64.1),
+    "Relative Entropy": (50.0, 38.8, 56.0),
+}
+NAB_REFERENCE_CORPUS = {"ARTime": (74.9, 65.1, 80.4), "Numenta HTM": (70.5, 62.6, 75.2)}
+SKAB_REFERENCE_SUBSET = {
+    "Conv-AE": (0.76, 14.94, 31.33),
+    "MSET": (0.77, 40.72, 14.96),
+    "T-squared+Q (PCA)": (0.75, 26.83, 26.19),
+}
+
+
+def load_frozen(path: Path | None = None) -> dict[str, Any]:
+    """The committed settings, or another settings file laid out the same way."""
+    if path is None:
+        text = resources.files("millstream_cloud.detection.eval").joinpath("frozen.json")
+        return dict(json.loads(text.read_text(encoding="utf-8")))
+    return dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def streaming_scores(values: np.ndarray, settings: dict[str, Any], warmup: int) -> np.ndarray:
+    """Feed one series through a fresh detector, one value at a time, in row order."""
+    det = StreamingEnsemble(warmup=warmup, **settings["streaming"]["params"])
+    return np.fromiter((det.update(float(v)) for v in values), dtype=float, count=len(values))
+
+
+def run_nab(data_dir: Path, labels_dir: Path, settings: dict[str, Any],
+            sweep: bool = False) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    files = nab.load_corpus(data_dir, labels_dir)
+    scores = [
+        streaming_scores(f.values, settings, int(nab.probation_length(len(f.values))))
+        for f in files
+    ]
+    thresholds = None if sweep else settings["nab"]["thresholds"]
+    res = nab.score_corpus(files, scores, thresholds)
+    per_file = nab.score_corpus  # keep the name short below
+    files_out = {}
+    for f, s in zip(files, scores, strict=True):
+        one = per_file([f], [s], {p: r.threshold for p, r in res.items()}, ["standard"])
+        files_out[f.name] = {"windows": len(f.windows), "raw_standard": round(one["standard"].raw, 4)}
+    out: dict[str, Any] = {
+        nab.PROFILE_KEYS[p]: round(r.normalised, 2) for p, r in res.items()
+    }
+    out["thresholds"] = {nab.PROFILE_KEYS[p]: r.threshold for p, r in res.items()}
+    out["raw"] = {nab.PROFILE_KEYS[p]: round(r.raw, 4) for p, r in res.items()}
+    out["threshold_mode"] = "swept on these files" if sweep else "frozen"
+    out["files"] = len(files)
+    out["windows"] = sum(len(f.windows) for f in files)
+    out["per_file"] = files_out
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def skab_predict(run: skab.SkabRun, cfg: dict[str, Any], slow: set[str]) -> np.ndarray:
+    """Binary prediction for every row of one run, from a model fitted on its training rows."""
+    cols = [j for j, name in enumerate(run.columns) if name not in slow]
+    X = run.values[:, cols]
+    model = PCAT2Q(cfg["pca_variance"], cfg["train_quantile"]).fit(X[: cfg["train_rows"]])
+    s = model.score_samples(X)
+    w = int(cfg["smooth_rows"])
+    csum = np.concatenate(([0.0], np.cumsum(s)))
+    idx = np.arange(1, len(s) + 1)
+    lo = np.maximum(idx - w, 0)
+    smooth = (csum[idx] - csum[lo]) / (idx - lo)
+    gate = Hysteresis(cfg["on_factor"], cfg["on_factor"] * cfg["off_ratio"])
+    return np.array([gate.update(float(v))[0] for v in smooth], dtype=bool)
+
+
+def run_skab(data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    cfg = settings["skab"]
+    runs = skab.load_runs(data_dir)
+    n = int(cfg["train_rows"])
+    slow = skab.slow_channels(runs, n, int(cfg["slow_channel_lag"]), cfg["slow_channel_max_acf"])
+    pairs = [(r.anomaly[n:], skab_predict(r, cfg, slow)[n:]) for r in runs]
+    sc = skab.score_runs(pairs)
+    return {
+        "f1": sc.f1, "far": sc.far, "mar": sc.mar,
+        "counts": {"tp": sc.tp, "fp": sc.fp, "fn": sc.fn, "tn": sc.tn},
+        "runs": len(runs),
+        "slow_channels_excluded": sorted(slow),
+        "thresholds": {"on": cfg["on_factor"], "off": cfg["on_factor"] * cfg["off_ratio"],
+                       "unit": "multiple of the training-rows quantile of max(T2, Q)"},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

@@ -1,0 +1,324 @@
+"""Per-metric streaming detectors (River-style ``learn_one`` / ``score_one``).
+
+Each component answers one question about the newest value and returns a raw score;
+:class:`StreamingEnsemble` calibrates each component per series (tail probability against
+that component's own recent history), keeps the most surprising one and adds a refractory
+period so one incident yields one early alarm.
+
+>>> det = StreamingEnsemble(warmup=50)
+>>> for i in range(200):
+...     det.learn_one(10.0 + 0.1 * ((i * 7) % 5))
+>>> det.score_one(10.2) < 0.3 < det.score_one(25.0)
+True
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from .base import register
+from .calibration import AnomalyLikelihood, RollingRobust, tail_to_score
+
+
+@register("robust_z")
+class RobustZScore:
+    """Distance of the value from the median of the last ``window`` values, in robust sigmas."""
+
+    def __init__(self, window: int = 750, every: int = 8) -> None:
+        self.ref = RollingRobust(window, every)
+
+    def score_one(self, x: float) -> float:
+        return abs(self.ref.z(x)) if len(self.ref) >= 8 else 0.0
+
+    def signed(self, x: float) -> float:
+        return self.ref.z(x) if len(self.ref) >= 8 else 0.0
+
+    def learn_one(self, x: float) -> None:
+        self.ref.add(x)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ref": self.ref.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.ref.load_state(state["ref"])
+
+
+class _Window:
+    """The last ``size`` raw values, for components that look back a fixed distance."""
+
+    def __init__(self, size: int) -> None:
+        self.buf: deque[float] = deque(maxlen=max(1, size))
+
+    def ago(self, k: int) -> float | None:
+        """The value ``k`` steps before the next one (1 = the latest learned)."""
+        return self.buf[-k] if len(self.buf) >= k else None
+
+
+@register("level_shift")
+class LevelShift:
+    """Mean of the last ``short`` values against the values before: catches steps and drifts."""
+
+    def __init__(self, short: int = 8) -> None:
+        self.short = short
+        self.win: deque[float] = deque(maxlen=short)
+
+    def score_one(self, x: float) -> float:
+        if not self.win:
+            return x
+        n = len(self.win)
+        drop = self.win[0] if n == self.short else 0.0
+        return (sum(self.win) - drop + x) / min(n + 1, self.short)
+
+    def learn_one(self, x: float) -> None:
+        self.win.append(x)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"short": self.short, "win": list(self.win)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.short = int(state["short"])
+        self.win = deque((float(v) for v in state["win"]), maxlen=self.short)
+
+
+@register("volatility")
+class Volatility:
+    """Mean absolute step over the last ``short`` values: catches noise, spikes, stuck sensors."""
+
+    def __init__(self, short: int = 8) -> None:
+        self.short = short
+        self.prev: float | None = None
+        self.steps: deque[float] = deque(maxlen=short)
+
+    def score_one(self, x: float) -> float:
+        step = abs(x - self.prev) if self.prev is not None else 0.0
+        n = len(self.steps)
+        drop = self.steps[0] if n == self.short else 0.0
+        return (sum(self.steps) - drop + step) / min(n + 1, self.short)
+
+    def learn_one(self, x: float) -> None:
+        if self.prev is not None:
+            self.steps.append(abs(x - self.prev))
+        self.prev = x
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"short": self.short, "prev": self.prev, "steps": list(self.steps)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.short = int(state["short"])
+        self.prev = None if state["prev"] is None else float(state["prev"])
+        self.steps = deque((float(v) for v in state["steps"]), maxlen=self.short)
+
+
+@register("seasonal")
+class SeasonalResidual:
+    """Difference from the value one season ago, averaged over ``short`` values.
+
+    The season length is found from the autocorrelation of the first ``detect_after``
+    values (strongest peak with correlation above ``min_acf``); without one the component
+    stays silent.
+    """
+
+    def __init__(self, detect_after: int = 600, short: int = 8, min_acf: float = 0.5,
+                 period: int | None = None) -> None:
+        self.detect_after = detect_after
+        self.short = short
+        self.min_acf = min_acf
+        self.period = period
+        self.hist: deque[float] = deque(maxlen=max(detect_after, (period or 0) + 1))
+        self.resid: deque[float] = deque(maxlen=short)
+        self.n = 0
+
+    @staticmethod
+    def find_period(values: np.ndarray, min_acf: float) -> int | None:
+        x = values - values.mean()
+        n = len(x)
+        var = float(x @ x)
+        if n < 32 or var <= 0.0:
+            return None
+        spec = np.fft.rfft(x, 2 * n)
+        acf = np.fft.irfft(spec * np.conj(spec))[: n // 2] / var
+        lo = 4
+        # First local maximum after the first zero crossing: the fundamental season.
+        below = np.nonzero(acf[lo:] < 0.0)[0]
+        if len(below) == 0:
+            return None
+        start = lo + int(below[0])
+        if start >= len(acf) - 1:
+            return None
+        k = start + int(np.argmax(acf[start:]))
+        return k if acf[k] >= min_acf else None
+
+    def _residual(self, x: float) -> float | None:
+        if not self.period or len(self.hist) < self.period:
+            return None
+        return x - self.hist[-self.period]
+
+    def score_one(self, x: float) -> float:
+        r = self._residual(x)
+        if r is None:
+            return 0.0
+        n = len(self.resid)
+        drop = self.resid[0] if n == self.short else 0.0
+        return (sum(self.resid) - drop + r) / min(n + 1, self.short)
+
+    def learn_one(self, x: float) -> None:
+        r = self._residual(x)
+        if r is not None:
+            self.resid.append(r)
+        self.hist.append(x)
+        self.n += 1
+        if self.period is None and self.n == self.detect_after:
+            self.period = self.find_period(np.asarray(self.hist, dtype=float), self.min_acf)
+            if self.period:
+                self.hist = deque(self.hist, maxlen=max(self.detect_after, self.period + 1))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"detect_after": self.detect_after, "short": self.short, "min_acf": self.min_acf,
+                "period": self.period, "hist": list(self.hist), "resid": list(self.resid),
+                "n": self.n}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.detect_after, self.short = int(state["detect_after"]), int(state["short"])
+        self.min_acf = float(state["min_acf"])
+        self.period = None if state["period"] is None else int(state["period"])
+        self.hist = deque(state["hist"], maxlen=max(self.detect_after, (self.period or 0) + 1))
+        self.resid = deque(state["resid"], maxlen=self.short)
+        self.n = int(state["n"])
+
+
+COMPONENTS = ("value", "level", "volatility", "seasonal")
+
+
+@register("ensemble")
+class StreamingEnsemble:
+    """The per-metric detector used by default: calibrated components, most surprising wins.
+
+    Components: ``value`` (the value itself), ``level`` (short-window mean), ``volatility``
+    (short-window mean absolute step, two-sided so a signal that goes flat counts) and
+    ``seasonal`` (short-window mean of the difference to one season ago). Each raw
+    component output is calibrated per series by an :class:`AnomalyLikelihood` over the
+    last ``history`` values. The score is ``-log10(p)/10`` of the smallest tail probability,
+    in [0, 1]. After the score reaches ``alert_level`` the detector stays quiet for
+    ``refractory`` values (scores are capped just below the alert level), because one
+    incident should raise one early alarm.
+    """
+
+    def __init__(self, history: int = 750, short: int = 8, warmup: int = 100,
+                 refractory: int = 0, alert_level: float = 0.5,
+                 components: tuple[str, ...] = COMPONENTS, detect_after: int | None = None,
+                 weights: dict[str, float] | None = None, long: int = 0) -> None:
+        self.history = history
+        self.short = short
+        self.long = long
+        self.warmup = warmup
+        self.refractory = refractory
+        self.alert_level = alert_level
+        self.weights = dict(weights or {})
+        self.parts: dict[str, Any] = {
+            "value": RobustZScore(history),
+            "level": LevelShift(short),
+            "volatility": Volatility(short),
+            "seasonal": SeasonalResidual(detect_after or warmup, short),
+        }
+        comps = list(components)
+        if long:
+            self.parts["level_long"] = LevelShift(long)
+            self.parts["volatility_long"] = Volatility(long)
+            comps += [c for c in ("level_long", "volatility_long") if c not in comps]
+        self.components = tuple(comps)
+        self.cal: dict[str, AnomalyLikelihood] = {
+            name: AnomalyLikelihood(history, 1, two_sided=name != "value")
+            for name in self.components
+        }
+        self.n = 0
+        self.quiet = 0
+        self.last_tails: dict[str, float] = {}
+
+    def _raw(self, x: float) -> dict[str, float]:
+        out = {}
+        for name in self.components:
+            part = self.parts[name]
+            out[name] = part.score_one(x)
+        return out
+
+    def _score(self, x: float) -> tuple[float, dict[str, float], dict[str, float]]:
+        raw = self._raw(x)
+        tails = {name: self.cal[name].tail(v) for name, v in raw.items()}
+        if self.n < self.warmup:
+            return 0.0, raw, tails
+        best = 0.0
+        for name, p in tails.items():
+            s = tail_to_score(p) * self.weights.get(name, 1.0)
+            best = max(best, s)
+        return best, raw, tails
+
+    def score_one(self, x: float) -> float:
+        s, _, _ = self._score(x)
+        if self.quiet > 0:
+            s = min(s, self.alert_level * 0.999)
+        return s
+
+    def learn_one(self, x: float) -> None:
+        self.update(x)
+
+    def update(self, x: float) -> float:
+        """Score ``x`` then learn it; the cheap path used by the engine and the harness."""
+        s, raw, tails = self._score(x)
+        self.last_tails = tails
+        if self.quiet > 0:
+            self.quiet -= 1
+            s = min(s, self.alert_level * 0.999)
+        elif s >= self.alert_level and self.refractory:
+            self.quiet = self.refractory
+        for name, v in raw.items():
+            self.cal[name].learn(v)
+        seasonal = self.parts["seasonal"]
+        had_period = seasonal.period
+        for part in self.parts.values():
+            part.learn_one(x)
+        if "seasonal" in self.cal and seasonal.period and not had_period:
+            self._backfill_seasonal(seasonal)
+        self.n += 1
+        return s
+
+    def _backfill_seasonal(self, seasonal: SeasonalResidual) -> None:
+        # The season was just found: replay the stored history so the seasonal calibration
+        # starts with a full picture instead of a run of zeros.
+        cal = AnomalyLikelihood(self.history, 1, two_sided=True)
+        hist = list(seasonal.hist)
+        p, k = seasonal.period or 0, seasonal.short
+        resid: deque[float] = deque(maxlen=k)
+        for j in range(p, len(hist)):
+            resid.append(hist[j] - hist[j - p])
+            cal.learn(sum(resid) / len(resid))
+        self.cal["seasonal"] = cal
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": {"history": self.history, "short": self.short, "long": self.long,
+                       "warmup": self.warmup,
+                       "refractory": self.refractory, "alert_level": self.alert_level,
+                       "components": list(self.components), "weights": self.weights},
+            "parts": {k: p.state_dict() for k, p in self.parts.items()},
+            "cal": {k: c.state_dict() for k, c in self.cal.items()},
+            "n": self.n,
+            "quiet": self.quiet,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for k, p in self.parts.items():
+            p.load_state(state["parts"][k])
+        for k, c in self.cal.items():
+            c.load_state(state["cal"][k])
+        self.n, self.quiet = int(state["n"]), int(state["quiet"])
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> StreamingEnsemble:
+        params = dict(state["params"])
+        params["components"] = tuple(c for c in params["components"] if not c.endswith("_long"))
+        det = cls(**params)
+        det.load_state(state)
+        return det

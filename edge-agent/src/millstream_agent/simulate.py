@@ -1,0 +1,257 @@
+"""``millstream-agent simulate``: many simulated devices in one process.
+
+Every device is a full agent minus the disk: its own MQTT session (client id
+``millstream-<device>``, its own last will), its own in-memory store-and-forward queue
+(or an on-disk one with ``--queue-dir``) and its own simulated machine. All sessions run
+on one :class:`~millstream_agent.loop.EventLoop` (epoll), so a thousand devices need a
+thousand sockets and one thread; the open-file limit is raised at start.
+
+On exit (``--duration`` elapsed, SIGINT or SIGTERM) it stops generating, sends what is
+queued, waits up to ``--drain-timeout`` seconds for the PUBACKs, publishes each device's
+offline/shutdown status and prints, as its last stdout line,
+``{"generated": N, "published": N, "acknowledged": N}`` counted in readings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from millstream_agent import protocol
+from millstream_agent.collectors import collector_class
+from millstream_agent.collectors.base import Collector
+from millstream_agent.loop import EventLoop, raise_nofile_limit
+from millstream_agent.queue import BaseQueue, MemoryQueue, SqliteQueue
+from millstream_agent.session import DeviceSession, MqttSettings
+
+log = logging.getLogger("millstream.simulate")
+
+
+@dataclass
+class SimOptions:
+    devices: int = 1
+    rate: float = 1.0
+    metrics: int = 10
+    duration: float = 0.0
+    broker: str = "mqtt://127.0.0.1:1883"
+    site: str = "sim"
+    prefix: Optional[str] = None
+    kind: str = "motor"
+    seed: int = 1
+    queue_dir: Optional[str] = None
+    batch_size: int = 100
+    batch_delay: float = 1.0
+    max_inflight: int = 20
+    drain_timeout: float = 30.0
+    connect_spread: float = 1.0
+    reconnect_max: float = 10.0
+    username: Optional[str] = None
+    password: Optional[str] = None
+    ca: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+    server_hostname: Optional[str] = None
+
+
+def default_prefix(site: str) -> str:
+    """Device ids are unique across sites: ``sim-0001`` on site ``sim``, else ``<site>-0001``."""
+    return "sim" if site == "sim" else site
+
+
+class SimDevice:
+    def __init__(
+        self, loop: EventLoop, device: str, opts: SimOptions, settings: MqttSettings, seed: int
+    ) -> None:
+        self.loop = loop
+        self.device = device
+        self.generated = 0
+        options: dict = {"kind": opts.kind, "metrics": opts.metrics, "seed": seed, "device": device}
+        cls = collector_class("simulated")
+        spec = getattr(cls, "options_spec", {}) or {}
+        options = {k: v for k, v in options.items() if k in spec or not spec}
+        self.collector: Collector = cls("machine", options)
+        self.collector.start()
+        self.queue: BaseQueue
+        if opts.queue_dir:
+            self.queue = SqliteQueue(os.path.join(opts.queue_dir, f"{device}.db"), fsync="normal")
+        else:
+            self.queue = MemoryQueue()
+        self.session = DeviceSession(
+            loop,
+            device,
+            opts.site,
+            settings,
+            self.queue,
+            max_readings=opts.batch_size,
+            max_delay=opts.batch_delay,
+            kind=opts.kind,
+        )
+        self.period = 1.0 / opts.rate if opts.rate > 0 else 0.0
+        self.running = False
+        self._next = 0.0
+        self._timer: Any = None
+
+    def start_generating(self, offset: float) -> None:
+        if self.period <= 0:
+            return
+        self.running = True
+        self._next = time.monotonic() + offset
+        self._timer = self.loop.call_at(self._next, self._generate)
+
+    def _generate(self) -> None:
+        if not self.running:
+            return
+        samples = self.collector.collect(time.time())
+        if samples:
+            texts = protocol.readings_json(samples)
+            self.queue.append(texts)
+            self.generated += len(texts)
+            self.session.pump()
+        self._next += self.period
+        now = time.monotonic()
+        if self._next < now - 5 * self.period:
+            self._next = now  # fell far behind (suspended?): do not burst to catch up
+        self._timer = self.loop.call_at(self._next, self._generate)
+
+    def stop_generating(self) -> None:
+        self.running = False
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def close(self) -> None:
+        self.collector.close()
+        self.queue.close()
+
+
+def run(opts: SimOptions, out: Any = None) -> int:
+    out = out or sys.stdout
+    soft, _hard = raise_nofile_limit(opts.devices * 2 + 256)
+    if soft and soft < opts.devices + 64:
+        log.warning("open-file limit %d is too low for %d devices", soft, opts.devices)
+    if opts.queue_dir:
+        os.makedirs(opts.queue_dir, exist_ok=True)
+    prefix = opts.prefix or default_prefix(opts.site)
+    settings = MqttSettings(
+        broker=opts.broker,
+        username=opts.username,
+        password=opts.password,
+        tls_ca=opts.ca,
+        tls_cert=opts.cert,
+        tls_key=opts.key,
+        tls_server_hostname=opts.server_hostname,
+        max_inflight=opts.max_inflight,
+        reconnect_max=opts.reconnect_max,
+        refused_retry=max(opts.reconnect_max, 10.0),
+        replay_rate=0.0,
+    )
+    loop = EventLoop()
+    rng = random.Random(opts.seed)
+    devices: list[SimDevice] = []
+    for i in range(opts.devices):
+        device_id = f"{prefix}-{i + 1:04d}"
+        if not protocol.ID_PATTERN.match(device_id):
+            log.error(
+                "device id %r is not valid (pattern %s)", device_id, protocol.ID_PATTERN.pattern
+            )
+            return 2
+        devices.append(SimDevice(loop, device_id, opts, settings, opts.seed))
+
+    stop = {"requested": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        stop["requested"] = True
+        loop.stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    started = time.monotonic()
+    try:
+        spread = opts.connect_spread if opts.devices > 1 else 0.0
+        for i, dev in enumerate(devices):
+            dev.session.start(spread * i / max(1, opts.devices))
+            dev.start_generating(rng.uniform(0, dev.period) if dev.period else 0.0)
+
+        def tick() -> None:
+            for dev in devices:
+                dev.session.tick()
+            ticker[0] = loop.call_later(1.0, tick)
+
+        ticker = [loop.call_later(1.0, tick)]
+        report = [time.monotonic()]
+
+        def done() -> bool:
+            now = time.monotonic()
+            if now - report[0] >= 10.0:
+                report[0] = now
+                _log_progress(devices)
+            return stop["requested"] or (opts.duration > 0 and now - started >= opts.duration)
+
+        log.info(
+            "simulating %d devices (%s-0001..), %d metrics at %g Hz, broker %s",
+            opts.devices,
+            prefix,
+            opts.metrics,
+            opts.rate,
+            opts.broker,
+        )
+        loop.run(until=done)
+        for dev in devices:
+            dev.stop_generating()
+            dev.session.drain()
+        deadline = time.monotonic() + opts.drain_timeout
+        stop["requested"] = False
+        loop.run(
+            until=lambda: (
+                stop["requested"]
+                or time.monotonic() > deadline
+                or all(d.session.drained for d in devices)
+            )
+        )
+        for dev in devices:
+            dev.session.say_goodbye()
+        deadline = time.monotonic() + 5.0
+        loop.run(
+            until=lambda: (
+                time.monotonic() > deadline or all(d.session.goodbye_done for d in devices)
+            )
+        )
+        ticker[0].cancel()
+        for dev in devices:
+            dev.session.close()
+        loop.run(timeout=0.1)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    counts = {
+        "generated": sum(d.generated for d in devices),
+        "published": sum(d.session.published for d in devices),
+        "acknowledged": sum(d.session.acknowledged for d in devices),
+    }
+    left = sum(d.queue.stats().depth for d in devices)
+    if left:
+        log.warning("%d readings were not acknowledged before exit", left)
+    for dev in devices:
+        dev.close()
+    loop.close()
+    out.write(json.dumps(counts) + "\n")
+    out.flush()
+    return 0
+
+
+def _log_progress(devices: list[SimDevice]) -> None:
+    connected = sum(1 for d in devices if d.session.connected)
+    log.info(
+        "devices connected %d/%d, generated %d, published %d, acknowledged %d",
+        connected,
+        len(devices),
+        sum(d.generated for d in devices),
+        sum(d.session.published for d in devices),
+        sum(d.session.acknowledged for d in devices),
+    )

@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""`make demo`: a broker, the cloud service and a simulated fleet, on embedded defaults.
+
+Starts Mosquitto on a free loopback port (a temp config that raises the in-flight
+window), `millstream-cloud serve` on 127.0.0.1:PORT with its data in var/demo/, and
+`millstream-agent simulate` for the fleet. Prints the URLs, then a one-line summary every
+few seconds. Stops everything cleanly after --duration seconds of serving (0: until
+Ctrl-C) and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+VAR = ROOT / "var" / "demo"
+
+MOSQUITTO_CONF = """\
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence false
+# The cloud acknowledges in groups after storing; Mosquitto's default of 20 in-flight
+# QoS 1 messages per client would throttle it (docs/cloud.md).
+max_inflight_messages 1000
+max_queued_messages 100000
+log_dest file {log}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def find_mosquitto() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
+
+
+def http_json(url: str, timeout: float = 2.0) -> object:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def http_text(url: str, timeout: float = 2.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return str(resp.read().decode())
+
+
+def metric_sum(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
+            if m:
+                total += float(m.group(2))
+    return total
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], log: Path, **kw: object) -> subprocess.Popen[bytes]:
+        out = open(log, "ab")  # noqa: SIM115 - kept open by the child
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kw
+        )  # type: ignore[call-overload]
+        out.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        # Reverse order: agents first (they flush and say goodbye), then cloud, then broker.
+        for name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    print(f"demo: {name} did not stop in 20 s; killing it", file=sys.stderr)
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        self.procs.clear()
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"exited with {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}"
+            )
+        try:
+            http_json(url, timeout=1)
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer in {timeout:.0f} s; see {log}")
+
+
+def summary(api: str, last: tuple[float, float] | None) -> tuple[str, tuple[float, float]]:
+    devices = http_json(f"{api}/api/v1/devices?limit=100000")
+    assert isinstance(devices, dict)
+    online = sum(1 for d in devices["devices"] if d["online"])
+    metrics = http_text(f"{api}/metrics")
+    stored = metric_sum(metrics, "millstream_ingest_readings_stored_total")
+    rejected = metric_sum(metrics, "millstream_ingest_rejected_messages_total")
+    anomalies = metric_sum(metrics, "millstream_anomalies_total")
+    alerts = metric_sum(metrics, "millstream_alerts_firing")
+    now = time.monotonic()
+    rate = (stored - last[1]) / (now - last[0]) if last and now > last[0] else 0.0
+    line = (
+        f"{time.strftime('%H:%M:%S')}  devices online {online}/{len(devices['devices'])}  "
+        f"readings stored {int(stored):,}  {rate:,.0f}/s  rejected {int(rejected)}  "
+        f"anomalies {int(anomalies)}  alerts firing {int(alerts)}"
+    )
+    return line, (now, stored)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--devices", type=int, default=int(os.environ.get("DEVICES", 10)))
+    ap.add_argument("--duration", type=float, default=float(os.environ.get("DURATION", 0)))
+    ap.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
+    ap.add_argument("--interval", type=float, default=5.0, help="seconds between summary lines")
+    ap.add_argument("--workdir", type=Path, default=VAR, help="state and logs (cleared first)")
+    args = ap.parse_args()
+    var = args.workdir
+
+    if port_in_use(args.port):
+        print(f"demo: port {args.port} is in use; run `make demo PORT=8001`", file=sys.stderr)
+        return 2
+    mosquitto = find_mosquitto()
+    if mosquitto is None:
+        print(
+            "demo: Mosquitto is not installed. `make demo` installs it when run as root; "
+            "otherwise run `sudo apt-get install mosquitto` (Debian/Ubuntu).",
+            file=sys.stderr,
+        )
+        return 2
+
+    shutil.rmtree(var, ignore_errors=True)
+    var.mkdir(parents=True)
+    stack = Stack()
+    stopping = {"signal": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping["signal"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        broker_port = free_port()
+        conf = var / "mosquitto.conf"
+        conf.write_text(MOSQUITTO_CONF.format(port=broker_port, log=var / "mosquitto.log"))
+        broker = stack.start("mosquitto", [mosquitto, "-c", str(conf)], var / "mosquitto.out")
+        broker_url = f"mqtt://127.0.0.1:{broker_port}"
+        deadline = time.monotonic() + 10
+        while not port_in_use(broker_port):
+            if broker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not start; see {var / 'mosquitto.log'}")
+            time.sleep(0.1)
+
+        api = f"http://127.0.0.1:{args.port}"
+        cloud_log = var / "cloud.log"
+        env = {**os.environ, "MILLSTREAM_DEMO": "1"}
+        if os.environ.get("WEBHOOK"):
+            env["MILLSTREAM_ALERTS__WEBHOOK_URL"] = os.environ["WEBHOOK"]
+        cloud = stack.start(
+            "cloud",
+            [
+                str(BIN / "millstream-cloud"),
+                "serve",
+                "--broker",
+                broker_url,
+                "--port",
+                str(args.port),
+                "--data-dir",
+                str(var / "cloud"),
+            ],
+            cloud_log,
+            env=env,
+        )
+        wait_http(f"{api}/healthz", cloud, 60, cloud_log)
+        fleet_log = var / "agents.log"
+        stack.start(
+            "agents",
+            [
+                str(BIN / "millstream-agent"),
+                "simulate",
+                "--devices",
+                str(args.devices),
+                "--rate",
+                "1",
+                "--metrics",
+                "10",
+                "--broker",
+                broker_url,
+                "--site",
+                "demo-plant",
+                "--queue-dir",
+                str(var / "agents"),
+            ],
+            fleet_log,
+        )
+        print(
+            f"Millstream demo: {args.devices} simulated machines -> Mosquitto {broker_url} -> cloud"
+        )
+        print(f"  API          {api}/api/v1/devices")
+        print(f"  API docs     {api}/docs")
+        print(f"  metrics      {api}/metrics")
+        print(
+            f"  Grafana      point an InfluxDB datasource (InfluxQL, database millstream) at {api}"
+        )
+        print(f"  logs         {var}/")
+        print(
+            "  stop         Ctrl-C"
+            + (f" (or after {args.duration:.0f} s)" if args.duration else "")
+        )
+        sys.stdout.flush()
+        started = time.monotonic()
+        last: tuple[float, float] | None = None
+        next_line = started + min(args.interval, 2.0)
+        while not stopping["signal"]:
+            now = time.monotonic()
+            if args.duration and now - started >= args.duration:
+                break
+            for name, proc in stack.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited unexpectedly ({proc.returncode}); see {var}")
+            if now >= next_line:
+                try:
+                    line, last = summary(api, last)
+                    print(line, flush=True)
+                except OSError as exc:
+                    print(f"{time.strftime('%H:%M:%S')}  (API not answering: {exc})", flush=True)
+                next_line = now + args.interval
+            time.sleep(0.2)
+        print("demo: stopping ...", flush=True)
+        return 0
+    except RuntimeError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+        print("demo: stopped; nothing left running.", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

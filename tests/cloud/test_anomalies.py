@@ -1,0 +1,60 @@
+"""Anomalies found on stored readings are recorded, listed and handed on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from millstream_cloud.app import create_app
+from millstream_cloud.model import Anomaly, Contribution, Reading
+from millstream_cloud.services import Services
+from millstream_cloud.settings import Settings
+
+
+class ThresholdDetector:
+    """A stand-in detector with a real rule: values above 100 are anomalous."""
+
+    def observe(self, readings: Sequence[Reading]) -> list[Anomaly]:
+        return [
+            Anomaly(
+                r.device,
+                r.site,
+                r.time_ns,
+                "threshold",
+                r.value,
+                0.99,
+                r.metric,
+                f"{r.metric} {r.value} above 100",
+                [Contribution(r.metric, r.value, 50.0, 5.0)],
+            )
+            for r in readings
+            if r.value > 100
+        ]
+
+
+def test_detector_output_is_stored_listed_and_handed_on(tmp_path: Path) -> None:
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    services.anomalies.detector = ThresholdDetector()
+    seen: list[Anomaly] = []
+    services.anomalies.hooks.append(seen.extend)
+    t0 = 1_772_352_000_000_000_000
+    readings = [
+        Reading("press-01", "plant-a", "temp", t0 + i * 1_000_000_000, v)
+        for i, v in enumerate([50.0, 150.0, 60.0, 120.0])
+    ]
+    services.storage.write_readings(readings)
+    services.pipeline.hooks[0](readings)
+    assert [a.score for a in seen] == [150.0, 120.0]
+
+    with TestClient(create_app(settings, services, start=False)) as client:
+        body = client.get("/api/v1/anomalies", params={"device": "press-01"}).json()
+        assert [a["score"] for a in body["anomalies"]] == [120.0, 150.0]
+        first = body["anomalies"][0]
+        assert first["metric"] == "temp" and first["detector"] == "threshold"
+        assert first["contributions"][0]["sigma"] == 5.0
+        assert client.get("/api/v1/anomalies", params={"device": "other"}).json()["anomalies"] == []
+        metrics = client.get("/metrics").text
+        assert 'millstream_anomalies_total{detector="threshold"} 2.0' in metrics

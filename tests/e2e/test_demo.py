@@ -1,0 +1,66 @@
+"""`make demo` as a user runs it: it serves the fleet, then stops cleanly with exit 0."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.cloud import API
+from tests.support.servers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_demo_serves_twenty_devices_then_exits_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "demo.py"),
+            "--devices",
+            "20",
+            "--duration",
+            "25",
+            "--port",
+            str(port),
+            "--interval",
+            "2",
+            "--workdir",
+            str(tmp_path / "demo"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        api = API(port)
+        api.wait_for(lambda a: a.get("/healthz") == {"status": "ok"}, timeout=60)
+        devices = api.wait_for(
+            lambda a: (
+                (d := a.get("/api/v1/devices")["devices"])
+                and len(d) == 20
+                and all(x["online"] for x in d)
+                and d
+            ),
+            timeout=30,
+        )
+        assert len(devices) == 20
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "devices online 20/20" in out
+    assert "nothing left running" in out
+    # Nothing left behind: the API port is free again and a second run could start.
+    time.sleep(0.5)
+    import socket
+
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
