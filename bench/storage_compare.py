@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import urllib3  # noqa: E402
+
 from millstream_cloud.model import Reading  # noqa: E402
 from millstream_cloud.settings import EmbeddedSettings, InfluxDBSettings  # noqa: E402
 from millstream_cloud.storage.base import (  # noqa: E402
@@ -48,7 +49,6 @@ from millstream_cloud.storage.base import (  # noqa: E402
 )
 from millstream_cloud.storage.embedded import EmbeddedStorage  # noqa: E402
 from millstream_cloud.storage.influxdb import InfluxDBStorage, line_protocol_batches  # noqa: E402
-
 from tests.support.influxdb import influxdb_available, influxdb_server  # noqa: E402
 
 S = 1_000_000_000

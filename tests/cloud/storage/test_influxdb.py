@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+
 from millstream_cloud.model import Reading
 from millstream_cloud.settings import load_settings
 from millstream_cloud.storage import open_storage
 from millstream_cloud.storage.base import TELEMETRY, Point, SeriesQuery, readings_to_points
 from millstream_cloud.storage.influxdb import InfluxDBStorage, SpoolFull, line, reading_lines
-
 from tests.cloud.storage.conftest import influx_settings
 from tests.support.influxdb import InfluxDBServer, influxdb_available, influxdb_server
 
