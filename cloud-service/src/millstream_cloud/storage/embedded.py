@@ -339,6 +339,9 @@ class EmbeddedStorage(Storage):
 
         self._active = _Memtable()
         self._frozen: list[_Memtable] = []
+        # other writers' uncompacted wal rows, decoded by series, shared by reader threads
+        self._foreign: dict[int, dict[int, tuple[list[int], list[Any]]]] = {}
+        self._foreign_lock = threading.Lock()
         self._adopt_dead_writers()
 
         self._wake = threading.Event()
@@ -616,7 +619,7 @@ class EmbeddedStorage(Storage):
     def _adopt_dead_writers(self) -> int:
         """Uncompacted batches of processes that died (or of this store's previous run)
         become ours: replayed into the memtable, compacted like our own."""
-        writers = [w for (w,) in self._db.execute("SELECT DISTINCT writer FROM wal")]
+        writers = [w for (w,) in self._reader().execute("SELECT DISTINCT writer FROM wal")]
         dead = [w for w in writers if not self._writer_alive(w)]
         if not dead:
             return 0
@@ -868,32 +871,56 @@ class EmbeddedStorage(Storage):
         ours; inside the caller's read transaction, so consistent with the chunks."""
         if not tails:
             return tails
-        rows = db.execute(
-            "SELECT sids, times, vals, other FROM wal WHERE writer < ? OR writer > ? ORDER BY id",
-            (self.writer_id, self.writer_id),
-        ).fetchall()
-        if not rows:
+        ids = [
+            int(i)
+            for (i,) in db.execute(
+                "SELECT id FROM wal WHERE writer < ? OR writer > ? ORDER BY id",
+                (self.writer_id, self.writer_id),
+            )
+        ]
+        if not ids:
+            if self._foreign:
+                with self._foreign_lock:
+                    self._foreign.clear()
             return tails
-        wanted = np.fromiter(tails, dtype=_I64, count=len(tails))
-        acc: dict[int, tuple[list[int], list[Any]]] = {sid: ([], []) for sid in tails}
-        for bs, bt, bv, bo in rows:
-            sids = np.frombuffer(bs, dtype=_I64)
-            idx = np.flatnonzero(np.isin(sids, wanted))
-            if idx.size:
-                ts = np.frombuffer(bt, dtype=_I64)[idx].tolist()
-                vs = np.frombuffer(bv, dtype=_F64)[idx].tolist()
-                for sid, t, v in zip(sids[idx].tolist(), ts, vs, strict=True):
-                    acc[sid][0].append(t)
-                    acc[sid][1].append(v)
-            if bo:
-                for sid, t, v in msgspec.msgpack.decode(bo):
-                    if sid in acc:
-                        acc[sid][0].append(t)
-                        acc[sid][1].append(v)
-        return {
-            sid: (acc[sid][0] + own[0], acc[sid][1] + own[1]) if acc[sid][0] else own
-            for sid, own in tails.items()
-        }
+        rows = [self._foreign_row(db, i) for i in ids]
+        with self._foreign_lock:
+            for gone in set(self._foreign) - set(ids):  # compacted by their writer meanwhile
+                del self._foreign[gone]
+        out = {}
+        for sid, own in tails.items():
+            ft: list[int] = []
+            fv: list[Any] = []
+            for row in rows:
+                e = row.get(sid)
+                if e is not None:
+                    ft.extend(e[0])
+                    fv.extend(e[1])
+            out[sid] = (ft + own[0], fv + own[1]) if ft else own
+        return out
+
+    def _foreign_row(
+        self, db: sqlite3.Connection, wal_id: int
+    ) -> dict[int, tuple[list[int], list[Any]]]:
+        """Another writer's wal row, by series; rows never change, so decoded once."""
+        with self._foreign_lock:
+            row = self._foreign.get(wal_id)
+        if row is None:
+            found = db.execute(
+                "SELECT sids, times, vals, other FROM wal WHERE id = ?", (wal_id,)
+            ).fetchone()
+            row = {}
+            if found is not None:
+                sids, times, vals, other = _decode_wal(*found)
+                for sid, t, v in chain(zip(sids, times, vals, strict=True), other):
+                    e = row.get(sid)
+                    if e is None:
+                        e = row[sid] = ([], [])
+                    e[0].append(t)
+                    e[1].append(v)
+            with self._foreign_lock:
+                self._foreign[wal_id] = row
+        return row
 
     def _tail(self, sid: int) -> tuple[list[int], list[Any]]:
         """The series' uncompacted points, oldest source first (caller holds _mlock)."""
