@@ -223,3 +223,30 @@ def test_two_processes_share_one_store(tmp_path: Path) -> None:
         assert len(sids) == len(set(sids)) == 4
     finally:
         a.close()
+
+
+def test_two_writers_compacting_concurrently_lose_nothing(tmp_path: Path) -> None:
+    settings = EmbeddedSettings(memtable_max_points=1000, compact_interval_s=0.02)
+    a = EmbeddedStorage(tmp_path / "s", settings)
+    b = EmbeddedStorage(tmp_path / "s", settings)
+
+    def write(store: EmbeddedStorage, device: str) -> None:
+        for i in range(30):  # both write the shared device too, overlapping in time
+            store.write_readings(batch(300, device=device, t0=T0 + i * 200 * S))
+            store.write_readings(batch(50, device="shared", t0=T0 + i * 50 * S))
+
+    threads = [threading.Thread(target=write, args=(a, "da")),
+               threading.Thread(target=write, args=(b, "db"))]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        expected = 2 * (29 * 200 + 300) + 30 * 50
+        assert a.count() == expected and b.count() == expected
+        b.close()
+        a.flush()
+        assert a.count() == expected
+        assert a.compactions > 0
+    finally:
+        a.close()
