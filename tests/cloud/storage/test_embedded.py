@@ -130,6 +130,7 @@ def test_one_writer_and_concurrent_readers(tmp_path: Path) -> None:
         assert not errors, errors[0]
         assert store.compactions > 0
         assert store.count() == 39 * 400 + 500
+        assert set(store.stats()) == {"memtable_points", "compactions"}
     finally:
         store.close()
 

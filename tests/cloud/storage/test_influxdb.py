@@ -117,6 +117,7 @@ def test_refused_batches_are_counted_not_retried(influxdb: InfluxDBServer, tmp_p
         store.write_points([Point("m", {"d": "1"}, {"f": "text"}, T0 + S)])  # type conflict
         assert store.rejected_points == 1
         assert store.spooled_points == 0
+        assert store.stats()["rejected_points"] == 1 and store.stats()["written_points"] == 1
         store.write_points([Point("m", {"d": "1"}, {"f": 2.5}, T0 + 2 * S)])
         assert store.query(SeriesQuery("m", ["f"]))[0].points == [(T0, 1.5), (T0 + 2 * S, 2.5)]
         assert store.spool.db.execute("SELECT COUNT(*) FROM rejected").fetchone()[0] == 1

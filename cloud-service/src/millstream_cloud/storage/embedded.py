@@ -1226,6 +1226,12 @@ class EmbeddedStorage(Storage):
                 total += len(series.points)
         return total
 
+    def stats(self) -> dict[str, float]:
+        """``memtable_points``: written, not yet compacted; ``compactions``: since start."""
+        with self._mlock:
+            waiting = self._active.n + sum(f.n for f in self._frozen)
+        return {"memtable_points": float(waiting), "compactions": float(self.compactions)}
+
     def ping(self) -> bool:
         if self._closed:
             return False

@@ -633,6 +633,16 @@ class InfluxDBStorage(Storage):
         )
         return sorted({row[1] for row in self._show(stmt)})
 
+    def stats(self) -> dict[str, float]:
+        """Points written to InfluxDB, refused by it (not retried), waiting in the spool,
+        and failed attempts (retried) since start."""
+        return {
+            "written_points": float(self.written_points),
+            "rejected_points": float(self.rejected_points),
+            "spooled_points": float(self.spool.points),
+            "send_errors": float(self.send_errors),
+        }
+
     def ping(self) -> bool:
         """True when InfluxDB answers ``/ping`` (writes are spooled while it does not)."""
         try:
