@@ -191,3 +191,15 @@ def test_influxdb_down_for_30s_mid_stream_loses_nothing(tmp_path: Path) -> None:
         writer.join()
         store.close()
         server.stop()
+
+
+def test_api_v2_against_an_old_1x_says_what_to_do(
+    influxdb: InfluxDBServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = InfluxDBStorage(influx_settings(influxdb, tmp_path, api="v2"))
+    try:
+        assert "api: v1" in caplog.text
+        store.write_readings([Reading("d1", "p", "temp", T0, 1.0)])
+        assert store.spooled_points == 1  # 1.6 answers 404 on /api/v2/write: kept, not lost
+    finally:
+        store.close()

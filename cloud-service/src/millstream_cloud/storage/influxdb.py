@@ -327,6 +327,7 @@ class InfluxDBStorage(Storage):
         """Create the database (v1) or DBRP mapping (v2) when asked; harmless to repeat."""
         s = self.settings
         try:
+            self._check_version()
             if s.api == "v1" and s.create_database:
                 self._influxql(f"CREATE DATABASE {ident(s.database)}", db=None, post=True)
             if s.api == "v2" and s.create_dbrp:
@@ -334,6 +335,24 @@ class InfluxDBStorage(Storage):
             self._prepared = True
         except (InfluxDBError, urllib3.exceptions.HTTPError, OSError) as exc:
             log.warning("influxdb: cannot prepare %s yet (%s); will retry", self.url, exc)
+
+    def _check_version(self) -> None:
+        """Say so at start when ``api: v2`` points at an InfluxDB without /api/v2/write."""
+        resp = self.http.request("GET", f"{self.url}/ping", headers=self._headers)
+        version = resp.headers.get("X-Influxdb-Version", "")
+        parts = version.lstrip("v").split(".")
+        if self.settings.api == "v2" and len(parts) >= 2 and parts[0] == "1":
+            try:
+                old = int(parts[1]) < 8
+            except ValueError:
+                old = False
+            if old:
+                log.error(
+                    "influxdb %s is version %s, which has no /api/v2/write: set "
+                    "storage.influxdb.api: v1 (writes are spooled until then)",
+                    self.url,
+                    version,
+                )
 
     def _create_dbrp(self) -> None:
         from influxdb_client.domain.dbrp_create import DBRPCreate
