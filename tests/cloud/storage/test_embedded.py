@@ -251,3 +251,22 @@ def test_two_writers_compacting_concurrently_lose_nothing(tmp_path: Path) -> Non
         assert a.compactions > 0
     finally:
         a.close()
+
+
+def test_memtable_keeps_write_order_across_its_bulk_index(tmp_path: Path) -> None:
+    store = EmbeddedStorage(tmp_path / "s", start=False)
+    try:
+        store.write_readings(batch(10))
+        with store._mlock:
+            store._active.index()  # first batch sorted by series, second still pending
+        store.write_readings([Reading("d1", "plant1", "temp", T0 + 5 * S, 99.0)])
+        assert temp(store)[5] == (T0 + 5 * S, 99.0)
+        assert store.latest(TELEMETRY, {"device": "d1"}) == {"temp": (T0 + 9 * S, 9.0)}
+        with store._mlock:
+            store._active.index()
+        store.write_readings([Reading("d1", "plant1", "temp", T0 + 5 * S, 7.0)])
+        assert temp(store)[5] == (T0 + 5 * S, 7.0)
+        store.flush()
+        assert temp(store)[5] == (T0 + 5 * S, 7.0) and len(temp(store)) == 10
+    finally:
+        store.close()

@@ -251,13 +251,62 @@ def _py(value: Any, ftype: str) -> FieldValue:
 
 @dataclass(slots=True)
 class _Memtable:
-    """Points not yet compacted, per series in arrival order (newest write last)."""
+    """Points not yet compacted, per series in arrival order (newest write last).
+
+    Float batches are kept as the writer gave them (``pending``: three arrays, no per-point
+    work on the write path) and sorted into ``points`` by series in bulk later (``index``,
+    by the compactor thread); a series is either float (pending) or not (points directly),
+    so its order is kept.
+    """
 
     points: dict[int, tuple[list[int], list[Any]]] = field(default_factory=dict)
+    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     n: int = 0
     wal_ids: list[int] = field(default_factory=list)  # the wal rows it holds
 
+    def add_batch(self, sids: np.ndarray, times: np.ndarray, vals: np.ndarray) -> None:
+        if len(sids):
+            self.pending.append((sids, times, vals))
+            self.n += len(sids)
+
+    def index(self) -> None:
+        """Move pending batches into ``points`` (one argsort for all of them)."""
+        if not self.pending:
+            return
+        if len(self.pending) == 1:
+            s, t, v = self.pending[0]
+        else:
+            s = np.concatenate([p[0] for p in self.pending])
+            t = np.concatenate([p[1] for p in self.pending])
+            v = np.concatenate([p[2] for p in self.pending])
+        order = np.argsort(s, kind="stable")
+        s, t, v = s[order], t[order], v[order]
+        starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
+        ends = np.append(starts[1:], len(s))
+        pts = self.points
+        tl, vl = t.tolist(), v.tolist()
+        for sid, a, b in zip(s[starts].tolist(), starts.tolist(), ends.tolist(), strict=True):
+            e = pts.get(sid)
+            if e is None:
+                e = pts[sid] = ([], [])
+            e[0].extend(tl[a:b])
+            e[1].extend(vl[a:b])
+        self.pending.clear()
+
+    def tail(self, sid: int, ts: list[int], vs: list[Any]) -> None:
+        """Append this series' points, in order, to ``ts``/``vs``."""
+        e = self.points.get(sid)
+        if e is not None:
+            ts.extend(e[0])
+            vs.extend(e[1])
+        for s, t, v in self.pending:
+            idx = np.flatnonzero(s == sid)
+            if idx.size:
+                ts.extend(t[idx].tolist())
+                vs.extend(v[idx].tolist())
+
     def add(self, sids: Iterable[int], times: Iterable[int], vals: Iterable[Any]) -> None:
+        """Non-float points, straight into ``points``."""
         pts = self.points
         n = 0
         for sid, t, v in zip(sids, times, vals, strict=False):
@@ -579,11 +628,15 @@ class EmbeddedStorage(Storage):
         wal_id = int(cur.lastrowid or 0)
         with self._mlock:
             mem = self._active
-            mem.add(sids, times, vals)
+            mem.add_batch(
+                np.frombuffer(blob_s, dtype=_I64),
+                np.frombuffer(blob_t, dtype=_I64),
+                np.frombuffer(blob_v, dtype=_F64),
+            )
             if other:
                 mem.add(*zip(*other, strict=False))
             mem.wal_ids.append(wal_id)
-            if mem.n >= self.settings.memtable_max_points:
+            if mem.n >= self.settings.memtable_max_points or len(mem.pending) >= 32:
                 self._wake.set()
 
     def _wait_for_room(self) -> None:
@@ -644,8 +697,12 @@ class EmbeddedStorage(Storage):
             with self._mlock:
                 mem = self._active
                 for wid, bs, bt, bv, bo in rows:
-                    sids, times, vals, other = _decode_wal(bs, bt, bv, bo)
-                    mem.add(sids, times, vals)
+                    sids, _, _, other = _decode_wal(bs, bt, bv, bo)
+                    mem.add_batch(
+                        np.frombuffer(bs, dtype=_I64),
+                        np.frombuffer(bt, dtype=_I64),
+                        np.frombuffer(bv, dtype=_F64),
+                    )
                     if other:
                         mem.add(*zip(*other, strict=False))
                     mem.wal_ids.append(int(wid))
@@ -662,12 +719,20 @@ class EmbeddedStorage(Storage):
 
     def _run(self) -> None:
         interval = self.settings.compact_interval_s
+        last = time.monotonic()
         while not self._closed:
-            self._wake.wait(interval)
+            self._wake.wait(min(interval, 1.0))
             self._wake.clear()
             if self._closed:
                 break
             try:
+                with self._mlock:
+                    due = self._active.n >= self.settings.memtable_max_points
+                    if len(self._active.pending) >= 16:  # keep queries' scans of it short
+                        self._active.index()
+                if not due and time.monotonic() - last < interval:
+                    continue
+                last = time.monotonic()
                 self.compact()
                 self._adopt_dead_writers()
                 if (
@@ -719,6 +784,8 @@ class EmbeddedStorage(Storage):
     def _merge_memtable(self, mem: _Memtable, db: sqlite3.Connection) -> list[tuple[Any, ...]]:
         """Chunk rows for everything in ``mem``, merged with the chunks already stored."""
         chunk_ns = self.chunk_ns
+        with self._mlock:  # frozen: no writer appends, but readers look at it
+            mem.index()
         series: list[tuple[int, str, np.ndarray, np.ndarray]] = []
         floats = [sid for sid in mem.points if self._meta[sid].ftype == "float"]
         if floats:  # the common case in bulk: two array conversions instead of two per series
@@ -927,10 +994,7 @@ class EmbeddedStorage(Storage):
         ts: list[int] = []
         vs: list[Any] = []
         for mem in (*self._frozen, self._active):
-            e = mem.points.get(sid)
-            if e is not None:
-                ts.extend(e[0])
-                vs.extend(e[1])
+            mem.tail(sid, ts, vs)
         return ts, vs
 
     def _chunks(
