@@ -13,7 +13,7 @@ PORT     ?= 8000
 
 BENCHES := $(patsubst bench/%.py,%,$(filter-out bench/_%,$(wildcard bench/*.py)))
 
-.PHONY: help venv system-deps test test-fast check lint format demo bench clean $(addprefix bench-,$(BENCHES))
+.PHONY: help venv system-deps test test-fast check lint format demo bench clean stack stack-down $(addprefix bench-,$(BENCHES))
 
 help:
 	@echo "make demo    run broker + cloud + a simulated fleet (DEVICES=10 DURATION=0 PORT=8000)"
@@ -43,12 +43,14 @@ check: venv
 	$(BIN)/ruff format --check edge-agent cloud-service tests bench scripts
 	$(BIN)/mypy --config-file edge-agent/pyproject.toml edge-agent/src
 	$(BIN)/mypy --config-file cloud-service/pyproject.toml cloud-service/src
+	$(PY) scripts/check_secrets.py
 
 format: venv
 	$(BIN)/ruff check --fix edge-agent cloud-service tests bench scripts
 	$(BIN)/ruff format edge-agent cloud-service tests bench scripts
 
 demo: system-deps venv
+	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || $(BIN)/pip install -q amqtt
 	$(PY) scripts/demo.py --devices $(DEVICES) --duration $(DURATION) --port $(PORT)
 
 bench: system-deps venv
@@ -58,6 +60,12 @@ bench: system-deps venv
 $(addprefix bench-,$(BENCHES)): bench-%: system-deps venv
 	@mkdir -p bench/results
 	$(PY) bench/$*.py
+
+stack:  # the full stack with docker compose (needs a container engine): docs/deploy.md
+	sh deploy/scripts/stack.sh up
+
+stack-down:
+	sh deploy/scripts/stack.sh down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache millstream-data var

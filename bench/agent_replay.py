@@ -51,6 +51,16 @@ def prefill(path: Path, end: float) -> int:
 
 
 def main() -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--replay-rate",
+        type=int,
+        default=None,
+        help="override queue.replay_rate (readings/s, 0 = unlimited); default: sample config",
+    )
+    args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="agent-replay-"))
     extra = "user root\n" if os.geteuid() == 0 else ""
     broker = mosquitto_server(work / "mosquitto", extra_config=extra).start()
@@ -89,6 +99,8 @@ def main() -> int:
         capture_output=True,
         text=True,
     ).stdout
+    if args.replay_rate is not None:
+        sample = sample.replace("replay_rate: 5000", f"replay_rate: {args.replay_rate}")
     (work / "agent.yaml").write_text(sample)
     log = open(work / "agent.log", "wb")  # noqa: SIM115
     started = time.monotonic()
@@ -135,7 +147,9 @@ def main() -> int:
     got_backlog = len(readings) - len(live)
     result = {
         "benchmark": "agent_replay",
-        "command": "python bench/agent_replay.py",
+        "command": "python bench/agent_replay.py"
+        + (f" --replay-rate {args.replay_rate}" if args.replay_rate is not None else ""),
+        "replay_rate": 5000 if args.replay_rate is None else args.replay_rate,
         "backlog_readings": backlog,
         "backlog_received": got_backlog,
         "drain_seconds_from_first_message": round(drained_at - first_at, 2),
@@ -152,7 +166,8 @@ def main() -> int:
         and result["drain_seconds_from_agent_start"] <= 30
         and len(live) > 0
     )
-    out = ROOT / "bench" / "results" / "agent_replay.json"
+    name = "agent_replay" if args.replay_rate is None else f"agent_replay_rate{args.replay_rate}"
+    out = ROOT / "bench" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -10,7 +10,8 @@ Findings print as ``path:line: kind`` with the value redacted; the exit status i
 What is not a secret:
 * placeholders: ``change-me``, ``${VAR}`` / ``$VAR`` references, ``<...>``, ``example``,
   ``xxxx``, ``***``, a ``{template}``, ``null``/``None``/empty, values read from the environment, the name
-  of an environment variable (``ALL_CAPS``), a file path (the secret lives in that file);
+  of an environment variable (``ALL_CAPS``), a file path (the secret lives in that file),
+  shell or regex code (``$(...)``, backslashes); comments in config files;
 * a line that carries ``secret-scan: allow`` (say why next to it);
 * paths listed in ``ALLOWED_PATHS`` (none today: tests generate keys and tokens at run time).
 """
@@ -120,13 +121,26 @@ def is_config(path: Path) -> bool:
 REFERENCE = re.compile(r"^(?:[A-Z][A-Z0-9_]*|(?:\.{0,2}/)[^\s]*)$")  # ENV_NAME or a file path
 
 
+# Code rather than a literal: command substitution, regex or glob syntax.
+EXPRESSION = re.compile(r"\$\$?\(|\\|^[*(\[]")
+
+
 def _placeholder(value: str) -> bool:
     v = value.strip().strip("\"'").strip()
     return (
-        bool(PLACEHOLDER.match(v) or REFERENCE.match(v))
+        bool(PLACEHOLDER.match(v) or REFERENCE.match(v) or EXPRESSION.search(v))
         or len(v) < 8
         or v.startswith(("os.environ", "env("))
     )
+
+
+def _strip_comment(line: str) -> str:
+    """Config-file line without its trailing comment (``# ...``), for assignment checks."""
+    stripped = line.lstrip()
+    if stripped.startswith(("#", ";")):
+        return ""
+    cut = line.find(" #")
+    return line if cut < 0 else line[:cut]
 
 
 def scan_text(rel: str, text: str, config: bool) -> Iterator[Finding]:
@@ -140,7 +154,7 @@ def scan_text(rel: str, text: str, config: bool) -> Iterator[Finding]:
                 break
         else:
             if config:
-                for m in ASSIGNMENT.finditer(line):
+                for m in ASSIGNMENT.finditer(_strip_comment(line)):
                     if not _placeholder(m.group("value")):
                         yield Finding(rel, number, f"hard-coded {m.group('key')}")
                         break

@@ -18,6 +18,8 @@ MOSQUITTO_UID=1883     # eclipse-mosquitto image
 CLOUD_UID=10001        # deploy/docker/cloud.Dockerfile
 AGENT_UID=10002        # deploy/docker/agent.Dockerfile
 GRAFANA_UID=472        # grafana/grafana-oss image
+INFLUXDB_UID=1000      # influxdb:2.x image (its init script writes Grafana's token there)
+GRAFANA_INFLUXDB_TOKEN_DIR=${GRAFANA_INFLUXDB_TOKEN_DIR:-/grafana-influxdb-token}
 SIM_SITE=${SIM_SITE:-sim}
 BROKER_DNS_NAMES=${BROKER_DNS_NAMES:-mosquitto,localhost}
 BROKER_IPS=${BROKER_IPS:-127.0.0.1}
@@ -75,6 +77,10 @@ chmod 0400 "$SECRETS/grafana/api-token"
 chmod 0755 "$SECRETS" "$SECRETS/pki" "$SECRETS/pki/clients" "$SECRETS/broker" "$SECRETS/grafana"
 chmod 0700 "$SECRETS/ops" "$SECRETS/security"
 chown -R "$CLOUD_UID:$CLOUD_UID" "$DATA"
+if [ -d "$GRAFANA_INFLUXDB_TOKEN_DIR" ]; then
+    chown "$INFLUXDB_UID" "$GRAFANA_INFLUXDB_TOKEN_DIR"
+    chmod 0755 "$GRAFANA_INFLUXDB_TOKEN_DIR"
+fi
 
 millstream-cloud pki status --data-dir "$SECRETS" --ca-key "$CA_KEY"
 echo "setup: done. Operator admin token: docker compose run --rm --entrypoint cat setup /secrets/ops/admin-token"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -132,7 +131,7 @@ def ts_gaps(readings: list[dict]) -> list[float]:
         return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
 
     stamps = sorted({parse(r["ts"]) for r in readings})
-    return [b - a for a, b in itertools.pairwise(stamps)]
+    return [stamps[i + 1] - stamps[i] for i in range(len(stamps) - 1)]
 
 
 def agent_config(tmp_path: Path, broker_url: str, **sections: Any) -> dict:

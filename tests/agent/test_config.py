@@ -178,3 +178,19 @@ def test_cli_sample_config_round_trip(tmp_path: Path) -> None:
     path.write_text(result.stdout)
     assert load_config(str(path), env={})["mqtt"]["broker"] == "mqtt://10.0.0.5:1883"
     assert run_cli("check-config", str(path)).returncode == 0
+
+
+def test_collector_error_deep_in_options_names_its_line() -> None:
+    pytest.importorskip("pymodbus")
+    text = """\
+device: {id: press-01}
+collectors:
+  - type: modbus
+    options:
+      host: 127.0.0.1
+      registers:
+        - {name: a, address: 0}
+        - {name: b, address: 2, data_type: int17}
+"""
+    [error] = errors_of(text)
+    assert error.startswith("agent.yaml:8: collectors[0].options: registers[1].data_type"), error

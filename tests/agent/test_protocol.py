@@ -60,3 +60,18 @@ def test_status_config_and_command_messages_match_schemas() -> None:
     jsonschema.validate(
         json.loads(protocol.encode_command_result("c1", True, {"pong": True})), schema("command")
     )
+
+
+def test_readings_the_contract_rejects_are_dropped_not_sent() -> None:
+    samples = [
+        Sample(1_764_000_000.0, 'bad"name', 1.0),
+        Sample(1_764_000_000.0, "9starts_with_digit", 1.0),
+        Sample(1_764_000_000.0, "ok", 1.0, "u" * 40),
+        Sample(1_764_000_000.0, "odd_quality", 1.0, quality="meh"),
+        Sample(1_764_000_000.0, "text", "high"),  # type: ignore[arg-type]
+        Sample(1_764_000_000.0, "inf", float("inf")),
+    ]
+    texts = protocol.readings_json(samples)
+    assert [json.loads(t) for t in texts] == [
+        {"ts": "2025-11-24T16:00:00.000Z", "metric": "ok", "value": 1.0}
+    ]

@@ -106,3 +106,13 @@ def test_sqlite_survives_reopen_and_seq_keeps_growing(tmp_path: Path) -> None:
 def test_new_queue_starts_sequence_at_clock(tmp_path: Path) -> None:
     # a reinstalled device must not restart at 0 (the cloud would take it for replays)
     assert SqliteQueue(str(tmp_path / "q.db")).next_seq > 1_700_000_000_000
+
+
+def test_memory_queue_bound_drops_oldest() -> None:
+    queue = MemoryQueue(max_bytes=10_000, first_seq=1)
+    for i in range(20):
+        queue.append(readings(i * 10, 10))
+    queue.seal(1000, 0.0, force=True)
+    kept = values(queue)
+    assert queue.dropped > 0 and queue.dropped + len(kept) == 200
+    assert kept == list(range(200 - len(kept), 200))

@@ -106,3 +106,30 @@ def test_last_will_when_the_process_dies(mosquitto: ServerProcess, recorder: Rec
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_exits_promptly_when_the_broker_is_gone(
+    mosquitto: ServerProcess, recorder: Recorder
+) -> None:
+    proc = subprocess.Popen(
+        simulate("--devices", "3", "--broker", f"mqtt://127.0.0.1:{mosquitto.port}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: len(recorder.telemetry()) == 3, timeout=15)
+        recorder.stop()
+        mosquitto.stop()
+        time.sleep(1.5)  # readings pile up unacknowledged
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert took < 10, f"exit took {took:.1f}s with the broker gone"
+    counts = json.loads(out.strip().splitlines()[-1])
+    assert counts["generated"] > counts["acknowledged"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -102,8 +103,11 @@ def test_broker_down_30s_then_back_every_reading_arrives_in_order(
     time.sleep(1.0)  # last PUBACKed messages reach the recorder
     streams = recorder.telemetry()
     readings = check_stream(streams.pop("press-01"))
+    collected = re.search(r"collected (\d+) readings in this run, 0 stay queued", agent.log())
+    assert collected, agent.log()[-2000:]
+    assert len(readings) == int(collected.group(1))  # every reading, exactly once
     gaps = ts_gaps(readings)
-    assert max(gaps) < INTERVAL * 4, f"a collection interval is missing: {max(gaps):.2f}s"
+    assert max(gaps) < 1.0, f"collection stalled: {max(gaps):.2f}s"
     assert readings[-1]["ts"] > time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(back))
     assert queue_depth(tmp_path / "state" / "queue.db") == 0
     assert sum(len(check_stream(m)) for m in streams.values()) == counts["generated"]
@@ -138,7 +142,7 @@ def test_agent_sigkill_mid_stream_loses_nothing(
     readings = check_stream(recorder.telemetry()["press-01"])  # no seq gap, dupes allowed
     gaps = ts_gaps(readings)
     # readings stop only while no agent runs: one gap (the restart), no other
-    assert len([g for g in gaps if g > 0.2]) <= 1, sorted(gaps)[-3:]
+    assert len([g for g in gaps if g > 0.5]) <= 1, sorted(gaps)[-3:]
     assert queue_depth(tmp_path / "state" / "queue.db") == 0
 
 
@@ -161,7 +165,7 @@ def test_sigkill_during_outage_keeps_the_backlog(
     time.sleep(0.5)
     readings = check_stream(recorder.telemetry()["press-01"])
     gaps = ts_gaps(readings)
-    assert len([g for g in gaps if g > INTERVAL * 4]) <= 1, sorted(gaps)[-3:]
+    assert len([g for g in gaps if g > 0.6]) <= 1, sorted(gaps)[-3:]
 
 
 def test_queue_limit_during_outage_drops_oldest_and_reports(
@@ -194,6 +198,22 @@ def test_queue_limit_during_outage_drops_oldest_and_reports(
         return max(values, default=0)
 
     wait_until(lambda: dropped_reported() > 100, timeout=30)
+    expected = {
+        "agent.queue_depth",
+        "agent.queue_oldest_age",
+        "agent.dropped",
+        "agent.reconnects",
+        "agent.connected",
+        "agent.publish_latency",
+        "agent.rss",
+    }
+    wait_until(
+        lambda: (
+            expected
+            <= {r["metric"] for m in recorder.telemetry()["press-01"] for r in m["readings"]}
+        ),
+        timeout=10,
+    )
     time.sleep(1.5)
     assert agent.alive
     assert agent.stop() == 0
@@ -207,7 +227,7 @@ def test_queue_limit_during_outage_drops_oldest_and_reports(
     from tests.agent.conftest import ts_gaps as gaps_of
 
     gaps = gaps_of(readings)
-    big = [g for g in gaps if g > INTERVAL * 4]
+    big = [g for g in gaps if g > 1.0]
     assert len(big) == 1, sorted(gaps)[-3:]  # one hole: the oldest part of the outage
     # ... and the newest readings of the outage survived up to the broker's return
     stamps = sorted({r["ts"] for r in readings})

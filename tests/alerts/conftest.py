@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from millstream_cloud.alerts.clock import ManualClock
 from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.alerts.settings import AlertSettings

@@ -8,18 +8,22 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+
 from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.alerts.settings import AlertSettings
+from millstream_cloud.api import ROUTERS
 from millstream_cloud.api import alerts as alerts_api
 from millstream_cloud.app import create_app
 from millstream_cloud.ingest.pipeline import Message
+from millstream_cloud.model import Anomaly
 from millstream_cloud.protocol import format_ts
 from millstream_cloud.services import Services
 from millstream_cloud.settings import Settings
-
+from millstream_cloud.storage.base import ALERTS, SeriesQuery
 from tests.alerts.conftest import WebhookServer, write_rules
 
 RULE = {
@@ -32,30 +36,43 @@ RULE = {
 }
 
 
+def wire(
+    settings_kwargs: dict[str, Any], alert_settings: dict[str, Any]
+) -> tuple[Services, AlertService]:
+    """Services with an AlertService, whether or not Services already builds one."""
+    if "alerts" in Settings.model_fields:  # wired into the service settings
+        settings = Settings(**settings_kwargs, alerts=alert_settings)
+        services = Services.build(settings, with_subscriber=False)
+        svc = getattr(services, "alerts", None) or services.extras["alerts"]
+        assert isinstance(svc, AlertService)
+        return services, svc
+    settings = Settings(**settings_kwargs)
+    services = Services.build(settings, with_subscriber=False)
+    return services, AlertService.for_services(
+        services, AlertSettings.model_validate(alert_settings)
+    )
+
+
+def make_app(services: Services) -> Any:
+    app = create_app(services.settings, services, start=False)
+    if alerts_api.router not in ROUTERS:
+        app.include_router(alerts_api.router)
+    return app
+
+
 @pytest.fixture
 def app(
     tmp_path: Path, webhook: WebhookServer
 ) -> Iterator[tuple[TestClient, Services, AlertService]]:
-    settings = Settings(data_dir=str(tmp_path / "data"))
-    services = Services.build(settings, with_subscriber=False)
-    alert_settings = AlertSettings.model_validate(
+    services, svc = wire(
+        {"data_dir": str(tmp_path / "data")},
         {
             "rule_files": [write_rules(tmp_path / "rules.yaml", [RULE])],
             "route": {"receiver": "hook", "group_wait": "0s", "group_by": ["alertname"]},
             "receivers": [{"name": "hook", "webhook_configs": [{"url": webhook.url}]}],
-        }
+        },
     )
-    svc = AlertService(
-        alert_settings,
-        settings.data_path,
-        devices=services.registry.all,
-        metrics_registry=services.metrics.registry,
-    )
-    services.extras["alerts"] = svc
-    services.pipeline.hooks.append(svc.observe_readings)
-    app = create_app(settings, services, start=False)
-    app.include_router(alerts_api.router)
-    with TestClient(app) as client:
+    with TestClient(make_app(services)) as client:
         yield client, services, svc
     svc.stop()
 
@@ -73,6 +90,8 @@ def telemetry(device: str, seq: int, value: float, metric: str = "temp") -> Mess
 
 def test_reading_through_pipeline_raises_alert_listed_and_notified(app, webhook):
     client, services, svc = app
+    seen: list[dict[str, Any]] = []
+    svc.listeners.append(seen.append)  # e.g. Grafana annotations
     services.pipeline.process([telemetry("press-1", 1, 95.0)])
     (alert,) = client.get("/api/v1/alerts").json()["alerts"]
     assert alert["state"] == "firing" and alert["labels"]["device"] == "press-1"
@@ -115,6 +134,16 @@ def test_reading_through_pipeline_raises_alert_listed_and_notified(app, webhook)
     svc.tick(time.time_ns() + 300 * 10**9)  # the group's next flush sends the resolution
     assert [b["status"] for b in webhook.wait_for(2)] == ["firing", "resolved"]
     assert svc.wait_idle(5)
+    # Transitions are in the `alerts` measurement the dashboards query.
+    series = services.storage.query(
+        SeriesQuery(
+            ALERTS, ["value", "summary"], {"device": "press-1"}, 0, 2**62, group_by=["state"]
+        )
+    )
+    by_state = {(s.tags or {}).get("state"): s for s in series if s.field == "value"}
+    assert set(by_state) == {"firing", "resolved"}
+    assert [v for _, v in by_state["firing"].points] == [95.0]
+    assert [(e["state"], e["fingerprint"]) for e in seen] == [("firing", fp), ("resolved", fp)]
     metrics = client.get("/metrics").text
     assert (
         'millstream_alert_notifications_total{integration="webhook[0]",outcome="success",receiver="hook"} 2.0'
@@ -242,9 +271,58 @@ def test_silences_create_list_expire(app, webhook):
 
 
 def test_no_alert_service_is_503(tmp_path):
-    settings = Settings(data_dir=str(tmp_path / "d"))
-    services = Services.build(settings, with_subscriber=False)
-    app = create_app(settings, services, start=False)
-    app.include_router(alerts_api.router)
-    with TestClient(app) as client:
+    services, svc = wire({"data_dir": str(tmp_path / "d")}, {})
+    svc.stop()
+    services.extras.pop("alerts")
+    if hasattr(services, "alerts"):
+        services.alerts = None
+    with TestClient(make_app(services)) as client:
         assert client.get("/api/v1/alerts").status_code == 503
+
+
+class SpikeDetector:
+    """Stands in for the detection engine: anything above 1000 is an anomaly."""
+
+    def observe(self, readings: list[Any]) -> list[Anomaly]:
+        return [
+            Anomaly(
+                r.device,
+                r.site,
+                r.time_ns,
+                "spike",
+                9.0,
+                0.999,
+                metric=r.metric,
+                explanation=f"{r.metric} jumped to {r.value:g}",
+            )
+            for r in readings
+            if r.value > 1000
+        ]
+
+
+def test_anomaly_from_detector_raises_alert(app, webhook):
+    client, services, svc = app
+    svc.put_rule(
+        {
+            "name": "Anomaly",
+            "type": "anomaly",
+            "min_likelihood": 0.99,
+            "annotations": {"summary": "{device}: {explanation}"},
+        },
+        create=True,
+    )
+    services.anomalies.detector = SpikeDetector()
+    services.pipeline.process([telemetry("press-3", 1, 5000.0, metric="vib")])
+    (alert,) = client.get("/api/v1/alerts", params={"filter": 'alertname="Anomaly"'}).json()[
+        "alerts"
+    ]
+    assert alert["labels"] == {
+        "alertname": "Anomaly",
+        "device": "press-3",
+        "site": "plant-a",
+        "metric": "vib",
+    }
+    assert alert["annotations"]["summary"] == "press-3: vib jumped to 5000"
+    assert alert["state"] == "firing"
+    svc.tick()
+    assert "millstream_alerts_firing 1.0" in client.get("/metrics").text

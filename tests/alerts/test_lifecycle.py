@@ -8,7 +8,6 @@ from collections.abc import Callable
 from millstream_cloud.alerts.clock import ManualClock
 from millstream_cloud.alerts.labels import fingerprint
 from millstream_cloud.alerts.service import AlertService
-
 from tests.alerts.conftest import T0, WebhookServer, reading
 
 HOT = {
@@ -172,5 +171,19 @@ def test_restart_before_resolution_was_delivered(make_service, webhook):
     svc.stop()
     assert statuses(webhook) == ["firing"]
     svc2 = make_service([HOT], route(group_interval="5m"), hook(webhook), clock)
+    run(svc2, clock, 900, 3, None)
+    assert statuses(webhook) == ["firing", "resolved"]
+
+
+def test_restart_with_group_wait_zero_sends_pending_resolution_at_start(make_service, webhook):
+    clock = ManualClock(T0)
+    svc = make_service([HOT], route(group_wait="0s", group_interval="5m"), hook(webhook), clock)
+    run(svc, clock, 60, 3, lambda i: 90.0)
+    run(svc, clock, 6, 3, lambda i: 50.0)
+    svc.stop()
+    assert statuses(webhook) == ["firing"]
+    svc2 = make_service([HOT], route(group_wait="0s", group_interval="5m"), hook(webhook), clock)
+    assert svc2.wait_idle(5)
+    assert statuses(webhook) == ["firing", "resolved"]
     run(svc2, clock, 900, 3, None)
     assert statuses(webhook) == ["firing", "resolved"]

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from millstream_cloud.alerts.clock import ManualClock, SystemClock
 
+from millstream_cloud.alerts.clock import ManualClock, SystemClock
 from tests.alerts.conftest import T0, WebhookServer, reading
 from tests.alerts.test_lifecycle import HOT, route, run
 from tests.support.servers import ServerProcess, find_binary, free_port
@@ -226,3 +226,10 @@ def test_webhook_shortcut_setting_adds_a_receiver(make_service, webhook, tmp_pat
     run(svc, clock, 3, 3, lambda i: 90.0)
     assert webhook.wait_for(1)[0]["receiver"] == "log"
     assert (tmp_path / "data" / "alerts.log").read_text().count("\n") == 1
+
+
+def test_rule_files_from_the_environment_are_comma_separated():
+    from millstream_cloud.alerts.settings import AlertSettings
+
+    s = AlertSettings.model_validate({"rule_files": "default, /etc/millstream/plant.yaml"})
+    assert s.rule_files == ["default", "/etc/millstream/plant.yaml"]

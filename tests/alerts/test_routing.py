@@ -4,11 +4,11 @@ real receivers (HTTP webhook servers and an SMTP server)."""
 from __future__ import annotations
 
 import pytest
+
 from millstream_cloud.alerts.clock import ManualClock
 from millstream_cloud.alerts.labels import Matcher
 from millstream_cloud.alerts.routing import Route
 from millstream_cloud.alerts.settings import RouteConfig
-
 from tests.alerts.conftest import T0, FakeDevice, reading
 from tests.alerts.test_lifecycle import HOT, hook, route, run, statuses
 
@@ -271,3 +271,51 @@ def test_receiver_recovers_within_retries(make_service, webhook):
     webhook.status = 200
     assert svc.wait_idle(10)
     assert statuses(webhook) == ["firing"] and webhook.attempts >= 2
+
+
+def test_resolution_survives_a_receiver_down_past_all_retries(make_service, webhook):
+    clock = ManualClock(T0)
+    svc = make_service(
+        [FIRE_NOW], route(group_wait="0s", group_interval="30s"), hook(webhook), clock
+    )
+    run(svc, clock, 3, 3, lambda i: 90.0)
+    webhook.status = 503
+    run(svc, clock, 30, 3, lambda i: 50.0)  # resolves; every attempt to tell fails
+    assert webhook.attempts == 1 + 4
+    webhook.status = 200
+    run(svc, clock, 60, 3, None)
+    assert statuses(webhook) == ["firing", "resolved"]
+
+
+def test_site_outage_is_one_notification_per_site_not_a_storm(make_service, webhook):
+    clock = ManualClock(T0)
+    devices = [FakeDevice(f"m-{i:03d}", f"site-{i % 5}", True, T0) for i in range(500)]
+    rules = [
+        FIRE_NOW,
+        {"name": "SiteOffline", "type": "offline", "scope": "site", "for": "30s"},
+        {"name": "DeviceOffline", "type": "offline", "scope": "device", "for": "30s"},
+        {"name": "NoData", "type": "no_data", "metric": "temp", "after": "1m"},
+    ]
+    svc = make_service(
+        rules,
+        route(group_by=["alertname", "site"], group_wait="30s", group_interval="5m"),
+        hook(webhook),
+        clock,
+        devices=lambda: devices,
+        inhibit_rules=[
+            {
+                "source_matchers": ['alertname="SiteOffline"'],
+                "target_matchers": ['alertname!="SiteOffline"'],
+                "equal": ["site"],
+            }
+        ],
+    )
+    svc.observe_readings([reading(d.id, "temp", 20.0, clock, site=d.site) for d in devices])
+    for d in devices:
+        d.online = False  # the broker delivered every last will: all five sites are down
+    run(svc, clock, 600, 5, None)
+    bodies = webhook.bodies()
+    assert sorted(b["groupLabels"]["site"] for b in bodies) == [f"site-{i}" for i in range(5)]
+    assert all(b["groupLabels"]["alertname"] == "SiteOffline" for b in bodies)
+    assert len(svc.list_alerts(state="firing")) == 5 + 500 + 500
+    assert len(svc.list_alerts(inhibited=True)) == 1000

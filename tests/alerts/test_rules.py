@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from millstream_cloud.alerts.clock import ManualClock
 from millstream_cloud.alerts.labels import fingerprint, parse_duration
 from millstream_cloud.alerts.rules import (
@@ -13,7 +14,6 @@ from millstream_cloud.alerts.rules import (
     parse_rules,
 )
 from millstream_cloud.model import Anomaly, Contribution
-
 from tests.alerts.conftest import T0, FakeDevice
 from tests.alerts.test_lifecycle import hook, route, run
 
@@ -184,3 +184,24 @@ def test_offline_by_last_will_and_by_stale_last_seen(make_service, webhook):
     devices[0].last_seen_ns = clock.now_ns()
     run(svc, clock, 3, 3, None)
     assert [a["labels"]["device"] for a in svc.list_alerts(state="firing")] == ["press-2"]
+
+
+def test_check_rules_cli(tmp_path, capsys):
+    import argparse
+
+    from millstream_cloud.alerts import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    good = tmp_path / "good.yaml"
+    good.write_text("rules:\n  - {name: DeviceDown, type: offline}\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "rules:\n  - {name: Hot, type: threshold, metric: t, threshold: 80, for: soon}\n"
+    )
+    args = parser.parse_args(["alerts", "check-rules", str(good), "default"])
+    assert args.func(args) == 0
+    assert f"{good}: OK (1 offline)" in capsys.readouterr().out
+    args = parser.parse_args(["alerts", "check-rules", str(bad)])
+    assert args.func(args) == 2
+    assert f"{bad}: rules[0] (Hot).for: " in capsys.readouterr().err

@@ -1,4 +1,9 @@
-"""Fixtures of the Grafana tests: a real InfluxDB 1.x and Millstream's /query, same data."""
+"""Fixtures of the Grafana tests: a real InfluxDB 1.x and Millstream's /query, same data.
+
+The fleet history of ``data.py`` is written to Debian's InfluxDB 1.x through
+Millstream's InfluxDB backend, and to the embedded store; ``/query`` is then asked the
+same questions over each backend as InfluxDB itself.
+"""
 
 from __future__ import annotations
 
@@ -6,47 +11,27 @@ import json
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+
 from millstream_cloud.api.deps import get_services
 from millstream_cloud.grafana import query_api
 from millstream_cloud.grafana.engine import QueryEngine
+from millstream_cloud.settings import InfluxDBSettings
 from millstream_cloud.storage.embedded import EmbeddedStorage
-
-from tests.grafana.data import fleet_points, line_protocol
-from tests.support.servers import ServerProcess, find_binary, free_port
-
-INFLUXD_CONFIG = """\
-reporting-disabled = true
-bind-address = "127.0.0.1:{rpc_port}"
-[meta]
-  dir = "{workdir}/meta"
-[data]
-  dir = "{workdir}/data"
-  wal-dir = "{workdir}/wal"
-  query-log-enabled = false
-[monitor]
-  store-enabled = false
-[http]
-  bind-address = "127.0.0.1:{port}"
-  log-enabled = false
-[logging]
-  level = "warn"
-  suppress-logo = true
-[continuous_queries]
-  enabled = false
-"""
+from millstream_cloud.storage.influxdb import InfluxDBStorage
+from tests.grafana.data import fleet_points
+from tests.support.influxdb import InfluxDBServer, influxdb_available, influxdb_server
 
 
 class Influx:
     """A tiny client of a real InfluxDB 1.x over HTTP."""
 
-    def __init__(self, server: ServerProcess) -> None:
+    def __init__(self, server: InfluxDBServer) -> None:
         self.server = server
         self.url = f"http://127.0.0.1:{server.port}"
 
@@ -67,45 +52,59 @@ class Influx:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
 
-    def write(self, lines: str, db: str = "millstream") -> None:
-        req = urllib.request.Request(
-            f"{self.url}/write?db={db}&precision=ns", data=lines.encode(), method="POST"
-        )
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            assert resp.status == 204
-
-
-def start_influxd(workdir: Path) -> ServerProcess:
-    binary = find_binary("influxd")
-    if binary is None:
-        pytest.skip("influxd not installed (apt-get install influxdb)")
-    workdir.mkdir(parents=True, exist_ok=True)
-    port, rpc_port = free_port(), free_port()
-    conf = workdir / "influxdb.conf"
-    conf.write_text(INFLUXD_CONFIG.format(workdir=workdir, port=port, rpc_port=rpc_port))
-    server = ServerProcess([binary, "-config", str(conf)], port, workdir, workdir / "influxd.log")
-    return server.start()
-
 
 @pytest.fixture(scope="session")
-def influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Influx]:
-    """Debian's InfluxDB 1.x on free ports, holding the fleet history of ``data.py``."""
-    server = start_influxd(tmp_path_factory.mktemp("influxdb"))
+def influx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxDBServer]:
+    if not influxdb_available():
+        pytest.skip("influxd not installed (apt-get install influxdb)")
+    server = influxdb_server(tmp_path_factory.mktemp("influxdb")).start()
     try:
-        client = Influx(server)
-        status, body = client.query("CREATE DATABASE millstream", db=None)
-        assert status == 200, body
-        client.write(line_protocol(fleet_points()))
-        yield client
+        yield server
     finally:
         server.stop()
 
 
 @pytest.fixture(scope="session")
+def influx_backend(
+    influx_server: InfluxDBServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InfluxDBStorage]:
+    """Millstream's InfluxDB backend on that server; it wrote the fleet history."""
+    settings = InfluxDBSettings(
+        url=influx_server.url, api="v1", database="millstream",
+        spool_dir=str(tmp_path_factory.mktemp("spool")),
+    )  # fmt: skip
+    store = InfluxDBStorage(settings)
+    try:
+        store.write_points(fleet_points())
+        assert store.wait_drained(60), "the InfluxDB backend did not deliver the test data"
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="session")
+def influx(influx_server: InfluxDBServer, influx_backend: InfluxDBStorage) -> Influx:
+    """Debian's real InfluxDB 1.x holding the fleet history written by the InfluxDB backend."""
+    return Influx(influx_server)
+
+
+@pytest.fixture(scope="session")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStorage]:
     """The embedded store holding the same points."""
-    store = EmbeddedStorage(tmp_path_factory.mktemp("embedded") / "telemetry.db")
+    store = EmbeddedStorage(tmp_path_factory.mktemp("embedded") / "store")
     store.write_points(fleet_points())
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="session")
+def embedded_compacted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStorage]:
+    """The same points, compacted into the embedded store's chunks."""
+    store = EmbeddedStorage(tmp_path_factory.mktemp("embedded") / "store")
+    store.write_points(fleet_points())
+    store.flush()
     try:
         yield store
     finally:
@@ -126,9 +125,25 @@ def query_app(storage: Any, engine: QueryEngine | None = None, authorizer: Any =
     return app
 
 
-@pytest.fixture(scope="session", params=["pushdown", "raw"])
-def millstream(request: pytest.FixtureRequest, embedded: EmbeddedStorage) -> Iterator[TestClient]:
-    """Millstream's /query over the embedded store, with and without storage pushdown."""
-    engine = QueryEngine(embedded, pushdown=request.param == "pushdown")
-    with TestClient(query_app(embedded, engine)) as client:
+MILLSTREAM_VARIANTS = ["embedded", "embedded-raw", "embedded-compacted", "influxdb-backend"]
+
+
+@pytest.fixture(scope="session", params=MILLSTREAM_VARIANTS)
+def millstream(request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """Millstream's /query over a storage backend holding the fleet history.
+
+    ``embedded``: the embedded store, aggregation pushed down to it where possible;
+    ``embedded-raw``: the same, every statement evaluated by the engine from points;
+    ``embedded-compacted``: the embedded store after compaction;
+    ``influxdb-backend``: the InfluxDB backend (on the same real InfluxDB 1.x).
+    """
+    store_fixture = {
+        "embedded": "embedded",
+        "embedded-raw": "embedded",
+        "embedded-compacted": "embedded_compacted",
+        "influxdb-backend": "influx_backend",
+    }[request.param]
+    store = request.getfixturevalue(store_fixture)
+    engine = QueryEngine(store, pushdown=request.param != "embedded-raw")
+    with TestClient(query_app(store, engine)) as client:
         yield client

@@ -9,7 +9,6 @@ multivariate, without a ``metric`` tag) and alert notifications.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 from millstream_cloud.storage.base import Point
 
@@ -75,27 +74,3 @@ def fleet_points() -> list[Point]:
                                         "state": state},
                              {"value": 70.0 + i, "summary": f"{device} at {70 + i} C"}, t))  # fmt: skip
     return pts
-
-
-def _escape_tag(v: str) -> str:
-    return v.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
-
-
-def _field(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return f"{v}i"
-    if isinstance(v, float):
-        return repr(v)
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
-
-
-def line_protocol(points: Iterable[Point]) -> str:
-    lines = []
-    for p in points:
-        tags = "".join(f",{_escape_tag(k)}={_escape_tag(v)}" for k, v in sorted(p.tags.items()))
-        fields = ",".join(f"{_escape_tag(k)}={_field(v)}" for k, v in p.fields.items())
-        lines.append(f"{_escape_tag(p.measurement)}{tags} {fields} {p.time_ns}")
-    return "\n".join(lines) + "\n"

@@ -7,6 +7,10 @@ bounds of the time range, fill modes, column names and error messages.
 
 from __future__ import annotations
 
+import json
+import urllib.parse
+import urllib.request
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -53,6 +57,23 @@ QUERIES = [
     "SELECT temperature FROM telemetry WHERE device = 'lathe-01' AND time > '2024-03-01T00:10:00Z' AND time <= '2024-03-01 00:12:00'",
     "SELECT temperature FROM telemetry WHERE time > now() - 1h",
     f"SELECT temperature FROM telemetry WHERE device = 'press-01' AND time >= {T0_NS} AND time < {T0_NS + 60 * 10**9}",
+    # time ranges open on one side, empty groups, fills on integers
+    f"SELECT mean(temperature) FROM telemetry WHERE time <= {TO_MS}ms GROUP BY time(30m)",
+    f"SELECT count(temperature) FROM telemetry WHERE time >= {FROM_MS}ms GROUP BY device",
+    f"SELECT last(temperature) FROM telemetry WHERE device = 'press-02' AND {TF} GROUP BY time(10m) fill(previous)",
+    f"SELECT max(online) FROM devices WHERE device = 'press-02' AND {TF} GROUP BY time(5m) fill(linear)",
+    f"SELECT max(online), min(offline) FROM devices WHERE {TF} GROUP BY time(5m), device fill(none)",
+    f"SELECT mean(temperature) FROM telemetry WHERE device = 'press-02' AND time >= {T0S + 2500}s AND time < {T0S + 3500}s GROUP BY time(5m)",
+    f"SELECT temperature FROM telemetry WHERE device = 'press-02' AND time >= {T0S + 2500}s AND time < {T0S + 3500}s",
+    f"SELECT sum(readings), mean(rate) FROM ingest WHERE {TF} GROUP BY time(25m) fill(none) ORDER BY time DESC",
+    # Grafana's multi-value variables: pushed down per value and merged, or evaluated here
+    f"SELECT mean(temperature) FROM telemetry WHERE site =~ /^(plant-a|plant-b)$/ AND {TF} GROUP BY time(15m)",
+    f"SELECT min(temperature), max(temperature), count(temperature), sum(temperature) FROM telemetry WHERE device =~ /^(press-01|lathe-01)$/ AND {TF} GROUP BY time(15m)",
+    f"SELECT mean(temperature) FROM telemetry WHERE device =~ /^(press\\-01|lathe\\-01)$/ AND site =~ /^plant\\-a$/ AND {TF} GROUP BY time(15m), device",
+    f"SELECT sum(online) FROM devices WHERE device =~ /^(press-01|press-02)$/ AND {TF} GROUP BY time(30s) fill(none) LIMIT 5",
+    # what Grafana's visual query editor writes: type casts, quoted everything
+    f'SELECT mean("temperature"::field) FROM "telemetry" WHERE ("device"::tag = \'press-01\') AND {TF} GROUP BY time(10m) fill(null)',
+    f'SELECT "score"::field, "metric"::tag FROM "anomalies" WHERE ("site"::tag =~ /^plant\\-a$/) AND "score"::field > 4 AND {TF}',
     # raw selects: tags as columns, wildcard, order, limits, quoted and qualified names
     f"SELECT * FROM anomalies WHERE {TF} ORDER BY time DESC LIMIT 5",
     f"SELECT * FROM alerts WHERE {TF} GROUP BY alertname",
@@ -125,3 +146,12 @@ def test_database_errors(
     resp = millstream.get("/query", params={"q": query, **({"db": db} if db else {})})
     assert resp.status_code == status
     assert_same(expected, resp.json())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("rp", ["autogen", "weekly"])
+def test_retention_policy_parameter(influx: Influx, millstream: TestClient, rp: str) -> None:
+    params = {"db": "millstream", "q": f"SELECT count(score) FROM anomalies WHERE {TF}", "rp": rp}
+    with urllib.request.urlopen(f"{influx.url}/query?{urllib.parse.urlencode(params)}") as resp:
+        expected = json.loads(resp.read())
+    assert_same(expected, millstream.get("/query", params=params).json())

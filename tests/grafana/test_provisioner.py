@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
 from millstream_cloud.grafana.provisioner import (
     DATASOURCE_UID,
     FOLDER_UID,
@@ -17,7 +18,6 @@ from millstream_cloud.grafana.provisioner import (
     load_dashboards,
 )
 from millstream_cloud.model import Anomaly
-
 from tests.grafana.contract_server import ContractServer
 
 TOKEN = "glsa_test_token"

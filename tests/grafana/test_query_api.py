@@ -6,10 +6,10 @@ import base64
 
 import pytest
 from fastapi.testclient import TestClient
+
 from millstream_cloud.grafana.influxql import ParseError, parse
 from millstream_cloud.grafana.query_api import InfluxCredentials
 from millstream_cloud.storage.embedded import EmbeddedStorage
-
 from tests.grafana.conftest import Influx, query_app
 
 
@@ -122,3 +122,14 @@ def test_parser_errors(text: str, fragment: str) -> None:
     with pytest.raises(ParseError, match=None) as exc:
         parse(text)
     assert fragment in str(exc.value)
+
+
+def test_regex_literals() -> None:
+    from millstream_cloud.grafana.engine import pushdown_filters, regex_literals
+
+    assert regex_literals("^plant\\-a$") == ["plant-a"]
+    assert regex_literals("^(a|b\\.c)$") == ["a", "b.c"]
+    for not_literal in ("^a.*$", "^\\d$", "plant", "^(a|)$", "^(a|b)c$", "^(a)|(b)$"):
+        assert regex_literals(not_literal) is None, not_literal
+    (stmt,) = parse("SELECT x FROM m WHERE a =~ /^(1|2)$/ AND b = 'x' AND a =~ /^(2|3)$/")
+    assert pushdown_filters(stmt.condition, ["a", "b"]) == [{"a": "2", "b": "x"}]  # type: ignore[union-attr]

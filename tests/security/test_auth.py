@@ -72,6 +72,10 @@ def sample_app() -> FastAPI:
     def query(q: str = "") -> dict[str, Any]:
         return {"results": []}
 
+    @app.post("/query")
+    def query_post() -> dict[str, Any]:
+        return {"results": []}
+
     @app.post("/api/v1/echo")
     async def echo(body: dict[str, Any]) -> dict[str, Any]:
         return body
@@ -208,6 +212,11 @@ def test_influxdb_style_credentials_on_query(store: TokenStore) -> None:
         assert client.get("/query", params={"u": "grafana", "p": "wrong"}).status_code == 401
         assert client.get("/query", headers={"Authorization": f"Token {token}"}).status_code == 200
         assert client.get("/query", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+        # Grafana's httpMode POST: InfluxQL in a form body, still a read.
+        posted = client.post(
+            "/query", data={"q": "SELECT 1"}, headers={"Authorization": f"Token {token}"}
+        )
+        assert posted.status_code == 200
         # Query-string credentials are for InfluxDB-compatible paths only.
         assert client.get("/api/v1/things", params={"p": token}).status_code == 401
         # A browser gets a Basic challenge, so /docs can be opened with a token as password.
@@ -226,6 +235,8 @@ def test_open_on_loopback_without_tokens_and_says_so(
     with TestClient(app) as client:
         assert client.get("/api/v1/things").status_code == 200
         assert client.delete("/api/v1/things/a").status_code == 200
+        # Credentials sent to an open API (Grafana's datasource, say) are ignored.
+        assert client.get("/query", headers={"Authorization": "Token anything"}).status_code == 200
         # The first token closes the API at once, without a restart.
         store.create("ops", "admin")
         assert client.get("/api/v1/things").status_code == 401

@@ -225,3 +225,27 @@ def test_reprovisioned_device_gets_a_new_identity(
         assert cloud.wait_for(telemetry("dev3", 1))
     finally:
         dev.close()
+
+
+def test_oversize_packet_is_refused_by_the_broker(
+    secure_broker: SecureBroker, cloud: MqttProbe
+) -> None:
+    dev = connected(secure_broker, "dev1")
+    try:
+        big = b"x" * (1_048_576 + 1)
+        dev.publish("millstream/v1/s1/dev1/telemetry", big)
+        deadline = time.monotonic() + 5
+        while dev.client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not dev.client.is_connected(), "the broker should drop the client"
+        assert big not in cloud.payloads()
+    finally:
+        dev.close()
+    # Under the broker limit, the message reaches the cloud (which applies its own limit).
+    ok = connected(secure_broker, "dev1")
+    try:
+        medium = b"y" * 300_000
+        assert ok.publish("millstream/v1/s1/dev1/telemetry", medium)
+        assert cloud.wait_for(medium)
+    finally:
+        ok.close()

@@ -94,6 +94,10 @@ def test_placeholders_references_and_allowed_lines_pass(repo: Path) -> None:
         f"example: ms_{secrets.token_urlsafe(32)}  <!-- secret-scan: allow (docs sample) -->\n"
     )
     (repo / "datasource.yaml").write_text("secureJsonData:\n  password: $__file{/run/pw}\n")
+    (repo / "init.sh").write_text(
+        'token="$(influx auth create --json | sed -n \'s/.*"token": *"\\([^"]*\\)".*/\\1/p\')"\n'
+        'export INFLUXDB_TOKEN="$$(cat /run/influxdb/token)"  # read-only token: Grafana only\n'
+    )
     assert kinds(repo) == {}
     assert check.main([str(repo)]) == 0
 

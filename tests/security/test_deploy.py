@@ -40,7 +40,7 @@ SCHEMA = REPO.parent / "shared" / "contracts" / "compose" / "compose-spec.json"
 DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
 
 
-# Mounted by the stack, written in another branch (Grafana provisioning and dashboards).
+# Mounted by the stack, written in other branches; checked when present.
 OWNED_ELSEWHERE = {"./grafana/provisioning", "../dashboards"}
 
 
@@ -383,3 +383,22 @@ def test_stack_broker_config_runs_in_a_real_mosquitto(
         cloud.close()
         fleet.close()
         server.stop()
+
+
+def _substitute(value: str) -> str:
+    """Compose's ${VAR:-default} / ${VAR:?error} with nothing set: defaults, or a dummy."""
+    value = re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
+    return re.sub(r"\$\{[A-Z0-9_]+:\?[^}]*\}", "dummy", value)
+
+
+def test_cloud_service_environment_is_valid_settings() -> None:
+    """Every MILLSTREAM_* variable the stack gives the cloud names a real settings key."""
+    from millstream_cloud.settings import load_settings
+
+    env = {k: _substitute(str(v)) for k, v in compose()["services"]["cloud"]["environment"].items()}
+    settings = load_settings(environ=env)
+    assert settings.mqtt.broker == "mqtts://mosquitto:8883"
+    assert settings.mqtt.tls.cert and settings.mqtt.tls.key
+    assert settings.storage.backend == "influxdb"
+    assert settings.storage.influxdb.api == "v1"
+    assert settings.storage.influxdb.create_database is False

@@ -109,7 +109,7 @@ def test_rate_limiter_memory_is_bounded() -> None:
 def test_device_limiter_reasons_and_counts() -> None:
     lim = DeviceLimiter(LimitSettings(max_messages_per_second=1, burst=2, max_payload_bytes=100))
     assert lim.check("d", 50, 0.0) is None
-    assert lim.check("d", 500, 0.0) == "payload-too-large"
+    assert lim.check("d", 500, 0.0) == "oversize"
     assert lim.check("d", 50, 0.0) is None
-    assert lim.check("d", 50, 0.0) == "rate-limited"
-    assert lim.refused == {"rate-limited": 1, "payload-too-large": 1}
+    assert lim.check("d", 50, 0.0) == "rate_limited"
+    assert lim.refused == {"rate_limited": 1, "oversize": 1}

@@ -144,8 +144,12 @@ def mosquitto_server(
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
+    # Run as root, Mosquitto drops to user "mosquitto", which cannot write its persistence
+    # file in a root-owned temp dir and then forgets sessions across restarts.
+    as_root = "user root\n" if os.geteuid() == 0 else ""
     conf.write_text(
-        MOSQUITTO_BASE_CONFIG.format(
+        as_root
+        + MOSQUITTO_BASE_CONFIG.format(
             port=port, workdir=workdir, persistence="true" if persistence else "false"
         )
         + extra_config

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from millstream_cloud import __version__
 from millstream_cloud.api import ROUTERS
+from millstream_cloud.security.auth import install_auth
 from millstream_cloud.services import Services
 from millstream_cloud.settings import Settings
 
@@ -42,4 +43,8 @@ def create_app(
     app.state.services = services or Services.build(settings, with_subscriber=start)
     for router in ROUTERS:
         app.include_router(router)
+    # Every route but /healthz needs a token with the right scope (docs/security.md);
+    # refuses (InsecureBindError) a non-loopback bind without tokens unless insecure.
+    policy = install_auth(app, settings)
+    log.info("API authentication: %s", policy)
     return app

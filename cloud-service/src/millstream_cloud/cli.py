@@ -12,7 +12,10 @@ from collections.abc import Sequence
 # (optional feature) is skipped so the rest of the CLI still works.
 COMMAND_MODULES: tuple[str, ...] = (
     "millstream_cloud.serve",
+    "millstream_cloud.alerts.cli",
     "millstream_cloud.detection.eval.cli",
+    "millstream_cloud.grafana.cli",
+    "millstream_cloud.security.cli",
 )
 
 

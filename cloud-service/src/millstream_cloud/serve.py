@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import sys
 from typing import Any
 
+from millstream_cloud.alerts.rules import RuleError
 from millstream_cloud.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("millstream.serve")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -45,26 +36,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(getattr(args, "config", None), _overrides(args))
 
 
-def api_policy(settings: Settings, tokens_configured: bool) -> str | None:
-    """None when the bind address is allowed, else why not. Logs the open-API warning."""
-    if tokens_configured:
-        return None
-    if is_loopback(settings.api.host):
-        log.warning(
-            "API is OPEN: no API tokens configured; anyone on this machine can use it "
-            "(bound to loopback %s). Create tokens to require them.",
-            settings.api.host,
-        )
-        return None
-    if settings.api.insecure:
-        log.warning("API is OPEN on %s without tokens (--insecure)", settings.api.host)
-        return None
-    return (
-        f"refusing to serve on {settings.api.host} without API tokens: create one "
-        "(millstream-cloud tokens create) or pass --insecure"
-    )
-
-
 def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
@@ -76,15 +47,20 @@ def run_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    problem = api_policy(settings, tokens_configured=False)
-    if problem:
-        print(f"millstream-cloud: {problem}", file=sys.stderr)
-        return 2
     import uvicorn
 
     from millstream_cloud.app import create_app
 
-    app = create_app(settings)
+    from millstream_cloud.security.auth import InsecureBindError
+
+    try:
+        app = create_app(settings)
+    except InsecureBindError as exc:
+        print(f"millstream-cloud: {exc}", file=sys.stderr)
+        return 2
+    except RuleError as exc:
+        print(f"millstream-cloud: bad alert rules:\n{exc}", file=sys.stderr)
+        return 2
     log.info(
         "serving on http://%s:%d (docs at /docs), broker %s, storage %s in %s",
         settings.api.host,

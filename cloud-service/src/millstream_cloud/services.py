@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.anomalies import AnomalySink
+from millstream_cloud.grafana.fleet import FleetWriter
 from millstream_cloud.ingest.deadletters import DeadLetterStore
 from millstream_cloud.ingest.pipeline import IngestPipeline
 from millstream_cloud.ingest.subscriber import Subscriber
 from millstream_cloud.metrics import ServiceMetrics
 from millstream_cloud.registry import DeviceRegistry
 from millstream_cloud.remote import RemoteService
+from millstream_cloud.security.limits import DeviceRateLimiter
 from millstream_cloud.settings import Settings
 from millstream_cloud.storage import open_storage
 from millstream_cloud.storage.base import Storage
@@ -29,6 +32,10 @@ class Services:
     pipeline: IngestPipeline
     anomalies: AnomalySink
     subscriber: Subscriber | None = None
+    remote: RemoteService | None = None
+    fleet: FleetWriter | None = None
+    alerts: AlertService | None = None
+    # Per-instance caches and hooks of optional parts (query engine, authorizers).
     extras: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -38,7 +45,11 @@ class Services:
         storage = open_storage(settings)
         registry = DeviceRegistry(data / "registry.db", settings.registry.url)
         dead_letters = DeadLetterStore(data / "dead_letters.db", settings.ingest.dead_letter_max)
-        pipeline = IngestPipeline(storage, registry, dead_letters, metrics, settings.ingest)
+        rate = settings.ingest.rate_limit_per_device
+        limiter = DeviceRateLimiter(rate, settings.ingest.rate_limit_burst) if rate else None
+        pipeline = IngestPipeline(
+            storage, registry, dead_letters, metrics, settings.ingest, limiter=limiter
+        )
         anomalies = AnomalySink(storage, metrics)
         pipeline.hooks.append(anomalies.on_readings)
         subscriber = (
@@ -49,25 +60,35 @@ class Services:
         services = cls(
             settings, storage, registry, dead_letters, metrics, pipeline, anomalies, subscriber
         )
+        # Rules on readings (pipeline hook) and anomalies (sink hook), devices from the
+        # registry, metrics, the `alerts` measurement. A bad rules file raises RuleError.
+        AlertService.for_services(services, settings.alerts)  # sets services.alerts
         if with_subscriber:
-            remote = RemoteService(settings, data / "remote.db")
-            pipeline.remote = remote
-            services.extras["remote"] = remote
+            services.remote = RemoteService(settings, data / "remote.db")
+            pipeline.remote = services.remote
+            # Device state and ingest rate as series, for the fleet dashboard.
+            services.fleet = FleetWriter(storage, registry, metrics, settings.mqtt.client_id)
         return services
 
     def start(self) -> None:
         if self.subscriber is not None:
             self.subscriber.start()
-        remote = self.extras.get("remote")
-        if isinstance(remote, RemoteService):
-            remote.start()
+        if self.remote is not None:
+            self.remote.start()
+        if self.fleet is not None:
+            self.fleet.start()
+        if self.alerts is not None:
+            self.alerts.start()
 
     def stop(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
         if self.subscriber is not None:
             self.subscriber.stop()
-        remote = self.extras.get("remote")
-        if isinstance(remote, RemoteService):
-            remote.stop()
+        if self.remote is not None:
+            self.remote.stop()
+        if self.alerts is not None:
+            self.alerts.stop()  # after the subscriber: no more readings arrive
         self.registry.close()
         self.dead_letters.close()
         self.storage.close()

@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from millstream_cloud.alerts.settings import AlertSettings
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -63,6 +65,14 @@ class MQTTSettings(Section):
 
 
 class IngestSettings(Section):
+    rate_limit_per_device: float | None = Field(
+        50.0,
+        gt=0,
+        description="messages per second one device may send (token bucket); none: unlimited",
+    )
+    rate_limit_burst: float = Field(
+        1000.0, ge=1, description="messages a device may send at once above its rate"
+    )
     max_payload_bytes: int = Field(
         256 * 1024, ge=1024, description="larger messages are dead-lettered"
     )
@@ -219,6 +229,15 @@ class APISettings(Section):
     page_size: int = Field(
         1000, ge=1, le=100_000, description="default page size of list endpoints"
     )
+    tokens_file: str | None = Field(
+        None, description="API token store (hashed); default <data_dir>/security/tokens.sqlite3"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed by CORS; empty: CORS off"
+    )
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="larger request bodies are refused with 413"
+    )
 
 
 class Settings(Section):
@@ -228,6 +247,7 @@ class Settings(Section):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     api: APISettings = Field(default_factory=APISettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
 

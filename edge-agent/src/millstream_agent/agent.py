@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class CollectorRunner:
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="collectors", daemon=True)
         self.collected = 0
+        self.write_errors = 0
 
     def configure(self, blocks: list[dict[str, Any]]) -> None:
         """Replace the collector set; unchanged blocks keep running undisturbed."""
@@ -164,9 +166,45 @@ class CollectorRunner:
             if samples:
                 texts = protocol.readings_json(samples)
                 if texts:
-                    self.queue.append(texts, clock_ok=self.clock.synced())
+                    try:
+                        self.queue.append(texts, clock_ok=self.clock.synced())
+                    except sqlite3.Error as exc:
+                        # disk full, I/O error: count the loss, keep the thread alive
+                        self.queue.count_lost(len(texts))
+                        self.write_errors += 1
+                        if self.write_errors <= 3 or self.write_errors % 60 == 0:
+                            log.error(
+                                "queue %s: cannot store %d readings: %s (%d lost so far)",
+                                self.queue.path,
+                                len(texts),
+                                exc,
+                                self.queue.dropped,
+                            )
+                        continue
+                    self.write_errors = 0
                     self.collected += len(texts)
                     self.on_data()
+
+
+def open_queue(path: str, **kwargs: Any) -> SqliteQueue:
+    """Open the queue; a file SQLite cannot read (e.g. after a power cut with fsync off,
+    or a failing SD card) is moved aside and a new queue started, instead of failing every
+    restart forever."""
+    try:
+        return SqliteQueue(path, **kwargs)
+    except sqlite3.DatabaseError as exc:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        log.error(
+            "queue %s is unreadable (%s); moving it to %s.corrupt-%s and starting a new one",
+            path,
+            exc,
+            path,
+            stamp,
+        )
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.replace(path + suffix, f"{path}.corrupt-{stamp}{suffix}")
+        return SqliteQueue(path, **kwargs)
 
 
 def _rss_bytes() -> Optional[int]:
@@ -212,7 +250,7 @@ class Agent:
         self.device, self.site = dev["id"], dev["site"]
         qcfg = config["queue"]
         self.queue_path = resolve_queue_path(config)
-        self.queue = SqliteQueue(
+        self.queue = open_queue(
             self.queue_path,
             max_bytes=qcfg["max_bytes"],
             max_age=qcfg["max_age"],
@@ -384,9 +422,14 @@ class Agent:
                     until=lambda: self.session.goodbye_done or time.monotonic() > deadline
                 )
             self.session.close()
-            left = self.queue.stats().depth
-            if left:
-                log.info("%d readings stay queued for the next start", left)
+            stats = self.queue.stats()
+            log.info(
+                "stopped: collected %d readings in this run, %d stay queued for the next start, "
+                "%d dropped in total",
+                self.runner.collected,
+                stats.depth,
+                stats.dropped,
+            )
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample-config", help="print a complete, documented configuration")
     s.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL to put in it")
     s.add_argument("--queue-path", default=None, help="queue file to put in it")
+    s.add_argument("--device-id", default="press-01", help="device id to put in it")
+    s.add_argument("--site", default="plant-a", help="site to put in it")
 
     m = sub.add_parser("simulate", help="many simulated devices, each its own MQTT session")
     m.add_argument("--devices", type=int, default=1, help="number of devices (default 1)")
@@ -55,7 +57,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--kind", default="motor", help="machine kind of the simulated collector")
     m.add_argument("--seed", type=int, default=1, help="random seed (device i gets its own)")
+    m.add_argument(
+        "--faults",
+        choices=("auto", "none"),
+        default=None,
+        help="fault injection of the simulated machines (default: the collector's, auto)",
+    )
+    m.add_argument("--fault-rate", type=float, default=None, help="faults per device per hour")
+    m.add_argument("--ground-truth", default=None, help="append fault intervals to this JSONL")
     m.add_argument("--queue-dir", default=None, help="on-disk queues here (default: in memory)")
+    m.add_argument(
+        "--queue-max-bytes",
+        default="8MB",
+        help="per-device queue bound (oldest dropped first), e.g. 8MB; default 8MB",
+    )
     m.add_argument("--batch-size", type=int, default=100, help="max readings per message")
     m.add_argument("--batch-delay", type=float, default=1.0, help="max seconds a reading waits")
     m.add_argument("--max-inflight", type=int, default=20, help="messages awaiting PUBACK/device")
@@ -78,8 +93,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _simulate(args)
     if args.command == "sample-config":
         from millstream_agent.config import sample_config
+        from millstream_agent.protocol import ID_PATTERN
 
-        sys.stdout.write(sample_config(broker=args.broker, queue_path=args.queue_path))
+        for flag, value in (("--device-id", args.device_id), ("--site", args.site)):
+            if not ID_PATTERN.match(value):
+                sys.stderr.write(f"{flag}: expected {ID_PATTERN.pattern}, got {value!r}\n")
+                return EXIT_CONFIG
+        sys.stdout.write(
+            sample_config(
+                broker=args.broker,
+                queue_path=args.queue_path,
+                device_id=args.device_id,
+                site=args.site,
+            )
+        )
         return 0
     if args.command == "check-config":
         from millstream_agent.config import ConfigError, load_config
@@ -116,7 +143,15 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.devices < 1 or args.metrics < 1 or args.rate < 0:
         sys.stderr.write("--devices and --metrics must be >= 1, --rate >= 0\n")
         return EXIT_CONFIG
+    from millstream_agent.config import Invalid, parse_size
+
+    try:
+        queue_max_bytes = parse_size(args.queue_max_bytes)
+    except Invalid as exc:
+        sys.stderr.write(f"--queue-max-bytes: expected {exc}\n")
+        return EXIT_CONFIG
     opts = SimOptions(
+        queue_max_bytes=queue_max_bytes,
         devices=args.devices,
         rate=args.rate,
         metrics=args.metrics,
@@ -139,6 +174,9 @@ def _simulate(args: argparse.Namespace) -> int:
         cert=args.cert,
         key=args.key,
         server_hostname=args.server_hostname,
+        faults=args.faults,
+        fault_rate=args.fault_rate,
+        ground_truth=args.ground_truth,
     )
     return run(opts)
 

@@ -676,18 +676,32 @@ def _construct_check(
     except ValueError as exc:
         text = str(exc)
         key = text.split(":", 1)[0].strip()
-        line = (
-            _line(raw_options, key)
-            if isinstance(raw_options, dict) and key in raw_options
-            else oline
-        )
-        errors.add(line, f"{path}.options", text)
+        errors.add(_path_line(raw_options, key, oline), f"{path}.options", text)
         return
     except Exception as exc:
         errors.add(oline, f"{path}.options", f"collector refused its options: {exc}")
         return
     with contextlib.suppress(Exception):  # validation only
         instance.close()
+
+
+_PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _path_line(node: Any, key_path: str, default: Optional[int]) -> Optional[int]:
+    """The line of ``registers[2].data_type`` inside a collector's options (the deepest
+    part of the path that exists), for errors raised by the collector itself."""
+    line = default
+    for name, index in _PATH_TOKEN.findall(key_path):
+        key: Any = int(index) if index else name
+        found = (isinstance(node, dict) and key in node) or (
+            isinstance(node, list) and isinstance(key, int) and key < len(node)
+        )
+        if not found:
+            break
+        line = _line(node, key) or line
+        node = node[key]
+    return line
 
 
 def _plain(value: Any) -> Any:
@@ -855,6 +869,7 @@ def sample_config(
     broker: str = "mqtt://127.0.0.1:1883",
     queue_path: Optional[str] = None,
     device_id: str = "press-01",
+    site: str = "plant-a",
 ) -> str:
     """A complete configuration: every option, its default and why; it runs as it is."""
     from millstream_agent.collectors import collector_class
@@ -868,7 +883,7 @@ def sample_config(
     overrides: dict[str, Any] = {
         "mqtt.broker": broker,
         "device.id": device_id,
-        "device.site": "plant-a",
+        "device.site": site,
         "device.kind": "motor",
     }
     if queue_path:

@@ -7,6 +7,7 @@ docs/schemas/ and the golden messages in tests/fixtures/protocol/.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Iterable
@@ -18,6 +19,7 @@ VERSION = 1
 TOPIC_ROOT = "millstream/v1"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 METRIC_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
+log = logging.getLogger("millstream.protocol")
 CHANNELS = ("telemetry", "status", "config/desired", "config/reported")
 STATUS_CONNECTED = "connected"
 STATUS_SHUTDOWN = "shutdown"
@@ -72,29 +74,57 @@ def reading_json(sample: Sample) -> str:
     return json.dumps(reading(sample), separators=(",", ":"), allow_nan=False)
 
 
+_GOOD_METRICS: set = set()
+_WARNED: set = set()
+QUALITIES = ("good", "uncertain", "bad")
+
+
+def _refuse(key: str, why: str) -> None:
+    if key not in _WARNED and len(_WARNED) < 1000:
+        _WARNED.add(key)
+        log.warning("reading dropped: %s (logged once)", why)
+
+
 def readings_json(samples: Iterable[Sample]) -> list:
     """JSON texts of readings from one collection: the fast path for many devices.
 
-    Non-finite values are skipped (JSON has no NaN); the timestamp is formatted once per
-    distinct ``ts``.
+    Readings the contract would reject are dropped here, with one warning per metric,
+    instead of making the cloud reject whole batches: non-finite values (JSON has no NaN),
+    metric names not matching :data:`METRIC_PATTERN`, unknown quality. A unit longer than
+    32 characters is left out. The timestamp is formatted once per distinct ``ts``.
     """
     out = []
     last_ts: Optional[float] = None
     ts_text = ""
     for s in samples:
+        metric = s.metric
+        if metric not in _GOOD_METRICS:
+            if not isinstance(metric, str) or not METRIC_PATTERN.match(metric):
+                _refuse(
+                    f"m:{metric!r}",
+                    f"metric name {metric!r} does not match {METRIC_PATTERN.pattern}",
+                )
+                continue
+            _GOOD_METRICS.add(metric)
         value = s.value
         if isinstance(value, bool):
             text = "true" if value else "false"
         else:
+            if not isinstance(value, (int, float)):
+                _refuse(f"v:{metric}", f"{metric}: value {value!r} is not a number")
+                continue
             if value != value or value in (float("inf"), float("-inf")):
                 continue
             text = repr(float(value)) if isinstance(value, float) else str(int(value))
         if s.ts != last_ts:
             last_ts, ts_text = s.ts, format_ts(s.ts)
-        item = f'{{"ts":"{ts_text}","metric":"{s.metric}","value":{text}'
-        if s.unit:
+        item = f'{{"ts":"{ts_text}","metric":"{metric}","value":{text}'
+        if s.unit and len(s.unit) <= 32:
             item += ',"unit":' + json.dumps(s.unit)
         if s.quality != "good":
+            if s.quality not in QUALITIES:
+                _refuse(f"q:{metric}", f"{metric}: quality {s.quality!r} is not one of {QUALITIES}")
+                continue
             item += f',"quality":"{s.quality}"'
         out.append(item + "}")
     return out

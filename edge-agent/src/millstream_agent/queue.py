@@ -327,6 +327,16 @@ class SqliteQueue(BaseQueue):
     def _set_meta(self, key: str, value: object) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
+    def count_lost(self, n: int) -> None:
+        """Readings that could not even be stored (disk full): counted as dropped."""
+        with self._lock:
+            self.dropped += n
+            try:
+                with self._tx():
+                    self._set_meta("dropped", self.dropped)
+            except sqlite3.Error:
+                pass  # persisted with the next successful write
+
     def get_meta(self, key: str) -> Optional[str]:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

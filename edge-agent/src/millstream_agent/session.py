@@ -92,6 +92,7 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
     ctx = _HostnameContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if settings.tls_ca:
         ctx.load_verify_locations(cafile=settings.tls_ca)
     else:
@@ -151,6 +152,8 @@ class DeviceSession:
         self._last_sent: Optional[int] = None
         self._max_sent = -1
         self._retry: Optional[Timer] = None
+        self._connack_timer: Optional[Timer] = None
+        self._seal_timer: Optional[Timer] = None
         self._pump_timer: Optional[Timer] = None
         self._tokens = max(float(settings.replay_rate), float(max_readings))
         self._tokens_at = time.monotonic()
@@ -198,8 +201,12 @@ class DeviceSession:
             return
         self.attempts += 1
         self._refused = None
+        self._cancel_connack_timer()
         try:
             self.client.reconnect()
+            # a broker that accepts TCP but never answers CONNECT must not stall us forever
+            wait = max(3.0, 2 * self.settings.connect_timeout)
+            self._connack_timer = self.loop.call_later(wait, self._connack_overdue)
         except ssl.SSLCertVerificationError as exc:
             self._refused = (
                 f"TLS: broker certificate not trusted ({exc.verify_message}); check mqtt.tls.ca"
@@ -211,6 +218,17 @@ class DeviceSession:
             self._fail(self._refused)
         except (OSError, ValueError) as exc:
             self._fail(f"cannot connect to {self.host}:{self.port}: {exc}")
+
+    def _cancel_connack_timer(self) -> None:
+        if self._connack_timer is not None:
+            self._connack_timer.cancel()
+            self._connack_timer = None
+
+    def _connack_overdue(self) -> None:
+        self._connack_timer = None
+        if self.connected or self.closed or self.client.socket() is None:
+            return
+        self._fail(f"no CONNACK from {self.host}:{self.port} within the timeout")
 
     def _fail(self, why: str) -> None:
         self._close_socket_quietly()
@@ -263,6 +281,7 @@ class DeviceSession:
             return  # paho closes the socket next and calls _on_disconnect
         self.connected = True
         self.connects += 1
+        self._cancel_connack_timer()
         if self.connects > 1:
             self.reconnects += 1
         self._failures = 0
@@ -302,6 +321,7 @@ class DeviceSession:
     ) -> None:
         was = self.connected
         self.connected = False
+        self._cancel_connack_timer()
         client.drop_out_messages()
         self._inflight.clear()
         if self.closed:
@@ -388,6 +408,9 @@ class DeviceSession:
             )
             if sealed:
                 msgs = self.queue.unacked(self._last_sent, room)
+            elif self._seal_timer is None and self.queue.pending:
+                # not due yet: come back when the oldest pending reading is max_delay old
+                self._seal_timer = self.loop.call_later(self.max_delay, self._seal_later)
         if not msgs:
             return
         rate = self.settings.replay_rate
@@ -418,6 +441,10 @@ class DeviceSession:
             if m.seq > self._max_sent:
                 self._max_sent = m.seq
                 self.published += m.n
+
+    def _seal_later(self) -> None:
+        self._seal_timer = None
+        self.pump()
 
     def _pump_later(self) -> None:
         self._pump_timer = None
@@ -483,6 +510,9 @@ class DeviceSession:
             self._retry = None
         if self._pump_timer is not None:
             self._pump_timer.cancel()
+        self._cancel_connack_timer()
+        if self._seal_timer is not None:
+            self._seal_timer.cancel()
         if self.client.socket() is not None:
             try:
                 self.client.disconnect()

@@ -33,6 +33,8 @@ from millstream_agent.session import DeviceSession, MqttSettings
 
 log = logging.getLogger("millstream.simulate")
 
+DRAIN_GRACE = 3.0  # seconds a disconnected device may take to reconnect while draining
+
 
 @dataclass
 class SimOptions:
@@ -46,6 +48,7 @@ class SimOptions:
     kind: str = "motor"
     seed: int = 1
     queue_dir: Optional[str] = None
+    queue_max_bytes: int = 8_000_000
     batch_size: int = 100
     batch_delay: float = 1.0
     max_inflight: int = 20
@@ -58,6 +61,9 @@ class SimOptions:
     cert: Optional[str] = None
     key: Optional[str] = None
     server_hostname: Optional[str] = None
+    faults: Optional[str] = None  # auto | none; None = the collector's default
+    fault_rate: Optional[float] = None
+    ground_truth: Optional[str] = None
 
 
 def default_prefix(site: str) -> str:
@@ -73,6 +79,12 @@ class SimDevice:
         self.device = device
         self.generated = 0
         options: dict = {"kind": opts.kind, "metrics": opts.metrics, "seed": seed, "device": device}
+        if opts.faults is not None:
+            options["faults"] = opts.faults
+        if opts.fault_rate is not None:
+            options["fault_rate_per_hour"] = opts.fault_rate
+        if opts.ground_truth:
+            options["ground_truth"] = opts.ground_truth
         cls = collector_class("simulated")
         spec = getattr(cls, "options_spec", {}) or {}
         options = {k: v for k, v in options.items() if k in spec or not spec}
@@ -80,9 +92,13 @@ class SimDevice:
         self.collector.start()
         self.queue: BaseQueue
         if opts.queue_dir:
-            self.queue = SqliteQueue(os.path.join(opts.queue_dir, f"{device}.db"), fsync="normal")
+            self.queue = SqliteQueue(
+                os.path.join(opts.queue_dir, f"{device}.db"),
+                max_bytes=opts.queue_max_bytes,
+                fsync="normal",
+            )
         else:
-            self.queue = MemoryQueue()
+            self.queue = MemoryQueue(max_bytes=opts.queue_max_bytes)
         self.session = DeviceSession(
             loop,
             device,
@@ -161,7 +177,11 @@ def run(opts: SimOptions, out: Any = None) -> int:
                 "device id %r is not valid (pattern %s)", device_id, protocol.ID_PATTERN.pattern
             )
             return 2
-        devices.append(SimDevice(loop, device_id, opts, settings, opts.seed))
+        try:
+            devices.append(SimDevice(loop, device_id, opts, settings, opts.seed))
+        except ValueError as exc:  # the collector refused an option (--kind, --metrics, ...)
+            log.error("simulated collector: %s", exc)
+            return 2
 
     stop = {"requested": False}
 
@@ -205,13 +225,20 @@ def run(opts: SimOptions, out: Any = None) -> int:
         for dev in devices:
             dev.stop_generating()
             dev.session.drain()
-        deadline = time.monotonic() + opts.drain_timeout
+        drain_start = time.monotonic()
+        deadline = drain_start + opts.drain_timeout
+
+        def settled(dev: SimDevice) -> bool:
+            # a device whose broker is gone cannot get PUBACKs: after a short grace for a
+            # reconnect, do not hold the exit for it (the counts show what is missing)
+            return dev.session.drained or (
+                not dev.session.connected and time.monotonic() - drain_start > DRAIN_GRACE
+            )
+
         stop["requested"] = False
         loop.run(
             until=lambda: (
-                stop["requested"]
-                or time.monotonic() > deadline
-                or all(d.session.drained for d in devices)
+                stop["requested"] or time.monotonic() > deadline or all(settled(d) for d in devices)
             )
         )
         for dev in devices:
@@ -234,6 +261,9 @@ def run(opts: SimOptions, out: Any = None) -> int:
         "published": sum(d.session.published for d in devices),
         "acknowledged": sum(d.session.acknowledged for d in devices),
     }
+    dropped = sum(d.queue.dropped for d in devices)
+    if dropped:
+        log.warning("%d readings were dropped by the queue bound (--queue-max-bytes)", dropped)
     left = sum(d.queue.stats().depth for d in devices)
     if left:
         log.warning("%d readings were not acknowledged before exit", left)

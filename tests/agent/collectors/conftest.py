@@ -112,8 +112,14 @@ class OpcUaServer:
     ``variables`` maps a name to its initial value; node ids are ``ns=<ns>;s=Line1.<name>``.
     """
 
-    def __init__(self, variables: dict[str, Any], port: int | None = None) -> None:
+    def __init__(
+        self,
+        variables: dict[str, Any],
+        port: int | None = None,
+        users: dict[str, str] | None = None,
+    ) -> None:
         self.variables = variables
+        self.users = users  # name -> password; None: anonymous access
         self.port = port or free_port()
         self.endpoint = f"opc.tcp://127.0.0.1:{self.port}/millstream/"
         self.ns = 0
@@ -121,20 +127,24 @@ class OpcUaServer:
         self._server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self.listening = False
 
     def node_id(self, name: str) -> str:
         return f"ns={self.ns};s=Line1.{name}"
 
-    def start(self) -> OpcUaServer:
+    def start(self, listen: bool = True) -> OpcUaServer:
+        """Build the address space (slow: a second or more) and, if ``listen``, serve it."""
         from asyncua import Server, ua
 
         ready = threading.Event()
         failure: list[BaseException] = []
 
         async def setup() -> None:
-            server = Server()
+            server = Server(user_manager=self._user_manager()) if self.users else Server()
             await server.init()
             server.set_endpoint(self.endpoint)
+            if self.users:
+                server.set_security_IDs(["Username"])
             self.ns = await server.register_namespace("urn:millstream:test")
             line = await server.nodes.objects.add_object(ua.NodeId("Line1", self.ns), "Line1")
             for name, value in self.variables.items():
@@ -142,8 +152,10 @@ class OpcUaServer:
                 self.nodes[name] = await line.add_variable(
                     ua.NodeId(f"Line1.{name}", self.ns), name, variant
                 )
-            await server.start()
             self._server = server
+            if listen:
+                await server.start()
+                self.listening = True
 
         def run() -> None:
             loop = asyncio.new_event_loop()
@@ -172,6 +184,25 @@ class OpcUaServer:
             raise failure[0]
         return self
 
+    def _user_manager(self) -> Any:
+        from asyncua.crypto.permission_rules import User, UserRole
+
+        users = self.users or {}
+
+        class Passwords:
+            def get_user(
+                self,
+                iserver: Any,
+                username: Any = None,
+                password: Any = None,
+                certificate: Any = None,
+            ) -> Any:
+                if username in users and users[username] == password:
+                    return User(role=UserRole.User)
+                return None
+
+        return Passwords()
+
     def call(self, coro: Any) -> Any:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
@@ -186,10 +217,21 @@ class OpcUaServer:
             dv = data_value(variant, status)
             self.call(self.nodes[name].write_value(dv))
 
+    def listen(self) -> None:
+        """Accept connections (again): a server restart without rebuilding the address space."""
+        self.call(self._server.start())
+        self.listening = True
+
+    def unlisten(self) -> None:
+        """Stop serving, as a server that goes down; ``listen`` brings it back."""
+        self.call(self._server.stop())
+        self.listening = False
+
     def stop(self) -> None:
         if self._thread is None or self._loop is None:
             return
-        self.call(self._server.stop())
+        if self.listening:
+            self.unlisten()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._thread = None
@@ -199,13 +241,42 @@ class OpcUaServer:
 def opcua_server_factory() -> Iterator[Any]:
     servers: list[OpcUaServer] = []
 
-    def make(variables: dict[str, Any], port: int | None = None) -> OpcUaServer:
-        server = OpcUaServer(variables, port)
+    def make(
+        variables: dict[str, Any],
+        port: int | None = None,
+        listen: bool = True,
+        users: dict[str, str] | None = None,
+    ) -> OpcUaServer:
+        server = OpcUaServer(variables, port, users)
         servers.append(server)
-        return server.start()
+        return server.start(listen)
 
     try:
         yield make
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_opcua_server() -> Iterator[OpcUaServer]:
+    """One asyncua server for a test module (starting one takes a second or more)."""
+    server = OpcUaServer(
+        {
+            "Temperature": 21.5,
+            "Speed": _int32(1200),
+            "Running": True,
+            "Pressure": 3.0,
+            "Label": "batch-17",
+        }
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _int32(value: int) -> Any:
+    from asyncua import ua
+
+    return ua.Variant(value, ua.VariantType.Int32)

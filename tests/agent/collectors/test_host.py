@@ -107,3 +107,16 @@ def test_bad_options_are_refused_naming_the_key(options: dict[str, Any], key: st
     with pytest.raises(ValueError) as info:
         HostCollector("pi", options)
     assert str(info.value).startswith(key + ":")
+
+
+def test_raspberry_pi_throttling_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from millstream_agent.collectors import host
+
+    flags = tmp_path / "get_throttled"
+    flags.write_text("0x50005\n")  # under-voltage and throttled now, under-voltage since boot
+    monkeypatch.setattr(host, "THROTTLED_PATH", str(flags))
+    got = collect_twice(HostCollector("pi", {}))
+    assert got["host.throttled"].value == 5
+    assert got["host.under_voltage_since_boot"].value == 1
+    monkeypatch.setattr(host, "THROTTLED_PATH", str(tmp_path / "absent"))
+    assert "host.throttled" not in collect_twice(HostCollector("pi", {}))

@@ -221,6 +221,29 @@ def test_a_wrong_address_does_not_hide_the_other_values(
         c.close()
 
 
+def test_a_hole_in_a_merged_read_costs_only_the_missing_value(
+    modbus_server_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The device maps registers 0-3 only; 0, 2 and 6 are merged into one read of 0-6.
+    server = modbus_server_factory({1: {"hr": [11, 0, 22, 0]}})
+    registers = [
+        {"name": "a", "address": 0},
+        {"name": "b", "address": 2},
+        {"name": "c", "address": 6},
+    ]
+    c = ModbusCollector("press", {"host": "127.0.0.1", "port": server.port, "registers": registers})
+    assert len(c.blocks) == 1
+    try:
+        with caplog.at_level(logging.INFO, logger="millstream_agent.collectors.modbus"):
+            assert {s.metric: s.value for s in c.collect(NOW)} == {"a": 11, "b": 22}
+            assert {s.metric: s.value for s in c.collect(NOW + 1)} == {"a": 11, "b": 22}
+        assert len(c.blocks) == 3
+        assert "one by one" in caplog.text
+        assert "holding 6-6 of unit 1" in caplog.text
+    finally:
+        c.close()
+
+
 def test_nan_float_is_skipped(modbus_server_factory: Any) -> None:
     server = modbus_server_factory({1: {"hr": [*encode(float("nan"), "float32"), 5]}})
     registers = [{"name": "t", "address": 0, "data_type": "float32"}, {"name": "n", "address": 2}]
@@ -274,3 +297,31 @@ def test_bad_options_are_refused_naming_the_key(options: dict[str, Any], key: st
     with pytest.raises(ValueError) as info:
         ModbusCollector("press", options)
     assert str(info.value).startswith(key + ":")
+
+
+def test_a_device_that_never_answers_costs_one_timeout() -> None:
+    """A hung PLC (TCP accepted, no reply) must not stall the agent beyond ``timeout``."""
+    import socket
+    import time
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    c = ModbusCollector(
+        "press",
+        {
+            "host": "127.0.0.1",
+            "port": port,
+            "timeout": "300ms",
+            "registers": [{"name": "a", "address": 0}],
+        },
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(CollectorError, match="press"):
+            c.collect(NOW)
+        assert time.monotonic() - started < 3
+    finally:
+        c.close()
+        listener.close()

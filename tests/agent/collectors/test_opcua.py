@@ -28,6 +28,14 @@ VARIABLES: dict[str, Any] = {
 }
 
 
+@pytest.fixture
+def server(shared_opcua_server: Any) -> Any:
+    """The module's server with every variable back at its initial value and Good."""
+    for name, value in VARIABLES.items():
+        shared_opcua_server.write(name, value)
+    return shared_opcua_server
+
+
 def make(server: Any, mode: str = "subscription", **extra: Any) -> OpcUaCollector:
     nodes = [
         {"node_id": server.node_id("Temperature"), "name": "temperature", "unit": "degC"},
@@ -38,7 +46,7 @@ def make(server: Any, mode: str = "subscription", **extra: Any) -> OpcUaCollecto
     options = {
         "endpoint": server.endpoint,
         "mode": mode,
-        "interval": "100ms",
+        "publishing_interval": "100ms",
         "timeout": "2s",
         "reconnect_interval": "200ms",
         "nodes": nodes + extra.pop("extra_nodes", []),
@@ -72,8 +80,7 @@ def test_registered_under_its_name() -> None:
     assert collector_class("opcua") is OpcUaCollector
 
 
-def test_subscription_delivers_values_changes_and_quality(opcua_server_factory: Any) -> None:
-    server = opcua_server_factory(VARIABLES)
+def test_subscription_delivers_values_changes_and_quality(server: Any) -> None:
     server.write("Pressure", 3.3, status=ua.StatusCodes.UncertainLastUsableValue)
     c = make(server)
     try:
@@ -119,8 +126,7 @@ def test_quality_follows_the_status_code() -> None:
     assert not c._buffer
 
 
-def test_polling_reads_every_node_each_collect_stamped_now(opcua_server_factory: Any) -> None:
-    server = opcua_server_factory(VARIABLES)
+def test_polling_reads_every_node_each_collect_stamped_now(server: Any) -> None:
     c = make(server, mode="polling")
     try:
         assert c.wait_connected(10)
@@ -136,9 +142,8 @@ def test_polling_reads_every_node_each_collect_stamped_now(opcua_server_factory:
 
 
 def test_unknown_node_and_text_value_do_not_stop_the_others(
-    opcua_server_factory: Any, caplog: pytest.LogCaptureFixture
+    server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = opcua_server_factory(VARIABLES)
     extra = [
         {"node_id": f"ns={server.ns};s=Line1.Missing", "name": "missing"},
         {"node_id": server.node_id("Label"), "name": "label"},
@@ -159,17 +164,15 @@ def test_unknown_node_and_text_value_do_not_stop_the_others(
 
 
 def test_server_down_then_up_then_restarted(opcua_server_factory: Any) -> None:
-    from tests.support.servers import free_port
-
-    port = free_port()
+    server = opcua_server_factory({"Temperature": 30.0}, listen=False)
     c = OpcUaCollector(
         "oven",
         {
-            "endpoint": f"opc.tcp://127.0.0.1:{port}/millstream/",
+            "endpoint": server.endpoint,
             "reconnect_interval": "200ms",
             "timeout": "2s",
-            "interval": "100ms",
-            "nodes": [{"node_id": "ns=2;s=Line1.Temperature", "name": "temperature"}],
+            "publishing_interval": "100ms",
+            "nodes": [{"node_id": server.node_id("Temperature"), "name": "temperature"}],
         },
     )
     try:
@@ -178,29 +181,65 @@ def test_server_down_then_up_then_restarted(opcua_server_factory: Any) -> None:
         with pytest.raises(CollectorError) as info:
             c.collect(time.time())
         message = str(info.value)
-        assert f"not connected to opc.tcp://127.0.0.1:{port}" in message
+        assert f"not connected to {server.endpoint}" in message
+        assert "connection refused" in message
         assert "reconnecting every 0.2s" in message
 
-        server = opcua_server_factory({"Temperature": 30.0}, port=port)
-        assert server.ns == 2
+        server.listen()
         got = collect_until(c, lambda got: bool(got), timeout=15)
         assert got[0].value == 30.0
 
-        server.stop()
+        server.unlisten()
         # The loss is noticed within a probe (1 s); then collect says so.
         deadline = time.monotonic() + 10
         with pytest.raises(CollectorError, match="not connected"):
             while time.monotonic() < deadline:
                 c.collect(time.time())
                 time.sleep(0.1)
-        server = opcua_server_factory({"Temperature": 31.0}, port=port)
-        got = collect_until(c, lambda got: any(s.value == 31.0 for s in got), timeout=15)
+        server.write("Temperature", 31.0)
+        server.listen()
+        collect_until(c, lambda got: any(s.value == 31.0 for s in got), timeout=15)
     finally:
         c.close()
 
 
-def test_buffer_drops_oldest_and_counts(opcua_server_factory: Any) -> None:
-    server = opcua_server_factory(VARIABLES)
+def test_user_and_password_from_the_environment(
+    opcua_server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = opcua_server_factory({"Temperature": 40.0}, users={"agent": "s3cret"})
+
+    def collector(**auth: Any) -> OpcUaCollector:
+        options = {
+            "endpoint": server.endpoint,
+            "reconnect_interval": "200ms",
+            "publishing_interval": "100ms",
+            "nodes": [{"node_id": server.node_id("Temperature"), "name": "temperature"}],
+            **auth,
+        }
+        c = OpcUaCollector("oven", options)
+        c.start()
+        return c
+
+    wrong = collector(username="agent", password="guess")
+    try:
+        time.sleep(1.0)
+        with pytest.raises(CollectorError, match="not connected") as info:
+            wrong.collect(time.time())
+        assert "BadUserAccessDenied" in str(info.value)
+        assert "reconnecting every 60s" in str(info.value)  # not every 0.2s: no hot loop
+    finally:
+        wrong.close()
+
+    monkeypatch.setenv("OVEN_OPCUA_PASSWORD", "s3cret")
+    right = collector(username="agent", password_env="OVEN_OPCUA_PASSWORD")
+    try:
+        got = collect_until(right, lambda got: bool(got))
+        assert got[0].value == 40.0
+    finally:
+        right.close()
+
+
+def test_buffer_drops_oldest_and_counts(server: Any) -> None:
     c = make(server, buffer_size=3)
     try:
         assert c.wait_connected(10)
@@ -239,10 +278,10 @@ def test_buffer_drops_oldest_and_counts(opcua_server_factory: Any) -> None:
         (
             {
                 "endpoint": "opc.tcp://x:4840",
-                "interval": "0s",
+                "publishing_interval": "0s",
                 "nodes": [{"node_id": "i=1", "name": "a"}],
             },
-            "interval",
+            "publishing_interval",
         ),
     ],
 )

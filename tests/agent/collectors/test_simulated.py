@@ -254,6 +254,7 @@ def test_auto_rate_is_roughly_the_configured_rate() -> None:
         ({"faults": [{"type": "spike"}]}, "faults[0].start"),
         ({"faults": [{"type": "spike", "start": "soon"}]}, "faults[0].start"),
         ({"faults": [{"type": "spike", "start": 1, "magnitud": 3}]}, "faults[0].magnitud"),
+        ({"faults": [{"type": "spike", "start": 1, "duration": 0}]}, "faults[0].duration"),
         ({"fault_types": ["spike", "melt"]}, "fault_types"),
         ({"fault_rate_per_hour": -1}, "fault_rate_per_hour"),
         ({"load_change_interval": "fast"}, "load_change_interval"),
@@ -277,3 +278,21 @@ def test_collect_is_cheap() -> None:
     per_call = (time.perf_counter() - start) / n
     # The budget is 50 us; allow slack for a loaded CI machine.
     assert per_call < 100e-6, f"{per_call * 1e6:.1f} us per collect"
+
+
+def test_data_set_command_writes_csv_and_ground_truth(tmp_path: Any) -> None:
+    import csv
+
+    from millstream_agent.collectors.simulated import main
+
+    out, truth = tmp_path / "sim.csv", tmp_path / "truth.jsonl"
+    argv = ["--devices", "2", "--hours", "3", "--interval", "10", "--fault-rate", "3"]
+    argv += ["--kind", "pump", "--out", str(out), "--ground-truth", str(truth)]
+    assert main(argv) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert {r["device"] for r in rows} == {"sim-0000", "sim-0001"}
+    assert rows[0]["ts"] == "2026-01-05T00:00:00.000Z" and rows[0]["metric"] == "flow"
+    faults = [json.loads(line) for line in truth.read_text().splitlines()]
+    assert faults and {f["device"] for f in faults} <= {"sim-0000", "sim-0001"}
+    assert main(argv) == 0  # a second run starts a fresh ground-truth file
+    assert len(truth.read_text().splitlines()) == len(faults)

@@ -79,6 +79,7 @@ class AlertEngine:
         self._last_seen: dict[tuple[str, str, str], tuple[int, str]] = {}
         self._recent: dict[tuple[str, str, str], deque[tuple[int, float]]] = {}
         self._clearing: set[str] = set()
+        self.version = 0  # moves with every state change (caches key on it)
 
     # rules
     def set_rules(self, rules: Mapping[str, AnyRule], now: int) -> None:
@@ -236,6 +237,7 @@ class AlertEngine:
     def _record(
         self, alert: Alert, now: int, event: str, detail: dict[str, Any] | None = None
     ) -> None:
+        self.version += 1
         self.store.save_alert(alert)
         self.metrics.transitions.labels(alert.rule, event).inc()
         info = {"value": alert.value, **(detail or {})}
@@ -360,6 +362,7 @@ class AlertEngine:
             counts[alert.state] = counts.get(alert.state, 0) + 1
         for state, n in counts.items():
             self.metrics.alerts.labels(state).set(n)
+        self.metrics.firing.set(counts["firing"])
 
     def _offline_rules(self, now: int, devices: list[DeviceLike]) -> None:
         for rule in self._offline:
@@ -405,6 +408,7 @@ class AlertEngine:
             and now - a.ends_at > self.resolved_retention_ns
         ]
         if old:
+            self.version += 1
             for fp in old:
                 del self.alerts[fp]
             self.store.delete_alerts(old)

@@ -31,24 +31,34 @@ class InhibitRule:
 
 
 class Inhibitor:
+    """Answers "is this alert inhibited, and by which source?" from an index of the firing
+    source alerts, rebuilt only when the set of firing alerts changed (``version``)."""
+
     def __init__(self, rules: Iterable[InhibitRule]) -> None:
         self.rules = list(rules)
+        self._version: object = None
+        self._index: list[dict[tuple[str, ...], list[str]]] = []
 
-    def inhibited_by(
-        self, target: Mapping[str, str], target_fp: str, firing: Iterable[Alert]
-    ) -> str | None:
-        """Fingerprint of a firing alert that inhibits ``target``, or None."""
-        candidates = None
+    def refresh(self, firing: Iterable[Alert], version: object) -> None:
+        if version == self._version and self._index:
+            return
+        alerts = list(firing)
+        self._index = []
         for rule in self.rules:
-            if not match_all(rule.target, target):
+            by_key: dict[tuple[str, ...], list[str]] = {}
+            for src in alerts:
+                if match_all(rule.source, src.labels):
+                    key = tuple(src.labels.get(k, "") for k in rule.equal)
+                    by_key.setdefault(key, []).append(src.fingerprint)
+            self._index.append(by_key)
+        self._version = version
+
+    def inhibited_by(self, target: Mapping[str, str], target_fp: str) -> str | None:
+        """Fingerprint of a firing alert that inhibits ``target``, or None."""
+        for rule, by_key in zip(self.rules, self._index, strict=False):
+            if not by_key or not match_all(rule.target, target):
                 continue
-            if candidates is None:
-                candidates = list(firing)
-            for src in candidates:
-                if src.fingerprint == target_fp:
-                    continue  # an alert never inhibits itself
-                if not match_all(rule.source, src.labels):
-                    continue
-                if all(src.labels.get(k, "") == target.get(k, "") for k in rule.equal):
-                    return src.fingerprint
+            for fp in by_key.get(tuple(target.get(k, "") for k in rule.equal), ()):
+                if fp != target_fp:  # an alert never inhibits itself
+                    return fp
         return None

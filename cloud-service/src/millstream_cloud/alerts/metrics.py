@@ -35,6 +35,11 @@ class AlertMetrics:
             ["state"],
             registry=r,
         )
+        self.firing = Gauge(
+            "millstream_alerts_firing",
+            "Alerts firing now (muted ones included; see millstream_alerts_muted)",
+            registry=r,
+        )
         self.transitions = Counter(
             "millstream_alert_transitions",
             "Alert state changes, by rule and new state",

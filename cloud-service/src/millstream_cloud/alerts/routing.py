@@ -157,7 +157,9 @@ class Dispatcher:
         external_url: str,
         on_notify: Callable[[Notification, str], None] | None = None,
         lock: threading.RLock | None = None,
+        lookup: Callable[[str], Alert | None] | None = None,
     ) -> None:
+        self.lookup = lookup
         self.lock = lock or threading.RLock()
         self.root = root
         self.integrations = integrations
@@ -280,6 +282,12 @@ class Dispatcher:
                 self.sent.pop(ikey, None)
             else:
                 self.sent[ikey] = previous
+            # Resolutions left their group when handed out; put them back so the next
+            # flush carries them again.
+            for fp in entry.resolved:
+                alert = self.lookup(fp) if self.lookup else None
+                if alert is not None and alert.state == "resolved":
+                    self.insert(alert, entry.ts)
 
     def _snapshot(self, a: Alert) -> AlertSnapshot:
         return AlertSnapshot(

@@ -229,7 +229,7 @@ Rule = Annotated[
     Field(discriminator="type"),
 ]
 RULE_TYPES = ("threshold", "anomaly", "offline", "no_data", "rate_of_change")
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(Rule)
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(Rule)  # type: ignore[arg-type]
 AnyRule = ThresholdRule | RateOfChangeRule | AnomalyRule | OfflineRule | NoDataRule
 
 

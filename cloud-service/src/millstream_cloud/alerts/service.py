@@ -11,6 +11,7 @@ through per-integration worker threads, so no receiver can slow the engine down.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from millstream_cloud.alerts.clock import Clock, SystemClock
 from millstream_cloud.alerts.engine import AlertEngine, DeviceLike
 from millstream_cloud.alerts.inhibit import Inhibitor, InhibitRule
-from millstream_cloud.alerts.labels import Matcher, match_all, parse_duration, parse_matchers
+from millstream_cloud.alerts.labels import match_all, parse_duration, parse_matchers
 from millstream_cloud.alerts.metrics import AlertMetrics
 from millstream_cloud.alerts.notifiers.base import Notification, NotifierContext, notifier_types
 from millstream_cloud.alerts.notifiers.delivery import IntegrationWorker, RetryPolicy
@@ -32,8 +33,27 @@ from millstream_cloud.alerts.settings import AlertSettings
 from millstream_cloud.alerts.silences import Silence, Silences
 from millstream_cloud.alerts.store import Alert, AlertStore
 from millstream_cloud.model import Anomaly, Reading
+from millstream_cloud.storage.base import ALERTS, Point, Storage
 
 log = logging.getLogger("millstream.alerts")
+
+
+def alert_point(event: Mapping[str, Any]) -> Point:
+    """One alert transition in the ``alerts`` measurement (what the dashboards query):
+    tags alertname, site, device, metric, severity, state; fields value, summary,
+    fingerprint."""
+    labels = event["labels"]
+    tags = {"alertname": labels.get("alertname", ""), "state": event["state"]}
+    for key in ("site", "device", "metric", "severity"):
+        if labels.get(key):
+            tags[key] = labels[key]
+    value = event.get("value")
+    fields: dict[str, Any] = {
+        "value": float(value) if isinstance(value, (int, float)) else 1.0,
+        "summary": event["annotations"].get("summary", ""),
+        "fingerprint": event["fingerprint"],
+    }
+    return Point(ALERTS, tags, fields, event["time_ns"])
 
 
 class RuleConflict(Exception):
@@ -49,8 +69,19 @@ class AlertService:
         metrics_registry: CollectorRegistry | None = None,
         clock: Clock | None = None,
         config_dir: str | Path | None = None,
+        storage: Storage | None = None,
     ) -> None:
         self.settings = settings
+        self.storage = storage
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._events: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=100_000)
+        self._event_thread = threading.Thread(
+            target=self._event_loop, name="alerts-events", daemon=True
+        )
+        # First, so a bad rules file stops the start before any thread or file is opened.
+        self.file_rules = load_rule_files(
+            settings.rule_files, Path(config_dir) if config_dir else None
+        )
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.devices = devices or (lambda: ())
@@ -62,6 +93,9 @@ class AlertService:
         self.inhibitor = Inhibitor(InhibitRule.from_config(c) for c in settings.inhibit_rules)
         self.resolved_retention_ns = parse_duration(settings.resolved_retention)
         self.workers: list[IntegrationWorker] = []
+        self.notified: list[tuple[str, Notification]] = []  # the last few, for a summary
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         integrations = self._integrations()
         self.engine = AlertEngine(
             self.store,
@@ -79,9 +113,7 @@ class AlertService:
             settings.external_url,
             on_notify=self._on_notify,
             lock=self.lock,
-        )
-        self.file_rules = load_rule_files(
-            settings.rule_files, Path(config_dir) if config_dir else None
+            lookup=lambda fp: self.engine.alerts.get(fp),
         )
         self.api_rules: dict[str, AnyRule] = {}
         for body in self.store.load_rules():
@@ -98,10 +130,34 @@ class AlertService:
         with self.lock:
             self.engine.set_rules(self._all_rules(), now)
             self._restore(now)
-            self.dispatcher.flush_due(now)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.notified: list[tuple[str, Notification]] = []  # last few, for the demo summary
+            with self.store.transaction():  # after the engine's commit
+                self.dispatcher.flush_due(now)
+        self._event_thread.start()
+
+    @classmethod
+    def for_services(
+        cls, services: Any, settings: AlertSettings, clock: Clock | None = None
+    ) -> AlertService:
+        """Build one for a ``Services`` and hook it in: readings from the ingest pipeline,
+        anomalies from the anomaly sink, devices from the registry, metrics and the
+        ``alerts`` measurement into the service's registry and storage; reachable as
+        ``services.alerts`` (when Services has that field) and ``services.extras["alerts"]``."""
+        svc = cls(
+            settings,
+            services.settings.data_path,
+            devices=services.registry.all,
+            metrics_registry=services.metrics.registry,
+            clock=clock,
+            storage=getattr(services, "storage", None),
+        )
+        services.pipeline.hooks.append(svc.observe_readings)
+        anomalies = getattr(services, "anomalies", None)
+        if anomalies is not None and hasattr(anomalies, "hooks"):
+            anomalies.hooks.append(svc.observe_anomalies)
+        services.extras["alerts"] = svc
+        if hasattr(services, "alerts"):
+            services.alerts = svc
+        return svc
 
     # wiring
     def _integrations(self) -> dict[str, list[Integration]]:
@@ -150,6 +206,49 @@ class AlertService:
 
     def _on_change(self, alert: Alert, now: int) -> None:
         self.dispatcher.insert(alert, now)
+        if self.storage is not None or self.listeners:
+            event = {
+                "time_ns": now,
+                "fingerprint": alert.fingerprint,
+                "state": alert.state,
+                "labels": dict(alert.labels),
+                "annotations": dict(alert.annotations),
+                "value": alert.value,
+                "starts_at": alert.starts_at,
+                "ends_at": alert.ends_at,
+            }
+            try:
+                self._events.put_nowait(event)
+            except queue.Full:
+                log.warning("alert event queue full; %s %s not recorded", alert.name, alert.state)
+
+    def _event_loop(self) -> None:
+        """Alert transitions to the ``alerts`` measurement and to listeners (Grafana
+        annotations), off the engine's path so a slow store or Grafana delays nobody."""
+        while True:
+            first = self._events.get()
+            batch = [first]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            events = [e for e in batch if e is not None]
+            try:
+                if events and self.storage is not None:
+                    self.storage.write_points([alert_point(e) for e in events])
+            except Exception:
+                log.exception("writing %d alert events to storage failed", len(events))
+            for e in events:
+                for listener in self.listeners:
+                    try:
+                        listener(e)
+                    except Exception:
+                        log.exception("alert listener %r failed", listener)
+            for _ in batch:
+                self._events.task_done()
+            if first is None or None in batch:
+                return
 
     def _on_forget(self, fingerprints: list[str]) -> None:
         self.dispatcher.remove(fingerprints)
@@ -174,8 +273,14 @@ class AlertService:
         return self.silences.muting(alert.labels, now)
 
     def inhibited_by(self, alert: Alert) -> str | None:
-        firing = [a for a in self.engine.alerts.values() if a.state == "firing"]
-        return self.inhibitor.inhibited_by(alert.labels, alert.fingerprint, firing)
+        if not self.inhibitor.rules:
+            return None
+        with self.lock:
+            self.inhibitor.refresh(
+                (a for a in self.engine.alerts.values() if a.state == "firing"),
+                self.engine.version,
+            )
+            return self.inhibitor.inhibited_by(alert.labels, alert.fingerprint)
 
     # inputs
     def now(self) -> int:
@@ -187,16 +292,20 @@ class AlertService:
             return
         with self.lock:
             now = self.clock.now_ns()
-            self.engine.observe_readings(readings, now)
-            self.dispatcher.flush_due(now)
+            with self.store.transaction():
+                self.engine.observe_readings(readings, now)
+            with self.store.transaction():  # after the engine's commit
+                self.dispatcher.flush_due(now)
 
     def observe_anomalies(self, anomalies: Sequence[Anomaly]) -> None:
         if not self.settings.enabled or not anomalies:
             return
         with self.lock:
             now = self.clock.now_ns()
-            self.engine.observe_anomalies(anomalies, now)
-            self.dispatcher.flush_due(now)
+            with self.store.transaction():
+                self.engine.observe_anomalies(anomalies, now)
+            with self.store.transaction():  # after the engine's commit
+                self.dispatcher.flush_due(now)
 
     def tick(self, now: int | None = None) -> None:
         """Evaluate time-based rules and group timers (the background thread calls this)."""
@@ -205,8 +314,10 @@ class AlertService:
         now = self.clock.now_ns() if now is None else now
         devices = list(self.devices())
         with self.lock:
-            self.engine.evaluate_time(now, devices)
-            self.dispatcher.tick(now)
+            with self.store.transaction():
+                self.engine.evaluate_time(now, devices)
+            with self.store.transaction():
+                self.dispatcher.tick(now)
             muted = {"silenced": 0, "inhibited": 0}
             for a in self.engine.alerts.values():
                 if a.state == "firing":
@@ -239,8 +350,11 @@ class AlertService:
                 log.exception("alert evaluation failed")
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Block until every queued notification is delivered or given up (tests, bench)."""
+        """Block until every queued notification is delivered or given up and every alert
+        event is recorded (tests, bench)."""
         deadline = time.monotonic() + timeout
+        while self._events.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
         return all(w.wait_idle(max(0.0, deadline - time.monotonic())) for w in self.workers)
 
     def stop(self) -> None:
@@ -250,6 +364,9 @@ class AlertService:
             self._thread = None
         for w in self.workers:
             w.stop()
+        if self._event_thread.is_alive():
+            self._events.put(None)
+            self._event_thread.join(timeout=5)
         self.store.close()
 
     # queries and actions for the API
@@ -388,8 +505,10 @@ class AlertService:
             now = self.clock.now_ns()
             self.store.save_rule(rule.name, rule.to_dict(), now)
             self.api_rules[rule.name] = rule
-            self.engine.set_rules(self._all_rules(), now)
-            self.dispatcher.flush_due(now)
+            with self.store.transaction():
+                self.engine.set_rules(self._all_rules(), now)
+            with self.store.transaction():  # after the engine's commit
+                self.dispatcher.flush_due(now)
         return {**rule.to_dict(), "source": "api"}
 
     def delete_rule(self, name: str) -> None:
@@ -403,8 +522,10 @@ class AlertService:
             del self.api_rules[name]
             self.store.delete_rule(name)
             now = self.clock.now_ns()
-            self.engine.set_rules(self._all_rules(), now)
-            self.dispatcher.flush_due(now)
+            with self.store.transaction():
+                self.engine.set_rules(self._all_rules(), now)
+            with self.store.transaction():  # after the engine's commit
+                self.dispatcher.flush_due(now)
 
     # silences
     def silence_json(self, s: Silence) -> dict[str, Any]:
@@ -444,6 +565,3 @@ class AlertService:
     def expire_silence(self, silence_id: str) -> Silence:
         with self.lock:
             return self.silences.expire(silence_id, self.clock.now_ns())
-
-    def matchers_of(self, texts: Sequence[str]) -> list[Matcher]:
-        return parse_matchers(texts)

@@ -170,6 +170,14 @@ class AlertSettings(_Section):
     inhibit_rules: list[InhibitRuleConfig] = Field(default_factory=_default_inhibit)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
 
+    @field_validator("rule_files", mode="before")
+    @classmethod
+    def _rule_files(cls, v: Any) -> Any:
+        # From the environment: MILLSTREAM_ALERTS__RULE_FILES=default,/etc/millstream/plant.yaml
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
     @field_validator("resolved_retention")
     @classmethod
     def _retention(cls, v: Any) -> str:

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
-from millstream_cloud.api import anomalies, deadletters, devices, health, remote
+from millstream_cloud.api import alerts, anomalies, deadletters, devices, health, remote
+from millstream_cloud.grafana import query_api
 
-ROUTERS = [health.router, devices.router, deadletters.router, anomalies.router, remote.router]
+ROUTERS = [
+    health.router,
+    devices.router,
+    deadletters.router,
+    anomalies.router,
+    remote.router,
+    query_api.router,
+    alerts.router,
+]

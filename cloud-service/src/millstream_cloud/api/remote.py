@@ -16,8 +16,8 @@ router = APIRouter(prefix="/api/v1/devices", tags=["remote config and commands"]
 
 
 def _remote(services: Services) -> RemoteService:
-    remote = services.extras.get("remote")
-    if not isinstance(remote, RemoteService):
+    remote = services.remote
+    if remote is None:
         raise HTTPException(503, "remote configuration is not running in this instance")
     return remote
 

@@ -62,7 +62,9 @@ def create(name: str, **params: Any) -> Any:
     try:
         factory = _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown detector {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise KeyError(
+            f"unknown detector {name!r}; known: {', '.join(sorted(_REGISTRY))}"
+        ) from None
     return factory(**params)
 
 

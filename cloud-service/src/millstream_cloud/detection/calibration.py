@@ -180,8 +180,13 @@ class Hysteresis:
         return self.active, False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"on": self.on, "off": self.off, "min_on": self.min_on,
-                "active": self.active, "held": self._held}
+        return {
+            "on": self.on,
+            "off": self.off,
+            "min_on": self.min_on,
+            "active": self.active,
+            "held": self._held,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.on, self.off = float(state["on"]), float(state["off"])

@@ -59,8 +59,12 @@ class PCAT2Q:
         return self
 
     def _check(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        if self.mean_ is None or self.scale_ is None or self.components_ is None \
-                or self.eigvals_ is None:
+        if (
+            self.mean_ is None
+            or self.scale_ is None
+            or self.components_ is None
+            or self.eigvals_ is None
+        ):
             raise RuntimeError("PCAT2Q is not fitted; call fit(X) first")
         return self.mean_, self.scale_, self.components_, self.eigvals_
 
@@ -86,9 +90,16 @@ class PCAT2Q:
         def lst(a: np.ndarray | None) -> list[Any] | None:
             return None if a is None else a.tolist()
 
-        return {"variance": self.variance, "quantile": self.quantile, "mean": lst(self.mean_),
-                "scale": lst(self.scale_), "components": lst(self.components_),
-                "eigvals": lst(self.eigvals_), "t2_ref": self.t2_ref_, "q_ref": self.q_ref_}
+        return {
+            "variance": self.variance,
+            "quantile": self.quantile,
+            "mean": lst(self.mean_),
+            "scale": lst(self.scale_),
+            "components": lst(self.components_),
+            "eigvals": lst(self.eigvals_),
+            "t2_ref": self.t2_ref_,
+            "q_ref": self.q_ref_,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         def arr(v: Any) -> np.ndarray | None:
@@ -109,8 +120,9 @@ class IsolationForestDetector:
     seed), which keeps persistence to plain JSON.
     """
 
-    def __init__(self, n_estimators: int = 100, max_samples: int = 256,
-                 random_state: int = 0) -> None:
+    def __init__(
+        self, n_estimators: int = 100, max_samples: int = 256, random_state: int = 0
+    ) -> None:
         self.n_estimators = n_estimators
         self.max_samples = max_samples
         self.random_state = random_state
@@ -134,9 +146,12 @@ class IsolationForestDetector:
         return -np.asarray(self._model.score_samples(_as2d(X)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n_estimators": self.n_estimators, "max_samples": self.max_samples,
-                "random_state": self.random_state,
-                "train": None if self._train is None else self._train.tolist()}
+        return {
+            "n_estimators": self.n_estimators,
+            "max_samples": self.max_samples,
+            "random_state": self.random_state,
+            "train": None if self._train is None else self._train.tolist(),
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.n_estimators = int(state["n_estimators"])

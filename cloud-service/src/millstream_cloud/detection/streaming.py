@@ -121,8 +121,13 @@ class SeasonalResidual:
     stays silent.
     """
 
-    def __init__(self, detect_after: int = 600, short: int = 8, min_acf: float = 0.5,
-                 period: int | None = None) -> None:
+    def __init__(
+        self,
+        detect_after: int = 600,
+        short: int = 8,
+        min_acf: float = 0.5,
+        period: int | None = None,
+    ) -> None:
         self.detect_after = detect_after
         self.short = short
         self.min_acf = min_acf
@@ -176,9 +181,15 @@ class SeasonalResidual:
                 self.hist = deque(self.hist, maxlen=max(self.detect_after, self.period + 1))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"detect_after": self.detect_after, "short": self.short, "min_acf": self.min_acf,
-                "period": self.period, "hist": list(self.hist), "resid": list(self.resid),
-                "n": self.n}
+        return {
+            "detect_after": self.detect_after,
+            "short": self.short,
+            "min_acf": self.min_acf,
+            "period": self.period,
+            "hist": list(self.hist),
+            "resid": list(self.resid),
+            "n": self.n,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.detect_after, self.short = int(state["detect_after"]), int(state["short"])
@@ -206,10 +217,18 @@ class StreamingEnsemble:
     incident should raise one early alarm.
     """
 
-    def __init__(self, history: int = 750, short: int = 8, warmup: int = 100,
-                 refractory: int = 0, alert_level: float = 0.5,
-                 components: tuple[str, ...] = COMPONENTS, detect_after: int | None = None,
-                 weights: dict[str, float] | None = None, long: int = 0) -> None:
+    def __init__(
+        self,
+        history: int = 750,
+        short: int = 8,
+        warmup: int = 100,
+        refractory: int = 0,
+        alert_level: float = 0.5,
+        components: tuple[str, ...] = COMPONENTS,
+        detect_after: int | None = None,
+        weights: dict[str, float] | None = None,
+        long: int = 0,
+    ) -> None:
         self.history = history
         self.short = short
         self.long = long
@@ -298,10 +317,16 @@ class StreamingEnsemble:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "params": {"history": self.history, "short": self.short, "long": self.long,
-                       "warmup": self.warmup,
-                       "refractory": self.refractory, "alert_level": self.alert_level,
-                       "components": list(self.components), "weights": self.weights},
+            "params": {
+                "history": self.history,
+                "short": self.short,
+                "long": self.long,
+                "warmup": self.warmup,
+                "refractory": self.refractory,
+                "alert_level": self.alert_level,
+                "components": list(self.components),
+                "weights": self.weights,
+            },
             "parts": {k: p.state_dict() for k, p in self.parts.items()},
             "cal": {k: c.state_dict() for k, c in self.cal.items()},
             "n": self.n,

@@ -9,12 +9,14 @@ names (``mean``, ``mean_1``, ``mean_temp`` for ``mean(*)``).
 
 Two paths produce the same result:
 
-* **pushdown**: ``GROUP BY time`` with aggregates the storage knows, equality tag filters
-  and tag grouping go to the backend as one :class:`SeriesQuery` per (aggregate, field),
-  so a week of 1 Hz data is aggregated where it lives; the engine only fills buckets;
-* **raw**: anything else (regex and ``!=`` filters, ``OR``, field conditions, selectors
-  without ``GROUP BY time``, raw selects) reads the points of the matching series in the
-  time range and evaluates the statement here.
+* **pushdown**: aggregates with equality tag filters (also Grafana's ``/^(a|b)$/``, as one
+  storage query per value), tag grouping and ``GROUP BY time`` (or a whole-range
+  aggregate, as at most two buckets folded here) go to the backend as
+  :class:`SeriesQuery` objects, so a week of 1 Hz data is aggregated where it lives;
+  ``first``/``last`` too when each group holds one series of the field;
+* **raw**: anything else (other regexes, ``!=``, ``OR``, field conditions, a single
+  selector's point time, raw selects, ties between series) reads the points of the
+  matching series in the time range and evaluates the statement here.
 """
 
 from __future__ import annotations
@@ -68,9 +70,8 @@ KNOWN_UNSUPPORTED = {
     "kaufmans_efficiency_ratio", "kaufmans_adaptive_moving_average", "triple_exponential_moving_average",
     "triple_exponential_derivative", "relative_strength_index",
 }  # fmt: skip
-# Aggregates whose bucket value does not depend on which series wins a tie in time.
-PUSHDOWN_AGGREGATES = ("mean", "min", "max", "count", "sum")
 MAX_BUCKETS = 1_000_000
+MAX_PUSHDOWN_QUERIES = 64
 MIN_TIME = -(2**63) + 2
 MAX_TIME = 2**63 - 2
 EPOCH_DIVISORS = {"ns": 1, "n": 1, "u": 1_000, "µ": 1_000, "ms": 1_000_000, "s": 10**9,
@@ -275,7 +276,8 @@ def compile_predicate(expr: Expr | None, field_names: Iterable[str]) -> Predicat
                 raise InfluxQLError(f"invalid operator for {_render(rhs)}: {_render(e)}")
             lit = _literal(rhs)
             name = lhs.name
-            if name in fields:
+            is_field = name in fields if lhs.dtype is None else lhs.dtype == "field"
+            if is_field:
                 return lambda t, v: _compare(op, v.get(name), lit)
             # a tag: a series without it has the empty value, as in InfluxDB
             if op not in ("=", "!=", "=~", "!~"):
@@ -304,6 +306,86 @@ def _dnf(expr: Expr) -> list[list[Expr]]:
     return [[expr]]
 
 
+_REGEX_SPECIAL = set(".^$*+?()[]{}|\\")
+
+
+def regex_literals(pattern: str) -> list[str] | None:
+    """The exact values ``/^value$/`` or ``/^(a|b)$/`` matches, else None.
+
+    That is what Grafana writes for a variable in ``=~ /^$var$/``; knowing the values
+    lets the engine hand the filter to the storage as equalities.
+    """
+    if not (pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$")):
+        return None
+    body = pattern[1:-1]
+    if body.startswith("(") and body.endswith(")"):
+        body = body[1:-1]
+    values, cur, i = [], [], 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\":
+            if i + 1 >= len(body) or body[i + 1].isalnum():
+                return None  # \d, \w...: a class, not a literal
+            cur.append(body[i + 1])
+            i += 2
+            continue
+        if c == "|":
+            values.append("".join(cur))
+            cur = []
+        elif c in _REGEX_SPECIAL:
+            return None
+        else:
+            cur.append(c)
+        i += 1
+    values.append("".join(cur))
+    if any(v == "" for v in values):
+        return None
+    return values
+
+
+def pushdown_filters(expr: Expr | None, tag_keys: Iterable[str]) -> list[dict[str, str]] | None:
+    """``expr`` as a list of equality tag sets whose union it selects, or None.
+
+    Only ANDs of ``tag = 'v'`` and ``tag =~ /^(v1|v2)$/`` qualify.
+    """
+    keys = set(tag_keys)
+    combos: list[dict[str, str]] = [{}]
+    for c in _conjuncts(expr):
+        if not (isinstance(c, BinaryExpr) and isinstance(c.lhs, VarRef) and c.lhs.name in keys):
+            return None
+        if c.lhs.dtype == "field":
+            return None
+        name = c.lhs.name
+        if c.op == "=" and isinstance(c.rhs, StringLit) and c.rhs.value != "":
+            options = [c.rhs.value]
+        elif c.op == "=~" and isinstance(c.rhs, RegexLit):
+            found = regex_literals(c.rhs.pattern)
+            if found is None:
+                return None
+            options = sorted(set(found))
+        else:
+            return None
+        merged = []
+        for combo in combos:
+            for v in options:
+                if combo.get(name, v) == v:
+                    merged.append({**combo, name: v})
+        combos = merged
+        if len(combos) > MAX_PUSHDOWN_QUERIES:
+            return None
+    return combos
+
+
+def _merge(agg: str | None, a: FieldValue, b: FieldValue) -> FieldValue:
+    if agg in ("sum", "count"):
+        return a + b  # type: ignore[operator]
+    if agg == "min":
+        return min(a, b)  # type: ignore[type-var]
+    if agg == "max":
+        return max(a, b)  # type: ignore[type-var]
+    raise InfluxQLError(f"cannot merge {agg}() across tag sets")
+
+
 def equality_tags(expr: Expr | None, tag_keys: Iterable[str]) -> tuple[dict[str, str], bool]:
     """Equality filters on tags that can go to the storage, and whether they are all of it."""
     tags: dict[str, str] = {}
@@ -316,6 +398,7 @@ def equality_tags(expr: Expr | None, tag_keys: Iterable[str]) -> tuple[dict[str,
             and isinstance(c.lhs, VarRef)
             and isinstance(c.rhs, StringLit)
             and c.lhs.name in keys
+            and c.lhs.dtype != "field"
             and c.rhs.value != ""
             and tags.get(c.lhs.name, c.rhs.value) == c.rhs.value
         ):
@@ -345,7 +428,7 @@ def _tie_key(p: tuple[int, FieldValue]) -> tuple[int, Any]:
 
 
 def aggregate(
-    func: str, points: list[tuple[int, FieldValue]]
+    func: str | None, points: list[tuple[int, FieldValue]]
 ) -> tuple[int | None, FieldValue | None]:
     """(time of the selected point or None, value) of ``func`` over time-ordered points."""
     if not points:
@@ -420,6 +503,22 @@ def apply_fill(
 
 # --------------------------------------------------------------------------- engine
 
+Groups = dict[tuple[str, ...], list[list[Any]]]  # group tag values -> rows [time, v1, ...]
+
+
+@dataclass
+class _Plan:
+    """One SELECT with everything resolved against the storage."""
+
+    stmt: SelectStatement
+    measurement: str
+    columns: list[Column]
+    tr: TimeRange
+    cond: Expr | None
+    dims: list[str]
+    field_types: Mapping[str, str]
+    tag_keys: list[str]
+
 
 class QueryEngine:
     """Answers InfluxQL over a storage backend, as database ``millstream``."""
@@ -437,18 +536,22 @@ class QueryEngine:
         self.pushdown = pushdown
 
     # -- entry points
-    def execute(self, text: str, db: str | None = None, epoch: str | None = None) -> dict[str, Any]:
+    def execute(
+        self, text: str, db: str | None = None, epoch: str | None = None, rp: str | None = None
+    ) -> dict[str, Any]:
         """The InfluxDB JSON body for ``text``; raises :class:`ParseError` for bad syntax."""
         statements = parse(text)
         results = []
         for i, stmt in enumerate(statements):
-            res = self.run(stmt, db, epoch)
+            res = self.run(stmt, db, epoch, rp)
             results.append(res.as_json(i))
             if res.error is not None:
                 break  # InfluxDB stops at the first failing statement
         return {"results": results}
 
-    def run(self, stmt: Statement, db: str | None, epoch: str | None) -> StatementResult:
+    def run(
+        self, stmt: Statement, db: str | None, epoch: str | None, rp: str | None = None
+    ) -> StatementResult:
         if epoch is not None and epoch not in EPOCH_DIVISORS:
             epoch = None
         try:
@@ -481,7 +584,7 @@ class QueryEngine:
             if isinstance(stmt, ShowFieldKeysStatement):
                 return self._show_field_keys(stmt, db)
             if isinstance(stmt, SelectStatement):
-                return self._select(stmt, db, epoch)
+                return self._select(stmt, db, epoch, rp)
         except InfluxQLError as exc:
             return StatementResult(error=str(exc))
         return StatementResult(error="statement not supported")
@@ -493,10 +596,11 @@ class QueryEngine:
         if db != self.database:
             raise InfluxQLError(f"database not found: {db}")
 
-    def _measurement(self, m: Measurement, db: str | None) -> str:
+    def _measurement(self, m: Measurement, db: str | None, rp: str | None = None) -> str:
         self._check_db(m.database or db)
-        if m.retention_policy and m.retention_policy != RETENTION_POLICY:
-            raise InfluxQLError(f"retention policy not found: {m.retention_policy}")
+        policy = m.retention_policy or rp
+        if policy and policy != RETENTION_POLICY:
+            raise InfluxQLError(f"retention policy not found: {policy}")
         assert m.name is not None
         return m.name
 
@@ -610,8 +714,10 @@ class QueryEngine:
         return out
 
     # -- SELECT
-    def _select(self, s: SelectStatement, db: str | None, epoch: str | None) -> StatementResult:
-        measurement = self._measurement(s.source, db)
+    def _select(
+        self, s: SelectStatement, db: str | None, epoch: str | None, rp: str | None = None
+    ) -> StatementResult:
+        measurement = self._measurement(s.source, db, rp)
         now = self.now_ns()
         tr, cond = split_condition(s.condition, now)
         if measurement not in self.storage.measurements():
@@ -630,16 +736,15 @@ class QueryEngine:
             return StatementResult()
         if not columns:
             return StatementResult()
+        plan = _Plan(s, measurement, columns, tr, cond, dims, field_types, tag_keys)
+        groups: Groups | None = None
         if aggregated:
-            groups = None
-            if self.pushdown and s.time_dimension:
-                groups = self._pushdown(s, measurement, columns, tr, cond, dims, tag_keys)
+            if self.pushdown:
+                groups = self._pushdown(plan)
             if groups is None:
-                groups = self._aggregate_raw(
-                    s, measurement, columns, tr, cond, dims, field_types, tag_keys
-                )
+                groups = self._aggregate_raw(plan)
         else:
-            groups = self._raw(s, measurement, columns, tr, cond, dims, field_types, tag_keys)
+            groups = self._raw(plan)
         names = [c.name for c in columns]
         series = []
         for gkey in sorted(groups, reverse=s.descending):
@@ -769,8 +874,15 @@ class QueryEngine:
                 out[key] = kept
         return out
 
-    def _raw(self, s, measurement, columns, tr, cond, dims, field_types, tag_keys):  # type: ignore[no-untyped-def]
-        data = self._read(measurement, [c.source for c in columns], tr, cond, field_types, tag_keys)
+    def _raw(self, plan: _Plan) -> Groups:
+        columns, dims, field_types, tag_keys = (
+            plan.columns,
+            plan.dims,
+            plan.field_types,
+            plan.tag_keys,
+        )
+        data = self._read(plan.measurement, [c.source for c in columns], plan.tr, plan.cond,
+                          field_types, tag_keys)  # fmt: skip
         idx = {k: i for i, k in enumerate(tag_keys)}
         groups: dict[tuple[str, ...], list[tuple[int, tuple[str, ...], list[Any]]]] = {}
         for skey, rows in data.items():
@@ -795,8 +907,11 @@ class QueryEngine:
             out[gkey] = [row for _, _, row in items]
         return out
 
-    def _aggregate_raw(self, s, measurement, columns, tr, cond, dims, field_types, tag_keys):  # type: ignore[no-untyped-def]
-        data = self._read(measurement, [c.source for c in columns], tr, cond, field_types, tag_keys)
+    def _aggregate_raw(self, plan: _Plan) -> Groups:
+        s, columns, tr, dims = plan.stmt, plan.columns, plan.tr, plan.dims
+        tag_keys = plan.tag_keys
+        data = self._read(plan.measurement, [c.source for c in columns], tr, plan.cond,
+                          plan.field_types, tag_keys)  # fmt: skip
         idx = {k: i for i, k in enumerate(tag_keys)}
         # group -> field -> [(time, value)]
         points: dict[tuple[str, ...], dict[str, list[tuple[int, FieldValue]]]] = {}
@@ -817,10 +932,10 @@ class QueryEngine:
                 row: list[Any] = [tr.start if tr.has_start else 0]
                 single_selector = len(columns) == 1 and columns[0].func in SELECTORS
                 for c in columns:
-                    t, v = aggregate(c.func, per_field.get(c.source, []))
-                    if single_selector and t is not None:
-                        row[0] = t
-                    row.append(v)
+                    sel_t, sel_v = aggregate(c.func, per_field.get(c.source, []))
+                    if single_selector and sel_t is not None:
+                        row[0] = sel_t
+                    row.append(sel_v)
                 out[gkey] = [row]
                 continue
             buckets: dict[int, dict[str, list[tuple[int, FieldValue]]]] = {}
@@ -872,35 +987,114 @@ class QueryEngine:
         }
         return apply_fill(rows, ncols, s.fill, s.fill_value, count_cols)
 
-    def _pushdown(self, s, measurement, columns, tr, cond, dims, tag_keys):  # type: ignore[no-untyped-def]
-        """Aggregate in the storage when the statement allows it, else None."""
+    def _pushdown(self, plan: _Plan) -> Groups | None:
+        """Aggregate in the storage when the answer stays exact, else None (raw path).
+
+        ``first``/``last`` go to the storage per series; when a group turns out to hold
+        several series of a field, InfluxDB's tie-breaking between them needs the points
+        and the raw path answers instead. Without ``GROUP BY time``, the WHERE range is
+        covered by at most two epoch-aligned buckets whose answers are folded (a mean as
+        sum / count).
+        """
+        s, measurement, columns, tr = plan.stmt, plan.measurement, plan.columns, plan.tr
+        cond, dims, tag_keys = plan.cond, plan.dims, plan.tag_keys
         td = s.time_dimension
-        eq, complete = equality_tags(cond, tag_keys)
-        if not complete or td.offset_ns or any(d not in tag_keys for d in dims):
+        if any(d not in tag_keys for d in dims) or any(c.func is None for c in columns):
             return None
-        if any(c.func not in PUSHDOWN_AGGREGATES for c in columns):
-            return None  # first/last: InfluxDB's tie-breaking between series needs the points
+        if td is not None:
+            if td.offset_ns:
+                return None
+            every = td.interval_ns
+        else:
+            if not (tr.has_start and tr.has_end):
+                return None
+            if len(columns) == 1 and columns[0].func in SELECTORS:
+                return None  # the answer's time is the selected point's: needs the points
+            every = 1 << (tr.end - tr.start).bit_length()  # >= the span: at most 2 buckets
+        filters = pushdown_filters(cond, tag_keys)
+        if filters is None or len(filters) > MAX_PUSHDOWN_QUERIES:
+            return None
+        if len(filters) > 1 and td is not None:
+            # Several tag sets (Grafana's /^(a|b)$/): their answers merge exactly when each
+            # lands in its own group, or when the aggregate merges (a sum of sums...).
+            varying = {k for f in filters for k in f if any(f.get(k) != g.get(k) for g in filters)}
+            if not varying <= set(dims) and any(c.func == "mean" for c in columns):
+                return None
+        requests: set[tuple[str, str]] = set()
+        for c in columns:
+            assert c.func is not None
+            if c.func == "mean" and td is None:
+                requests |= {("sum", c.source), ("count", c.source)}
+            else:
+                requests.add((c.func, c.source))
         start = None if tr.start == MIN_TIME else tr.start
         end = None if tr.end == MAX_TIME else tr.end + 1
+        # (agg, field) -> group -> bucket -> value
         results: dict[tuple[str, str], dict[tuple[str, ...], dict[int, FieldValue]]] = {}
-        for agg, fld in {(c.func, c.source) for c in columns}:
+        for agg, fld in sorted(requests):
             got = results.setdefault((agg, fld), {})
-            for ser in self.storage.query(
-                SeriesQuery(measurement, [fld], tags=eq, start_ns=start, end_ns=end,
-                            every_ns=td.interval_ns, agg=agg, group_by=list(dims))
-            ):  # fmt: skip
-                gkey = tuple(ser.tags.get(d, "") or "" for d in dims)
-                got.setdefault(gkey, {}).update(ser.points)
+            per_series = agg in SELECTORS[:2]  # first, last
+            seen: dict[tuple[str, ...], set[tuple[str, ...]]] = {}
+            for eq in filters:
+                group_by = list(tag_keys) if per_series else list(dims)
+                query = SeriesQuery(measurement, [fld], tags=eq, start_ns=start, end_ns=end,
+                                    every_ns=every, agg=agg, group_by=group_by)  # fmt: skip
+                for ser in self.storage.query(query):
+                    if not ser.points:
+                        continue
+                    gkey = tuple(ser.tags.get(d, "") or "" for d in dims)
+                    if per_series:
+                        skey = tuple(ser.tags.get(k, "") or "" for k in tag_keys)
+                        seen.setdefault(gkey, set()).add(skey)
+                        if len(seen[gkey]) > 1:
+                            return None
+                    buckets = got.setdefault(gkey, {})
+                    for b, v in ser.points:
+                        buckets[b] = v if b not in buckets else _merge(agg, buckets[b], v)
         gkeys = {g for per in results.values() for g in per}
-        out = {}
+        out: Groups = {}
         for gkey in gkeys:
+            if td is None:
+                row = [tr.start, *(self._fold(c, results, gkey) for c in columns)]
+                if any(v is not None for v in row[1:]):
+                    out[gkey] = [row]
+                continue
             values: dict[int, list[Any]] = {}
             for i, c in enumerate(columns):
-                for b, v in results.get((c.func, c.source), {}).get(gkey, {}).items():
+                for b, v in results.get((str(c.func), c.source), {}).get(gkey, {}).items():
                     values.setdefault(b, [None] * len(columns))[i] = v
             values = {b: v for b, v in values.items() if any(x is not None for x in v)}
             if not values:
                 continue
-            present = {c.source for c in columns if results.get((c.func, c.source), {}).get(gkey)}
+            present = {
+                c.source for c in columns if results.get((str(c.func), c.source), {}).get(gkey)
+            }
             out[gkey] = self._fill_buckets(s, tr, values, columns, min(values), present)
         return out
+
+    @staticmethod
+    def _fold(
+        c: Column,
+        results: Mapping[tuple[str, str], Mapping[tuple[str, ...], Mapping[int, FieldValue]]],
+        gkey: tuple[str, ...],
+    ) -> FieldValue | None:
+        """One column's value over the whole range, from its (at most two) buckets."""
+
+        def buckets(agg: str) -> list[tuple[int, FieldValue]]:
+            return sorted(results.get((agg, c.source), {}).get(gkey, {}).items())
+
+        if c.func == "mean":
+            sums, counts = buckets("sum"), buckets("count")
+            n = sum(int(v) for _, v in counts)
+            return math.fsum(float(v) for _, v in sums) / n if n else None
+        got = buckets(str(c.func))
+        if not got:
+            return None
+        if c.func == "first":
+            return got[0][1]
+        if c.func == "last":
+            return got[-1][1]
+        value = got[0][1]
+        for _, v in got[1:]:
+            value = _merge(c.func, value, v)
+        return value

@@ -35,6 +35,7 @@ class ParseError(InfluxQLError):
 @dataclass(frozen=True)
 class VarRef:
     name: str
+    dtype: str | None = None  # from a "name"::tag or "name"::field cast
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ DURATION_UNITS_NS = {
 _DURATION_RE = re.compile(r"(\d+)(ns|ms|u|µ|s|m|h|d|w)(?![A-Za-z0-9_])")
 _NUMBER_RE = re.compile(r"\d+(\.\d*)?([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_OPERATORS = ("=~", "!~", "!=", "<>", "<=", ">=", "=", "<", ">", "+", "-", "*", "/", "%")
+_OPERATORS = ("::", "=~", "!~", "!=", "<>", "<=", ">=", "=", "<", ">", "+", "-", "*", "/", "%")
 _PUNCT = "(),;."
 
 
@@ -752,6 +753,12 @@ class Parser:
                         args.append(self.expr())
                 self.expect_punct(")")
                 return Call(t.value.lower(), tuple(args))
+            if self.is_op("::"):
+                self.i += 1
+                dtype = self.ident("tag, field, float, integer, string or boolean").lower()
+                if dtype not in ("tag", "field", "float", "integer", "string", "boolean"):
+                    raise InfluxQLError(f"unknown type cast ::{dtype}")
+                return VarRef(t.value, "tag" if dtype == "tag" else "field")
             return VarRef(t.value)
         raise self.error("identifier, string, number, bool")
 

@@ -7,9 +7,11 @@ Statements run through :class:`~millstream_cloud.grafana.engine.QueryEngine` ove
 configured storage backend, so the dashboards work on the embedded store too.
 
 Credentials arrive the InfluxDB ways (``u``/``p`` parameters, Basic, ``Authorization:
-Token``). They are parsed into :class:`InfluxCredentials` and handed to the callable in
-``services.extras["influx_authorizer"]`` when there is one; without it every request is
-let in (the token checks of the security module plug in there).
+Token``). The API's token middleware (:mod:`millstream_cloud.security.auth`) checks them
+before the route runs (``/query`` needs the ``read`` scope, by GET or POST). Beyond that,
+they are parsed into :class:`InfluxCredentials` and handed to the callable in
+``services.extras["influx_authorizer"]`` when there is one (e.g. to limit a token to some
+sites); without it every request that got through is answered.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from millstream_cloud.api.deps import get_services
 from millstream_cloud.grafana.engine import EPOCH_DIVISORS, QueryEngine
 from millstream_cloud.grafana.influxql import InfluxQLError, ParseError
+from millstream_cloud.security.auth import needs_scope
 from millstream_cloud.services import Services
 
 log = logging.getLogger("millstream.grafana.query")
@@ -110,7 +113,9 @@ def run_query(engine: QueryEngine, params: dict[str, str]) -> tuple[int, dict[st
     if epoch is not None and epoch not in EPOCH_DIVISORS:
         epoch = None  # InfluxDB answers RFC 3339 for an unknown precision
     try:
-        return 200, engine.execute(q, db=params.get("db") or None, epoch=epoch)
+        return 200, engine.execute(
+            q, db=params.get("db") or None, epoch=epoch, rp=params.get("rp") or None
+        )
     except ParseError as exc:
         return 400, {"error": str(exc)}
     except InfluxQLError as exc:
@@ -139,7 +144,8 @@ async def query_get(request: Request, services: Services = Depends(get_services)
     return await _query(request, services)
 
 
-@router.post("/query")
+# Grafana POSTs queries; they only read, so a read-scope token must do (see security.auth).
+@router.post("/query", openapi_extra=needs_scope("read"))
 async def query_post(request: Request, services: Services = Depends(get_services)) -> Response:
     """The same as GET; parameters may come in a form body."""
     return await _query(request, services)

@@ -17,7 +17,8 @@ Scope of a route, first match wins:
 1. an explicit declaration on the route: ``openapi_extra=needs_scope("read")``
    (``{"x-millstream-scope": "read"}``), e.g. for a POST that only reads;
 2. ``admin`` for routes tagged ``admin`` or under ``/api/v1/admin``;
-3. by method: GET, HEAD and OPTIONS need ``read``; every other method needs ``write``.
+3. by method: GET, HEAD and OPTIONS need ``read``; every other method needs ``write``,
+   except ``POST /query`` (InfluxQL, read-only) which needs ``read``.
    When several routes match a path, the strictest scope wins.
 
 Credentials: ``Authorization: Bearer <token>``, ``Authorization: Token <token>``
@@ -59,6 +60,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 OPEN_PATHS = frozenset({"/healthz"})
 ADMIN_PREFIXES = ("/api/v1/admin",)
 INFLUX_PARAM_PATHS = ("/query", "/write")
+# InfluxQL over POST (Grafana's httpMode POST) only reads: the /query endpoint refuses
+# SELECT INTO, DROP, DELETE and CREATE (grafana/influxql.py).
+READ_ONLY_POST_PATHS = frozenset({"/query"})
 SCOPE_EXTRA = "x-millstream-scope"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
@@ -170,6 +174,8 @@ def default_scope(path: str, method: str, tags: Any = (), declared: Any = None) 
         return str(declared)
     if "admin" in (tags or ()) or any(path.startswith(p) for p in ADMIN_PREFIXES):
         return "admin"
+    if method == "POST" and path in READ_ONLY_POST_PATHS:
+        return "read"
     return "read" if method in READ_METHODS else "write"
 
 
@@ -309,7 +315,9 @@ class AuthMiddleware:
             token = _credentials(scope)
             info: TokenInfo | None = self.tokens.verify(token) if token else None
             if info is None:
-                if token or not self.open_without_tokens or self.tokens.has_active_tokens():
+                # Open (no token exists; loopback or --insecure, announced at start): any
+                # credentials a client sends anyway are ignored, as if the API had none.
+                if not self.open_without_tokens or self.tokens.has_active_tokens():
                     await self._deny(scope, send, 401, "missing or invalid API token")
                     return
             elif not scope_allows(info.scope, needed):

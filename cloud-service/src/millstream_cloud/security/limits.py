@@ -82,8 +82,8 @@ class LimitSettings:
 class DeviceLimiter:
     """Payload size and message rate per device; ``check`` returns a dead-letter reason."""
 
-    RATE = "rate-limited"
-    SIZE = "payload-too-large"
+    RATE = "rate_limited"  # the dead-letter reasons the ingest pipeline uses
+    SIZE = "oversize"
 
     def __init__(self, settings: LimitSettings | None = None) -> None:
         self.settings = settings or LimitSettings()

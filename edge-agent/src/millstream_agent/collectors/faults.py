@@ -63,6 +63,7 @@ class Fault:
     magnitude: float
     start: Optional[float] = None  # absolute epoch seconds
     start_after: Optional[float] = None  # seconds after the collector's first collect
+    auto: bool = False  # drawn by the random schedule (which keeps one at a time)
     # Set when the fault becomes active.
     active_start: Optional[float] = None
     indices: Sequence[int] = ()
@@ -140,6 +141,8 @@ def parse_faults(value: Any, info: MetricInfo, key: str = "faults") -> list[Faul
         else:
             start_after = parse_duration(start_value, f"{where}.start")
         duration = parse_duration(item.get("duration", default_duration), f"{where}.duration")
+        if duration <= 0:
+            raise ValueError(f"{where}.duration: must be positive (a spike lasts 1s)")
         magnitude = item.get("magnitude", default_magnitude)
         if isinstance(magnitude, bool) or not isinstance(magnitude, (int, float)):
             raise ValueError(f"{where}.magnitude: expected a number (in sigmas), got {magnitude!r}")
@@ -216,7 +219,7 @@ class FaultPlan:
         magnitude *= self.rng.uniform(0.75, 1.5)
         if fault_type in ("spike", "shift") and self.rng.random() < 0.5:
             magnitude = -magnitude
-        return Fault(fault_type, metrics, round(duration, 3), round(magnitude, 3), start)
+        return Fault(fault_type, metrics, round(duration, 3), round(magnitude, 3), start, auto=True)
 
     def update(self, now: float, values: list[float]) -> None:
         """Start and end faults due at ``now``; ``values`` are the clean values at ``now``."""
@@ -231,9 +234,7 @@ class FaultPlan:
         if ended and self._auto_next is None and self.rate > 0 and not self._auto_active():
             self._auto_next = now + self._gap()
         if self._auto_next is not None and now >= self._auto_next and not self._auto_active():
-            fault = self._draw(self._auto_next)
-            fault.start_after = -1.0  # marks it as drawn by the random schedule
-            self.pending.append(fault)
+            self.pending.append(self._draw(self._auto_next))
             self._auto_next = None
         waiting = []
         for fault in self.pending:
@@ -251,7 +252,7 @@ class FaultPlan:
         self.next_event = min(events) if events else math.inf
 
     def _auto_active(self) -> bool:
-        return any(f.start_after == -1.0 for f in self.active)
+        return any(f.auto for f in self.active)
 
     def _activate(self, fault: Fault, now: float, values: list[float]) -> None:
         fault.active_start = now

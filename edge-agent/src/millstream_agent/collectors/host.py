@@ -23,6 +23,11 @@ from millstream_agent.collectors.base import Collector, Sample
 
 log = logging.getLogger(__name__)
 
+# The Pi firmware's throttling flags (Raspberry Pi OS kernels 5.x+): bit 0 under-voltage
+# now, 1 frequency capped, 2 throttled, 3 soft temperature limit; bits 16-19 the same
+# "since boot". A weak power supply is the most common fault of a Pi in the field.
+THROTTLED_PATH = "/sys/devices/platform/soc/soc:firmware/get_throttled"
+
 # Sensor chips in the order we prefer them: the Pi's SoC, then the usual x86 ones.
 _TEMPERATURE_CHIPS = ("cpu_thermal", "cpu-thermal", "coretemp", "k10temp", "zenpower", "acpitz")
 
@@ -46,7 +51,7 @@ class HostCollector(Collector):
         "disk_paths": (list, ["/"], "mount points to report (the Pi's SD card is /)"),
         "network": (bool, True, "rx/tx bytes per second, errors and drops per second"),
         "interfaces": (list, [], "interfaces to sum; empty: every one except loopback"),
-        "temperature": (bool, True, "cpu_temperature, when the machine has a sensor"),
+        "temperature": (bool, True, "cpu_temperature and a Pi's throttling, where available"),
     }
 
     def __init__(self, name: str, options: dict[str, Any]) -> None:
@@ -172,11 +177,21 @@ class HostCollector(Collector):
             add("net_drops_per_s", rates[3], "1/s")
 
     def _temperature(self, add: Callable[..., None]) -> None:
-        sensors = psutil.sensors_temperatures()  # AttributeError where psutil has none
+        sensors: dict = getattr(psutil, "sensors_temperatures", dict)()  # absent on some platforms
         if not sensors:
-            raise NotImplementedError("no temperature sensors")
+            self._skip("temperature", NotImplementedError("no temperature sensors"))
         for chip in (*_TEMPERATURE_CHIPS, *sorted(sensors)):
             readings = sensors.get(chip)
             if readings:
                 add("cpu_temperature", readings[0].current, "degC")
-                return
+                break
+        self._throttled(add)
+
+    def _throttled(self, add: Callable[..., None]) -> None:
+        try:
+            with open(THROTTLED_PATH) as f:
+                flags = int(f.read().strip(), 16)
+        except (OSError, ValueError):
+            return  # not a Raspberry Pi
+        add("throttled", flags & 0xF, None)
+        add("under_voltage_since_boot", (flags >> 16) & 1, None)

@@ -213,7 +213,7 @@ class ModbusCollector(Collector):
         "host": (str, None, "the device's or gateway's address (required)"),
         "port": (int, 502, "Modbus TCP port"),
         "unit_id": (int, 1, "unit (slave) id, for gateways; a register can override it"),
-        "timeout": (str, "2s", "how long to wait for a connection or an answer"),
+        "timeout": (object, "2s", "how long to wait for a connection or an answer"),
         "word_order": (str, "big", "big: high word first (ABCD); little: low word first (CDAB)"),
         "byte_order": (str, "big", "byte order inside each 16-bit word (big is the standard)"),
         "merge_gap": (int, 8, "read values up to this many registers apart in one request"),
@@ -285,7 +285,9 @@ class ModbusCollector(Collector):
         client = self._connect()
         samples: list[Sample] = []
         errors: list[str] = []
-        for block in self.blocks:
+        queue = list(self.blocks)
+        while queue:
+            block = queue.pop(0)
             where = (
                 f"{block.table} {block.start}-{block.end - 1} of unit {block.unit_id} "
                 f"at {self.address}"
@@ -306,6 +308,12 @@ class ModbusCollector(Collector):
                         f"modbus {self.name}: no answer reading {where}: {response}; "
                         "reconnecting on the next collect"
                     )
+                if code == 2 and len(block.values) > 1:
+                    # Some devices refuse a read that spans unmapped registers: read this
+                    # block's values one by one from now on, so a hole costs only itself.
+                    parts = self._split(block)
+                    queue[:0] = parts
+                    continue
                 errors.append(f"{where}: exception {code}, {_EXCEPTION_CODES.get(code, 'unknown')}")
                 continue
             samples.extend(self._samples(block, response, now))
@@ -319,6 +327,25 @@ class ModbusCollector(Collector):
         else:
             self._reported.clear()
         return samples
+
+    def _split(self, block: Block) -> list[Block]:
+        parts = [
+            Block(block.table, block.unit_id, v.address, v.address + v.width, [v])
+            for v in block.values
+        ]
+        i = self.blocks.index(block)
+        self.blocks[i : i + 1] = parts
+        log.info(
+            "modbus %s: %s registers %d-%d of unit %d cannot be read in one request; "
+            "reading its %d values one by one",
+            self.name,
+            block.table,
+            block.start,
+            block.end - 1,
+            block.unit_id,
+            len(parts),
+        )
+        return parts
 
     def _samples(self, block: Block, response: Any, now: float) -> list[Sample]:
         out = []

@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import importlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ ua = asyncua.ua
 
 log = logging.getLogger(__name__)
 
+# Status names of a refused identity, retried every _DENIED_RETRY seconds at most.
+_DENIED = ("BadUserAccessDenied", "BadIdentityToken", "BadSecurityChecksFailed", "BadCertificate")
+_DENIED_RETRY = 60.0
 _NODE_KEYS = ("node_id", "name", "unit", "scale", "offset")
 MODES = ("subscription", "polling")
 TIMESTAMPS = ("auto", "source", "server", "agent")
@@ -148,12 +152,13 @@ class OpcUaCollector(Collector):
     options_spec = {
         "endpoint": (str, None, "server URL, e.g. opc.tcp://plc.local:4840 (required)"),
         "mode": (str, "subscription", "subscription (server pushes changes) or polling"),
-        "interval": (str, "1s", "subscription: publishing and sampling interval"),
+        "publishing_interval": (object, "1s", "subscription: publishing and sampling interval"),
         "timestamps": (str, "auto", "auto, source, server or agent (auto: source for subs)"),
-        "timeout": (str, "5s", "connect and request timeout"),
-        "reconnect_interval": (str, "5s", "wait between reconnect attempts after a loss"),
+        "timeout": (object, "5s", "connect and request timeout"),
+        "reconnect_interval": (object, "5s", "wait between reconnect attempts after a loss"),
         "username": (str, None, "user name, if the server wants one"),
-        "password": (str, None, "password (use an environment variable, not the file)"),
+        "password": (str, None, "password; better kept out of the file with password_env"),
+        "password_env": (str, None, "environment variable holding the password"),
         "security": (str, None, "asyncua security string: Policy,Mode,cert,key[,server_cert]"),
         "buffer_size": (int, 10000, "samples kept between collects; beyond it oldest dropped"),
         "nodes": (list, None, "the nodes: node_id, name, unit, scale, offset"),
@@ -170,12 +175,14 @@ class OpcUaCollector(Collector):
             )
         self.endpoint = endpoint
         self.mode = get_str(options, "mode", "subscription", list(MODES)) or "subscription"
-        self.interval = parse_duration(options.get("interval", "1s"), "interval")
+        self.interval = parse_duration(
+            options.get("publishing_interval", "1s"), "publishing_interval"
+        )
         self.timeout = parse_duration(options.get("timeout", "5s"), "timeout")
         self.reconnect_interval = parse_duration(
             options.get("reconnect_interval", "5s"), "reconnect_interval"
         )
-        for key, value in (("timeout", self.timeout), ("interval", self.interval)):
+        for key, value in (("timeout", self.timeout), ("publishing_interval", self.interval)):
             if value <= 0:
                 raise ValueError(f"{key}: must be positive")
         stamps = get_str(options, "timestamps", "auto", list(TIMESTAMPS)) or "auto"
@@ -186,6 +193,7 @@ class OpcUaCollector(Collector):
         self.timestamps = stamps
         self.username = get_str(options, "username", None)
         self.password = get_str(options, "password", None)
+        self.password_env = get_str(options, "password_env", None)
         self.security = get_str(options, "security", None)
         self.nodes = parse_nodes(options.get("nodes"))
         self._by_id = {ua.NodeId.from_string(spec.node_id): spec for spec in self.nodes}
@@ -200,6 +208,7 @@ class OpcUaCollector(Collector):
         self._ua_nodes: list[Any] = []
         self._connected = threading.Event()
         self._last_error = "not connected yet"
+        self._retry_in = self.reconnect_interval
         self._reported: set = set()
 
     # -- the agent's side -------------------------------------------------------------
@@ -260,7 +269,7 @@ class OpcUaCollector(Collector):
         if not samples and not self._connected.is_set():
             raise CollectorError(
                 f"opcua {self.name}: not connected to {self.endpoint} ({self._last_error}); "
-                f"reconnecting every {self.reconnect_interval:g}s"
+                f"reconnecting every {self._retry_in:g}s"
             )
         return samples
 
@@ -319,6 +328,10 @@ class OpcUaCollector(Collector):
                 raise
             except Exception as exc:
                 self._last_error = _describe(exc)
+                # Refused credentials will not fix themselves: ask again only now and
+                # then (a new config restarts the collector anyway), never in a hot loop.
+                denied = any(word in self._last_error for word in _DENIED)
+                self._retry_in = max(self.reconnect_interval, _DENIED_RETRY if denied else 0.0)
                 if self._last_error not in self._reported:
                     self._reported.add(self._last_error)
                     log.warning(
@@ -326,23 +339,32 @@ class OpcUaCollector(Collector):
                         self.name,
                         self.endpoint,
                         self._last_error,
-                        self.reconnect_interval,
+                        self._retry_in,
                     )
             finally:
+                session = self._client is not None
                 self._connected.clear()
                 self._client = None
                 with contextlib.suppress(Exception):  # the connection is gone either way
-                    await asyncio.wait_for(client.disconnect(), 2)
+                    if session:
+                        await asyncio.wait_for(client.disconnect(), 2)
+                    else:
+                        # Never got a session: closing a channel that was not opened
+                        # makes asyncua warn on every attempt of an outage.
+                        client.disconnect_socket()
             if not self._stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.reconnect_interval)
+                    await asyncio.wait_for(self._stop.wait(), self._retry_in)
 
     async def _session(self, client: Any) -> None:
         assert self._stop is not None
         if self.username:
             client.set_user(self.username)
-        if self.password:
-            client.set_password(self.password)
+        password = os.environ.get(self.password_env, "") if self.password_env else self.password
+        if self.password_env and not password:
+            raise ValueError(f"environment variable {self.password_env} (password_env) is not set")
+        if password:
+            client.set_password(password)
         if self.security:
             await client.set_security_string(self.security)
         await asyncio.wait_for(client.connect(), self.timeout + 1)
@@ -364,6 +386,7 @@ class OpcUaCollector(Collector):
                     )
         self._client = client
         self._last_error = ""
+        self._retry_in = self.reconnect_interval
         self._reported.clear()
         self._connected.set()
         log.info("opcua %s: connected to %s (%s)", self.name, self.endpoint, self.mode)

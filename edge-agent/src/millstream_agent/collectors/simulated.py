@@ -102,12 +102,12 @@ class SimulatedCollector(Collector):
         "kind": (str, "motor", "machine kind: motor, pump or compressor"),
         "metrics": (int, 10, "how many metrics; beyond the kind's 12 the names repeat with _1, _2"),
         "seed": (int, 0, "random seed, mixed with the device id; same seed and device, same run"),
-        "device": (str, None, "device id written to the ground truth (default: collector name)"),
-        "load_change_interval": (str, "20m", "mean time between load set-point changes"),
+        "device": (str, None, "ground truth's device id; null: the agent's device id"),
+        "load_change_interval": (object, "20m", "mean time between load set-point changes"),
         "faults": (object, "auto", "auto (random schedule), none, or a list of faults"),
         "fault_rate_per_hour": (float, 1.0, "faults: auto: mean faults per device per hour"),
         "fault_types": (list, list(FAULT_TYPES), "faults: auto: the fault types to draw from"),
-        "fault_start_after": (str, "5m", "faults: auto: quiet time after start, for baselines"),
+        "fault_start_after": (object, "5m", "faults: auto: quiet time after start, for baselines"),
         "ground_truth": (
             str,
             None,
@@ -256,3 +256,61 @@ def generate(
     for i in range(steps):
         ts = start + i * interval
         yield ts, collector.collect(ts)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Write a simulated data set (long CSV) and its ground truth (JSONL), for evaluation.
+
+    ``python -m millstream_agent.collectors.simulated --devices 5 --hours 24 --out sim.csv
+    --ground-truth truth.jsonl``
+    """
+    import argparse
+    import csv
+    import sys
+
+    from millstream_agent.collectors._options import format_rfc3339, parse_rfc3339
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--kind", default="motor", choices=sorted(MACHINE_METRICS))
+    parser.add_argument("--metrics", type=int, default=10)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", default="2026-01-05T00:00:00Z", help="RFC 3339")
+    parser.add_argument("--hours", type=float, default=24.0)
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds")
+    parser.add_argument("--faults", default="auto", choices=["auto", "none"])
+    parser.add_argument("--fault-rate", type=float, default=1.0, help="faults per device-hour")
+    parser.add_argument("--out", default="-", help="CSV path (ts,device,metric,value,unit)")
+    parser.add_argument("--ground-truth", default=None, help="JSONL path for fault intervals")
+    args = parser.parse_args(argv)
+
+    start = parse_rfc3339(args.start, "--start")
+    if args.ground_truth:
+        open(args.ground_truth, "w").close()  # a fresh file, not appended to an old run
+    out = sys.stdout if args.out == "-" else open(args.out, "w", newline="")  # noqa: SIM115
+    try:
+        writer = csv.writer(out)
+        writer.writerow(["ts", "device", "metric", "value", "unit"])
+        for n in range(args.devices):
+            device = f"sim-{n:04d}"
+            options: dict[str, Any] = {
+                "kind": args.kind,
+                "metrics": args.metrics,
+                "seed": args.seed,
+                "device": device,
+                "faults": args.faults,
+                "fault_rate_per_hour": args.fault_rate,
+                "ground_truth": args.ground_truth,
+            }
+            collector = SimulatedCollector(device, options)
+            for ts, samples in generate(collector, start, args.hours * 3600.0, args.interval):
+                stamp = format_rfc3339(ts)
+                writer.writerows((stamp, device, s.metric, s.value, s.unit or "") for s in samples)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

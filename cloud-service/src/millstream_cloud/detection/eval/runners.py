@@ -44,8 +44,9 @@ def streaming_scores(values: np.ndarray, settings: dict[str, Any], warmup: int) 
     return np.fromiter((det.update(float(v)) for v in values), dtype=float, count=len(values))
 
 
-def run_nab(data_dir: Path, labels_dir: Path, settings: dict[str, Any],
-            sweep: bool = False) -> dict[str, Any]:
+def run_nab(
+    data_dir: Path, labels_dir: Path, settings: dict[str, Any], sweep: bool = False
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     files = nab.load_corpus(data_dir, labels_dir)
     scores = [
@@ -58,10 +59,11 @@ def run_nab(data_dir: Path, labels_dir: Path, settings: dict[str, Any],
     files_out = {}
     for f, s in zip(files, scores, strict=True):
         one = per_file([f], [s], {p: r.threshold for p, r in res.items()}, ["standard"])
-        files_out[f.name] = {"windows": len(f.windows), "raw_standard": round(one["standard"].raw, 4)}
-    out: dict[str, Any] = {
-        nab.PROFILE_KEYS[p]: round(r.normalised, 2) for p, r in res.items()
-    }
+        files_out[f.name] = {
+            "windows": len(f.windows),
+            "raw_standard": round(one["standard"].raw, 4),
+        }
+    out: dict[str, Any] = {nab.PROFILE_KEYS[p]: round(r.normalised, 2) for p, r in res.items()}
     out["thresholds"] = {nab.PROFILE_KEYS[p]: r.threshold for p, r in res.items()}
     out["raw"] = {nab.PROFILE_KEYS[p]: round(r.raw, 4) for p, r in res.items()}
     out["threshold_mode"] = "swept on these files" if sweep else "frozen"
@@ -96,11 +98,16 @@ def run_skab(data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     pairs = [(r.anomaly[n:], skab_predict(r, cfg, slow)[n:]) for r in runs]
     sc = skab.score_runs(pairs)
     return {
-        "f1": sc.f1, "far": sc.far, "mar": sc.mar,
+        "f1": sc.f1,
+        "far": sc.far,
+        "mar": sc.mar,
         "counts": {"tp": sc.tp, "fp": sc.fp, "fn": sc.fn, "tn": sc.tn},
         "runs": len(runs),
         "slow_channels_excluded": sorted(slow),
-        "thresholds": {"on": cfg["on_factor"], "off": cfg["on_factor"] * cfg["off_ratio"],
-                       "unit": "multiple of the training-rows quantile of max(T2, Q)"},
+        "thresholds": {
+            "on": cfg["on_factor"],
+            "off": cfg["on_factor"] * cfg["off_ratio"],
+            "unit": "multiple of the training-rows quantile of max(T2, Q)",
+        },
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -68,7 +68,9 @@ def load_runs(data_dir: Path) -> list[SkabRun]:
         if run is not None:
             runs.append(run)
     if not runs:
-        raise FileNotFoundError(f"no labelled SKAB run (CSV with an 'anomaly' column) in {data_dir}")
+        raise FileNotFoundError(
+            f"no labelled SKAB run (CSV with an 'anomaly' column) in {data_dir}"
+        )
     return runs
 
 
