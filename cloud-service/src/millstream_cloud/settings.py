@@ -126,7 +126,10 @@ class EmbeddedSettings(Section):
         description="time window of one compacted chunk per series (fixed when the store is created)",
     )
     compact_interval_s: float = Field(
-        5.0, gt=0, description="how often recent writes are compacted into per-series chunks"
+        30.0,
+        gt=0,
+        description="how often recent writes are compacted into per-series chunks; each "
+        "compaction rewrites the open chunk of every active series, so not too often",
     )
     memtable_max_points: int = Field(
         500_000,
