@@ -280,19 +280,6 @@ def test_agent_config_structured_fuzz(doc: dict[str, Any], flow: bool) -> None:
 
 
 @fuzz(1500)
-@given(agent_documents(), st.booleans())
-def test_agent_config_structured_fuzz(doc: dict[str, Any], flow: bool) -> None:
-    import yaml
-
-    module = agent_config()
-    text = yaml.safe_dump(doc, default_flow_style=flow, allow_unicode=True)
-    try:
-        load_text(module, text)
-    except Exception as exc:
-        assert_clear_config_error(module, exc)
-
-
-@fuzz(1500)
 @given(
     st.one_of(
         st.text(max_size=300),
