@@ -219,23 +219,6 @@ class AgentProcess:
             return ""
 
 
-def _stay_root() -> str:
-    # Started as root, Mosquitto drops to user "mosquitto", which cannot write its
-    # persistence file under pytest's root-only temp dir ("Error: Permission denied"):
-    # a restarted broker then forgets sessions and queued messages. Stay root instead.
-    return "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
-
-
-@pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[ServerProcess]:
-    """Like the suite's fixture, but with persistence that works when run as root."""
-    server = mosquitto_server(tmp_path / "mosquitto", extra_config=_stay_root()).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def recorder(mosquitto: ServerProcess) -> Iterator[Recorder]:
     rec = Recorder(mosquitto.port).start()
@@ -264,7 +247,7 @@ def password_line(user: str, password: str) -> str:
 
 
 def custom_mosquitto(workdir: Path, extra: str) -> ServerProcess:
-    return mosquitto_server(workdir, port=free_port(), extra_config=_stay_root() + extra)
+    return mosquitto_server(workdir, port=free_port(), extra_config=extra)
 
 
 def have_mosquitto_passwd() -> bool:

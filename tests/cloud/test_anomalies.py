@@ -58,3 +58,36 @@ def test_detector_output_is_stored_listed_and_handed_on(tmp_path: Path) -> None:
         assert client.get("/api/v1/anomalies", params={"device": "other"}).json()["anomalies"] == []
         metrics = client.get("/metrics").text
         assert 'millstream_anomalies_total{detector="threshold"} 2.0' in metrics
+
+
+def test_detection_engine_is_wired_and_its_state_survives_a_restart(tmp_path: Path) -> None:
+    from millstream_cloud.detection.engine import STATE_FILE, DetectionEngine
+
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    assert isinstance(services.anomalies.detector, DetectionEngine)
+    t0 = 1_772_352_000_000_000_000
+    readings = [
+        Reading("press-01", "plant-a", "temp", t0 + i * 1_000_000_000, 20.0 + (i % 5) * 0.1)
+        for i in range(300)
+    ]
+    services.anomalies.on_readings(readings)
+    before = services.anomalies.detector.state_dict()
+    services.stop()
+    assert (tmp_path / "detection" / STATE_FILE).exists()
+
+    again = Services.build(settings, with_subscriber=False)
+    try:
+        assert isinstance(again.anomalies.detector, DetectionEngine)
+        assert again.anomalies.detector.state_dict() == before
+    finally:
+        again.stop()
+
+
+def test_unknown_detection_setting_is_refused_with_its_name(tmp_path: Path) -> None:
+    import pytest
+
+    from millstream_cloud.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="warmpu"):
+        load_settings(overrides={"detection": {"engine": {"warmpu": 10}}}, environ={})

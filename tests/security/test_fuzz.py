@@ -279,14 +279,6 @@ def test_agent_config_structured_fuzz(doc: dict[str, Any], flow: bool) -> None:
         assert_clear_config_error(module, exc)
 
 
-def known_agent_bug(exc: BaseException) -> bool:
-    """Found by this fuzzing: a YAML mapping or sequence used as a mapping key ("? 0:",
-    "{[1]: 2}") makes parse_yaml raise TypeError (unhashable LineDict/LineList) instead of
-    ConfigError. Pinned by test_agent_config_complex_keys_are_a_config_error (strict
-    xfail); tolerated here so the fuzzer keeps looking for other bugs. Remove once fixed."""
-    return isinstance(exc, TypeError) and "unhashable" in str(exc)
-
-
 @fuzz(1500)
 @given(
     st.one_of(
@@ -307,8 +299,7 @@ def test_agent_config_arbitrary_text(text: str) -> None:
     try:
         load_text(module, text)
     except Exception as exc:
-        if not known_agent_bug(exc):
-            assert_clear_config_error(module, exc)
+        assert_clear_config_error(module, exc)
 
 
 def test_agent_config_valid_document_loads() -> None:
@@ -320,7 +311,6 @@ def test_agent_config_valid_document_loads() -> None:
 
 
 @pytest.mark.parametrize("text", ["? 0:", "? [a]: 1", "{[1]: 2}"])
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="agent bug: see known_agent_bug()")
 def test_agent_config_complex_keys_are_a_config_error(text: str) -> None:
     module = agent_config()
     try:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -56,30 +58,115 @@ def anomaly_point(a: Anomaly) -> Point:
 
 
 class AnomalySink:
-    """Runs the detector on stored readings and records what it finds."""
+    """Runs the detector on stored readings and records what it finds.
+
+    Started, it scores on its own thread behind a bounded queue, so a slow model never
+    holds up the acknowledgement of stored messages: when the queue is full a batch skips
+    detection and is counted (``millstream_detection_skipped_readings_total``). Not
+    started (tests, tools), it scores inline.
+    """
 
     def __init__(
-        self, storage: Storage, metrics: ServiceMetrics, detector: Detector | None = None
+        self,
+        storage: Storage,
+        metrics: ServiceMetrics,
+        detector: Detector | None = None,
+        queue_max_readings: int = 200_000,
+        save: Callable[[], None] | None = None,
+        save_interval_s: float = 300.0,
     ) -> None:
         self.storage = storage
         self.detector = detector
         self.hooks: list[AnomalyHook] = []
         self.recent: deque[Anomaly] = deque(maxlen=1000)
+        self.queue_max_readings = queue_max_readings
+        self.save = save
+        self.save_interval_s = save_interval_s
+        self._queue: queue.Queue[Sequence[Reading]] = queue.Queue()
+        self._queued = 0
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        r = metrics.registry
         self.counter = Counter(
             "millstream_anomalies",
             "Anomalies raised by the detectors, by detector",
             ["detector"],
-            registry=metrics.registry,
+            registry=r,
+        )
+        self.skipped = Counter(
+            "millstream_detection_skipped_readings",
+            "Readings not scored because the detectors were behind",
+            registry=r,
+        )
+        self.scored = Counter("millstream_detection_scored_readings", "Readings scored", registry=r)
+        self.seconds = Counter(
+            "millstream_detection_seconds", "Time spent scoring readings", registry=r
         )
 
     def on_readings(self, readings: Sequence[Reading]) -> None:
-        """Pipeline hook: score one stored group of readings."""
+        """Pipeline hook: score one stored group of readings (queued when started)."""
         if self.detector is None or not readings:
             return
+        if self._thread is None:
+            self.process(readings)
+            return
+        with self._lock:
+            if self._queued + len(readings) > self.queue_max_readings:
+                self.skipped.inc(len(readings))
+                return
+            self._queued += len(readings)
+        self._queue.put(readings)
+
+    def process(self, readings: Sequence[Reading]) -> None:
+        if self.detector is None:
+            return
+        t0 = time.perf_counter()
         found = self.detector.observe(readings)
+        self.seconds.inc(time.perf_counter() - t0)
+        self.scored.inc(len(readings))
         if found:
             self.record(found)
+
+    def start(self) -> None:
+        if self.detector is None or self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="detection", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout)
+            self._thread = None
+        if self.save is not None and self.detector is not None:
+            self._save()
+
+    def _save(self) -> None:
+        try:
+            if self.save is not None:
+                self.save()
+        except Exception:
+            log.exception("saving detector state failed")
+
+    def _run(self) -> None:
+        next_save = time.monotonic() + self.save_interval_s
+        while not (self._stop.is_set() and self._queue.empty()):
+            try:
+                readings = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                readings = None
+            if readings is not None:
+                with self._lock:
+                    self._queued -= len(readings)
+                try:
+                    self.process(readings)
+                except Exception:
+                    log.exception("detector failed on a batch of %d readings", len(readings))
+            if time.monotonic() >= next_save:
+                self._save()
+                next_save = time.monotonic() + self.save_interval_s
 
     def record(self, anomalies: Sequence[Anomaly]) -> None:
         self.storage.write_points([anomaly_point(a) for a in anomalies])

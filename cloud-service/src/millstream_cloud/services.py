@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+<<<<<<< HEAD
 import fcntl
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+=======
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+>>>>>>> main
 
 from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.anomalies import AnomalySink
@@ -23,6 +30,26 @@ from millstream_cloud.storage import open_storage
 from millstream_cloud.storage.base import Storage
 
 log = logging.getLogger("millstream.services")
+
+
+def attach_detection(sink: AnomalySink, settings: Settings, state_dir: Path) -> None:
+    """Give the sink the detection engine, restored from its saved state when there is one."""
+    from millstream_cloud.detection.engine import STATE_FILE, DetectionEngine, settings_from_mapping
+
+    engine = DetectionEngine(settings_from_mapping(settings.detection.engine))
+    path = state_dir / STATE_FILE
+    if path.exists():
+        try:
+            engine.load_state(json.loads(path.read_text(encoding="utf-8")))
+            log.info("detector state restored from %s", path)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("ignoring unreadable detector state %s: %s", path, exc)
+    sink.detector = engine
+
+    def save() -> None:
+        engine.save(state_dir)
+
+    sink.save = save
 
 
 @dataclass
@@ -54,7 +81,14 @@ class Services:
         pipeline = IngestPipeline(
             storage, registry, dead_letters, metrics, settings.ingest, limiter=limiter
         )
-        anomalies = AnomalySink(storage, metrics)
+        anomalies = AnomalySink(
+            storage,
+            metrics,
+            queue_max_readings=settings.detection.queue_max_readings,
+            save_interval_s=settings.detection.save_interval_s,
+        )
+        if settings.detection.enabled:
+            attach_detection(anomalies, settings, data / "detection")
         pipeline.hooks.append(anomalies.on_readings)
         subscriber = (
             Subscriber(settings.mqtt, settings.ingest, pipeline, metrics)
@@ -77,6 +111,7 @@ class Services:
         return services
 
     def start(self) -> None:
+        self.anomalies.start()
         if self.subscriber is not None:
             self.subscriber.start()
         if self.remote is not None:
@@ -91,6 +126,7 @@ class Services:
             self.fleet.stop()
         if self.subscriber is not None:
             self.subscriber.stop()
+        self.anomalies.stop()
         if self.remote is not None:
             self.remote.stop()
         if self.alerts is not None:

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from millstream_cloud.alerts.settings import AlertSettings
 
@@ -146,7 +153,10 @@ class EmbeddedSettings(Section):
         description="time window of one compacted chunk per series (fixed when the store is created)",
     )
     compact_interval_s: float = Field(
-        5.0, gt=0, description="how often recent writes are compacted into per-series chunks"
+        30.0,
+        gt=0,
+        description="how often recent writes are compacted into per-series chunks; each "
+        "compaction rewrites the open chunk of every active series, so not too often",
     )
     memtable_max_points: int = Field(
         500_000,
@@ -257,6 +267,31 @@ class APISettings(Section):
     )
 
 
+class DetectionSettings(Section):
+    enabled: bool = Field(True, description="run the anomaly detectors on every stored reading")
+    queue_max_readings: int = Field(
+        200_000,
+        ge=1000,
+        description="readings waiting for the detectors; beyond it batches skip detection "
+        "(counted) so detection never slows ingest",
+    )
+    save_interval_s: float = Field(
+        300.0, gt=0, description="how often detector state is saved (and at shutdown)"
+    )
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of the frozen detector settings (docs/detection.md)",
+    )
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_known(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from millstream_cloud.detection.engine import settings_from_mapping
+
+        settings_from_mapping(value)  # raises ValueError naming the key
+        return value
+
+
 class Settings(Section):
     data_dir: str = Field("./millstream-data", description="where the service keeps its state")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
@@ -267,6 +302,7 @@ class Settings(Section):
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
+    detection: DetectionSettings = Field(default_factory=DetectionSettings)
 
     @property
     def data_path(self) -> Path:

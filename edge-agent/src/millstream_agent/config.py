@@ -69,6 +69,13 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LineDict:
     out.line = node.start_mark.line + 1
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (dict, list)):
+            raise yaml.MarkedYAMLError(
+                "while reading a mapping",
+                node.start_mark,
+                "a key must be a plain name, not a mapping or a list",
+                key_node.start_mark,
+            )
         if key in out:
             raise yaml.MarkedYAMLError(
                 "while reading a mapping",

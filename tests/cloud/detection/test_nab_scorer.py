@@ -45,7 +45,11 @@ def test_profiles_match_published_config(bench_root: Path) -> None:
     cfg = json.loads((bench_root / "nab" / "config" / "profiles.json").read_text())
     for name, prof in nab.PROFILES.items():
         cm = cfg[name]["CostMatrix"]
-        assert (prof["tp"], prof["fp"], prof["fn"]) == (cm["tpWeight"], cm["fpWeight"], cm["fnWeight"])
+        assert (prof["tp"], prof["fp"], prof["fn"]) == (
+            cm["tpWeight"],
+            cm["fpWeight"],
+            cm["fnWeight"],
+        )
 
 
 def _toy(n: int = 1000) -> nab.NabFile:

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from millstream_cloud.settings import EmbeddedSettings, InfluxDBSettings
 from millstream_cloud.storage.base import Storage
 from millstream_cloud.storage.embedded import EmbeddedStorage
-
 from tests.support.influxdb import InfluxDBServer, influxdb_available, influxdb_server
 
 _db_names = itertools.count(1)

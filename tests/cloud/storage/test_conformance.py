@@ -5,9 +5,9 @@ from __future__ import annotations
 import statistics
 
 import pytest
+
 from millstream_cloud.model import Reading
 from millstream_cloud.storage.base import ANOMALIES, TELEMETRY, Point, SeriesQuery
-
 from tests.cloud.storage.conftest import Backend
 
 S = 1_000_000_000

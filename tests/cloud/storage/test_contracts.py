@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 import yaml
+
 from millstream_cloud.model import Reading
 from millstream_cloud.settings import InfluxDBSettings
 from millstream_cloud.storage.base import ANOMALIES, TELEMETRY, Point, SeriesQuery
 from millstream_cloud.storage.influxdb import InfluxDBStorage
-
 from tests.cloud.storage.conftest import influx_settings
 from tests.support.influxdb import InfluxDBServer
 

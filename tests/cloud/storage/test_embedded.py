@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
 import pytest
+
 from millstream_cloud.model import Reading
 from millstream_cloud.settings import EmbeddedSettings, load_settings
 from millstream_cloud.storage import open_storage
@@ -46,7 +48,8 @@ def test_writes_survive_a_crash_before_compaction(tmp_path: Path) -> None:
     store = EmbeddedStorage(tmp_path / "s", start=False)
     store.write_readings(batch(1000))
     store.write_readings(batch(10, t0=T0 + 5 * S))  # rewrites
-    store._db.close()  # the process dies here: no compaction, no close
+    store._db.close()  # the process dies here: no compaction, no close, its lock released
+    os.close(store._lock_fd)
     again = EmbeddedStorage(tmp_path / "s")
     try:
         pts = temp(again)
@@ -127,6 +130,7 @@ def test_one_writer_and_concurrent_readers(tmp_path: Path) -> None:
         assert not errors, errors[0]
         assert store.compactions > 0
         assert store.count() == 39 * 400 + 500
+        assert set(store.stats()) == {"memtable_points", "compactions"}
     finally:
         store.close()
 
@@ -184,5 +188,85 @@ def test_summaries_answer_long_ranges(tmp_path: Path) -> None:
         assert daily == [(T0, 8640)]
         hourly = temp(store, start_ns=T0, end_ns=T0 + DAY, every_ns=3600 * S, agg="sum")
         assert hourly[1] == (T0 + 3600 * S, float(sum(range(360, 720))))
+    finally:
+        store.close()
+
+
+def test_two_processes_share_one_store(tmp_path: Path) -> None:
+    """Cloud workers on one data_dir: each sees the other's writes before and after
+    compaction, series ids never collide, and a crashed worker's writes are taken over."""
+    a = EmbeddedStorage(tmp_path / "s", start=False)
+    b = EmbeddedStorage(tmp_path / "s", start=False)
+    try:
+        a.write_readings(batch(100, device="d1"))
+        b.write_readings(batch(100, device="d2") + batch(10, device="d1", t0=T0 + 200 * S))
+        b.write_points([Point("anomalies", {"device": "d2"}, {"why": "hot"}, T0)])
+        for store in (a, b):  # uncompacted, seen from both sides
+            assert store.tag_values(TELEMETRY, "device") == ["d1", "d2"]
+            assert store.count() == 211
+            assert store.latest("anomalies", {"device": "d2"}) == {"why": (T0, "hot")}
+        a.compact()
+        b.write_readings(batch(5, device="d1", t0=T0 + 300 * S))
+        assert a.count() == 216 and b.count() == 216
+        b.compact()
+        assert a.count() == 216
+        assert len(temp(a)) == 115
+        # b dies without compacting its last write
+        b.write_readings(batch(7, device="d3"))
+        b._db.close()
+        os.close(b._lock_fd)
+        assert a.count() == 223  # still visible: committed in the shared wal
+        a._adopt_dead_writers()
+        a.compact()
+        assert a._db.execute("SELECT COUNT(*) FROM wal").fetchone()[0] == 0
+        assert a.count() == 223
+        sids = [row[0] for row in a._db.execute("SELECT id FROM series")]
+        assert len(sids) == len(set(sids)) == 4
+    finally:
+        a.close()
+
+
+def test_two_writers_compacting_concurrently_lose_nothing(tmp_path: Path) -> None:
+    settings = EmbeddedSettings(memtable_max_points=1000, compact_interval_s=0.02)
+    a = EmbeddedStorage(tmp_path / "s", settings)
+    b = EmbeddedStorage(tmp_path / "s", settings)
+
+    def write(store: EmbeddedStorage, device: str) -> None:
+        for i in range(30):  # both write the shared device too, overlapping in time
+            store.write_readings(batch(300, device=device, t0=T0 + i * 200 * S))
+            store.write_readings(batch(50, device="shared", t0=T0 + i * 50 * S))
+
+    threads = [threading.Thread(target=write, args=(a, "da")),
+               threading.Thread(target=write, args=(b, "db"))]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        expected = 2 * (29 * 200 + 300) + 30 * 50
+        assert a.count() == expected and b.count() == expected
+        b.close()
+        a.flush()
+        assert a.count() == expected
+        assert a.compactions > 0
+    finally:
+        a.close()
+
+
+def test_memtable_keeps_write_order_across_its_bulk_index(tmp_path: Path) -> None:
+    store = EmbeddedStorage(tmp_path / "s", start=False)
+    try:
+        store.write_readings(batch(10))
+        with store._mlock:
+            store._active.index()  # first batch sorted by series, second still pending
+        store.write_readings([Reading("d1", "plant1", "temp", T0 + 5 * S, 99.0)])
+        assert temp(store)[5] == (T0 + 5 * S, 99.0)
+        assert store.latest(TELEMETRY, {"device": "d1"}) == {"temp": (T0 + 9 * S, 9.0)}
+        with store._mlock:
+            store._active.index()
+        store.write_readings([Reading("d1", "plant1", "temp", T0 + 5 * S, 7.0)])
+        assert temp(store)[5] == (T0 + 5 * S, 7.0)
+        store.flush()
+        assert temp(store)[5] == (T0 + 5 * S, 7.0) and len(temp(store)) == 10
     finally:
         store.close()

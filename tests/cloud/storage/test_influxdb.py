@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+
 from millstream_cloud.model import Reading
 from millstream_cloud.settings import load_settings
 from millstream_cloud.storage import open_storage
-from millstream_cloud.storage.base import TELEMETRY, Point, SeriesQuery
-from millstream_cloud.storage.influxdb import InfluxDBStorage, SpoolFull, line
-
+from millstream_cloud.storage.base import TELEMETRY, Point, SeriesQuery, readings_to_points
+from millstream_cloud.storage.influxdb import InfluxDBStorage, SpoolFull, line, reading_lines
 from tests.cloud.storage.conftest import influx_settings
 from tests.support.influxdb import InfluxDBServer, influxdb_available, influxdb_server
 
@@ -37,6 +37,22 @@ def test_line_protocol_escaping() -> None:
         'f\\ k\\=1=1.5,n=3i,ok=true,txt="say \\"hi\\" \\\\ bye" ' + str(T0)
     )
     assert line(Point("m", {}, {"nan": float("inf")}, T0)) is None
+
+
+def test_fast_reading_lines_equal_the_general_encoder() -> None:
+    rs = [
+        Reading("press 1", "plant,a", "temp=c", T0, 1.0),
+        Reading("d2", "p", "rpm", T0 + 1, 3),  # an int value stays a float field
+        Reading("d2", "p", "rpm", T0 + 2, float("nan")),
+        Reading("d3", "p", "x", T0 + 3, -2.5e-7),
+    ]
+    kinds = {"press 1": "hydraulic press"}
+    prefixes: dict = {}
+    fast = reading_lines(rs, kinds, prefixes)
+    slow = [line(p) for p in readings_to_points(rs, kinds)]
+    slow[1] = slow[1].replace("rpm=3i", "rpm=3.0")  # type: ignore[union-attr]
+    assert fast == [ln for ln in slow if ln is not None and "nan" not in ln]
+    assert reading_lines(rs, kinds, prefixes) == fast  # cached prefixes give the same lines
 
 
 def test_open_storage_builds_the_backend(influxdb: InfluxDBServer, tmp_path: Path) -> None:
@@ -101,6 +117,7 @@ def test_refused_batches_are_counted_not_retried(influxdb: InfluxDBServer, tmp_p
         store.write_points([Point("m", {"d": "1"}, {"f": "text"}, T0 + S)])  # type conflict
         assert store.rejected_points == 1
         assert store.spooled_points == 0
+        assert store.stats()["rejected_points"] == 1 and store.stats()["written_points"] == 1
         store.write_points([Point("m", {"d": "1"}, {"f": 2.5}, T0 + 2 * S)])
         assert store.query(SeriesQuery("m", ["f"]))[0].points == [(T0, 1.5), (T0 + 2 * S, 2.5)]
         assert store.spool.db.execute("SELECT COUNT(*) FROM rejected").fetchone()[0] == 1
@@ -174,3 +191,15 @@ def test_influxdb_down_for_30s_mid_stream_loses_nothing(tmp_path: Path) -> None:
         writer.join()
         store.close()
         server.stop()
+
+
+def test_api_v2_against_an_old_1x_says_what_to_do(
+    influxdb: InfluxDBServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = InfluxDBStorage(influx_settings(influxdb, tmp_path, api="v2"))
+    try:
+        assert "api: v1" in caplog.text
+        store.write_readings([Reading("d1", "p", "temp", T0, 1.0)])
+        assert store.spooled_points == 1  # 1.6 answers 404 on /api/v2/write: kept, not lost
+    finally:
+        store.close()

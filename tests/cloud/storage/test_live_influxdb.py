@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from millstream_cloud.settings import InfluxDBSettings
 from millstream_cloud.storage.base import Point, SeriesQuery
 from millstream_cloud.storage.influxdb import InfluxDBStorage

@@ -30,31 +30,48 @@ def gaussian_tail(z: float, two_sided: bool = False) -> float:
 
 
 class RollingRobust:
-    """Median and MAD-based sigma of the last ``size`` values, refreshed every ``every``."""
+    """Median and MAD-based sigma of the last ``size`` values, refreshed every ``every``.
+
+    The window is a NumPy ring buffer; the sorted copy used for tail probabilities is
+    rebuilt at a cadence that grows with the window (``size // 100``), so the cost per
+    value stays flat while the reference moves by at most 1 % between refreshes.
+    """
 
     def __init__(self, size: int, every: int = 8) -> None:
         self.size = size
         self.every = max(1, every)
-        self.buf: deque[float] = deque(maxlen=size)
+        self._ring = np.empty(size)
+        self._pos = 0
+        self._count = 0
         self.center = 0.0
         self.sigma = 0.0
         self.sorted = np.empty(0)
         self.lo_tail = self.hi_tail = 1.0
         self._since = 0
 
+    @property
+    def buf(self) -> np.ndarray:
+        """The window's values, oldest first."""
+        if self._count < self.size:
+            return self._ring[: self._count]
+        return np.concatenate((self._ring[self._pos :], self._ring[: self._pos]))
+
     def add(self, x: float) -> None:
-        self.buf.append(x)
+        self._ring[self._pos] = x
+        self._pos = (self._pos + 1) % self.size
+        self._count = min(self._count + 1, self.size)
         self._since += 1
-        # Refresh cadence grows with the window: a sort of n values every n/100 additions
-        # keeps the cost per value flat while the reference moves by at most 1 %.
-        if self._since >= max(self.every, len(self.buf) // 100) or len(self.buf) < 2 * self.every:
+        if self._since >= max(self.every, self._count // 100) or self._count < 2 * self.every:
             self._refresh()
 
     def _refresh(self) -> None:
         self._since = 0
-        arr = np.sort(np.fromiter(self.buf, dtype=float, count=len(self.buf)))
+        self._use_snapshot(np.sort(self._ring[: self._count]))
+
+    def _use_snapshot(self, arr: np.ndarray) -> None:
         self.sorted = arr
-        self.center = float(np.median(arr))
+        n = len(arr)
+        self.center = float(arr[n // 2]) if n % 2 else float(0.5 * (arr[n // 2 - 1] + arr[n // 2]))
         mad = float(np.median(np.abs(arr - self.center)))
         sigma = 1.4826 * mad
         if sigma <= 0.0:
@@ -64,7 +81,6 @@ class RollingRobust:
         floor = 1e-3 * max(abs(self.center), 1e-6)
         self.sigma = max(sigma, floor)
         # Spread of each tail (10 % quantile to the extreme), for extrapolating beyond it.
-        n = len(arr)
         k = max(1, n // 10)
         self.hi_tail = max(float(arr[-1] - arr[-1 - k]) if n > k else 0.0, 0.05 * self.sigma)
         self.lo_tail = max(float(arr[k] - arr[0]) if n > k else 0.0, 0.05 * self.sigma)
@@ -89,18 +105,34 @@ class RollingRobust:
         return min(1.0, 2.0 * min(p_hi, p_lo))
 
     def z(self, x: float) -> float:
-        return (x - self.center) / self.sigma if self.buf else 0.0
+        return (x - self.center) / self.sigma if self._count else 0.0
 
     def __len__(self) -> int:
-        return len(self.buf)
+        return self._count
 
     def state_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "every": self.every, "buf": list(self.buf)}
+        # The sorted snapshot and the refresh counter are kept too, so a restored detector
+        # scores exactly like the one that was saved.
+        return {
+            "size": self.size,
+            "every": self.every,
+            "buf": self.buf.tolist(),
+            "snapshot": self.sorted.tolist(),
+            "since": self._since,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.size, self.every = int(state["size"]), int(state["every"])
-        self.buf = deque((float(v) for v in state["buf"]), maxlen=self.size)
-        if self.buf:
+        vals = np.asarray(state["buf"], dtype=float)[-self.size :]
+        self._ring = np.empty(self.size)
+        self._ring[: len(vals)] = vals
+        self._count = len(vals)
+        self._pos = self._count % self.size
+        self._since = int(state.get("since", 0))
+        snap = state.get("snapshot")
+        if snap:
+            self._use_snapshot(np.asarray(snap, dtype=float))
+        elif self._count:
             self._refresh()
 
 

@@ -347,3 +347,49 @@ class StreamingEnsemble:
         det = cls(**params)
         det.load_state(state)
         return det
+
+
+@register("stuck")
+class StuckSensor:
+    """Counts how long the value has repeated exactly, against the longest repeat seen.
+
+    Score: the current run length divided by ``max(min_run, factor * longest normal run)``,
+    so 1.0 means "repeated for longer than this sensor ever did". Sensors that are
+    naturally quantised (long repeats in normal operation) raise the bar by themselves.
+    """
+
+    def __init__(self, min_run: int = 12, factor: float = 3.0) -> None:
+        self.min_run = min_run
+        self.factor = factor
+        self.prev: float | None = None
+        self.run = 0
+        self.longest = 0
+
+    def score_one(self, x: float) -> float:
+        run = self.run + 1 if self.prev is not None and x == self.prev else 0
+        return run / max(self.min_run, self.factor * self.longest)
+
+    def learn_one(self, x: float) -> None:
+        if self.prev is not None and x == self.prev:
+            self.run += 1
+        else:
+            # Runs are learned once finished and only if they did not look stuck, so a
+            # stuck period does not teach the detector that stuck is normal.
+            if self.run and self.run < max(self.min_run, self.factor * self.longest):
+                self.longest = max(self.longest, self.run)
+            self.run = 0
+        self.prev = x
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "min_run": self.min_run,
+            "factor": self.factor,
+            "prev": self.prev,
+            "run": self.run,
+            "longest": self.longest,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.min_run, self.factor = int(state["min_run"]), float(state["factor"])
+        self.prev = None if state["prev"] is None else float(state["prev"])
+        self.run, self.longest = int(state["run"]), int(state["longest"])

@@ -117,6 +117,10 @@ class Storage(abc.ABC):
         """True when the backend can take writes now (used by ``/readyz``)."""
         return True
 
+    def stats(self) -> dict[str, float]:
+        """Backend counters and gauges for ``/metrics`` (name -> value); none by default."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release resources."""
 

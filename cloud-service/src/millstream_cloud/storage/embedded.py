@@ -26,14 +26,18 @@ thread; SQLite WAL readers do not block the writer), one compactor thread.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
+import uuid
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +70,7 @@ CREATE TABLE IF NOT EXISTS series (
 );
 CREATE TABLE IF NOT EXISTS wal (
   id INTEGER PRIMARY KEY,
+  writer TEXT NOT NULL,
   sids BLOB NOT NULL,
   times BLOB NOT NULL,
   vals BLOB NOT NULL,
@@ -87,6 +92,8 @@ CREATE TABLE IF NOT EXISTS chunks (
   vals BLOB NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS chunks_series_start ON chunks (series_id, start_ns);
+CREATE INDEX IF NOT EXISTS wal_writer ON wal (writer, id);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('chunks_version', '0');
 """
 
 _NUMPY_DTYPE = {"float": np.float64, "integer": np.int64, "boolean": np.int8, "string": object}
@@ -139,7 +146,7 @@ def _to_array(values: Sequence[Any], ftype: str) -> np.ndarray:
 
 def _dedupe_last(t: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sort by time; of several values at one time keep the last one given (newest)."""
-    if len(t) > 1:
+    if len(t) > 1 and not bool((t[1:] > t[:-1]).all()):  # already strictly increasing: done
         order = np.argsort(t, kind="stable")
         t = t[order]
         v = v[order]
@@ -244,13 +251,62 @@ def _py(value: Any, ftype: str) -> FieldValue:
 
 @dataclass(slots=True)
 class _Memtable:
-    """Points not yet compacted, per series in arrival order (newest write last)."""
+    """Points not yet compacted, per series in arrival order (newest write last).
+
+    Float batches are kept as the writer gave them (``pending``: three arrays, no per-point
+    work on the write path) and sorted into ``points`` by series in bulk later (``index``,
+    by the compactor thread); a series is either float (pending) or not (points directly),
+    so its order is kept.
+    """
 
     points: dict[int, tuple[list[int], list[Any]]] = field(default_factory=dict)
+    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     n: int = 0
-    max_wal_id: int = 0
+    wal_ids: list[int] = field(default_factory=list)  # the wal rows it holds
+
+    def add_batch(self, sids: np.ndarray, times: np.ndarray, vals: np.ndarray) -> None:
+        if len(sids):
+            self.pending.append((sids, times, vals))
+            self.n += len(sids)
+
+    def index(self) -> None:
+        """Move pending batches into ``points`` (one argsort for all of them)."""
+        if not self.pending:
+            return
+        if len(self.pending) == 1:
+            s, t, v = self.pending[0]
+        else:
+            s = np.concatenate([p[0] for p in self.pending])
+            t = np.concatenate([p[1] for p in self.pending])
+            v = np.concatenate([p[2] for p in self.pending])
+        order = np.argsort(s, kind="stable")
+        s, t, v = s[order], t[order], v[order]
+        starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
+        ends = np.append(starts[1:], len(s))
+        pts = self.points
+        tl, vl = t.tolist(), v.tolist()
+        for sid, a, b in zip(s[starts].tolist(), starts.tolist(), ends.tolist(), strict=True):
+            e = pts.get(sid)
+            if e is None:
+                e = pts[sid] = ([], [])
+            e[0].extend(tl[a:b])
+            e[1].extend(vl[a:b])
+        self.pending.clear()
+
+    def tail(self, sid: int, ts: list[int], vs: list[Any]) -> None:
+        """Append this series' points, in order, to ``ts``/``vs``."""
+        e = self.points.get(sid)
+        if e is not None:
+            ts.extend(e[0])
+            vs.extend(e[1])
+        for s, t, v in self.pending:
+            idx = np.flatnonzero(s == sid)
+            if idx.size:
+                ts.extend(t[idx].tolist())
+                vs.extend(v[idx].tolist())
 
     def add(self, sids: Iterable[int], times: Iterable[int], vals: Iterable[Any]) -> None:
+        """Non-float points, straight into ``points``."""
         pts = self.points
         n = 0
         for sid, t, v in zip(sids, times, vals, strict=False):
@@ -301,6 +357,17 @@ class EmbeddedStorage(Storage):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.dir / "store.db"
         self._wlock = threading.RLock()  # the write connection and series allocation
+        # Several processes may share one store (cloud workers on one data_dir). Each is a
+        # "writer" with an id and a lock file it holds while alive: its uncompacted batches
+        # are read by the others, and adopted by whoever finds it dead.
+        self.writer_id = uuid.uuid4().hex
+        self._writers_dir = self.dir / "writers"
+        self._writers_dir.mkdir(exist_ok=True)
+        # locked before it appears under its name, so nobody takes a starting writer for dead
+        tmp = self._writers_dir / f".{self.writer_id}.tmp"
+        self._lock_fd = os.open(tmp, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        tmp.rename(self._writers_dir / f"{self.writer_id}.lock")
         self._mlock = threading.Lock()  # memtables and in-memory series metadata
         self._closed = False
         self._sync = self.settings.synchronous.upper()
@@ -316,15 +383,15 @@ class EmbeddedStorage(Storage):
         self._by_reading: dict[tuple[str, str, str | None, str], int] = {}
         self._by_field: dict[tuple[str, str], set[int]] = {}
         self._by_tag: dict[tuple[str, str, str], set[int]] = {}
-        for sid, m, tags, f, ft in self._db.execute(
-            "SELECT id, measurement, tags, field, ftype FROM series"
-        ):
-            self._index_series(int(sid), m, json.loads(tags), f, ft)
-        self._next_sid = max(self._meta, default=0) + 1
+        self._series_scanned = 0
+        self._refresh_series(self._db)
 
         self._active = _Memtable()
         self._frozen: list[_Memtable] = []
-        self._replay_wal()
+        # other writers' uncompacted wal rows, decoded by series, shared by reader threads
+        self._foreign: dict[int, dict[int, tuple[list[int], list[Any]]]] = {}
+        self._foreign_lock = threading.Lock()
+        self._adopt_dead_writers()
 
         self._wake = threading.Event()
         self._room = threading.Condition(self._mlock)
@@ -398,22 +465,49 @@ class EmbeddedStorage(Storage):
         self._by_reading.pop((m.tags.get("site", ""), m.tags.get("device", ""),
                               m.tags.get("kind"), m.field), None)  # fmt: skip
 
+    def _refresh_series(self, db: sqlite3.Connection) -> None:
+        """Learn series other processes created (cheap: new rowids only)."""
+        rows = db.execute(
+            "SELECT id, measurement, tags, field, ftype FROM series WHERE id > ? ORDER BY id",
+            (self._series_scanned,),
+        ).fetchall()
+        if not rows:
+            return
+        with self._mlock:
+            for sid, m, tags, f, ft in rows:
+                if int(sid) not in self._meta:
+                    self._index_series(int(sid), m, json.loads(tags), f, ft)
+            self._series_scanned = max(self._series_scanned, int(rows[-1][0]))
+
     def _new_series(
         self,
         measurement: str,
         tags: Mapping[str, str],
         fname: str,
         ftype: str,
-        created: list[tuple[int, str, str, str, str]],
-    ) -> int:
-        """Allocate a series id (caller holds the write lock; rows go in its transaction)."""
-        sid = self._next_sid
-        self._next_sid += 1
+        created: list[int],
+    ) -> tuple[int, str]:
+        """The id and type of a series not known here: created in the open write
+        transaction, or found when another process created it first."""
         tags = dict(sorted(tags.items()))
+        tkey = _tags_key(tags)
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO series (measurement, tags, field, ftype) VALUES (?, ?, ?, ?)",
+            (measurement, tkey, fname, ftype),
+        )
+        if cur.rowcount == 1:
+            sid, have = int(cur.lastrowid or 0), ftype
+            created.append(sid)
+        else:
+            row = self._db.execute(
+                "SELECT id, ftype FROM series WHERE measurement = ? AND tags = ? AND field = ?",
+                (measurement, tkey, fname),
+            ).fetchone()
+            sid, have = int(row[0]), str(row[1])
         with self._mlock:
-            self._index_series(sid, measurement, tags, fname, ftype)
-        created.append((sid, measurement, _tags_key(tags), fname, ftype))
-        return sid
+            if sid not in self._meta:
+                self._index_series(sid, measurement, tags, fname, have)
+        return sid, have
 
     # -- writes -------------------------------------------------------------------------
 
@@ -427,27 +521,34 @@ class EmbeddedStorage(Storage):
         self._wait_for_room()
         with self._wlock:
             self._check_open()
-            cache = self._by_reading
-            created: list[tuple[int, str, str, str, str]] = []
-            sids = []
-            for r in readings:
-                kind = kget(r.device) or None
-                sid = cache.get((r.site, r.device, kind, r.metric))
-                if sid is None:
-                    tags = {"site": r.site, "device": r.device}
-                    if kind:
-                        tags["kind"] = kind
-                    sid = self._by_key.get((TELEMETRY, _tags_key(tags), r.metric))
+            self._begin()
+            created: list[int] = []
+            try:
+                cache = self._by_reading
+                sids = []
+                for r in readings:
+                    kind = kget(r.device) or None
+                    sid = cache.get((r.site, r.device, kind, r.metric))
                     if sid is None:
-                        sid = self._new_series(TELEMETRY, tags, r.metric, "float", created)
-                    elif self._meta[sid].ftype != "float":
-                        raise TypeError(
-                            f"field {r.metric!r} of {tags} is {self._meta[sid].ftype}, not float"
-                        )
-                sids.append(sid)
-            times = [r.time_ns for r in readings]
-            vals = [r.value for r in readings]
-            self._commit(sids, times, vals, [], created)
+                        tags = {"site": r.site, "device": r.device}
+                        if kind:
+                            tags["kind"] = kind
+                        sid = self._by_key.get((TELEMETRY, _tags_key(tags), r.metric))
+                        if sid is None:
+                            sid, have = self._new_series(
+                                TELEMETRY, tags, r.metric, "float", created
+                            )
+                        else:
+                            have = self._meta[sid].ftype
+                        if have != "float":
+                            raise TypeError(f"field {r.metric!r} of {tags} is {have}, not float")
+                    sids.append(sid)
+                times = [r.time_ns for r in readings]
+                vals = [r.value for r in readings]
+                self._commit(sids, times, vals, [])
+            except BaseException:
+                self._rollback(created)
+                raise
 
     def write_points(self, points: Sequence[Point]) -> None:
         if not points:
@@ -455,47 +556,53 @@ class EmbeddedStorage(Storage):
         self._wait_for_room()
         with self._wlock:
             self._check_open()
-            created: list[tuple[int, str, str, str, str]] = []
-            sids: list[int] = []
-            times: list[int] = []
-            vals: list[float] = []
-            other: list[tuple[int, int, Any]] = []
-            for p in points:
-                tkey = _tags_key(p.tags)
-                for fname, value in p.fields.items():
-                    ftype = _ftype(value)
-                    sid = self._by_key.get((p.measurement, tkey, fname))
-                    if sid is None:
-                        sid = self._new_series(p.measurement, p.tags, fname, ftype, created)
-                    else:
-                        have = self._meta[sid].ftype
+            self._begin()
+            created: list[int] = []
+            try:
+                sids: list[int] = []
+                times: list[int] = []
+                vals: list[float] = []
+                other: list[tuple[int, int, Any]] = []
+                for p in points:
+                    tkey = _tags_key(p.tags)
+                    for fname, value in p.fields.items():
+                        ftype = _ftype(value)
+                        sid = self._by_key.get((p.measurement, tkey, fname))
+                        if sid is None:
+                            sid, have = self._new_series(
+                                p.measurement, p.tags, fname, ftype, created
+                            )
+                        else:
+                            have = self._meta[sid].ftype
                         if have != ftype:
-                            if have == "float" and ftype == "integer":
-                                value = float(value)
-                                ftype = "float"
-                            else:
-                                self._forget(created)
+                            if not (have == "float" and ftype == "integer"):
                                 raise TypeError(
                                     f"field type conflict: {p.measurement} {dict(p.tags)} "
                                     f"{fname!r} is {have}, got {ftype} {value!r}"
                                 )
-                    if ftype == "float":
-                        sids.append(sid)
-                        times.append(p.time_ns)
-                        vals.append(value)  # type: ignore[arg-type]
-                    else:
-                        other.append((sid, p.time_ns, value))
-            self._commit(sids, times, vals, other, created)
+                            value = float(value)
+                            ftype = "float"
+                        if ftype == "float":
+                            sids.append(sid)
+                            times.append(p.time_ns)
+                            vals.append(value)  # type: ignore[arg-type]
+                        else:
+                            other.append((sid, p.time_ns, value))
+                self._commit(sids, times, vals, other)
+            except BaseException:
+                self._rollback(created)
+                raise
 
-    def _forget(self, created: list[tuple[int, str, str, str, str]]) -> None:
-        with self._mlock:
-            for row in created:
-                self._unindex_series(row[0])
-        self._next_sid = max(self._meta, default=0) + 1
-        self._by_reading.clear()
-        with self._mlock:
-            for sid, m in self._meta.items():
-                self._index_series(sid, m.measurement, m.tags, m.field, m.ftype)
+    def _begin(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")  # also the lock between processes
+
+    def _rollback(self, created: list[int]) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+        if created:  # rolled back with the transaction: forget them here too
+            with self._mlock:
+                for sid in created:
+                    self._unindex_series(sid)
 
     def _commit(
         self,
@@ -503,43 +610,33 @@ class EmbeddedStorage(Storage):
         times: list[int],
         vals: list[Any],
         other: list[tuple[int, int, Any]],
-        created: list[tuple[int, str, str, str, str]],
     ) -> None:
-        """One transaction: new series + one wal row; then the memtable (write lock held)."""
+        """Within the open transaction: one wal row, commit; then the memtable."""
         try:
             blob_s = array("q", sids).tobytes()
             blob_t = array("q", times).tobytes()
             blob_v = array("d", vals).tobytes()
             blob_o = msgspec.msgpack.encode(other) if other else None
         except (TypeError, OverflowError) as exc:
-            self._forget(created)
             raise TypeError(f"cannot store values: {exc}") from None
         db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            if created:
-                db.executemany(
-                    "INSERT INTO series (id, measurement, tags, field, ftype) VALUES (?,?,?,?,?)",
-                    created,
-                )
-            cur = db.execute(
-                "INSERT INTO wal (sids, times, vals, other) VALUES (?, ?, ?, ?)",
-                (blob_s, blob_t, blob_v, blob_o),
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            self._forget(created)
-            raise
+        cur = db.execute(
+            "INSERT INTO wal (writer, sids, times, vals, other) VALUES (?, ?, ?, ?, ?)",
+            (self.writer_id, blob_s, blob_t, blob_v, blob_o),
+        )
+        db.execute("COMMIT")
         wal_id = int(cur.lastrowid or 0)
         with self._mlock:
             mem = self._active
-            mem.add(sids, times, vals)
+            mem.add_batch(
+                np.frombuffer(blob_s, dtype=_I64),
+                np.frombuffer(blob_t, dtype=_I64),
+                np.frombuffer(blob_v, dtype=_F64),
+            )
             if other:
                 mem.add(*zip(*other, strict=False))
-            mem.max_wal_id = wal_id
-            if mem.n >= self.settings.memtable_max_points:
+            mem.wal_ids.append(wal_id)
+            if mem.n >= self.settings.memtable_max_points or len(mem.pending) >= 32:
                 self._wake.set()
 
     def _wait_for_room(self) -> None:
@@ -555,27 +652,64 @@ class EmbeddedStorage(Storage):
                 self._wake.set()
                 self._room.wait(1.0)
 
-    def _replay_wal(self) -> None:
-        rows = 0
-        for wid, bs, bt, bv, bo in self._db.execute(
-            "SELECT id, sids, times, vals, other FROM wal ORDER BY id"
-        ):
-            s = array("q")
-            s.frombytes(bs)
-            t = array("q")
-            t.frombytes(bt)
-            v = array("d")
-            v.frombytes(bv)
-            self._active.add(s, t, v)
-            if bo:
-                other = msgspec.msgpack.decode(bo)
-                if other:
-                    self._active.add(*zip(*other, strict=False))
-            self._active.max_wal_id = int(wid)
-            rows += 1
-        if rows:
-            log.info("embedded store: replayed %d uncompacted writes (%d points)", rows,
-                     self._active.n)  # fmt: skip
+    def _writer_alive(self, writer: str) -> bool:
+        if writer == self.writer_id:
+            return True
+        path = self._writers_dir / f"{writer}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True  # its process holds the lock
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        return False
+
+    def _adopt_dead_writers(self) -> int:
+        """Uncompacted batches of processes that died (or of this store's previous run)
+        become ours: replayed into the memtable, compacted like our own."""
+        writers = [w for (w,) in self._reader().execute("SELECT DISTINCT writer FROM wal")]
+        dead = [w for w in writers if not self._writer_alive(w)]
+        if not dead:
+            return 0
+        with self._wlock:
+            self._begin()
+            try:
+                marks = ",".join("?" * len(dead))
+                rows = self._db.execute(
+                    f"SELECT id, sids, times, vals, other FROM wal WHERE writer IN ({marks}) "
+                    "ORDER BY id",
+                    dead,
+                ).fetchall()
+                self._db.execute(
+                    f"UPDATE wal SET writer = ? WHERE writer IN ({marks})", [self.writer_id, *dead]
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback([])
+                raise
+            self._refresh_series(self._db)
+            n = 0
+            with self._mlock:
+                mem = self._active
+                for wid, bs, bt, bv, bo in rows:
+                    sids, _, _, other = _decode_wal(bs, bt, bv, bo)
+                    mem.add_batch(
+                        np.frombuffer(bs, dtype=_I64),
+                        np.frombuffer(bt, dtype=_I64),
+                        np.frombuffer(bv, dtype=_F64),
+                    )
+                    if other:
+                        mem.add(*zip(*other, strict=False))
+                    mem.wal_ids.append(int(wid))
+                    n += len(sids) + len(other)
+        log.info("embedded store: took over %d uncompacted points of %d stopped writer(s)", n,
+                 len(dead))  # fmt: skip
+        return n
 
     def _check_open(self) -> None:
         if self._closed:
@@ -585,13 +719,22 @@ class EmbeddedStorage(Storage):
 
     def _run(self) -> None:
         interval = self.settings.compact_interval_s
+        last = time.monotonic()
         while not self._closed:
-            self._wake.wait(interval)
+            self._wake.wait(min(interval, 1.0))
             self._wake.clear()
             if self._closed:
                 break
             try:
+                with self._mlock:
+                    due = self._active.n >= self.settings.memtable_max_points
+                    if len(self._active.pending) >= 16:  # keep queries' scans of it short
+                        self._active.index()
+                if not due and time.monotonic() - last < interval:
+                    continue
+                last = time.monotonic()
                 self.compact()
+                self._adopt_dead_writers()
                 if (
                     time.monotonic() - self._last_maintenance
                     >= self.settings.maintenance_interval_s
@@ -617,22 +760,20 @@ class EmbeddedStorage(Storage):
                     self._frozen.append(self._active)
                     self._active = _Memtable()
                 mem = self._frozen[0]
-            rows = self._merge_memtable(mem)
+            rdb = self._reader()
+            version = _chunks_version(rdb)
+            rows = self._merge_memtable(mem, rdb)  # outside the write lock: writers go on
             with self._wlock:
                 db = self._db
-                db.execute("BEGIN IMMEDIATE")
+                self._begin()
                 try:
-                    db.executemany(
-                        "INSERT OR REPLACE INTO chunks (series_id, start_ns, rollup, n, first_t, "
-                        "last_t, first_v, last_v, vmin, vmax, vsum, times, vals) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        rows,
-                    )
-                    db.execute("DELETE FROM wal WHERE id <= ?", (mem.max_wal_id,))
+                    if _chunks_version(db) != version:  # another process compacted meanwhile
+                        rows = self._merge_memtable(mem, db)
+                    _put_chunks(db, rows)
+                    db.executemany("DELETE FROM wal WHERE id = ?", [(i,) for i in mem.wal_ids])
                     db.execute("COMMIT")
                 except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
+                    self._rollback([])
                     raise
             with self._room:
                 self._frozen.remove(mem)
@@ -640,36 +781,72 @@ class EmbeddedStorage(Storage):
             self.compactions += 1
             return mem.n
 
-    def _merge_memtable(self, mem: _Memtable) -> list[tuple[Any, ...]]:
-        rdb = self._reader()
+    def _merge_memtable(self, mem: _Memtable, db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+        """Chunk rows for everything in ``mem``, merged with the chunks already stored."""
         chunk_ns = self.chunk_ns
-        rows: list[tuple[Any, ...]] = []
+        with self._mlock:  # frozen: no writer appends, but readers look at it
+            mem.index()
+        series: list[tuple[int, str, np.ndarray, np.ndarray]] = []
+        floats = [sid for sid in mem.points if self._meta[sid].ftype == "float"]
+        if floats:  # the common case in bulk: two array conversions instead of two per series
+            lens = [len(mem.points[sid][0]) for sid in floats]
+            total = sum(lens)
+            all_t = np.fromiter(chain.from_iterable(mem.points[s][0] for s in floats), _I64, total)
+            all_v = np.fromiter(chain.from_iterable(mem.points[s][1] for s in floats), _F64, total)
+            off = 0
+            for sid, n in zip(floats, lens, strict=True):
+                series.append((sid, "float", all_t[off : off + n], all_v[off : off + n]))
+                off += n
         for sid, (tl, vl) in mem.points.items():
             ftype = self._meta[sid].ftype
-            t, v = _dedupe_last(np.asarray(tl, dtype=_I64), _to_array(vl, ftype))
+            if ftype != "float":
+                series.append((sid, ftype, np.asarray(tl, dtype=_I64), _to_array(vl, ftype)))
+        pieces: list[tuple[int, int, np.ndarray, np.ndarray, str]] = []
+        for sid, ftype, t0, v0 in series:
+            t, v = _dedupe_last(t0, v0)
+            first = int(t[0] - t[0] % chunk_ns)
+            if int(t[-1]) < first + chunk_ns:
+                pieces.append((sid, first, t, v, ftype))
+                continue
             w = t - np.mod(t, chunk_ns)
             brk = np.flatnonzero(w[1:] != w[:-1]) + 1
-            for ts, vs in zip(np.split(t, brk), np.split(v, brk), strict=False):
-                start = int(ts[0] - ts[0] % chunk_ns)
-                old = rdb.execute(
-                    "SELECT rollup, times, vals FROM chunks WHERE series_id = ? AND start_ns = ?",
-                    (sid, start),
-                ).fetchone()
-                if old is None:
-                    rows.append(self._raw_row(sid, start, ts, vs, ftype))
-                elif old[0] == 0:
-                    ot = np.frombuffer(old[1], dtype=_I64)
-                    ov = _decode_values(old[2], ftype)
-                    mt, mv = _dedupe_last(np.concatenate([ot, ts]), np.concatenate([ov, vs]))
-                    rows.append(self._raw_row(sid, start, mt, mv, ftype))
-                else:  # late points into a rolled-up window are folded into its buckets
-                    width = int(old[0])
-                    parts = _combine([
-                        _rollup_partials(old[1], old[2], width, width),
-                        _partials_from_points(ts, vs, width, True),
-                    ])  # fmt: skip
-                    rows.append(_rollup_row(sid, start, width, parts))
+            for ts, vs in zip(np.split(t, brk), np.split(v, brk), strict=True):
+                pieces.append((sid, int(ts[0] - ts[0] % chunk_ns), ts, vs, ftype))
+        existing = self._existing_chunks(db, [(p[0], p[1]) for p in pieces])
+        rows: list[tuple[Any, ...]] = []
+        for sid, start, ts, vs, ftype in pieces:
+            old = existing.get((sid, start))
+            if old is None:
+                rows.append(self._raw_row(sid, start, ts, vs, ftype))
+            elif old[0] == 0:
+                ot = np.frombuffer(old[1], dtype=_I64)
+                ov = _decode_values(old[2], ftype)
+                mt, mv = _dedupe_last(np.concatenate([ot, ts]), np.concatenate([ov, vs]))
+                rows.append(self._raw_row(sid, start, mt, mv, ftype))
+            else:  # late points into a rolled-up window are folded into its buckets
+                width = int(old[0])
+                parts = _combine([
+                    _rollup_partials(old[1], old[2], width, width),
+                    _partials_from_points(ts, vs, width, True),
+                ])  # fmt: skip
+                rows.append(_rollup_row(sid, start, width, parts))
         return rows
+
+    @staticmethod
+    def _existing_chunks(
+        rdb: sqlite3.Connection, keys: list[tuple[int, int]]
+    ) -> dict[tuple[int, int], tuple[int, bytes, bytes]]:
+        """Stored chunks for (series, window start) keys, a few hundred keys per statement."""
+        out: dict[tuple[int, int], tuple[int, bytes, bytes]] = {}
+        for i in range(0, len(keys), 500):
+            part = keys[i : i + 500]
+            sql = (
+                "SELECT series_id, start_ns, rollup, times, vals FROM chunks "
+                "WHERE (series_id, start_ns) IN (VALUES " + ",".join(["(?,?)"] * len(part)) + ")"
+            )
+            for sid, start, rollup, bt, bv in rdb.execute(sql, [x for k in part for x in k]):
+                out[(int(sid), int(start))] = (int(rollup), bt, bv)
+        return out
 
     @staticmethod
     def _raw_row(sid: int, start: int, t: np.ndarray, v: np.ndarray, ftype: str) -> tuple[Any, ...]:
@@ -689,53 +866,49 @@ class EmbeddedStorage(Storage):
     # -- retention and downsampling -----------------------------------------------------
 
     def maintain(self, now_ns: int | None = None) -> dict[str, int]:
-        """Drop chunks past retention, roll up numeric chunks past ``downsample_after_s``."""
+        """Drop chunks past retention, roll up numeric chunks past ``downsample_after_s``.
+
+        Runs in one write transaction (writers wait; it is rare and, past the first run,
+        small), so several processes sharing the store never undo each other's work."""
         now_ns = time.time_ns() if now_ns is None else now_ns
         s = self.settings
         dropped = rolled = 0
-        with self._compact_lock:
-            if s.retention_s:
-                cutoff = now_ns - s.retention_s * _SEC
-                with self._wlock:
-                    cur = self._db.execute(
+        width = s.downsample_every_s * _SEC
+        with self._compact_lock, self._wlock:
+            db = self._db
+            self._begin()
+            try:
+                if s.retention_s:
+                    cutoff = now_ns - s.retention_s * _SEC
+                    cur = db.execute(
                         "DELETE FROM chunks WHERE start_ns + ? <= ?", (self.chunk_ns, cutoff)
                     )
                     dropped = cur.rowcount
-            width = s.downsample_every_s * _SEC
-            if s.downsample_after_s and self.chunk_ns % width == 0:
-                cutoff = now_ns - s.downsample_after_s * _SEC
-                rdb = self._reader()
-                while True:
-                    todo = rdb.execute(
-                        "SELECT rowid, series_id, start_ns, times, vals FROM chunks "
-                        "WHERE rollup = 0 AND start_ns + ? <= ? LIMIT 2000",
-                        (self.chunk_ns, cutoff),
-                    ).fetchall()
-                    rows = []
-                    skip = []
-                    for _rowid, sid, start, bt, bv in todo:
-                        meta = self._meta.get(sid)
-                        if meta is None or meta.ftype not in ("float", "integer"):
-                            skip.append(_rowid)
-                            continue
-                        t = np.frombuffer(bt, dtype=_I64)
-                        v = _decode_values(bv, meta.ftype)
-                        rows.append(_rollup_row(sid, start, width,
-                                                _partials_from_points(t, v, width, True)))  # fmt: skip
-                    if not rows:
-                        break
-                    with self._wlock:
-                        self._db.execute("BEGIN IMMEDIATE")
-                        self._db.executemany(
-                            "INSERT OR REPLACE INTO chunks (series_id, start_ns, rollup, n, "
-                            "first_t, last_t, first_v, last_v, vmin, vmax, vsum, times, vals) "
-                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                            rows,
-                        )
-                        self._db.execute("COMMIT")
-                    rolled += len(rows)
-                    if len(todo) < 2000:
-                        break
+                    if dropped:
+                        _put_chunks(db, [])
+                if s.downsample_after_s and self.chunk_ns % width == 0:
+                    cutoff = now_ns - s.downsample_after_s * _SEC
+                    while True:
+                        todo = db.execute(
+                            "SELECT c.series_id, c.start_ns, c.times, c.vals, s.ftype "
+                            "FROM chunks c JOIN series s ON s.id = c.series_id "
+                            "WHERE c.rollup = 0 AND c.start_ns + ? <= ? "
+                            "AND s.ftype IN ('float', 'integer') LIMIT 2000",
+                            (self.chunk_ns, cutoff),
+                        ).fetchall()
+                        rows = [
+                            _rollup_row(sid, start, width, _partials_from_points(
+                                np.frombuffer(bt, dtype=_I64), _decode_values(bv, ftype), width, True))
+                            for sid, start, bt, bv, ftype in todo
+                        ]  # fmt: skip
+                        _put_chunks(db, rows)
+                        rolled += len(rows)
+                        if len(todo) < 2000:
+                            break
+                db.execute("COMMIT")
+            except BaseException:
+                self._rollback([])
+                raise
         if dropped or rolled:
             log.info("embedded store: retention dropped %d chunks, rolled up %d", dropped, rolled)
         return {"dropped": dropped, "rolled_up": rolled}
@@ -758,15 +931,70 @@ class EmbeddedStorage(Storage):
                 cand = cand & self._by_tag.get((measurement, k, v), set())
             return sorted(cand)
 
+    def _with_foreign(
+        self, db: sqlite3.Connection, tails: dict[int, tuple[list[int], list[Any]]]
+    ) -> dict[int, tuple[list[int], list[Any]]]:
+        """Add other processes' uncompacted points (their wal rows) to the tails, before
+        ours; inside the caller's read transaction, so consistent with the chunks."""
+        if not tails:
+            return tails
+        ids = [
+            int(i)
+            for (i,) in db.execute(
+                "SELECT id FROM wal WHERE writer < ? OR writer > ? ORDER BY id",
+                (self.writer_id, self.writer_id),
+            )
+        ]
+        if not ids:
+            if self._foreign:
+                with self._foreign_lock:
+                    self._foreign.clear()
+            return tails
+        rows = [self._foreign_row(db, i) for i in ids]
+        with self._foreign_lock:
+            for gone in set(self._foreign) - set(ids):  # compacted by their writer meanwhile
+                del self._foreign[gone]
+        out = {}
+        for sid, own in tails.items():
+            ft: list[int] = []
+            fv: list[Any] = []
+            for row in rows:
+                e = row.get(sid)
+                if e is not None:
+                    ft.extend(e[0])
+                    fv.extend(e[1])
+            out[sid] = (ft + own[0], fv + own[1]) if ft else own
+        return out
+
+    def _foreign_row(
+        self, db: sqlite3.Connection, wal_id: int
+    ) -> dict[int, tuple[list[int], list[Any]]]:
+        """Another writer's wal row, by series; rows never change, so decoded once."""
+        with self._foreign_lock:
+            row = self._foreign.get(wal_id)
+        if row is None:
+            found = db.execute(
+                "SELECT sids, times, vals, other FROM wal WHERE id = ?", (wal_id,)
+            ).fetchone()
+            row = {}
+            if found is not None:
+                sids, times, vals, other = _decode_wal(*found)
+                for sid, t, v in chain(zip(sids, times, vals, strict=True), other):
+                    e = row.get(sid)
+                    if e is None:
+                        e = row[sid] = ([], [])
+                    e[0].append(t)
+                    e[1].append(v)
+            with self._foreign_lock:
+                self._foreign[wal_id] = row
+        return row
+
     def _tail(self, sid: int) -> tuple[list[int], list[Any]]:
         """The series' uncompacted points, oldest source first (caller holds _mlock)."""
         ts: list[int] = []
         vs: list[Any] = []
         for mem in (*self._frozen, self._active):
-            e = mem.points.get(sid)
-            if e is not None:
-                ts.extend(e[0])
-                vs.extend(e[1])
+            mem.tail(sid, ts, vs)
         return ts, vs
 
     def _chunks(
@@ -788,6 +1016,8 @@ class EmbeddedStorage(Storage):
         q = query
         agg = q.agg if q.agg else None
         every = int(q.every_ns) if (q.every_ns and agg) else None
+        db = self._reader()
+        self._refresh_series(db)
         sids = self._matching(q.measurement, q.tags, list(q.fields))
         groups: dict[tuple[str, tuple[tuple[str, str], ...]], list[int]] = {}
         with self._mlock:
@@ -797,11 +1027,11 @@ class EmbeddedStorage(Storage):
             m = metas[sid]
             gkey = tuple((k, m.tags.get(k, "")) for k in q.group_by)
             groups.setdefault((m.field, gkey), []).append(sid)
-        db = self._reader()
         result = []
         # one read transaction: a consistent snapshot of chunks taken after the memtables
         db.execute("BEGIN")
         try:
+            tails = self._with_foreign(db, tails)
             for (fname, gkey), ids in sorted(groups.items()):
                 if agg is None:
                     points = self._raw(db, ids, tails, metas, q)
@@ -996,73 +1226,75 @@ class EmbeddedStorage(Storage):
     def latest(
         self, measurement: str, tags: Mapping[str, str]
     ) -> dict[str, tuple[int, FieldValue]]:
+        db = self._reader()
+        self._refresh_series(db)
         sids = self._matching(measurement, tags, None)
         with self._mlock:
             metas = {sid: self._meta[sid] for sid in sids}
             tails = {sid: self._tail(sid) for sid in sids}
-        db = self._reader()
         out: dict[str, tuple[int, FieldValue]] = {}
-        for sid in sids:
-            m = metas[sid]
-            best: tuple[int, Any] | None = None
-            row = db.execute(
-                "SELECT last_t, last_v, rollup, vsum, n FROM chunks WHERE series_id = ? "
-                "ORDER BY start_ns DESC LIMIT 1",
-                (sid,),
-            ).fetchone()
-            if row is not None:
-                best = (int(row[0]), row[1])
-            tt, tv = tails[sid]
-            if tt:
-                i = max(range(len(tt)), key=lambda j: (tt[j], j))
-                if best is None or tt[i] >= best[0]:
-                    best = (tt[i], tv[i])
-            if best is None:
-                continue
-            value = _py(best[1], m.ftype)
-            if m.field not in out or best[0] > out[m.field][0]:
-                out[m.field] = (best[0], value)
+        db.execute("BEGIN")
+        try:
+            tails = self._with_foreign(db, tails)
+            for sid in sids:
+                m = metas[sid]
+                best: tuple[int, Any] | None = None
+                row = db.execute(
+                    "SELECT last_t, last_v FROM chunks WHERE series_id = ? "
+                    "ORDER BY start_ns DESC LIMIT 1",
+                    (sid,),
+                ).fetchone()
+                if row is not None:
+                    best = (int(row[0]), row[1])
+                tt, tv = tails[sid]
+                if tt:
+                    i = max(range(len(tt)), key=lambda j: (tt[j], j))
+                    if best is None or tt[i] >= best[0]:
+                        best = (tt[i], tv[i])
+                if best is None:
+                    continue
+                value = _py(best[1], m.ftype)
+                if m.field not in out or best[0] > out[m.field][0]:
+                    out[m.field] = (best[0], value)
+        finally:
+            db.execute("COMMIT")
         return out
 
-    def measurements(self) -> list[str]:
+    def _metas(self) -> list[_SeriesMeta]:
+        self._refresh_series(self._reader())
         with self._mlock:
-            return sorted({m.measurement for m in self._meta.values()})
+            return list(self._meta.values())
+
+    def measurements(self) -> list[str]:
+        return sorted({m.measurement for m in self._metas()})
 
     def field_keys(self, measurement: str) -> dict[str, str]:
-        with self._mlock:
-            return {m.field: m.ftype for m in self._meta.values() if m.measurement == measurement}
+        return {m.field: m.ftype for m in self._metas() if m.measurement == measurement}
 
     def tag_keys(self, measurement: str) -> list[str]:
-        with self._mlock:
-            return sorted(
-                {k for m in self._meta.values() if m.measurement == measurement for k in m.tags}
-            )
+        return sorted({k for m in self._metas() if m.measurement == measurement for k in m.tags})
 
     def tag_values(
         self, measurement: str, key: str, tags: Mapping[str, str] | None = None
     ) -> list[str]:
+        self._refresh_series(self._reader())
         sids = self._matching(measurement, tags or {}, None)
         with self._mlock:
             return sorted({self._meta[s].tags[key] for s in sids if key in self._meta[s].tags})
 
     def count(self) -> int:
-        """Distinct stored points (after deduplication); for tests."""
+        """Stored points (each (series, time) once); for tests."""
         total = 0
-        for sid in self._matching_all():
-            m = self._meta[sid]
-            t, _ = self._series_points(
-                self._reader(), sid, self._tail_locked(sid), m.ftype, SeriesQuery(m.measurement, [])
-            )
-            total += len(t)
+        for m in self.measurements():
+            for series in self.query(SeriesQuery(m, list(self.field_keys(m)))):
+                total += len(series.points)
         return total
 
-    def _matching_all(self) -> list[int]:
+    def stats(self) -> dict[str, float]:
+        """``memtable_points``: written, not yet compacted; ``compactions``: since start."""
         with self._mlock:
-            return sorted(self._meta)
-
-    def _tail_locked(self, sid: int) -> tuple[list[int], list[Any]]:
-        with self._mlock:
-            return self._tail(sid)
+            waiting = self._active.n + sum(f.n for f in self._frozen)
+        return {"memtable_points": float(waiting), "compactions": float(self.compactions)}
 
     def ping(self) -> bool:
         if self._closed:
@@ -1091,6 +1323,37 @@ class EmbeddedStorage(Storage):
                 db.close()
             self._readers.clear()
             self._db.close()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        os.close(self._lock_fd)
+        (self._writers_dir / f"{self.writer_id}.lock").unlink(missing_ok=True)
+
+
+def _chunks_version(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT value FROM meta WHERE key = 'chunks_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _put_chunks(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Write chunk rows in the open transaction and tell other processes chunks changed."""
+    db.executemany(
+        "INSERT OR REPLACE INTO chunks (series_id, start_ns, rollup, n, first_t, last_t, "
+        "first_v, last_v, vmin, vmax, vsum, times, vals) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        rows,
+    )
+    db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'chunks_version'")
+
+
+def _decode_wal(
+    bs: bytes, bt: bytes, bv: bytes, bo: bytes | None
+) -> tuple[array[int], array[int], array[float], list[Any]]:
+    sids = array("q")
+    sids.frombytes(bs)
+    times = array("q")
+    times.frombytes(bt)
+    vals = array("d")
+    vals.frombytes(bv)
+    other = msgspec.msgpack.decode(bo) if bo else []
+    return sids, times, vals, other
 
 
 def _rollup_partials(bt: bytes, bv: bytes, every: int | None, width: int) -> _Partials:

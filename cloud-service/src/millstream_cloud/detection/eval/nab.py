@@ -148,10 +148,8 @@ def _row_weights(
             weights[i] = scaled_sigmoid(-(cur_right - i + 1.0) / cur_width) * profile["tp"] / MAX_TP
             window_id[i] = k
         else:
-            if prev_right is None:
-                dist = 3.0
-            else:
-                dist = abs(prev_right - i) / (prev_width - 1.0)
+            # Before the first window every FP costs the full weight (distance >= 3).
+            dist = 3.0 if prev_right is None else abs(prev_right - i) / (prev_width - 1.0)
             weights[i] = scaled_sigmoid(dist) * profile["fp"]
         if cur is not None and t == cur[1]:
             prev_right, prev_width = float(i), cur_width

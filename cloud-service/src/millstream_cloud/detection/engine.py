@@ -1,0 +1,471 @@
+"""The live path: per-device detection state fed by the ingest pipeline, one call per batch.
+
+>>> from millstream_cloud.model import Reading
+>>> engine = DetectionEngine(EngineSettings(warmup=50, mv_train_rows=50))
+>>> batch = [Reading("m1", "s", "temp", i * 10**9, 20.0 + (i % 3) * 0.1) for i in range(200)]
+>>> engine.observe(batch)
+[]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..model import Anomaly, Contribution, Reading
+from .calibration import Hysteresis
+from .explain import explain
+from .multivariate import VirtualSensorResidual
+from .streaming import StreamingEnsemble, StuckSensor
+
+STATE_FILE = "detection-state.json"
+STATE_VERSION = 1
+
+
+@dataclass(slots=True)
+class EngineSettings:
+    """Everything the live detectors need; defaults are the frozen, documented choices.
+
+    Per metric: a :class:`StreamingEnsemble` (``streaming`` parameters, ``warmup``
+    readings before it may alarm). Per device with two or more metrics: a PCA model of how
+    the metrics move together (``mv_*``), trained on the first ``mv_train_rows`` complete
+    rows and retrained every ``mv_retrain_rows`` rows on the latest rows that raised
+    nothing. ``mv_on``/``mv_off`` are in robust sigmas of the smoothed per-metric residual.
+    """
+
+    streaming: dict[str, Any] = field(
+        default_factory=lambda: {
+            "history": 6000,
+            "short": 4,
+            "long": 32,
+            "alert_level": 0.35,
+            "refractory": 300,
+        }
+    )
+    warmup: int = 720
+    streaming_alarms: bool = True  # raise per-metric anomalies, not only multivariate ones
+    streaming_min_score: float = 0.6  # per-metric alarms on multi-metric devices need this
+    # Once a device's multivariate model is trained it covers its metrics; keeping the
+    # per-metric ensembles running as well costs most of the per-reading time.
+    streaming_when_multivariate: bool = False
+    stuck_min_run: int = 12  # readings; a sensor repeating longer than this (and 3x its
+    # longest normal repeat) is reported as stuck
+    multivariate: bool = True
+    mv_train_rows: int = 4320  # complete rows before the first model
+    mv_window_rows: int = 8640  # rolling window of recent rows each retrain learns from
+    mv_retrain_rows: int = 1440
+    mv_spans: tuple[int, ...] = (6, 30, 120, 480)
+    mv_smooth_rows: int = 180
+    mv_extrapolation_penalty: float = 0.0
+    mv_holdout: float = 0.0  # share of training rows held out to measure residual spread
+    # (0.3 trades recall of 1-sigma drifts for fewer false alarms; see docs)
+    mv_spike_sigma: float = 6.5  # a single row this far off counts on its own
+    mv_pair_sigma: float = 4.5  # two rows this far off within mv_pair_rows count too
+    mv_pair_rows: int = 60
+    mv_on: float = 8.0
+    mv_off: float = 4.0
+    mv_min_on_rows: int = 30
+    mv_quiet_rows: int = 360  # after an incident ends, its tail is not a new incident
+
+
+def settings_from_mapping(block: dict[str, Any] | None) -> EngineSettings:
+    """Build settings from a config block (e.g. the ``detection:`` section of the cloud's
+    settings); an unknown key or a wrong type is an error that names the key."""
+    if not block:
+        return EngineSettings()
+    fields = EngineSettings.__dataclass_fields__
+    unknown = sorted(set(block) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"detection settings: unknown key(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(fields))}"
+        )
+    defaults = EngineSettings()
+    values: dict[str, Any] = {}
+    for key, value in block.items():
+        current = getattr(defaults, key)
+        if isinstance(current, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(current, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(current, tuple):
+            ok = isinstance(value, (list, tuple))
+            value = tuple(value) if ok else value
+        else:
+            ok = isinstance(value, type(current))
+        if not ok:
+            raise ValueError(f"detection settings: {key} must be like {current!r}, got {value!r}")
+        values[key] = value
+    return EngineSettings(**values)
+
+
+class DeviceModel:
+    """Multivariate state of one device: aligned rows, virtual-sensor residuals, a gate."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.s = settings
+        self.metrics: list[str] = []
+        self.last: dict[str, float] = {}
+        size = max(settings.mv_window_rows, settings.mv_train_rows, 1)
+        self.rows: deque[list[float]] = deque(maxlen=size)
+        self.flags: deque[bool] = deque(maxlen=size)
+        self.model: VirtualSensorResidual | None = None
+        self.gates: list[Hysteresis] = []
+        self.quiet_m: list[int] = []
+        self.open: set[int] = set()  # metrics with an incident in progress
+        self.last_excursion: list[int] = []
+        self.n_rows = 0
+        self.since_fit = 0
+
+    def _fit(self) -> None:
+        if len(self.rows) < max(50, len(self.metrics) * 10):
+            return
+        # Retraining replaces the model with one fitted on the latest rows; rows that were
+        # inside a raised anomaly are dropped so a fault is not learned as normal.
+        X = np.asarray(self.rows)
+        keep = ~np.asarray(self.flags, dtype=bool)
+        if keep.sum() < len(X) // 2:
+            return
+        model = VirtualSensorResidual(
+            tuple(self.s.mv_spans),
+            self.s.mv_smooth_rows,
+            holdout=self.s.mv_holdout,
+            extrapolation_penalty=self.s.mv_extrapolation_penalty,
+        )
+        model.fit(X if keep.all() else X[keep])
+        self.model = model
+        self.since_fit = 0
+
+    def add_rows(
+        self, rows: list[tuple[int, list[float]]]
+    ) -> list[tuple[int, float, int, np.ndarray, np.ndarray]]:
+        """Score new complete rows in one matrix call.
+
+        Returns the new incidents: (time, score, index of the metric held responsible,
+        its residual vector in sigmas, the row). One gate per metric; when a gate opens,
+        the responsible metric is found by attribution, so a fault in one metric that leaks
+        into the predictions of another is still reported under its own name.
+        """
+        out: list[tuple[int, float, int, np.ndarray, np.ndarray]] = []
+        if self.model is not None and rows:
+            X = np.asarray([r for _, r in rows])
+            z_inst, z_smooth = self.model.residuals(X)
+            inst_w = self.s.mv_on / self.s.mv_spike_sigma
+            a_inst = np.abs(z_inst) * inst_w
+            a_smooth = np.abs(z_smooth)
+            A = np.maximum(a_inst, a_smooth)
+            m = X.shape[1]
+            if len(self.last_excursion) != m:
+                self.last_excursion = [-(10**9)] * m
+            # Repeated spikes: two excursions of the same metric close together are as
+            # unlikely in normal operation as one much larger excursion.
+            for k, j in zip(*np.nonzero(np.abs(z_inst) >= self.s.mv_pair_sigma), strict=True):
+                row = self.n_rows + int(k)
+                if row - self.last_excursion[j] <= self.s.mv_pair_rows:
+                    A[k, j] = max(A[k, j], self.s.mv_on)
+                    a_inst[k, j] = max(a_inst[k, j], self.s.mv_on)
+                self.last_excursion[j] = row
+            if len(self.gates) != m:
+                self.gates = [
+                    Hysteresis(self.s.mv_on, self.s.mv_off, self.s.mv_min_on_rows) for _ in range(m)
+                ]
+                self.quiet_m = [0] * m
+            for k, (t, r) in enumerate(rows):
+                rising = []
+                for j in range(m):
+                    was = self.gates[j].active
+                    active, edge = self.gates[j].update(float(A[k, j]))
+                    if was and not active:
+                        self.quiet_m[j] = self.s.mv_quiet_rows
+                    elif not active and self.quiet_m[j] > 0:
+                        self.quiet_m[j] -= 1
+                    if edge:
+                        rising.append(j)
+                if rising:
+                    spike = a_inst[k].max() > a_smooth[k].max()
+                    z = z_inst[k] if spike else z_smooth[k]
+                    j = self.model.attribute(z, smooth=not spike)
+                    if j not in self.open and self.quiet_m[j] == 0:
+                        self.open.add(j)
+                        out.append((t, float(A[k].max()), j, z, X[k]))
+                for j in list(self.open):
+                    if not self.gates[j].active and all(not g.active for g in self.gates):
+                        self.open.discard(j)
+                        self.quiet_m[j] = max(self.quiet_m[j], self.s.mv_quiet_rows)
+                self.n_rows += 1
+                any_active = any(g.active for g in self.gates)
+                self.rows.append(r)
+                self.flags.append(any_active)
+        else:
+            for _, r in rows:
+                self.rows.append(r)
+                self.flags.append(False)
+        self.since_fit += len(rows)
+        need = self.s.mv_retrain_rows if self.model is not None else self.s.mv_train_rows
+        if self.since_fit >= need and len(self.rows) >= self.s.mv_train_rows:
+            self._fit()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "metrics": self.metrics,
+            "last": self.last,
+            "rows": list(self.rows),
+            "flags": list(self.flags),
+            "model": None if self.model is None else self.model.state_dict(),
+            "gates": [g.state_dict() for g in self.gates],
+            "quiet": self.quiet_m,
+            "open": sorted(self.open),
+            "since_fit": self.since_fit,
+            "last_excursion": self.last_excursion,
+            "n_rows": self.n_rows,
+        }
+
+    def load_state(self, st: dict[str, Any]) -> None:
+        self.metrics, self.last = list(st["metrics"]), dict(st["last"])
+        self.rows.extend(st["rows"])
+        self.flags.extend(bool(f) for f in st["flags"])
+        if st["model"] is not None:
+            self.model = VirtualSensorResidual()
+            self.model.load_state(st["model"])
+        self.gates = []
+        for g in st["gates"]:
+            gate = Hysteresis(1.0)
+            gate.load_state(g)
+            self.gates.append(gate)
+        self.quiet_m = [int(q) for q in st["quiet"]]
+        self.open = {int(j) for j in st["open"]}
+        self.since_fit = int(st["since_fit"])
+        self.last_excursion = [int(v) for v in st["last_excursion"]]
+        self.n_rows = int(st["n_rows"])
+
+
+class DetectionEngine:
+    """Detection state for every device the ingest pipeline has seen.
+
+    ``observe(batch)`` is called once per written batch; readings of one device and metric
+    are processed in time order. It returns the anomalies raised by this batch (rising
+    edges only: a condition that persists is reported once). ``save(dir)``/``load(dir)``
+    (or ``state_dict()``/``load_state()``) carry all state across restarts.
+    """
+
+    def __init__(self, settings: EngineSettings | None = None) -> None:
+        self.settings = settings or EngineSettings()
+        self.metrics: dict[tuple[str, str], StreamingEnsemble] = {}
+        self.stuck: dict[tuple[str, str], StuckSensor] = {}
+        self.devices: dict[str, DeviceModel] = {}
+        self.sites: dict[str, str] = {}
+        self.readings_seen = 0
+
+    def _detector(self, device: str, metric: str) -> StreamingEnsemble:
+        key = (device, metric)
+        det = self.metrics.get(key)
+        if det is None:
+            det = StreamingEnsemble(warmup=self.settings.warmup, **self.settings.streaming)
+            self.metrics[key] = det
+        return det
+
+    def observe(self, readings: Sequence[Reading]) -> list[Anomaly]:
+        anomalies: list[Anomaly] = []
+        by_device: dict[str, list[Reading]] = {}
+        for r in readings:
+            if not math.isfinite(r.value):
+                continue
+            by_device.setdefault(r.device, []).append(r)
+        for device, rs in by_device.items():
+            rs.sort(key=lambda r: r.time_ns)
+            self.sites[device] = rs[-1].site
+            anomalies.extend(self._observe_device(device, rs))
+        self.readings_seen += len(readings)
+        return anomalies
+
+    def _observe_device(self, device: str, rs: list[Reading]) -> list[Anomaly]:
+        s = self.settings
+        out: list[Anomaly] = []
+        dev = self.devices.get(device)
+        if dev is None:
+            dev = self.devices[device] = DeviceModel(s)
+        site = self.sites[device]
+        rows: list[tuple[int, list[float]]] = []
+        i = 0
+        n_metrics_known = len(dev.metrics)
+        while i < len(rs):
+            t = rs[i].time_ns
+            while i < len(rs) and rs[i].time_ns == t:
+                r = rs[i]
+                if dev.model is None or s.streaming_when_multivariate:
+                    out.extend(self._stream(device, site, r, multi=n_metrics_known > 1))
+                else:
+                    out.extend(self._stuck(device, site, r))
+                if r.metric not in dev.last and dev.model is None:
+                    dev.metrics.append(r.metric)
+                dev.last[r.metric] = r.value
+                i += 1
+            if s.multivariate and len(dev.metrics) > 1 and all(m in dev.last for m in dev.metrics):
+                rows.append((t, [dev.last[m] for m in dev.metrics]))
+        if s.multivariate and len(dev.metrics) > 1:
+            for t, score, j, z, x in dev.add_rows(rows):
+                out.append(self._mv_anomaly(device, site, dev, t, score, j, z, x))
+        return out
+
+    def _stream(self, device: str, site: str, r: Reading, multi: bool) -> list[Anomaly]:
+        out = self._stuck(device, site, r)
+        det = self._detector(device, r.metric)
+        quiet_before = det.quiet
+        score = det.update(r.value)
+        s = self.settings
+        if not s.streaming_alarms or quiet_before > 0 or score < det.alert_level:
+            return out
+        # On a device that also has a multivariate model, a lone metric must be clearly
+        # out of its own history: load changes move every metric and are not faults.
+        if multi and score < s.streaming_min_score:
+            return out
+        tails = det.last_tails
+        comp = min(tails, key=lambda k: tails[k]) if tails else "value"
+        ref = det.parts["value"].ref
+        sigma = ref.z(r.value)
+        words = {
+            "value": "its usual level",
+            "level": "its usual level (recent average)",
+            "level_long": "its usual level (recent average)",
+            "seasonal": "the same time one season ago",
+        }
+        contrib = Contribution(r.metric, r.value, ref.center, sigma)
+        if comp.startswith("volatility"):
+            vol = det.parts[comp].score_one(r.value)
+            how = "barely moving (stuck sensor?)" if vol < 1e-9 else "moving unusually"
+            text = f"{r.metric} {how}: {comp.replace('_', ' ')} tail probability {tails[comp]:.1e}"
+        else:
+            text = explain([contrib], words.get(comp, "its usual level"))
+        out.append(
+            Anomaly(
+                device,
+                site,
+                r.time_ns,
+                f"ensemble:{comp}",
+                score,
+                1.0 - min(tails.values(), default=1.0),
+                r.metric,
+                text,
+                [contrib],
+            )
+        )
+        return out
+
+    def _stuck(self, device: str, site: str, r: Reading) -> list[Anomaly]:
+        key = (device, r.metric)
+        det = self.stuck.get(key)
+        if det is None:
+            det = self.stuck[key] = StuckSensor(self.settings.stuck_min_run)
+        score = det.score_one(r.value)
+        det.learn_one(r.value)
+        # Raise once, on the reading whose repeat count reaches the bar.
+        if det.run == 0 or det.run != math.ceil(max(det.min_run, det.factor * det.longest)):
+            return []
+        text = (
+            f"{r.metric} stuck: the same value {r.value:.6g} for {det.run + 1} readings "
+            f"(longest normal repeat {det.longest})"
+        )
+        return [
+            Anomaly(
+                device,
+                site,
+                r.time_ns,
+                "stuck",
+                score,
+                1.0,
+                r.metric,
+                text,
+                # The value itself may be perfectly ordinary; what is wrong is that it does
+                # not move. Sigma stays finite so stored contributions remain valid JSON.
+                [Contribution(r.metric, r.value, r.value, 0.0)],
+            )
+        ]
+
+    def _mv_anomaly(
+        self,
+        device: str,
+        site: str,
+        dev: DeviceModel,
+        t: int,
+        score: float,
+        j: int,
+        z: np.ndarray,
+        x: np.ndarray,
+    ) -> Anomaly:
+        assert dev.model is not None
+        exp = dev.model.expected(x, z)
+        main = Contribution(dev.metrics[j], float(x[j]), float(exp[j]), float(z[j]))
+        others = [
+            Contribution(m, float(x[k]), float(exp[k]), float(z[k]))
+            for k, m in enumerate(dev.metrics)
+            if k != j and abs(z[k]) >= 3.0
+        ]
+        others.sort(key=lambda c: abs(c.sigma), reverse=True)
+        text = explain([main], "what the other metrics predict for this load")
+        if others:
+            text += "; also " + explain(others, "prediction", limit=2)
+        likelihood = 1.0 - math.erfc(score / math.sqrt(2.0))
+        return Anomaly(
+            device, site, t, "virtual_sensor", score, likelihood, main.metric, text, [main, *others]
+        )
+
+    # --- persistence -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "settings": asdict(self.settings),
+            "metrics": [[d, m, det.state_dict()] for (d, m), det in self.metrics.items()],
+            "stuck": [[d, m, det.state_dict()] for (d, m), det in self.stuck.items()],
+            "devices": {d: dev.state_dict() for d, dev in self.devices.items()},
+            "sites": self.sites,
+            "readings_seen": self.readings_seen,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"detection state version {state.get('version')!r} is not "
+                f"{STATE_VERSION}; delete the state file to start fresh"
+            )
+        settings = dict(state["settings"])
+        settings["mv_spans"] = tuple(settings["mv_spans"])
+        self.settings = EngineSettings(**settings)
+        self.metrics = {(d, m): StreamingEnsemble.from_state(st) for d, m, st in state["metrics"]}
+        self.stuck = {}
+        for d, m, st in state["stuck"]:
+            det = StuckSensor()
+            det.load_state(st)
+            self.stuck[(d, m)] = det
+        self.devices = {}
+        for d, st in state["devices"].items():
+            dev = DeviceModel(self.settings)
+            dev.load_state(st)
+            self.devices[d] = dev
+        self.sites = dict(state["sites"])
+        self.readings_seen = int(state["readings_seen"])
+
+    def save(self, directory: Path) -> Path:
+        """Write all state atomically to ``directory/detection-state.json``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state_dict()), encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> DetectionEngine:
+        """An engine restored from ``save``; a fresh one when nothing was saved yet."""
+        engine = cls()
+        path = directory / STATE_FILE
+        if path.exists():
+            engine.load_state(json.loads(path.read_text(encoding="utf-8")))
+        return engine

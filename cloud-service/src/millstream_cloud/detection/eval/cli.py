@@ -1,0 +1,173 @@
+"""``millstream-cloud eval {nab,skab,sim}``: score the frozen detectors on a benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import runners
+
+
+def _bench_default(*parts: str) -> Path | None:
+    """``<repo>/../shared/benchmarks/...`` when it exists (the layout of our CI)."""
+    here = Path(__file__).resolve()
+    candidates = [Path.cwd() / ".." / "shared" / "benchmarks"]
+    if len(here.parents) > 5:
+        candidates.insert(0, here.parents[5] / ".." / "shared" / "benchmarks")
+    for base in candidates:
+        p = base.joinpath(*parts)
+        if p.is_dir():
+            return p.resolve()
+    return None
+
+
+def _write_json(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+
+
+def _require_dir(value: Path | None, flag: str) -> Path:
+    if value is None:
+        raise SystemExit(
+            f"eval: {flag} is required (no ../shared/benchmarks found beside the repo)"
+        )
+    if not value.is_dir():
+        raise SystemExit(f"eval: {flag} {value} is not a directory")
+    return value
+
+
+def cmd_nab(args: argparse.Namespace) -> int:
+    settings = runners.load_frozen(args.settings)
+    data = _require_dir(args.data, "--data")
+    labels = _require_dir(args.labels, "--labels")
+    out = runners.run_nab(data, labels, settings, sweep=args.sweep)
+    mode = (
+        "thresholds SWEPT on these files (NAB's optimiser; not the frozen ones)"
+        if args.sweep
+        else "frozen thresholds from the settings file (no re-tuning)"
+    )
+    print(f"NAB: {out['files']} files, {out['windows']} windows, {mode}, {out['seconds']} s")
+    print(f"{'detector':<34}{'standard':>10}{'low FP':>10}{'low FN':>10}")
+    print(
+        f"{'Millstream ensemble (this run)':<34}{out['standard']:>10.1f}"
+        f"{out['low_fp']:>10.1f}{out['low_fn']:>10.1f}"
+    )
+    print("published, on the 18-file subset:")
+    for name, (a, b, c) in runners.NAB_REFERENCE_SUBSET.items():
+        print(f"  {name:<32}{a:>10.1f}{b:>10.1f}{c:>10.1f}")
+    print("published, full 58-file corpus (not comparable with a subset):")
+    for name, (a, b, c) in runners.NAB_REFERENCE_CORPUS.items():
+        print(f"  {name:<32}{a:>10.1f}{b:>10.1f}{c:>10.1f}")
+    print("thresholds used:", ", ".join(f"{k}={v:.4g}" for k, v in out["thresholds"].items()))
+    _write_json(args.json, out)
+    return 0
+
+
+def cmd_skab(args: argparse.Namespace) -> int:
+    settings = runners.load_frozen(args.settings)
+    data = _require_dir(args.data, "--data")
+    out = runners.run_skab(data, settings)
+    print(
+        f"SKAB: {out['runs']} runs, first {settings['skab']['train_rows']} rows of each for "
+        f"training, pooled over the rest; {out['seconds']} s"
+    )
+    print(f"{'detector':<34}{'F1':>8}{'FAR %':>9}{'MAR %':>9}")
+    name = "Millstream PCA T2/Q (this run)"
+    print(f"{name:<34}{out['f1']:>8.2f}{out['far']:>9.2f}{out['mar']:>9.2f}")
+    print("published, valve1 + valve2 subset:")
+    for name, (f1, far, mar) in runners.SKAB_REFERENCE_SUBSET.items():
+        print(f"  {name:<32}{f1:>8.2f}{far:>9.2f}{mar:>9.2f}")
+    print(
+        "channels left to the per-metric detectors (slow in training):",
+        ", ".join(out["slow_channels_excluded"]) or "none",
+    )
+    _write_json(args.json, out)
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    settings = runners.load_frozen(args.settings)
+    out = runners.run_sim(settings, seed=args.seed)
+    print(
+        f"simulator (seed {out['seed']}): {out['readings']} readings, "
+        f"{len(out['faults'])} faults, {out['anomalies']} anomalies, {out['seconds']} s"
+    )
+    print(
+        f"recall {out['recall']:.2f}  precision {out['precision']:.2f}  "
+        f"median delay {out['median_delay_s']} s  ({out['us_per_reading']} us/reading)"
+    )
+    for f in out["faults"]:
+        status = f"after {f['delay_s']:.0f} s" if f["detected"] else "MISSED"
+        print(f"  {f['device']:<10} {f['kind']:<12} {f['metric']:<16} {status}")
+    _write_json(args.json, out)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``eval`` and its sub-commands on the top-level CLI."""
+    p = sub.add_parser(
+        "eval", help="score the detectors on NAB, SKAB or the fault simulator", description=__doc__
+    )
+    esub = p.add_subparsers(dest="eval_command", metavar="BENCHMARK")
+    esub.required = True
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--settings",
+            type=Path,
+            default=None,
+            help="settings file (default: the committed frozen.json)",
+        )
+        sp.add_argument("--json", metavar="PATH", help="also write the scores to PATH")
+
+    nab = esub.add_parser("nab", help="Numenta Anomaly Benchmark, scored by NAB's rules")
+    nab.add_argument(
+        "--data",
+        type=Path,
+        default=_bench_default("nab", "data"),
+        help="folder of NAB data CSVs (category/file.csv)",
+    )
+    nab.add_argument(
+        "--labels",
+        type=Path,
+        default=_bench_default("nab", "labels"),
+        help="folder holding combined_windows.json",
+    )
+    nab.add_argument(
+        "--sweep",
+        action="store_true",
+        help="sweep each profile's threshold on these files instead of the frozen ones",
+    )
+    common(nab)
+    nab.set_defaults(func=cmd_nab)
+
+    skab = esub.add_parser("skab", help="Skoltech Anomaly Benchmark, pooled F1/FAR/MAR")
+    skab.add_argument(
+        "--data",
+        type=Path,
+        default=_bench_default("skab", "data"),
+        help="folder of SKAB runs (any depth; unlabelled files are skipped)",
+    )
+    common(skab)
+    skab.set_defaults(func=cmd_skab)
+
+    sim = esub.add_parser("sim", help="the built-in fault simulator")
+    sim.add_argument("--seed", type=int, default=0)
+    common(sim)
+    sim.set_defaults(func=cmd_sim)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="millstream-cloud")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from millstream_cloud.detection import base
+from millstream_cloud.detection.calibration import AnomalyLikelihood, Hysteresis, tail_to_score
+from millstream_cloud.detection.multivariate import (
+    PCAT2Q,
+    IsolationForestDetector,
+    VirtualSensorResidual,
+)
+from millstream_cloud.detection.streaming import (
+    LevelShift,
+    RobustZScore,
+    SeasonalResidual,
+    StreamingEnsemble,
+    StuckSensor,
+    Volatility,
+)
+
+STREAMING = ["robust_z", "level_shift", "volatility", "seasonal", "ensemble", "stuck"]
+BATCH = ["pca_t2q", "isolation_forest", "virtual_sensor"]
+
+
+def _noise(n: int, seed: int = 0) -> np.ndarray:
+    return 10.0 + np.random.default_rng(seed).normal(0.0, 1.0, n)
+
+
+def test_registry_knows_every_detector_and_names_the_known_ones_on_error() -> None:
+    assert set(STREAMING + BATCH) <= set(base.registered())
+    with pytest.raises(KeyError, match="known: "):
+        base.create("no-such-detector")
+
+
+@pytest.mark.parametrize("name", STREAMING)
+def test_streaming_contract_learn_score_and_state_round_trip(name: str) -> None:
+    det = base.create(name)
+    assert isinstance(det, base.StreamingDetector)
+    xs = _noise(400)
+    for x in xs:
+        s = det.score_one(float(x))
+        assert np.isfinite(s)
+        det.learn_one(float(x))
+    # score_one must not learn: scoring twice gives the same answer.
+    assert det.score_one(12.0) == det.score_one(12.0)
+    state = json.loads(json.dumps(det.state_dict()))  # JSON-able
+    clone = base.create(name)
+    clone.load_state(state)
+    for x in (9.0, 10.0, 25.0):
+        assert clone.score_one(x) == pytest.approx(det.score_one(x))
+
+
+@pytest.mark.parametrize("cls", [RobustZScore, LevelShift, Volatility])
+def test_components_rank_an_outlier_above_normal(cls: type) -> None:
+    det = cls()
+    for x in _noise(300):
+        det.learn_one(float(x))
+    if cls is LevelShift:
+        assert det.score_one(40.0) > det.score_one(10.0)
+    else:
+        assert det.score_one(40.0) > det.score_one(10.2)
+
+
+def test_ensemble_flags_a_spike_and_stays_quiet_on_a_steady_signal() -> None:
+    det = StreamingEnsemble(warmup=200, history=1000)
+    scores = [det.update(float(x)) for x in _noise(1500)]
+    assert max(scores) < 0.6
+    assert det.update(30.0) >= 0.6
+
+
+def test_ensemble_refractory_gives_one_alarm_per_incident() -> None:
+    det = StreamingEnsemble(warmup=200, history=1000, refractory=100, alert_level=0.35)
+    for x in _noise(800):
+        det.update(float(x))
+    alarms = sum(det.update(40.0 + i * 0.01) >= 0.35 for i in range(50))
+    assert alarms == 1
+
+
+def test_ensemble_from_state_restores_params_and_behaviour() -> None:
+    det = StreamingEnsemble(warmup=50, history=500, long=16)
+    for x in _noise(300):
+        det.update(float(x))
+    clone = StreamingEnsemble.from_state(json.loads(json.dumps(det.state_dict())))
+    for x in (10.0, 11.0, 30.0):
+        assert clone.update(x) == pytest.approx(det.update(x))
+
+
+def test_seasonal_component_finds_the_period() -> None:
+    t = np.arange(2000)
+    x = np.sin(2 * np.pi * t / 48) + np.random.default_rng(1).normal(0, 0.05, len(t))
+    assert SeasonalResidual.find_period(x[:600], 0.5) in (47, 48, 49)
+
+
+def test_stuck_sensor_scores_long_repeats() -> None:
+    det = StuckSensor(min_run=5)
+    for x in _noise(200):
+        det.learn_one(float(x))
+    for _ in range(10):
+        det.learn_one(3.0)
+    assert det.score_one(3.0) > 1.0
+    assert det.score_one(4.0) == 0.0
+
+
+@pytest.mark.parametrize("name", BATCH)
+def test_batch_contract_fit_score_samples_and_state_round_trip(name: str) -> None:
+    rng = np.random.default_rng(0)
+    load = rng.uniform(0, 1, 600)
+    X = np.column_stack(
+        [
+            load + rng.normal(0, 0.02, 600),
+            2 * load + rng.normal(0, 0.02, 600),
+            rng.normal(0, 1, 600),
+        ]
+    )
+    det = base.create(name)
+    assert isinstance(det, base.BatchDetector)
+    assert det.fit(X[:500]) is det
+    state = json.loads(json.dumps(det.state_dict()))
+    s = det.score_samples(X[500:])
+    assert s.shape == (100,) and np.all(np.isfinite(s))
+    bad = X[500:].copy()
+    bad[:, 0] += 0.5  # breaks the relation between the first two metrics
+    clone = base.create(name)
+    clone.load_state(state)
+    assert np.mean(clone.score_samples(bad)) > np.mean(s)
+
+
+def test_pca_unfitted_says_so() -> None:
+    with pytest.raises(RuntimeError, match="not fitted"):
+        PCAT2Q().score_samples(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="2-D"):
+        PCAT2Q().fit(np.zeros(5))
+
+
+def test_virtual_sensor_attributes_a_fault_to_its_own_metric() -> None:
+    rng = np.random.default_rng(3)
+    load = np.repeat(rng.uniform(0.2, 1.0, 40), 50)
+    noise = [0.01, 0.02, 0.01]
+    X = np.column_stack(
+        [
+            g * load + rng.normal(0, s, len(load))
+            for g, s in zip((1.0, 3.0, 2.0), noise, strict=True)
+        ]
+    )
+    model = VirtualSensorResidual(spans=(5, 20), smooth=20).fit(X[:1500])
+    Y = X[1500:].copy()
+    Y[100:, 1] += 0.1  # level shift in metric 1
+    _, zs = model.residuals(Y)
+    assert model.attribute(zs[300]) == 1
+
+
+def test_isolation_forest_scores_higher_for_outliers() -> None:
+    X = np.random.default_rng(0).normal(size=(300, 3))
+    det = IsolationForestDetector(n_estimators=50).fit(X)
+    assert det.score_samples(np.array([[8.0, 8.0, 8.0]]))[0] > det.score_samples(X).mean()
+
+
+def test_likelihood_and_hysteresis() -> None:
+    cal = AnomalyLikelihood(history=500)
+    for x in _noise(500):
+        cal.learn(float(x))
+    assert cal.tail(10.0) > 0.2
+    assert cal.tail(30.0) < 1e-4
+    assert tail_to_score(1e-5) == pytest.approx(0.5)
+    gate = Hysteresis(on=1.0, off=0.5)
+    seq = [gate.update(v) for v in (0.2, 1.1, 0.9, 0.7, 1.2, 0.4, 0.9, 1.0)]
+    assert [a for a, _ in seq] == [False, True, True, True, True, False, False, True]
+    assert [e for _, e in seq] == [False, True, False, False, False, False, False, True]
+    with pytest.raises(ValueError, match="above on level"):
+        Hysteresis(on=1.0, off=2.0)

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
+from millstream_cloud.detection.eval import runners
+from millstream_cloud.detection.eval.sim import Fault, SimConfig, simulate
+from millstream_cloud.model import Anomaly, Reading
+
+# The default settings (models trained after 12 h of 10-s rows); short fleets of one or two
+# devices keep the tests fast.
+FAST = EngineSettings(warmup=300)
+
+
+def _run(cfg: SimConfig, settings: EngineSettings = FAST) -> tuple[list[Anomaly], list[Fault]]:
+    fleet = simulate(cfg)
+    engine = DetectionEngine(settings)
+    out: list[Anomaly] = []
+    for batch in fleet.batches():
+        out.extend(engine.observe(batch))
+    return out, fleet.faults
+
+
+def test_simulator_is_deterministic_and_documents_its_faults() -> None:
+    a = simulate(SimConfig(seed=3, devices=2, hours=6, fault_after_h=3, faults=("stuck",)))
+    b = simulate(SimConfig(seed=3, devices=2, hours=6, fault_after_h=3, faults=("stuck",)))
+    assert a.faults == b.faults and len(a.faults) == 1
+    key = next(iter(a.series))
+    assert np.array_equal(a.series[key], b.series[key])
+    f = a.faults[0]
+    i0 = int(np.searchsorted(a.times_ns, f.start_ns))
+    stuck = a.series[(f.device, f.metric)][i0 : i0 + 100]
+    assert np.all(stuck == stuck[0])
+
+
+@pytest.mark.parametrize("kind", ["overheating", "level_shift", "stuck"])
+def test_injected_fault_raises_an_anomaly_naming_the_metric(kind: str) -> None:
+    cfg = SimConfig(seed=1, devices=1, hours=18, fault_after_h=13, faults=(kind,))
+    anomalies, faults = _run(cfg)
+    f = faults[0]
+    hits = [a for a in anomalies if f.start_ns <= a.time_ns <= f.end_ns + 600 * 10**9]
+    assert hits, f"{kind} on {f.metric} raised nothing"
+    assert hits[0].metric == f.metric
+    assert f.metric in hits[0].explanation
+    assert hits[0].contributions[0].metric == f.metric
+    assert all(math.isfinite(c.sigma) for a in anomalies for c in a.contributions)
+    assert all(0.0 <= a.likelihood <= 1.0 and math.isfinite(a.score) for a in anomalies)
+
+
+def test_steady_signal_raises_nothing() -> None:
+    engine = DetectionEngine(FAST)
+    rng = np.random.default_rng(0)
+    batch: list[Reading] = []
+    for i in range(4000):
+        t = i * 10**10
+        batch += [
+            Reading("m1", "s1", "temp", t, 50.0 + rng.normal(0, 0.2)),
+            Reading("m1", "s1", "rpm", t, 1500.0 + rng.normal(0, 2.0)),
+        ]
+        if len(batch) >= 200:
+            assert engine.observe(batch) == []
+            batch = []
+    assert engine.observe(batch) == []
+
+
+@pytest.mark.xfail(
+    reason="known limit: the per-device model still raises about one false "
+    "alarm per device-day on the simulator (docs/detection.md, Limits)",
+    strict=False,
+)
+def test_healthy_simulated_device_raises_nothing() -> None:
+    anomalies, _ = _run(SimConfig(seed=2, devices=1, hours=18, faults=()))
+    assert anomalies == []
+
+
+@pytest.mark.parametrize(
+    "settings", [FAST, replace(FAST, mv_extrapolation_penalty=3.0, mv_holdout=0.3)]
+)
+def test_engine_state_round_trip_continues_identically(
+    tmp_path: Path, settings: EngineSettings
+) -> None:
+    cfg = SimConfig(seed=1, devices=1, hours=18, fault_after_h=13, faults=("level_shift",))
+    fleet = simulate(cfg)
+    batches = list(fleet.batches())
+    cut = int(len(batches) * 12.5 / 18)  # after the models are trained, before the fault
+    a = DetectionEngine(settings)
+    for b in batches[:cut]:
+        a.observe(b)
+    a.save(tmp_path)
+    b_engine = DetectionEngine.load(tmp_path)
+    rest_a: list[Anomaly] = []
+    rest_b: list[Anomaly] = []
+    for b in batches[cut:]:
+        rest_a += a.observe(b)
+        rest_b += b_engine.observe(b)
+    assert [(x.time_ns, x.metric, round(x.score, 9)) for x in rest_a] == [
+        (x.time_ns, x.metric, round(x.score, 9)) for x in rest_b
+    ]
+    assert rest_a, "the fault after the restart should still be found"
+
+
+def test_load_of_empty_dir_gives_fresh_engine(tmp_path: Path) -> None:
+    engine = DetectionEngine.load(tmp_path)
+    assert engine.readings_seen == 0
+
+
+def test_non_finite_values_are_skipped() -> None:
+    engine = DetectionEngine(FAST)
+    assert engine.observe([Reading("d", "s", "m", 0, float("nan"))]) == []
+    assert engine.readings_seen == 1
+
+
+def test_single_metric_device_uses_the_streaming_ensemble() -> None:
+    engine = DetectionEngine(replace(FAST, warmup=200))
+    rng = np.random.default_rng(5)
+    out: list[Anomaly] = []
+    for i in range(1500):
+        v = 20.0 + rng.normal(0, 0.1) + (5.0 if i >= 1400 else 0.0)
+        out += engine.observe([Reading("pi", "s", "cpu_temp", i * 10**9, v)])
+    assert len(out) == 1 and out[0].metric == "cpu_temp"
+    assert "above its usual level" in out[0].explanation
+
+
+@pytest.mark.slow
+def test_sim_eval_default_fleet_recall() -> None:
+    res = runners.run_sim(runners.load_frozen(), seed=0)
+    assert res["recall"] >= 0.9
+
+
+def test_settings_from_mapping_names_bad_keys() -> None:
+    from millstream_cloud.detection.engine import settings_from_mapping
+
+    assert settings_from_mapping({"warmup": 100, "mv_spans": [5, 10]}).mv_spans == (5, 10)
+    with pytest.raises(ValueError, match=r"unknown key.*warmpu"):
+        settings_from_mapping({"warmpu": 1})
+    with pytest.raises(ValueError, match="mv_on must be"):
+        settings_from_mapping({"mv_on": "high"})
