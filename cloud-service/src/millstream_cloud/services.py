@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-<<<<<<< HEAD
 import fcntl
-import logging
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO
-=======
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
->>>>>>> main
+from typing import IO
 
 from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.anomalies import AnomalySink
@@ -158,4 +152,3 @@ def _embedded_writer_lock(settings: Settings) -> IO[bytes] | None:
             "several workers need storage.backend: influxdb (or one embedded path each)"
         ) from None
     return handle
-
