@@ -64,3 +64,17 @@ def test_demo_serves_twenty_devices_then_exits_cleanly(tmp_path: Path) -> None:
 
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_demo_runs_on_the_embedded_broker_when_asked(tmp_path: Path) -> None:
+    """Without Mosquitto the demo falls back to an in-process broker and says so."""
+    pytest.importorskip("amqtt", reason="amqtt is installed by requirements-dev.txt")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--embedded-broker", "--devices", "3",
+         "--duration", "10", "--port", str(free_port()), "--interval", "3",
+         "--workdir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "embedded in-process MQTT broker" in proc.stdout
+    assert "devices online 3/3" in proc.stdout

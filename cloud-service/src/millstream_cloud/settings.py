@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -42,6 +42,11 @@ class TLSSettings(Section):
 class MQTTSettings(Section):
     broker: str = Field(
         "mqtt://127.0.0.1:1883", description="mqtt:// or mqtts:// URL of the broker"
+    )
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5",
+        description="MQTT version; 3.1.1 only for brokers without MQTT 5 (no shared "
+        "subscriptions, no session expiry): the demo's embedded broker",
     )
     client_id: str = Field(
         "millstream-cloud-1",

@@ -47,13 +47,23 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
 
 
 def make_client(settings: MQTTSettings, client_id: str, manual_ack: bool = False) -> mqtt.Client:
-    """A paho MQTT v5 client configured from settings (credentials, TLS)."""
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5,
-        manual_ack=manual_ack,
-    )
+    """A paho MQTT client configured from settings (version, credentials, TLS)."""
+    if settings.protocol == "3.1.1":
+        # A persistent session is the 3.1.1 way to keep our queue while we are away.
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+            manual_ack=manual_ack,
+        )
+    else:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=manual_ack,
+        )
     if settings.username:
         client.username_pw_set(settings.username, settings.password)
     _, _, tls = parse_broker_url(settings.broker)
@@ -108,7 +118,8 @@ class Subscriber:
 
     def topics(self) -> list[str]:
         group = self.settings.shared_group
-        return [f"$share/{group}/{t}" if group else t for t in SUBSCRIPTIONS]
+        shared = group and self.settings.protocol == "5"  # MQTT 3.1.1 has no $share
+        return [f"$share/{group}/{t}" if shared else t for t in SUBSCRIPTIONS]
 
     def start(self) -> None:
         host, port, _ = parse_broker_url(self.settings.broker)
@@ -118,9 +129,12 @@ class Subscriber:
         # Maximum; for MQTT 3.1.1 clients Mosquitto uses its max_inflight_messages).
         props.ReceiveMaximum = self.settings.receive_maximum
         self._writer.start()
-        self.client.connect_async(
-            host, port, keepalive=self.settings.keepalive_s, clean_start=False, properties=props
-        )
+        if self.settings.protocol == "3.1.1":
+            self.client.connect_async(host, port, keepalive=self.settings.keepalive_s)
+        else:
+            self.client.connect_async(
+                host, port, keepalive=self.settings.keepalive_s, clean_start=False, properties=props
+            )
         self.client.loop_start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -150,9 +164,12 @@ class Subscriber:
         self._stopping = True
         self._stop.set()
         self._writer.join(30)
-        props = Properties(PacketTypes.DISCONNECT)
-        props.SessionExpiryInterval = 0
-        self.client.disconnect(properties=props)
+        if self.settings.protocol == "3.1.1":
+            self.client.disconnect()  # 3.1.1 has no session expiry: see docs/cloud.md
+        else:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+            self.client.disconnect(properties=props)
         self.client.loop_stop()
         return drained
 
