@@ -64,6 +64,16 @@ def _parser() -> argparse.ArgumentParser:
         help="fault injection of the simulated machines (default: the collector's, auto)",
     )
     m.add_argument("--fault-rate", type=float, default=None, help="faults per device per hour")
+    m.add_argument(
+        "--fault-types",
+        default=None,
+        help="comma-separated fault types to draw from, e.g. stuck,spike (default: all)",
+    )
+    m.add_argument(
+        "--fault-start-after",
+        default=None,
+        help="quiet time before the first fault, e.g. 150s or 5m (default: the collector's, 5m)",
+    )
     m.add_argument("--ground-truth", default=None, help="append fault intervals to this JSONL")
     m.add_argument("--queue-dir", default=None, help="on-disk queues here (default: in memory)")
     m.add_argument(
@@ -176,6 +186,8 @@ def _simulate(args: argparse.Namespace) -> int:
         server_hostname=args.server_hostname,
         faults=args.faults,
         fault_rate=args.fault_rate,
+        fault_types=args.fault_types.split(",") if args.fault_types else None,
+        fault_start_after=args.fault_start_after,
         ground_truth=args.ground_truth,
     )
     return run(opts)

@@ -63,6 +63,8 @@ class SimOptions:
     server_hostname: Optional[str] = None
     faults: Optional[str] = None  # auto | none; None = the collector's default
     fault_rate: Optional[float] = None
+    fault_types: Optional[list[str]] = None  # None = the collector's default (all types)
+    fault_start_after: Optional[str] = None  # e.g. "150s"; None = the collector's, 5m
     ground_truth: Optional[str] = None
 
 
@@ -83,6 +85,10 @@ class SimDevice:
             options["faults"] = opts.faults
         if opts.fault_rate is not None:
             options["fault_rate_per_hour"] = opts.fault_rate
+        if opts.fault_types:
+            options["fault_types"] = [t.strip() for t in opts.fault_types if t.strip()]
+        if opts.fault_start_after is not None:
+            options["fault_start_after"] = opts.fault_start_after
         if opts.ground_truth:
             options["ground_truth"] = opts.ground_truth
         cls = collector_class("simulated")
