@@ -245,7 +245,8 @@ def run_ingest(
 
 
 def profile_pipeline(messages: list[tuple[str, bytes]], work: Path) -> dict[str, Any]:
-    """Per-message cost of each pipeline stage, in-process (no MQTT)."""
+    """Per-message cost of each pipeline stage, in-process (no MQTT, detection off: it
+    runs on its own thread in the service and is measured by bench/detection_cost.py)."""
     from millstream_cloud.ingest.decode import decode_telemetry
     from millstream_cloud.ingest.pipeline import Message
     from millstream_cloud.services import Services
@@ -257,7 +258,10 @@ def profile_pipeline(messages: list[tuple[str, bytes]], work: Path) -> dict[str,
     batches = [decode_telemetry(t, p, now) for t, p in sample]
     decode_us = (time.perf_counter() - t0) / len(sample) * 1e6
     svc = Services.build(
-        load_settings(overrides={"data_dir": str(work / "profile")}), with_subscriber=False
+        load_settings(
+            overrides={"data_dir": str(work / "profile"), "detection": {"enabled": False}}
+        ),
+        with_subscriber=False,
     )
     try:
         readings = [r for b in batches for r in b.readings]
@@ -268,7 +272,10 @@ def profile_pipeline(messages: list[tuple[str, bytes]], work: Path) -> dict[str,
     finally:
         svc.stop()
     svc = Services.build(
-        load_settings(overrides={"data_dir": str(work / "profile2")}), with_subscriber=False
+        load_settings(
+            overrides={"data_dir": str(work / "profile2"), "detection": {"enabled": False}}
+        ),
+        with_subscriber=False,
     )
     try:
         msgs = [Message(t, p, now) for t, p in sample]

@@ -105,6 +105,8 @@ class Services:
         return services
 
     def start(self) -> None:
+        if self.subscriber is not None:
+            self.anomalies.busy = self.subscriber.receiving
         self.anomalies.start()
         if self.subscriber is not None:
             self.subscriber.start()

@@ -116,6 +116,10 @@ class Subscriber:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
 
+    def receiving(self, within_s: float = 0.2) -> bool:
+        """True when a message arrived in the last ``within_s`` seconds."""
+        return time.monotonic() - self._last_message < within_s or not self.queue.empty()
+
     def topics(self) -> list[str]:
         group = self.settings.shared_group
         shared = group and self.settings.protocol == "5"  # MQTT 3.1.1 has no $share
