@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -22,21 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._procstat import cpu_seconds, rss_kb, sample_config  # noqa: E402
 from tests.support.servers import mosquitto_server  # noqa: E402
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def main() -> int:
@@ -45,26 +31,11 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=10.0)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="agent-idle-"))
-    extra = "user root\n" if os.geteuid() == 0 else ""
-    broker = mosquitto_server(work / "mosquitto", extra_config=extra).start()
+    broker = mosquitto_server(work / "mosquitto").start()
     agent = None
     try:
         url = f"mqtt://127.0.0.1:{broker.port}"
-        sample = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "millstream_agent.cli",
-                "sample-config",
-                "--broker",
-                url,
-                "--queue-path",
-                str(work / "queue.db"),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
+        sample = sample_config(url, work / "queue.db")
         config = work / "agent.yaml"
         config.write_text(sample)
         log = open(work / "agent.log", "wb")  # noqa: SIM115

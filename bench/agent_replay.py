@@ -13,7 +13,6 @@ Target (issue 4): drained in <= 30 s, in order, live continues.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._procstat import sample_config  # noqa: E402
 from millstream_agent import protocol  # noqa: E402
 from millstream_agent.collectors import collector_class  # noqa: E402
 from millstream_agent.queue import SqliteQueue  # noqa: E402
@@ -62,8 +62,7 @@ def main() -> int:
     )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="agent-replay-"))
-    extra = "user root\n" if os.geteuid() == 0 else ""
-    broker = mosquitto_server(work / "mosquitto", extra_config=extra).start()
+    broker = mosquitto_server(work / "mosquitto").start()
     url = f"mqtt://127.0.0.1:{broker.port}"
     cut = time.time()
     backlog = prefill(work / "queue.db", cut)
@@ -84,21 +83,7 @@ def main() -> int:
     sub.loop_start()
     time.sleep(0.5)
 
-    sample = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "millstream_agent.cli",
-            "sample-config",
-            "--broker",
-            url,
-            "--queue-path",
-            str(work / "queue.db"),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    sample = sample_config(url, work / "queue.db")
     if args.replay_rate is not None:
         sample = sample.replace("replay_rate: 5000", f"replay_rate: {args.replay_rate}")
     (work / "agent.yaml").write_text(sample)

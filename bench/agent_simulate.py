@@ -22,21 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._procstat import cpu_seconds, rss_kb  # noqa: E402
 from tests.support.servers import mosquitto_server  # noqa: E402
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def main() -> int:
@@ -47,8 +34,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="agent-sim-"))
-    extra = "user root\n" if os.geteuid() == 0 else ""
-    broker = mosquitto_server(work / "mosquitto", persistence=False, extra_config=extra).start()
+    broker = mosquitto_server(work / "mosquitto", persistence=False).start()
     url = f"mqtt://127.0.0.1:{broker.port}"
     cmd = [
         sys.executable,
