@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._procstat import sample_config  # noqa: E402
+from bench._common import sample_config  # noqa: E402
 from millstream_agent import protocol  # noqa: E402
 from millstream_agent.collectors import collector_class  # noqa: E402
 from millstream_agent.queue import SqliteQueue  # noqa: E402

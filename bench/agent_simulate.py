@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._procstat import cpu_seconds, rss_kb  # noqa: E402
+from bench._common import cpu_seconds, rss_kb  # noqa: E402
 from tests.support.servers import mosquitto_server  # noqa: E402
 
 

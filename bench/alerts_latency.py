@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import paho.mqtt.client as mqtt  # noqa: E402
 import yaml  # noqa: E402
 
+from bench._common import write_result  # noqa: E402
 from millstream_cloud.alerts.service import AlertService  # noqa: E402
 from millstream_cloud.alerts.settings import AlertSettings  # noqa: E402
 from millstream_cloud.model import Reading  # noqa: E402
@@ -305,10 +306,7 @@ def main() -> int:
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
         "when": format_ts(time.time_ns()),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(result, args.out)
     return 0 if result["pass"] else 1
 
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import httpx  # noqa: E402
 from ingest_throughput import READINGS_PER_MESSAGE, _client, make_messages  # noqa: E402
 
+from bench._common import write_result  # noqa: E402
 from tests.support.servers import free_port, mosquitto_server  # noqa: E402
 
 NS = 1_000_000_000
@@ -173,10 +174,7 @@ def main() -> int:
         "target_p99_ms": 1000,
         "met": pct(0.99) < 1000,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(result, args.out)
     return 0
 
 

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 
+from bench._common import write_result  # noqa: E402
 from tests.support.servers import free_port, mosquitto_server  # noqa: E402
 
 NS = 1_000_000_000
@@ -376,10 +377,7 @@ def main() -> int:
         "load_average_at_end": os.getloadavg(),
         "settings": _settings(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(result, args.out)
     return 0
 
 

@@ -104,9 +104,11 @@ class BaseQueue:
     def pending(self) -> int:
         raise NotImplementedError
 
+    _seq: int  # the next message's sequence number; subclasses load or start it
+
     @property
     def next_seq(self) -> int:
-        raise NotImplementedError
+        return self._seq
 
     def close(self) -> None:
         pass
@@ -158,10 +160,6 @@ class MemoryQueue(BaseQueue):
     @property
     def pending(self) -> int:
         return len(self._pending)
-
-    @property
-    def next_seq(self) -> int:
-        return self._seq
 
     def append(
         self, readings: Sequence[str], clock_ok: bool = True, now: Optional[float] = None
@@ -349,10 +347,6 @@ class SqliteQueue(BaseQueue):
     @property
     def pending(self) -> int:
         return int(self._pending_n)
-
-    @property
-    def next_seq(self) -> int:
-        return self._seq
 
     def append(
         self, readings: Sequence[str], clock_ok: bool = True, now: Optional[float] = None

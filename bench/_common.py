@@ -1,7 +1,8 @@
-"""Helpers shared by the agent benchmarks: /proc readings and the agent's sample config."""
+"""Helpers shared by the benchmarks: /proc readings, the agent's sample config, results."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,3 +32,11 @@ def sample_config(broker_url: str, queue_path: Path) -> str:
          "--broker", broker_url, "--queue-path", str(queue_path)],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
+
+
+def write_result(result: dict, out: str | Path) -> None:
+    """Write a benchmark's figures to its JSON file and print them."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
