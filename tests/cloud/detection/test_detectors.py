@@ -152,6 +152,51 @@ def test_virtual_sensor_attributes_a_fault_to_its_own_metric() -> None:
     assert model.attribute(zs[300]) == 1
 
 
+def _lagged(x: np.ndarray, span: int) -> np.ndarray:
+    a, out, acc = 2.0 / (span + 1.0), np.empty_like(x), x[0]
+    for i, v in enumerate(x):
+        acc += a * (v - acc)
+        out[i] = acc
+    return out
+
+
+def _plant(rng: np.random.Generator, load: np.ndarray) -> np.ndarray:
+    """Two fast metrics and a temperature that follows load with a lag of span 400."""
+    return np.column_stack(
+        [
+            3.0 * load + rng.normal(0, 0.03, len(load)),
+            2.0 * load + rng.normal(0, 0.03, len(load)),
+            5.0 * _lagged(load, 400) + rng.normal(0, 0.03, len(load)),
+        ]
+    )
+
+
+def test_virtual_sensor_identifies_the_lag_of_a_slow_metric() -> None:
+    rng = np.random.default_rng(5)
+    load = _lagged(np.repeat(rng.uniform(0.2, 1.0, 30), 300), 6)
+    model = VirtualSensorResidual(spans=(5, 20), smooth=60).fit(_plant(rng, load))
+    # 400 is not on the grid; its neighbours are 339 and 480.
+    assert model.lags_[2] in (339, 480)
+    assert model.lags_[0] < 339 and model.lags_[1] < 339
+
+
+def test_virtual_sensor_bar_widens_outside_the_training_range() -> None:
+    rng = np.random.default_rng(6)
+    load = _lagged(np.repeat(rng.uniform(0.4, 0.6, 30), 300), 6)
+    X = _plant(rng, load)
+    # Two copies of one model, each fed its own stream (the stream state advances).
+    inside, outside = (VirtualSensorResidual(spans=(5, 20), smooth=60).fit(X) for _ in range(2))
+    steady = np.full(2000, 0.5)
+    far = np.full(2000, 2.0)  # well beyond any load seen in training
+    shifted_in, shifted_out = _plant(rng, steady), _plant(rng, far)
+    shifted_in[:, 0] += 0.1
+    shifted_out[:, 0] += 0.1  # the same offset
+    _, z_in = inside.residuals(shifted_in)
+    _, z_out = outside.residuals(shifted_out)
+    assert abs(z_in[-1, 0]) > 7.0  # found where the model has data
+    assert abs(z_out[-1, 0]) < abs(z_in[-1, 0])  # less sure where it extrapolates
+
+
 def test_isolation_forest_scores_higher_for_outliers() -> None:
     X = np.random.default_rng(0).normal(size=(300, 3))
     det = IsolationForestDetector(n_estimators=50).fit(X)

@@ -38,7 +38,7 @@ def test_simulator_is_deterministic_and_documents_its_faults() -> None:
     assert np.all(stuck == stuck[0])
 
 
-@pytest.mark.parametrize("kind", ["overheating", "level_shift", "stuck"])
+@pytest.mark.parametrize("kind", ["overheating", "level_shift", "stuck", "drift", "spikes"])
 def test_injected_fault_raises_an_anomaly_naming_the_metric(kind: str) -> None:
     cfg = SimConfig(seed=1, devices=1, hours=18, fault_after_h=13, faults=(kind,))
     anomalies, faults = _run(cfg)
@@ -68,13 +68,11 @@ def test_steady_signal_raises_nothing() -> None:
     assert engine.observe(batch) == []
 
 
-@pytest.mark.xfail(
-    reason="known limit: the per-device model still raises about one false "
-    "alarm per device-day on the simulator (docs/detection.md, Limits)",
-    strict=False,
-)
-def test_healthy_simulated_device_raises_nothing() -> None:
-    anomalies, _ = _run(SimConfig(seed=2, devices=1, hours=18, faults=()))
+@pytest.mark.parametrize("seed", [2, 5])
+def test_healthy_simulated_device_raises_nothing(seed: int) -> None:
+    # Load follows a daily cycle and operator steps, so after 12 h of training the model
+    # meets loads it has never seen: what it must not do is call that a fault.
+    anomalies, _ = _run(SimConfig(seed=seed, devices=2, hours=24, faults=()))
     assert anomalies == []
 
 
@@ -127,9 +125,9 @@ def test_single_metric_device_uses_the_streaming_ensemble() -> None:
 
 
 @pytest.mark.slow
-def test_sim_eval_default_fleet_recall() -> None:
+def test_sim_eval_default_fleet_meets_the_targets() -> None:
     res = runners.run_sim(runners.load_frozen(), seed=0)
-    assert res["recall"] >= 0.9
+    assert res["recall"] >= 0.95 and res["precision"] >= 0.95, res["false_positives"]
 
 
 def test_settings_from_mapping_names_bad_keys() -> None:

@@ -26,7 +26,7 @@ from .multivariate import VirtualSensorResidual
 from .streaming import StreamingEnsemble, StuckSensor
 
 STATE_FILE = "detection-state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass(slots=True)
@@ -63,16 +63,17 @@ class EngineSettings:
     mv_retrain_rows: int = 1440
     mv_spans: tuple[int, ...] = (6, 30, 120, 480)
     mv_smooth_rows: int = 180
+    mv_slow_span: int = 60  # rows each metric is smoothed over before the slow regression
     mv_extrapolation_penalty: float = 0.0
-    mv_holdout: float = 0.0  # share of training rows held out to measure residual spread
-    # (0.3 trades recall of 1-sigma drifts for fewer false alarms; see docs)
+    mv_holdout: float = 0.3  # share of training rows held out to pick lags and measure spread
     mv_spike_sigma: float = 6.5  # a single row this far off counts on its own
     mv_pair_sigma: float = 4.5  # two rows this far off within mv_pair_rows count too
     mv_pair_rows: int = 60
-    mv_on: float = 8.0
-    mv_off: float = 4.0
+    mv_on: float = 7.0
+    mv_off: float = 3.5
     mv_min_on_rows: int = 30
     mv_quiet_rows: int = 360  # after an incident ends, its tail is not a new incident
+    # (at least two of the slow model's lag spans, however long they are)
 
 
 def settings_from_mapping(block: dict[str, Any] | None) -> EngineSettings:
@@ -121,6 +122,8 @@ class DeviceModel:
         self.quiet_m: list[int] = []
         self.open: set[int] = set()  # metrics with an incident in progress
         self.last_excursion: list[int] = []
+        self.prev_z = np.zeros((0, 0))  # fast residuals of the last two rows
+        self.prev_x = np.zeros((0, 0))  # the last row
         self.n_rows = 0
         self.since_fit = 0
 
@@ -138,6 +141,7 @@ class DeviceModel:
             self.s.mv_smooth_rows,
             holdout=self.s.mv_holdout,
             extrapolation_penalty=self.s.mv_extrapolation_penalty,
+            slow_span=self.s.mv_slow_span,
         )
         model.fit(X if keep.all() else X[keep])
         self.model = model
@@ -145,28 +149,38 @@ class DeviceModel:
 
     def add_rows(
         self, rows: list[tuple[int, list[float]]]
-    ) -> list[tuple[int, float, int, np.ndarray, np.ndarray]]:
+    ) -> list[tuple[int, float, int, np.ndarray, np.ndarray, bool]]:
         """Score new complete rows in one matrix call.
 
         Returns the new incidents: (time, score, index of the metric held responsible,
-        its residual vector in sigmas, the row). One gate per metric; when a gate opens,
+        its residual vector in sigmas, the row, whether the residual is the smoothed one). One gate per metric; when a gate opens,
         the responsible metric is found by attribution, so a fault in one metric that leaks
         into the predictions of another is still reported under its own name.
         """
-        out: list[tuple[int, float, int, np.ndarray, np.ndarray]] = []
+        out: list[tuple[int, float, int, np.ndarray, np.ndarray, bool]] = []
         if self.model is not None and rows:
             X = np.asarray([r for _, r in rows])
-            z_inst, z_smooth = self.model.residuals(X)
+            z_now, z_smooth = self.model.residuals(X)
+            m = X.shape[1]
+            if self.prev_z.shape != (2, m):
+                self.prev_z, self.prev_x = np.zeros((2, m)), np.asarray([rows[0][1]], dtype=float)
+            # A spike is one sample out of line with both its neighbours, so each row is
+            # judged one row late; a load change moves several rows in a row and is not one.
+            Zp = np.vstack([self.prev_z, z_now])
+            Xp = np.vstack([self.prev_x, X])
+            z_inst, x_inst = Zp[1:-1], Xp[:-1]
+            beside = np.maximum(np.abs(Zp[:-2]), np.abs(Zp[2:]))
+            iso = np.where(beside < 0.5 * np.abs(z_inst), np.abs(z_inst), 0.0)
+            self.prev_z, self.prev_x = Zp[-2:], Xp[-1:]
             inst_w = self.s.mv_on / self.s.mv_spike_sigma
-            a_inst = np.abs(z_inst) * inst_w
+            a_inst = iso * inst_w
             a_smooth = np.abs(z_smooth)
             A = np.maximum(a_inst, a_smooth)
-            m = X.shape[1]
             if len(self.last_excursion) != m:
                 self.last_excursion = [-(10**9)] * m
             # Repeated spikes: two excursions of the same metric close together are as
             # unlikely in normal operation as one much larger excursion.
-            for k, j in zip(*np.nonzero(np.abs(z_inst) >= self.s.mv_pair_sigma), strict=True):
+            for k, j in zip(*np.nonzero(iso >= self.s.mv_pair_sigma), strict=True):
                 row = self.n_rows + int(k)
                 if row - self.last_excursion[j] <= self.s.mv_pair_rows:
                     A[k, j] = max(A[k, j], self.s.mv_on)
@@ -192,13 +206,20 @@ class DeviceModel:
                     spike = a_inst[k].max() > a_smooth[k].max()
                     z = z_inst[k] if spike else z_smooth[k]
                     j = self.model.attribute(z, smooth=not spike)
-                    if j not in self.open and self.quiet_m[j] == 0:
+                    # One incident per device at a time: while one is open, other metrics
+                    # going off are its spread through the model, reported with it.
+                    if not self.open and self.quiet_m[j] == 0:
                         self.open.add(j)
-                        out.append((t, float(A[k].max()), j, z, X[k]))
-                for j in list(self.open):
-                    if not self.gates[j].active and all(not g.active for g in self.gates):
-                        self.open.discard(j)
-                        self.quiet_m[j] = max(self.quiet_m[j], self.s.mv_quiet_rows)
+                        out.append(
+                            (t, float(A[k].max()), j, z, x_inst[k] if spike else X[k], not spike)
+                        )
+                if self.open and all(not g.active for g in self.gates):
+                    # The incident is over, but the lagged inputs of the slow model still
+                    # remember the faulty values for a couple of lag spans: whatever the
+                    # other metrics' residuals do meanwhile is its aftermath, not news.
+                    self.open.clear()
+                    after = max(self.s.mv_quiet_rows, 2 * max(self.model.lags_, default=0))
+                    self.quiet_m = [max(q, after) for q in self.quiet_m]
                 self.n_rows += 1
                 any_active = any(g.active for g in self.gates)
                 self.rows.append(r)
@@ -225,6 +246,8 @@ class DeviceModel:
             "open": sorted(self.open),
             "since_fit": self.since_fit,
             "last_excursion": self.last_excursion,
+            "prev_z": self.prev_z.tolist(),
+            "prev_x": self.prev_x.tolist(),
             "n_rows": self.n_rows,
         }
 
@@ -244,6 +267,8 @@ class DeviceModel:
         self.open = {int(j) for j in st["open"]}
         self.since_fit = int(st["since_fit"])
         self.last_excursion = [int(v) for v in st["last_excursion"]]
+        self.prev_z = np.asarray(st["prev_z"], dtype=float).reshape(-1, len(self.metrics))
+        self.prev_x = np.asarray(st["prev_x"], dtype=float).reshape(-1, len(self.metrics))
         self.n_rows = int(st["n_rows"])
 
 
@@ -311,8 +336,8 @@ class DetectionEngine:
             if s.multivariate and len(dev.metrics) > 1 and all(m in dev.last for m in dev.metrics):
                 rows.append((t, [dev.last[m] for m in dev.metrics]))
         if s.multivariate and len(dev.metrics) > 1:
-            for t, score, j, z, x in dev.add_rows(rows):
-                out.append(self._mv_anomaly(device, site, dev, t, score, j, z, x))
+            for t, score, j, z, x, smooth in dev.add_rows(rows):
+                out.append(self._mv_anomaly(device, site, dev, t, score, j, z, x, smooth))
         return out
 
     def _stream(self, device: str, site: str, r: Reading, multi: bool) -> list[Anomaly]:
@@ -399,9 +424,10 @@ class DetectionEngine:
         j: int,
         z: np.ndarray,
         x: np.ndarray,
+        smooth: bool,
     ) -> Anomaly:
         assert dev.model is not None
-        exp = dev.model.expected(x, z)
+        exp = dev.model.expected(x, z, smooth)
         main = Contribution(dev.metrics[j], float(x[j]), float(exp[j]), float(z[j]))
         others = [
             Contribution(m, float(x[k]), float(exp[k]), float(z[k]))

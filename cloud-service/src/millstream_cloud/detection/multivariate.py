@@ -161,18 +161,39 @@ class IsolationForestDetector:
             self.fit(np.asarray(state["train"], dtype=float))
 
 
+# Candidate lags for the slow model, in rows: a factor-sqrt(2) grid from 60 to 960 rows
+# (10 min to 2 h 40 min at one row per 10 s), so any first-order lag in that range is
+# matched within about 20 %.
+# Spikes are measured against the mean fast residual of the rows just before them.
+LOCAL_ROWS = 30
+# The short averaging window of the slow residual, and how much higher its bar is.
+SHORT_ROWS = 30
+SHORT_BAR = 1.6
+LAG_GRID = tuple(round(60 * 2 ** (k / 2)) for k in range(9))
+
+
 @register("virtual_sensor")
 class VirtualSensorResidual:
     """Each metric predicted from the device's *other* metrics ("virtual sensors").
 
-    Features for metric j: the other metrics now and their exponential moving averages
-    over ``spans`` rows (so a temperature that follows load through a thermal lag is
-    still predictable). One ridge regression per metric, fitted on time-ordered rows of
-    normal operation. ``residuals(X)`` returns, per row and metric, the residual in robust
-    training sigmas, both as is and averaged over the last ``smooth`` rows; the stream
-    state (moving averages, recent residuals) carries over between calls, so rows must
-    arrive in time order. A fault in one metric shows up in that metric's own residual,
-    which is what the explanation names.
+    Two regressions per metric, each fitted on time-ordered rows of normal operation:
+
+    * **fast**: the other metrics now and their exponential moving averages over ``spans``
+      rows; its residual, row by row, catches spikes (``z_inst``).
+    * **slow**: every metric first smoothed by an EMA over ``slow_span`` rows, target
+      included, then the target predicted from the others' smoothed values and one lagged
+      copy of them (an EMA whose span is identified per metric from ``lag_grid`` on
+      held-out rows, so a temperature that follows load through a thermal lag is
+      predicted with the right lag). Smoothing the regressors keeps their noise from
+      shrinking the fitted gains (errors-in-variables attenuation), which otherwise shows
+      up as a bias wherever the load leaves the range it was trained on. Its residual,
+      averaged over ``smooth`` rows and divided by the spread of that average on the
+      ``holdout`` share of training rows (out of sample, so honest about model error),
+      catches drifts and level shifts (``z_smooth``).
+
+    ``residuals(X)`` returns both per row and metric; the stream state carries over between
+    calls, so rows must arrive in time order. A fault in one metric shows up in that
+    metric's own residual, which is what the explanation names.
     """
 
     def __init__(
@@ -180,33 +201,46 @@ class VirtualSensorResidual:
         spans: tuple[int, ...] = (30, 120),
         smooth: int = 60,
         ridge: float = 1e-3,
-        holdout: float = 0.0,
+        holdout: float = 0.3,
         extrapolation_penalty: float = 0.0,
+        slow_span: int = 60,
+        lag_grid: tuple[int, ...] = LAG_GRID,
+        slow_ridge: float = 1e-5,
     ) -> None:
-        self.holdout = holdout
-        self.extrapolation_penalty = extrapolation_penalty
-        self.lo_: np.ndarray | None = None
-        self.hi_: np.ndarray | None = None
         self.spans = tuple(spans)
         self.smooth = smooth
         self.ridge = ridge
+        self.holdout = holdout
+        self.extrapolation_penalty = extrapolation_penalty
+        self.slow_span = slow_span
+        self.lag_grid = tuple(lag_grid)
+        self.slow_ridge = slow_ridge
+        self.lo_: np.ndarray | None = None
+        self.hi_: np.ndarray | None = None
         self.mean_: np.ndarray | None = None
         self.scale_: np.ndarray | None = None
-        self.coef_: np.ndarray | None = None  # metrics x (features + 1)
+        self.coef_: np.ndarray | None = None  # fast: metrics x (features + 1)
         self.sig_: np.ndarray | None = None
+        self.lags_: list[int] = []  # slow: identified lag span per metric (0 = none)
+        self.slow_coef_: np.ndarray | None = None  # metrics x (2 * metrics + 1)
         self.sig_smooth_: np.ndarray | None = None
+        self.sig_short_: np.ndarray | None = None
         self._ema: np.ndarray | None = None
-        self._recent: np.ndarray | None = None  # last smooth-1 raw residuals
+        self._s: np.ndarray | None = None  # smoothed metrics, last row
+        self._lagged: dict[int, np.ndarray] = {}  # lag span -> its EMA of the smoothed row
+        self._recent: np.ndarray | None = None  # last smooth-1 slow residuals
+        self._recent_fast: np.ndarray | None = None  # last LOCAL_ROWS fast residuals
+        self.slow_cov_: np.ndarray | None = None  # metrics x (2m+1) x (2m+1), of slow_coef_
 
+    # --- fast model --------------------------------------------------------------------
     def _features(self, Z: np.ndarray, ema: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         n, m = Z.shape
-        alphas = np.array([2.0 / (s + 1.0) for s in self.spans])
-        cur = Z[0].repeat(len(alphas)).reshape(m, -1).T.copy() if ema is None else ema.copy()
-        E = np.empty((n, len(alphas), m))
-        for i in range(n):
-            cur += alphas[:, None] * (Z[i] - cur)
-            E[i] = cur
-        return np.concatenate([Z[:, None, :], E], axis=1), cur  # n x (1+spans) x m
+        cur = np.tile(Z[0], (len(self.spans), 1)) if ema is None else ema
+        E = np.empty((n, len(self.spans), m))
+        nxt = np.empty_like(cur)
+        for k, span in enumerate(self.spans):
+            E[:, k, :], nxt[k] = _ema(Z, span, cur[k])
+        return np.concatenate([Z[:, None, :], E], axis=1), nxt  # n x (1+spans) x m
 
     def _predict(self, F: np.ndarray) -> np.ndarray:
         assert self.coef_ is not None
@@ -217,6 +251,118 @@ class VirtualSensorResidual:
             pred[:, j] = others @ self.coef_[j, :-1] + self.coef_[j, -1]
         return pred
 
+    def _solve(self, F: np.ndarray, Z: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        n, _, m = F.shape
+        coef = []
+        for j in range(m):
+            A = np.delete(F, j, axis=2).reshape(n, -1)[lo:hi]
+            coef.append(_ridge(A, Z[lo:hi, j], self.ridge))
+        return np.asarray(coef)
+
+    # --- slow model --------------------------------------------------------------------
+    @staticmethod
+    def _slow_design(S: np.ndarray, L: np.ndarray | None, cols: list[int]) -> np.ndarray:
+        return S[:, cols] if L is None else np.hstack([S[:, cols], L[:, cols]])
+
+    def _select(
+        self, S: np.ndarray, lagged: dict[int, np.ndarray], j: int, burn: int, cut: int
+    ) -> tuple[float, int, list[int]]:
+        """Forward selection of (lag, regressors) for metric ``j`` by held-out error: a
+        regressor that follows load with another lag only helps inside the training range."""
+        best: tuple[float, int, list[int]] | None = None
+        others = [k for k in range(S.shape[1]) if k != j]
+        for span in (0, *self.lag_grid):
+            L = lagged[span] if span else None
+            chosen: list[int] = []
+            err_now = float(np.mean((S[cut:, j] - S[burn:cut, j].mean()) ** 2))
+            while len(chosen) < len(others):
+                trial = []
+                for k in others:
+                    if k in chosen:
+                        continue
+                    A = self._slow_design(S, L, [*chosen, k])
+                    c = _ridge(A[burn:cut], S[burn:cut, j], self.slow_ridge)
+                    trial.append((float(np.mean((S[cut:, j] - _apply(A[cut:], c)) ** 2)), k))
+                err, k = min(trial)
+                if err >= err_now:
+                    break
+                chosen.append(k)
+                err_now = err
+            if chosen and (best is None or err_now < best[0]):
+                best = (err_now, span, sorted(chosen))
+        if best is None:  # nothing predicts it: fall back to all others, no lag
+            return 0.0, 0, others
+        return best
+
+    def _slow_fit(self, Z: np.ndarray, burn: int) -> np.ndarray:
+        """Identify each metric's lag and regressors, fit the slow regressions, return
+        their in-sample residuals."""
+        n, m = Z.shape
+        S, s_last = _ema(Z, self.slow_span, Z[0])
+        cut = burn + int((n - burn) * (1.0 - self.holdout))
+        held_out = self.holdout > 0.0 and n - cut > 2 * self.smooth and cut - burn > 50 * m
+        grid = self.lag_grid if held_out else ()
+        lagged = {span: _ema(S, span, S[0]) for span in grid}
+        coef = np.zeros((m, 2 * m + 1))
+        cov = np.zeros((m, 2 * m + 1, 2 * m + 1))
+        lags: list[int] = []
+        R_in = np.empty((n - burn, m))
+        R_out = np.empty((n - cut, m)) if held_out else None
+        for j in range(m):
+            if held_out:
+                _, span, cols = self._select(S, {k: v[0] for k, v in lagged.items()}, j, burn, cut)
+            else:
+                span, cols = 0, [k for k in range(m) if k != j]
+            L = lagged[span][0] if span else None
+            A = self._slow_design(S, L, cols)
+            if R_out is not None:
+                c = _ridge(A[burn:cut], S[burn:cut, j], self.slow_ridge)
+                R_out[:, j] = S[cut:, j] - _apply(A[cut:], c)
+            c = _ridge(A[burn:], S[burn:, j], self.slow_ridge)
+            R_in[:, j] = S[burn:, j] - _apply(A[burn:], c)
+            idx = [*cols, *([m + k for k in cols] if span else []), 2 * m]
+            coef[j, idx] = c
+            full = np.zeros((2 * m + 1, 2 * m + 1))
+            full[np.ix_(idx, idx)] = _coef_cov(A[burn:], R_in[:, j], self.slow_ridge, self.smooth)
+            cov[j] = full
+            lags.append(span)
+        self.lags_, self.slow_coef_, self.slow_cov_ = lags, coef, cov
+        self._s = s_last
+        self._lagged = {span: lagged[span][1] for span in set(lags) if span}
+        self.sig_smooth_, self.sig_short_ = (
+            self._spread(R_in, R_out, w) for w in (self.smooth, self._short())
+        )
+        return R_in
+
+    def _short(self) -> int:
+        return max(1, min(SHORT_ROWS, self.smooth))
+
+    @staticmethod
+    def _spread(R_in: np.ndarray, R_out: np.ndarray | None, w: int) -> np.ndarray:
+        """Spread of the ``w``-row average of the residual, in and out of sample."""
+        sig = _tail_aware_sd(_moving_mean(R_in, w))
+        if R_out is not None:
+            sig = np.maximum(sig, _tail_aware_sd(_moving_mean(R_out, w)))
+        return sig
+
+    def _slow_residuals(self, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Residuals of the slow model and the variance of its predictions."""
+        assert self.slow_coef_ is not None and self.slow_cov_ is not None
+        assert self._s is not None
+        S, self._s = _ema(Z, self.slow_span, self._s)
+        L = {}
+        for span, last in self._lagged.items():
+            L[span], self._lagged[span] = _ema(S, span, last)
+        pred = np.empty_like(S)
+        var = np.empty_like(S)
+        one = np.ones((len(S), 1))
+        for j, span in enumerate(self.lags_):
+            D = np.hstack([S, L[span] if span else np.zeros_like(S), one])
+            pred[:, j] = D @ self.slow_coef_[j]
+            var[:, j] = np.einsum("ni,ij,nj->n", D, self.slow_cov_[j], D)
+        return S - pred, var
+
+    # --- public ------------------------------------------------------------------------
     def fit(self, X: np.ndarray) -> VirtualSensorResidual:
         X = _as2d(X)
         self.mean_ = X.mean(axis=0)
@@ -224,46 +370,19 @@ class VirtualSensorResidual:
         self.scale_ = np.where(sd > 1e-12, sd, 1.0)
         Z = (X - self.mean_) / self.scale_
         F, ema = self._features(Z, None)
-        n, _, m = F.shape
-        burn = min(max(self.spans), n // 4)  # let the moving averages settle first
+        n = len(Z)
+        # let the moving averages settle first
+        burn = min(max((*self.spans, self.slow_span)), n // 4)
         self.coef_ = self._solve(F, Z, burn, n)
-        R = (Z - self._predict(F))[burn:]
-        sig, sig_smooth = self._sigmas(R)
-        if self.holdout > 0.0:
-            # In-sample residuals flatter a model: it has partly fitted the slow wander of
-            # its own training rows. Fit on the first rows, measure on the held-out tail,
-            # and keep the wider of the two spreads (then refit on everything).
-            cut = int(n * (1.0 - self.holdout))
-            if cut - burn > 50 * m and n - cut > 2 * self.smooth:
-                full = self.coef_
-                self.coef_ = self._solve(F, Z, burn, cut)
-                R_out = (Z - self._predict(F))[cut:]
-                o_sig, o_smooth = self._sigmas(R_out)
-                sig, sig_smooth = np.maximum(sig, o_sig), np.maximum(sig_smooth, o_smooth)
-                self.coef_ = full
-        self.sig_, self.sig_smooth_ = sig, sig_smooth
+        R_fast = (Z - self._predict(F))[burn:]
+        self.sig_ = _tail_aware_sd(_local(R_fast, None))
+        self._recent_fast = R_fast[-LOCAL_ROWS:]
         self._ema = ema
+        R = self._slow_fit(Z, burn)
         self.lo_ = Z.min(axis=0)
         self.hi_ = Z.max(axis=0)
-        self._recent = R[-(self.smooth - 1) :] if self.smooth > 1 else np.zeros((0, m))
+        self._recent = R[-(self.smooth - 1) :] if self.smooth > 1 else R[:0]
         return self
-
-    def _solve(self, F: np.ndarray, Z: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        n, _, m = F.shape
-        coef = []
-        for j in range(m):
-            A = np.delete(F, j, axis=2).reshape(n, -1)[lo:hi]
-            y = Z[lo:hi, j]
-            A1 = np.hstack([A, np.ones((len(A), 1))])
-            reg = self.ridge * len(A) * np.eye(A1.shape[1])
-            reg[-1, -1] = 0.0
-            coef.append(np.linalg.solve(A1.T @ A1 + reg, A1.T @ y))
-        return np.asarray(coef)
-
-    def _sigmas(self, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        w = max(1, min(self.smooth, len(R) // 4))
-        c = np.cumsum(np.vstack([np.zeros(R.shape[1]), R]), axis=0)
-        return _tail_aware_sd(R), _tail_aware_sd((c[w:] - c[:-w]) / w)
 
     def residuals(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(instantaneous z, smoothed z), each rows x metrics; advances the stream state."""
@@ -273,20 +392,35 @@ class VirtualSensorResidual:
             or self.scale_ is None
             or self.sig_ is None
             or self.sig_smooth_ is None
+            or self.sig_short_ is None
             or self._recent is None
+            or self._recent_fast is None
         ):
             raise RuntimeError("VirtualSensorResidual is not fitted; call fit(X) first")
         Z = (_as2d(X) - self.mean_) / self.scale_
         F, self._ema = self._features(Z, self._ema)
-        R = Z - self._predict(F)
+        R_fast = Z - self._predict(F)
+        zi = _local(R_fast, self._recent_fast) / self.sig_
+        self._recent_fast = np.vstack([self._recent_fast, R_fast])[-LOCAL_ROWS:]
+        R, var = self._slow_residuals(Z)
         allr = np.vstack([self._recent, R])
         k = len(R)
         c = np.cumsum(np.vstack([np.zeros(R.shape[1]), allr]), axis=0)
         ends = np.arange(len(allr) - k + 1, len(allr) + 1)
-        starts = np.maximum(ends - self.smooth, 0)
-        M = (c[ends] - c[starts]) / (ends - starts)[:, None]
         self._recent = allr[-(self.smooth - 1) :] if self.smooth > 1 else allr[:0]
-        zi, zs = R / self.sig_, M / self.sig_smooth_
+        # The bar: the spread of the averaged residual in (held-out) training, widened by
+        # how uncertain the prediction itself is at this operating point. Two averaging
+        # windows: the long one finds small offsets, the short one large offsets sooner
+        # (held to a higher bar, SHORT_BAR times the long one's).
+        zs = np.zeros_like(R)
+        for w, sig, weight in (
+            (self.smooth, self.sig_smooth_, 1.0),
+            (self._short(), self.sig_short_, 1.0 / SHORT_BAR),
+        ):
+            starts = np.maximum(ends - w, 0)
+            M = (c[ends] - c[starts]) / (ends - starts)[:, None]
+            z = weight * M / np.sqrt(sig**2 + var)
+            zs = np.where(np.abs(z) > np.abs(zs), z, zs)
         if self.extrapolation_penalty > 0.0 and self.lo_ is not None and self.hi_ is not None:
             # Outside the range of its training rows the model extrapolates and its error
             # grows; how far the *other* metrics are outside that range scales the bar.
@@ -298,20 +432,28 @@ class VirtualSensorResidual:
             zi, zs = zi / damp, zs / damp
         return zi, zs
 
-    def expected(self, x: np.ndarray, z_inst: np.ndarray) -> np.ndarray:
-        """What each metric "should" read given the others: value minus its residual."""
+    def expected(self, x: np.ndarray, z: np.ndarray, smooth: bool = False) -> np.ndarray:
+        """What each metric "should" read given the others: value minus its residual
+        (the instantaneous one, or with ``smooth`` the average over the last rows)."""
         assert self.scale_ is not None and self.sig_ is not None
-        return np.asarray(x, dtype=float) - z_inst * self.sig_ * self.scale_
+        sig = self.sig_smooth_ if smooth and self.sig_smooth_ is not None else self.sig_
+        return np.asarray(x, dtype=float) - z * sig * self.scale_
 
-    def leak_matrix(self) -> np.ndarray:
-        """Column j: how a steady offset of 1 (standardised) in metric j shows up in every
-        metric's residual, once the moving averages have caught up."""
-        assert self.coef_ is not None
+    def leak_matrix(self, smooth: bool = False) -> np.ndarray:
+        """Column j: how an offset of 1 (standardised) in metric j shows up in every metric's
+        residual: a steady offset in the smoothed model's (``smooth``), a one-row spike in
+        the fast model's."""
+        assert self.coef_ is not None and self.slow_coef_ is not None
         m = self.coef_.shape[0]
-        n_feat = 1 + len(self.spans)
         L = np.eye(m)
+        if smooth:
+            gain = self.slow_coef_[:, :m] + self.slow_coef_[:, m : 2 * m]
+            return L - gain * (1 - np.eye(m))
+        n_feat = 1 + len(self.spans)
+        # A single-row spike reaches an EMA feature only with its weight 2 / (span + 1).
+        w = np.array([1.0] + [2.0 / (s + 1.0) for s in self.spans])
         for k in range(m):
-            per_other = self.coef_[k, :-1].reshape(n_feat, m - 1).sum(axis=0)
+            per_other = (w[:, None] * self.coef_[k, :-1].reshape(n_feat, m - 1)).sum(axis=0)
             others = [j for j in range(m) if j != k]
             for idx, j in enumerate(others):
                 L[k, j] = -per_other[idx]
@@ -323,7 +465,7 @@ class VirtualSensorResidual:
         (reconstruction-based contribution)."""
         assert self.sig_ is not None and self.sig_smooth_ is not None
         sig = self.sig_smooth_ if smooth else self.sig_
-        Ln = self.leak_matrix() / sig[:, None]
+        Ln = self.leak_matrix(smooth) / sig[:, None]
         num = (Ln.T @ z) ** 2
         den = np.maximum(np.sum(Ln**2, axis=0), 1e-12)
         return int(np.argmax(num / den))
@@ -337,38 +479,117 @@ class VirtualSensorResidual:
             return None if a is None else a.tolist()
 
         return {
-            "holdout": self.holdout,
-            "extrapolation_penalty": self.extrapolation_penalty,
-            "lo": lst(self.lo_),
-            "hi": lst(self.hi_),
             "spans": list(self.spans),
             "smooth": self.smooth,
             "ridge": self.ridge,
+            "holdout": self.holdout,
+            "extrapolation_penalty": self.extrapolation_penalty,
+            "slow_span": self.slow_span,
+            "lag_grid": list(self.lag_grid),
+            "slow_ridge": self.slow_ridge,
+            "lo": lst(self.lo_),
+            "hi": lst(self.hi_),
             "mean": lst(self.mean_),
             "scale": lst(self.scale_),
             "coef": lst(self.coef_),
             "sig": lst(self.sig_),
+            "lags": list(self.lags_),
+            "slow_coef": lst(self.slow_coef_),
+            "slow_cov": lst(self.slow_cov_),
             "sig_smooth": lst(self.sig_smooth_),
+            "sig_short": lst(self.sig_short_),
             "ema": lst(self._ema),
+            "s": lst(self._s),
+            "lagged": {str(k): v.tolist() for k, v in self._lagged.items()},
             "recent": lst(self._recent),
+            "recent_fast": lst(self._recent_fast),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         def arr(v: Any) -> np.ndarray | None:
             return None if v is None else np.asarray(v, dtype=float)
 
-        self.holdout = float(state.get("holdout", 0.0))
-        self.extrapolation_penalty = float(state.get("extrapolation_penalty", 0.0))
-        self.lo_, self.hi_ = arr(state.get("lo")), arr(state.get("hi"))
         self.spans = tuple(int(s) for s in state["spans"])
         self.smooth, self.ridge = int(state["smooth"]), float(state["ridge"])
-        self.mean_, self.scale_, self.coef_ = (
-            arr(state["mean"]),
-            arr(state["scale"]),
-            arr(state["coef"]),
-        )
-        self.sig_, self.sig_smooth_ = arr(state["sig"]), arr(state["sig_smooth"])
-        self._ema, self._recent = arr(state["ema"]), arr(state["recent"])
+        self.holdout = float(state["holdout"])
+        self.extrapolation_penalty = float(state["extrapolation_penalty"])
+        self.slow_span = int(state["slow_span"])
+        self.lag_grid = tuple(int(s) for s in state["lag_grid"])
+        self.slow_ridge = float(state["slow_ridge"])
+        self.lo_, self.hi_ = arr(state["lo"]), arr(state["hi"])
+        self.mean_, self.scale_ = arr(state["mean"]), arr(state["scale"])
+        self.coef_, self.sig_ = arr(state["coef"]), arr(state["sig"])
+        self.lags_ = [int(s) for s in state["lags"]]
+        self.slow_coef_, self.sig_smooth_ = arr(state["slow_coef"]), arr(state["sig_smooth"])
+        self.slow_cov_ = arr(state["slow_cov"])
+        self.sig_short_ = arr(state["sig_short"])
+        self._ema, self._s = arr(state["ema"]), arr(state["s"])
+        self._lagged = {int(k): np.asarray(v, dtype=float) for k, v in state["lagged"].items()}
+        self._recent = arr(state["recent"])
+        self._recent_fast = arr(state["recent_fast"])
+
+
+def _local(R: np.ndarray, before: np.ndarray | None) -> np.ndarray:
+    """Each row minus the mean of the LOCAL_ROWS rows before it: what is left is a sudden
+    excursion, not the slow model error that the smoothed residual already watches."""
+    head = before if before is not None else R[:0]
+    allr = np.vstack([head, R])
+    c = np.cumsum(np.vstack([np.zeros(R.shape[1]), allr]), axis=0)
+    idx = np.arange(len(head), len(allr))
+    if before is None:
+        idx = idx[1:]
+    starts = np.maximum(idx - LOCAL_ROWS, 0)
+    base = (c[idx] - c[starts]) / np.maximum(idx - starts, 1)[:, None]
+    return allr[idx] - base
+
+
+def _ema(X: np.ndarray, span: int, init: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exponential moving average down the rows, starting from ``init``; returns the
+    averaged rows and the last one (the state for the next call)."""
+    from scipy.signal import lfilter
+
+    a = 2.0 / (span + 1.0)
+    if len(X) == 0:
+        return X.copy(), np.asarray(init, dtype=float).copy()
+    zi = ((1.0 - a) * np.asarray(init, dtype=float))[None, :]
+    Y, _ = lfilter([a], [1.0, a - 1.0], X, axis=0, zi=zi)
+    return Y, Y[-1].copy()
+
+
+def _ridge(A: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+    """Ridge regression with an unpenalised intercept (last coefficient)."""
+    A1 = np.hstack([A, np.ones((len(A), 1))])
+    return np.linalg.solve(A1.T @ A1 + _penalty(A1, ridge), A1.T @ y)
+
+
+def _penalty(A1: np.ndarray, ridge: float) -> np.ndarray:
+    reg = ridge * len(A1) * np.eye(A1.shape[1])
+    reg[-1, -1] = 0.0
+    return reg
+
+
+def _coef_cov(A: np.ndarray, r: np.ndarray, ridge: float, block: int) -> np.ndarray:
+    """Covariance of fitted coefficients when the residuals are autocorrelated (a sandwich
+    over blocks of ``block`` rows, as in batch means). Twelve hours of training data hold
+    only a few load changes, so the gains are uncertain, and a prediction far from the
+    training range is uncertain in proportion: that is what this measures."""
+    A1 = np.hstack([A, np.ones((len(A), 1))])
+    bread = np.linalg.inv(A1.T @ A1 + _penalty(A1, ridge))
+    meat = np.zeros_like(bread)
+    for lo in range(0, len(A1) - block + 1, block):
+        g = A1[lo : lo + block].T @ r[lo : lo + block]
+        meat += np.outer(g, g)
+    return bread @ meat @ bread
+
+
+def _apply(A: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    return A @ coef[:-1] + coef[-1]
+
+
+def _moving_mean(R: np.ndarray, w: int) -> np.ndarray:
+    w = max(1, min(w, len(R) // 4))
+    c = np.cumsum(np.vstack([np.zeros(R.shape[1]), R]), axis=0)
+    return (c[w:] - c[:-w]) / w
 
 
 def _robust_sd(R: np.ndarray) -> np.ndarray:
