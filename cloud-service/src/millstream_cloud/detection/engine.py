@@ -47,6 +47,9 @@ class EngineSettings:
             "long": 32,
             "alert_level": 0.35,
             "refractory": 300,
+            # The NAB settings add tail_reference=3000 for short benchmark files; live,
+            # the warm-up holds early alarms back instead, and an unreported early alarm
+            # would start a refractory period that hides the next real one.
         }
     )
     warmup: int = 720

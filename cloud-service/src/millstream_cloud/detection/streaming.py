@@ -215,6 +215,12 @@ class StreamingEnsemble:
     in [0, 1]. After the score reaches ``alert_level`` the detector stays quiet for
     ``refractory`` values (scores are capped just below the alert level), because one
     incident should raise one early alarm.
+
+    ``tail_reference``: with only n values of history, nothing can look rarer than about
+    1/n, so a short series could hardly ever alarm. Until a component has that many values,
+    its tail probabilities are scaled by n / ``tail_reference``, so that "beyond anything
+    seen so far" weighs the same in a young series as in one with that much history
+    (0: off).
     """
 
     def __init__(
@@ -228,8 +234,10 @@ class StreamingEnsemble:
         detect_after: int | None = None,
         weights: dict[str, float] | None = None,
         long: int = 0,
+        tail_reference: int = 0,
     ) -> None:
         self.history = history
+        self.tail_reference = tail_reference
         self.short = short
         self.long = long
         self.warmup = warmup
@@ -270,6 +278,8 @@ class StreamingEnsemble:
             return 0.0, raw, tails
         best = 0.0
         for name, p in tails.items():
+            if self.tail_reference:
+                p *= min(1.0, len(self.cal[name].stats) / self.tail_reference)
             s = tail_to_score(p) * self.weights.get(name, 1.0)
             best = max(best, s)
         return best, raw, tails
@@ -326,6 +336,7 @@ class StreamingEnsemble:
                 "alert_level": self.alert_level,
                 "components": list(self.components),
                 "weights": self.weights,
+                "tail_reference": self.tail_reference,
             },
             "parts": {k: p.state_dict() for k, p in self.parts.items()},
             "cal": {k: c.state_dict() for k, c in self.cal.items()},
