@@ -71,6 +71,23 @@ def test_ensemble_flags_a_spike_and_stays_quiet_on_a_steady_signal() -> None:
     assert det.update(30.0) >= 0.6
 
 
+def test_tail_reference_lets_a_young_series_alarm_on_a_new_extreme() -> None:
+    # 300 values of history: a value just beyond all of them is about as rare as this
+    # history can show (p ~ 1/300). Without the reference that stays below the alarm
+    # level; with it, it counts as it would after 3000 values.
+    young = [float(x) for x in _noise(300)]
+    new_max = max(young) + 0.5
+    plain, scaled = (
+        StreamingEnsemble(warmup=100, history=6000, tail_reference=ref) for ref in (0, 3000)
+    )
+    for x in young:
+        plain.update(x)
+        scaled.update(x)
+    assert plain.score_one(new_max) < 0.35 <= scaled.score_one(new_max)
+    # It is part of the detector's state.
+    assert StreamingEnsemble.from_state(scaled.state_dict()).tail_reference == 3000
+
+
 def test_ensemble_refractory_gives_one_alarm_per_incident() -> None:
     det = StreamingEnsemble(warmup=200, history=1000, refractory=100, alert_level=0.35)
     for x in _noise(800):
