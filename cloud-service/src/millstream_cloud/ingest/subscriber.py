@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import ssl
 import threading
 import time
 from urllib.parse import urlparse
@@ -21,6 +20,7 @@ from paho.mqtt.properties import Properties
 
 from millstream_cloud.ingest.pipeline import IngestPipeline, Message
 from millstream_cloud.metrics import ServiceMetrics
+from millstream_cloud.security.tls import client_context
 from millstream_cloud.settings import IngestSettings, MQTTSettings
 
 log = logging.getLogger("millstream.subscriber")
@@ -68,10 +68,8 @@ def make_client(settings: MQTTSettings, client_id: str, manual_ack: bool = False
         client.username_pw_set(settings.username, settings.password)
     _, _, tls = parse_broker_url(settings.broker)
     if tls:
-        ctx = ssl.create_default_context(cafile=settings.tls.ca)
-        if settings.tls.cert:
-            ctx.load_cert_chain(settings.tls.cert, settings.tls.key)
-        client.tls_set_context(ctx)
+        t = settings.tls
+        client.tls_set_context(client_context(t.ca, t.cert, t.key, t.server_hostname))
     client.max_inflight_messages_set(1000)
     client.reconnect_delay_set(min_delay=1, max_delay=30)  # exponential backoff, capped
     return client

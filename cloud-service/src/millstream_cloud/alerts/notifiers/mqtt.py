@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import ssl
 import threading
 import urllib.parse
 from typing import Any
@@ -19,6 +18,7 @@ from millstream_cloud.alerts.notifiers.base import (
     NotifierContext,
     register,
 )
+from millstream_cloud.security.tls import client_context
 
 
 class MqttConfig(NotifierConfig):
@@ -62,7 +62,7 @@ class MqttNotifier(Notifier):
                 self.config.username, os.environ.get(self.config.password_env or "", "")
             )
         if tls:
-            client.tls_set(ca_certs=self.config.ca, cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_set_context(client_context(self.config.ca))
         connected = threading.Event()
         client.on_connect = lambda c, u, f, rc, p=None: connected.set()
         try:
