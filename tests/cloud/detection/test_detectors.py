@@ -214,6 +214,23 @@ def test_virtual_sensor_bar_widens_outside_the_training_range() -> None:
     assert abs(z_out[-1, 0]) < abs(z_in[-1, 0])  # less sure where it extrapolates
 
 
+def test_virtual_sensor_on_a_wide_device_predicts_from_a_few_metrics() -> None:
+    from millstream_cloud.detection.multivariate import MAX_REGRESSORS
+
+    rng = np.random.default_rng(8)
+    load = _lagged(np.repeat(rng.uniform(0.2, 1.0, 40), 150), 6)
+    gains = rng.uniform(1.0, 5.0, 12)
+    X = np.column_stack([g * load + rng.normal(0, 0.03, len(load)) for g in gains])
+    model = VirtualSensorResidual(spans=(5, 20), smooth=60).fit(X[:5000])
+    # Columns used per metric: its regressors (and their lagged copies) plus the intercept.
+    assert all(len(idx) <= 2 * MAX_REGRESSORS + 1 for idx in model.slow_idx_)
+    Y = X[5000:].copy()
+    Y[200:, 7] += 0.3  # a shift in one metric of twelve
+    _, zs = model.residuals(Y)
+    assert abs(zs[-1, 7]) > 7.0
+    assert model.attribute(zs[-1]) == 7
+
+
 def test_isolation_forest_scores_higher_for_outliers() -> None:
     X = np.random.default_rng(0).normal(size=(300, 3))
     det = IsolationForestDetector(n_estimators=50).fit(X)

@@ -164,6 +164,9 @@ class IsolationForestDetector:
 # Candidate lags for the slow model, in rows: a factor-sqrt(2) grid from 60 to 960 rows
 # (10 min to 2 h 40 min at one row per 10 s), so any first-order lag in that range is
 # matched within about 20 %.
+# The slow model predicts each metric from at most this many others (forward selection), so
+# fitting and state stay small on a device with dozens of metrics.
+MAX_REGRESSORS = 4
 # Spikes are measured against the mean fast residual of the rows just before them.
 LOCAL_ROWS = 30
 # The short averaging window of the slow residual, and how much higher its bar is.
@@ -230,7 +233,9 @@ class VirtualSensorResidual:
         self._lagged: dict[int, np.ndarray] = {}  # lag span -> its EMA of the smoothed row
         self._recent: np.ndarray | None = None  # last smooth-1 slow residuals
         self._recent_fast: np.ndarray | None = None  # last LOCAL_ROWS fast residuals
-        self.slow_cov_: np.ndarray | None = None  # metrics x (2m+1) x (2m+1), of slow_coef_
+        # per metric: the columns of [S, lagged S, 1] it uses, and their coefficients' covariance
+        self.slow_idx_: list[list[int]] = []
+        self.slow_cov_: list[np.ndarray] = []
 
     # --- fast model --------------------------------------------------------------------
     def _features(self, Z: np.ndarray, ema: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -275,7 +280,7 @@ class VirtualSensorResidual:
             L = lagged[span] if span else None
             chosen: list[int] = []
             err_now = float(np.mean((S[cut:, j] - S[burn:cut, j].mean()) ** 2))
-            while len(chosen) < len(others):
+            while len(chosen) < min(len(others), MAX_REGRESSORS):
                 trial = []
                 for k in others:
                     if k in chosen:
@@ -290,8 +295,8 @@ class VirtualSensorResidual:
                 err_now = err
             if chosen and (best is None or err_now < best[0]):
                 best = (err_now, span, sorted(chosen))
-        if best is None:  # nothing predicts it: fall back to all others, no lag
-            return 0.0, 0, others
+        if best is None:  # nothing predicts it: fall back to the first others, no lag
+            return 0.0, 0, others[:MAX_REGRESSORS]
         return best
 
     def _slow_fit(self, Z: np.ndarray, burn: int) -> np.ndarray:
@@ -304,7 +309,8 @@ class VirtualSensorResidual:
         grid = self.lag_grid if held_out else ()
         lagged = {span: _ema(S, span, S[0]) for span in grid}
         coef = np.zeros((m, 2 * m + 1))
-        cov = np.zeros((m, 2 * m + 1, 2 * m + 1))
+        cov: list[np.ndarray] = []
+        used: list[list[int]] = []
         lags: list[int] = []
         R_in = np.empty((n - burn, m))
         R_out = np.empty((n - cut, m)) if held_out else None
@@ -312,7 +318,7 @@ class VirtualSensorResidual:
             if held_out:
                 _, span, cols = self._select(S, {k: v[0] for k, v in lagged.items()}, j, burn, cut)
             else:
-                span, cols = 0, [k for k in range(m) if k != j]
+                span, cols = 0, [k for k in range(m) if k != j][:MAX_REGRESSORS]
             L = lagged[span][0] if span else None
             A = self._slow_design(S, L, cols)
             if R_out is not None:
@@ -322,11 +328,11 @@ class VirtualSensorResidual:
             R_in[:, j] = S[burn:, j] - _apply(A[burn:], c)
             idx = [*cols, *([m + k for k in cols] if span else []), 2 * m]
             coef[j, idx] = c
-            full = np.zeros((2 * m + 1, 2 * m + 1))
-            full[np.ix_(idx, idx)] = _coef_cov(A[burn:], R_in[:, j], self.slow_ridge, self.smooth)
-            cov[j] = full
+            cov.append(_coef_cov(A[burn:], R_in[:, j], self.slow_ridge, self.smooth))
+            used.append(idx)
             lags.append(span)
-        self.lags_, self.slow_coef_, self.slow_cov_ = lags, coef, cov
+        self.lags_, self.slow_coef_ = lags, coef
+        self.slow_idx_, self.slow_cov_ = used, cov
         self._s = s_last
         self._lagged = {span: lagged[span][1] for span in set(lags) if span}
         self.sig_smooth_, self.sig_short_ = (
@@ -347,7 +353,7 @@ class VirtualSensorResidual:
 
     def _slow_residuals(self, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Residuals of the slow model and the variance of its predictions."""
-        assert self.slow_coef_ is not None and self.slow_cov_ is not None
+        assert self.slow_coef_ is not None
         assert self._s is not None
         S, self._s = _ema(Z, self.slow_span, self._s)
         L = {}
@@ -359,7 +365,8 @@ class VirtualSensorResidual:
         for j, span in enumerate(self.lags_):
             D = np.hstack([S, L[span] if span else np.zeros_like(S), one])
             pred[:, j] = D @ self.slow_coef_[j]
-            var[:, j] = np.einsum("ni,ij,nj->n", D, self.slow_cov_[j], D)
+            Dj = D[:, self.slow_idx_[j]]
+            var[:, j] = np.einsum("ni,ij,nj->n", Dj, self.slow_cov_[j], Dj)
         return S - pred, var
 
     # --- public ------------------------------------------------------------------------
@@ -495,7 +502,8 @@ class VirtualSensorResidual:
             "sig": lst(self.sig_),
             "lags": list(self.lags_),
             "slow_coef": lst(self.slow_coef_),
-            "slow_cov": lst(self.slow_cov_),
+            "slow_idx": self.slow_idx_,
+            "slow_cov": [c.tolist() for c in self.slow_cov_],
             "sig_smooth": lst(self.sig_smooth_),
             "sig_short": lst(self.sig_short_),
             "ema": lst(self._ema),
@@ -521,7 +529,8 @@ class VirtualSensorResidual:
         self.coef_, self.sig_ = arr(state["coef"]), arr(state["sig"])
         self.lags_ = [int(s) for s in state["lags"]]
         self.slow_coef_, self.sig_smooth_ = arr(state["slow_coef"]), arr(state["sig_smooth"])
-        self.slow_cov_ = arr(state["slow_cov"])
+        self.slow_idx_ = [[int(i) for i in idx] for idx in state["slow_idx"]]
+        self.slow_cov_ = [np.asarray(c, dtype=float) for c in state["slow_cov"]]
         self.sig_short_ = arr(state["sig_short"])
         self._ema, self._s = arr(state["ema"]), arr(state["s"])
         self._lagged = {int(k): np.asarray(v, dtype=float) for k, v in state["lagged"].items()}
