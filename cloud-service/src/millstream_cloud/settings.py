@@ -354,12 +354,51 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _explain(exc: ValidationError, source: str) -> SettingsError:
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Line (1-based) of every key in a YAML document, by its path of keys and indexes."""
+    out: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = (*path, str(key.value))
+                out[sub] = key.start_mark.line + 1
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                sub = (*path, str(i))
+                out[sub] = item.start_mark.line + 1
+                walk(item, sub)
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return out
+
+
+def _paths(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for key, value in tree.items():
+        out.append((*prefix, str(key)))
+        if isinstance(value, dict):
+            out += _paths(value, (*prefix, str(key)))
+    return out
+
+
+def _explain(
+    exc: ValidationError, source: str, where: dict[tuple[str, ...], int] | None = None
+) -> SettingsError:
+    """One line per problem: the file and line of the key when it came from the file."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc)
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{source}: {key}: {msg}")
+        line = next(
+            (where[loc[:n]] for n in range(len(loc), 0, -1) if where and loc[:n] in where),
+            None,
+        )
+        lines.append(f"{source}:{line}: {key}: {msg}" if line else f"{source}: {key}: {msg}")
     return SettingsError("\n".join(lines))
 
 
@@ -371,10 +410,13 @@ def load_settings(
     """Settings from defaults, an optional YAML file, the environment and ``overrides``."""
     data: dict[str, Any] = {}
     source = "settings"
+    where: dict[tuple[str, ...], int] = {}
     if path is not None:
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            text = Path(path).read_text()
+            loaded = yaml.safe_load(text) or {}
+            where = _key_lines(text)
         except OSError as exc:
             raise SettingsError(f"{source}: cannot read: {exc.strerror}") from None
         except yaml.YAMLError as exc:
@@ -388,7 +430,11 @@ def load_settings(
         source += " + environment"
     if overrides:
         data = _merge(data, overrides)
+    # A key set by the environment or an override is not where the file's line says.
+    for tree in (env, overrides or {}):
+        for p in _paths(tree):
+            where.pop(p, None)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise _explain(exc, source) from None
+        raise _explain(exc, source, where) from None

@@ -1,0 +1,40 @@
+"""A bad cloud settings file is refused with the file, the line and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from millstream_cloud.settings import SettingsError, load_settings
+
+TEXT = """\
+mqtt:
+  broker: mqtt://127.0.0.1:1883
+ingest:
+  max_payload_bytes: lots
+detection:
+  engine:
+    warmpu: 10
+"""
+
+
+def test_each_problem_names_file_line_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.yaml"
+    path.write_text(TEXT)
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, environ={})
+    msg = str(err.value)
+    # The detector settings are checked as one block: the line is the block's.
+    assert f"{path}:6: detection.engine: " in msg and "warmpu" in msg
+    assert f"{path}:4: ingest.max_payload_bytes: " in msg
+
+
+def test_a_key_set_by_the_environment_gets_no_file_line(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.yaml"
+    path.write_text("ingest:\n  max_payload_bytes: 1000\n")
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, environ={"MILLSTREAM_INGEST__MAX_PAYLOAD_BYTES": "lots"})
+    msg = str(err.value)
+    assert "ingest.max_payload_bytes" in msg
+    assert f"{path}:2" not in msg
