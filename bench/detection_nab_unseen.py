@@ -17,7 +17,6 @@ bench/results/detection_nab_unseen.json. Run from the repository root.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -26,23 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from millstream_cloud.detection.eval import nab, runners
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "benchmarks" / "nab" / "data"
 PUBLISHED = ("ARTime", "numenta")
-
-
-def published_scores(nab_root: Path, detector: str, files: list[nab.NabFile]) -> list[np.ndarray]:
-    out = []
-    for f in files:
-        cat, name = f.name.split("/")
-        path = nab_root / "results" / detector / cat / f"{detector}_{name}"
-        with path.open(newline="") as fh:
-            out.append(np.array([float(r["anomaly_score"]) for r in csv.DictReader(fh)]))
-    return out
 
 
 def row(res: dict[str, Any]) -> dict[str, float]:
@@ -80,7 +67,7 @@ if __name__ == "__main__":
     for det in PUBLISHED:
         th = {p: v["threshold"] for p, v in cfg[det].items()}
         table[f"{det} (corpus thresholds)"] = row(
-            nab.score_corpus(files, published_scores(args.nab, det, files), th)
+            nab.score_corpus(files, nab.published_scores(args.nab / "results", det, files), th)
         )
     out = {
         "files": len(files),

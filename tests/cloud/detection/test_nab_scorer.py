@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import csv
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -11,20 +10,10 @@ import pytest
 from millstream_cloud.detection.eval import nab
 
 
-def _artime_scores(root: Path, files: list[nab.NabFile]) -> list[np.ndarray]:
-    out = []
-    for f in files:
-        cat, name = f.name.split("/")
-        path = root / "nab" / "results" / "ARTime" / cat / f"ARTime_{name}"
-        with path.open(newline="") as fh:
-            out.append(np.array([float(r["anomaly_score"]) for r in csv.DictReader(fh)]))
-    return out
-
-
 @pytest.fixture(scope="module")
 def corpus(bench_root: Path) -> tuple[list[nab.NabFile], list[np.ndarray]]:
     files = nab.load_corpus(bench_root / "nab" / "data", bench_root / "nab" / "labels")
-    return files, _artime_scores(bench_root, files)
+    return files, nab.published_scores(bench_root / "nab" / "results", "ARTime", files)
 
 
 def test_artime_corpus_thresholds_reproduce_reference_row(bench_root: Path, corpus) -> None:

@@ -34,10 +34,11 @@ class EngineSettings:
     """Everything the live detectors need; defaults are the frozen, documented choices.
 
     Per metric: a :class:`StreamingEnsemble` (``streaming`` parameters, ``warmup``
-    readings before it may alarm). Per device with two or more metrics: a PCA model of how
-    the metrics move together (``mv_*``), trained on the first ``mv_train_rows`` complete
-    rows and retrained every ``mv_retrain_rows`` rows on the latest rows that raised
-    nothing. ``mv_on``/``mv_off`` are in robust sigmas of the smoothed per-metric residual.
+    readings before it may alarm). Per device with two or more metrics: a
+    :class:`VirtualSensorResidual` model of how the metrics move together (``mv_*``),
+    trained on the first ``mv_train_rows`` complete rows and retrained every
+    ``mv_retrain_rows`` rows on the latest rows that raised nothing. ``mv_on``/``mv_off``
+    are in sigmas of the averaged per-metric residual (prediction uncertainty included).
     """
 
     streaming: dict[str, Any] = field(

@@ -14,6 +14,15 @@ import numpy as np
 from .base import register
 
 
+def _standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, scale, standardised rows) of training rows; a constant column keeps scale 1."""
+    X = _as2d(X)
+    mean = X.mean(axis=0)
+    sd = X.std(axis=0)
+    scale = np.where(sd > 1e-12, sd, 1.0)
+    return mean, scale, (X - mean) / scale
+
+
 def _as2d(X: np.ndarray) -> np.ndarray:
     arr = np.asarray(X, dtype=float)
     if arr.ndim != 2:
@@ -41,11 +50,7 @@ class PCAT2Q:
         self.q_ref_ = 1.0
 
     def fit(self, X: np.ndarray) -> PCAT2Q:
-        X = _as2d(X)
-        self.mean_ = X.mean(axis=0)
-        sd = X.std(axis=0)
-        self.scale_ = np.where(sd > 1e-12, sd, 1.0)
-        Z = (X - self.mean_) / self.scale_
+        self.mean_, self.scale_, Z = _standardise(X)
         _, s, vt = np.linalg.svd(Z, full_matrices=False)
         ev = s**2 / max(len(Z) - 1, 1)
         frac = np.cumsum(ev) / max(ev.sum(), 1e-12)
@@ -362,8 +367,13 @@ class VirtualSensorResidual:
         pred = np.empty_like(S)
         var = np.empty_like(S)
         one = np.ones((len(S), 1))
+        # One design per lag span in use: [S, its lagged copy (or zeros), 1].
+        design = {
+            span: np.hstack([S, L[span] if span else np.zeros_like(S), one])
+            for span in set(self.lags_)
+        }
         for j, span in enumerate(self.lags_):
-            D = np.hstack([S, L[span] if span else np.zeros_like(S), one])
+            D = design[span]
             pred[:, j] = D @ self.slow_coef_[j]
             Dj = D[:, self.slow_idx_[j]]
             var[:, j] = np.einsum("ni,ij,nj->n", Dj, self.slow_cov_[j], Dj)
@@ -371,11 +381,7 @@ class VirtualSensorResidual:
 
     # --- public ------------------------------------------------------------------------
     def fit(self, X: np.ndarray) -> VirtualSensorResidual:
-        X = _as2d(X)
-        self.mean_ = X.mean(axis=0)
-        sd = X.std(axis=0)
-        self.scale_ = np.where(sd > 1e-12, sd, 1.0)
-        Z = (X - self.mean_) / self.scale_
+        self.mean_, self.scale_, Z = _standardise(X)
         F, ema = self._features(Z, None)
         n = len(Z)
         # let the moving averages settle first

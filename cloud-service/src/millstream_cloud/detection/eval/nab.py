@@ -244,3 +244,17 @@ def score_corpus(
             raw = _raw_score(rows, n_windows, prof["fn"], thr)
         out[name] = ProfileResult(name, thr, raw, normalise(raw, n_windows, prof))
     return out
+
+
+def published_scores(
+    results_dir: Path, detector: str, files: Sequence[NabFile]
+) -> list[np.ndarray]:
+    """A published detector's ``anomaly_score`` column for each file, read from NAB's
+    ``results/<detector>/<category>/<detector>_<file>`` layout."""
+    out = []
+    for f in files:
+        category, name = f.name.split("/")
+        path = results_dir / detector / category / f"{detector}_{name}"
+        with path.open(newline="") as fh:
+            out.append(np.array([float(r["anomaly_score"]) for r in csv.DictReader(fh)]))
+    return out
