@@ -96,6 +96,27 @@ def test_ensemble_refractory_gives_one_alarm_per_incident() -> None:
     assert alarms == 1
 
 
+def test_refractory_in_warmups_scales_the_quiet_time_with_the_warmup() -> None:
+    # Two incidents 150 values apart: a quiet time of 0.4 warmups hides the second one
+    # after a 500-value warmup (200 values) but not after a 200-value warmup (80 values).
+    def alarms(warmup: int) -> int:
+        det = StreamingEnsemble(
+            warmup=warmup, history=1000, refractory_warmups=0.4, alert_level=0.35
+        )
+        for x in _noise(800):
+            det.update(float(x))
+        out = 0
+        for level in (40.0, 80.0):
+            out += sum(det.update(level) >= 0.35 for _ in range(3))
+            out += sum(det.update(float(x)) >= 0.35 for x in _noise(147, seed=2))
+        return out
+
+    assert StreamingEnsemble(warmup=500, refractory_warmups=0.4).refractory == 200
+    assert (alarms(500), alarms(200)) == (1, 2)
+    state = StreamingEnsemble(warmup=200, refractory_warmups=0.4).state_dict()
+    assert StreamingEnsemble.from_state(state).refractory == 80
+
+
 def test_ensemble_from_state_restores_params_and_behaviour() -> None:
     det = StreamingEnsemble(warmup=50, history=500, long=16)
     for x in _noise(300):

@@ -221,6 +221,11 @@ class StreamingEnsemble:
     its tail probabilities are scaled by n / ``tail_reference``, so that "beyond anything
     seen so far" weighs the same in a young series as in one with that much history
     (0: off).
+
+    ``refractory_warmups``: when set, the refractory period is that many warmups instead of
+    ``refractory`` values. A benchmark such as NAB gives each series a warmup (probation)
+    proportional to its length, so a quiet time in those units scales with the series; a
+    fixed count of values is too long for a short series and too short for a long one.
     """
 
     def __init__(
@@ -235,8 +240,12 @@ class StreamingEnsemble:
         weights: dict[str, float] | None = None,
         long: int = 0,
         tail_reference: int = 0,
+        refractory_warmups: float = 0.0,
     ) -> None:
         self.history = history
+        self.refractory_warmups = refractory_warmups
+        if refractory_warmups:
+            refractory = int(refractory_warmups * warmup)
         self.tail_reference = tail_reference
         self.short = short
         self.long = long
@@ -337,6 +346,7 @@ class StreamingEnsemble:
                 "components": list(self.components),
                 "weights": self.weights,
                 "tail_reference": self.tail_reference,
+                "refractory_warmups": self.refractory_warmups,
             },
             "parts": {k: p.state_dict() for k, p in self.parts.items()},
             "cal": {k: c.state_dict() for k, c in self.cal.items()},
