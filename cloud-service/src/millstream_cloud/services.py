@@ -26,11 +26,27 @@ from millstream_cloud.storage.base import Storage
 log = logging.getLogger("millstream.services")
 
 
-def attach_detection(sink: AnomalySink, settings: Settings, state_dir: Path) -> None:
-    """Give the sink the detection engine, restored from its saved state when there is one."""
-    from millstream_cloud.detection.engine import STATE_FILE, DetectionEngine, settings_from_mapping
+def attach_detection(
+    sink: AnomalySink,
+    settings: Settings,
+    state_dir: Path,
+    registry: DeviceRegistry | None = None,
+) -> None:
+    """Give the sink the detection engine, restored from its saved state when there is one.
 
-    engine = DetectionEngine(settings_from_mapping(settings.detection.engine))
+    With a ``registry``, rules that match on machine kind learn each device's kind from it."""
+    from millstream_cloud.detection.engine import STATE_FILE, DetectionEngine, settings_from_mapping
+    from millstream_cloud.detection.rules import parse_rules
+
+    def kind_of(device: str) -> str | None:
+        found = registry.get(device) if registry is not None else None
+        return found.kind if found is not None else None
+
+    engine = DetectionEngine(
+        settings_from_mapping(settings.detection.engine),
+        parse_rules(settings.detection.rules),
+        kind_of,
+    )
     path = state_dir / STATE_FILE
     if path.exists():
         try:
@@ -82,7 +98,7 @@ class Services:
             save_interval_s=settings.detection.save_interval_s,
         )
         if settings.detection.enabled:
-            attach_detection(anomalies, settings, data / "detection")
+            attach_detection(anomalies, settings, data / "detection", registry)
         pipeline.hooks.append(anomalies.on_readings)
         subscriber = (
             Subscriber(settings.mqtt, settings.ingest, pipeline, metrics)

@@ -288,12 +288,26 @@ class DetectionSettings(Section):
         description="overrides of the frozen detector settings (docs/detection.md)",
     )
 
+    rules: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="per device kind, device or metric overrides of the engine settings, "
+        "applied in order (docs/detection.md)",
+    )
+
     @field_validator("engine")
     @classmethod
     def _engine_known(cls, value: dict[str, Any]) -> dict[str, Any]:
         from millstream_cloud.detection.engine import settings_from_mapping
 
         settings_from_mapping(value)  # raises ValueError naming the key
+        return value
+
+    @field_validator("rules")
+    @classmethod
+    def _rules_valid(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from millstream_cloud.detection.rules import parse_rules
+
+        parse_rules(value)  # raises ValueError naming the rule and the key
         return value
 
 

@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,13 @@ from ..model import Anomaly, Contribution, Reading
 from .calibration import Hysteresis
 from .explain import explain
 from .multivariate import VirtualSensorResidual
+from .rules import Rule, check_streaming, resolve
 from .streaming import StreamingEnsemble, StuckSensor
 
 STATE_FILE = "detection-state.json"
 STATE_VERSION = 2
+
+log = logging.getLogger("millstream.detection")
 
 
 @dataclass(slots=True)
@@ -107,6 +112,12 @@ def settings_from_mapping(block: dict[str, Any] | None) -> EngineSettings:
             ok = isinstance(value, type(current))
         if not ok:
             raise ValueError(f"detection settings: {key} must be like {current!r}, got {value!r}")
+        if key == "streaming":
+            # Checked here, not when the first reading of a new series builds a detector.
+            value = {
+                **defaults.streaming,
+                **check_streaming(value, "detection settings: streaming"),
+            }
         values[key] = value
     return EngineSettings(**values)
 
@@ -130,6 +141,37 @@ class DeviceModel:
         self.prev_x = np.zeros((0, 0))  # the last row
         self.n_rows = 0
         self.since_fit = 0
+
+    # Settings the fitted model is made of, and settings of the gates that judge it.
+    MODEL_KEYS = (
+        "mv_spans",
+        "mv_smooth_rows",
+        "mv_slow_span",
+        "mv_holdout",
+        "mv_extrapolation_penalty",
+    )
+    GATE_KEYS = ("mv_on", "mv_off", "mv_min_on_rows")
+
+    def apply_settings(self, s: EngineSettings) -> bool:
+        """Switch to new settings, keeping the rows learned so far; True if any changed.
+
+        A changed model setting drops the model and refits it from the kept rows at the
+        next batch (no new warm-up); a changed gate setting starts fresh gates."""
+        old, self.s = self.s, s
+        if old == s:
+            return False
+        size = max(s.mv_window_rows, s.mv_train_rows, 1)
+        if self.rows.maxlen != size:
+            self.rows = deque(self.rows, maxlen=size)
+            self.flags = deque(self.flags, maxlen=size)
+        if self.model is not None and any(
+            getattr(old, k) != getattr(s, k) for k in self.MODEL_KEYS
+        ):
+            self.model = None
+            self.since_fit = s.mv_train_rows
+        if any(getattr(old, k) != getattr(s, k) for k in self.GATE_KEYS):
+            self.gates = []
+        return True
 
     def _fit(self) -> None:
         if len(self.rows) < max(50, len(self.metrics) * 10):
@@ -283,21 +325,89 @@ class DetectionEngine:
     are processed in time order. It returns the anomalies raised by this batch (rising
     edges only: a condition that persists is reported once). ``save(dir)``/``load(dir)``
     (or ``state_dict()``/``load_state()``) carry all state across restarts.
+
+    ``rules`` (:mod:`.rules`) adjust the settings per device kind, device and metric;
+    ``kind_of(device)`` answers a device's machine kind (the registry's), asked only when a
+    rule matches on kind. The configured settings always win over saved ones: after a
+    restart with changed settings, a per-metric detector whose settings changed starts
+    learning afresh, and a device model refits from the rows it kept.
     """
 
-    def __init__(self, settings: EngineSettings | None = None) -> None:
+    KIND_RECHECK_S = 60.0  # an unknown kind is asked again after this long
+
+    def __init__(
+        self,
+        settings: EngineSettings | None = None,
+        rules: Iterable[Rule] = (),
+        kind_of: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.settings = settings or EngineSettings()
+        self.rules = tuple(rules)
+        self.kind_of = kind_of if any(r.kind is not None for r in self.rules) else None
+        self.kinds: dict[str, str] = {}
+        self._kind_asked: dict[str, float] = {}
+        self._resolved: dict[tuple[str, str | None], tuple[EngineSettings, bool]] = {}
         self.metrics: dict[tuple[str, str], StreamingEnsemble] = {}
         self.stuck: dict[tuple[str, str], StuckSensor] = {}
         self.devices: dict[str, DeviceModel] = {}
         self.sites: dict[str, str] = {}
         self.readings_seen = 0
+        self.restarted = 0  # per-metric detectors rebuilt because their settings changed
+
+    # --- settings per device and metric ------------------------------------------------
+    def settings_for(self, device: str, metric: str | None = None) -> tuple[EngineSettings, bool]:
+        """The settings for a device (or one of its metrics) and whether it is watched."""
+        if not self.rules:
+            return self.settings, True
+        key = (device, metric)
+        found = self._resolved.get(key)
+        if found is None:
+            kind = self.kinds.get(device)
+            found = self._resolved[key] = resolve(self.settings, self.rules, device, kind, metric)
+        return found
+
+    def _ask_kind(self, device: str) -> bool:
+        """Look up a device's kind when rules need it; True if it was newly learned."""
+        if self.kind_of is None or device in self.kinds:
+            return False
+        now = time.monotonic()
+        if now - self._kind_asked.get(device, -math.inf) < self.KIND_RECHECK_S:
+            return False
+        self._kind_asked[device] = now
+        try:
+            kind = self.kind_of(device)
+        except Exception:  # an unavailable registry must not stop detection
+            log.warning("could not look up the kind of device %s", device, exc_info=True)
+            return False
+        if kind is None:
+            return False
+        self.kinds[device] = kind
+        return True
+
+    def _reconcile(self, device: str) -> None:
+        """Bring one device's detectors in line with the settings that now apply to it."""
+        self._resolved = {k: v for k, v in self._resolved.items() if k[0] != device}
+        for key in [k for k in self.metrics if k[0] == device]:
+            ms, on = self.settings_for(*key)
+            fresh = StreamingEnsemble(warmup=ms.warmup, **ms.streaming)
+            if not on:
+                del self.metrics[key]
+            elif fresh.params() != self.metrics[key].params():
+                self.metrics[key] = fresh
+                self.restarted += 1
+        for key, stuck in self.stuck.items():
+            if key[0] == device:
+                stuck.min_run = self.settings_for(*key)[0].stuck_min_run
+        dev = self.devices.get(device)
+        if dev is not None:
+            dev.apply_settings(self.settings_for(device)[0])
 
     def _detector(self, device: str, metric: str) -> StreamingEnsemble:
         key = (device, metric)
         det = self.metrics.get(key)
         if det is None:
-            det = StreamingEnsemble(warmup=self.settings.warmup, **self.settings.streaming)
+            ms = self.settings_for(device, metric)[0]
+            det = StreamingEnsemble(warmup=ms.warmup, **ms.streaming)
             self.metrics[key] = det
         return det
 
@@ -316,7 +426,12 @@ class DetectionEngine:
         return anomalies
 
     def _observe_device(self, device: str, rs: list[Reading]) -> list[Anomaly]:
-        s = self.settings
+        if self._ask_kind(device) and device in self.devices:
+            self._reconcile(device)  # first seen before its birth message named its kind
+        s, device_on = self.settings_for(device)
+        if self.rules:
+            rs = [r for r in rs if self.settings_for(device, r.metric)[1]]
+        multivariate = s.multivariate and device_on
         out: list[Anomaly] = []
         dev = self.devices.get(device)
         if dev is None:
@@ -337,9 +452,9 @@ class DetectionEngine:
                     dev.metrics.append(r.metric)
                 dev.last[r.metric] = r.value
                 i += 1
-            if s.multivariate and len(dev.metrics) > 1 and all(m in dev.last for m in dev.metrics):
+            if multivariate and len(dev.metrics) > 1 and all(m in dev.last for m in dev.metrics):
                 rows.append((t, [dev.last[m] for m in dev.metrics]))
-        if s.multivariate and len(dev.metrics) > 1:
+        if multivariate and len(dev.metrics) > 1:
             for t, score, j, z, x, smooth in dev.add_rows(rows):
                 out.append(self._mv_anomaly(device, site, dev, t, score, j, z, x, smooth))
         return out
@@ -349,7 +464,7 @@ class DetectionEngine:
         det = self._detector(device, r.metric)
         quiet_before = det.quiet
         score = det.update(r.value)
-        s = self.settings
+        s = self.settings_for(device, r.metric)[0]
         if not s.streaming_alarms or quiet_before > 0 or score < det.alert_level:
             return out
         # On a device that also has a multivariate model, a lone metric must be clearly
@@ -392,7 +507,9 @@ class DetectionEngine:
         key = (device, r.metric)
         det = self.stuck.get(key)
         if det is None:
-            det = self.stuck[key] = StuckSensor(self.settings.stuck_min_run)
+            det = self.stuck[key] = StuckSensor(
+                self.settings_for(device, r.metric)[0].stuck_min_run
+            )
         score = det.score_one(r.value)
         det.learn_one(r.value)
         # Raise once, on the reading whose repeat count reaches the bar.
@@ -455,6 +572,10 @@ class DetectionEngine:
             "metrics": [[d, m, det.state_dict()] for (d, m), det in self.metrics.items()],
             "stuck": [[d, m, det.state_dict()] for (d, m), det in self.stuck.items()],
             "devices": {d: dev.state_dict() for d, dev in self.devices.items()},
+            # Only where rules made a device's settings differ from the engine's.
+            "device_settings": {
+                d: asdict(dev.s) for d, dev in self.devices.items() if dev.s != self.settings
+            },
             "sites": self.sites,
             "readings_seen": self.readings_seen,
         }
@@ -465,9 +586,10 @@ class DetectionEngine:
                 f"detection state version {state.get('version')!r} is not "
                 f"{STATE_VERSION}; delete the state file to start fresh"
             )
-        settings = dict(state["settings"])
-        settings["mv_spans"] = tuple(settings["mv_spans"])
-        self.settings = EngineSettings(**settings)
+        # What the saved detectors were built with; the configured settings (self.settings
+        # and the rules) apply from now on, and _reconcile rebuilds what they change.
+        saved = _saved_settings(state["settings"])
+        per_device = state.get("device_settings", {})
         self.metrics = {(d, m): StreamingEnsemble.from_state(st) for d, m, st in state["metrics"]}
         self.stuck = {}
         for d, m, st in state["stuck"]:
@@ -476,11 +598,22 @@ class DetectionEngine:
             self.stuck[(d, m)] = det
         self.devices = {}
         for d, st in state["devices"].items():
-            dev = DeviceModel(self.settings)
+            dev = DeviceModel(_saved_settings(per_device[d]) if d in per_device else saved)
             dev.load_state(st)
             self.devices[d] = dev
         self.sites = dict(state["sites"])
         self.readings_seen = int(state["readings_seen"])
+        self._resolved.clear()
+        before = self.restarted
+        for device in set(self.devices) | {d for d, _ in self.metrics}:
+            self._ask_kind(device)
+            self._reconcile(device)
+        if self.restarted > before:
+            log.info(
+                "%d per-metric detectors start learning afresh: their settings changed "
+                "since the state was saved",
+                self.restarted - before,
+            )
 
     def save(self, directory: Path) -> Path:
         """Write all state atomically to ``directory/detection-state.json``."""
@@ -492,10 +625,19 @@ class DetectionEngine:
         return path
 
     @classmethod
-    def load(cls, directory: Path) -> DetectionEngine:
-        """An engine restored from ``save``; a fresh one when nothing was saved yet."""
-        engine = cls()
+    def load(cls, directory: Path, settings: EngineSettings | None = None) -> DetectionEngine:
+        """An engine restored from ``save``, with the saved settings unless ``settings`` are
+        given; a fresh one when nothing was saved yet."""
         path = directory / STATE_FILE
-        if path.exists():
-            engine.load_state(json.loads(path.read_text(encoding="utf-8")))
+        if not path.exists():
+            return cls(settings)
+        state = json.loads(path.read_text(encoding="utf-8"))
+        engine = cls(settings or _saved_settings(state["settings"]))
+        engine.load_state(state)
         return engine
+
+
+def _saved_settings(saved: dict[str, Any]) -> EngineSettings:
+    values = dict(saved)
+    values["mv_spans"] = tuple(values["mv_spans"])
+    return EngineSettings(**values)

@@ -334,20 +334,24 @@ class StreamingEnsemble:
             cal.learn(sum(resid) / len(resid))
         self.cal["seasonal"] = cal
 
+    def params(self) -> dict[str, Any]:
+        """The constructor arguments this detector was built with (``from_state`` uses them)."""
+        return {
+            "history": self.history,
+            "short": self.short,
+            "long": self.long,
+            "warmup": self.warmup,
+            "refractory": self.refractory,
+            "alert_level": self.alert_level,
+            "components": list(self.components),
+            "weights": self.weights,
+            "tail_reference": self.tail_reference,
+            "refractory_warmups": self.refractory_warmups,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {
-            "params": {
-                "history": self.history,
-                "short": self.short,
-                "long": self.long,
-                "warmup": self.warmup,
-                "refractory": self.refractory,
-                "alert_level": self.alert_level,
-                "components": list(self.components),
-                "weights": self.weights,
-                "tail_reference": self.tail_reference,
-                "refractory_warmups": self.refractory_warmups,
-            },
+            "params": self.params(),
             "parts": {k: p.state_dict() for k, p in self.parts.items()},
             "cal": {k: c.state_dict() for k, c in self.cal.items()},
             "n": self.n,

@@ -1,0 +1,139 @@
+"""Detection settings per device kind, device and metric: ordered rules over the defaults.
+
+Detection is tuned where it is wrong, not everywhere. A rule matches devices by machine
+kind and/or id and, optionally, metrics, with shell-style globs (``pump-*``, ``*temp*``,
+as in Telegraf's ``namepass``), and overrides engine settings for what it matches::
+
+    rules:
+      - match: {kind: compressor}
+        mv_on: 8.0                       # this kind's device model alarms later
+      - match: {kind: compressor, metric: discharge_temp}
+        streaming: {alert_level: 0.45}   # merged into the per-metric detector's settings
+      - match: {metric: door_open}
+        enabled: false                   # not watched at all
+
+Rules apply in order and every matching rule applies, a later one winning key by key
+(``streaming`` merges key by key too). A rule that names a metric can only set what a
+single metric's detector uses (:data:`METRIC_KEYS`); the device model's settings belong to
+rules without one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from typing import Any
+
+MATCH_KEYS = ("kind", "device", "metric")
+# Settings a rule that names a metric may set: what one metric's detectors read.
+METRIC_KEYS = frozenset(
+    {"warmup", "streaming", "streaming_alarms", "streaming_min_score", "stuck_min_run", "enabled"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One ``match`` and the settings it overrides (validated, ``enabled`` included)."""
+
+    kind: str | None = None
+    device: str | None = None
+    metric: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def matches(self, device: str, kind: str | None, metric: str | None) -> bool:
+        """Does the rule apply to ``device`` (of ``kind``), or to its ``metric`` if given?
+
+        A rule that names a metric never applies to the device as a whole."""
+        if self.device is not None and not fnmatchcase(device, self.device):
+            return False
+        if self.kind is not None and (kind is None or not fnmatchcase(kind, self.kind)):
+            return False
+        if self.metric is None:
+            return True
+        return metric is not None and fnmatchcase(metric, self.metric)
+
+
+def streaming_keys() -> frozenset[str]:
+    """Keys the per-metric ensemble accepts in ``streaming`` (its warm-up is ``warmup``)."""
+    from .streaming import StreamingEnsemble
+
+    params = inspect.signature(StreamingEnsemble.__init__).parameters
+    return frozenset(p for p in params if p not in ("self", "warmup"))
+
+
+def check_streaming(block: Any, where: str) -> dict[str, Any]:
+    """A ``streaming`` block: a mapping of known ensemble parameters, else an error."""
+    if not isinstance(block, Mapping):
+        raise ValueError(f"{where}: must be a mapping of per-metric detector settings")
+    known = streaming_keys()
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    return dict(block)
+
+
+def parse_rules(raw: Sequence[Any] | None) -> tuple[Rule, ...]:
+    """Validate the ``detection.rules`` list; an error names the rule and the key."""
+    from .engine import settings_from_mapping
+
+    rules = []
+    for i, item in enumerate(raw or ()):
+        where = f"detection.rules[{i}]"
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{where}: must be a mapping with 'match' and the settings it sets")
+        match = item.get("match")
+        if not isinstance(match, Mapping) or not match:
+            raise ValueError(
+                f"{where}.match: required, with one or more of {', '.join(MATCH_KEYS)}"
+            )
+        for key, pattern in match.items():
+            if key not in MATCH_KEYS:
+                raise ValueError(f"{where}.match.{key}: unknown; use {', '.join(MATCH_KEYS)}")
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"{where}.match.{key}: must be a non-empty glob pattern")
+        overrides = {k: v for k, v in item.items() if k != "match"}
+        if not overrides:
+            raise ValueError(f"{where}: sets nothing besides 'match'")
+        if "enabled" in overrides and not isinstance(overrides["enabled"], bool):
+            raise ValueError(f"{where}.enabled: must be true or false")
+        device_only = sorted(set(overrides) - METRIC_KEYS) if "metric" in match else []
+        if device_only:
+            raise ValueError(
+                f"{where}.{device_only[0]}: a device model setting; a rule that matches "
+                f"metrics can only set {', '.join(sorted(METRIC_KEYS))}"
+            )
+        settings = {k: v for k, v in overrides.items() if k != "enabled"}
+        try:
+            settings_from_mapping(settings)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if "mv_spans" in settings:
+            overrides["mv_spans"] = tuple(settings["mv_spans"])
+        rules.append(Rule(match.get("kind"), match.get("device"), match.get("metric"), overrides))
+    return tuple(rules)
+
+
+def resolve(
+    base: Any, rules: Sequence[Rule], device: str, kind: str | None, metric: str | None = None
+) -> tuple[Any, bool]:
+    """The settings for ``device`` (or one of its metrics) and whether detection is on."""
+    values: dict[str, Any] = {}
+    streaming: dict[str, Any] | None = None
+    enabled = True
+    for rule in rules:
+        if not rule.matches(device, kind, metric):
+            continue
+        for key, value in rule.overrides.items():
+            if key == "enabled":
+                enabled = bool(value)
+            elif key == "streaming":
+                streaming = {**(streaming or base.streaming), **value}
+            else:
+                values[key] = value
+    if streaming is not None:
+        values["streaming"] = streaming
+    return (replace(base, **values) if values else base), enabled

@@ -1,0 +1,227 @@
+"""Detection settings per device kind, device and metric, and config changes across restarts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
+from millstream_cloud.detection.rules import parse_rules, resolve
+from millstream_cloud.model import Anomaly, Reading
+from millstream_cloud.settings import SettingsError, load_settings
+
+BASE = EngineSettings(warmup=200, multivariate=False)
+QUIET = {"streaming": {"alert_level": 0.99}}  # a per-metric alarm needs p < 1e-9.9
+
+
+def _series(device: str, metric: str, n: int, step_at: int, seed: int = 5) -> list[Reading]:
+    """Steady noise with a +1 step (10 sigma) from ``step_at`` on."""
+    rng = np.random.default_rng(seed)
+    return [
+        Reading(device, "s", metric, i * 10**9, 20.0 + rng.normal(0, 0.1) + 1.0 * (i >= step_at))
+        for i in range(n)
+    ]
+
+
+def _feed(engine: DetectionEngine, readings: list[Reading], chunk: int = 100) -> list[Anomaly]:
+    out: list[Anomaly] = []
+    for i in range(0, len(readings), chunk):
+        out += engine.observe(readings[i : i + chunk])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("rules", "expected"),
+    [
+        ("not a list item", "detection.rules[0]: must be a mapping"),
+        ([{"mv_on": 8.0}], "detection.rules[0].match: required"),
+        ([{"match": {"kind": "pump", "site": "x"}, "mv_on": 8.0}], "rules[0].match.site: unknown"),
+        ([{"match": {"kind": ""}, "mv_on": 8.0}], "rules[0].match.kind: must be a non-empty"),
+        ([{"match": {"kind": "pump"}}], "detection.rules[0]: sets nothing"),
+        ([{"match": {"kind": "pump"}, "enabled": "no"}], "rules[0].enabled: must be true or false"),
+        (
+            [{"match": {"kind": "a"}, "mv_on": 8.0}, {"match": {"metric": "t*"}, "mv_on": 9.0}],
+            "detection.rules[1].mv_on: a device model setting",
+        ),
+        ([{"match": {"device": "d1"}, "mv_onn": 8.0}], "detection.rules[0]: detection settings"),
+        ([{"match": {"device": "d1"}, "mv_on": "high"}], "mv_on must be like 7.0"),
+        (
+            [{"match": {"metric": "t"}, "streaming": {"alert": 0.5}}],
+            "detection.rules[0]: detection settings: streaming: unknown key(s) alert",
+        ),
+    ],
+)
+def test_a_bad_rule_is_refused_naming_the_rule_and_the_key(rules: Any, expected: str) -> None:
+    with pytest.raises(ValueError) as err:
+        parse_rules(rules if isinstance(rules, list) else [rules])
+    assert expected in str(err.value)
+
+
+def test_rules_apply_in_order_and_merge_key_by_key() -> None:
+    rules = parse_rules(
+        [
+            {"match": {"kind": "pump*"}, "mv_on": 8.0, "streaming": {"alert_level": 0.4}},
+            {"match": {"kind": "pump-xl"}, "mv_on": 9.0},
+            {"match": {"kind": "pump*", "metric": "*temp"}, "streaming": {"history": 2000}},
+            {"match": {"device": "p7", "metric": "flow"}, "enabled": False},
+        ]
+    )
+    small, on = resolve(BASE, rules, "p1", "pump-s")
+    assert on and small.mv_on == 8.0 and small.streaming["alert_level"] == 0.4
+    assert small.streaming["history"] == BASE.streaming["history"]  # merged, not replaced
+    assert resolve(BASE, rules, "p2", "pump-xl")[0].mv_on == 9.0  # the later rule wins
+    temp, _ = resolve(BASE, rules, "p1", "pump-s", "bearing_temp")
+    assert temp.streaming == {**BASE.streaming, "alert_level": 0.4, "history": 2000}
+    # A metric rule never changes the device as a whole; a device of no kind matches no kind.
+    assert resolve(BASE, rules, "p1", "pump-s")[0].streaming["history"] == 6000
+    assert resolve(BASE, rules, "p1", None) == (BASE, True)
+    assert resolve(BASE, rules, "p7", None, "flow") == (BASE, False)
+    assert resolve(BASE, rules, "p7", None, "flow_total")[1]
+
+
+def test_a_kind_rule_changes_what_is_raised_for_that_kind_only() -> None:
+    kinds = {"m1": "press", "m2": "lathe"}
+    rules = parse_rules([{"match": {"kind": "lathe"}, **QUIET}])
+    engine = DetectionEngine(BASE, rules, kinds.get)
+    out = _feed(engine, _series("m1", "temp", 600, 500) + _series("m2", "temp", 600, 500))
+    assert [a.device for a in out] == ["m1"]
+    assert engine.metrics[("m2", "temp")].alert_level == 0.99
+    # Without the rule both raise: the lathe was silenced by its rule, not by its data.
+    plain = _feed(
+        DetectionEngine(BASE), _series("m1", "t", 600, 500) + _series("m2", "t", 600, 500)
+    )
+    assert sorted(a.device for a in plain) == ["m1", "m2"]
+
+
+def test_a_disabled_metric_is_not_watched_nor_part_of_the_device_model() -> None:
+    rules = parse_rules([{"match": {"metric": "door_*"}, "enabled": False}])
+    engine = DetectionEngine(replace(BASE, multivariate=True), rules)
+    readings = _series("m1", "door_open", 600, 500) + _series("m1", "temp", 600, 10**6, seed=6)
+    assert _feed(engine, readings) == []
+    assert ("m1", "door_open") not in engine.metrics
+    assert ("m1", "door_open") not in engine.stuck
+    assert engine.devices["m1"].metrics == ["temp"]
+
+
+def test_a_disabled_device_is_silent_except_for_metrics_enabled_again() -> None:
+    settings = replace(BASE, multivariate=True, mv_train_rows=100)
+    readings = _series("m1", "temp", 600, 500) + _series("m1", "vib", 600, 10**6, seed=6)
+    readings += _series("m1", "door", 600, 500, seed=7)
+    rules = [
+        {"match": {"device": "m1"}, "enabled": False},
+        {"match": {"device": "m1", "metric": "[tv]*"}, "enabled": True},
+    ]
+    engine = DetectionEngine(settings, parse_rules(rules))
+    assert [a.metric for a in _feed(engine, readings)] == ["temp"]
+    assert ("m1", "door") not in engine.metrics and ("m1", "vib") in engine.metrics
+    assert engine.devices["m1"].model is None  # the device model stays off...
+    control = DetectionEngine(settings)
+    _feed(control, readings)
+    assert control.devices["m1"].model is not None  # ...which it would not be otherwise
+
+
+def test_a_kind_named_after_the_first_data_applies_from_then_on() -> None:
+    kinds: dict[str, str] = {}
+    asked: list[str] = []
+
+    def kind_of(device: str) -> str | None:
+        asked.append(device)
+        return kinds.get(device)
+
+    engine = DetectionEngine(BASE, parse_rules([{"match": {"kind": "lathe"}, **QUIET}]), kind_of)
+    engine.KIND_RECHECK_S = 0.0
+    _feed(engine, _series("m2", "temp", 300, 10**6))
+    assert engine.metrics[("m2", "temp")].alert_level == BASE.streaming["alert_level"]
+    kinds["m2"] = "lathe"  # its birth message arrives
+    assert _feed(engine, _series("m2", "temp", 1200, 1000)[300:]) == []
+    assert engine.metrics[("m2", "temp")].alert_level == 0.99
+    n = len(asked)
+    _feed(engine, _series("m2", "temp", 100, 10**6))
+    assert len(asked) == n  # a known kind is not asked again
+
+
+def test_a_failing_kind_lookup_does_not_stop_detection(caplog: pytest.LogCaptureFixture) -> None:
+    def kind_of(device: str) -> str | None:
+        raise OSError("registry unavailable")
+
+    engine = DetectionEngine(BASE, parse_rules([{"match": {"kind": "lathe"}, **QUIET}]), kind_of)
+    with caplog.at_level(logging.WARNING, "millstream.detection"):
+        out = _feed(engine, _series("m1", "temp", 600, 500))
+    assert [a.device for a in out] == ["m1"]
+    assert "could not look up the kind of device m1" in caplog.text
+
+
+def test_changed_settings_apply_after_a_restart(tmp_path: Path) -> None:
+    before = DetectionEngine(replace(BASE, multivariate=True))
+    _feed(before, _series("m1", "temp", 400, 10**6) + _series("m2", "temp", 400, 10**6, seed=7))
+    before.save(tmp_path)
+    saved_n = before.metrics[("m2", "temp")].n
+
+    # The settings file changed: one device gets a rule, and the global alarm level moved.
+    settings = replace(BASE, multivariate=True, streaming={**BASE.streaming, "alert_level": 0.4})
+    after = DetectionEngine(settings, parse_rules([{"match": {"device": "m1"}, **QUIET}]))
+    after.load_state(before.state_dict())
+    assert after.metrics[("m1", "temp")].alert_level == 0.99
+    assert after.metrics[("m2", "temp")].alert_level == 0.4
+    assert after.restarted == 2 and after.metrics[("m1", "temp")].n == 0
+    # The same settings again: everything continues where it was.
+    same = DetectionEngine(replace(BASE, multivariate=True))
+    same.load_state(before.state_dict())
+    assert same.restarted == 0 and same.metrics[("m2", "temp")].n == saved_n
+    # DetectionEngine.load without settings restores the saved ones.
+    assert DetectionEngine.load(tmp_path).settings == before.settings
+
+
+def test_a_changed_device_model_setting_refits_from_the_kept_rows() -> None:
+    settings = EngineSettings(warmup=50, mv_train_rows=300, mv_retrain_rows=10**6)
+    rng = np.random.default_rng(3)
+    load = np.cumsum(rng.normal(0, 0.05, 700))
+
+    def rows(lo: int, hi: int) -> list[Reading]:
+        return [
+            Reading("m1", "s", m, i * 10**9, k * load[i] + rng.normal(0, 0.05))
+            for i in range(lo, hi)
+            for m, k in (("a", 1.0), ("b", 2.0), ("c", -1.0))
+        ]
+
+    first = DetectionEngine(settings)
+    _feed(first, rows(0, 400), chunk=300)
+    assert first.devices["m1"].model is not None
+    state = first.state_dict()
+
+    gates_only = DetectionEngine(replace(settings, mv_on=9.0))
+    gates_only.load_state(state)
+    dev = gates_only.devices["m1"]
+    assert dev.model is not None and dev.gates == [] and dev.s.mv_on == 9.0
+
+    refit = DetectionEngine(replace(settings, mv_smooth_rows=120))
+    refit.load_state(state)
+    dev = refit.devices["m1"]
+    assert dev.model is None and len(dev.rows) == 400  # the rows are kept...
+    _feed(refit, rows(400, 410), chunk=30)
+    assert dev.model is not None and dev.model.smooth == 120  # ...and refitted at once
+
+
+def test_the_settings_file_names_a_bad_rule(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.yaml"
+    path.write_text(
+        "detection:\n"
+        "  rules:\n"
+        "    - match: {kind: compressor}\n"
+        "      mv_on: 8.0\n"
+        "    - match: {kind: compressor, metric: discharge_temp}\n"
+        "      mv_off: 3.0\n"
+    )
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, environ={})
+    assert f"{path}:2: detection.rules: " in str(err.value)
+    assert "detection.rules[1].mv_off: a device model setting" in str(err.value)
+    path.write_text(
+        "detection:\n  rules:\n    - match: {kind: compressor}\n      streaming: {alert_level: 0.45}\n"
+    )
+    assert load_settings(path, environ={}).detection.rules[0]["match"] == {"kind": "compressor"}
