@@ -91,3 +91,37 @@ def test_unknown_detection_setting_is_refused_with_its_name(tmp_path: Path) -> N
 
     with pytest.raises(SettingsError, match="warmpu"):
         load_settings(overrides={"detection": {"engine": {"warmpu": 10}}}, environ={})
+
+
+def test_detection_rules_take_the_kind_from_the_registry_and_apply_after_restart(
+    tmp_path: Path,
+) -> None:
+    from millstream_cloud.detection.engine import DetectionEngine
+
+    rule = {"match": {"kind": "lathe"}, "streaming": {"alert_level": 0.99}}
+    services = Services.build(
+        Settings(data_dir=str(tmp_path), detection={"rules": [rule]}), with_subscriber=False
+    )
+    t0 = 1_772_352_000_000_000_000
+    services.registry.set_status("lathe-01", "plant-a", True, t0, kind="lathe")
+    readings = [
+        Reading(device, "plant-a", "temp", t0 + i * 1_000_000_000, 20.0 + (i % 5) * 0.1)
+        for i in range(300)
+        for device in ("lathe-01", "press-01")
+    ]
+    services.anomalies.on_readings(readings)
+    engine = services.anomalies.detector
+    assert isinstance(engine, DetectionEngine)
+    assert engine.metrics[("lathe-01", "temp")].alert_level == 0.99
+    assert engine.metrics[("press-01", "temp")].alert_level == 0.35
+    services.stop()
+
+    # The rule is taken out of the settings: after a restart the lathe follows the defaults.
+    again = Services.build(Settings(data_dir=str(tmp_path)), with_subscriber=False)
+    try:
+        engine = again.anomalies.detector
+        assert isinstance(engine, DetectionEngine)
+        assert engine.metrics[("lathe-01", "temp")].alert_level == 0.35
+        assert engine.restarted == 1 and engine.metrics[("press-01", "temp")].n == 300
+    finally:
+        again.stop()
