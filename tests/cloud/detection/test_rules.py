@@ -54,6 +54,10 @@ def _feed(engine: DetectionEngine, readings: list[Reading], chunk: int = 100) ->
             [{"match": {"metric": "t"}, "streaming": {"alert": 0.5}}],
             "detection.rules[0]: detection settings: streaming: unknown key(s) alert",
         ),
+        (
+            [{"match": {"metric": "t"}, "streaming": {"components": ["value", "trend"]}}],
+            "streaming.components: ['value', 'trend']; choose from value, level",
+        ),
     ],
 )
 def test_a_bad_rule_is_refused_naming_the_rule_and_the_key(rules: Any, expected: str) -> None:

@@ -73,6 +73,14 @@ def check_streaming(block: Any, where: str) -> dict[str, Any]:
         raise ValueError(
             f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
+    from .streaming import COMPONENTS
+
+    comps = block.get("components", COMPONENTS)
+    if isinstance(comps, str) or not all(c in COMPONENTS for c in comps):
+        raise ValueError(
+            f"{where}.components: {comps!r}; choose from {', '.join(COMPONENTS)} "
+            "(the long windows follow from 'long')"
+        )
     return dict(block)
 
 
