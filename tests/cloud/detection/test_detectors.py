@@ -271,3 +271,10 @@ def test_likelihood_and_hysteresis() -> None:
     assert [e for _, e in seq] == [False, True, False, False, False, False, False, True]
     with pytest.raises(ValueError, match="above on level"):
         Hysteresis(on=1.0, off=2.0)
+
+
+def test_long_windows_follow_the_listed_components() -> None:
+    assert StreamingEnsemble(long=32).components[-2:] == ("level_long", "volatility_long")
+    det = StreamingEnsemble(long=32, components=("value", "level"))
+    assert det.components == ("value", "level", "level_long")
+    assert StreamingEnsemble.from_state(det.state_dict()).components == det.components

@@ -263,7 +263,12 @@ class StreamingEnsemble:
         if long:
             self.parts["level_long"] = LevelShift(long)
             self.parts["volatility_long"] = Volatility(long)
-            comps += [c for c in ("level_long", "volatility_long") if c not in comps]
+            # The long window of each listed short-window component.
+            comps += [
+                f"{c}_long"
+                for c in ("level", "volatility")
+                if c in comps and f"{c}_long" not in comps
+            ]
         self.components = tuple(comps)
         self.cal: dict[str, AnomalyLikelihood] = {
             name: AnomalyLikelihood(history, 1, two_sided=name != "value")
