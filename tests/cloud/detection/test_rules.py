@@ -173,6 +173,11 @@ def test_changed_settings_apply_after_a_restart(tmp_path: Path) -> None:
     assert after.metrics[("m1", "temp")].alert_level == 0.99
     assert after.metrics[("m2", "temp")].alert_level == 0.4
     assert after.restarted == 2 and after.metrics[("m1", "temp")].n == 0
+    # A metric switched off since: its detectors are dropped.
+    off = DetectionEngine(BASE, parse_rules([{"match": {"device": "m2"}, "enabled": False}]))
+    off.load_state(before.state_dict())
+    assert ("m2", "temp") not in off.metrics and ("m2", "temp") not in off.stuck
+    assert ("m1", "temp") in off.stuck
     # The same settings again: everything continues where it was.
     same = DetectionEngine(replace(BASE, multivariate=True))
     same.load_state(before.state_dict())

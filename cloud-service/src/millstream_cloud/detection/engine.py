@@ -395,9 +395,12 @@ class DetectionEngine:
             elif fresh.params() != self.metrics[key].params():
                 self.metrics[key] = fresh
                 self.restarted += 1
-        for key, stuck in self.stuck.items():
-            if key[0] == device:
-                stuck.min_run = self.settings_for(*key)[0].stuck_min_run
+        for key in [k for k in self.stuck if k[0] == device]:
+            ms, on = self.settings_for(*key)
+            if on:
+                self.stuck[key].min_run = ms.stuck_min_run
+            else:
+                del self.stuck[key]
         dev = self.devices.get(device)
         if dev is not None:
             dev.apply_settings(self.settings_for(device)[0])
