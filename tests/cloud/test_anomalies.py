@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -125,3 +127,46 @@ def test_detection_rules_take_the_kind_from_the_registry_and_apply_after_restart
         assert engine.restarted == 1 and engine.metrics[("press-01", "temp")].n == 300
     finally:
         again.stop()
+
+
+def test_the_api_says_what_detection_does_for_a_device(tmp_path: Path) -> None:
+    from millstream_cloud.ingest.pipeline import Message
+    from tests.cloud.ingest.conftest import ts
+
+    rules = [
+        {"match": {"kind": "lathe"}, "streaming": {"alert_level": 0.99}},
+        {"match": {"kind": "lathe", "metric": "door*"}, "enabled": False},
+    ]
+    settings = Settings(data_dir=str(tmp_path), detection={"rules": rules})
+    services = Services.build(settings, with_subscriber=False)
+    t0 = time.time_ns() - 3600 * 10**9
+    topic = "millstream/v1/plant-a/{}/{}"
+    birth = {"v": 1, "device": "lathe-01", "state": "online", "kind": "lathe"}
+    msgs = [Message(topic.format("lathe-01", "status"), json.dumps(birth).encode(), t0)]
+    for seq in range(3):
+        readings = [
+            {"ts": ts(t0 + (seq * 100 + i) * 10**9), "metric": m, "value": 20.0 + (i % 5) * 0.1}
+            for i in range(100)
+            for m in ("temp", "door_open")
+        ]
+        body = {"v": 1, "device": "lathe-01", "seq": seq, "readings": readings}
+        msgs.append(Message(topic.format("lathe-01", "telemetry"), json.dumps(body).encode(), t0))
+    services.pipeline.process(msgs)
+    with TestClient(create_app(settings, services, start=False)) as client:
+        body = client.get("/api/v1/devices/lathe-01/detection").json()
+        assert (body["kind"], body["enabled"], body["rules"]) == ("lathe", True, [0])
+        temp = body["metrics"]["temp"]
+        assert (temp["state"], temp["readings_learned"], temp["warmup"]) == ("learning", 300, 720)
+        assert temp["streaming"]["alert_level"] == 0.99 and temp["rules"] == []
+        door = body["metrics"]["door_open"]
+        assert (door["state"], door["rules"], door["readings_learned"]) == ("off", [1], 0)
+        assert body["device_model"]["metrics"] == ["temp"]
+        assert client.get("/api/v1/devices/nope/detection").status_code == 404
+    services.stop()
+
+    off = Settings(data_dir=str(tmp_path / "off"), detection={"enabled": False})
+    services = Services.build(off, with_subscriber=False)
+    services.pipeline.process(msgs[:1])
+    with TestClient(create_app(off, services, start=False)) as client:
+        res = client.get("/api/v1/devices/lathe-01/detection")
+        assert res.status_code == 404 and "detection is off" in res.text

@@ -76,6 +76,20 @@ def get_device(device_id: str, services: Services = Depends(get_services)) -> di
     return device_json(_device(services, device_id), detail=True)
 
 
+@router.get(
+    "/{device_id}/detection",
+    summary="What anomaly detection does for this device: matching rules, settings, progress",
+)
+def device_detection(device_id: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+    from millstream_cloud.detection.engine import DetectionEngine
+
+    dev = _device(services, device_id)
+    engine = services.anomalies.detector
+    if not isinstance(engine, DetectionEngine):
+        raise HTTPException(404, "anomaly detection is off (detection.enabled: false)")
+    return engine.describe(dev.id, dev.kind, dev.metrics)
+
+
 @router.get("/{device_id}/latest", summary="The newest reading of every metric")
 def latest(device_id: str, services: Services = Depends(get_services)) -> dict[str, Any]:
     _device(services, device_id)

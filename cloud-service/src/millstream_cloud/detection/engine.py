@@ -405,6 +405,57 @@ class DetectionEngine:
         if dev is not None:
             dev.apply_settings(self.settings_for(device)[0])
 
+    def describe(self, device: str, kind: str | None, metrics: Iterable[str]) -> dict[str, Any]:
+        """What detection does for one device: the rules that match it (by index), the
+        settings in force and how far each detector has come. Safe to call from another
+        thread than the one that runs ``observe`` (it only reads, from copies)."""
+        s, on = resolve(self.settings, self.rules, device, kind)
+        dev = self.devices.get(device)
+        dev_metrics = list(dev.metrics) if dev is not None else []
+        trained = dev is not None and dev.model is not None
+        known = set(metrics) | set(dev_metrics) | {m for d, m in list(self.metrics) if d == device}
+        out: dict[str, Any] = {}
+        for m in sorted(known):
+            ms, m_on = resolve(self.settings, self.rules, device, kind, m)
+            det = self.metrics.get((device, m))
+            learned = det.n if det is not None else 0
+            if not m_on:
+                state = "off"
+            elif trained and m in dev_metrics and not ms.streaming_when_multivariate:
+                state = "device model"
+            else:
+                state = "learning" if learned < ms.warmup else "watching"
+            out[m] = {
+                "state": state,
+                "rules": [
+                    i for i, r in enumerate(self.rules) if r.metric and r.matches(device, kind, m)
+                ],
+                "warmup": ms.warmup,
+                "readings_learned": learned,
+                "streaming_alarms": ms.streaming_alarms,
+                "streaming": dict(ms.streaming),
+            }
+        return {
+            "device": device,
+            "kind": kind,
+            "enabled": on,
+            "rules": [
+                i
+                for i, r in enumerate(self.rules)
+                if not r.metric and r.matches(device, kind, None)
+            ],
+            "device_model": {
+                "enabled": on and s.multivariate,
+                "trained": trained,
+                "metrics": dev_metrics,
+                "rows": len(dev.rows) if dev is not None else 0,
+                "train_rows": s.mv_train_rows,
+                "mv_on": s.mv_on,
+                "mv_off": s.mv_off,
+            },
+            "metrics": out,
+        }
+
     def _detector(self, device: str, metric: str) -> StreamingEnsemble:
         key = (device, metric)
         det = self.metrics.get(key)
