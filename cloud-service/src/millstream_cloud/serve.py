@@ -81,7 +81,11 @@ def run_check_config(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"invalid:\n{exc}", file=sys.stderr)
         return 2
-    print(f"{args.file}: OK (storage {settings.storage.backend}, broker {settings.mqtt.broker})")
+    rules = len(settings.detection.rules)
+    print(
+        f"{args.file}: OK (storage {settings.storage.backend}, broker {settings.mqtt.broker}, "
+        f"{rules} detection rule{'' if rules == 1 else 's'})"
+    )
     return 0
 
 

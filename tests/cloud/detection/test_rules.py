@@ -234,3 +234,22 @@ def test_the_settings_file_names_a_bad_rule(tmp_path: Path) -> None:
         "detection:\n  rules:\n    - match: {kind: compressor}\n      streaming: {alert_level: 0.45}\n"
     )
     assert load_settings(path, environ={}).detection.rules[0]["match"] == {"kind": "compressor"}
+
+
+def test_check_config_counts_the_rules_and_names_a_bad_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from millstream_cloud.cli import main
+
+    path = tmp_path / "cloud.yaml"
+    path.write_text(
+        "detection:\n  rules:\n"
+        "    - match: {kind: compressor}\n      mv_on: 8.0\n"
+        "    - match: {metric: door_*}\n      enabled: false\n"
+    )
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ": OK (" in out and "2 detection rules)" in out
+    path.write_text("detection:\n  rules:\n    - match: {metric: door_*}\n      mv_on: 8.0\n")
+    assert main(["check-config", str(path)]) == 2
+    assert "detection.rules[0].mv_on: a device model setting" in capsys.readouterr().err
