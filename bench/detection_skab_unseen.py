@@ -1,0 +1,79 @@
+"""SKAB runs the frozen settings were *not* chosen on: the 14 runs of SKAB's ``other`` folder.
+
+The frozen SKAB settings (smoothing, on/off factors, the slow-channel rule) were chosen by
+looking at the scores on ``../shared/benchmarks/skab`` (valve1 + valve2), so that score
+flatters them. This scores the same settings on the ``other`` runs and on all 34 runs,
+beside the published detectors (SKAB's leaderboard for the 34; their published prediction
+files rescored for ``other``, see ``runners.SKAB_REFERENCE_OTHER``). It needs a SKAB
+checkout (not shipped here)::
+
+    git clone https://github.com/waico/SKAB var/SKAB
+    python bench/detection_skab_unseen.py [--skab var/SKAB]
+
+Without a checkout (``--skab``, else ``$MILLSTREAM_SKAB_DIR``, else ``var/SKAB``) it tries that
+``git clone`` itself; if that fails too (no network) it says how to get one and writes
+``{"skipped": ...}``. Writes bench/results/detection_skab_unseen.json. Run from the
+repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from millstream_cloud.detection.eval import runners
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def row(res: dict[str, Any]) -> dict[str, float]:
+    return {"f1": res["f1"], "far": res["far"], "mar": res["mar"]}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    default = Path(os.environ.get("MILLSTREAM_SKAB_DIR", ROOT / "var" / "SKAB"))
+    ap.add_argument("--skab", type=Path, default=default, help="a SKAB checkout (data/)")
+    args = ap.parse_args()
+    path = ROOT / "bench" / "results" / "detection_skab_unseen.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = args.skab / "data"
+    if not (data / "other").is_dir():
+        url = "https://github.com/waico/SKAB"
+        cmd = ["git", "clone", "--quiet", url, str(args.skab)]
+        if subprocess.run(cmd, check=False).returncode != 0:
+            why = f"no SKAB checkout at {args.skab} and `git clone {url}` failed"
+            print(f"skipped: {why}; clone it elsewhere and pass --skab DIR", file=sys.stderr)
+            path.write_text(json.dumps({"skipped": why}) + "\n", encoding="utf-8")
+            sys.exit(0)
+    settings = runners.load_frozen()
+    other = runners.run_skab(data / "other", settings)
+    every = runners.run_skab(data, settings)
+    out = {
+        "other": {"runs": other["runs"], "millstream (frozen)": row(other)},
+        "all": {"runs": every["runs"], "millstream (frozen)": row(every)},
+        "slow_channels_excluded": {
+            "other": other["slow_channels_excluded"],
+            "all": every["slow_channels_excluded"],
+        },
+    }
+    for name, (f1, far, mar) in runners.SKAB_REFERENCE_OTHER.items():
+        out["other"][name] = {"f1": f1, "far": far, "mar": mar}
+    for name, (f1, far, mar) in runners.SKAB_REFERENCE_CORPUS.items():
+        out["all"][name] = {"f1": f1, "far": far, "mar": mar}
+    for key, title in (
+        ("other", "the 14 `other` runs (not used for any choice)"),
+        ("all", "all 34 runs (SKAB's leaderboard)"),
+    ):
+        print(f"SKAB, {title}")
+        print(f"  {'detector':22s} {'F1':>5s} {'FAR %':>7s} {'MAR %':>7s}")
+        for name, r in out[key].items():
+            if isinstance(r, dict):
+                print(f"  {name:22s} {r['f1']:5.2f} {r['far']:7.2f} {r['mar']:7.2f}")
+    path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
