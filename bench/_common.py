@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: /proc readings, the agent's sample config, results."""
+"""Helpers shared by the benchmarks: /proc readings, the agent's sample config, results,
+benchmark checkouts."""
 
 from __future__ import annotations
 
@@ -40,3 +41,19 @@ def write_result(result: dict, out: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def ensure_checkout(checkout: Path, probe: str, url: str, result: Path, flag: str) -> None:
+    """Make sure ``checkout`` holds a clone of ``url`` (``probe`` inside it must exist),
+    cloning it if not; when that fails too (no network), say how to get one, write
+    ``{"skipped": ...}`` to ``result`` and exit 0, so ``make bench`` runs the rest."""
+    if (checkout / probe).is_dir():
+        return
+    cmd = ["git", "clone", "--quiet", url, str(checkout)]
+    if subprocess.run(cmd, check=False).returncode == 0:
+        return
+    why = f"no checkout at {checkout} and `git clone {url}` failed"
+    print(f"skipped: {why}; clone it elsewhere and pass {flag} DIR", file=sys.stderr)
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps({"skipped": why}) + "\n", encoding="utf-8")
+    sys.exit(0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,9 @@ from typing import Any
 from millstream_cloud.detection.eval import nab, runners
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench._common import ensure_checkout  # noqa: E402
+
 SHARED = ROOT / ".." / "shared" / "benchmarks" / "nab" / "data"
 PUBLISHED = ("ARTime", "numenta")
 
@@ -43,14 +45,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     path = ROOT / "bench" / "results" / "detection_nab_unseen.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not (args.nab / "data").is_dir():
-        url = "https://github.com/numenta/NAB"
-        cmd = ["git", "clone", "--quiet", url, str(args.nab)]
-        if subprocess.run(cmd, check=False).returncode != 0:
-            why = f"no NAB checkout at {args.nab} and `git clone {url}` failed"
-            print(f"skipped: {why}; clone it elsewhere and pass --nab DIR", file=sys.stderr)
-            path.write_text(json.dumps({"skipped": why}) + "\n", encoding="utf-8")
-            sys.exit(0)
+    ensure_checkout(args.nab, "data", "https://github.com/numenta/NAB", path, "--nab")
     t0 = time.perf_counter()
     tuned = {str(p.relative_to(SHARED)) for p in SHARED.glob("*/*.csv")}
     every = nab.load_corpus(args.nab / "data", args.nab / "labels")

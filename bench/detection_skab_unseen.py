@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from typing import Any
 from millstream_cloud.detection.eval import runners
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench._common import ensure_checkout  # noqa: E402
 
 
 def row(res: dict[str, Any]) -> dict[str, float]:
@@ -43,14 +44,7 @@ if __name__ == "__main__":
     path = ROOT / "bench" / "results" / "detection_skab_unseen.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = args.skab / "data"
-    if not (data / "other").is_dir():
-        url = "https://github.com/waico/SKAB"
-        cmd = ["git", "clone", "--quiet", url, str(args.skab)]
-        if subprocess.run(cmd, check=False).returncode != 0:
-            why = f"no SKAB checkout at {args.skab} and `git clone {url}` failed"
-            print(f"skipped: {why}; clone it elsewhere and pass --skab DIR", file=sys.stderr)
-            path.write_text(json.dumps({"skipped": why}) + "\n", encoding="utf-8")
-            sys.exit(0)
+    ensure_checkout(args.skab, "data/other", "https://github.com/waico/SKAB", path, "--skab")
     settings = runners.load_frozen()
     other = runners.run_skab(data / "other", settings)
     every = runners.run_skab(data, settings)
