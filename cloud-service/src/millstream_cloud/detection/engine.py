@@ -129,9 +129,8 @@ class DeviceModel:
         self.s = settings
         self.metrics: list[str] = []
         self.last: dict[str, float] = {}
-        size = max(settings.mv_window_rows, settings.mv_train_rows, 1)
-        self.rows: deque[list[float]] = deque(maxlen=size)
-        self.flags: deque[bool] = deque(maxlen=size)
+        self.rows: deque[list[float]] = deque(maxlen=_window_size(settings))
+        self.flags: deque[bool] = deque(maxlen=_window_size(settings))
         self.model: VirtualSensorResidual | None = None
         self.gates: list[Hysteresis] = []
         self.quiet_m: list[int] = []
@@ -152,15 +151,15 @@ class DeviceModel:
     )
     GATE_KEYS = ("mv_on", "mv_off", "mv_min_on_rows")
 
-    def apply_settings(self, s: EngineSettings) -> bool:
-        """Switch to new settings, keeping the rows learned so far; True if any changed.
+    def apply_settings(self, s: EngineSettings) -> None:
+        """Switch to new settings, keeping the rows learned so far.
 
         A changed model setting drops the model and refits it from the kept rows at the
         next batch (no new warm-up); a changed gate setting starts fresh gates."""
         old, self.s = self.s, s
         if old == s:
-            return False
-        size = max(s.mv_window_rows, s.mv_train_rows, 1)
+            return
+        size = _window_size(s)
         if self.rows.maxlen != size:
             self.rows = deque(self.rows, maxlen=size)
             self.flags = deque(self.flags, maxlen=size)
@@ -171,7 +170,6 @@ class DeviceModel:
             self.since_fit = s.mv_train_rows
         if any(getattr(old, k) != getattr(s, k) for k in self.GATE_KEYS):
             self.gates = []
-        return True
 
     def _fit(self) -> None:
         if len(self.rows) < max(50, len(self.metrics) * 10):
@@ -389,11 +387,10 @@ class DetectionEngine:
         self._resolved = {k: v for k, v in self._resolved.items() if k[0] != device}
         for key in [k for k in self.metrics if k[0] == device]:
             ms, on = self.settings_for(*key)
-            fresh = StreamingEnsemble(warmup=ms.warmup, **ms.streaming)
             if not on:
                 del self.metrics[key]
-            elif fresh.params() != self.metrics[key].params():
-                self.metrics[key] = fresh
+            elif _ensemble_params(ms) != self.metrics[key].params():
+                self.metrics[key] = StreamingEnsemble(warmup=ms.warmup, **ms.streaming)
                 self.restarted += 1
         for key in [k for k in self.stuck if k[0] == device]:
             ms, on = self.settings_for(*key)
@@ -689,6 +686,23 @@ class DetectionEngine:
         engine = cls(settings or _saved_settings(state["settings"]))
         engine.load_state(state)
         return engine
+
+
+def _window_size(s: EngineSettings) -> int:
+    """Rows a device model keeps: enough for its first fit and for its rolling window."""
+    return max(s.mv_window_rows, s.mv_train_rows, 1)
+
+
+_PARAMS: dict[str, dict[str, Any]] = {}
+
+
+def _ensemble_params(s: EngineSettings) -> dict[str, Any]:
+    """The ``params()`` of an ensemble built from ``s``, built once per distinct setting
+    (a restart compares every saved per-metric detector with it)."""
+    key = json.dumps([s.warmup, s.streaming], sort_keys=True)
+    if key not in _PARAMS:
+        _PARAMS[key] = StreamingEnsemble(warmup=s.warmup, **s.streaming).params()
+    return _PARAMS[key]
 
 
 def _saved_settings(saved: dict[str, Any]) -> EngineSettings:

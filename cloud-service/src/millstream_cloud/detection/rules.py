@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
+from .streaming import COMPONENTS, StreamingEnsemble
+
 MATCH_KEYS = ("kind", "device", "metric")
 # Settings a rule that names a metric may set: what one metric's detectors read.
 METRIC_KEYS = frozenset(
@@ -57,8 +59,6 @@ class Rule:
 
 def streaming_keys() -> frozenset[str]:
     """Keys the per-metric ensemble accepts in ``streaming`` (its warm-up is ``warmup``)."""
-    from .streaming import StreamingEnsemble
-
     params = inspect.signature(StreamingEnsemble.__init__).parameters
     return frozenset(p for p in params if p not in ("self", "warmup"))
 
@@ -73,8 +73,6 @@ def check_streaming(block: Any, where: str) -> dict[str, Any]:
         raise ValueError(
             f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
-    from .streaming import COMPONENTS
-
     comps = block.get("components", COMPONENTS)
     if isinstance(comps, str) or not all(c in COMPONENTS for c in comps):
         raise ValueError(
