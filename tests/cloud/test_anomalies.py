@@ -162,6 +162,17 @@ def test_the_api_says_what_detection_does_for_a_device(tmp_path: Path) -> None:
         assert (door["state"], door["rules"], door["readings_learned"]) == ("off", [1], 0)
         assert body["device_model"]["metrics"] == ["temp"]
         assert client.get("/api/v1/devices/nope/detection").status_code == 404
+        res = client.post("/api/v1/devices/lathe-01/detection/relearn")
+        assert res.status_code == 200, res.text
+        assert res.json() == {
+            "device": "lathe-01",
+            "relearning": True,
+            "forgot": {"metric_detectors": 1, "device_model": 1},
+        }
+        body = client.get("/api/v1/devices/lathe-01/detection").json()
+        assert body["metrics"]["temp"]["readings_learned"] == 0
+        assert body["device_model"]["rows"] == 0
+        assert client.post("/api/v1/devices/nope/detection/relearn").status_code == 404
     services.stop()
 
     off = Settings(data_dir=str(tmp_path / "off"), detection={"enabled": False})
@@ -169,4 +180,6 @@ def test_the_api_says_what_detection_does_for_a_device(tmp_path: Path) -> None:
     services.pipeline.process(msgs[:1])
     with TestClient(create_app(off, services, start=False)) as client:
         res = client.get("/api/v1/devices/lathe-01/detection")
+        assert res.status_code == 404 and "detection is off" in res.text
+        res = client.post("/api/v1/devices/lathe-01/detection/relearn")
         assert res.status_code == 404 and "detection is off" in res.text

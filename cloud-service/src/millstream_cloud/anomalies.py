@@ -86,6 +86,7 @@ class AnomalySink:
         self._queue: queue.Queue[Sequence[Reading]] = queue.Queue()
         self._queued = 0
         self._lock = threading.Lock()
+        self._engine_lock = threading.Lock()  # observe vs. relearn from the API
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         r = metrics.registry
@@ -123,11 +124,23 @@ class AnomalySink:
         if self.detector is None:
             return
         t0 = time.perf_counter()
-        found = self.detector.observe(readings)
+        with self._engine_lock:
+            found = self.detector.observe(readings)
         self.seconds.inc(time.perf_counter() - t0)
         self.scored.inc(len(readings))
         if found:
             self.record(found)
+
+    def relearn(self, device: str) -> dict[str, int]:
+        """Make the detection engine learn ``device`` afresh (see ``DetectionEngine.relearn``);
+        waits for the batch being scored, so it never runs beside ``observe``."""
+        relearn = getattr(self.detector, "relearn", None)
+        if relearn is None:
+            raise LookupError("the detector in use cannot relearn")
+        with self._engine_lock:
+            result: dict[str, int] = relearn(device)
+        log.info("detection relearns %s: %s", device, result)
+        return result
 
     def start(self) -> None:
         if self.detector is None or self._thread is not None:

@@ -124,6 +124,30 @@ def test_single_metric_device_uses_the_streaming_ensemble() -> None:
     assert "above its usual level" in out[0].explanation
 
 
+def test_relearn_accepts_a_new_normal_and_still_finds_the_next_fault() -> None:
+    engine = DetectionEngine(replace(FAST, warmup=200))
+    rng = np.random.default_rng(6)
+
+    def feed(start: int, n: int, level: float) -> list[Anomaly]:
+        out: list[Anomaly] = []
+        for i in range(start, start + n):
+            v = level + rng.normal(0, 0.1)
+            out += engine.observe([Reading("pi", "s", "cpu_temp", i * 10**9, v)])
+        return out
+
+    assert feed(0, 1400, 20.0) == []
+    assert len(feed(1400, 100, 25.0)) == 1  # the step is an anomaly
+    assert engine.relearn("pi") == {"metric_detectors": 1, "device_model": 1}
+    assert engine.relearn("other") == {"metric_detectors": 0, "device_model": 0}
+    assert engine.metrics == {} and "pi" not in engine.devices
+    # 25 is the new normal: nothing during the new warm-up or after it ...
+    assert feed(1500, 1400, 25.0) == []
+    assert engine.metrics[("pi", "cpu_temp")].n == 1400
+    # ... and a step away from it is found again.
+    hits = feed(2900, 100, 30.0)
+    assert len(hits) == 1 and hits[0].metric == "cpu_temp"
+
+
 @pytest.mark.slow
 def test_sim_eval_default_fleet_meets_the_targets() -> None:
     res = runners.run_sim(runners.load_frozen(), seed=0)

@@ -90,6 +90,22 @@ def device_detection(device_id: str, services: Services = Depends(get_services))
     return engine.describe(dev.id, dev.kind, dev.metrics)
 
 
+@router.post(
+    "/{device_id}/detection/relearn",
+    summary="Forget what normal looked like for this device and learn it again (write scope)",
+)
+def relearn_device(device_id: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+    """For a machine that now runs at a new normal (after a repair, a new tool, a changed
+    recipe): its detectors start learning again from the next reading and raise nothing
+    until their warm-up is over. Open alerts resolve as usual."""
+    dev = _device(services, device_id)
+    try:
+        forgot = services.anomalies.relearn(dev.id)
+    except LookupError:
+        raise HTTPException(404, "anomaly detection is off (detection.enabled: false)") from None
+    return {"device": dev.id, "relearning": True, "forgot": forgot}
+
+
 @router.get("/{device_id}/latest", summary="The newest reading of every metric")
 def latest(device_id: str, services: Services = Depends(get_services)) -> dict[str, Any]:
     _device(services, device_id)

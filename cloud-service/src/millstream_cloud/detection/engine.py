@@ -453,6 +453,21 @@ class DetectionEngine:
             "metrics": out,
         }
 
+    def relearn(self, device: str) -> dict[str, int]:
+        """Forget what normal looked like for ``device``: its per-metric detectors, stuck
+        detectors and device model start learning again from the next reading.
+
+        For a machine that now runs at a new normal (after a repair, a new tool, a changed
+        recipe), which the detectors would otherwise keep flagging. Call it from the thread
+        that runs ``observe`` (``AnomalySink.relearn`` does)."""
+        metric_keys = [k for k in self.metrics if k[0] == device]
+        for key in metric_keys:
+            del self.metrics[key]
+        for key in [k for k in self.stuck if k[0] == device]:
+            del self.stuck[key]
+        had_model = self.devices.pop(device, None) is not None
+        return {"metric_detectors": len(metric_keys), "device_model": int(had_model)}
+
     def _detector(self, device: str, metric: str) -> StreamingEnsemble:
         key = (device, metric)
         det = self.metrics.get(key)
