@@ -86,7 +86,7 @@ class AnomalySink:
         self._queue: queue.Queue[Sequence[Reading]] = queue.Queue()
         self._queued = 0
         self._lock = threading.Lock()
-        self._engine_lock = threading.Lock()  # observe vs. relearn from the API
+        self._engine_lock = threading.Lock()  # observe and save vs. relearn from the API
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         r = metrics.registry
@@ -160,7 +160,8 @@ class AnomalySink:
     def _save(self) -> None:
         try:
             if self.save is not None:
-                self.save()
+                with self._engine_lock:  # a relearn must not change the state mid-write
+                    self.save()
         except Exception:
             log.exception("saving detector state failed")
 
