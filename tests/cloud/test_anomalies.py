@@ -162,6 +162,11 @@ def test_the_api_says_what_detection_does_for_a_device(tmp_path: Path) -> None:
         assert (door["state"], door["rules"], door["readings_learned"]) == ("off", [1], 0)
         assert body["device_model"]["metrics"] == ["temp"]
         assert client.get("/api/v1/devices/nope/detection").status_code == 404
+        from millstream_cloud.detection.engine import DetectionEngine
+
+        assert services.anomalies.save is not None
+        services.anomalies.save()  # the periodic save, with the old baseline
+        assert "lathe-01" in DetectionEngine.load(tmp_path / "detection").devices
         res = client.post("/api/v1/devices/lathe-01/detection/relearn")
         assert res.status_code == 200, res.text
         assert res.json() == {
@@ -172,6 +177,9 @@ def test_the_api_says_what_detection_does_for_a_device(tmp_path: Path) -> None:
         body = client.get("/api/v1/devices/lathe-01/detection").json()
         assert body["metrics"]["temp"]["readings_learned"] == 0
         assert body["device_model"]["rows"] == 0
+        # Saved at once, so a restart does not bring the old baseline back.
+        saved = DetectionEngine.load(tmp_path / "detection")
+        assert "lathe-01" not in saved.devices and not saved.metrics
         assert client.post("/api/v1/devices/nope/detection/relearn").status_code == 404
     services.stop()
 

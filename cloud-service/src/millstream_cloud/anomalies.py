@@ -132,14 +132,16 @@ class AnomalySink:
             self.record(found)
 
     def relearn(self, device: str) -> dict[str, int]:
-        """Make the detection engine learn ``device`` afresh (see ``DetectionEngine.relearn``);
-        waits for the batch being scored, so it never runs beside ``observe``."""
+        """Make the detection engine learn ``device`` afresh (see ``DetectionEngine.relearn``)
+        and save the state; waits for the batch being scored, so it never runs beside
+        ``observe``."""
         relearn = getattr(self.detector, "relearn", None)
         if relearn is None:
             raise LookupError("the detector in use cannot relearn")
         with self._engine_lock:
             result: dict[str, int] = relearn(device)
         log.info("detection relearns %s: %s", device, result)
+        self._save()  # so a restart does not bring the old baseline back
         return result
 
     def start(self) -> None:
