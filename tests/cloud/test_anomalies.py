@@ -180,6 +180,13 @@ def test_the_api_says_what_detection_does_for_a_device(tmp_path: Path) -> None:
         # Saved at once, so a restart does not bring the old baseline back.
         saved = DetectionEngine.load(tmp_path / "detection")
         assert "lathe-01" not in saved.devices and not saved.metrics
+        # ... and the moment is kept for the device dashboard's annotation.
+        from millstream_cloud.storage.base import DETECTION_EVENTS, SeriesQuery
+
+        tags = {"site": "plant-a", "device": "lathe-01", "event": "relearn"}
+        events = services.storage.query(SeriesQuery(DETECTION_EVENTS, ["explanation"], tags))
+        assert len(events) == 1 and len(events[0].points) == 1
+        assert "re-baselined" in str(events[0].points[0][1])
         assert client.post("/api/v1/devices/nope/detection/relearn").status_code == 404
     services.stop()
 

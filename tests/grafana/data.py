@@ -73,4 +73,8 @@ def fleet_points() -> list[Point]:
                                         "device": device, "severity": ("warning", "critical")[i % 2],
                                         "state": state},
                              {"value": 70.0 + i, "summary": f"{device} at {70 + i} C"}, t))  # fmt: skip
+    for i, device in enumerate(DEVICES):  # one detection re-baseline per device
+        t = T0_NS + (30 + 17 * i) * 60 * S + 4_321
+        pts.append(Point("detection_events", {"site": DEVICES[device][0], "device": device, "event": "relearn"},
+                         {"explanation": "detection re-baselined", "metric_detectors": 2 + i}, t))  # fmt: skip
     return pts

@@ -21,7 +21,13 @@ from prometheus_client import Counter
 
 from millstream_cloud.metrics import ServiceMetrics
 from millstream_cloud.model import Anomaly, Reading
-from millstream_cloud.storage.base import ANOMALIES, Point, SeriesQuery, Storage
+from millstream_cloud.storage.base import (
+    ANOMALIES,
+    DETECTION_EVENTS,
+    Point,
+    SeriesQuery,
+    Storage,
+)
 from millstream_cloud.timeutil import rfc3339
 
 log = logging.getLogger("millstream.anomalies")
@@ -131,9 +137,10 @@ class AnomalySink:
         if found:
             self.record(found)
 
-    def relearn(self, device: str) -> dict[str, int]:
-        """Make the detection engine learn ``device`` afresh (see ``DetectionEngine.relearn``)
-        and save the state; waits for the batch being scored, so it never runs beside
+    def relearn(self, device: str, site: str = "") -> dict[str, int]:
+        """Make the detection engine learn ``device`` afresh (see ``DetectionEngine.relearn``),
+        save the state and record the moment in ``detection_events`` (a Grafana annotation
+        on the device's graphs). Waits for the batch being scored, so it never runs beside
         ``observe``."""
         relearn = getattr(self.detector, "relearn", None)
         if relearn is None:
@@ -142,6 +149,19 @@ class AnomalySink:
             result: dict[str, int] = relearn(device)
         log.info("detection relearns %s: %s", device, result)
         self._save()  # so a restart does not bring the old baseline back
+        event = Point(
+            DETECTION_EVENTS,
+            {"site": site, "device": device, "event": "relearn"},
+            {
+                "explanation": "detection re-baselined: learning this device's normal afresh",
+                "metric_detectors": result.get("metric_detectors", 0),
+            },
+            time.time_ns(),
+        )
+        try:
+            self.storage.write_points([event])
+        except Exception:  # the relearn itself has happened; the marker is a convenience
+            log.exception("recording the relearn of %s failed", device)
         return result
 
     def start(self) -> None:

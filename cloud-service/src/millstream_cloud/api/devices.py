@@ -97,10 +97,11 @@ def device_detection(device_id: str, services: Services = Depends(get_services))
 def relearn_device(device_id: str, services: Services = Depends(get_services)) -> dict[str, Any]:
     """For a machine that now runs at a new normal (after a repair, a new tool, a changed
     recipe): its detectors start learning again from the next reading and raise nothing
-    until their warm-up is over. Open alerts resolve as usual."""
+    until their warm-up is over. Open alerts resolve as usual; the moment is recorded in
+    ``detection_events`` (shown on the device dashboard)."""
     dev = _device(services, device_id)
     try:
-        forgot = services.anomalies.relearn(dev.id)
+        forgot = services.anomalies.relearn(dev.id, dev.site)
     except LookupError:
         raise HTTPException(404, "anomaly detection is off (detection.enabled: false)") from None
     return {"device": dev.id, "relearning": True, "forgot": forgot}

@@ -28,6 +28,7 @@ FieldValue = float | int | bool | str
 TELEMETRY = "telemetry"
 ANOMALIES = "anomalies"
 ALERTS = "alerts"
+DETECTION_EVENTS = "detection_events"  # e.g. a device re-baselined (relearn)
 
 AGGREGATES = ("mean", "min", "max", "last", "first", "count", "sum")
 
