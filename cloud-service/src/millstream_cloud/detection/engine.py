@@ -458,8 +458,8 @@ class DetectionEngine:
         detectors and device model start learning again from the next reading.
 
         For a machine that now runs at a new normal (after a repair, a new tool, a changed
-        recipe), which the detectors would otherwise keep flagging. Call it from the thread
-        that runs ``observe`` (``AnomalySink.relearn`` does)."""
+        recipe), which the detectors would otherwise keep flagging. Never beside
+        ``observe``: ``AnomalySink.relearn`` holds the lock that scoring runs under."""
         metric_keys = [k for k in self.metrics if k[0] == device]
         for key in metric_keys:
             del self.metrics[key]
