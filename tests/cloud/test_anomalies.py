@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 
@@ -198,3 +199,101 @@ def test_the_api_says_what_detection_does_for_a_device(tmp_path: Path) -> None:
         assert res.status_code == 404 and "detection is off" in res.text
         res = client.post("/api/v1/devices/lathe-01/detection/relearn")
         assert res.status_code == 404 and "detection is off" in res.text
+
+
+def test_operator_verdicts_are_kept_listed_and_give_each_detector_its_precision(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    services.anomalies.detector = ThresholdDetector()
+    t0 = 1_772_352_000_000_000_000
+    readings = [
+        Reading("press-01", "plant-a", "temp", t0, 150.0),
+        Reading("press-01", "plant-a", "temp", t0 + 10**9 + 7, 120.0),  # ns precision
+        Reading("press-01", "plant-a", "pressure", t0 + 10**9 + 7, 130.0),  # same instant
+        Reading("press-01", "plant-a", "temp", t0 + 2 * 10**9, 60.0),  # no anomaly
+    ]
+    services.storage.write_readings(readings)
+    services.anomalies.on_readings(readings)
+    url = "/api/v1/anomalies"
+    with TestClient(create_app(settings, services, start=False)) as client:
+        listed = client.get(url, params={"device": "press-01"}).json()["anomalies"]
+        assert [a["feedback"] for a in listed] == [None, None, None]
+        first = next(a for a in listed if a["score"] == 150.0)
+        both = listed[0]["time"]
+        assert both == "2026-03-01T08:00:01.000000007Z"
+
+        def judge(**body: Any) -> Any:
+            return client.post(f"{url}/feedback", json={"device": "press-01", **body})
+
+        res = judge(time=first["time"], verdict="false_alarm", author="ana")
+        assert res.status_code == 200, res.text
+        assert res.json()["metric"] == "temp"
+        assert res.json()["feedback"] == {
+            "verdict": "false_alarm",
+            "comment": None,
+            "author": "ana",
+        }
+        # Two anomalies share the instant: the answer says which to choose from.
+        res = judge(time=both, verdict="confirmed")
+        assert res.status_code == 409
+        candidates = res.json()["detail"]["candidates"]
+        assert sorted(c["metric"] for c in candidates) == ["pressure", "temp"]
+        res = judge(time=both, metric="temp", verdict="confirmed", comment="bearing replaced")
+        assert res.status_code == 200, res.text
+        # Bad verdicts get a clear refusal and change nothing.
+        res = judge(time="2026-03-01T09:00:00Z", verdict="confirmed")
+        assert res.status_code == 404 and "no anomaly of device 'press-01'" in res.text
+        assert judge(time=both, verdict="maybe").status_code == 422
+        assert judge(time="yesterday", verdict="confirmed").status_code == 422
+        assert judge(time=both, verdict="confirmed", metric="temp", extra=1).status_code == 422
+        res = client.post(
+            f"{url}/feedback", json={"device": "nope", "time": both, "verdict": "confirmed"}
+        )
+        assert res.status_code == 404
+
+        def verdicts(**params: str) -> list[tuple[str, Any]]:
+            items = client.get(url, params={"device": "press-01", **params}).json()["anomalies"]
+            return [(a["metric"], a["feedback"] and a["feedback"]["verdict"]) for a in items]
+
+        assert sorted(verdicts(verdict="judged")) == [
+            ("temp", "confirmed"),
+            ("temp", "false_alarm"),
+        ]
+        assert verdicts(verdict="unjudged") == [("pressure", None)]
+        assert verdicts(verdict="false_alarm") == [("temp", "false_alarm")]
+        assert client.get(url, params={"verdict": "perhaps"}).status_code == 422
+
+        summary = client.get(f"{url}/precision").json()
+        assert (summary["anomalies"], summary["judged"], summary["precision"]) == (3, 2, 0.5)
+        assert summary["by_detector"] == [
+            {
+                "detector": "threshold",
+                "anomalies": 3,
+                "judged": 2,
+                "confirmed": 1,
+                "expected": 0,
+                "false_alarm": 1,
+                "precision": 0.5,
+            }
+        ]
+        by_metric = {m["metric"]: m for m in summary["by_metric"]}
+        assert by_metric["pressure"]["precision"] is None  # nobody judged it: no guess
+        # Judging again replaces the verdict (one point per anomaly, last write wins).
+        assert (
+            judge(time=first["time"], verdict="expected", comment="planned stop").status_code == 200
+        )
+        assert sorted(verdicts(verdict="judged")) == [("temp", "confirmed"), ("temp", "expected")]
+        assert client.get(f"{url}/precision").json()["precision"] == 1.0
+        metrics = client.get("/metrics").text
+        assert 'millstream_anomaly_feedback_total{verdict="false_alarm"} 1.0' in metrics
+        assert 'millstream_anomaly_feedback_total{verdict="expected"} 1.0' in metrics
+    services.stop()
+
+    # The verdicts are stored with the anomalies, so they outlive a restart.
+    services = Services.build(settings, with_subscriber=False)
+    with TestClient(create_app(settings, services, start=False)) as client:
+        items = client.get(url, params={"verdict": "judged"}).json()["anomalies"]
+        assert {a["feedback"]["comment"] for a in items} == {"planned stop", "bearing replaced"}
+    services.stop()

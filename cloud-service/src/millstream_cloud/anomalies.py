@@ -23,6 +23,7 @@ from millstream_cloud.metrics import ServiceMetrics
 from millstream_cloud.model import Anomaly, Reading
 from millstream_cloud.storage.base import (
     ANOMALIES,
+    ANOMALY_FEEDBACK,
     DETECTION_EVENTS,
     Point,
     SeriesQuery,
@@ -33,6 +34,11 @@ from millstream_cloud.timeutil import rfc3339
 log = logging.getLogger("millstream.anomalies")
 
 FIELDS = ("score", "likelihood", "explanation", "contributions")
+FEEDBACK_FIELDS = ("verdict", "comment", "author")
+# What an operator can say of an anomaly. ``expected``: a real change with a known cause
+# (maintenance, a planned stop, a recipe change), so the detector was right to see it.
+VERDICTS = ("confirmed", "expected", "false_alarm")
+CORRECT = ("confirmed", "expected")  # verdicts that count for the detector in its precision
 AnomalyHook = Callable[[Sequence[Anomaly]], None]
 
 
@@ -111,6 +117,12 @@ class AnomalySink:
         self.seconds = Counter(
             "millstream_detection_seconds", "Time spent scoring readings", registry=r
         )
+        self.verdicts = Counter(
+            "millstream_anomaly_feedback",
+            "Operator verdicts recorded on anomalies, by verdict",
+            ["verdict"],
+            registry=r,
+        )
 
     def on_readings(self, readings: Sequence[Reading]) -> None:
         """Pipeline hook: score one stored group of readings (queued when started)."""
@@ -163,6 +175,31 @@ class AnomalySink:
         except Exception:  # the relearn itself has happened; the marker is a convenience
             log.exception("recording the relearn of %s failed", device)
         return result
+
+    def judge(
+        self,
+        device: str,
+        time_ns: int,
+        verdict: str,
+        metric: str | None = None,
+        detector: str | None = None,
+        comment: str = "",
+        author: str = "",
+    ) -> dict[str, Any]:
+        """Record an operator's verdict on one stored anomaly (see :func:`record_feedback`)."""
+        judged = record_feedback(
+            self.storage, device, time_ns, verdict, metric, detector, comment, author
+        )
+        self.verdicts.labels(verdict).inc()
+        log.info(
+            "verdict %s on %s/%s at %s%s",
+            verdict,
+            device,
+            judged["metric"] or "*",
+            judged["time"],
+            f" by {author}" if author else "",
+        )
+        return judged
 
     def start(self) -> None:
         if self.detector is None or self._thread is not None:
@@ -234,6 +271,52 @@ class AnomalySink:
                 log.exception("anomaly hook %r failed", hook)
 
 
+class AnomalyNotFound(LookupError):
+    """No stored anomaly matches what a verdict names."""
+
+
+class AmbiguousAnomaly(LookupError):
+    """Several stored anomalies match; ``candidates`` are their (metric, detector) pairs."""
+
+    def __init__(self, message: str, candidates: list[dict[str, str | None]]) -> None:
+        super().__init__(message)
+        self.candidates = candidates
+
+
+_Key = tuple[tuple[tuple[str, str], ...], int]  # (sorted tag pairs, time_ns)
+
+
+def _rows(
+    storage: Storage,
+    measurement: str,
+    fields: Sequence[str],
+    tags: dict[str, str],
+    start_ns: int | None,
+    end_ns: int | None,
+) -> dict[_Key, dict[str, Any]]:
+    """One dict of fields per stored point, keyed by its tags and time."""
+    series = storage.query(
+        SeriesQuery(
+            measurement,
+            fields,
+            tags,
+            start_ns,
+            end_ns,
+            group_by=("site", "device", "metric", "detector"),
+        )
+    )
+    rows: dict[_Key, dict[str, Any]] = {}
+    for s in series:
+        key_tags = tuple(sorted((k, v) for k, v in s.tags.items() if v))
+        for t, v in s.points:
+            rows.setdefault((key_tags, t), {})[s.field] = v
+    return rows
+
+
+def _filters(**tags: str | None) -> dict[str, str]:
+    return {k: v for k, v in tags.items() if v}
+
+
 def list_anomalies(
     storage: Storage,
     device: str | None = None,
@@ -241,46 +324,155 @@ def list_anomalies(
     site: str | None = None,
     start_ns: int | None = None,
     end_ns: int | None = None,
-    limit: int = 1000,
+    limit: int | None = 1000,
+    verdict: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Stored anomalies, newest first, as the API returns them."""
-    tags = {k: v for k, v in (("device", device), ("metric", metric), ("site", site)) if v}
-    series = storage.query(
-        SeriesQuery(
-            ANOMALIES,
-            FIELDS,
-            tags,
-            start_ns,
-            end_ns,
-            group_by=("site", "device", "metric", "detector"),
-        )
-    )
-    rows: dict[tuple[tuple[tuple[str, str], ...], int], dict[str, Any]] = {}
-    for s in series:
-        key_tags = tuple(sorted(s.tags.items()))
-        for t, v in s.points:
-            rows.setdefault((key_tags, t), {})[s.field] = v
+    """Stored anomalies, newest first, as the API returns them, each with the operator's
+    verdict (``feedback``, null while nobody has judged it). ``verdict`` keeps only those
+    with that verdict, or ``judged`` / ``unjudged``."""
+    tags = _filters(device=device, metric=metric, site=site)
+    rows = _rows(storage, ANOMALIES, FIELDS, tags, start_ns, end_ns)
+    verdicts = _rows(storage, ANOMALY_FEEDBACK, FEEDBACK_FIELDS, tags, start_ns, end_ns)
     out = []
-    for (key_tags, t), fields in rows.items():
+    for key, fields in rows.items():
+        key_tags, t = key
         tags_d = dict(key_tags)
+        fb = verdicts.get(key)
+        feedback = (
+            {name: fb.get(name) or None for name in FEEDBACK_FIELDS}
+            if fb and fb.get("verdict")
+            else None
+        )
+        if not _verdict_matches(feedback, verdict):
+            continue
         contributions = fields.get("contributions")
         out.append(
             {
                 "time": rfc3339(t),
                 "time_ns": t,
-                "site": tags_d.get("site") or None,
-                "device": tags_d.get("device") or None,
-                "metric": tags_d.get("metric") or None,
-                "detector": tags_d.get("detector") or None,
+                "site": tags_d.get("site"),
+                "device": tags_d.get("device"),
+                "metric": tags_d.get("metric"),
+                "detector": tags_d.get("detector"),
                 "score": fields.get("score"),
                 "likelihood": fields.get("likelihood"),
                 "explanation": fields.get("explanation", ""),
                 "contributions": json.loads(contributions)
                 if isinstance(contributions, str)
                 else [],
+                "feedback": feedback,
             }
         )
     out.sort(key=lambda r: r["time_ns"], reverse=True)
     for r in out:
         del r["time_ns"]
-    return out[:limit]
+    return out if limit is None else out[:limit]
+
+
+def _verdict_matches(feedback: dict[str, Any] | None, wanted: str | None) -> bool:
+    if wanted is None:
+        return True
+    if wanted == "judged":
+        return feedback is not None
+    if wanted == "unjudged":
+        return feedback is None
+    return feedback is not None and feedback["verdict"] == wanted
+
+
+def record_feedback(
+    storage: Storage,
+    device: str,
+    time_ns: int,
+    verdict: str,
+    metric: str | None = None,
+    detector: str | None = None,
+    comment: str = "",
+    author: str = "",
+) -> dict[str, Any]:
+    """Store a verdict on the anomaly of ``device`` at ``time_ns`` (narrowed by ``metric``
+    and ``detector`` when several share that instant) and return the anomaly with it.
+
+    The verdict is a point in ``anomaly_feedback`` with the anomaly's own tags and time, so
+    judging again replaces the earlier verdict (last write wins) and InfluxDB and Grafana
+    can join the two by tags and time."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
+    tags = _filters(device=device, metric=metric, detector=detector)
+    found = list(_rows(storage, ANOMALIES, ("score",), tags, time_ns, time_ns + 1))
+    what = f"device {device!r}" + "".join(
+        f", {k} {v!r}" for k, v in (("metric", metric), ("detector", detector)) if v
+    )
+    if not found:
+        raise AnomalyNotFound(f"no anomaly of {what} at {rfc3339(time_ns)}")
+    if len(found) > 1:
+        candidates = [
+            {"metric": dict(k).get("metric"), "detector": dict(k).get("detector")} for k, _ in found
+        ]
+        raise AmbiguousAnomaly(
+            f"{len(found)} anomalies of {what} at {rfc3339(time_ns)}: "
+            "name the metric or the detector",
+            candidates,
+        )
+    key_tags, t = found[0]
+    storage.write_points(
+        [
+            Point(
+                ANOMALY_FEEDBACK,
+                dict(key_tags),
+                {"verdict": verdict, "comment": comment, "author": author},
+                t,
+            )
+        ]
+    )
+    tags_d = dict(key_tags)
+    return {
+        "time": rfc3339(t),
+        "site": tags_d.get("site"),
+        "device": tags_d.get("device"),
+        "metric": tags_d.get("metric"),
+        "detector": tags_d.get("detector"),
+        "feedback": {"verdict": verdict, "comment": comment or None, "author": author or None},
+    }
+
+
+def _counts(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    counts = {v: 0 for v in VERDICTS}
+    for a in items:
+        if a["feedback"]:
+            counts[a["feedback"]["verdict"]] = counts.get(a["feedback"]["verdict"], 0) + 1
+    judged = sum(counts.values())
+    correct = sum(counts[v] for v in CORRECT)
+    return {
+        "anomalies": len(items),
+        "judged": judged,
+        **counts,
+        "precision": round(correct / judged, 4) if judged else None,
+    }
+
+
+def precision_summary(
+    storage: Storage,
+    device: str | None = None,
+    site: str | None = None,
+    start_ns: int | None = None,
+    end_ns: int | None = None,
+) -> dict[str, Any]:
+    """How often the detectors were right, by the operators' verdicts: overall, per
+    detector and per device and metric. Precision is (confirmed + expected) / judged; the
+    anomalies nobody judged are counted but not guessed at."""
+    items = list_anomalies(storage, device, None, site, start_ns, end_ns, limit=None)
+    groups: dict[str, dict[tuple[str | None, ...], list[dict[str, Any]]]] = {
+        "by_detector": {},
+        "by_metric": {},
+    }
+    for a in items:
+        groups["by_detector"].setdefault((a["detector"],), []).append(a)
+        groups["by_metric"].setdefault((a["device"], a["metric"]), []).append(a)
+    names = {"by_detector": ("detector",), "by_metric": ("device", "metric")}
+    out: dict[str, Any] = _counts(items)
+    for group, members in groups.items():
+        out[group] = [
+            {**dict(zip(names[group], key, strict=True)), **_counts(members[key])}
+            for key in sorted(members, key=lambda k: tuple(x or "" for x in k))
+        ]
+    return out

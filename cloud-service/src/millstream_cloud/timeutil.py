@@ -37,16 +37,28 @@ def parse_duration_ns(text: str) -> int:
     return total
 
 
+_FRACTION = re.compile(r"(T\d\d:\d\d:\d\d)\.(\d+)")
+
+
 def parse_time_ns(text: str) -> int:
-    """RFC 3339 (any offset; naive means UTC) to epoch nanoseconds."""
+    """RFC 3339 (any offset; naive means UTC) to epoch nanoseconds.
+
+    Fractions are kept to the nanosecond (``datetime`` stops at microseconds), so a time
+    the API printed with 9 digits names the same instant when it is sent back."""
+    iso = text.strip().replace("Z", "+00:00").replace(" ", "T")
+    frac_ns = 0
+    m = _FRACTION.search(iso)
+    if m:
+        digits = m.group(2)
+        frac_ns = int(digits[:9].ljust(9, "0"))
+        iso = iso[: m.end(1)] + iso[m.end() :]
     try:
-        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace(" ", "T"))
+        dt = datetime.fromisoformat(iso)
     except ValueError:
         raise ValueError(f"{text!r} is not an RFC 3339 time like 2026-01-31T12:00:00Z") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    whole = int(dt.replace(microsecond=0).timestamp())
-    return whole * NS + dt.microsecond * 1000
+    return int(dt.timestamp()) * NS + frac_ns
 
 
 def rfc3339(time_ns: int) -> str:

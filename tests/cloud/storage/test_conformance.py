@@ -252,3 +252,32 @@ def test_odd_tag_values_round_trip(backend: Backend) -> None:
 
 def test_ping(backend: Backend) -> None:
     assert backend.store.ping() is True
+
+
+def test_anomaly_verdicts_join_their_anomalies(backend: Backend) -> None:
+    """The verdict is a point with the anomaly's tags and time: every backend joins the two,
+    and judging again replaces the verdict rather than adding one."""
+    from millstream_cloud.anomalies import anomaly_point, list_anomalies, record_feedback
+    from millstream_cloud.model import Anomaly
+
+    s = backend.store
+    found = [
+        Anomaly("d1", "plant1", T0 + 7, "ensemble", 0.9, 0.99, "temp", "temp high"),
+        Anomaly("d1", "plant1", T0 + 7, "device_model", 5.0, 0.99, None, "d1 off its model"),
+        Anomaly("d1", "plant1", T0 + S, "ensemble", 0.8, 0.99, "rpm", "rpm low"),
+    ]
+    s.write_points([anomaly_point(a) for a in found])
+    backend.settle()
+    record_feedback(s, "d1", T0 + 7, "false_alarm", detector="device_model", author="ana")
+    record_feedback(s, "d1", T0 + S, "confirmed")
+    backend.settle()
+    record_feedback(s, "d1", T0 + S, "expected", comment="planned stop")
+    backend.settle()
+    items = list_anomalies(s, "d1")
+    got = {(a["metric"], a["detector"]): a["feedback"] for a in items}
+    assert got == {
+        ("rpm", "ensemble"): {"verdict": "expected", "comment": "planned stop", "author": None},
+        (None, "device_model"): {"verdict": "false_alarm", "comment": None, "author": "ana"},
+        ("temp", "ensemble"): None,
+    }
+    assert [a["metric"] for a in list_anomalies(s, "d1", verdict="unjudged")] == ["temp"]

@@ -1,20 +1,35 @@
-"""Anomalies the detectors raised."""
+"""Anomalies the detectors raised, and the operators' verdicts on them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query
+from pydantic import BaseModel, ConfigDict, Field
 
-from millstream_cloud.anomalies import list_anomalies
+from millstream_cloud.anomalies import (
+    AmbiguousAnomaly,
+    AnomalyNotFound,
+    list_anomalies,
+    precision_summary,
+)
 from millstream_cloud.api.deps import get_services
 from millstream_cloud.services import Services
 from millstream_cloud.timeutil import parse_time_ns
 
 router = APIRouter(prefix="/api/v1/anomalies", tags=["anomalies"])
 
+VerdictFilter = Literal["confirmed", "expected", "false_alarm", "judged", "unjudged"]
 
-@router.get("", summary="Anomalies, newest first; filter by device, metric, site and time")
+
+def _range(start: str | None, end: str | None) -> tuple[int | None, int | None]:
+    try:
+        return (parse_time_ns(start) if start else None, parse_time_ns(end) if end else None)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+@router.get("", summary="Anomalies, newest first; filter by device, metric, site, time, verdict")
 def anomalies(
     services: Services = Depends(get_services),
     device: str | None = Query(None),
@@ -22,12 +37,72 @@ def anomalies(
     site: str | None = Query(None),
     start: str | None = Query(None, description="RFC 3339, inclusive"),
     end: str | None = Query(None, description="RFC 3339, exclusive"),
+    verdict: VerdictFilter | None = Query(
+        None, description="only anomalies with this verdict, or judged / unjudged"
+    ),
     limit: int = Query(100, ge=1, le=10_000),
 ) -> dict[str, Any]:
+    start_ns, end_ns = _range(start, end)
+    items = list_anomalies(
+        services.storage, device, metric, site, start_ns, end_ns, limit, verdict=verdict
+    )
+    return {"anomalies": items}
+
+
+class Feedback(BaseModel):
+    """An operator's verdict on one anomaly, named as ``GET /api/v1/anomalies`` lists it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field(min_length=1, max_length=200)
+    time: str = Field(description="the anomaly's time, as listed (RFC 3339)")
+    verdict: Literal["confirmed", "expected", "false_alarm"] = Field(
+        description="confirmed: a real fault; expected: a real change with a known cause "
+        "(maintenance, planned stop); false_alarm: nothing was wrong"
+    )
+    metric: str | None = Field(None, max_length=200, description="when several share the time")
+    detector: str | None = Field(None, max_length=200, description="likewise")
+    comment: str = Field("", max_length=2000)
+    author: str = Field("", max_length=200)
+
+
+@router.post(
+    "/feedback",
+    summary="Record a verdict on an anomaly: confirmed, expected or false_alarm (write scope)",
+)
+def feedback(body: Feedback, services: Services = Depends(get_services)) -> dict[str, Any]:
+    """Judging the same anomaly again replaces the verdict. The verdicts give each detector's
+    precision on this plant (``GET /api/v1/anomalies/precision``)."""
     try:
-        start_ns = parse_time_ns(start) if start else None
-        end_ns = parse_time_ns(end) if end else None
+        time_ns = parse_time_ns(body.time)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    items = list_anomalies(services.storage, device, metric, site, start_ns, end_ns, limit)
-    return {"anomalies": items}
+    try:
+        return services.anomalies.judge(
+            body.device,
+            time_ns,
+            body.verdict,
+            body.metric,
+            body.detector,
+            body.comment,
+            body.author,
+        )
+    except AmbiguousAnomaly as exc:
+        raise HTTPException(409, {"error": str(exc), "candidates": exc.candidates}) from None
+    except AnomalyNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+@router.get(
+    "/precision",
+    summary="How often the detectors were right, by the operators' verdicts",
+)
+def precision(
+    services: Services = Depends(get_services),
+    device: str | None = Query(None),
+    site: str | None = Query(None),
+    start: str | None = Query(None, description="RFC 3339, inclusive"),
+    end: str | None = Query(None, description="RFC 3339, exclusive"),
+) -> dict[str, Any]:
+    start_ns, end_ns = _range(start, end)
+    return precision_summary(services.storage, device, site, start_ns, end_ns)

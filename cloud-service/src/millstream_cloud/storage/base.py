@@ -8,6 +8,8 @@ The logical model is InfluxDB's, so one model serves the embedded store, InfluxD
   fields ``score``, ``likelihood``, ``explanation``;
 * measurement ``alerts``: tags ``alertname``, ``site``, ``device``, ``severity``, ``state``;
   fields ``value``, ``summary``.
+* measurement ``anomaly_feedback``: the tags and time of the anomaly judged; fields
+  ``verdict``, ``comment``, ``author``.
 
 Writes are idempotent per (measurement, tag set, time): writing the same point twice
 stores it once (last write wins), as in InfluxDB. That is what lets a redelivered MQTT
@@ -29,6 +31,7 @@ TELEMETRY = "telemetry"
 ANOMALIES = "anomalies"
 ALERTS = "alerts"
 DETECTION_EVENTS = "detection_events"  # e.g. a device re-baselined (relearn)
+ANOMALY_FEEDBACK = "anomaly_feedback"  # an operator's verdict on an anomaly
 
 AGGREGATES = ("mean", "min", "max", "last", "first", "count", "sum")
 
