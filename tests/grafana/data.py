@@ -64,6 +64,11 @@ def fleet_points() -> list[Point]:
         pts.append(Point("anomalies", tags,
                          {"score": round(3 + (i % 5) * 0.75, 3), "likelihood": round(0.9 + (i % 9) / 100, 4),
                           "explanation": f"{tags.get('metric', 'device')} {2 + i % 4} sigma \"high\""}, t))  # fmt: skip
+    verdicts = ("confirmed", "false_alarm", "expected")
+    anomalies = [p for p in pts if p.measurement == "anomalies"]
+    for i, a in enumerate(anomalies[::3]):  # an operator judged every third anomaly
+        pts.append(Point("anomaly_feedback", dict(a.tags),
+                         {"verdict": verdicts[i % 3], "comment": f"checked \"{i}\"", "author": "ana"}, a.time_ns))  # fmt: skip
     for i in range(10):
         device = list(DEVICES)[i % 3]
         site = DEVICES[device][0]
