@@ -297,3 +297,70 @@ def test_operator_verdicts_are_kept_listed_and_give_each_detector_its_precision(
         items = client.get(url, params={"verdict": "judged"}).json()["anomalies"]
         assert {a["feedback"]["comment"] for a in items} == {"planned stop", "bearing replaced"}
     services.stop()
+
+
+def test_missed_faults_are_reported_refused_where_raised_and_give_recall(tmp_path: Path) -> None:
+    from millstream_cloud.ingest.pipeline import Message
+    from tests.cloud.ingest.conftest import ts
+
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    services.anomalies.detector = ThresholdDetector()
+    t0 = 1_772_352_000_000_000_000
+    values = [50.0, 150.0, 60.0, 55.0]  # one anomaly, at t0 + 1 s
+    body = {
+        "v": 1,
+        "device": "press-01",
+        "seq": 0,
+        "readings": [
+            {"ts": ts(t0 + i * 10**9), "metric": "temp", "value": v} for i, v in enumerate(values)
+        ],
+    }
+    topic = "millstream/v1/plant-a/press-01/telemetry"
+    services.pipeline.process([Message(topic, json.dumps(body).encode(), t0)])
+    url = "/api/v1/anomalies"
+    with TestClient(create_app(settings, services, start=False)) as client:
+        [raised] = client.get(url).json()["anomalies"]
+        ok = {"device": "press-01", "time": raised["time"], "verdict": "confirmed"}
+        assert client.post(f"{url}/feedback", json=ok).status_code == 200
+
+        def report(**body: Any) -> Any:
+            return client.post(f"{url}/missed", json={"device": "press-01", **body})
+
+        # Where an anomaly was raised, the report is refused: that one gets a verdict.
+        res = report(start="2026-03-01T08:00:00Z", end="2026-03-01T08:00:02Z", metric="temp")
+        assert res.status_code == 409
+        assert "judge it" in res.json()["detail"]["error"]
+        assert [a["time"] for a in res.json()["detail"]["anomalies"]] == [raised["time"]]
+        res = report(start="2026-03-01T08:00:03Z", metric="temp", author="ana", comment="slow leak")
+        assert res.status_code == 200, res.text
+        assert res.json() == {
+            "start": "2026-03-01T08:00:03Z",
+            "end": "2026-03-01T08:00:03Z",
+            "site": "plant-a",
+            "device": "press-01",
+            "metric": "temp",
+            "comment": "slow leak",
+            "author": "ana",
+        }
+        assert report(start="2026-03-01T09:00:00Z").status_code == 200  # whole device
+        assert report(start="2026-03-01T09:00:00Z", end="2026-03-01T08:00:00Z").status_code == 422
+        assert report(start="soon").status_code == 422
+        res = client.post(f"{url}/missed", json={"device": "nope", "start": "2026-03-01T09:00:00Z"})
+        assert res.status_code == 404 and "'nope'" in res.text
+
+        listed = client.get(f"{url}/missed", params={"device": "press-01"}).json()["missed"]
+        assert [(m["start"], m["metric"]) for m in listed] == [
+            ("2026-03-01T09:00:00Z", None),
+            ("2026-03-01T08:00:03Z", "temp"),
+        ]
+        summary = client.get(f"{url}/precision").json()
+        assert (summary["precision"], summary["missed"], summary["recall"]) == (1.0, 2, 0.3333)
+        by_metric = {m["metric"]: m for m in summary["by_metric"]}
+        assert (by_metric["temp"]["missed"], by_metric["temp"]["recall"]) == (1, 0.5)
+        assert (by_metric[None]["anomalies"], by_metric[None]["recall"]) == (0, 0.0)
+        assert "recall" not in summary["by_detector"][0]  # a missed fault has no detector
+        assert (
+            'millstream_anomaly_feedback_total{verdict="missed"} 2.0' in client.get("/metrics").text
+        )
+    services.stop()

@@ -78,6 +78,17 @@ def fleet_points() -> list[Point]:
                                         "device": device, "severity": ("warning", "critical")[i % 2],
                                         "state": state},
                              {"value": 70.0 + i, "summary": f"{device} at {70 + i} C"}, t))  # fmt: skip
+    for i, device in enumerate(DEVICES):  # one fault per device that no detector raised
+        t = T0_NS + (41 + 13 * i) * 60 * S + 9_876
+        tags = {"site": DEVICES[device][0], "device": device, "metric": DEVICES[device][2][0]}
+        pts.append(
+            Point(
+                "missed_faults",
+                tags,
+                {"end_ns": t + 600 * S, "comment": "seal leak", "author": "ana"},
+                t,
+            )
+        )
     for i, device in enumerate(DEVICES):  # one detection re-baseline per device
         t = T0_NS + (30 + 17 * i) * 60 * S + 4_321
         pts.append(Point("detection_events", {"site": DEVICES[device][0], "device": device, "event": "relearn"},

@@ -25,6 +25,8 @@ from millstream_cloud.storage.base import (
     ANOMALIES,
     ANOMALY_FEEDBACK,
     DETECTION_EVENTS,
+    MISSED_FAULTS,
+    FieldValue,
     Point,
     SeriesQuery,
     Storage,
@@ -200,6 +202,22 @@ class AnomalySink:
             f" by {author}" if author else "",
         )
         return judged
+
+    def report_missed(
+        self,
+        device: str,
+        site: str,
+        start_ns: int,
+        end_ns: int,
+        metric: str | None = None,
+        comment: str = "",
+        author: str = "",
+    ) -> dict[str, Any]:
+        """Record a fault no detector raised (see :func:`record_missed`)."""
+        out = record_missed(self.storage, device, site, start_ns, end_ns, metric, comment, author)
+        self.verdicts.labels("missed").inc()
+        log.info("missed fault reported on %s/%s at %s", device, metric or "*", out["start"])
+        return out
 
     def start(self) -> None:
         if self.detector is None or self._thread is not None:
@@ -435,19 +453,96 @@ def record_feedback(
     }
 
 
-def _counts(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+class FaultWasRaised(ValueError):
+    """A missed fault was reported where an anomaly had been raised; ``anomalies`` lists them."""
+
+    def __init__(self, message: str, anomalies: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.anomalies = anomalies
+
+
+def record_missed(
+    storage: Storage,
+    device: str,
+    site: str,
+    start_ns: int,
+    end_ns: int,
+    metric: str | None = None,
+    comment: str = "",
+    author: str = "",
+) -> dict[str, Any]:
+    """Store a fault an operator saw on ``device`` (``metric``, or the whole device) from
+    ``start_ns`` to ``end_ns`` that no detector raised: the false negatives verdicts on
+    raised anomalies cannot show. Refused (:class:`FaultWasRaised`) when an anomaly of that
+    device (and metric) was raised in the span: that one should be judged instead."""
+    if end_ns < start_ns:
+        raise ValueError(f"end {rfc3339(end_ns)} is before start {rfc3339(start_ns)}")
+    raised = list_anomalies(storage, device, metric, None, start_ns, end_ns + 1, limit=20)
+    if raised:
+        raise FaultWasRaised(
+            f"{len(raised)} anomal{'y was' if len(raised) == 1 else 'ies were'} raised on "
+            f"device {device!r}{f' metric {metric!r}' if metric else ''} between "
+            f"{rfc3339(start_ns)} and {rfc3339(end_ns)}: judge "
+            f"{'it' if len(raised) == 1 else 'them'} (POST /api/v1/anomalies/feedback)",
+            raised,
+        )
+    tags = _filters(site=site, device=device, metric=metric)
+    fields: dict[str, FieldValue] = {"end_ns": end_ns, "comment": comment, "author": author}
+    storage.write_points([Point(MISSED_FAULTS, tags, fields, start_ns)])
+    return _missed_json(tags, start_ns, fields)
+
+
+def _missed_json(tags: dict[str, str], start_ns: int, fields: dict[str, Any]) -> dict[str, Any]:
+    end_ns = fields.get("end_ns")
+    return {
+        "start": rfc3339(start_ns),
+        "end": rfc3339(int(end_ns)) if isinstance(end_ns, int | float) else None,
+        "site": tags.get("site"),
+        "device": tags.get("device"),
+        "metric": tags.get("metric"),
+        "comment": fields.get("comment") or None,
+        "author": fields.get("author") or None,
+    }
+
+
+def list_missed(
+    storage: Storage,
+    device: str | None = None,
+    site: str | None = None,
+    start_ns: int | None = None,
+    end_ns: int | None = None,
+) -> list[dict[str, Any]]:
+    """Reported missed faults, newest first."""
+    rows = _rows(
+        storage,
+        MISSED_FAULTS,
+        ("end_ns", "comment", "author"),
+        _filters(device=device, site=site),
+        start_ns,
+        end_ns,
+    )
+    ordered = sorted(rows.items(), key=lambda kv: kv[0][1], reverse=True)
+    return [_missed_json(dict(key_tags), t, fields) for (key_tags, t), fields in ordered]
+
+
+def _counts(items: Sequence[dict[str, Any]], missed: int | None = None) -> dict[str, Any]:
     counts = {v: 0 for v in VERDICTS}
     for a in items:
         if a["feedback"]:
             counts[a["feedback"]["verdict"]] = counts.get(a["feedback"]["verdict"], 0) + 1
     judged = sum(counts.values())
     correct = sum(counts[v] for v in CORRECT)
-    return {
+    out = {
         "anomalies": len(items),
         "judged": judged,
         **counts,
         "precision": round(correct / judged, 4) if judged else None,
     }
+    if missed is not None:
+        found = correct + missed
+        out["missed"] = missed
+        out["recall"] = round(correct / found, 4) if found else None
+    return out
 
 
 def precision_summary(
@@ -459,20 +554,27 @@ def precision_summary(
 ) -> dict[str, Any]:
     """How often the detectors were right, by the operators' verdicts: overall, per
     detector and per device and metric. Precision is (confirmed + expected) / judged; the
-    anomalies nobody judged are counted but not guessed at."""
+    anomalies nobody judged are counted but not guessed at. Recall (overall and per device
+    and metric; a missed fault has no detector) is (confirmed + expected) / (those +
+    reported missed faults): only as complete as the reports."""
     items = list_anomalies(storage, device, None, site, start_ns, end_ns, limit=None)
-    groups: dict[str, dict[tuple[str | None, ...], list[dict[str, Any]]]] = {
-        "by_detector": {},
-        "by_metric": {},
-    }
+    missed = list_missed(storage, device, site, start_ns, end_ns)
+    by_detector: dict[str | None, list[dict[str, Any]]] = {}
+    by_metric: dict[tuple[str | None, str | None], list[dict[str, Any]]] = {}
+    missed_by_metric: dict[tuple[str | None, str | None], int] = {}
     for a in items:
-        groups["by_detector"].setdefault((a["detector"],), []).append(a)
-        groups["by_metric"].setdefault((a["device"], a["metric"]), []).append(a)
-    names = {"by_detector": ("detector",), "by_metric": ("device", "metric")}
-    out: dict[str, Any] = _counts(items)
-    for group, members in groups.items():
-        out[group] = [
-            {**dict(zip(names[group], key, strict=True)), **_counts(members[key])}
-            for key in sorted(members, key=lambda k: tuple(x or "" for x in k))
-        ]
+        by_detector.setdefault(a["detector"], []).append(a)
+        by_metric.setdefault((a["device"], a["metric"]), []).append(a)
+    for m in missed:
+        key = (m["device"], m["metric"])
+        by_metric.setdefault(key, [])
+        missed_by_metric[key] = missed_by_metric.get(key, 0) + 1
+    out: dict[str, Any] = _counts(items, len(missed))
+    out["by_detector"] = [
+        {"detector": d, **_counts(by_detector[d])} for d in sorted(by_detector, key=str)
+    ]
+    out["by_metric"] = [
+        {"device": k[0], "metric": k[1], **_counts(by_metric[k], missed_by_metric.get(k, 0))}
+        for k in sorted(by_metric, key=lambda k: (k[0] or "", k[1] or ""))
+    ]
     return out

@@ -257,7 +257,13 @@ def test_ping(backend: Backend) -> None:
 def test_anomaly_verdicts_join_their_anomalies(backend: Backend) -> None:
     """The verdict is a point with the anomaly's tags and time: every backend joins the two,
     and judging again replaces the verdict rather than adding one."""
-    from millstream_cloud.anomalies import anomaly_point, list_anomalies, record_feedback
+    from millstream_cloud.anomalies import (
+        anomaly_point,
+        list_anomalies,
+        list_missed,
+        record_feedback,
+        record_missed,
+    )
     from millstream_cloud.model import Anomaly
 
     s = backend.store
@@ -281,3 +287,8 @@ def test_anomaly_verdicts_join_their_anomalies(backend: Backend) -> None:
         ("temp", "ensemble"): None,
     }
     assert [a["metric"] for a in list_anomalies(s, "d1", verdict="unjudged")] == ["temp"]
+    record_missed(s, "d1", "plant1", T0 + 60 * S, T0 + 120 * S, "temp", "seal leak")
+    backend.settle()
+    [missed] = list_missed(s, "d1")
+    assert (missed["start"], missed["end"]) == ("2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z")
+    assert (missed["metric"], missed["comment"], missed["author"]) == ("temp", "seal leak", None)

@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from millstream_cloud.anomalies import (
     AmbiguousAnomaly,
     AnomalyNotFound,
+    FaultWasRaised,
     list_anomalies,
+    list_missed,
     precision_summary,
 )
 from millstream_cloud.api.deps import get_services
@@ -22,11 +24,15 @@ router = APIRouter(prefix="/api/v1/anomalies", tags=["anomalies"])
 VerdictFilter = Literal["confirmed", "expected", "false_alarm", "judged", "unjudged"]
 
 
-def _range(start: str | None, end: str | None) -> tuple[int | None, int | None]:
+def _time(text: str) -> int:
     try:
-        return (parse_time_ns(start) if start else None, parse_time_ns(end) if end else None)
+        return parse_time_ns(text)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
+
+
+def _range(start: str | None, end: str | None) -> tuple[int | None, int | None]:
+    return (_time(start) if start else None, _time(end) if end else None)
 
 
 @router.get("", summary="Anomalies, newest first; filter by device, metric, site, time, verdict")
@@ -74,13 +80,9 @@ def feedback(body: Feedback, services: Services = Depends(get_services)) -> dict
     """Judging the same anomaly again replaces the verdict. The verdicts give each detector's
     precision on this plant (``GET /api/v1/anomalies/precision``)."""
     try:
-        time_ns = parse_time_ns(body.time)
-    except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
-    try:
         return services.anomalies.judge(
             body.device,
-            time_ns,
+            _time(body.time),
             body.verdict,
             body.metric,
             body.detector,
@@ -95,7 +97,7 @@ def feedback(body: Feedback, services: Services = Depends(get_services)) -> dict
 
 @router.get(
     "/precision",
-    summary="How often the detectors were right, by the operators' verdicts",
+    summary="How often the detectors were right (precision) and what they missed (recall)",
 )
 def precision(
     services: Services = Depends(get_services),
@@ -106,3 +108,50 @@ def precision(
 ) -> dict[str, Any]:
     start_ns, end_ns = _range(start, end)
     return precision_summary(services.storage, device, site, start_ns, end_ns)
+
+
+class MissedFault(BaseModel):
+    """A fault an operator saw that no detector raised."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field(min_length=1, max_length=200)
+    start: str = Field(description="when the fault began (RFC 3339)")
+    end: str | None = Field(None, description="when it ended (RFC 3339); default: start")
+    metric: str | None = Field(None, max_length=200, description="the metric it showed in")
+    comment: str = Field("", max_length=2000)
+    author: str = Field("", max_length=200)
+
+
+@router.post(
+    "/missed",
+    summary="Report a fault no detector raised (write scope); counts against recall",
+)
+def report_missed(body: MissedFault, services: Services = Depends(get_services)) -> dict[str, Any]:
+    """409 when an anomaly of that device (and metric) was raised in the span: judge it
+    with ``POST /api/v1/anomalies/feedback`` instead."""
+    dev = services.registry.get(body.device)
+    if dev is None:
+        raise HTTPException(404, f"device {body.device!r} not found")
+    start_ns = _time(body.start)
+    end_ns = _time(body.end) if body.end else start_ns
+    try:
+        return services.anomalies.report_missed(
+            dev.id, dev.site, start_ns, end_ns, body.metric, body.comment, body.author
+        )
+    except FaultWasRaised as exc:
+        raise HTTPException(409, {"error": str(exc), "anomalies": exc.anomalies}) from None
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+@router.get("/missed", summary="Reported missed faults, newest first")
+def missed(
+    services: Services = Depends(get_services),
+    device: str | None = Query(None),
+    site: str | None = Query(None),
+    start: str | None = Query(None, description="RFC 3339, inclusive"),
+    end: str | None = Query(None, description="RFC 3339, exclusive"),
+) -> dict[str, Any]:
+    start_ns, end_ns = _range(start, end)
+    return {"missed": list_missed(services.storage, device, site, start_ns, end_ns)}

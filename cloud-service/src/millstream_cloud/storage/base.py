@@ -10,6 +10,8 @@ The logical model is InfluxDB's, so one model serves the embedded store, InfluxD
   fields ``value``, ``summary``.
 * measurement ``anomaly_feedback``: the tags and time of the anomaly judged; fields
   ``verdict``, ``comment``, ``author``.
+* measurement ``missed_faults``: tags ``site``, ``device``, ``metric`` (optional), at the
+  fault's start; fields ``end_ns``, ``comment``, ``author``.
 
 Writes are idempotent per (measurement, tag set, time): writing the same point twice
 stores it once (last write wins), as in InfluxDB. That is what lets a redelivered MQTT
@@ -32,6 +34,7 @@ ANOMALIES = "anomalies"
 ALERTS = "alerts"
 DETECTION_EVENTS = "detection_events"  # e.g. a device re-baselined (relearn)
 ANOMALY_FEEDBACK = "anomaly_feedback"  # an operator's verdict on an anomaly
+MISSED_FAULTS = "missed_faults"  # a fault an operator saw and no detector raised
 
 AGGREGATES = ("mean", "min", "max", "last", "first", "count", "sum")
 
