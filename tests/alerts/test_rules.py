@@ -14,6 +14,7 @@ from millstream_cloud.alerts.rules import (
     parse_rules,
 )
 from millstream_cloud.model import Anomaly, Contribution
+from millstream_cloud.timeutil import rfc3339
 from tests.alerts.conftest import T0, FakeDevice
 from tests.alerts.test_lifecycle import hook, route, run
 
@@ -98,7 +99,10 @@ def test_anomaly_rule_min_likelihood_and_resolve_after(make_service, webhook):
         "type": "anomaly",
         "min_likelihood": 0.95,
         "resolve_after": "2m",
-        "annotations": {"summary": "{device}: {explanation} ({likelihood:.2f})"},
+        "annotations": {
+            "summary": "{device}: {explanation} ({likelihood:.2f})",
+            "anomaly_time": "{anomaly_time}",
+        },
     }
     svc = make_service([rule], route(group_wait="0s"), hook(webhook), clock)
 
@@ -120,6 +124,8 @@ def test_anomaly_rule_min_likelihood_and_resolve_after(make_service, webhook):
     (a,) = svc.list_alerts(state="firing")
     assert a["annotations"]["summary"] == "press-1: vib=9 (normal 2, +6.5 sigma) (0.99)"
     assert "metric" not in a["labels"]  # a whole-device anomaly
+    # The anomaly's own time, which a verdict names it by (POST /api/v1/anomalies/feedback).
+    assert a["annotations"]["anomaly_time"] == rfc3339(clock.now_ns())
     run(svc, clock, 60, 3, None)
     svc.observe_anomalies([anomaly(0.99)])
     run(svc, clock, 110, 10, None)

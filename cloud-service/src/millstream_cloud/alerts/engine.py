@@ -31,6 +31,7 @@ from millstream_cloud.alerts.rules import (
 )
 from millstream_cloud.alerts.store import Alert, AlertStore
 from millstream_cloud.model import Anomaly, Reading
+from millstream_cloud.timeutil import rfc3339
 
 log = logging.getLogger("millstream.alerts.engine")
 
@@ -322,6 +323,8 @@ class AlertEngine:
                     "detector": a.detector,
                     "likelihood": a.likelihood,
                     "score": a.score,
+                    # with the device and metric labels, what a verdict needs to name it
+                    "anomaly_time": rfc3339(a.time_ns),
                 }
                 self._condition(rule, labels, fp, True, now, a.likelihood, extra)
 

@@ -173,6 +173,7 @@ TEMPLATE_VARS = (
     "detector",
     "likelihood",
     "score",
+    "anomaly_time",
     "severity",
     "labels",
     "op",
