@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prometheus_client import Counter
@@ -41,6 +42,36 @@ FEEDBACK_FIELDS = ("verdict", "comment", "author")
 # (maintenance, a planned stop, a recipe change), so the detector was right to see it.
 VERDICTS = ("confirmed", "expected", "false_alarm")
 CORRECT = ("confirmed", "expected")  # verdicts that count for the detector in its precision
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """An operator's verdict on the anomaly of ``device`` at ``time_ns`` (``metric`` and
+    ``detector`` narrow it when several share that instant)."""
+
+    device: str
+    time_ns: int
+    verdict: str
+    metric: str | None = None
+    detector: str | None = None
+    comment: str = ""
+    author: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MissedFault:
+    """A fault an operator saw on ``device`` (``metric``, or the whole device) from
+    ``start_ns`` to ``end_ns`` that no detector raised."""
+
+    device: str
+    site: str
+    start_ns: int
+    end_ns: int
+    metric: str | None = None
+    comment: str = ""
+    author: str = ""
+
+
 AnomalyHook = Callable[[Sequence[Anomaly]], None]
 
 
@@ -178,45 +209,21 @@ class AnomalySink:
             log.exception("recording the relearn of %s failed", device)
         return result
 
-    def judge(
-        self,
-        device: str,
-        time_ns: int,
-        verdict: str,
-        metric: str | None = None,
-        detector: str | None = None,
-        comment: str = "",
-        author: str = "",
-    ) -> dict[str, Any]:
+    def judge(self, v: Verdict) -> dict[str, Any]:
         """Record an operator's verdict on one stored anomaly (see :func:`record_feedback`)."""
-        judged = record_feedback(
-            self.storage, device, time_ns, verdict, metric, detector, comment, author
-        )
-        self.verdicts.labels(verdict).inc()
+        judged = record_feedback(self.storage, v)
+        self.verdicts.labels(v.verdict).inc()
+        by = f" by {v.author}" if v.author else ""
         log.info(
-            "verdict %s on %s/%s at %s%s",
-            verdict,
-            device,
-            judged["metric"] or "*",
-            judged["time"],
-            f" by {author}" if author else "",
+            "verdict %s on %s/%s at %s%s", v.verdict, v.device, v.metric or "*", judged["time"], by
         )
         return judged
 
-    def report_missed(
-        self,
-        device: str,
-        site: str,
-        start_ns: int,
-        end_ns: int,
-        metric: str | None = None,
-        comment: str = "",
-        author: str = "",
-    ) -> dict[str, Any]:
+    def report_missed(self, m: MissedFault) -> dict[str, Any]:
         """Record a fault no detector raised (see :func:`record_missed`)."""
-        out = record_missed(self.storage, device, site, start_ns, end_ns, metric, comment, author)
+        out = record_missed(self.storage, m)
         self.verdicts.labels("missed").inc()
-        log.info("missed fault reported on %s/%s at %s", device, metric or "*", out["start"])
+        log.info("missed fault reported on %s/%s at %s", m.device, m.metric or "*", out["start"])
         return out
 
     def start(self) -> None:
@@ -397,37 +404,27 @@ def _verdict_matches(feedback: dict[str, Any] | None, wanted: str | None) -> boo
     return feedback is not None and feedback["verdict"] == wanted
 
 
-def record_feedback(
-    storage: Storage,
-    device: str,
-    time_ns: int,
-    verdict: str,
-    metric: str | None = None,
-    detector: str | None = None,
-    comment: str = "",
-    author: str = "",
-) -> dict[str, Any]:
-    """Store a verdict on the anomaly of ``device`` at ``time_ns`` (narrowed by ``metric``
-    and ``detector`` when several share that instant) and return the anomaly with it.
+def record_feedback(storage: Storage, v: Verdict) -> dict[str, Any]:
+    """Store a verdict on the anomaly it names and return the anomaly with it.
 
     The verdict is a point in ``anomaly_feedback`` with the anomaly's own tags and time, so
     judging again replaces the earlier verdict (last write wins) and InfluxDB and Grafana
     can join the two by tags and time."""
-    if verdict not in VERDICTS:
-        raise ValueError(f"verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
-    tags = _filters(device=device, metric=metric, detector=detector)
-    found = list(_rows(storage, ANOMALIES, ("score",), tags, time_ns, time_ns + 1))
-    what = f"device {device!r}" + "".join(
-        f", {k} {v!r}" for k, v in (("metric", metric), ("detector", detector)) if v
+    if v.verdict not in VERDICTS:
+        raise ValueError(f"verdict {v.verdict!r} is not one of {', '.join(VERDICTS)}")
+    tags = _filters(device=v.device, metric=v.metric, detector=v.detector)
+    found = list(_rows(storage, ANOMALIES, ("score",), tags, v.time_ns, v.time_ns + 1))
+    what = f"device {v.device!r}" + "".join(
+        f", {k} {v!r}" for k, v in (("metric", v.metric), ("detector", v.detector)) if v
     )
     if not found:
-        raise AnomalyNotFound(f"no anomaly of {what} at {rfc3339(time_ns)}")
+        raise AnomalyNotFound(f"no anomaly of {what} at {rfc3339(v.time_ns)}")
     if len(found) > 1:
         candidates = [
             {"metric": dict(k).get("metric"), "detector": dict(k).get("detector")} for k, _ in found
         ]
         raise AmbiguousAnomaly(
-            f"{len(found)} anomalies of {what} at {rfc3339(time_ns)}: "
+            f"{len(found)} anomalies of {what} at {rfc3339(v.time_ns)}: "
             "name the metric or the detector",
             candidates,
         )
@@ -437,7 +434,7 @@ def record_feedback(
             Point(
                 ANOMALY_FEEDBACK,
                 dict(key_tags),
-                {"verdict": verdict, "comment": comment, "author": author},
+                {"verdict": v.verdict, "comment": v.comment, "author": v.author},
                 t,
             )
         ]
@@ -449,7 +446,11 @@ def record_feedback(
         "device": tags_d.get("device"),
         "metric": tags_d.get("metric"),
         "detector": tags_d.get("detector"),
-        "feedback": {"verdict": verdict, "comment": comment or None, "author": author or None},
+        "feedback": {
+            "verdict": v.verdict,
+            "comment": v.comment or None,
+            "author": v.author or None,
+        },
     }
 
 
@@ -461,35 +462,29 @@ class FaultWasRaised(ValueError):
         self.anomalies = anomalies
 
 
-def record_missed(
-    storage: Storage,
-    device: str,
-    site: str,
-    start_ns: int,
-    end_ns: int,
-    metric: str | None = None,
-    comment: str = "",
-    author: str = "",
-) -> dict[str, Any]:
-    """Store a fault an operator saw on ``device`` (``metric``, or the whole device) from
-    ``start_ns`` to ``end_ns`` that no detector raised: the false negatives verdicts on
-    raised anomalies cannot show. Refused (:class:`FaultWasRaised`) when an anomaly of that
+def record_missed(storage: Storage, m: MissedFault) -> dict[str, Any]:
+    """Store a fault no detector raised: the false negatives that verdicts on raised
+    anomalies cannot show. Refused (:class:`FaultWasRaised`) when an anomaly of that
     device (and metric) was raised in the span: that one should be judged instead."""
-    if end_ns < start_ns:
-        raise ValueError(f"end {rfc3339(end_ns)} is before start {rfc3339(start_ns)}")
-    raised = list_anomalies(storage, device, metric, None, start_ns, end_ns + 1, limit=20)
+    if m.end_ns < m.start_ns:
+        raise ValueError(f"end {rfc3339(m.end_ns)} is before start {rfc3339(m.start_ns)}")
+    raised = list_anomalies(storage, m.device, m.metric, None, m.start_ns, m.end_ns + 1, limit=20)
     if raised:
         raise FaultWasRaised(
             f"{len(raised)} anomal{'y was' if len(raised) == 1 else 'ies were'} raised on "
-            f"device {device!r}{f' metric {metric!r}' if metric else ''} between "
-            f"{rfc3339(start_ns)} and {rfc3339(end_ns)}: judge "
+            f"device {m.device!r}{f' metric {m.metric!r}' if m.metric else ''} between "
+            f"{rfc3339(m.start_ns)} and {rfc3339(m.end_ns)}: judge "
             f"{'it' if len(raised) == 1 else 'them'} (POST /api/v1/anomalies/feedback)",
             raised,
         )
-    tags = _filters(site=site, device=device, metric=metric)
-    fields: dict[str, FieldValue] = {"end_ns": end_ns, "comment": comment, "author": author}
-    storage.write_points([Point(MISSED_FAULTS, tags, fields, start_ns)])
-    return _missed_json(tags, start_ns, fields)
+    tags = _filters(site=m.site, device=m.device, metric=m.metric)
+    fields: dict[str, FieldValue] = {
+        "end_ns": m.end_ns,
+        "comment": m.comment,
+        "author": m.author,
+    }
+    storage.write_points([Point(MISSED_FAULTS, tags, fields, m.start_ns)])
+    return _missed_json(tags, m.start_ns, fields)
 
 
 def _missed_json(tags: dict[str, str], start_ns: int, fields: dict[str, Any]) -> dict[str, Any]:

@@ -258,6 +258,8 @@ def test_anomaly_verdicts_join_their_anomalies(backend: Backend) -> None:
     """The verdict is a point with the anomaly's tags and time: every backend joins the two,
     and judging again replaces the verdict rather than adding one."""
     from millstream_cloud.anomalies import (
+        MissedFault,
+        Verdict,
         anomaly_point,
         list_anomalies,
         list_missed,
@@ -274,10 +276,10 @@ def test_anomaly_verdicts_join_their_anomalies(backend: Backend) -> None:
     ]
     s.write_points([anomaly_point(a) for a in found])
     backend.settle()
-    record_feedback(s, "d1", T0 + 7, "false_alarm", detector="device_model", author="ana")
-    record_feedback(s, "d1", T0 + S, "confirmed")
+    record_feedback(s, Verdict("d1", T0 + 7, "false_alarm", detector="device_model", author="ana"))
+    record_feedback(s, Verdict("d1", T0 + S, "confirmed"))
     backend.settle()
-    record_feedback(s, "d1", T0 + S, "expected", comment="planned stop")
+    record_feedback(s, Verdict("d1", T0 + S, "expected", comment="planned stop"))
     backend.settle()
     items = list_anomalies(s, "d1")
     got = {(a["metric"], a["detector"]): a["feedback"] for a in items}
@@ -287,7 +289,7 @@ def test_anomaly_verdicts_join_their_anomalies(backend: Backend) -> None:
         ("temp", "ensemble"): None,
     }
     assert [a["metric"] for a in list_anomalies(s, "d1", verdict="unjudged")] == ["temp"]
-    record_missed(s, "d1", "plant1", T0 + 60 * S, T0 + 120 * S, "temp", "seal leak")
+    record_missed(s, MissedFault("d1", "plant1", T0 + 60 * S, T0 + 120 * S, "temp", "seal leak"))
     backend.settle()
     [missed] = list_missed(s, "d1")
     assert (missed["start"], missed["end"]) == ("2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z")

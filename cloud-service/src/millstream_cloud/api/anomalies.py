@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query
@@ -11,6 +12,8 @@ from millstream_cloud.anomalies import (
     AmbiguousAnomaly,
     AnomalyNotFound,
     FaultWasRaised,
+    MissedFault,
+    Verdict,
     list_anomalies,
     list_missed,
     precision_summary,
@@ -35,6 +38,24 @@ def _range(start: str | None, end: str | None) -> tuple[int | None, int | None]:
     return (_time(start) if start else None, _time(end) if end else None)
 
 
+@dataclass(frozen=True, slots=True)
+class Span:
+    device: str | None
+    site: str | None
+    start_ns: int | None
+    end_ns: int | None
+
+
+def span(
+    device: str | None = Query(None),
+    site: str | None = Query(None),
+    start: str | None = Query(None, description="RFC 3339, inclusive"),
+    end: str | None = Query(None, description="RFC 3339, exclusive"),
+) -> Span:
+    """The device, site and time filters the summary routes share."""
+    return Span(device, site, *_range(start, end))
+
+
 @router.get("", summary="Anomalies, newest first; filter by device, metric, site, time, verdict")
 def anomalies(
     services: Services = Depends(get_services),
@@ -55,12 +76,19 @@ def anomalies(
     return {"anomalies": items}
 
 
-class Feedback(BaseModel):
-    """An operator's verdict on one anomaly, named as ``GET /api/v1/anomalies`` lists it."""
+class _Label(BaseModel):
+    """What every operator label has: whose device, a note and who gave it."""
 
     model_config = ConfigDict(extra="forbid")
 
     device: str = Field(min_length=1, max_length=200)
+    comment: str = Field("", max_length=2000)
+    author: str = Field("", max_length=200)
+
+
+class Feedback(_Label):
+    """An operator's verdict on one anomaly, named as ``GET /api/v1/anomalies`` lists it."""
+
     time: str = Field(description="the anomaly's time, as listed (RFC 3339)")
     verdict: Literal["confirmed", "expected", "false_alarm"] = Field(
         description="confirmed: a real fault; expected: a real change with a known cause "
@@ -68,8 +96,6 @@ class Feedback(BaseModel):
     )
     metric: str | None = Field(None, max_length=200, description="when several share the time")
     detector: str | None = Field(None, max_length=200, description="likewise")
-    comment: str = Field("", max_length=2000)
-    author: str = Field("", max_length=200)
 
 
 @router.post(
@@ -80,15 +106,8 @@ def feedback(body: Feedback, services: Services = Depends(get_services)) -> dict
     """Judging the same anomaly again replaces the verdict. The verdicts give each detector's
     precision on this plant (``GET /api/v1/anomalies/precision``)."""
     try:
-        return services.anomalies.judge(
-            body.device,
-            _time(body.time),
-            body.verdict,
-            body.metric,
-            body.detector,
-            body.comment,
-            body.author,
-        )
+        fields = body.model_dump(exclude={"time"})
+        return services.anomalies.judge(Verdict(time_ns=_time(body.time), **fields))
     except AmbiguousAnomaly as exc:
         raise HTTPException(409, {"error": str(exc), "candidates": exc.candidates}) from None
     except AnomalyNotFound as exc:
@@ -100,34 +119,24 @@ def feedback(body: Feedback, services: Services = Depends(get_services)) -> dict
     summary="How often the detectors were right (precision) and what they missed (recall)",
 )
 def precision(
-    services: Services = Depends(get_services),
-    device: str | None = Query(None),
-    site: str | None = Query(None),
-    start: str | None = Query(None, description="RFC 3339, inclusive"),
-    end: str | None = Query(None, description="RFC 3339, exclusive"),
+    services: Services = Depends(get_services), f: Span = Depends(span)
 ) -> dict[str, Any]:
-    start_ns, end_ns = _range(start, end)
-    return precision_summary(services.storage, device, site, start_ns, end_ns)
+    return precision_summary(services.storage, f.device, f.site, f.start_ns, f.end_ns)
 
 
-class MissedFault(BaseModel):
+class MissedReport(_Label):
     """A fault an operator saw that no detector raised."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    device: str = Field(min_length=1, max_length=200)
     start: str = Field(description="when the fault began (RFC 3339)")
     end: str | None = Field(None, description="when it ended (RFC 3339); default: start")
     metric: str | None = Field(None, max_length=200, description="the metric it showed in")
-    comment: str = Field("", max_length=2000)
-    author: str = Field("", max_length=200)
 
 
 @router.post(
     "/missed",
     summary="Report a fault no detector raised (write scope); counts against recall",
 )
-def report_missed(body: MissedFault, services: Services = Depends(get_services)) -> dict[str, Any]:
+def report_missed(body: MissedReport, services: Services = Depends(get_services)) -> dict[str, Any]:
     """409 when an anomaly of that device (and metric) was raised in the span: judge it
     with ``POST /api/v1/anomalies/feedback`` instead."""
     dev = services.registry.get(body.device)
@@ -136,8 +145,9 @@ def report_missed(body: MissedFault, services: Services = Depends(get_services))
     start_ns = _time(body.start)
     end_ns = _time(body.end) if body.end else start_ns
     try:
+        fields = body.model_dump(exclude={"device", "start", "end"})
         return services.anomalies.report_missed(
-            dev.id, dev.site, start_ns, end_ns, body.metric, body.comment, body.author
+            MissedFault(dev.id, dev.site, start_ns, end_ns, **fields)
         )
     except FaultWasRaised as exc:
         raise HTTPException(409, {"error": str(exc), "anomalies": exc.anomalies}) from None
@@ -146,12 +156,5 @@ def report_missed(body: MissedFault, services: Services = Depends(get_services))
 
 
 @router.get("/missed", summary="Reported missed faults, newest first")
-def missed(
-    services: Services = Depends(get_services),
-    device: str | None = Query(None),
-    site: str | None = Query(None),
-    start: str | None = Query(None, description="RFC 3339, inclusive"),
-    end: str | None = Query(None, description="RFC 3339, exclusive"),
-) -> dict[str, Any]:
-    start_ns, end_ns = _range(start, end)
-    return {"missed": list_missed(services.storage, device, site, start_ns, end_ns)}
+def missed(services: Services = Depends(get_services), f: Span = Depends(span)) -> dict[str, Any]:
+    return {"missed": list_missed(services.storage, f.device, f.site, f.start_ns, f.end_ns)}
