@@ -505,13 +505,14 @@ class DetectionEngine:
         site = self.sites[device]
         rows: list[tuple[int, list[float]]] = []
         i = 0
-        n_metrics_known = len(dev.metrics)
         while i < len(rs):
             t = rs[i].time_ns
             while i < len(rs) and rs[i].time_ns == t:
                 r = rs[i]
                 if dev.model is None or s.streaming_when_multivariate:
-                    out.extend(self._stream(device, site, r, multi=n_metrics_known > 1))
+                    # Counted as they arrive, not once per call: a device's first batch may
+                    # be all of its history (a backtest) and must not pass for one metric's.
+                    out.extend(self._stream(device, site, r, multi=len(dev.metrics) > 1))
                 else:
                     out.extend(self._stuck(device, site, r))
                 if r.metric not in dev.last and dev.model is None:
