@@ -51,13 +51,15 @@ def stored_readings(
     metrics = sorted(storage.field_keys(TELEMETRY))
     if not metrics:
         return []
-    series = storage.query(SeriesQuery(TELEMETRY, metrics, {"device": device}, start_ns, end_ns))
-    total = sum(len(s.points) for s in series)
-    if total > limit:
+    tags = {"device": device}
+    counts = storage.query(SeriesQuery(TELEMETRY, metrics, tags, start_ns, end_ns, agg="count"))
+    total = sum(int(v) for s in counts for _, v in s.points if isinstance(v, int | float))
+    if total > limit:  # counted first (cheap: chunk summaries), so a huge span is never loaded
         raise TooManyReadings(
             f"{total:,} readings of device {device!r} between {rfc3339(start_ns)} and "
             f"{rfc3339(end_ns)}, more than max_readings {limit:,}: narrow the span"
         )
+    series = storage.query(SeriesQuery(TELEMETRY, metrics, tags, start_ns, end_ns))
     out = [
         Reading(device, site, s.field, t, float(v))
         for s in series
