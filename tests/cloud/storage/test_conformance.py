@@ -257,11 +257,10 @@ def test_ping(backend: Backend) -> None:
 def test_anomaly_verdicts_join_their_anomalies(backend: Backend) -> None:
     """The verdict is a point with the anomaly's tags and time: every backend joins the two,
     and judging again replaces the verdict rather than adding one."""
-    from millstream_cloud.anomalies import (
+    from millstream_cloud.anomalies import anomaly_point, list_anomalies
+    from millstream_cloud.feedback import (
         MissedFault,
         Verdict,
-        anomaly_point,
-        list_anomalies,
         list_missed,
         record_feedback,
         record_missed,

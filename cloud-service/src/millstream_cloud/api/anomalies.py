@@ -8,17 +8,19 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from millstream_cloud.anomalies import (
+from millstream_cloud.anomalies import list_anomalies
+from millstream_cloud.api.deps import get_services
+from millstream_cloud.feedback import (
     AmbiguousAnomaly,
     AnomalyNotFound,
     FaultWasRaised,
     MissedFault,
     Verdict,
-    list_anomalies,
+    judge,
     list_missed,
     precision_summary,
+    report_missed,
 )
-from millstream_cloud.api.deps import get_services
 from millstream_cloud.services import Services
 from millstream_cloud.timeutil import parse_time_ns
 
@@ -107,7 +109,7 @@ def feedback(body: Feedback, services: Services = Depends(get_services)) -> dict
     precision on this plant (``GET /api/v1/anomalies/precision``)."""
     try:
         fields = body.model_dump(exclude={"time"})
-        return services.anomalies.judge(Verdict(time_ns=_time(body.time), **fields))
+        return judge(services.anomalies, Verdict(time_ns=_time(body.time), **fields))
     except AmbiguousAnomaly as exc:
         raise HTTPException(409, {"error": str(exc), "candidates": exc.candidates}) from None
     except AnomalyNotFound as exc:
@@ -136,7 +138,7 @@ class MissedReport(_Label):
     "/missed",
     summary="Report a fault no detector raised (write scope); counts against recall",
 )
-def report_missed(body: MissedReport, services: Services = Depends(get_services)) -> dict[str, Any]:
+def missed_fault(body: MissedReport, services: Services = Depends(get_services)) -> dict[str, Any]:
     """409 when an anomaly of that device (and metric) was raised in the span: judge it
     with ``POST /api/v1/anomalies/feedback`` instead."""
     dev = services.registry.get(body.device)
@@ -146,8 +148,8 @@ def report_missed(body: MissedReport, services: Services = Depends(get_services)
     end_ns = _time(body.end) if body.end else start_ns
     try:
         fields = body.model_dump(exclude={"device", "start", "end"})
-        return services.anomalies.report_missed(
-            MissedFault(dev.id, dev.site, start_ns, end_ns, **fields)
+        return report_missed(
+            services.anomalies, MissedFault(dev.id, dev.site, start_ns, end_ns, **fields)
         )
     except FaultWasRaised as exc:
         raise HTTPException(409, {"error": str(exc), "anomalies": exc.anomalies}) from None

@@ -16,9 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from millstream_cloud.anomalies import list_anomalies, list_missed
+from millstream_cloud.anomalies import list_anomalies
 from millstream_cloud.detection.engine import DetectionEngine, settings_from_mapping
 from millstream_cloud.detection.rules import parse_rules
+from millstream_cloud.feedback import list_missed
 from millstream_cloud.model import Anomaly, Reading
 from millstream_cloud.storage.base import TELEMETRY, SeriesQuery, Storage
 from millstream_cloud.timeutil import parse_time_ns, rfc3339
