@@ -444,6 +444,12 @@ def test_backtest_replays_history_with_proposed_settings_and_checks_the_labels(
         res = client.post(backtest, json={**span, "start": "2026-03-01T09:00:00Z"})
         assert res.status_code == 422 and "not after start" in res.text
         assert client.post(backtest, json={**span, "max_readings": 10}).status_code == 413
+        from millstream_cloud.api.devices import BACKTEST_LOCK
+
+        with BACKTEST_LOCK:  # another backtest is running: this one is turned away, not queued
+            res = client.post(backtest, json=span)
+            assert res.status_code == 429 and "already running" in res.text
+        assert client.post(backtest, json=span).status_code == 200
         assert client.post(backtest.replace("press-01", "nope"), json=span).status_code == 404
         assert services.anomalies.detector.state_dict() == engine_before  # type: ignore[union-attr]
         assert len(client.get(url).json()["anomalies"]) == 2

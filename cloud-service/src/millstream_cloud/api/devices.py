@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from millstream_cloud.timeutil import parse_duration_ns, parse_time_ns, rfc3339
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
 DEFAULT_RANGE_NS = 3600 * 1_000_000_000
+BACKTEST_LOCK = threading.Lock()  # one backtest at a time in this process
 
 
 def device_json(dev: Device, detail: bool = False) -> dict[str, Any]:
@@ -167,10 +169,15 @@ def backtest_device(
         parse_rules(list(req.rules))
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
+    lock = BACKTEST_LOCK
+    if not lock.acquire(blocking=False):  # one at a time: each holds a core for its length
+        raise HTTPException(429, "a backtest is already running; try again when it has finished")
     try:
         return backtest(services.storage, req)
     except TooManyReadings as exc:
         raise HTTPException(413, str(exc)) from None
+    finally:
+        lock.release()
 
 
 @router.get("/{device_id}/latest", summary="The newest reading of every metric")
