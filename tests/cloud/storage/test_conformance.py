@@ -293,3 +293,22 @@ def test_anomaly_verdicts_join_their_anomalies(backend: Backend) -> None:
     [missed] = list_missed(s, "d1")
     assert (missed["start"], missed["end"]) == ("2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z")
     assert (missed["metric"], missed["comment"], missed["author"]) == ("temp", "seal leak", None)
+
+
+def test_backtest_reads_a_device_history_in_time_order(backend: Backend) -> None:
+    """The backtest's read: every numeric reading of the device in the span, in time order,
+    counted first (an aggregate) so an over-large span is refused before it is loaded."""
+    from millstream_cloud.detection.backtest import TooManyReadings, stored_readings
+
+    s = backend.store
+    s.write_readings(readings("d1", "temp", 20) + readings("d1", "rpm", 20, base=1000.0))
+    s.write_readings(readings("d2", "temp", 20))
+    s.write_points([Point(TELEMETRY, {"device": "d1", "site": "plant1"}, {"mode": "auto"}, T0)])
+    backend.settle()
+    got = stored_readings(s, "d1", "plant1", T0 + 10 * S, T0 + 100 * S, limit=100)
+    assert [(r.time_ns, r.metric) for r in got] == [
+        (T0 + i * 10 * S, m) for i in range(1, 10) for m in ("rpm", "temp")
+    ]
+    assert got[0].value == 1001.0 and got[1].value == 1.0
+    with pytest.raises(TooManyReadings, match="more than max_readings 17"):
+        stored_readings(s, "d1", "plant1", T0 + 10 * S, T0 + 100 * S, limit=17)
