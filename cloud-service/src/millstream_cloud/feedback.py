@@ -106,7 +106,7 @@ def record_feedback(storage: Storage, v: Verdict) -> dict[str, Any]:
     tags = tag_filters(device=v.device, metric=v.metric, detector=v.detector)
     found = list(rows_by_key(storage, ANOMALIES, ("score",), tags, v.time_ns, v.time_ns + 1))
     what = f"device {v.device!r}" + "".join(
-        f", {k} {v!r}" for k, v in (("metric", v.metric), ("detector", v.detector)) if v
+        f", {key} {val!r}" for key, val in (("metric", v.metric), ("detector", v.detector)) if val
     )
     if not found:
         raise AnomalyNotFound(f"no anomaly of {what} at {rfc3339(v.time_ns)}")
