@@ -17,6 +17,7 @@ from pathlib import Path
 from _common import write_result
 
 from millstream_cloud.detection import backtest as bt
+from millstream_cloud.detection.engine import EngineSettings
 from millstream_cloud.detection.eval.sim import SimConfig, simulate
 from millstream_cloud.settings import EmbeddedSettings
 from millstream_cloud.storage.embedded import EmbeddedStorage
@@ -36,9 +37,11 @@ if __name__ == "__main__":
         readings = bt.stored_readings(store, device, "sim", start, end, 10_000_000)
         read_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        raised = bt.replay(readings, {}, [], lambda _d: None)
+        raised = bt.replay(readings, EngineSettings(), (), lambda _d: None)
         replay_s = time.perf_counter() - t0
-        req = bt.BacktestRequest(device, "sim", None, start, end, start, {}, [], 600 * 10**9, 10**7)
+        req = bt.BacktestRequest(
+            device, "sim", None, start, end, start, EngineSettings(), (), 600 * 10**9, 10**7
+        )
         t0 = time.perf_counter()
         answer = bt.backtest(store, req)
         total_s = time.perf_counter() - t0

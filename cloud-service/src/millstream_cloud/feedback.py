@@ -215,7 +215,7 @@ def _counts(items: Sequence[dict[str, Any]], missed: int | None = None) -> dict[
     counts = {v: 0 for v in VERDICTS}
     for a in items:
         if a["feedback"]:
-            counts[a["feedback"]["verdict"]] = counts.get(a["feedback"]["verdict"], 0) + 1
+            counts[a["feedback"]["verdict"]] += 1
     judged = sum(counts.values())
     correct = sum(counts[v] for v in CORRECT)
     out = {

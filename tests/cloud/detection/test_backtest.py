@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from millstream_cloud.detection import backtest as bt
+from millstream_cloud.detection.engine import EngineSettings
 from millstream_cloud.model import Reading
 
 T0 = 1_772_352_000_000_000_000
@@ -31,7 +32,7 @@ def test_replay_does_not_depend_on_how_the_history_is_batched(
     # A device counted its metrics once per batch, so a whole-history batch passed for a
     # one-metric device and raised the lone level shift too (found by a backtest in the demo).
     monkeypatch.setattr(bt, "BATCH_READINGS", batch)
-    found = bt.replay(history(), {}, [], lambda _d: None)
+    found = bt.replay(history(), EngineSettings(), (), lambda _d: None)
     assert [((a.time_ns - T0) // 10**9, a.metric) for a in found] == [(2500, "b")]
 
 

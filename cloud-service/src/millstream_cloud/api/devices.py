@@ -160,24 +160,22 @@ def backtest_device(
             start_ns,
             end_ns,
             start_ns - learn_ns,
-            {**services.settings.detection.engine, **body.engine},
-            services.settings.detection.rules if body.rules is None else body.rules,
+            # parsed here, so a bad key or rule is a 422 that names it
+            settings_from_mapping({**services.settings.detection.engine, **body.engine}),
+            parse_rules(services.settings.detection.rules if body.rules is None else body.rules),
             tolerance_ns,
             body.max_readings,
         )
-        settings_from_mapping(dict(req.engine))  # a bad key or rule: 422 naming it
-        parse_rules(list(req.rules))
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    lock = BACKTEST_LOCK
-    if not lock.acquire(blocking=False):  # one at a time: each holds a core for its length
+    if not BACKTEST_LOCK.acquire(blocking=False):  # one at a time: each holds a core throughout
         raise HTTPException(429, "a backtest is already running; try again when it has finished")
     try:
         return backtest(services.storage, req)
     except TooManyReadings as exc:
         raise HTTPException(413, str(exc)) from None
     finally:
-        lock.release()
+        BACKTEST_LOCK.release()
 
 
 @router.get("/{device_id}/latest", summary="The newest reading of every metric")

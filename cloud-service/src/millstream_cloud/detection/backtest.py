@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from millstream_cloud.anomalies import list_anomalies
-from millstream_cloud.detection.engine import DetectionEngine, settings_from_mapping
-from millstream_cloud.detection.rules import parse_rules
+from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
+from millstream_cloud.detection.rules import Rule
 from millstream_cloud.feedback import list_missed
 from millstream_cloud.model import Anomaly, Reading
 from millstream_cloud.storage.base import TELEMETRY, SeriesQuery, Storage
@@ -39,8 +39,8 @@ class BacktestRequest:
     start_ns: int
     end_ns: int
     learn_from_ns: int
-    engine: Mapping[str, Any]  # the full engine settings mapping (service's + overrides)
-    rules: Sequence[Mapping[str, Any]]
+    engine: EngineSettings  # the service's settings with the proposed overrides
+    rules: Sequence[Rule]
     tolerance_ns: int
     max_readings: int
 
@@ -86,12 +86,12 @@ def _batches(readings: Sequence[Reading]) -> list[Sequence[Reading]]:
 
 def replay(
     readings: Sequence[Reading],
-    engine: Mapping[str, Any],
-    rules: Sequence[Mapping[str, Any]],
+    engine: EngineSettings,
+    rules: Sequence[Rule],
     kind_of: Callable[[str], str | None],
 ) -> list[Anomaly]:
     """Every anomaly a fresh engine raises over ``readings``, fed as ingest would."""
-    det = DetectionEngine(settings_from_mapping(dict(engine)), parse_rules(list(rules)), kind_of)
+    det = DetectionEngine(engine, rules, kind_of)
     found: list[Anomaly] = []
     for batch in _batches(readings):
         found.extend(det.observe(batch))
@@ -163,10 +163,8 @@ def backtest(storage: Storage, req: BacktestRequest) -> dict[str, Any]:
         for a in replay(readings, req.engine, req.rules, lambda _d: req.kind)
         if req.start_ns <= a.time_ns < req.end_ns
     ]
-    judged = list_anomalies(
-        storage, req.device, None, None, req.start_ns, req.end_ns, limit=None, verdict="judged"
-    )
     live = list_anomalies(storage, req.device, None, None, req.start_ns, req.end_ns, limit=None)
+    judged = [a for a in live if a["feedback"]]
     missed = list_missed(storage, req.device, None, req.start_ns, req.end_ns)
     learning = sum(r.time_ns < req.start_ns for r in readings)
     return {
