@@ -214,7 +214,7 @@ def list_missed(
 def _counts(items: Sequence[dict[str, Any]], missed: int | None = None) -> dict[str, Any]:
     counts = {v: 0 for v in VERDICTS}
     for a in items:
-        if a["feedback"]:
+        if a["feedback"] and a["feedback"]["verdict"] in counts:  # ignore one written by hand
             counts[a["feedback"]["verdict"]] += 1
     judged = sum(counts.values())
     correct = sum(counts[v] for v in CORRECT)
