@@ -366,6 +366,48 @@ def test_missed_faults_are_reported_refused_where_raised_and_give_recall(tmp_pat
     services.stop()
 
 
+def test_a_whole_device_anomaly_refuses_a_missed_report_on_the_metrics_it_names(
+    tmp_path: Path,
+) -> None:
+    from millstream_cloud.anomalies import anomaly_point
+    from millstream_cloud.ingest.pipeline import Message
+    from tests.cloud.ingest.conftest import ts
+
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    t0 = 1_772_352_000_000_000_000  # 2026-03-01T08:00:00Z
+    body = {
+        "v": 1,
+        "device": "press-01",
+        "seq": 0,
+        "readings": [
+            {"ts": ts(t0), "metric": m, "value": 1.0} for m in ("temp", "pressure", "flow")
+        ],
+    }
+    topic = "millstream/v1/plant-a/press-01/telemetry"
+    services.pipeline.process([Message(topic, json.dumps(body).encode(), t0)])
+    both = [Contribution("temp", 80.0, 60.0, 4.1), Contribution("pressure", 3.0, 2.0, 3.2)]
+    device_wide = Anomaly(
+        "press-01", "plant-a", t0 + 10**9, "virtual_sensor", 0.9, 0.999, None, "", both
+    )
+    services.storage.write_points([anomaly_point(device_wide)])
+    with TestClient(create_app(settings, services, start=False)) as client:
+
+        def report(metric: str) -> Any:
+            span = {"start": "2026-03-01T08:00:00Z", "end": "2026-03-01T08:00:05Z"}
+            return client.post(
+                "/api/v1/anomalies/missed", json={"device": "press-01", "metric": metric, **span}
+            )
+
+        for named in ("temp", "pressure"):
+            res = report(named)
+            assert res.status_code == 409, res.text
+            assert [a["metric"] for a in res.json()["detail"]["anomalies"]] == [None]
+        # The device-wide anomaly blamed temp and pressure: a fault on flow was missed.
+        assert report("flow").status_code == 200
+    services.stop()
+
+
 def test_backtest_replays_history_with_proposed_settings_and_checks_the_labels(
     tmp_path: Path,
 ) -> None:

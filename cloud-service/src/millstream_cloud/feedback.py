@@ -155,11 +155,15 @@ class FaultWasRaised(ValueError):
 
 def record_missed(storage: Storage, m: MissedFault) -> dict[str, Any]:
     """Store a fault no detector raised: the false negatives that verdicts on raised
-    anomalies cannot show. Refused (:class:`FaultWasRaised`) when an anomaly of that
-    device (and metric) was raised in the span: that one should be judged instead."""
+    anomalies cannot show. Refused (:class:`FaultWasRaised`) when an anomaly covering it
+    was raised in the span (:func:`_concerns`): that one should be judged instead."""
     if m.end_ns < m.start_ns:
         raise ValueError(f"end {rfc3339(m.end_ns)} is before start {rfc3339(m.start_ns)}")
-    raised = list_anomalies(storage, m.device, m.metric, None, m.start_ns, m.end_ns + 1, limit=20)
+    raised = [
+        a
+        for a in list_anomalies(storage, m.device, None, None, m.start_ns, m.end_ns + 1, limit=None)
+        if _concerns(a, m.metric)
+    ][:20]
     if raised:
         raise FaultWasRaised(
             f"{len(raised)} anomal{'y was' if len(raised) == 1 else 'ies were'} raised on "
@@ -176,6 +180,18 @@ def record_missed(storage: Storage, m: MissedFault) -> dict[str, Any]:
     }
     storage.write_points([Point(MISSED_FAULTS, tags, fields, m.start_ns)])
     return _missed_json(tags, m.start_ns, fields)
+
+
+def _concerns(anomaly: dict[str, Any], metric: str | None) -> bool:
+    """Whether a raised anomaly covers a fault on ``metric`` (None: the whole device): one
+    on that metric, or a whole-device one that names it among its contributions (or names
+    none). A whole-device anomaly blaming only other metrics did miss this one."""
+    if metric is None or anomaly["metric"] == metric:
+        return True
+    if anomaly["metric"] is not None:
+        return False
+    named = {c.get("metric") for c in anomaly["contributions"] if isinstance(c, dict)}
+    return not named or metric in named
 
 
 def _missed_json(tags: dict[str, str], start_ns: int, fields: dict[str, Any]) -> dict[str, Any]:
