@@ -366,6 +366,38 @@ def test_missed_faults_are_reported_refused_where_raised_and_give_recall(tmp_pat
     services.stop()
 
 
+def test_a_device_whose_detectors_fail_is_counted_and_shown_and_others_are_scored(
+    tmp_path: Path,
+) -> None:
+    from millstream_cloud.detection.engine import DetectionEngine
+    from millstream_cloud.ingest.pipeline import Message
+    from tests.cloud.detection.test_engine import _CorruptDetector
+    from tests.cloud.ingest.conftest import ts
+
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    engine = services.anomalies.detector
+    assert isinstance(engine, DetectionEngine)
+    engine.metrics[("press-01", "temp")] = _CorruptDetector()  # type: ignore[assignment]
+    t0 = 1_772_352_000_000_000_000
+    msgs = []
+    for seq, device in enumerate(("press-01", "press-02")):
+        readings = [{"ts": ts(t0 + i * 10**9), "metric": "temp", "value": 20.0} for i in range(4)]
+        body = {"v": 1, "device": device, "seq": seq, "readings": readings}
+        topic = f"millstream/v1/plant-a/{device}/telemetry"
+        msgs.append(Message(topic, json.dumps(body).encode(), t0))
+    services.pipeline.process(msgs)
+    with TestClient(create_app(settings, services, start=False)) as client:
+        metrics = client.get("/metrics").text
+        assert "millstream_detection_failed_readings_total 4.0" in metrics
+        assert "millstream_detection_scored_readings_total 8.0" in metrics
+        bad = client.get("/api/v1/devices/press-01/detection").json()
+        assert bad["error"] == "ValueError: state is corrupt"
+        good = client.get("/api/v1/devices/press-02/detection").json()
+        assert good["error"] is None and good["metrics"]["temp"]["readings_learned"] == 4
+    services.stop()
+
+
 def test_a_whole_device_anomaly_refuses_a_missed_report_on_the_metrics_it_names(
     tmp_path: Path,
 ) -> None:
@@ -483,6 +515,9 @@ def test_backtest_replays_history_with_proposed_settings_and_checks_the_labels(
         assert res.status_code == 422 and "sensitivity" in res.text
         res = client.post(backtest, json={**span, "rules": [{"match": {"colour": "red"}}]})
         assert res.status_code == 422 and "colour" in res.text
+        rule = {"match": {"kind": "press"}, "mv_on": 3.0}  # below the default mv_off
+        res = client.post(backtest, json={**span, "rules": [rule]})
+        assert res.status_code == 422 and "rules[0]: mv_off (3.5) must be below" in res.text
         res = client.post(backtest, json={**span, "start": "2026-03-01T09:00:00Z"})
         assert res.status_code == 422 and "not after start" in res.text
         assert client.post(backtest, json={**span, "max_readings": 10}).status_code == 413

@@ -119,6 +119,12 @@ class AnomalySink:
         self.seconds = Counter(
             "millstream_detection_seconds", "Time spent scoring readings", registry=r
         )
+        self.failed = Counter(
+            "millstream_detection_failed_readings",
+            "Readings not scored because their device's detectors failed (the error is "
+            "logged and shown at GET /api/v1/devices/{id}/detection)",
+            registry=r,
+        )
         self.verdicts = Counter(
             "millstream_anomaly_feedback",
             "Operator verdicts recorded on anomalies, by verdict",
@@ -144,8 +150,10 @@ class AnomalySink:
         if self.detector is None:
             return
         t0 = time.perf_counter()
+        failed_before = getattr(self.detector, "failed_readings", 0)
         with self._engine_lock:
             found = self.detector.observe(readings)
+        self.failed.inc(getattr(self.detector, "failed_readings", 0) - failed_before)
         self.seconds.inc(time.perf_counter() - t0)
         self.scored.inc(len(readings))
         if found:
@@ -227,6 +235,7 @@ class AnomalySink:
                         self.process(chunk)
                     except Exception:
                         log.exception("detector failed on a batch of %d readings", len(chunk))
+                        self.failed.inc(len(chunk))
                     with self._lock:
                         self._queued -= len(chunk)
                     self._pace(time.monotonic() - t0)

@@ -310,6 +310,14 @@ class DetectionSettings(Section):
         parse_rules(value)  # raises ValueError naming the rule and the key
         return value
 
+    @model_validator(mode="after")
+    def _rules_fit_engine(self) -> DetectionSettings:
+        from millstream_cloud.detection.engine import check_rules, settings_from_mapping
+        from millstream_cloud.detection.rules import parse_rules
+
+        check_rules(settings_from_mapping(self.engine), parse_rules(self.rules))
+        return self
+
 
 class Settings(Section):
     data_dir: str = Field("./millstream-data", description="where the service keeps its state")

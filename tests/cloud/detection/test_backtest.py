@@ -41,3 +41,22 @@ def test_batches_never_split_a_timestamp(monkeypatch: pytest.MonkeyPatch) -> Non
     batches = bt._batches(history()[:30])
     assert sum(len(b) for b in batches) == 30
     assert all(len({r.time_ns for r in b}) * 3 == len(b) for b in batches)
+
+
+def test_replay_says_when_detection_fails_instead_of_finding_nothing() -> None:
+    from millstream_cloud.detection.engine import check_rules
+    from millstream_cloud.detection.rules import parse_rules
+
+    # Each rule alone is consistent with the settings; together (a press that is also
+    # press-01) they put the device model's off level above its on level.
+    rules = parse_rules(
+        [
+            {"match": {"kind": "press"}, "mv_off": 5.0},
+            {"match": {"device": "press-*"}, "mv_on": 4.0},
+        ]
+    )
+    quick = EngineSettings(mv_train_rows=500, mv_retrain_rows=500, mv_window_rows=1000)
+    check_rules(quick, rules)
+    with pytest.raises(bt.ReplayFailed, match=r"device 'press-01': ValueError: .*off level 5"):
+        bt.replay(history(), quick, rules, lambda _d: "press")
+    bt.replay(history(), quick, rules[:1], lambda _d: "press")  # one of them: no failure

@@ -148,6 +148,40 @@ def test_relearn_accepts_a_new_normal_and_still_finds_the_next_fault() -> None:
     assert len(hits) == 1 and hits[0].metric == "cpu_temp"
 
 
+class _CorruptDetector:
+    """Stands in for a per-metric detector whose state went bad: every value raises."""
+
+    n = 0
+    quiet = 0
+
+    def update(self, x: float) -> float:
+        raise ValueError("state is corrupt")
+
+
+def test_a_failing_device_loses_its_own_batch_not_the_fleets_detection() -> None:
+    engine = DetectionEngine(replace(FAST, warmup=200))
+    rng = np.random.default_rng(7)
+    out: list[Anomaly] = []
+    for i in range(1500):
+        v = 20.0 + rng.normal(0, 0.1) + (5.0 if i >= 1400 else 0.0)
+        if i == 100:
+            engine.metrics[("bad", "cpu_temp")] = _CorruptDetector()  # type: ignore[assignment]
+        out += engine.observe(
+            [
+                Reading("bad", "s", "cpu_temp", i * 10**9, 20.0 + rng.normal(0, 0.1)),
+                Reading("pi", "s", "cpu_temp", i * 10**9, v),
+            ]
+        )
+    assert [(a.device, a.metric) for a in out] == [("pi", "cpu_temp")]
+    assert engine.failed_readings == 1400 and engine.readings_seen == 3000
+    assert engine.describe("bad", None, ["cpu_temp"])["error"] == "ValueError: state is corrupt"
+    assert engine.describe("pi", None, ["cpu_temp"])["error"] is None
+    engine.relearn("bad")  # the repair: fresh detectors, and the error is gone with the next batch
+    engine.observe([Reading("bad", "s", "cpu_temp", 1500 * 10**9, 20.0)])
+    assert engine.describe("bad", None, ["cpu_temp"])["error"] is None
+    assert engine.failed_readings == 1400
+
+
 @pytest.mark.slow
 def test_sim_eval_default_fleet_meets_the_targets() -> None:
     res = runners.run_sim(runners.load_frozen(), seed=0)
@@ -162,3 +196,42 @@ def test_settings_from_mapping_names_bad_keys() -> None:
         settings_from_mapping({"warmpu": 1})
     with pytest.raises(ValueError, match="mv_on must be"):
         settings_from_mapping({"mv_on": "high"})
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"streaming": {"short": 0}}, r"streaming\.short: 0; must be a whole number, 1 or more"),
+        ({"streaming": {"history": 2.5}}, r"streaming\.history: 2\.5; must be a whole number"),
+        ({"streaming": {"long": -1}}, r"streaming\.long: -1"),
+        ({"streaming": {"alert_level": 2}}, r"alert_level: 2; must be a number, from 0\.001 to 1"),
+        ({"streaming": {"weights": {"value": -1}}}, r"streaming\.weights"),
+        ({"mv_smooth_rows": 0}, r"mv_smooth_rows: 0; must be a whole number, 1 or more"),
+        ({"stuck_min_run": 1}, r"stuck_min_run: 1"),
+        ({"mv_holdout": 1.5}, r"mv_holdout: 1\.5; must be a number, from 0\.01 to 0\.99"),
+        ({"mv_spans": [0, 30]}, r"mv_spans\[\]: 0"),
+        ({"mv_spans": []}, r"mv_spans: give one or more"),
+        ({"mv_on": 3.0}, r"mv_off \(3\.5\) must be below mv_on \(3\)"),
+    ],
+)
+def test_settings_out_of_range_are_refused_when_read(block: dict, message: str) -> None:
+    # Each of these was accepted before and failed only when a device's detectors were
+    # built or its model trained (a division by zero, an empty window, a negative deque).
+    from millstream_cloud.detection.engine import settings_from_mapping
+
+    with pytest.raises(ValueError, match=message):
+        settings_from_mapping(block)
+
+
+def test_a_rule_is_checked_against_the_settings_it_applies_over() -> None:
+    from millstream_cloud.detection.engine import check_rules, settings_from_mapping
+    from millstream_cloud.detection.rules import parse_rules
+    from millstream_cloud.settings import Settings
+
+    rules = parse_rules([{"match": {"kind": "press"}, "mv_on": 3.0}])
+    with pytest.raises(ValueError, match=r"detection\.rules\[0\]: mv_off \(3\.5\) must be below"):
+        check_rules(EngineSettings(), rules)
+    check_rules(settings_from_mapping({"mv_off": 2.0}), rules)  # the engine block lowered mv_off
+    with pytest.raises(ValueError, match=r"detection\.rules\[0\]: mv_off"):
+        Settings(detection={"rules": [{"match": {"kind": "press"}, "mv_on": 3.0}]})
+    Settings(detection={"engine": {"mv_off": 2.0}, "rules": [{"match": {"kind": "p"}, "mv_on": 3}]})

@@ -141,8 +141,13 @@ def backtest_device(
     ``learn`` of history before ``start`` and is scored on ``start``..``end``; its
     anomalies are set against the operators' verdicts and missed-fault reports there.
     Nothing is stored; the live detectors are not touched (docs/detection.md)."""
-    from millstream_cloud.detection.backtest import BacktestRequest, TooManyReadings, backtest
-    from millstream_cloud.detection.engine import settings_from_mapping
+    from millstream_cloud.detection.backtest import (
+        BacktestRequest,
+        ReplayFailed,
+        TooManyReadings,
+        backtest,
+    )
+    from millstream_cloud.detection.engine import check_rules, settings_from_mapping
     from millstream_cloud.detection.rules import parse_rules
 
     dev = _device(services, device_id)
@@ -166,6 +171,7 @@ def backtest_device(
             tolerance_ns,
             body.max_readings,
         )
+        check_rules(req.engine, req.rules)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
     if not BACKTEST_LOCK.acquire(blocking=False):  # one at a time: each holds a core throughout
@@ -174,6 +180,8 @@ def backtest_device(
         return backtest(services.storage, req)
     except TooManyReadings as exc:
         raise HTTPException(413, str(exc)) from None
+    except ReplayFailed as exc:
+        raise HTTPException(422, str(exc)) from None
     finally:
         BACKTEST_LOCK.release()
 

@@ -31,6 +31,11 @@ class TooManyReadings(ValueError):
     """The span holds more readings than the caller allowed."""
 
 
+class ReplayFailed(RuntimeError):
+    """The detectors raised on this history with these settings (the live engine would
+    count and skip the device; a backtest says so instead of answering "no anomalies")."""
+
+
 @dataclass(frozen=True, slots=True)
 class BacktestRequest:
     device: str
@@ -95,6 +100,9 @@ def replay(
     found: list[Anomaly] = []
     for batch in _batches(readings):
         found.extend(det.observe(batch))
+        if det.errors:
+            device, error = next(iter(det.errors.items()))
+            raise ReplayFailed(f"detection failed on device {device!r}: {error}")
     return found
 
 

@@ -15,7 +15,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..model import Anomaly, Contribution, Reading
 from .calibration import Hysteresis
 from .explain import explain
 from .multivariate import VirtualSensorResidual
-from .rules import Rule, check_streaming, resolve
+from .rules import Rule, check_bound, check_streaming, resolve
 from .streaming import StreamingEnsemble, StuckSensor
 
 STATE_FILE = "detection-state.json"
@@ -85,9 +85,35 @@ class EngineSettings:
     # (at least two of the slow model's lag spans, however long they are)
 
 
-def settings_from_mapping(block: dict[str, Any] | None) -> EngineSettings:
+# (smallest, largest, whole number) of each numeric engine setting; a value outside fails
+# when it is read, not when a device's model later divides by it or sizes a window.
+BOUNDS: dict[str, tuple[float, float | None, bool]] = {
+    "warmup": (0, None, True),
+    "streaming_min_score": (0, 1, False),
+    "stuck_min_run": (2, None, True),
+    "mv_train_rows": (10, None, True),
+    "mv_window_rows": (10, None, True),
+    "mv_retrain_rows": (1, None, True),
+    "mv_smooth_rows": (1, None, True),
+    "mv_slow_span": (1, None, True),
+    "mv_extrapolation_penalty": (0, None, False),
+    "mv_holdout": (0.01, 0.99, False),
+    "mv_spike_sigma": (0.1, None, False),
+    "mv_pair_sigma": (0.1, None, False),
+    "mv_pair_rows": (1, None, True),
+    "mv_on": (0.1, None, False),
+    "mv_off": (0.1, None, False),
+    "mv_min_on_rows": (1, None, True),
+    "mv_quiet_rows": (0, None, True),
+}
+
+
+def settings_from_mapping(block: dict[str, Any] | None, pairs: bool = True) -> EngineSettings:
     """Build settings from a config block (e.g. the ``detection:`` section of the cloud's
-    settings); an unknown key or a wrong type is an error that names the key."""
+    settings); an unknown key, a wrong type or a value out of range is an error that names
+    the key. ``pairs``: also check settings that depend on each other (``mv_off`` below
+    ``mv_on``) against the defaults; a rule's overrides are checked alone (``pairs=False``),
+    as they apply over whatever the engine block set."""
     if not block:
         return EngineSettings()
     fields = EngineSettings.__dataclass_fields__
@@ -112,6 +138,13 @@ def settings_from_mapping(block: dict[str, Any] | None) -> EngineSettings:
             ok = isinstance(value, type(current))
         if not ok:
             raise ValueError(f"detection settings: {key} must be like {current!r}, got {value!r}")
+        if key in BOUNDS:
+            check_bound(f"detection settings: {key}", value, *BOUNDS[key])
+        if key == "mv_spans":
+            for span in value:
+                check_bound("detection settings: mv_spans[]", span, 1, None, True)
+            if not value:
+                raise ValueError("detection settings: mv_spans: give one or more spans")
         if key == "streaming":
             # Checked here, not when the first reading of a new series builds a detector.
             value = {
@@ -119,7 +152,30 @@ def settings_from_mapping(block: dict[str, Any] | None) -> EngineSettings:
                 **check_streaming(value, "detection settings: streaming"),
             }
         values[key] = value
-    return EngineSettings(**values)
+    out = EngineSettings(**values)
+    if pairs:
+        _check_pairs(out, "detection settings")
+    return out
+
+
+def _check_pairs(s: EngineSettings, where: str) -> None:
+    if s.mv_off >= s.mv_on:
+        raise ValueError(
+            f"{where}: mv_off ({s.mv_off:g}) must be below mv_on ({s.mv_on:g}): "
+            "an incident ends when the residual falls below mv_off"
+        )
+
+
+def check_rules(base: EngineSettings, rules: Sequence[Rule]) -> None:
+    """Each rule over ``base`` keeps the settings that depend on each other consistent.
+
+    Rules that only together break them (one sets ``mv_off`` for a kind, another ``mv_on``
+    for a device of it) are found when a device matches both: its detection fails, is
+    logged and counted, and ``describe`` shows the error."""
+    for i, rule in enumerate(rules):
+        pair = {k: v for k, v in rule.overrides.items() if k in ("mv_on", "mv_off")}
+        if pair:
+            _check_pairs(replace(base, **pair), f"detection.rules[{i}]")
 
 
 class DeviceModel:
@@ -351,6 +407,10 @@ class DetectionEngine:
         self.sites: dict[str, str] = {}
         self.readings_seen = 0
         self.restarted = 0  # per-metric detectors rebuilt because their settings changed
+        # A device whose detectors raise loses its batch, not the fleet's: its readings are
+        # counted here and its last error is shown by ``describe`` until a batch succeeds.
+        self.failed_readings = 0
+        self.errors: dict[str, str] = {}
 
     # --- settings per device and metric ------------------------------------------------
     def settings_for(self, device: str, metric: str | None = None) -> tuple[EngineSettings, bool]:
@@ -436,6 +496,7 @@ class DetectionEngine:
             "device": device,
             "kind": kind,
             "enabled": on,
+            "error": self.errors.get(device),
             "rules": [
                 i
                 for i, r in enumerate(self.rules)
@@ -487,9 +548,21 @@ class DetectionEngine:
         for device, rs in by_device.items():
             rs.sort(key=lambda r: r.time_ns)
             self.sites[device] = rs[-1].site
-            anomalies.extend(self._observe_device(device, rs))
+            try:
+                anomalies.extend(self._observe_device(device, rs))
+            except Exception as exc:  # one device's fault must not stop the others' detection
+                self._failed(device, len(rs), exc)
+            else:
+                if self.errors.pop(device, None) is not None:
+                    log.info("detection on %s works again", device)
         self.readings_seen += len(readings)
         return anomalies
+
+    def _failed(self, device: str, n: int, exc: Exception) -> None:
+        self.failed_readings += n
+        if device not in self.errors:  # the trace once; the repeats are counted
+            log.exception("detection failed on device %s (%d readings not scored)", device, n)
+        self.errors[device] = f"{type(exc).__name__}: {exc}"
 
     def _observe_device(self, device: str, rs: list[Reading]) -> list[Anomaly]:
         if self._ask_kind(device) and device in self.devices:

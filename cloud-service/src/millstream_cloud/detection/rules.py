@@ -63,6 +63,33 @@ def streaming_keys() -> frozenset[str]:
     return frozenset(p for p in params if p not in ("self", "warmup"))
 
 
+# (smallest, largest, whole number) of each numeric per-metric setting: a value outside
+# would only fail when the first reading of a new series builds its detector.
+STREAMING_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
+    "history": (10, None, True),
+    "short": (1, None, True),
+    "long": (0, None, True),
+    "alert_level": (0.001, 1.0, False),
+    "refractory": (0, None, True),
+    "refractory_warmups": (0, None, False),
+    "tail_reference": (0, None, True),
+    "detect_after": (1, None, True),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_bound(where: str, value: Any, low: float, high: float | None, whole: bool) -> None:
+    """A numeric setting within its range (and a whole number where it counts things)."""
+    kind = "a whole number" if whole else "a number"
+    in_range = f"{low:g} or more" if high is None else f"from {low:g} to {high:g}"
+    ok = _is_number(value) and (not whole or float(value).is_integer())
+    if not ok or value < low or (high is not None and value > high):
+        raise ValueError(f"{where}: {value!r}; must be {kind}, {in_range}")
+
+
 def check_streaming(block: Any, where: str) -> dict[str, Any]:
     """A ``streaming`` block: a mapping of known ensemble parameters, else an error."""
     if not isinstance(block, Mapping):
@@ -72,6 +99,17 @@ def check_streaming(block: Any, where: str) -> dict[str, Any]:
     if unknown:
         raise ValueError(
             f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    for key, value in block.items():
+        if key in STREAMING_BOUNDS and not (key == "detect_after" and value is None):
+            check_bound(f"{where}.{key}", value, *STREAMING_BOUNDS[key])
+    weights = block.get("weights") or {}
+    if not isinstance(weights, Mapping) or not all(
+        k in COMPONENTS and _is_number(v) and v >= 0 for k, v in weights.items()
+    ):
+        raise ValueError(
+            f"{where}.weights: {weights!r}; a mapping of components "
+            f"({', '.join(COMPONENTS)}) to numbers of 0 or more"
         )
     comps = block.get("components", COMPONENTS)
     if isinstance(comps, str) or not all(c in COMPONENTS for c in comps):
@@ -114,7 +152,7 @@ def parse_rules(raw: Sequence[Any] | None) -> tuple[Rule, ...]:
             )
         settings = {k: v for k, v in overrides.items() if k != "enabled"}
         try:
-            settings_from_mapping(settings)
+            settings_from_mapping(settings, pairs=False)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         if "mv_spans" in settings:
