@@ -87,6 +87,38 @@ def test_detection_engine_is_wired_and_its_state_survives_a_restart(tmp_path: Pa
         again.stop()
 
 
+def test_an_unreadable_detector_state_is_kept_aside_and_the_service_starts_afresh(
+    tmp_path: Path,
+) -> None:
+    from millstream_cloud.detection.engine import STATE_FILE, DetectionEngine
+
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    t0 = 1_772_352_000_000_000_000
+    services.anomalies.on_readings(
+        [Reading("press-01", "plant-a", "temp", t0 + i * 10**9, 20.0) for i in range(300)]
+    )
+    services.stop()
+    path = tmp_path / "detection" / STATE_FILE
+    state = json.loads(path.read_text())
+    # Damage it past the first keys, so a load gets part of the way before failing.
+    state["stuck"] = [["press-01", "temp", 7]]
+    damaged = json.dumps(state)
+    path.write_text(damaged)
+
+    again = Services.build(settings, with_subscriber=False)
+    try:
+        engine = again.anomalies.detector
+        assert isinstance(engine, DetectionEngine)
+        assert engine.metrics == {} and engine.readings_seen == 0  # nothing half-restored
+        [aside] = path.parent.glob(f"{STATE_FILE}.unreadable-*")
+        assert aside.read_text() == damaged
+        assert not path.exists()
+    finally:
+        again.stop()
+    assert path.exists()  # the fresh state is saved where the old one was
+
+
 def test_unknown_detection_setting_is_refused_with_its_name(tmp_path: Path) -> None:
     import pytest
 

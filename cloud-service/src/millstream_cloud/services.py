@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -42,18 +43,32 @@ def attach_detection(
         found = registry.get(device) if registry is not None else None
         return found.kind if found is not None else None
 
-    engine = DetectionEngine(
-        settings_from_mapping(settings.detection.engine),
-        parse_rules(settings.detection.rules),
-        kind_of,
-    )
+    def fresh() -> DetectionEngine:
+        return DetectionEngine(
+            settings_from_mapping(settings.detection.engine),
+            parse_rules(settings.detection.rules),
+            kind_of,
+        )
+
+    engine = fresh()
     path = state_dir / STATE_FILE
     if path.exists():
         try:
             engine.load_state(json.loads(path.read_text(encoding="utf-8")))
             log.info("detector state restored from %s", path)
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("ignoring unreadable detector state %s: %s", path, exc)
+        except Exception as exc:  # whatever is wrong with it, the service still starts
+            # A half-restored engine is not trusted: start afresh, and keep the file for
+            # inspection instead of letting the next save overwrite it.
+            engine = fresh()
+            aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+            path.replace(aside)
+            log.error(
+                "detector state %s is unreadable (%s: %s); kept as %s, detectors learn afresh",
+                path,
+                type(exc).__name__,
+                exc,
+                aside.name,
+            )
     sink.detector = engine
 
     def save() -> None:
