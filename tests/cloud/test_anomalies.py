@@ -37,6 +37,26 @@ class ThresholdDetector:
         ]
 
 
+def telemetry(device: str, seq: int, readings: Sequence[tuple[int, str, float]], at: int) -> Any:
+    """One telemetry message of ``device`` at plant-a as an agent sends it, arriving at
+    ``at`` (ns); ``readings`` are (time_ns, metric, value)."""
+    from millstream_cloud.ingest.pipeline import Message
+    from tests.cloud.ingest.conftest import ts
+
+    rows = [{"ts": ts(t), "metric": m, "value": v} for t, m, v in readings]
+    body = {"v": 1, "device": device, "seq": seq, "readings": rows}
+    topic = f"millstream/v1/plant-a/{device}/telemetry"
+    return Message(topic, json.dumps(body).encode(), at)
+
+
+def birth(device: str, kind: str, at: int) -> Any:
+    """The birth message of ``device`` at plant-a, naming its machine kind."""
+    from millstream_cloud.ingest.pipeline import Message
+
+    body = {"v": 1, "device": device, "state": "online", "kind": kind}
+    return Message(f"millstream/v1/plant-a/{device}/status", json.dumps(body).encode(), at)
+
+
 def test_detector_output_is_stored_listed_and_handed_on(tmp_path: Path) -> None:
     settings = Settings(data_dir=str(tmp_path))
     services = Services.build(settings, with_subscriber=False)
@@ -163,8 +183,6 @@ def test_detection_rules_take_the_kind_from_the_registry_and_apply_after_restart
 
 
 def test_the_api_says_what_detection_does_for_a_device(tmp_path: Path) -> None:
-    from millstream_cloud.ingest.pipeline import Message
-    from tests.cloud.ingest.conftest import ts
 
     rules = [
         {"match": {"kind": "lathe"}, "streaming": {"alert_level": 0.99}},
@@ -173,17 +191,14 @@ def test_the_api_says_what_detection_does_for_a_device(tmp_path: Path) -> None:
     settings = Settings(data_dir=str(tmp_path), detection={"rules": rules})
     services = Services.build(settings, with_subscriber=False)
     t0 = time.time_ns() - 3600 * 10**9
-    topic = "millstream/v1/plant-a/{}/{}"
-    birth = {"v": 1, "device": "lathe-01", "state": "online", "kind": "lathe"}
-    msgs = [Message(topic.format("lathe-01", "status"), json.dumps(birth).encode(), t0)]
+    msgs = [birth("lathe-01", "lathe", t0)]
     for seq in range(3):
         readings = [
-            {"ts": ts(t0 + (seq * 100 + i) * 10**9), "metric": m, "value": 20.0 + (i % 5) * 0.1}
+            (t0 + (seq * 100 + i) * 10**9, m, 20.0 + (i % 5) * 0.1)
             for i in range(100)
             for m in ("temp", "door_open")
         ]
-        body = {"v": 1, "device": "lathe-01", "seq": seq, "readings": readings}
-        msgs.append(Message(topic.format("lathe-01", "telemetry"), json.dumps(body).encode(), t0))
+        msgs.append(telemetry("lathe-01", seq, readings, t0))
     services.pipeline.process(msgs)
     with TestClient(create_app(settings, services, start=False)) as client:
         body = client.get("/api/v1/devices/lathe-01/detection").json()
@@ -332,24 +347,14 @@ def test_operator_verdicts_are_kept_listed_and_give_each_detector_its_precision(
 
 
 def test_missed_faults_are_reported_refused_where_raised_and_give_recall(tmp_path: Path) -> None:
-    from millstream_cloud.ingest.pipeline import Message
-    from tests.cloud.ingest.conftest import ts
 
     settings = Settings(data_dir=str(tmp_path))
     services = Services.build(settings, with_subscriber=False)
     services.anomalies.detector = ThresholdDetector()
     t0 = 1_772_352_000_000_000_000
     values = [50.0, 150.0, 60.0, 55.0]  # one anomaly, at t0 + 1 s
-    body = {
-        "v": 1,
-        "device": "press-01",
-        "seq": 0,
-        "readings": [
-            {"ts": ts(t0 + i * 10**9), "metric": "temp", "value": v} for i, v in enumerate(values)
-        ],
-    }
-    topic = "millstream/v1/plant-a/press-01/telemetry"
-    services.pipeline.process([Message(topic, json.dumps(body).encode(), t0)])
+    readings = [(t0 + i * 10**9, "temp", v) for i, v in enumerate(values)]
+    services.pipeline.process([telemetry("press-01", 0, readings, t0)])
     url = "/api/v1/anomalies"
     with TestClient(create_app(settings, services, start=False)) as client:
         [raised] = client.get(url).json()["anomalies"]
@@ -402,9 +407,7 @@ def test_a_device_whose_detectors_fail_is_counted_and_shown_and_others_are_score
     tmp_path: Path,
 ) -> None:
     from millstream_cloud.detection.engine import DetectionEngine
-    from millstream_cloud.ingest.pipeline import Message
     from tests.cloud.detection.test_engine import _CorruptDetector
-    from tests.cloud.ingest.conftest import ts
 
     settings = Settings(data_dir=str(tmp_path))
     services = Services.build(settings, with_subscriber=False)
@@ -412,13 +415,8 @@ def test_a_device_whose_detectors_fail_is_counted_and_shown_and_others_are_score
     assert isinstance(engine, DetectionEngine)
     engine.metrics[("press-01", "temp")] = _CorruptDetector()  # type: ignore[assignment]
     t0 = 1_772_352_000_000_000_000
-    msgs = []
-    for seq, device in enumerate(("press-01", "press-02")):
-        readings = [{"ts": ts(t0 + i * 10**9), "metric": "temp", "value": 20.0} for i in range(4)]
-        body = {"v": 1, "device": device, "seq": seq, "readings": readings}
-        topic = f"millstream/v1/plant-a/{device}/telemetry"
-        msgs.append(Message(topic, json.dumps(body).encode(), t0))
-    services.pipeline.process(msgs)
+    readings = [(t0 + i * 10**9, "temp", 20.0) for i in range(4)]
+    services.pipeline.process([telemetry(d, 0, readings, t0) for d in ("press-01", "press-02")])
     with TestClient(create_app(settings, services, start=False)) as client:
         metrics = client.get("/metrics").text
         assert "millstream_detection_failed_readings_total 4.0" in metrics
@@ -434,22 +432,12 @@ def test_a_whole_device_anomaly_refuses_a_missed_report_on_the_metrics_it_names(
     tmp_path: Path,
 ) -> None:
     from millstream_cloud.anomalies import anomaly_point
-    from millstream_cloud.ingest.pipeline import Message
-    from tests.cloud.ingest.conftest import ts
 
     settings = Settings(data_dir=str(tmp_path))
     services = Services.build(settings, with_subscriber=False)
     t0 = 1_772_352_000_000_000_000  # 2026-03-01T08:00:00Z
-    body = {
-        "v": 1,
-        "device": "press-01",
-        "seq": 0,
-        "readings": [
-            {"ts": ts(t0), "metric": m, "value": 1.0} for m in ("temp", "pressure", "flow")
-        ],
-    }
-    topic = "millstream/v1/plant-a/press-01/telemetry"
-    services.pipeline.process([Message(topic, json.dumps(body).encode(), t0)])
+    readings = [(t0, m, 1.0) for m in ("temp", "pressure", "flow")]
+    services.pipeline.process([telemetry("press-01", 0, readings, t0)])
     both = [Contribution("temp", 80.0, 60.0, 4.1), Contribution("pressure", 3.0, 2.0, 3.2)]
     device_wide = Anomaly(
         "press-01", "plant-a", t0 + 10**9, "virtual_sensor", 0.9, 0.999, None, "", both
@@ -478,25 +466,19 @@ def test_backtest_replays_history_with_proposed_settings_and_checks_the_labels(
     import numpy as np
 
     from millstream_cloud.anomalies import anomaly_point
-    from millstream_cloud.ingest.pipeline import Message
-    from tests.cloud.ingest.conftest import ts
 
     settings = Settings(data_dir=str(tmp_path))
     services = Services.build(settings, with_subscriber=False)
     t0 = 1_772_352_000_000_000_000
     values = 20.0 + np.random.default_rng(1).normal(0.0, 0.5, 3000)
     values[2500:2510] += 15.0  # a fault the live engine raises too
-    topic = "millstream/v1/plant-a/press-01/{}"
-    birth = {"v": 1, "device": "press-01", "state": "online", "kind": "press"}
-    msgs = [Message(topic.format("status"), json.dumps(birth).encode(), t0)]
+    msgs = [birth("press-01", "press", t0)]
     for seq in range(30):
         readings = [
-            {"ts": ts(t0 + i * 10**9), "metric": "temp", "value": float(values[i])}
-            for i in range(seq * 100, seq * 100 + 100)
+            (t0 + i * 10**9, "temp", float(values[i])) for i in range(seq * 100, seq * 100 + 100)
         ]
-        body = {"v": 1, "device": "press-01", "seq": seq, "readings": readings}
         arrival = t0 + (seq * 100 + 99) * 10**9  # sent as the batch fills: no clock skew
-        msgs.append(Message(topic.format("telemetry"), json.dumps(body).encode(), arrival))
+        msgs.append(telemetry("press-01", seq, readings, arrival))
     services.pipeline.process(msgs)
     false_alarm = Anomaly(
         "press-01", "plant-a", t0 + 1800 * 10**9, "ensemble:value", 0.4, 0.99, "temp"
