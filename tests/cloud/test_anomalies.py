@@ -383,6 +383,8 @@ def test_missed_faults_are_reported_refused_where_raised_and_give_recall(tmp_pat
         assert report(start="2026-03-01T09:00:00Z").status_code == 200  # whole device
         assert report(start="2026-03-01T09:00:00Z", end="2026-03-01T08:00:00Z").status_code == 422
         assert report(start="soon").status_code == 422
+        res = report(start="2026-03-01T09:00:00Z", end="9999-12-31T23:59:59Z")
+        assert res.status_code == 422 and "out of range" in res.text  # was a 500 from the store
         res = client.post(f"{url}/missed", json={"device": "nope", "start": "2026-03-01T09:00:00Z"})
         assert res.status_code == 404 and "'nope'" in res.text
 

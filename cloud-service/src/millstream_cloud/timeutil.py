@@ -58,7 +58,10 @@ def parse_time_ns(text: str) -> int:
         raise ValueError(f"{text!r} is not an RFC 3339 time like 2026-01-31T12:00:00Z") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return int(dt.timestamp()) * NS + frac_ns
+    ns = int(dt.timestamp()) * NS + frac_ns
+    if not -(2**63) < ns < 2**63:  # what a 64-bit nanosecond time holds, as in InfluxDB
+        raise ValueError(f"{text!r} is out of range: times from 1677-09-22 to 2262-04-11")
+    return ns
 
 
 def rfc3339(time_ns: int) -> str:

@@ -201,12 +201,20 @@ def test_settings_from_mapping_names_bad_keys() -> None:
 @pytest.mark.parametrize(
     ("block", "message"),
     [
-        ({"streaming": {"short": 0}}, r"streaming\.short: 0; must be a whole number, 1 or more"),
+        (
+            {"streaming": {"short": 0}},
+            r"streaming\.short: 0; must be a whole number, from 1 to 100,000",
+        ),
+        (
+            {"streaming": {"history": 1e12}},
+            r"history: 1000000000000\.0; must be a whole number, from 10 to 1,000,000",
+        ),
         ({"streaming": {"history": 2.5}}, r"streaming\.history: 2\.5; must be a whole number"),
         ({"streaming": {"long": -1}}, r"streaming\.long: -1"),
         ({"streaming": {"alert_level": 2}}, r"alert_level: 2; must be a number, from 0\.001 to 1"),
         ({"streaming": {"weights": {"value": -1}}}, r"streaming\.weights"),
-        ({"mv_smooth_rows": 0}, r"mv_smooth_rows: 0; must be a whole number, 1 or more"),
+        ({"mv_smooth_rows": 0}, r"mv_smooth_rows: 0; must be a whole number, from 1 to 100,000"),
+        ({"mv_spike_sigma": 0}, r"mv_spike_sigma: 0; must be a number, 0\.1 or more"),
         ({"stuck_min_run": 1}, r"stuck_min_run: 1"),
         ({"mv_holdout": 1.5}, r"mv_holdout: 1\.5; must be a number, from 0\.01 to 0\.99"),
         ({"mv_spans": [0, 30]}, r"mv_spans\[\]: 0"),
@@ -221,6 +229,23 @@ def test_settings_out_of_range_are_refused_when_read(block: dict, message: str) 
 
     with pytest.raises(ValueError, match=message):
         settings_from_mapping(block)
+
+
+def test_whole_numbers_written_as_floats_are_read_as_whole_numbers() -> None:
+    # YAML and JSON may say 6000.0; a float where a window size goes failed at the first
+    # reading of a new series (numpy refuses a float array size).
+    from millstream_cloud.detection.engine import settings_from_mapping
+    from millstream_cloud.detection.rules import parse_rules
+
+    s = settings_from_mapping({"warmup": 200.0, "streaming": {"history": 600.0}})
+    assert (s.warmup, s.streaming["history"]) == (200, 600)
+    assert type(s.warmup) is int and type(s.streaming["history"]) is int
+    [rule] = parse_rules([{"match": {"kind": "x"}, "streaming": {"short": 8.0}, "mv_spans": [6.0]}])
+    assert rule.overrides == {"streaming": {"short": 8}, "mv_spans": (6,)}
+    engine = DetectionEngine(replace(FAST, warmup=20), [rule], lambda _d: "x")
+    for i in range(50):
+        engine.observe([Reading("d", "s", "m", i * 10**9, 1.0 + i % 3)])
+    assert engine.errors == {} and engine.metrics[("d", "m")].short == 8
 
 
 def test_a_rule_is_checked_against_the_settings_it_applies_over() -> None:

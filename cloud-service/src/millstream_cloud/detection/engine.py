@@ -87,24 +87,25 @@ class EngineSettings:
 
 # (smallest, largest, whole number) of each numeric engine setting; a value outside fails
 # when it is read, not when a device's model later divides by it or sizes a window.
+# The largest row counts keep a device model's memory bounded (rows x metrics floats).
 BOUNDS: dict[str, tuple[float, float | None, bool]] = {
-    "warmup": (0, None, True),
+    "warmup": (0, 10_000_000, True),
     "streaming_min_score": (0, 1, False),
-    "stuck_min_run": (2, None, True),
-    "mv_train_rows": (10, None, True),
-    "mv_window_rows": (10, None, True),
-    "mv_retrain_rows": (1, None, True),
-    "mv_smooth_rows": (1, None, True),
-    "mv_slow_span": (1, None, True),
+    "stuck_min_run": (2, 1_000_000, True),
+    "mv_train_rows": (10, 1_000_000, True),
+    "mv_window_rows": (10, 1_000_000, True),
+    "mv_retrain_rows": (1, 10_000_000, True),
+    "mv_smooth_rows": (1, 100_000, True),
+    "mv_slow_span": (1, 100_000, True),
     "mv_extrapolation_penalty": (0, None, False),
     "mv_holdout": (0.01, 0.99, False),
     "mv_spike_sigma": (0.1, None, False),
     "mv_pair_sigma": (0.1, None, False),
-    "mv_pair_rows": (1, None, True),
+    "mv_pair_rows": (1, 1_000_000, True),
     "mv_on": (0.1, None, False),
     "mv_off": (0.1, None, False),
-    "mv_min_on_rows": (1, None, True),
-    "mv_quiet_rows": (0, None, True),
+    "mv_min_on_rows": (1, 1_000_000, True),
+    "mv_quiet_rows": (0, 10_000_000, True),
 }
 
 
@@ -139,10 +140,12 @@ def settings_from_mapping(block: dict[str, Any] | None, pairs: bool = True) -> E
         if not ok:
             raise ValueError(f"detection settings: {key} must be like {current!r}, got {value!r}")
         if key in BOUNDS:
-            check_bound(f"detection settings: {key}", value, *BOUNDS[key])
+            value = check_bound(f"detection settings: {key}", value, *BOUNDS[key])
         if key == "mv_spans":
-            for span in value:
-                check_bound("detection settings: mv_spans[]", span, 1, None, True)
+            value = tuple(
+                check_bound("detection settings: mv_spans[]", span, 1, 100_000, True)
+                for span in value
+            )
             if not value:
                 raise ValueError("detection settings: mv_spans: give one or more spans")
         if key == "streaming":

@@ -65,15 +65,16 @@ def streaming_keys() -> frozenset[str]:
 
 # (smallest, largest, whole number) of each numeric per-metric setting: a value outside
 # would only fail when the first reading of a new series builds its detector.
+# The largest counts keep one detector's memory bounded (a window is an array of that size).
 STREAMING_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
-    "history": (10, None, True),
-    "short": (1, None, True),
-    "long": (0, None, True),
+    "history": (10, 1_000_000, True),
+    "short": (1, 100_000, True),
+    "long": (0, 100_000, True),
     "alert_level": (0.001, 1.0, False),
-    "refractory": (0, None, True),
-    "refractory_warmups": (0, None, False),
-    "tail_reference": (0, None, True),
-    "detect_after": (1, None, True),
+    "refractory": (0, 10_000_000, True),
+    "refractory_warmups": (0, 1000, False),
+    "tail_reference": (0, 1_000_000, True),
+    "detect_after": (1, 10_000_000, True),
 }
 
 
@@ -81,13 +82,19 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_bound(where: str, value: Any, low: float, high: float | None, whole: bool) -> None:
-    """A numeric setting within its range (and a whole number where it counts things)."""
+def _num(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+
+def check_bound(where: str, value: Any, low: float, high: float | None, whole: bool) -> Any:
+    """A numeric setting within its range (and a whole number where it counts things);
+    answers it, a whole number as an ``int`` (YAML and JSON may say 6000.0)."""
     kind = "a whole number" if whole else "a number"
-    in_range = f"{low:g} or more" if high is None else f"from {low:g} to {high:g}"
+    in_range = f"{_num(low)} or more" if high is None else f"from {_num(low)} to {_num(high)}"
     ok = _is_number(value) and (not whole or float(value).is_integer())
     if not ok or value < low or (high is not None and value > high):
         raise ValueError(f"{where}: {value!r}; must be {kind}, {in_range}")
+    return int(value) if whole else value
 
 
 def check_streaming(block: Any, where: str) -> dict[str, Any]:
@@ -100,9 +107,10 @@ def check_streaming(block: Any, where: str) -> dict[str, Any]:
         raise ValueError(
             f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
+    block = dict(block)
     for key, value in block.items():
         if key in STREAMING_BOUNDS and not (key == "detect_after" and value is None):
-            check_bound(f"{where}.{key}", value, *STREAMING_BOUNDS[key])
+            block[key] = check_bound(f"{where}.{key}", value, *STREAMING_BOUNDS[key])
     weights = block.get("weights") or {}
     if not isinstance(weights, Mapping) or not all(
         k in COMPONENTS and _is_number(v) and v >= 0 for k, v in weights.items()
@@ -117,7 +125,7 @@ def check_streaming(block: Any, where: str) -> dict[str, Any]:
             f"{where}.components: {comps!r}; choose from {', '.join(COMPONENTS)} "
             "(the long windows follow from 'long')"
         )
-    return dict(block)
+    return block
 
 
 def parse_rules(raw: Sequence[Any] | None) -> tuple[Rule, ...]:
@@ -152,11 +160,14 @@ def parse_rules(raw: Sequence[Any] | None) -> tuple[Rule, ...]:
             )
         settings = {k: v for k, v in overrides.items() if k != "enabled"}
         try:
-            settings_from_mapping(settings, pairs=False)
+            parsed = settings_from_mapping(settings, pairs=False)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        if "mv_spans" in settings:
-            overrides["mv_spans"] = tuple(settings["mv_spans"])
+        for key in settings:  # as parsed: 6000.0 becomes 6000, a list of spans a tuple
+            value = getattr(parsed, key)
+            overrides[key] = (
+                {k: value[k] for k in settings["streaming"]} if key == "streaming" else value
+            )
         rules.append(Rule(match.get("kind"), match.get("device"), match.get("metric"), overrides))
     return tuple(rules)
 
