@@ -117,6 +117,45 @@ def test_refractory_in_warmups_scales_the_quiet_time_with_the_warmup() -> None:
     assert StreamingEnsemble.from_state(state).refractory == 80
 
 
+@pytest.mark.parametrize("glitch", [65535.0, 1e308, 200.0])
+def test_a_sensor_glitch_does_not_hide_the_next_fault(glitch: float) -> None:
+    # One absurd reading used to become part of every statistic's history, so a real
+    # +6 sigma step 1,000 values later was "nothing the series has not done" for
+    # `history` values. With glitch_sigma it is raised but not learned.
+    def alarms(glitch_sigma: float) -> list[int]:
+        det = StreamingEnsemble(
+            warmup=200, history=3000, refractory=100, alert_level=0.35, glitch_sigma=glitch_sigma
+        )
+        values = _noise(2600, seed=4)
+        values[1000] = glitch
+        values[2000:] += 6.0
+        return [i for i, x in enumerate(values) if det.update(float(x)) >= 0.35]
+
+    assert alarms(50.0) == [1000, 2000]
+    assert alarms(0.0) == [1000]  # without it: the step is hidden
+
+
+def test_a_spike_that_recurs_is_learned_and_a_change_is_not_held() -> None:
+    def run(values: np.ndarray, glitch_sigma: float = 50.0) -> list[int]:
+        det = StreamingEnsemble(
+            warmup=200, history=3000, alert_level=0.35, glitch_sigma=glitch_sigma
+        )
+        out = [i for i, x in enumerate(values) if det.update(float(x)) >= 0.35]
+        clone = StreamingEnsemble.from_state(json.loads(json.dumps(det.state_dict())))
+        assert clone.glitches == det.glitches and clone.glitch_before == det.glitch_before
+        return out
+
+    hourly = 10.0 + np.random.default_rng(5).normal(0.0, 0.1, 3000)
+    hourly[::360] += 30.0  # 300 sigma, every 360 values: a job, not a glitch
+    # Held the first time (360), learned the second (720): one alarm more than without
+    # glitch_sigma, then none.
+    assert run(hourly) == [360, 720]
+    step = _noise(2000, seed=6)
+    step[1000:] += 200.0  # a lasting change: held for one value, then learned
+    found, without = run(step), run(step, glitch_sigma=0.0)
+    assert found[0] == without[0] == 1000 and len(found) <= len(without) + 1 <= 6
+
+
 def test_ensemble_from_state_restores_params_and_behaviour() -> None:
     det = StreamingEnsemble(warmup=50, history=500, long=16)
     for x in _noise(300):
@@ -140,6 +179,26 @@ def test_stuck_sensor_scores_long_repeats() -> None:
         det.learn_one(3.0)
     assert det.score_one(3.0) > 1.0
     assert det.score_one(4.0) == 0.0
+
+
+def test_a_state_signal_is_not_watched_for_stuck_but_a_dead_or_analog_one_is() -> None:
+    door = StuckSensor(min_run=5)
+    for i in range(2000):  # shut for 497 readings, open for 3: what a door does
+        door.learn_one(1.0 if i % 500 < 3 else 0.0)
+    assert door.discrete and door.score_one(0.0) == 0.0
+    dead = StuckSensor(min_run=5)
+    for _ in range(10):
+        dead.learn_one(7.0)
+    assert not dead.discrete and dead.score_one(7.0) > 1.0
+    analog = StuckSensor(min_run=5)
+    for x in _noise(50):
+        analog.learn_one(float(x))
+    for _ in range(10):
+        analog.learn_one(0.0)
+    assert not analog.discrete and analog.score_one(0.0) > 1.0
+    restored = StuckSensor()
+    restored.load_state(json.loads(json.dumps(door.state_dict())))
+    assert restored.discrete and restored.values == {0.0, 1.0}
 
 
 @pytest.mark.parametrize("name", BATCH)

@@ -113,6 +113,17 @@ def test_non_finite_values_are_skipped() -> None:
     assert engine.readings_seen == 1
 
 
+def test_a_door_that_opens_now_and_then_is_not_reported_stuck() -> None:
+    # A state signal holds its value by nature: every closing used to be "stuck" after 12
+    # readings, all day long (20 anomalies in 24 h of this door).
+    engine = DetectionEngine(EngineSettings())
+    out: list[Anomaly] = []
+    for i in range(8640):
+        door = 1.0 if i % 500 < 3 else 0.0
+        out += engine.observe([Reading("line-1", "s", "door_open", i * 10**9, door)])
+    assert [a for a in out if a.detector == "stuck"] == []
+
+
 def test_single_metric_device_uses_the_streaming_ensemble() -> None:
     engine = DetectionEngine(replace(FAST, warmup=200))
     rng = np.random.default_rng(5)

@@ -45,6 +45,7 @@ class RollingRobust:
         self._count = 0
         self.center = 0.0
         self.sigma = 0.0
+        self.mad_sigma = 0.0  # before the fallbacks: 0 for a mostly constant signal
         self.sorted = np.empty(0)
         self.lo_tail = self.hi_tail = 1.0
         self._since = 0
@@ -73,7 +74,7 @@ class RollingRobust:
         n = len(arr)
         self.center = float(arr[n // 2]) if n % 2 else float(0.5 * (arr[n // 2 - 1] + arr[n // 2]))
         mad = float(np.median(np.abs(arr - self.center)))
-        sigma = 1.4826 * mad
+        sigma = self.mad_sigma = 1.4826 * mad
         if sigma <= 0.0:
             # Mostly constant signal: fall back to the standard deviation, then to a floor
             # relative to the level, so a single change is still measurable.

@@ -75,6 +75,7 @@ STREAMING_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "refractory_warmups": (0, 1000, False),
     "tail_reference": (0, 1_000_000, True),
     "detect_after": (1, 10_000_000, True),
+    "glitch_sigma": (0, None, False),
 }
 
 

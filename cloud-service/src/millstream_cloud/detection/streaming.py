@@ -222,6 +222,14 @@ class StreamingEnsemble:
     seen so far" weighs the same in a young series as in one with that much history
     (0: off).
 
+    ``glitch_sigma``: a value that far from the median (in MAD sigmas, on a signal that
+    has some spread), after one that was not, is scored but not learned: a sensor glitch
+    (65535, a float's maximum, one absurd reading) must not teach every statistic that
+    such levels are ordinary, which would hide the next real fault for ``history`` values.
+    The second such value in a row is learned (a change, not a glitch), and so is one
+    like a glitch held before (within a factor of 2, same side): a spike that recurs, such
+    as an hourly job's, is part of normal from its second time. (0: off.)
+
     ``refractory_warmups``: when set, the refractory period is that many warmups instead of
     ``refractory`` values. A benchmark such as NAB gives each series a warmup (probation)
     proportional to its length, so a quiet time in those units scales with the series; a
@@ -241,8 +249,12 @@ class StreamingEnsemble:
         long: int = 0,
         tail_reference: int = 0,
         refractory_warmups: float = 0.0,
+        glitch_sigma: float = 0.0,
     ) -> None:
         self.history = history
+        self.glitch_sigma = glitch_sigma
+        self.glitch_before = False
+        self.glitches: deque[float] = deque(maxlen=8)  # deviations of the glitches held
         self.refractory_warmups = refractory_warmups
         if refractory_warmups:
             refractory = int(refractory_warmups * warmup)
@@ -316,6 +328,13 @@ class StreamingEnsemble:
             s = min(s, self.alert_level * 0.999)
         elif s >= self.alert_level and self.refractory:
             self.quiet = self.refractory
+        dev = self._glitch(x)
+        held = dev is not None and not self.glitch_before and not self._recurs(dev)
+        self.glitch_before = dev is not None
+        if held:
+            self.glitches.append(dev)  # type: ignore[arg-type]
+            self.n += 1
+            return s
         for name, v in raw.items():
             self.cal[name].learn(v)
         seasonal = self.parts["seasonal"]
@@ -326,6 +345,19 @@ class StreamingEnsemble:
             self._backfill_seasonal(seasonal)
         self.n += 1
         return s
+
+    def _glitch(self, x: float) -> float | None:
+        """The deviation of ``x`` from the median when it is glitch-sized, else None."""
+        if not self.glitch_sigma:
+            return None
+        ref = self.parts["value"].ref
+        if len(ref) < 100 or ref.mad_sigma <= 0.0:
+            return None
+        dev = x - ref.center
+        return dev if abs(dev) > self.glitch_sigma * ref.mad_sigma else None
+
+    def _recurs(self, dev: float) -> bool:
+        return any(0.5 <= dev / held <= 2.0 for held in self.glitches if held)
 
     def _backfill_seasonal(self, seasonal: SeasonalResidual) -> None:
         # The season was just found: replay the stored history so the seasonal calibration
@@ -352,6 +384,7 @@ class StreamingEnsemble:
             "weights": self.weights,
             "tail_reference": self.tail_reference,
             "refractory_warmups": self.refractory_warmups,
+            "glitch_sigma": self.glitch_sigma,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -361,6 +394,8 @@ class StreamingEnsemble:
             "cal": {k: c.state_dict() for k, c in self.cal.items()},
             "n": self.n,
             "quiet": self.quiet,
+            "glitch_before": self.glitch_before,
+            "glitches": list(self.glitches),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -369,6 +404,8 @@ class StreamingEnsemble:
         for k, c in self.cal.items():
             c.load_state(state["cal"][k])
         self.n, self.quiet = int(state["n"]), int(state["quiet"])
+        self.glitch_before = bool(state.get("glitch_before", False))
+        self.glitches.extend(float(d) for d in state.get("glitches", ()))
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> StreamingEnsemble:
@@ -386,7 +423,14 @@ class StuckSensor:
     Score: the current run length divided by ``max(min_run, factor * longest normal run)``,
     so 1.0 means "repeated for longer than this sensor ever did". Sensors that are
     naturally quantised (long repeats in normal operation) raise the bar by themselves.
+
+    A signal that has taken only 2 to ``DISTINCT - 1`` distinct values so far is a state
+    (a door, a run signal, a machine mode), not a measurement: holding a value is what it
+    does, so it is not watched (``discrete``; it scores 0). One that never changed is still
+    watched (a dead sensor), and so is one that has ever shown ``DISTINCT`` values.
     """
+
+    DISTINCT = 5
 
     def __init__(self, min_run: int = 12, factor: float = 3.0) -> None:
         self.min_run = min_run
@@ -394,8 +438,15 @@ class StuckSensor:
         self.prev: float | None = None
         self.run = 0
         self.longest = 0
+        self.values: set[float] = set()  # distinct values seen, up to DISTINCT
+
+    @property
+    def discrete(self) -> bool:
+        return 2 <= len(self.values) < self.DISTINCT
 
     def score_one(self, x: float) -> float:
+        if self.discrete:
+            return 0.0
         run = self.run + 1 if self.prev is not None and x == self.prev else 0
         return run / max(self.min_run, self.factor * self.longest)
 
@@ -409,6 +460,8 @@ class StuckSensor:
                 self.longest = max(self.longest, self.run)
             self.run = 0
         self.prev = x
+        if len(self.values) < self.DISTINCT:
+            self.values.add(x)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -417,9 +470,11 @@ class StuckSensor:
             "prev": self.prev,
             "run": self.run,
             "longest": self.longest,
+            "values": sorted(self.values),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.min_run, self.factor = int(state["min_run"]), float(state["factor"])
         self.prev = None if state["prev"] is None else float(state["prev"])
         self.run, self.longest = int(state["run"]), int(state["longest"])
+        self.values = {float(v) for v in state.get("values", ())}
