@@ -151,7 +151,7 @@ def test_unknown_detection_setting_is_refused_with_its_name(tmp_path: Path) -> N
 def test_detection_rules_take_the_kind_from_the_registry_and_apply_after_restart(
     tmp_path: Path,
 ) -> None:
-    from millstream_cloud.detection.engine import DetectionEngine
+    from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
 
     rule = {"match": {"kind": "lathe"}, "streaming": {"alert_level": 0.99}}
     services = Services.build(
@@ -168,7 +168,8 @@ def test_detection_rules_take_the_kind_from_the_registry_and_apply_after_restart
     engine = services.anomalies.detector
     assert isinstance(engine, DetectionEngine)
     assert engine.metrics[("lathe-01", "temp")].alert_level == 0.99
-    assert engine.metrics[("press-01", "temp")].alert_level == 0.35
+    default = EngineSettings().streaming["alert_level"]
+    assert engine.metrics[("press-01", "temp")].alert_level == default
     services.stop()
 
     # The rule is taken out of the settings: after a restart the lathe follows the defaults.
@@ -176,7 +177,7 @@ def test_detection_rules_take_the_kind_from_the_registry_and_apply_after_restart
     try:
         engine = again.anomalies.detector
         assert isinstance(engine, DetectionEngine)
-        assert engine.metrics[("lathe-01", "temp")].alert_level == 0.35
+        assert engine.metrics[("lathe-01", "temp")].alert_level == default
         assert engine.restarted == 1 and engine.metrics[("press-01", "temp")].n == 300
     finally:
         again.stop()

@@ -15,7 +15,9 @@ T0 = 1_772_352_000_000_000_000
 def history() -> list[Reading]:
     rng = np.random.default_rng(3)
     data = {m: 20.0 + rng.normal(0.0, 1.0, 3000) for m in ("a", "b", "c")}
-    data["a"][2000:2040] += 6.0  # one metric moves alone: below the multi-metric bar
+    # One metric moves alone: above the bar of a one-metric device (0.5), below that of a
+    # lone metric on a device with several (0.7).
+    data["a"][2000:2040] += 4.0
     data["b"][2500] += 40.0  # a spike clearly out of its own history: raised
     return [
         Reading("press-01", "plant-a", m, T0 + i * 10**9, float(data[m][i]))

@@ -317,6 +317,50 @@ def test_isolation_forest_scores_higher_for_outliers() -> None:
     assert det.score_samples(np.array([[8.0, 8.0, 8.0]]))[0] > det.score_samples(X).mean()
 
 
+def test_quantile_tail_fit_reads_light_and_heavy_tails() -> None:
+    from millstream_cloud.detection.calibration import RollingRobust
+
+    def fitted(values: np.ndarray, tail_fit: str) -> RollingRobust:
+        r = RollingRobust(6000, tail_fit=tail_fit)
+        for v in values:
+            r.add(float(v))
+        r._refresh()
+        return r
+
+    rng = np.random.default_rng(0)
+    gauss, heavy = rng.normal(0.0, 1.0, 6000), rng.standard_t(3, 6000)
+    g, t = fitted(gauss, "quantiles"), fitted(heavy, "quantiles")
+    # A Gaussian's tail is no heavier than exponential; a Student t with 3 degrees is.
+    assert g.hi_shape == 0.0 and 0.3 < g.hi_tail < 0.6 and g.lo_shape == 0.0
+    assert 0.2 < t.hi_shape < 0.7
+    # One sigma beyond the largest value seen is far rarer for the Gaussian than under the
+    # "range" fit, which scales by the distance from the 90 % quantile to that one extreme.
+    top = float(gauss.max())
+    assert g.tail(top + 1.0) < fitted(gauss, "range").tail(top + 1.0) / 5
+    assert g.tail(top + 1.0) < g.tail(top + 0.5) < g.tail(top)
+    clone = RollingRobust(10)
+    clone.load_state(json.loads(json.dumps(g.state_dict())))
+    assert clone.tail_fit == "quantiles" and clone.tail(top + 1.0) == g.tail(top + 1.0)
+    with pytest.raises(ValueError, match="tail_fit 'normal'"):
+        RollingRobust(10, tail_fit="normal")
+
+
+def test_live_settings_raise_nothing_on_healthy_single_metric_signals() -> None:
+    # A new record of any statistic (1 in the 6000 values remembered) scores ~0.38: with
+    # the NAB alert level (0.35) a healthy one-metric device alarmed every few hours.
+    from millstream_cloud.detection.engine import EngineSettings
+
+    live = EngineSettings()
+    rng = np.random.default_rng(11)
+    values = rng.normal(0.0, 1.0, 2 * 8640)
+    live_det = StreamingEnsemble(warmup=live.warmup, **live.streaming)
+    nab_like = StreamingEnsemble(
+        warmup=live.warmup, **{**live.streaming, "alert_level": 0.35, "tail_fit": "range"}
+    )
+    assert sum(live_det.update(float(x)) >= live_det.alert_level for x in values) == 0
+    assert sum(nab_like.update(float(x)) >= 0.35 for x in values) >= 2
+
+
 def test_likelihood_and_hysteresis() -> None:
     cal = AnomalyLikelihood(history=500)
     for x in _noise(500):

@@ -124,6 +124,30 @@ def test_a_door_that_opens_now_and_then_is_not_reported_stuck() -> None:
     assert [a for a in out if a.detector == "stuck"] == []
 
 
+def test_metrics_that_move_together_before_the_device_model_are_a_load_change() -> None:
+    # Before a device model is trained nothing tells a change of load from a fault, but a
+    # load moves several metrics at once: their per-metric alarms in one row are dropped.
+    def run(both: bool) -> list[Anomaly]:
+        engine = DetectionEngine(replace(FAST, warmup=200))
+        rng = np.random.default_rng(8)
+        out: list[Anomaly] = []
+        for i in range(1200):
+            step = 6.0 if i >= 1000 else 0.0
+            out += engine.observe(
+                [
+                    Reading("pump", "s", "flow", i * 10**9, 50.0 + rng.normal(0, 0.1) + step),
+                    Reading(
+                        "pump", "s", "pressure", i * 10**9, 3.0 + rng.normal(0, 0.1) + step * both
+                    ),
+                ]
+            )
+        return out
+
+    assert run(both=True) == []
+    alone = run(both=False)
+    assert [(a.metric, a.detector.split(":")[0]) for a in alone] == [("flow", "ensemble")]
+
+
 def test_single_metric_device_uses_the_streaming_ensemble() -> None:
     engine = DetectionEngine(replace(FAST, warmup=200))
     rng = np.random.default_rng(5)
@@ -224,6 +248,7 @@ def test_settings_from_mapping_names_bad_keys() -> None:
         ({"streaming": {"long": -1}}, r"streaming\.long: -1"),
         ({"streaming": {"alert_level": 2}}, r"alert_level: 2; must be a number, from 0\.001 to 1"),
         ({"streaming": {"weights": {"value": -1}}}, r"streaming\.weights"),
+        ({"streaming": {"tail_fit": "normal"}}, r"streaming\.tail_fit: 'normal'; one of range"),
         ({"mv_smooth_rows": 0}, r"mv_smooth_rows: 0; must be a whole number, from 1 to 100,000"),
         ({"mv_spike_sigma": 0}, r"mv_spike_sigma: 0; must be a number, 0\.1 or more"),
         ({"stuck_min_run": 1}, r"stuck_min_run: 1"),

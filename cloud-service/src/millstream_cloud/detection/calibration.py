@@ -29,6 +29,39 @@ def gaussian_tail(z: float, two_sided: bool = False) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2.0))
 
 
+# How the tail beyond the observed range is extrapolated (see RollingRobust.tail):
+# "range": exponential, scaled by the spread from the 10 % quantile to the extreme (the
+# first method, kept for the frozen NAB settings); "quantiles": a generalised Pareto tail
+# over the 90 % quantile (peaks over threshold, as in SPOT, Siffer et al., KDD 2017), its
+# scale and shape matched to the 90, 99 and (from 1000 values) 99.9 % quantiles.
+TAIL_FITS = ("range", "quantiles")
+
+
+def _gpd_by_quantiles(u: float, q99: float, q999: float | None) -> tuple[float, float]:
+    """Scale and shape of a generalised Pareto tail over ``u`` (the 90 % quantile) that
+    passes through the 99 % (and 99.9 %) quantiles.
+
+    Each further factor of 10 in rarity adds ``10**shape`` times the previous spacing, so
+    the shape is log10 of the ratio of the two spacings: 0 (exponential) for light tails,
+    clamped there (a Gaussian's lighter-than-exponential tail is not trusted beyond what
+    was seen), up to 1 for heavy ones (a Student t, a spiky signal). Quantiles are stable
+    where the single extreme of the "range" fit is not."""
+    d1 = q99 - u
+    shape = 0.0
+    if q999 is not None and d1 > 0 and q999 - q99 > d1:
+        shape = min(1.0, math.log10((q999 - q99) / d1))
+    if shape < 1e-6:
+        return d1 / math.log(10), 0.0
+    return d1 * shape / (10**shape - 1.0), shape
+
+
+def _log_survival(excess: float, scale: float, shape: float) -> float:
+    """log P(X > u + excess | X > u) of a generalised Pareto tail."""
+    if shape == 0.0:
+        return -excess / scale
+    return -math.log1p(shape * excess / scale) / shape
+
+
 class RollingRobust:
     """Median and MAD-based sigma of the last ``size`` values, refreshed every ``every``.
 
@@ -37,9 +70,12 @@ class RollingRobust:
     value stays flat while the reference moves by at most 1 % between refreshes.
     """
 
-    def __init__(self, size: int, every: int = 8) -> None:
+    def __init__(self, size: int, every: int = 8, tail_fit: str = "range") -> None:
+        if tail_fit not in TAIL_FITS:
+            raise ValueError(f"tail_fit {tail_fit!r}: one of {', '.join(TAIL_FITS)}")
         self.size = size
         self.every = max(1, every)
+        self.tail_fit = tail_fit
         self._ring = np.empty(size)
         self._pos = 0
         self._count = 0
@@ -48,6 +84,8 @@ class RollingRobust:
         self.mad_sigma = 0.0  # before the fallbacks: 0 for a mostly constant signal
         self.sorted = np.empty(0)
         self.lo_tail = self.hi_tail = 1.0
+        self.lo_shape = self.hi_shape = 0.0  # generalised Pareto shapes (0: exponential)
+        self.lo_u = self.hi_u = 0.0  # the tails' thresholds
         self._since = 0
 
     @property
@@ -81,10 +119,27 @@ class RollingRobust:
             sigma = float(arr.std())
         floor = 1e-3 * max(abs(self.center), 1e-6)
         self.sigma = max(sigma, floor)
-        # Spread of each tail (10 % quantile to the extreme), for extrapolating beyond it.
-        k = max(1, n // 10)
-        self.hi_tail = max(float(arr[-1] - arr[-1 - k]) if n > k else 0.0, 0.05 * self.sigma)
-        self.lo_tail = max(float(arr[k] - arr[0]) if n > k else 0.0, 0.05 * self.sigma)
+        self.hi_shape = self.lo_shape = 0.0
+        self.hi_u, self.lo_u = float(arr[-1]), float(arr[0])
+        if self.tail_fit == "quantiles" and n >= 1000:
+            # From 1000 values: the 99 % quantile rests on 10 of them, the 99.9 % on one.
+            k90, k99, k999 = n // 10, n // 100, n // 1000
+            big = True
+            self.hi_u, self.lo_u = float(arr[-1 - k90]), float(-arr[k90])
+            hi, self.hi_shape = _gpd_by_quantiles(
+                self.hi_u, float(arr[-1 - k99]), float(arr[-1 - k999]) if big else None
+            )
+            lo, self.lo_shape = _gpd_by_quantiles(
+                self.lo_u, float(-arr[k99]), float(-arr[k999]) if big else None
+            )
+            self.lo_u = -self.lo_u
+        else:
+            # Spread of each tail (10 % quantile to the extreme), for extrapolating beyond it.
+            k = max(1, n // 10)
+            hi = float(arr[-1] - arr[-1 - k]) if n > k else 0.0
+            lo = float(arr[k] - arr[0]) if n > k else 0.0
+        self.hi_tail = max(hi, 0.05 * self.sigma)
+        self.lo_tail = max(lo, 0.05 * self.sigma)
 
     def tail(self, x: float, two_sided: bool = False) -> float:
         """Tail probability of ``x``: empirical inside the observed range, an exponential
@@ -96,14 +151,19 @@ class RollingRobust:
         above = n - int(np.searchsorted(arr, x, side="left"))
         p_hi = (above + 1) / (n + 1)
         if x > arr[-1]:
-            p_hi *= math.exp(-(x - arr[-1]) / self.hi_tail)
+            p_hi *= self._beyond(x - self.hi_u, arr[-1] - self.hi_u, self.hi_tail, self.hi_shape)
         if not two_sided:
             return p_hi
         below = int(np.searchsorted(arr, x, side="right"))
         p_lo = (below + 1) / (n + 1)
         if x < arr[0]:
-            p_lo *= math.exp(-(arr[0] - x) / self.lo_tail)
+            p_lo *= self._beyond(self.lo_u - x, self.lo_u - arr[0], self.lo_tail, self.lo_shape)
         return min(1.0, 2.0 * min(p_hi, p_lo))
+
+    @staticmethod
+    def _beyond(excess: float, seen: float, scale: float, shape: float) -> float:
+        """How much rarer an excess over the tail's threshold is than the largest seen."""
+        return math.exp(_log_survival(excess, scale, shape) - _log_survival(seen, scale, shape))
 
     def z(self, x: float) -> float:
         return (x - self.center) / self.sigma if self._count else 0.0
@@ -117,6 +177,7 @@ class RollingRobust:
         return {
             "size": self.size,
             "every": self.every,
+            "tail_fit": self.tail_fit,
             "buf": self.buf.tolist(),
             "snapshot": self.sorted.tolist(),
             "since": self._since,
@@ -124,6 +185,7 @@ class RollingRobust:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.size, self.every = int(state["size"]), int(state["every"])
+        self.tail_fit = str(state.get("tail_fit", "range"))
         vals = np.asarray(state["buf"], dtype=float)[-self.size :]
         self._ring = np.empty(self.size)
         self._ring[: len(vals)] = vals
@@ -146,11 +208,13 @@ class AnomalyLikelihood:
     small means "this series has not produced scores this high in a while".
     """
 
-    def __init__(self, history: int = 750, short: int = 1, two_sided: bool = False) -> None:
+    def __init__(
+        self, history: int = 750, short: int = 1, two_sided: bool = False, tail_fit: str = "range"
+    ) -> None:
         self.short = max(1, short)
         self.two_sided = two_sided
         self.recent: deque[float] = deque(maxlen=self.short)
-        self.stats = RollingRobust(history)
+        self.stats = RollingRobust(history, tail_fit=tail_fit)
 
     def _mean_with(self, raw: float) -> float:
         n = len(self.recent)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
+from .calibration import TAIL_FITS
 from .streaming import COMPONENTS, StreamingEnsemble
 
 MATCH_KEYS = ("kind", "device", "metric")
@@ -112,6 +113,8 @@ def check_streaming(block: Any, where: str) -> dict[str, Any]:
     for key, value in block.items():
         if key in STREAMING_BOUNDS and not (key == "detect_after" and value is None):
             block[key] = check_bound(f"{where}.{key}", value, *STREAMING_BOUNDS[key])
+    if block.get("tail_fit", TAIL_FITS[0]) not in TAIL_FITS:
+        raise ValueError(f"{where}.tail_fit: {block['tail_fit']!r}; one of {', '.join(TAIL_FITS)}")
     weights = block.get("weights") or {}
     if not isinstance(weights, Mapping) or not all(
         k in COMPONENTS and _is_number(v) and v >= 0 for k, v in weights.items()

@@ -230,6 +230,11 @@ class StreamingEnsemble:
     like a glitch held before (within a factor of 2, same side): a spike that recurs, such
     as an hourly job's, is part of normal from its second time. (0: off.)
 
+    ``tail_fit``: how a component's calibration extrapolates beyond the values it has
+    seen (:data:`~.calibration.TAIL_FITS`): ``range`` (the frozen NAB settings) or
+    ``quantiles`` (the live engine: steadier, so an alert level above what a mere new
+    record scores can be used without losing the faults just beyond the history).
+
     ``refractory_warmups``: when set, the refractory period is that many warmups instead of
     ``refractory`` values. A benchmark such as NAB gives each series a warmup (probation)
     proportional to its length, so a quiet time in those units scales with the series; a
@@ -250,8 +255,10 @@ class StreamingEnsemble:
         tail_reference: int = 0,
         refractory_warmups: float = 0.0,
         glitch_sigma: float = 0.0,
+        tail_fit: str = "range",
     ) -> None:
         self.history = history
+        self.tail_fit = tail_fit
         self.glitch_sigma = glitch_sigma
         self.glitch_before = False
         self.glitches: deque[float] = deque(maxlen=8)  # deviations of the glitches held
@@ -283,7 +290,7 @@ class StreamingEnsemble:
             ]
         self.components = tuple(comps)
         self.cal: dict[str, AnomalyLikelihood] = {
-            name: AnomalyLikelihood(history, 1, two_sided=name != "value")
+            name: AnomalyLikelihood(history, 1, two_sided=name != "value", tail_fit=tail_fit)
             for name in self.components
         }
         self.n = 0
@@ -362,7 +369,7 @@ class StreamingEnsemble:
     def _backfill_seasonal(self, seasonal: SeasonalResidual) -> None:
         # The season was just found: replay the stored history so the seasonal calibration
         # starts with a full picture instead of a run of zeros.
-        cal = AnomalyLikelihood(self.history, 1, two_sided=True)
+        cal = AnomalyLikelihood(self.history, 1, two_sided=True, tail_fit=self.tail_fit)
         hist = list(seasonal.hist)
         p, k = seasonal.period or 0, seasonal.short
         resid: deque[float] = deque(maxlen=k)
@@ -385,6 +392,7 @@ class StreamingEnsemble:
             "tail_reference": self.tail_reference,
             "refractory_warmups": self.refractory_warmups,
             "glitch_sigma": self.glitch_sigma,
+            "tail_fit": self.tail_fit,
         }
 
     def state_dict(self) -> dict[str, Any]:
