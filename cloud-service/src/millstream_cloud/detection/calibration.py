@@ -33,13 +33,14 @@ def gaussian_tail(z: float, two_sided: bool = False) -> float:
 # "range": exponential, scaled by the spread from the 10 % quantile to the extreme (the
 # first method, kept for the frozen NAB settings); "quantiles": a generalised Pareto tail
 # over the 90 % quantile (peaks over threshold, as in SPOT, Siffer et al., KDD 2017), its
-# scale and shape matched to the 90, 99 and (from 1000 values) 99.9 % quantiles.
+# scale and shape matched to the 90, 99 and 99.9 % quantiles (from 1000 values; "range"
+# before that).
 TAIL_FITS = ("range", "quantiles")
 
 
-def _gpd_by_quantiles(u: float, q99: float, q999: float | None) -> tuple[float, float]:
+def _gpd_by_quantiles(u: float, q99: float, q999: float) -> tuple[float, float]:
     """Scale and shape of a generalised Pareto tail over ``u`` (the 90 % quantile) that
-    passes through the 99 % (and 99.9 %) quantiles.
+    passes through the 99 % and 99.9 % quantiles.
 
     Each further factor of 10 in rarity adds ``10**shape`` times the previous spacing, so
     the shape is log10 of the ratio of the two spacings: 0 (exponential) for light tails,
@@ -48,7 +49,7 @@ def _gpd_by_quantiles(u: float, q99: float, q999: float | None) -> tuple[float, 
     where the single extreme of the "range" fit is not."""
     d1 = q99 - u
     shape = 0.0
-    if q999 is not None and d1 > 0 and q999 - q99 > d1:
+    if d1 > 0 and q999 - q99 > d1:
         shape = min(1.0, math.log10((q999 - q99) / d1))
     if shape < 1e-6:
         return d1 / math.log(10), 0.0
@@ -124,15 +125,12 @@ class RollingRobust:
         if self.tail_fit == "quantiles" and n >= 1000:
             # From 1000 values: the 99 % quantile rests on 10 of them, the 99.9 % on one.
             k90, k99, k999 = n // 10, n // 100, n // 1000
-            big = True
-            self.hi_u, self.lo_u = float(arr[-1 - k90]), float(-arr[k90])
+            self.hi_u, self.lo_u = float(arr[-1 - k90]), float(arr[k90])
             hi, self.hi_shape = _gpd_by_quantiles(
-                self.hi_u, float(arr[-1 - k99]), float(arr[-1 - k999]) if big else None
+                self.hi_u, float(arr[-1 - k99]), float(arr[-1 - k999])
             )
-            lo, self.lo_shape = _gpd_by_quantiles(
-                self.lo_u, float(-arr[k99]), float(-arr[k999]) if big else None
-            )
-            self.lo_u = -self.lo_u
+            # The lower tail is the upper tail of the negated values.
+            lo, self.lo_shape = _gpd_by_quantiles(-self.lo_u, -float(arr[k99]), -float(arr[k999]))
         else:
             # Spread of each tail (10 % quantile to the extreme), for extrapolating beyond it.
             k = max(1, n // 10)
@@ -142,8 +140,9 @@ class RollingRobust:
         self.lo_tail = max(lo, 0.05 * self.sigma)
 
     def tail(self, x: float, two_sided: bool = False) -> float:
-        """Tail probability of ``x``: empirical inside the observed range, an exponential
-        (peaks-over-threshold) extrapolation beyond it, so it needs no Gaussian shape."""
+        """Tail probability of ``x``: empirical inside the observed range, a
+        peaks-over-threshold extrapolation beyond it (``tail_fit``), so it needs no
+        Gaussian shape."""
         arr = self.sorted
         n = len(arr)
         if n == 0:

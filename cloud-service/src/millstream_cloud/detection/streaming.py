@@ -336,10 +336,9 @@ class StreamingEnsemble:
         elif s >= self.alert_level and self.refractory:
             self.quiet = self.refractory
         dev = self._glitch(x)
-        held = dev is not None and not self.glitch_before and not self._recurs(dev)
-        self.glitch_before = dev is not None
-        if held:
-            self.glitches.append(dev)  # type: ignore[arg-type]
+        after_glitch, self.glitch_before = self.glitch_before, dev is not None
+        if dev is not None and not after_glitch and not self._recurs(dev):
+            self.glitches.append(dev)  # held: scored above, not learned
             self.n += 1
             return s
         for name, v in raw.items():
