@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from millstream_cloud.app import create_app
 from millstream_cloud.model import Anomaly, Contribution, Reading
 from millstream_cloud.services import Services
 from millstream_cloud.settings import Settings
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[Services]:
+    """The service on default settings in ``tmp_path`` (no MQTT subscriber), stopped after."""
+    built = Services.build(Settings(data_dir=str(tmp_path)), with_subscriber=False)
+    yield built
+    built.stop()
 
 
 class ThresholdDetector:
@@ -57,9 +66,7 @@ def birth(device: str, kind: str, at: int) -> Any:
     return Message(f"millstream/v1/plant-a/{device}/status", json.dumps(body).encode(), at)
 
 
-def test_detector_output_is_stored_listed_and_handed_on(tmp_path: Path) -> None:
-    settings = Settings(data_dir=str(tmp_path))
-    services = Services.build(settings, with_subscriber=False)
+def test_detector_output_is_stored_listed_and_handed_on(services: Services) -> None:
     services.anomalies.detector = ThresholdDetector()
     seen: list[Anomaly] = []
     services.anomalies.hooks.append(seen.extend)
@@ -72,7 +79,7 @@ def test_detector_output_is_stored_listed_and_handed_on(tmp_path: Path) -> None:
     services.pipeline.hooks[0](readings)
     assert [a.score for a in seen] == [150.0, 120.0]
 
-    with TestClient(create_app(settings, services, start=False)) as client:
+    with TestClient(create_app(services.settings, services, start=False)) as client:
         body = client.get("/api/v1/anomalies", params={"device": "press-01"}).json()
         assert [a["score"] for a in body["anomalies"]] == [120.0, 150.0]
         first = body["anomalies"][0]
@@ -140,8 +147,6 @@ def test_an_unreadable_detector_state_is_kept_aside_and_the_service_starts_afres
 
 
 def test_unknown_detection_setting_is_refused_with_its_name(tmp_path: Path) -> None:
-    import pytest
-
     from millstream_cloud.settings import SettingsError, load_settings
 
     with pytest.raises(SettingsError, match="warmpu"):
@@ -347,17 +352,16 @@ def test_operator_verdicts_are_kept_listed_and_give_each_detector_its_precision(
     services.stop()
 
 
-def test_missed_faults_are_reported_refused_where_raised_and_give_recall(tmp_path: Path) -> None:
-
-    settings = Settings(data_dir=str(tmp_path))
-    services = Services.build(settings, with_subscriber=False)
+def test_missed_faults_are_reported_refused_where_raised_and_give_recall(
+    services: Services,
+) -> None:
     services.anomalies.detector = ThresholdDetector()
     t0 = 1_772_352_000_000_000_000
     values = [50.0, 150.0, 60.0, 55.0]  # one anomaly, at t0 + 1 s
     readings = [(t0 + i * 10**9, "temp", v) for i, v in enumerate(values)]
     services.pipeline.process([telemetry("press-01", 0, readings, t0)])
     url = "/api/v1/anomalies"
-    with TestClient(create_app(settings, services, start=False)) as client:
+    with TestClient(create_app(services.settings, services, start=False)) as client:
         [raised] = client.get(url).json()["anomalies"]
         ok = {"device": "press-01", "time": raised["time"], "verdict": "confirmed"}
         assert client.post(f"{url}/feedback", json=ok).status_code == 200
@@ -403,24 +407,21 @@ def test_missed_faults_are_reported_refused_where_raised_and_give_recall(tmp_pat
         assert (
             'millstream_anomaly_feedback_total{verdict="missed"} 2.0' in client.get("/metrics").text
         )
-    services.stop()
 
 
 def test_a_device_whose_detectors_fail_is_counted_and_shown_and_others_are_scored(
-    tmp_path: Path,
+    services: Services,
 ) -> None:
     from millstream_cloud.detection.engine import DetectionEngine
     from tests.cloud.detection.test_engine import _CorruptDetector
 
-    settings = Settings(data_dir=str(tmp_path))
-    services = Services.build(settings, with_subscriber=False)
     engine = services.anomalies.detector
     assert isinstance(engine, DetectionEngine)
     engine.metrics[("press-01", "temp")] = _CorruptDetector()  # type: ignore[assignment]
     t0 = 1_772_352_000_000_000_000
     readings = [(t0 + i * 10**9, "temp", 20.0) for i in range(4)]
     services.pipeline.process([telemetry(d, 0, readings, t0) for d in ("press-01", "press-02")])
-    with TestClient(create_app(settings, services, start=False)) as client:
+    with TestClient(create_app(services.settings, services, start=False)) as client:
         metrics = client.get("/metrics").text
         assert "millstream_detection_failed_readings_total 4.0" in metrics
         assert "millstream_detection_scored_readings_total 8.0" in metrics
@@ -428,16 +429,13 @@ def test_a_device_whose_detectors_fail_is_counted_and_shown_and_others_are_score
         assert bad["error"] == "ValueError: state is corrupt"
         good = client.get("/api/v1/devices/press-02/detection").json()
         assert good["error"] is None and good["metrics"]["temp"]["readings_learned"] == 4
-    services.stop()
 
 
 def test_a_whole_device_anomaly_refuses_a_missed_report_on_the_metrics_it_names(
-    tmp_path: Path,
+    services: Services,
 ) -> None:
     from millstream_cloud.anomalies import anomaly_point
 
-    settings = Settings(data_dir=str(tmp_path))
-    services = Services.build(settings, with_subscriber=False)
     t0 = 1_772_352_000_000_000_000  # 2026-03-01T08:00:00Z
     readings = [(t0, m, 1.0) for m in ("temp", "pressure", "flow")]
     services.pipeline.process([telemetry("press-01", 0, readings, t0)])
@@ -446,7 +444,7 @@ def test_a_whole_device_anomaly_refuses_a_missed_report_on_the_metrics_it_names(
         "press-01", "plant-a", t0 + 10**9, "virtual_sensor", 0.9, 0.999, None, "", both
     )
     services.storage.write_points([anomaly_point(device_wide)])
-    with TestClient(create_app(settings, services, start=False)) as client:
+    with TestClient(create_app(services.settings, services, start=False)) as client:
 
         def report(metric: str) -> Any:
             span = {"start": "2026-03-01T08:00:00Z", "end": "2026-03-01T08:00:05Z"}
@@ -460,18 +458,15 @@ def test_a_whole_device_anomaly_refuses_a_missed_report_on_the_metrics_it_names(
             assert [a["metric"] for a in res.json()["detail"]["anomalies"]] == [None]
         # The device-wide anomaly blamed temp and pressure: a fault on flow was missed.
         assert report("flow").status_code == 200
-    services.stop()
 
 
 def test_backtest_replays_history_with_proposed_settings_and_checks_the_labels(
-    tmp_path: Path,
+    services: Services,
 ) -> None:
     import numpy as np
 
     from millstream_cloud.anomalies import anomaly_point
 
-    settings = Settings(data_dir=str(tmp_path))
-    services = Services.build(settings, with_subscriber=False)
     t0 = 1_772_352_000_000_000_000
     values = 20.0 + np.random.default_rng(1).normal(0.0, 0.5, 3000)
     values[2500:2510] += 15.0  # a fault the live engine raises too
@@ -488,7 +483,7 @@ def test_backtest_replays_history_with_proposed_settings_and_checks_the_labels(
     )
     services.storage.write_points([anomaly_point(false_alarm)])
     url = "/api/v1/anomalies"
-    with TestClient(create_app(settings, services, start=False)) as client:
+    with TestClient(create_app(services.settings, services, start=False)) as client:
         live = client.get(url).json()["anomalies"]
         assert [a["time"] for a in live] == ["2026-03-01T08:41:40Z", "2026-03-01T08:30:00Z"]
         for a, verdict in zip(live, ("confirmed", "false_alarm"), strict=True):
@@ -547,4 +542,3 @@ def test_backtest_replays_history_with_proposed_settings_and_checks_the_labels(
         assert client.post(backtest.replace("press-01", "nope"), json=span).status_code == 404
         assert services.anomalies.detector.state_dict() == engine_before  # type: ignore[union-attr]
         assert len(client.get(url).json()["anomalies"]) == 2
-    services.stop()
