@@ -665,9 +665,7 @@ class DetectionEngine:
             )
         score = det.score_one(r.value)
         det.learn_one(r.value)
-        # Raise once, on the reading whose repeat count reaches the bar; not for a state.
-        bar = math.ceil(max(det.min_run, det.factor * det.longest))
-        if det.discrete or det.run == 0 or det.run != bar:
+        if not det.just_stuck():
             return []
         text = (
             f"{r.metric} stuck: the same value {r.value:.6g} for {det.run + 1} readings "

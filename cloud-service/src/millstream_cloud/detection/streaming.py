@@ -14,6 +14,7 @@ True
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any
 
@@ -451,11 +452,21 @@ class StuckSensor:
     def discrete(self) -> bool:
         return 2 <= len(self.values) < self.DISTINCT
 
+    @property
+    def bar(self) -> float:
+        """Repeats beyond which a run looks stuck."""
+        return max(self.min_run, self.factor * self.longest)
+
+    def just_stuck(self) -> bool:
+        """Whether the value just learned made the run reach the bar (raise once, there);
+        never for a state signal."""
+        return not self.discrete and self.run > 0 and self.run == math.ceil(self.bar)
+
     def score_one(self, x: float) -> float:
         if self.discrete:
             return 0.0
         run = self.run + 1 if self.prev is not None and x == self.prev else 0
-        return run / max(self.min_run, self.factor * self.longest)
+        return run / self.bar
 
     def learn_one(self, x: float) -> None:
         if self.prev is not None and x == self.prev:
@@ -463,7 +474,7 @@ class StuckSensor:
         else:
             # Runs are learned once finished and only if they did not look stuck, so a
             # stuck period does not teach the detector that stuck is normal.
-            if self.run and self.run < max(self.min_run, self.factor * self.longest):
+            if self.run and self.run < self.bar:
                 self.longest = max(self.longest, self.run)
             self.run = 0
         self.prev = x
