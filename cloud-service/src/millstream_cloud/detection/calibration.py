@@ -36,6 +36,7 @@ def gaussian_tail(z: float, two_sided: bool = False) -> float:
 # scale and shape matched to the 90, 99 and 99.9 % quantiles (from 1000 values; "range"
 # before that).
 TAIL_FITS = ("range", "quantiles")
+QUANTILE_FIT_MIN = 1000  # values before "quantiles" is used: the 99.9 % quantile rests on one
 
 
 def _gpd_by_quantiles(u: float, q99: float, q999: float) -> tuple[float, float]:
@@ -122,8 +123,8 @@ class RollingRobust:
         self.sigma = max(sigma, floor)
         self.hi_shape = self.lo_shape = 0.0
         self.hi_u, self.lo_u = float(arr[-1]), float(arr[0])
-        if self.tail_fit == "quantiles" and n >= 1000:
-            # From 1000 values: the 99 % quantile rests on 10 of them, the 99.9 % on one.
+        if self.tail_fit == "quantiles" and n >= QUANTILE_FIT_MIN:
+            # The 99 % quantile rests on 10 values, the 99.9 % on one.
             k90, k99, k999 = n // 10, n // 100, n // 1000
             self.hi_u, self.lo_u = float(arr[-1 - k90]), float(arr[k90])
             hi, self.hi_shape = _gpd_by_quantiles(
@@ -163,6 +164,13 @@ class RollingRobust:
     def _beyond(excess: float, seen: float, scale: float, shape: float) -> float:
         """How much rarer an excess over the tail's threshold is than the largest seen."""
         return math.exp(_log_survival(excess, scale, shape) - _log_survival(seen, scale, shape))
+
+    @property
+    def fit_in_use(self) -> str:
+        """The tail fit that scores now: ``range`` until ``quantiles`` has its values."""
+        if self.tail_fit == "quantiles" and len(self.sorted) >= QUANTILE_FIT_MIN:
+            return "quantiles"
+        return "range"
 
     def z(self, x: float) -> float:
         return (x - self.center) / self.sigma if self._count else 0.0

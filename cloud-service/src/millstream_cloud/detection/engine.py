@@ -69,6 +69,10 @@ class EngineSettings:
     warmup: int = 720
     streaming_alarms: bool = True  # raise per-metric anomalies, not only multivariate ones
     streaming_min_score: float = 0.7  # per-metric alarms on multi-metric devices need this
+    # ... and this while the metric's calibration is young (under 1000 values, its tail
+    # still fitted by the range seen): that fit scores a clear spike 0.6-0.7, and 0.6 was
+    # the bar with it before the quantile fit, with no false alarm on the simulator.
+    streaming_min_score_young: float = 0.6
     # Once a device's multivariate model is trained it covers its metrics; keeping the
     # per-metric ensembles running as well costs most of the per-reading time.
     streaming_when_multivariate: bool = False
@@ -99,6 +103,7 @@ class EngineSettings:
 BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "warmup": (0, 10_000_000, True),
     "streaming_min_score": (0, 1, False),
+    "streaming_min_score_young": (0, 1, False),
     "stuck_min_run": (2, 1_000_000, True),
     "mv_train_rows": (10, 1_000_000, True),
     "mv_window_rows": (10, 1_000_000, True),
@@ -622,7 +627,7 @@ class DetectionEngine:
             return out
         # On a device that also has a multivariate model, a lone metric must be clearly
         # out of its own history: load changes move every metric and are not faults.
-        if multi and score < s.streaming_min_score:
+        if multi and score < _lone_bar(s, det):
             return out
         tails = det.last_tails
         comp = min(tails, key=lambda k: tails[k]) if tails else "value"
@@ -787,6 +792,13 @@ class DetectionEngine:
         engine = cls(settings or _saved_settings(state["settings"]))
         engine.load_state(state)
         return engine
+
+
+def _lone_bar(s: EngineSettings, det: StreamingEnsemble) -> float:
+    """The score a lone metric's alarm needs on a device with several metrics."""
+    if det.fit_in_use == "quantiles":
+        return s.streaming_min_score
+    return s.streaming_min_score_young
 
 
 def _without_load_changes(row: list[Anomaly]) -> list[Anomaly]:

@@ -32,7 +32,15 @@ from .streaming import COMPONENTS, StreamingEnsemble
 MATCH_KEYS = ("kind", "device", "metric")
 # Settings a rule that names a metric may set: what one metric's detectors read.
 METRIC_KEYS = frozenset(
-    {"warmup", "streaming", "streaming_alarms", "streaming_min_score", "stuck_min_run", "enabled"}
+    {
+        "warmup",
+        "streaming",
+        "streaming_alarms",
+        "streaming_min_score",
+        "streaming_min_score_young",
+        "stuck_min_run",
+        "enabled",
+    }
 )
 
 

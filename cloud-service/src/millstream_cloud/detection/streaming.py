@@ -353,6 +353,14 @@ class StreamingEnsemble:
         self.n += 1
         return s
 
+    @property
+    def fit_in_use(self) -> str:
+        """``quantiles`` once every component's calibration extrapolates by quantiles,
+        else ``range``: a young series scores the same fault lower (see the engine's
+        ``streaming_min_score_young``)."""
+        fits = {c.stats.fit_in_use for c in self.cal.values()}
+        return "quantiles" if fits == {"quantiles"} else "range"
+
     def _glitch(self, x: float) -> float | None:
         """The deviation of ``x`` from the median when it is glitch-sized, else None."""
         if not self.glitch_sigma:
