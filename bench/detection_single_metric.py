@@ -33,7 +33,15 @@ AFTER = 720  # readings after a fault's onset in which an alarm counts as findin
 
 def settings() -> dict[str, EngineSettings]:
     live = EngineSettings()
-    before = replace(live, streaming={**live.streaming, "alert_level": 0.35, "tail_fit": "range"})
+    before = replace(
+        live,
+        streaming={
+            **live.streaming,
+            "alert_level": 0.35,
+            "tail_fit": "range",
+            "calibrate_after": 0,
+        },
+    )
     return {"live": live, "before": before}
 
 

@@ -345,6 +345,52 @@ def test_quantile_tail_fit_reads_light_and_heavy_tails() -> None:
         RollingRobust(10, tail_fit="normal")
 
 
+def test_a_young_quantile_fit_uses_its_largest_value_as_the_rarest_point() -> None:
+    from millstream_cloud.detection.calibration import QUANTILE_FIT_MIN, RollingRobust
+
+    rng = np.random.default_rng(1)
+    for values, heavy in ((rng.normal(0.0, 1.0, 400), False), (rng.standard_t(2, 400), True)):
+        r = RollingRobust(6000, tail_fit="quantiles")
+        for v in values[: QUANTILE_FIT_MIN - 1]:
+            r.add(float(v))
+        r._refresh()
+        assert r.fit_in_use == "range"
+        for v in values[QUANTILE_FIT_MIN - 1 :]:
+            r.add(float(v))
+        r._refresh()
+        assert r.fit_in_use == "quantiles"
+        # 400 values: the 90 % and 99 % quantiles and the largest value (1 in 401) fix the
+        # tail; a Gaussian's reads as exponential, a Student t with 2 degrees' as heavy.
+        assert (r.hi_shape > 0.2) is heavy and (r.lo_shape > 0.2) is heavy
+        top = float(values.max())
+        assert r.tail(top + 4.0) < r.tail(top + 1.0) < r.tail(top)
+        if not heavy:  # far rarer than the range fit makes it (1e-4)
+            assert r.tail(10.0) < 3e-5
+
+
+def test_calibrations_learn_only_after_calibrate_after_values() -> None:
+    # The first statistics are measured against the median and MAD of a handful of values;
+    # learned, they stand as the calibration's extremes for `history` values. On this white
+    # noise one of them is a |z| of 6.2, and a 9-sigma spike 600 values later scores 0.31.
+    def run(calibrate_after: int) -> tuple[float, float]:
+        det = StreamingEnsemble(
+            history=6000, warmup=100, tail_fit="quantiles", calibrate_after=calibrate_after
+        )
+        for x in np.random.default_rng(3).normal(0.0, 1.0, 600):
+            det.update(float(x))
+        value = det.cal["value"].stats
+        assert len(value) == 600 - calibrate_after
+        return float(value.sorted[-1]), det.update(9.0)
+
+    (wild, missed), (tame, found) = run(0), run(64)
+    assert wild > 6.0 and tame < 4.0
+    assert missed < 0.5 <= found
+    clone = StreamingEnsemble.from_state(
+        json.loads(json.dumps(StreamingEnsemble(calibrate_after=64).state_dict()))
+    )
+    assert clone.calibrate_after == 64
+
+
 def test_live_settings_raise_nothing_on_healthy_single_metric_signals() -> None:
     # A new record of any statistic (1 in the 6000 values remembered) scores ~0.38: with
     # the NAB alert level (0.35) a healthy one-metric device alarmed every few hours.

@@ -17,13 +17,16 @@ from millstream_cloud.settings import SettingsError, load_settings
 
 BASE = EngineSettings(warmup=200, multivariate=False)
 QUIET = {"streaming": {"alert_level": 0.99}}  # a per-metric alarm needs p < 1e-9.9
+SMALL = 0.3  # a 3-sigma step: scores 0.84-0.89, raised at the default level, not at QUIET's
 
 
-def _series(device: str, metric: str, n: int, step_at: int, seed: int = 5) -> list[Reading]:
-    """Steady noise with a +1 step (10 sigma) from ``step_at`` on."""
+def _series(
+    device: str, metric: str, n: int, step_at: int, seed: int = 5, step: float = 1.0
+) -> list[Reading]:
+    """Steady noise (sigma 0.1) with a ``step`` (10 sigma) from ``step_at`` on."""
     rng = np.random.default_rng(seed)
     return [
-        Reading(device, "s", metric, i * 10**9, 20.0 + rng.normal(0, 0.1) + 1.0 * (i >= step_at))
+        Reading(device, "s", metric, i * 10**9, 20.0 + rng.normal(0, 0.1) + step * (i >= step_at))
         for i in range(n)
     ]
 
@@ -92,12 +95,16 @@ def test_a_kind_rule_changes_what_is_raised_for_that_kind_only() -> None:
     kinds = {"m1": "press", "m2": "lathe"}
     rules = parse_rules([{"match": {"kind": "lathe"}, **QUIET}])
     engine = DetectionEngine(BASE, rules, kinds.get)
-    out = _feed(engine, _series("m1", "temp", 600, 500) + _series("m2", "temp", 600, 500))
+    out = _feed(
+        engine,
+        _series("m1", "temp", 600, 500, step=SMALL) + _series("m2", "temp", 600, 500, step=SMALL),
+    )
     assert [a.device for a in out] == ["m1"]
     assert engine.metrics[("m2", "temp")].alert_level == 0.99
     # Without the rule both raise: the lathe was silenced by its rule, not by its data.
     plain = _feed(
-        DetectionEngine(BASE), _series("m1", "t", 600, 500) + _series("m2", "t", 600, 500)
+        DetectionEngine(BASE),
+        _series("m1", "t", 600, 500, step=SMALL) + _series("m2", "t", 600, 500, step=SMALL),
     )
     assert sorted(a.device for a in plain) == ["m1", "m2"]
 
@@ -142,7 +149,7 @@ def test_a_kind_named_after_the_first_data_applies_from_then_on() -> None:
     _feed(engine, _series("m2", "temp", 300, 10**6))
     assert engine.metrics[("m2", "temp")].alert_level == BASE.streaming["alert_level"]
     kinds["m2"] = "lathe"  # its birth message arrives
-    assert _feed(engine, _series("m2", "temp", 1200, 1000)[300:]) == []
+    assert _feed(engine, _series("m2", "temp", 1200, 1000, step=SMALL)[300:]) == []
     assert engine.metrics[("m2", "temp")].alert_level == 0.99
     n = len(asked)
     _feed(engine, _series("m2", "temp", 100, 10**6))

@@ -33,25 +33,40 @@ def gaussian_tail(z: float, two_sided: bool = False) -> float:
 # "range": exponential, scaled by the spread from the 10 % quantile to the extreme (the
 # first method, kept for the frozen NAB settings); "quantiles": a generalised Pareto tail
 # over the 90 % quantile (peaks over threshold, as in SPOT, Siffer et al., KDD 2017), its
-# scale and shape matched to the 90, 99 and 99.9 % quantiles (from 1000 values; "range"
-# before that).
+# scale and shape matched to the 90, 99 and 99.9 % quantiles (from 200 values, the largest
+# value standing in for the 99.9 % quantile until there are 1000; "range" before 200).
 TAIL_FITS = ("range", "quantiles")
-QUANTILE_FIT_MIN = 1000  # values before "quantiles" is used: the 99.9 % quantile rests on one
+QUANTILE_FIT_MIN = 200  # values before "quantiles" is used: its 99 % quantile rests on 2
 
 
-def _gpd_by_quantiles(u: float, q99: float, q999: float) -> tuple[float, float]:
+def _gpd_by_quantiles(u: float, q99: float, top: float, rarity: float) -> tuple[float, float]:
     """Scale and shape of a generalised Pareto tail over ``u`` (the 90 % quantile) that
-    passes through the 99 % and 99.9 % quantiles.
+    passes through the 99 % quantile and ``top``, a value ``rarity`` times rarer than
+    ``u`` (100 for the 99.9 % quantile; a young series uses its largest value).
 
-    Each further factor of 10 in rarity adds ``10**shape`` times the previous spacing, so
-    the shape is log10 of the ratio of the two spacings: 0 (exponential) for light tails,
+    The spacing from ``u`` grows by ``(k**shape - 1) / shape`` for a value k times rarer,
+    so the ratio of the two spacings fixes the shape: 0 (exponential) for light tails,
     clamped there (a Gaussian's lighter-than-exponential tail is not trusted beyond what
     was seen), up to 1 for heavy ones (a Student t, a spiky signal). Quantiles are stable
     where the single extreme of the "range" fit is not."""
     d1 = q99 - u
     shape = 0.0
-    if d1 > 0 and q999 - q99 > d1:
-        shape = min(1.0, math.log10((q999 - q99) / d1))
+    if d1 > 0:
+        ratio = (top - u) / d1
+
+        def spacing(xi: float) -> float:
+            if xi < 1e-9:
+                return math.log(rarity) / math.log(10.0)
+            return float((rarity**xi - 1.0) / (10.0**xi - 1.0))
+
+        if ratio >= spacing(1.0):
+            shape = 1.0
+        elif ratio > spacing(0.0):
+            lo, hi = 0.0, 1.0
+            for _ in range(30):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if spacing(mid) < ratio else (lo, mid)
+            shape = 0.5 * (lo + hi)
     if shape < 1e-6:
         return d1 / math.log(10), 0.0
     return d1 * shape / (10**shape - 1.0), shape
@@ -124,14 +139,18 @@ class RollingRobust:
         self.hi_shape = self.lo_shape = 0.0
         self.hi_u, self.lo_u = float(arr[-1]), float(arr[0])
         if self.tail_fit == "quantiles" and n >= QUANTILE_FIT_MIN:
-            # The 99 % quantile rests on 10 values, the 99.9 % on one.
+            # The 99 % quantile rests on at least 2 values; the third point is the 99.9 %
+            # quantile from 1000 values on, the largest value (1 in n + 1) before.
             k90, k99, k999 = n // 10, n // 100, n // 1000
+            rarity = 100.0 if k999 else 0.1 * (n + 1)
             self.hi_u, self.lo_u = float(arr[-1 - k90]), float(arr[k90])
             hi, self.hi_shape = _gpd_by_quantiles(
-                self.hi_u, float(arr[-1 - k99]), float(arr[-1 - k999])
+                self.hi_u, float(arr[-1 - k99]), float(arr[-1 - k999]), rarity
             )
             # The lower tail is the upper tail of the negated values.
-            lo, self.lo_shape = _gpd_by_quantiles(-self.lo_u, -float(arr[k99]), -float(arr[k999]))
+            lo, self.lo_shape = _gpd_by_quantiles(
+                -self.lo_u, -float(arr[k99]), -float(arr[k999]), rarity
+            )
         else:
             # Spread of each tail (10 % quantile to the extreme), for extrapolating beyond it.
             k = max(1, n // 10)

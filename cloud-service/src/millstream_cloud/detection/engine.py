@@ -57,6 +57,9 @@ class EngineSettings:
             # steadily beyond the history (bench/detection_single_metric.py).
             "alert_level": 0.5,
             "tail_fit": "quantiles",
+            # The first statistics rest on the median and MAD of a handful of values; in
+            # the calibration they would stand as its extremes for `history` readings.
+            "calibrate_after": 64,
             "refractory": 300,
             # One absurd reading (a sensor glitch) is reported but not learned, so it does
             # not hide the next fault for `history` readings (see StreamingEnsemble).
@@ -69,10 +72,15 @@ class EngineSettings:
     warmup: int = 720
     streaming_alarms: bool = True  # raise per-metric anomalies, not only multivariate ones
     streaming_min_score: float = 0.7  # per-metric alarms on multi-metric devices need this
-    # ... and this while the metric's calibration is young (under 1000 values, its tail
+    # ... and this while the metric's calibration is young (under 200 values, its tail
     # still fitted by the range seen): that fit scores a clear spike 0.6-0.7, and 0.6 was
     # the bar with it before the quantile fit, with no false alarm on the simulator.
     streaming_min_score_young: float = 0.6
+    # A lone metric's alarm on a device with several metrics waits this many rows: if
+    # another metric of the device reached its alert level within as many rows before or
+    # after, the load changed (it moves several metrics, one after another) and the alarm
+    # is dropped. 0: only alarms in the same row are compared.
+    load_change_rows: int = 5
     # Once a device's multivariate model is trained it covers its metrics; keeping the
     # per-metric ensembles running as well costs most of the per-reading time.
     streaming_when_multivariate: bool = False
@@ -104,6 +112,7 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "warmup": (0, 10_000_000, True),
     "streaming_min_score": (0, 1, False),
     "streaming_min_score_young": (0, 1, False),
+    "load_change_rows": (0, 10_000, True),
     "stuck_min_run": (2, 1_000_000, True),
     "mv_train_rows": (10, 1_000_000, True),
     "mv_window_rows": (10, 1_000_000, True),
@@ -212,6 +221,11 @@ class DeviceModel:
         self.prev_x = np.zeros((0, 0))  # the last row
         self.n_rows = 0
         self.since_fit = 0
+        # Per-metric alarms waiting for load_change_rows more rows, with the row they were
+        # raised at; and which metrics reached their alert level at which recent row.
+        self.row_no = 0
+        self.held: list[tuple[int, Anomaly]] = []
+        self.stirred: deque[tuple[int, str]] = deque()
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
     MODEL_KEYS = (
@@ -365,6 +379,9 @@ class DeviceModel:
             "prev_z": self.prev_z.tolist(),
             "prev_x": self.prev_x.tolist(),
             "n_rows": self.n_rows,
+            "row_no": self.row_no,
+            "held": [[r, asdict(a)] for r, a in self.held],
+            "stirred": [list(x) for x in self.stirred],
         }
 
     def load_state(self, st: dict[str, Any]) -> None:
@@ -386,6 +403,28 @@ class DeviceModel:
         self.prev_z = np.asarray(st["prev_z"], dtype=float).reshape(-1, len(self.metrics))
         self.prev_x = np.asarray(st["prev_x"], dtype=float).reshape(-1, len(self.metrics))
         self.n_rows = int(st["n_rows"])
+        self.row_no = int(st.get("row_no", 0))
+        self.held = [(int(r), _anomaly(a)) for r, a in st.get("held", ())]
+        self.stirred = deque((int(r), str(m)) for r, m in st.get("stirred", ()))
+
+    def settle(self, row: list[Anomaly], stirred: list[str], hold: int) -> list[Anomaly]:
+        """Take one row's anomalies and the metrics that reached their alert level in it;
+        return what is due: other anomalies at once, per-metric ones ``hold`` rows later
+        unless another metric stirred within ``hold`` rows of them (a load change)."""
+        now = self.row_no
+        self.row_no += 1
+        self.stirred.extend((now, m) for m in stirred)
+        while self.stirred and self.stirred[0][0] < now - 2 * hold:
+            self.stirred.popleft()
+        out = [a for a in row if not a.detector.startswith("ensemble")]
+        self.held.extend((now, a) for a in row if a.detector.startswith("ensemble"))
+        due = [(r, a) for r, a in self.held if r + hold <= now]
+        if due:
+            self.held = [(r, a) for r, a in self.held if r + hold > now]
+        for r, a in due:
+            if not any(m != a.metric and abs(rr - r) <= hold for rr, m in self.stirred):
+                out.append(a)
+        return out
 
 
 class DetectionEngine:
@@ -597,19 +636,26 @@ class DetectionEngine:
         while i < len(rs):
             t = rs[i].time_ns
             row: list[Anomaly] = []
+            stirred: list[str] = []
             while i < len(rs) and rs[i].time_ns == t:
                 r = rs[i]
                 if dev.model is None or s.streaming_when_multivariate:
                     # Counted as they arrive, not once per call: a device's first batch may
                     # be all of its history (a backtest) and must not pass for one metric's.
                     row.extend(self._stream(device, site, r, multi=len(dev.metrics) > 1))
+                    det = self.metrics[(device, r.metric)]
+                    if det.last_score >= det.alert_level:
+                        stirred.append(r.metric)
                 else:
                     row.extend(self._stuck(device, site, r))
                 if r.metric not in dev.last and dev.model is None:
                     dev.metrics.append(r.metric)
                 dev.last[r.metric] = r.value
                 i += 1
-            out.extend(_without_load_changes(row))
+            if len(dev.metrics) > 1:
+                out.extend(dev.settle(row, stirred, s.load_change_rows))
+            else:
+                out.extend(row)
             if multivariate and len(dev.metrics) > 1 and all(m in dev.last for m in dev.metrics):
                 rows.append((t, [dev.last[m] for m in dev.metrics]))
         if multivariate and len(dev.metrics) > 1:
@@ -801,15 +847,10 @@ def _lone_bar(s: EngineSettings, det: StreamingEnsemble) -> float:
     return s.streaming_min_score_young
 
 
-def _without_load_changes(row: list[Anomaly]) -> list[Anomaly]:
-    """One timestamp's anomalies without per-metric (ensemble) ones when two or more
-    metrics raised one together: a change of load moves several metrics at once, and
-    until the device model is trained nothing tells it from a fault. (Stuck sensors are
-    kept: a load change does not freeze a value.)"""
-    lone = {a.metric for a in row if a.detector.startswith("ensemble")}
-    if len(lone) < 2:
-        return row
-    return [a for a in row if not a.detector.startswith("ensemble")]
+def _anomaly(d: dict[str, Any]) -> Anomaly:
+    """An anomaly saved with ``asdict``."""
+    contributions = [Contribution(**c) for c in d.get("contributions", ())]
+    return Anomaly(**{**d, "contributions": contributions})
 
 
 def _window_size(s: EngineSettings) -> int:

@@ -236,6 +236,12 @@ class StreamingEnsemble:
     ``quantiles`` (the live engine: steadier, so an alert level above what a mere new
     record scores can be used without losing the faults just beyond the history).
 
+    ``calibrate_after``: values before the calibrations learn. The first statistics are
+    measured against the median and MAD of a handful of values and come out wild (a |z|
+    of 6 on white noise); learned, they stay the calibration's extremes for ``history``
+    values and a young series scores even a 20-sigma spike as ordinary. (0: from the
+    first value, as the frozen NAB settings do.)
+
     ``refractory_warmups``: when set, the refractory period is that many warmups instead of
     ``refractory`` values. A benchmark such as NAB gives each series a warmup (probation)
     proportional to its length, so a quiet time in those units scales with the series; a
@@ -257,8 +263,10 @@ class StreamingEnsemble:
         refractory_warmups: float = 0.0,
         glitch_sigma: float = 0.0,
         tail_fit: str = "range",
+        calibrate_after: int = 0,
     ) -> None:
         self.history = history
+        self.calibrate_after = calibrate_after
         self.tail_fit = tail_fit
         self.glitch_sigma = glitch_sigma
         self.glitch_before = False
@@ -297,6 +305,7 @@ class StreamingEnsemble:
         self.n = 0
         self.quiet = 0
         self.last_tails: dict[str, float] = {}
+        self.last_score = 0.0
 
     def _raw(self, x: float) -> dict[str, float]:
         out = {}
@@ -331,6 +340,7 @@ class StreamingEnsemble:
         """Score ``x`` then learn it; the cheap path used by the engine and the harness."""
         s, raw, tails = self._score(x)
         self.last_tails = tails
+        self.last_score = s  # before the refractory period caps it
         if self.quiet > 0:
             self.quiet -= 1
             s = min(s, self.alert_level * 0.999)
@@ -342,8 +352,9 @@ class StreamingEnsemble:
             self.glitches.append(dev)  # held: scored above, not learned
             self.n += 1
             return s
-        for name, v in raw.items():
-            self.cal[name].learn(v)
+        if self.n >= self.calibrate_after:
+            for name, v in raw.items():
+                self.cal[name].learn(v)
         seasonal = self.parts["seasonal"]
         had_period = seasonal.period
         for part in self.parts.values():
@@ -401,6 +412,7 @@ class StreamingEnsemble:
             "refractory_warmups": self.refractory_warmups,
             "glitch_sigma": self.glitch_sigma,
             "tail_fit": self.tail_fit,
+            "calibrate_after": self.calibrate_after,
         }
 
     def state_dict(self) -> dict[str, Any]:
