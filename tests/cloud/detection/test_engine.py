@@ -172,6 +172,35 @@ def test_a_held_alarm_survives_a_restart(tmp_path: Path) -> None:
     assert [(a.metric, a.time_ns) for a in out] == [("flow", 500 * 10**9)]
 
 
+def test_a_held_alarm_of_a_device_that_goes_silent_is_not_kept_waiting() -> None:
+    # The pump spikes and stops reporting (a crash, a cut link): its alarm cannot wait for
+    # five more of its rows; it is released once the rest of the fleet is more than six of
+    # its row gaps past its last row. flush() releases what is left (the end of a replay).
+    def readings(device: str, base: float, stop: int, spike_at: int = -1) -> list[Reading]:
+        rng = np.random.default_rng(len(device))
+        out = []
+        for i in range(stop):
+            spike = 3.0 if i == spike_at else 0.0  # on flow alone
+            out += [
+                Reading(device, "s", "flow", i * 10**9, base + rng.normal(0, 0.1) + spike),
+                Reading(device, "s", "pressure", i * 10**9, base / 10 + rng.normal(0, 0.1)),
+            ]
+        return out
+
+    pump, fan = readings("pump", 50.0, 501, spike_at=500), readings("fan", 20.0, 520)
+    engine = DetectionEngine(replace(FAST, warmup=200))
+    assert engine.observe(pump[:1000]) + engine.observe(fan[:1000]) == []
+    assert engine.observe(pump[1000:]) == []  # held
+    released = [engine.observe(fan[i : i + 2]) for i in range(1000, 1040, 2)]
+    when = [500 + k for k, out in enumerate(released) if out]
+    assert when == [507]  # 7 s after its last row, its row gap being 1 s
+    assert [(a.device, a.metric, a.time_ns) for a in released[7]] == [("pump", "flow", 500 * 10**9)]
+    replay = DetectionEngine(replace(FAST, warmup=200))
+    assert replay.observe(pump) == []
+    assert [(a.device, a.time_ns) for a in replay.flush()] == [("pump", 500 * 10**9)]
+    assert replay.flush() == []
+
+
 def test_a_lone_spike_on_a_young_metric_is_judged_by_the_bar_of_its_tail_fit() -> None:
     # Until its calibration holds 200 values (learned from the 64th reading on) a metric's
     # tail is still extrapolated from the range it has seen, which scores the same spike

@@ -260,3 +260,25 @@ def test_check_config_counts_the_rules_and_names_a_bad_one(
     path.write_text("detection:\n  rules:\n    - match: {metric: door_*}\n      mv_on: 8.0\n")
     assert main(["check-config", str(path)]) == 2
     assert "detection.rules[0].mv_on: a device model setting" in capsys.readouterr().err
+
+
+def test_a_lone_bar_set_alone_applies_to_young_metrics_too() -> None:
+    from millstream_cloud.detection.engine import settings_from_mapping
+
+    rules = parse_rules(
+        [
+            {"match": {"kind": "press"}, "streaming_min_score": 0.9},
+            {
+                "match": {"kind": "lathe"},
+                "streaming_min_score": 0.9,
+                "streaming_min_score_young": 0.8,
+            },
+        ]
+    )
+    press, _ = resolve(BASE, rules, "p1", "press")
+    lathe, _ = resolve(BASE, rules, "l1", "lathe")
+    assert (press.streaming_min_score, press.streaming_min_score_young) == (0.9, 0.9)
+    assert (lathe.streaming_min_score, lathe.streaming_min_score_young) == (0.9, 0.8)
+    quieter = settings_from_mapping({"streaming_min_score": 0.8})
+    assert quieter.streaming_min_score_young == 0.8
+    assert settings_from_mapping({}).streaming_min_score_young == 0.6

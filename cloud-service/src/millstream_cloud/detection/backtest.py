@@ -103,7 +103,7 @@ def replay(
         if det.errors:
             device, error = next(iter(det.errors.items()))
             raise ReplayFailed(f"detection failed on device {device!r}: {error}")
-    return found
+    return found + det.flush()
 
 
 def _near(times: Sequence[int], lo: int, hi: int) -> bool:

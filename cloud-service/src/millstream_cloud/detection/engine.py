@@ -177,6 +177,9 @@ def settings_from_mapping(block: dict[str, Any] | None, pairs: bool = True) -> E
                 **check_streaming(value, "detection settings: streaming"),
             }
         values[key] = value
+    if "streaming_min_score" in values:
+        # Raising (or lowering) the lone bar means it for young metrics too, unless said.
+        values.setdefault("streaming_min_score_young", values["streaming_min_score"])
     out = EngineSettings(**values)
     if pairs:
         _check_pairs(out, "detection settings")
@@ -226,6 +229,8 @@ class DeviceModel:
         self.row_no = 0
         self.held: list[tuple[int, Anomaly]] = []
         self.stirred: deque[tuple[int, str]] = deque()
+        self.last_row_ns = 0
+        self.row_gap_ns = 0  # time between the last two rows
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
     MODEL_KEYS = (
@@ -382,6 +387,8 @@ class DeviceModel:
             "row_no": self.row_no,
             "held": [[r, asdict(a)] for r, a in self.held],
             "stirred": [list(x) for x in self.stirred],
+            "last_row_ns": self.last_row_ns,
+            "row_gap_ns": self.row_gap_ns,
         }
 
     def load_state(self, st: dict[str, Any]) -> None:
@@ -406,11 +413,18 @@ class DeviceModel:
         self.row_no = int(st.get("row_no", 0))
         self.held = [(int(r), _anomaly(a)) for r, a in st.get("held", ())]
         self.stirred = deque((int(r), str(m)) for r, m in st.get("stirred", ()))
+        self.last_row_ns = int(st.get("last_row_ns", 0))
+        self.row_gap_ns = int(st.get("row_gap_ns", 0))
 
-    def settle(self, row: list[Anomaly], stirred: list[str], hold: int) -> list[Anomaly]:
+    def settle(
+        self, time_ns: int, row: list[Anomaly], stirred: list[str], hold: int
+    ) -> list[Anomaly]:
         """Take one row's anomalies and the metrics that reached their alert level in it;
         return what is due: other anomalies at once, per-metric ones ``hold`` rows later
         unless another metric stirred within ``hold`` rows of them (a load change)."""
+        if self.last_row_ns and time_ns > self.last_row_ns:
+            self.row_gap_ns = time_ns - self.last_row_ns
+        self.last_row_ns = time_ns
         now = self.row_no
         self.row_no += 1
         self.stirred.extend((now, m) for m in stirred)
@@ -421,9 +435,24 @@ class DeviceModel:
         due = [(r, a) for r, a in self.held if r + hold <= now]
         if due:
             self.held = [(r, a) for r, a in self.held if r + hold > now]
-        for r, a in due:
-            if not any(m != a.metric and abs(rr - r) <= hold for rr, m in self.stirred):
-                out.append(a)
+        out.extend(a for r, a in due if not self._load_change(r, a, hold))
+        return out
+
+    def _load_change(self, row_no: int, a: Anomaly, hold: int) -> bool:
+        return any(m != a.metric and abs(r - row_no) <= hold for r, m in self.stirred)
+
+    def release(self, hold: int, now_ns: int | None = None) -> list[Anomaly]:
+        """The held alarms of a device that has gone silent, without waiting for rows that
+        may never come: once ``now_ns`` (the fleet's clock) is ``hold`` + 1 of its row
+        gaps past its last row, or at once without ``now_ns`` (the end of a replay). A load
+        change seen so far still drops an alarm."""
+        if not self.held:
+            return []
+        if now_ns is not None:
+            if not self.row_gap_ns or now_ns - self.last_row_ns <= (hold + 1) * self.row_gap_ns:
+                return []
+        out = [a for r, a in self.held if not self._load_change(r, a, hold)]
+        self.held = []
         return out
 
 
@@ -466,6 +495,7 @@ class DetectionEngine:
         # counted here and its last error is shown by ``describe`` until a batch succeeds.
         self.failed_readings = 0
         self.errors: dict[str, str] = {}
+        self.holding: set[str] = set()  # devices with alarms held for a load-change check
 
     # --- settings per device and metric ------------------------------------------------
     def settings_for(self, device: str, metric: str | None = None) -> tuple[EngineSettings, bool]:
@@ -610,8 +640,28 @@ class DetectionEngine:
             else:
                 if self.errors.pop(device, None) is not None:
                     log.info("detection on %s works again", device)
+            dev = self.devices.get(device)
+            if dev is not None and dev.held:
+                self.holding.add(device)
+        if by_device:
+            now = max(rs[-1].time_ns for rs in by_device.values())
+            anomalies.extend(self._release(now))
         self.readings_seen += len(readings)
         return anomalies
+
+    def flush(self) -> list[Anomaly]:
+        """Every alarm still held for a load-change check (the end of a replay)."""
+        return self._release(None)
+
+    def _release(self, now_ns: int | None) -> list[Anomaly]:
+        out: list[Anomaly] = []
+        for device in list(self.holding):
+            dev = self.devices.get(device)
+            if dev is not None:
+                out.extend(dev.release(self.settings_for(device)[0].load_change_rows, now_ns))
+            if dev is None or not dev.held:
+                self.holding.discard(device)
+        return out
 
     def _failed(self, device: str, n: int, exc: Exception) -> None:
         self.failed_readings += n
@@ -653,7 +703,7 @@ class DetectionEngine:
                 dev.last[r.metric] = r.value
                 i += 1
             if len(dev.metrics) > 1:
-                out.extend(dev.settle(row, stirred, s.load_change_rows))
+                out.extend(dev.settle(t, row, stirred, s.load_change_rows))
             else:
                 out.extend(row)
             if multivariate and len(dev.metrics) > 1 and all(m in dev.last for m in dev.metrics):
@@ -804,6 +854,7 @@ class DetectionEngine:
             dev = DeviceModel(_saved_settings(per_device[d]) if d in per_device else saved)
             dev.load_state(st)
             self.devices[d] = dev
+        self.holding = {d for d, dev in self.devices.items() if dev.held}
         self.sites = dict(state["sites"])
         self.readings_seen = int(state["readings_seen"])
         self._resolved.clear()

@@ -176,6 +176,8 @@ def parse_rules(raw: Sequence[Any] | None) -> tuple[Rule, ...]:
             parsed = settings_from_mapping(settings, pairs=False)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
+        if "streaming_min_score" in settings:  # sets the young bar too (settings_from_mapping)
+            settings.setdefault("streaming_min_score_young", settings["streaming_min_score"])
         for key in settings:  # as parsed: 6000.0 becomes 6000, a list of spans a tuple
             value = getattr(parsed, key)
             overrides[key] = (

@@ -203,6 +203,7 @@ def run_sim(settings: dict[str, Any], seed: int = 0, config: Any = None) -> dict
         t1 = time.perf_counter()
         anomalies.extend(engine.observe(batch))
         t_det += time.perf_counter() - t1
+    anomalies.extend(engine.flush())
     out = match_anomalies(anomalies, fleet.faults, grace_ns=int(600e9))
     out["seed"] = cfg.seed
     out["readings"] = n
