@@ -441,16 +441,17 @@ class DeviceModel:
     def _load_change(self, row_no: int, a: Anomaly, hold: int) -> bool:
         return any(m != a.metric and abs(r - row_no) <= hold for r, m in self.stirred)
 
+    def _silent(self, now_ns: int, hold: int) -> bool:
+        """Whether ``now_ns`` is more than ``hold`` + 1 row gaps past the last row."""
+        return bool(self.row_gap_ns) and now_ns - self.last_row_ns > (hold + 1) * self.row_gap_ns
+
     def release(self, hold: int, now_ns: int | None = None) -> list[Anomaly]:
         """The held alarms of a device that has gone silent, without waiting for rows that
         may never come: once ``now_ns`` (the fleet's clock) is ``hold`` + 1 of its row
         gaps past its last row, or at once without ``now_ns`` (the end of a replay). A load
         change seen so far still drops an alarm."""
-        if not self.held:
+        if not self.held or (now_ns is not None and not self._silent(now_ns, hold)):
             return []
-        if now_ns is not None:
-            if not self.row_gap_ns or now_ns - self.last_row_ns <= (hold + 1) * self.row_gap_ns:
-                return []
         out = [a for r, a in self.held if not self._load_change(r, a, hold)]
         self.held = []
         return out
