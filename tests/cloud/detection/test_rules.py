@@ -281,4 +281,4 @@ def test_a_lone_bar_set_alone_applies_to_young_metrics_too() -> None:
     assert (lathe.streaming_min_score, lathe.streaming_min_score_young) == (0.9, 0.8)
     quieter = settings_from_mapping({"streaming_min_score": 0.8})
     assert quieter.streaming_min_score_young == 0.8
-    assert settings_from_mapping({}).streaming_min_score_young == 0.6
+    assert settings_from_mapping({"streaming_min_score_young": 0.6}).streaming_min_score == 0.7
