@@ -282,3 +282,20 @@ def test_a_lone_bar_set_alone_applies_to_young_metrics_too() -> None:
     quieter = settings_from_mapping({"streaming_min_score": 0.8})
     assert quieter.streaming_min_score_young == 0.8
     assert settings_from_mapping({"streaming_min_score_young": 0.6}).streaming_min_score == 0.7
+
+
+def test_a_state_saved_before_calibrate_after_existed_continues_without_restarting() -> None:
+    # Such a state's detectors have calibrate_after 0 (and no key for it); the setting only
+    # matters in a detector's first values, so one past them takes it on instead of
+    # learning afresh. A detector still inside them restarts, as any changed setting does.
+    old = replace(BASE, streaming={**BASE.streaming, "calibrate_after": 0})
+    before = DetectionEngine(old)
+    _feed(before, _series("m1", "temp", 300, 10**6) + _series("m2", "temp", 40, 10**6, seed=7))
+    state = before.state_dict()
+    for _, _, st in state["metrics"]:
+        del st["params"]["calibrate_after"]
+    after = DetectionEngine(BASE)
+    after.load_state(state)
+    assert after.restarted == 1 and after.metrics[("m2", "temp")].n == 0
+    assert after.metrics[("m1", "temp")].n == 300
+    assert after.metrics[("m1", "temp")].calibrate_after == BASE.streaming["calibrate_after"]

@@ -536,8 +536,9 @@ class DetectionEngine:
             if not on:
                 del self.metrics[key]
             elif _ensemble_params(ms) != self.metrics[key].params():
-                self.metrics[key] = StreamingEnsemble(warmup=ms.warmup, **ms.streaming)
-                self.restarted += 1
+                if not _adopt(self.metrics[key], _ensemble_params(ms)):
+                    self.metrics[key] = StreamingEnsemble(warmup=ms.warmup, **ms.streaming)
+                    self.restarted += 1
         for key in [k for k in self.stuck if k[0] == device]:
             ms, on = self.settings_for(*key)
             if on:
@@ -920,6 +921,19 @@ def _ensemble_params(s: EngineSettings) -> dict[str, Any]:
     if key not in _PARAMS:
         _PARAMS[key] = StreamingEnsemble(warmup=s.warmup, **s.streaming).params()
     return _PARAMS[key]
+
+
+def _adopt(det: StreamingEnsemble, want: dict[str, Any]) -> bool:
+    """Take settings that only matter to a young detector instead of restarting one past
+    them: ``calibrate_after`` once the calibrations learn (a state saved before the
+    setting existed has 0, and would otherwise restart every detector on upgrade)."""
+    have = det.params()
+    if {k for k in want if want[k] != have.get(k)} != {"calibrate_after"}:
+        return False
+    if det.n < want["calibrate_after"]:
+        return False
+    det.calibrate_after = int(want["calibrate_after"])
+    return True
 
 
 def _saved_settings(saved: dict[str, Any]) -> EngineSettings:
