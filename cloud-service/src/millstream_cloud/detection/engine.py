@@ -535,10 +535,9 @@ class DetectionEngine:
             ms, on = self.settings_for(*key)
             if not on:
                 del self.metrics[key]
-            elif _ensemble_params(ms) != self.metrics[key].params():
-                if not _adopt(self.metrics[key], _ensemble_params(ms)):
-                    self.metrics[key] = StreamingEnsemble(warmup=ms.warmup, **ms.streaming)
-                    self.restarted += 1
+            elif not _adopt(self.metrics[key], _ensemble_params(ms)):
+                self.metrics[key] = StreamingEnsemble(warmup=ms.warmup, **ms.streaming)
+                self.restarted += 1
         for key in [k for k in self.stuck if k[0] == device]:
             ms, on = self.settings_for(*key)
             if on:
@@ -924,11 +923,15 @@ def _ensemble_params(s: EngineSettings) -> dict[str, Any]:
 
 
 def _adopt(det: StreamingEnsemble, want: dict[str, Any]) -> bool:
-    """Take settings that only matter to a young detector instead of restarting one past
+    """Whether ``det`` can go on under the settings ``want`` (its ``params()``): when they
+    are its own, or differ only in ones that matter to a young detector and it is past
     them: ``calibrate_after`` once the calibrations learn (a state saved before the
     setting existed has 0, and would otherwise restart every detector on upgrade)."""
     have = det.params()
-    if {k for k in want if want[k] != have.get(k)} != {"calibrate_after"}:
+    differ = {k for k in want if want[k] != have.get(k)}
+    if not differ:
+        return True
+    if differ != {"calibrate_after"}:
         return False
     if det.n < want["calibrate_after"]:
         return False
