@@ -17,6 +17,21 @@ from millstream_cloud.model import Anomaly, Reading
 FAST = EngineSettings(warmup=300)
 
 
+def _pump_row(
+    i: int,
+    rng: np.random.Generator,
+    spike: float = 0.0,
+    device: str = "pump",
+    flow: float = 50.0,
+    pressure: float = 3.0,
+) -> list[Reading]:
+    """Row ``i`` (one a second) of a two-metric device, noise sigma 0.1; ``spike`` on flow."""
+    return [
+        Reading(device, "s", "flow", i * 10**9, flow + rng.normal(0, 0.1) + spike),
+        Reading(device, "s", "pressure", i * 10**9, pressure + rng.normal(0, 0.1)),
+    ]
+
+
 def _run(cfg: SimConfig, settings: EngineSettings = FAST) -> tuple[list[Anomaly], list[Fault]]:
     fleet = simulate(cfg)
     engine = DetectionEngine(settings)
@@ -154,14 +169,8 @@ def test_metrics_that_move_together_before_the_device_model_are_a_load_change(la
 def test_a_held_alarm_survives_a_restart(tmp_path: Path) -> None:
     def rows(start: int, stop: int) -> list[Reading]:
         rng = np.random.default_rng(start)
-        out = []
-        for i in range(start, stop):
-            spike = 3.0 if i == 500 else 0.0  # 30 sigma, on flow alone
-            out += [
-                Reading("pump", "s", "flow", i * 10**9, 50.0 + rng.normal(0, 0.1) + spike),
-                Reading("pump", "s", "pressure", i * 10**9, 3.0 + rng.normal(0, 0.1)),
-            ]
-        return out
+        # 30 sigma on flow alone at row 500
+        return [r for i in range(start, stop) for r in _pump_row(i, rng, 3.0 * (i == 500))]
 
     engine = DetectionEngine(replace(FAST, warmup=200))
     assert engine.observe(rows(0, 502)) == []  # the spike at 500 is held
@@ -178,14 +187,11 @@ def test_a_held_alarm_of_a_device_that_goes_silent_is_not_kept_waiting() -> None
     # its row gaps past its last row. flush() releases what is left (the end of a replay).
     def readings(device: str, base: float, stop: int, spike_at: int = -1) -> list[Reading]:
         rng = np.random.default_rng(len(device))
-        out = []
-        for i in range(stop):
-            spike = 3.0 if i == spike_at else 0.0  # on flow alone
-            out += [
-                Reading(device, "s", "flow", i * 10**9, base + rng.normal(0, 0.1) + spike),
-                Reading(device, "s", "pressure", i * 10**9, base / 10 + rng.normal(0, 0.1)),
-            ]
-        return out
+        return [
+            r
+            for i in range(stop)
+            for r in _pump_row(i, rng, 3.0 * (i == spike_at), device, base, base / 10)
+        ]
 
     pump, fan = readings("pump", 50.0, 501, spike_at=500), readings("fan", 20.0, 520)
     engine = DetectionEngine(replace(FAST, warmup=200))
@@ -211,13 +217,7 @@ def test_a_lone_spike_on_a_young_metric_is_judged_by_the_bar_of_its_tail_fit() -
         rng = np.random.default_rng(3)
         out: list[Anomaly] = []
         for i in range(at + settings.load_change_rows + 1):
-            spike = 1.0 if i == at else 0.0  # 10 sigma
-            out += engine.observe(
-                [
-                    Reading("pump", "s", "flow", i * 10**9, 50.0 + rng.normal(0, 0.1) + spike),
-                    Reading("pump", "s", "pressure", i * 10**9, 3.0 + rng.normal(0, 0.1)),
-                ]
-            )
+            out += engine.observe(_pump_row(i, rng, 1.0 * (i == at)))  # 10 sigma
         det = engine.metrics[("pump", "flow")]
         assert det.fit_in_use == ("quantiles" if at >= 264 else "range")
         return [(a.metric or "", a.time_ns // 10**9) for a in out]

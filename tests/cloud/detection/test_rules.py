@@ -54,6 +54,14 @@ def _feed(engine: DetectionEngine, readings: list[Reading], chunk: int = 100) ->
         ([{"match": {"device": "d1"}, "mv_onn": 8.0}], "detection.rules[0]: detection settings"),
         ([{"match": {"device": "d1"}, "mv_on": "high"}], "mv_on must be like 7.0"),
         (
+            [{"match": {"device": "d1"}, "load_change_rows": -1}],
+            "load_change_rows: -1; must be a whole number, from 0",
+        ),
+        (
+            [{"match": {"metric": "t"}, "streaming": {"calibrate_after": -3}}],
+            "streaming.calibrate_after: -3; must be a whole number",
+        ),
+        (
             [{"match": {"metric": "t"}, "streaming": {"alert": 0.5}}],
             "detection.rules[0]: detection settings: streaming: unknown key(s) alert",
         ),

@@ -693,10 +693,7 @@ class DetectionEngine:
                 if dev.model is None or s.streaming_when_multivariate:
                     # Counted as they arrive, not once per call: a device's first batch may
                     # be all of its history (a backtest) and must not pass for one metric's.
-                    row.extend(self._stream(device, site, r, multi=len(dev.metrics) > 1))
-                    det = self.metrics[(device, r.metric)]
-                    if det.last_score >= det.alert_level:
-                        stirred.append(r.metric)
+                    row.extend(self._stream(device, site, r, len(dev.metrics) > 1, stirred))
                 else:
                     row.extend(self._stuck(device, site, r))
                 if r.metric not in dev.last and dev.model is None:
@@ -714,11 +711,17 @@ class DetectionEngine:
                 out.append(self._mv_anomaly(device, site, dev, t, score, j, z, x, smooth))
         return out
 
-    def _stream(self, device: str, site: str, r: Reading, multi: bool) -> list[Anomaly]:
+    def _stream(
+        self, device: str, site: str, r: Reading, multi: bool, stirred: list[str]
+    ) -> list[Anomaly]:
+        """Per-metric anomalies of one reading; its metric goes into ``stirred`` when it
+        reached its alert level, alarm or not (a load change stirs several)."""
         out = self._stuck(device, site, r)
         det = self._detector(device, r.metric)
         quiet_before = det.quiet
         score = det.update(r.value)
+        if det.last_score >= det.alert_level:
+            stirred.append(r.metric)
         s = self.settings_for(device, r.metric)[0]
         if not s.streaming_alarms or quiet_before > 0 or score < det.alert_level:
             return out
