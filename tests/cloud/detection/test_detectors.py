@@ -7,6 +7,7 @@ import pytest
 
 from millstream_cloud.detection import base
 from millstream_cloud.detection.calibration import AnomalyLikelihood, Hysteresis, tail_to_score
+from millstream_cloud.detection.engine import EngineSettings
 from millstream_cloud.detection.multivariate import (
     PCAT2Q,
     IsolationForestDetector,
@@ -16,12 +17,13 @@ from millstream_cloud.detection.streaming import (
     LevelShift,
     RobustZScore,
     SeasonalResidual,
+    Spike,
     StreamingEnsemble,
     StuckSensor,
     Volatility,
 )
 
-STREAMING = ["robust_z", "level_shift", "volatility", "seasonal", "ensemble", "stuck"]
+STREAMING = ["robust_z", "level_shift", "volatility", "seasonal", "spike", "ensemble", "stuck"]
 BATCH = ["pca_t2q", "isolation_forest", "virtual_sensor"]
 
 
@@ -53,7 +55,7 @@ def test_streaming_contract_learn_score_and_state_round_trip(name: str) -> None:
         assert clone.score_one(x) == pytest.approx(det.score_one(x))
 
 
-@pytest.mark.parametrize("cls", [RobustZScore, LevelShift, Volatility])
+@pytest.mark.parametrize("cls", [RobustZScore, LevelShift, Volatility, Spike])
 def test_components_rank_an_outlier_above_normal(cls: type) -> None:
     det = cls()
     for x in _noise(300):
@@ -69,6 +71,40 @@ def test_ensemble_flags_a_spike_and_stays_quiet_on_a_steady_signal() -> None:
     scores = [det.update(float(x)) for x in _noise(1500)]
     assert max(scores) < 0.6
     assert det.update(30.0) >= 0.6
+
+
+def _load_swings(n: int, seed: int = 0) -> np.ndarray:
+    """A machine ramping between idle (0) and full load (10) and back every 400 readings."""
+    load = 5.0 - 5.0 * np.cos(2 * np.pi * np.arange(n) / 400)
+    return load + np.random.default_rng(seed).normal(0.0, 0.1, n)
+
+
+def test_a_spike_inside_the_load_range_is_named_by_the_spike_component() -> None:
+    # +3 near idle: 30 sigma of the noise, yet well inside the values the load swings
+    # gave, so the value component alone sees nothing unusual.
+    xs = _load_swings(2000)
+    at = 1990  # near idle, in the fifth cycle
+    xs[at] += 3.0
+    live = EngineSettings().streaming
+    det = StreamingEnsemble(warmup=200, **live)
+    alone = StreamingEnsemble(warmup=200, **{**live, "components": ("value",)})
+    scores = [det.update(float(x)) for x in xs[: at + 1]]
+    assert min(det.last_tails, key=lambda k: det.last_tails[k]) == "spike"
+    alone_scores = [alone.update(float(x)) for x in xs[: at + 1]]
+    assert scores[at] >= live["alert_level"] > max(scores[200:at])
+    assert alone_scores[at] < 0.35
+
+
+def test_a_state_saved_before_the_spike_component_loads_and_keeps_its_components() -> None:
+    det = StreamingEnsemble(warmup=50, history=500)
+    for x in _noise(300):
+        det.update(float(x))
+    state = json.loads(json.dumps(det.state_dict()))
+    state["params"]["components"].remove("spike")
+    del state["parts"]["spike"], state["cal"]["spike"]
+    old = StreamingEnsemble.from_state(state)
+    assert "spike" not in old.components
+    assert 0.0 <= old.update(10.0) < 0.35 < old.update(40.0)
 
 
 def test_tail_reference_lets_a_young_series_alarm_on_a_new_extreme() -> None:

@@ -240,6 +240,22 @@ def test_single_metric_device_uses_the_streaming_ensemble() -> None:
     assert "above its usual level" in out[0].explanation
 
 
+def test_a_spike_is_explained_against_the_readings_just_before_it() -> None:
+    # A motor current ramping with its load: the spike at idle is inside the range the
+    # load covers, so "n sigma above its usual level" would understate it.
+    engine = DetectionEngine(replace(FAST, warmup=200))
+    rng = np.random.default_rng(5)
+    out: list[Anomaly] = []
+    for i in range(2000):
+        v = 5.0 - 5.0 * math.cos(2 * math.pi * i / 400) + rng.normal(0, 0.1)
+        v += 3.0 if i == 1990 else 0.0
+        out += engine.observe([Reading("m1", "s", "current", i * 10**9, v)])
+    assert [(a.detector, a.time_ns) for a in out] == [("ensemble:spike", 1990 * 10**9)]
+    (c,) = out[0].contributions
+    assert c.sigma > 10 and abs(out[0].contributions[0].value - c.expected - 3.0) < 0.5
+    assert "above the readings just before it" in out[0].explanation
+
+
 def test_relearn_accepts_a_new_normal_and_still_finds_the_next_fault() -> None:
     engine = DetectionEngine(replace(FAST, warmup=200))
     rng = np.random.default_rng(6)

@@ -738,8 +738,15 @@ class DetectionEngine:
             "level": "its usual level (recent average)",
             "level_long": "its usual level (recent average)",
             "seasonal": "the same time one season ago",
+            "spike": "the readings just before it",
         }
         contrib = Contribution(r.metric, r.value, ref.center, sigma)
+        if comp == "spike":
+            # Measured against its neighbours: the metric's usual spread may hold load
+            # swings far wider than the spike.
+            jump = det.last_raw["spike"]
+            z = det.cal["spike"].stats.z(jump)
+            contrib = Contribution(r.metric, r.value, r.value - jump, z)
         if comp.startswith("volatility"):
             vol = det.parts[comp].score_one(r.value)
             how = "barely moving (stuck sensor?)" if vol < 1e-9 else "moving unusually"

@@ -113,6 +113,38 @@ class Volatility:
         self.steps = deque((float(v) for v in state["steps"]), maxlen=self.short)
 
 
+@register("spike")
+class Spike:
+    """The value minus the median of the ``span`` values before it (a Hampel residual).
+
+    A spike stands out against its neighbours even when the metric's history holds load
+    swings far wider than the spike, which hide it from the ``value`` component; the
+    median of a few values is not moved by the spike itself.
+    """
+
+    def __init__(self, span: int = 5) -> None:
+        self.span = span
+        self.win: deque[float] = deque(maxlen=span)
+
+    def median(self) -> float:
+        """The median of the values before the next one (a few: sorting beats NumPy)."""
+        w, k = sorted(self.win), len(self.win)
+        return w[k // 2] if k % 2 else 0.5 * (w[k // 2 - 1] + w[k // 2])
+
+    def score_one(self, x: float) -> float:
+        return x - self.median() if len(self.win) == self.span else 0.0
+
+    def learn_one(self, x: float) -> None:
+        self.win.append(x)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"span": self.span, "win": list(self.win)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.span = int(state["span"])
+        self.win = deque((float(v) for v in state["win"]), maxlen=self.span)
+
+
 @register("seasonal")
 class SeasonalResidual:
     """Difference from the value one season ago, averaged over ``short`` values.
@@ -201,7 +233,7 @@ class SeasonalResidual:
         self.n = int(state["n"])
 
 
-COMPONENTS = ("value", "level", "volatility", "seasonal")
+COMPONENTS = ("value", "level", "volatility", "seasonal", "spike")
 
 
 @register("ensemble")
@@ -209,8 +241,9 @@ class StreamingEnsemble:
     """The per-metric detector used by default: calibrated components, most surprising wins.
 
     Components: ``value`` (the value itself), ``level`` (short-window mean), ``volatility``
-    (short-window mean absolute step, two-sided so a signal that goes flat counts) and
-    ``seasonal`` (short-window mean of the difference to one season ago). Each raw
+    (short-window mean absolute step, two-sided so a signal that goes flat counts),
+    ``seasonal`` (short-window mean of the difference to one season ago) and ``spike``
+    (the value against the median of the few before it). Each raw
     component output is calibrated per series by an :class:`AnomalyLikelihood` over the
     last ``history`` values. The score is ``-log10(p)/10`` of the smallest tail probability,
     in [0, 1]. After the score reaches ``alert_level`` the detector stays quiet for
@@ -286,6 +319,7 @@ class StreamingEnsemble:
             "level": LevelShift(short),
             "volatility": Volatility(short),
             "seasonal": SeasonalResidual(detect_after or warmup, short),
+            "spike": Spike(),
         }
         comps = list(components)
         if long:
@@ -305,6 +339,7 @@ class StreamingEnsemble:
         self.n = 0
         self.quiet = 0
         self.last_tails: dict[str, float] = {}
+        self.last_raw: dict[str, float] = {}  # the components' outputs, before calibration
         self.last_score = 0.0
 
     def _raw(self, x: float) -> dict[str, float]:
@@ -339,7 +374,7 @@ class StreamingEnsemble:
     def update(self, x: float) -> float:
         """Score ``x`` then learn it; the cheap path used by the engine and the harness."""
         s, raw, tails = self._score(x)
-        self.last_tails = tails
+        self.last_tails, self.last_raw = tails, raw
         self.last_score = s  # before the refractory period caps it
         if self.quiet > 0:
             self.quiet -= 1
@@ -428,7 +463,8 @@ class StreamingEnsemble:
 
     def load_state(self, state: dict[str, Any]) -> None:
         for k, p in self.parts.items():
-            p.load_state(state["parts"][k])
+            if k in state["parts"]:  # a state saved before a part existed: it starts fresh
+                p.load_state(state["parts"][k])
         for k, c in self.cal.items():
             c.load_state(state["cal"][k])
         self.n, self.quiet = int(state["n"]), int(state["quiet"])
