@@ -69,7 +69,8 @@ def test_nab_cli_frozen_run_writes_contract_keys(bench_root: Path, tmp_path: Pat
     data = json.loads(out.read_text())
     assert {"standard", "low_fp", "low_fn", "thresholds"} <= set(data)
     assert data["threshold_mode"] == "frozen"
-    assert data["standard"] >= 70.0
+    # The targets on the shared files, with the frozen settings.
+    assert data["standard"] >= 70.0 and data["low_fp"] >= 60.0 and data["low_fn"] >= 75.0
 
 
 def test_sim_cli_small_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -307,3 +307,30 @@ def test_a_state_saved_before_calibrate_after_existed_continues_without_restarti
     assert after.restarted == 1 and after.metrics[("m2", "temp")].n == 0
     assert after.metrics[("m1", "temp")].n == 300
     assert after.metrics[("m1", "temp")].calibrate_after == BASE.streaming["calibrate_after"]
+
+
+def test_a_state_saved_before_the_spike_component_takes_it_on_without_restarting() -> None:
+    # Its detectors were saved with four components; the spike component's statistic is
+    # rebuilt from the values they remember, so they neither restart nor go blind to it.
+    four = ["value", "level", "volatility", "seasonal"]
+    old = replace(BASE, streaming={**BASE.streaming, "components": four})
+    before = DetectionEngine(old)
+    _feed(before, _series("m1", "temp", 600, 10**6))
+    state = before.state_dict()
+    for _, _, st in state["metrics"]:
+        for part in ("parts", "cal"):
+            st[part].pop("spike", None)
+    after = DetectionEngine(BASE)
+    after.load_state(state)
+    det = after.metrics[("m1", "temp")]
+    assert after.restarted == 0 and det.n == 600 and "spike" in det.components
+    assert det.params() == DetectionEngine(BASE)._detector("m9", "temp").params()
+    assert len(det.cal["spike"].stats) == 600 - 5  # from the remembered values
+    out = after.observe([Reading("m1", "s", "temp", 600 * 10**9, 22.0)])  # 20 sigma
+    assert [a.detector for a in out] == ["ensemble:spike"]
+    # A detector with a component the settings no longer list starts afresh.
+    state = after.state_dict()
+    fewer = replace(BASE, streaming={**BASE.streaming, "components": four})
+    again = DetectionEngine(fewer)
+    again.load_state(state)
+    assert again.restarted == 1

@@ -26,7 +26,7 @@ from .calibration import Hysteresis
 from .explain import explain
 from .multivariate import VirtualSensorResidual
 from .rules import Rule, check_bound, check_streaming, resolve
-from .streaming import StreamingEnsemble, StuckSensor
+from .streaming import REBUILDABLE, StreamingEnsemble, StuckSensor
 
 STATE_FILE = "detection-state.json"
 STATE_VERSION = 2
@@ -933,18 +933,25 @@ def _ensemble_params(s: EngineSettings) -> dict[str, Any]:
 
 
 def _adopt(det: StreamingEnsemble, want: dict[str, Any]) -> bool:
-    """Whether ``det`` can go on under the settings ``want`` (its ``params()``): when they
-    are its own, or differ only in ones that matter to a young detector and it is past
-    them: ``calibrate_after`` once the calibrations learn (a state saved before the
-    setting existed has 0, and would otherwise restart every detector on upgrade)."""
+    """Whether ``det`` can go on under the settings ``want`` (its ``params()``), taking
+    them on: when they are its own, or differ only in settings a saved detector can
+    take on without learning afresh (a state saved before they existed would otherwise
+    restart every detector on upgrade): ``calibrate_after`` once its calibrations learn,
+    and ``components`` that add ones whose statistic can be rebuilt from its history."""
     have = det.params()
     differ = {k for k in want if want[k] != have.get(k)}
-    if not differ:
-        return True
-    if differ != {"calibrate_after"}:
+    if not differ <= {"calibrate_after", "components"}:
         return False
-    if det.n < want["calibrate_after"]:
+    if "calibrate_after" in differ and det.n < want["calibrate_after"]:
         return False
+    if "components" in differ:
+        added = [c for c in want["components"] if c not in det.components]
+        dropped = set(det.components) - set(want["components"])
+        if dropped or not set(added) <= set(REBUILDABLE):
+            return False
+        for name in added:
+            det.add_component(name)
+        det.components = tuple(want["components"])
     det.calibrate_after = int(want["calibrate_after"])
     return True
 

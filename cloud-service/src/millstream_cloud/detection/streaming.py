@@ -234,6 +234,8 @@ class SeasonalResidual:
 
 
 COMPONENTS = ("value", "level", "volatility", "seasonal", "spike")
+# Components whose statistic can be replayed from the values a detector remembers.
+REBUILDABLE = ("spike",)
 
 
 @register("ensemble")
@@ -398,6 +400,23 @@ class StreamingEnsemble:
             self._backfill_seasonal(seasonal)
         self.n += 1
         return s
+
+    def add_component(self, name: str) -> None:
+        """Start watching ``name`` (one of :data:`REBUILDABLE`) with its calibration rebuilt
+        from the values the ``value`` component remembers: a detector saved before the
+        component existed takes it on at an upgrade instead of learning afresh."""
+        if name in self.components:
+            return
+        if name not in REBUILDABLE:
+            raise ValueError(f"component {name!r} cannot be rebuilt; one of {REBUILDABLE}")
+        part = Spike()
+        cal = AnomalyLikelihood(self.history, 1, two_sided=True, tail_fit=self.tail_fit)
+        for x in self.parts["value"].ref.buf.tolist():
+            if len(part.win) == part.span:
+                cal.learn(part.score_one(x))
+            part.learn_one(x)
+        self.parts[name], self.cal[name] = part, cal
+        self.components += (name,)
 
     @property
     def fit_in_use(self) -> str:
