@@ -319,3 +319,27 @@ def test_site_outage_is_one_notification_per_site_not_a_storm(make_service, webh
     assert all(b["groupLabels"]["alertname"] == "SiteOffline" for b in bodies)
     assert len(svc.list_alerts(state="firing")) == 5 + 500 + 500
     assert len(svc.list_alerts(inhibited=True)) == 1000
+
+
+@pytest.mark.parametrize(
+    ("api", "alerts", "url"),
+    [
+        ({}, {}, "http://127.0.0.1:8000"),
+        ({"port": 8765}, {}, "http://127.0.0.1:8765"),
+        ({"host": "::1", "port": 9000}, {}, "http://[::1]:9000"),
+        ({"port": 8765}, {"external_url": "https://ops.example/ms"}, "https://ops.example/ms"),
+    ],
+)
+def test_notifications_link_to_the_api_where_it_listens_unless_told(api, alerts, url):
+    from millstream_cloud.settings import load_settings
+
+    settings = load_settings(overrides={"api": api, "alerts": alerts}, environ={})
+    assert settings.alerts.external_url == url
+
+
+def test_a_wildcard_bind_is_linked_by_host_name():
+    import socket
+
+    from millstream_cloud.settings import api_url
+
+    assert api_url("0.0.0.0", 8000) == f"http://{socket.getfqdn()}:8000"

@@ -8,6 +8,7 @@ Unknown keys are errors: a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -331,11 +332,29 @@ class Settings(Section):
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
     detection: DetectionSettings = Field(default_factory=DetectionSettings)
 
+    @model_validator(mode="after")
+    def _links_to_own_api(self) -> Settings:
+        # Unless set, notifications link to this service's API where it actually listens
+        # (as Alertmanager derives its external URL from its listen address).
+        if "external_url" not in self.alerts.model_fields_set:
+            self.alerts.external_url = api_url(self.api.host, self.api.port)
+        return self
+
     @property
     def data_path(self) -> Path:
         path = Path(self.data_dir)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def api_url(host: str, port: int) -> str:
+    """The URL of an API bound to ``host``:``port``; a wildcard bind is named by this
+    machine's host name, which is what another machine would use to reach it."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.getfqdn()
+    elif ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    return f"http://{host}:{port}"
 
 
 class SettingsError(ValueError):

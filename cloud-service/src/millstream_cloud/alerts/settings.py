@@ -153,7 +153,9 @@ class AlertSettings(_Section):
         1.0, gt=0, description="how often time-based rules and group timers are evaluated"
     )
     external_url: str = Field(
-        "http://127.0.0.1:8000", description="this service's URL, put into notifications"
+        "http://127.0.0.1:8000",
+        description="this service's URL, put into notifications; unset: the API's own "
+        "address (http://<api.host>:<api.port>, a wildcard bind named by the host name)",
     )
     webhook: str | None = Field(
         None,
