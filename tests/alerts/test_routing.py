@@ -342,4 +342,4 @@ def test_a_wildcard_bind_is_linked_by_host_name():
 
     from millstream_cloud.settings import api_url
 
-    assert api_url("0.0.0.0", 8000) == f"http://{socket.getfqdn()}:8000"
+    assert api_url("0.0.0.0", 8000) == f"http://{socket.gethostname()}:8000"

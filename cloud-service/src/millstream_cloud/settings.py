@@ -351,7 +351,7 @@ def api_url(host: str, port: int) -> str:
     """The URL of an API bound to ``host``:``port``; a wildcard bind is named by this
     machine's host name, which is what another machine would use to reach it."""
     if host in ("", "0.0.0.0", "::"):
-        host = socket.getfqdn()
+        host = socket.gethostname()  # no DNS lookup, as Alertmanager does
     elif ":" in host:
         host = f"[{host}]"  # an IPv6 address
     return f"http://{host}:{port}"
