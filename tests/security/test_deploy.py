@@ -402,3 +402,4 @@ def test_cloud_service_environment_is_valid_settings() -> None:
     assert settings.storage.backend == "influxdb"
     assert settings.storage.influxdb.api == "v1"
     assert settings.storage.influxdb.create_database is False
+    assert settings.alerts.external_url == "http://127.0.0.1:8000"  # not the container's
