@@ -381,6 +381,34 @@ def test_quantile_tail_fit_reads_light_and_heavy_tails() -> None:
         RollingRobust(10, tail_fit="normal")
 
 
+@pytest.mark.parametrize("n", [0, 7, 300, 1234])
+def test_a_calibration_state_is_compact_and_restores_exactly(n: int) -> None:
+    # A full window refreshed a while ago: its sorted snapshot holds values the window
+    # has since overwritten; the state keeps those few, not a second copy of the window.
+    from millstream_cloud.detection.calibration import RollingRobust
+
+    r = RollingRobust(500, tail_fit="quantiles")
+    for x in _noise(n):
+        r.add(float(x))
+    assert n < 1234 or r._since > 0  # so the snapshot holds overwritten values
+    state = json.loads(json.dumps(r.state_dict()))
+    # The same, as states were saved before: the window and the snapshot as lists.
+    old = {**state, "buf": r.buf.tolist(), "snapshot": r.sorted.tolist()}
+    del old["stale"]
+    clones = []
+    for st in (state, old):
+        c = RollingRobust(10)
+        c.load_state(st)
+        clones.append(c)
+    assert all(np.array_equal(c.sorted, r.sorted) and c._since == r._since for c in clones)
+    for x in _noise(50, seed=3):  # the next values, across a refresh, score alike
+        assert [c.tail(float(x), True) for c in clones] == [r.tail(float(x), True)] * 2
+        for c in (r, *clones):
+            c.add(float(x))
+    if n == 1234:
+        assert len(json.dumps(state)) < len(json.dumps(old)) / 2
+
+
 def test_a_young_quantile_fit_uses_its_largest_value_as_the_rarest_point() -> None:
     from millstream_cloud.detection.calibration import QUANTILE_FIT_MIN, RollingRobust
 

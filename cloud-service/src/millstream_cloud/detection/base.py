@@ -9,6 +9,7 @@ state as plain JSON-able data and be rebuilt from it, so detectors survive resta
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -39,6 +40,20 @@ class BatchDetector(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state(self, state: dict[str, Any]) -> None: ...
+
+
+def pack_floats(values: np.ndarray) -> dict[str, str]:
+    """Floats as JSON-able state, exactly and compactly: little-endian float64, base64
+    (about 11 bytes a value, against about 19 for a JSON list of their decimal forms)."""
+    raw = np.ascontiguousarray(values, dtype="<f8").tobytes()
+    return {"f64": base64.b64encode(raw).decode("ascii")}
+
+
+def unpack_floats(data: Any) -> np.ndarray:
+    """The floats of :func:`pack_floats`, or of a plain list (states saved before it)."""
+    if isinstance(data, dict):
+        return np.frombuffer(base64.b64decode(data["f64"]), dtype="<f8").astype(float)
+    return np.asarray(data, dtype=float)
 
 
 T = TypeVar("T")

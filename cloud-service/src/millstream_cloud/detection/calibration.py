@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .base import pack_floats, unpack_floats
+
 LOG_FLOOR = 1e-10  # tail probabilities below this all map to score 1.0
 
 
@@ -197,31 +199,44 @@ class RollingRobust:
     def __len__(self) -> int:
         return self._count
 
+    def _stale(self, buf: np.ndarray) -> np.ndarray:
+        """The values the adds since the last refresh overwrote: with the older part of
+        the window they make up the sorted snapshot the tails are read from."""
+        vals, counts = np.unique(self.sorted, return_counts=True)
+        older, older_counts = np.unique(buf[: len(buf) - self._since], return_counts=True)
+        counts[np.searchsorted(vals, older)] -= older_counts
+        return np.repeat(vals, counts)
+
     def state_dict(self) -> dict[str, Any]:
-        # The sorted snapshot and the refresh counter are kept too, so a restored detector
-        # scores exactly like the one that was saved.
+        # The snapshot is kept as the few values it holds beyond the window, with the
+        # refresh counter, so a restored detector scores exactly like the one saved.
+        buf = self.buf
         return {
             "size": self.size,
             "every": self.every,
             "tail_fit": self.tail_fit,
-            "buf": self.buf.tolist(),
-            "snapshot": self.sorted.tolist(),
+            "buf": pack_floats(buf),
+            "stale": pack_floats(self._stale(buf)),
             "since": self._since,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.size, self.every = int(state["size"]), int(state["every"])
         self.tail_fit = str(state.get("tail_fit", "range"))
-        vals = np.asarray(state["buf"], dtype=float)[-self.size :]
+        vals = unpack_floats(state["buf"])[-self.size :]
         self._ring = np.empty(self.size)
         self._ring[: len(vals)] = vals
         self._count = len(vals)
         self._pos = self._count % self.size
         self._since = int(state.get("since", 0))
-        snap = state.get("snapshot")
-        if snap:
-            self._use_snapshot(np.asarray(snap, dtype=float))
-        elif self._count:
+        if not self._count:
+            return
+        if "stale" in state:
+            older = vals[: len(vals) - self._since]
+            self._use_snapshot(np.sort(np.concatenate((older, unpack_floats(state["stale"])))))
+        elif state.get("snapshot"):  # saved before the compact form
+            self._use_snapshot(np.asarray(state["snapshot"], dtype=float))
+        else:
             self._refresh()
 
 
