@@ -290,6 +290,21 @@ class _CorruptDetector:
         raise ValueError("state is corrupt")
 
 
+def test_a_metric_that_joins_before_the_device_model_is_in_the_model() -> None:
+    # The rows kept before it lack the new metric: they are dropped and the model is
+    # trained on rows of all three (mixing them used to fail every batch of the device).
+    s = replace(FAST, warmup=50, mv_train_rows=300, mv_window_rows=600, mv_retrain_rows=100)
+    engine = DetectionEngine(s)
+    rng = np.random.default_rng(0)
+    for i in range(800):
+        metrics = ["a", "b"] + (["c"] if i >= 100 else [])
+        engine.observe([Reading("d", "s", m, i * 10**9, 20 + rng.normal()) for m in metrics])
+    dev = engine.devices["d"]
+    assert engine.failed_readings == 0 and not engine.errors
+    assert dev.metrics == ["a", "b", "c"] and dev.model is not None
+    assert {len(r) for r in dev.rows} == {3}
+
+
 def test_a_failing_device_loses_its_own_batch_not_the_fleets_detection() -> None:
     engine = DetectionEngine(replace(FAST, warmup=200))
     rng = np.random.default_rng(7)

@@ -262,6 +262,15 @@ class DeviceModel:
         if any(getattr(old, k) != getattr(s, k) for k in self.GATE_KEYS):
             self.gates = []
 
+    def add_metric(self, metric: str) -> None:
+        """A metric the device starts reporting before its model exists. The rows kept so
+        far lack it and cannot train a model of all its metrics: they are dropped, and the
+        training rows are counted again from here."""
+        self.metrics.append(metric)
+        self.rows.clear()
+        self.flags.clear()
+        self.since_fit = 0
+
     def _fit(self) -> None:
         if len(self.rows) < max(50, len(self.metrics) * 10):
             return
@@ -697,7 +706,7 @@ class DetectionEngine:
                 else:
                     row.extend(self._stuck(device, site, r))
                 if r.metric not in dev.last and dev.model is None:
-                    dev.metrics.append(r.metric)
+                    dev.add_metric(r.metric)
                 dev.last[r.metric] = r.value
                 i += 1
             if len(dev.metrics) > 1:
