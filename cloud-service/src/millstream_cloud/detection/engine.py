@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..model import Anomaly, Contribution, Reading
+from .base import pack_floats, unpack_floats
 from .calibration import Hysteresis
 from .explain import explain
 from .multivariate import VirtualSensorResidual
@@ -382,7 +383,7 @@ class DeviceModel:
         return {
             "metrics": self.metrics,
             "last": self.last,
-            "rows": list(self.rows),
+            "rows": _pack_rows(self.rows, len(self.metrics)),
             "flags": list(self.flags),
             "model": None if self.model is None else self.model.state_dict(),
             "gates": [g.state_dict() for g in self.gates],
@@ -402,7 +403,7 @@ class DeviceModel:
 
     def load_state(self, st: dict[str, Any]) -> None:
         self.metrics, self.last = list(st["metrics"]), dict(st["last"])
-        self.rows.extend(st["rows"])
+        self.rows.extend(_unpack_rows(st["rows"]))
         self.flags.extend(bool(f) for f in st["flags"])
         if st["model"] is not None:
             self.model = VirtualSensorResidual()
@@ -922,6 +923,19 @@ def _anomaly(d: dict[str, Any]) -> Anomaly:
     """An anomaly saved with ``asdict``."""
     contributions = [Contribution(**c) for c in d.get("contributions", ())]
     return Anomaly(**{**d, "contributions": contributions})
+
+
+def _pack_rows(rows: Iterable[list[float]], width: int) -> Any:
+    """A device's kept rows as compact state (they are most of it): one packed block."""
+    flat = [v for r in rows for v in r]
+    return {"width": width, **pack_floats(np.asarray(flat, dtype=float))} if flat else []
+
+
+def _unpack_rows(data: Any) -> list[list[float]]:
+    """The rows of :func:`_pack_rows`, or of a plain list of rows (states saved before)."""
+    if isinstance(data, dict):
+        return unpack_floats(data).reshape(-1, int(data["width"])).tolist()
+    return [list(r) for r in data]
 
 
 def _window_size(s: EngineSettings) -> int:
