@@ -306,9 +306,13 @@ def test_a_metric_that_joins_before_the_device_model_is_in_the_model() -> None:
     s = replace(FAST, warmup=50, mv_train_rows=300, mv_window_rows=600, mv_retrain_rows=100)
     engine = DetectionEngine(s)
     rng = np.random.default_rng(0)
+    batch: list[Reading] = []
     for i in range(800):
         metrics = ["a", "b"] + (["c"] if i >= 100 else [])
-        engine.observe([Reading("d", "s", m, i * 10**9, 20 + rng.normal()) for m in metrics])
+        batch += [Reading("d", "s", m, i * 10**9, 20 + rng.normal()) for m in metrics]
+        if i % 7 == 6:  # so that "c" joins inside a batch, after rows without it
+            engine.observe(batch)
+            batch = []
     dev = engine.devices["d"]
     assert engine.failed_readings == 0 and not engine.errors
     assert dev.metrics == ["a", "b", "c"] and dev.model is not None

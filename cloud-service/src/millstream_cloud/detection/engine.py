@@ -708,6 +708,7 @@ class DetectionEngine:
                     row.extend(self._stuck(device, site, r))
                 if r.metric not in dev.last and dev.model is None:
                     dev.add_metric(r.metric)
+                    rows.clear()  # this batch's rows so far lack it too
                 dev.last[r.metric] = r.value
                 i += 1
             if len(dev.metrics) > 1:
