@@ -2,7 +2,9 @@
 bench/results/detection_sim.json. Run from the repository root: ``python bench/detection_sim.py``.
 
 ``--seeds 100-109`` scores other fleets instead (the held-out seeds in docs/detection.md) and
-writes bench/results/detection_sim_<first>-<last>.json.
+writes bench/results/detection_sim_<first>-<last>.json. ``--jitter-ms 400`` stamps each
+reading up to 400 ms after its sample's time (metrics read one after another) and adds
+``_jitter<ms>`` to the file name.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seeds", type=parse_seeds, default=SEEDS, help="e.g. 0,1,2 or 100-109")
+    ap.add_argument("--jitter-ms", type=float, default=0.0, help="late stamps, up to (ms)")
     args = ap.parse_args()
     SEEDS = args.seeds
     settings = runners.load_frozen()
@@ -37,7 +40,7 @@ if __name__ == "__main__":
     tp_anoms = n_anoms = 0
     delays: list[float] = []
     for seed in SEEDS:
-        r = runners.run_sim(settings, seed=seed)
+        r = runners.run_sim(settings, seed=seed, jitter_ms=args.jitter_ms)
         per_seed[str(seed)] = r
         n_faults += len(r["faults"])
         tp_faults += sum(f["detected"] for f in r["faults"])
@@ -50,6 +53,7 @@ if __name__ == "__main__":
         )
     out = {
         "seeds": list(SEEDS),
+        "jitter_ms": args.jitter_ms,
         "recall": round(tp_faults / n_faults, 4),
         "precision": round(tp_anoms / n_anoms, 4) if n_anoms else 1.0,
         "median_delay_s": round(median(delays), 1) if delays else None,
@@ -60,6 +64,8 @@ if __name__ == "__main__":
         f"{out['precision']:.2f} median delay {out['median_delay_s']} s"
     )
     name = "detection_sim" if SEEDS == (0, 1, 2) else f"detection_sim_{SEEDS[0]}-{SEEDS[-1]}"
+    if args.jitter_ms:
+        name += f"_jitter{args.jitter_ms:g}"
     path = ROOT / "bench" / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -58,6 +58,14 @@ def _feed(engine: DetectionEngine, readings: list[Reading], chunk: int = 100) ->
             "load_change_rows: -1; must be a whole number, from 0",
         ),
         (
+            [{"match": {"device": "d1"}, "row_tolerance_ms": -5}],
+            "row_tolerance_ms: -5; must be",
+        ),
+        (
+            [{"match": {"metric": "t"}, "row_tolerance_ms": 100}],
+            "detection.rules[0].row_tolerance_ms: a device model setting",
+        ),
+        (
             [{"match": {"metric": "t"}, "streaming": {"calibrate_after": -3}}],
             "streaming.calibrate_after: -3; must be a whole number",
         ),

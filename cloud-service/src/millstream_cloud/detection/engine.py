@@ -82,6 +82,10 @@ class EngineSettings:
     # after, the load changed (it moves several metrics, one after another) and the alarm
     # is dropped. 0: only alarms in the same row are compared.
     load_change_rows: int = 5
+    # A device's readings this close in time (each metric once) are one row: metrics read
+    # one after another (a Modbus poll, OPC UA source timestamps) do not share a timestamp
+    # to the nanosecond. 0: only readings with the same timestamp.
+    row_tolerance_ms: float = 1000.0
     # Once a device's multivariate model is trained it covers its metrics; keeping the
     # per-metric ensembles running as well costs most of the per-reading time.
     streaming_when_multivariate: bool = False
@@ -114,6 +118,7 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "streaming_min_score": (0, 1, False),
     "streaming_min_score_young": (0, 1, False),
     "load_change_rows": (0, 10_000, True),
+    "row_tolerance_ms": (0, 3_600_000, False),
     "stuck_min_run": (2, 1_000_000, True),
     "mv_train_rows": (10, 1_000_000, True),
     "mv_window_rows": (10, 1_000_000, True),
@@ -693,13 +698,19 @@ class DetectionEngine:
             dev = self.devices[device] = DeviceModel(s)
         site = self.sites[device]
         rows: list[tuple[int, list[float]]] = []
+        tolerance_ns = s.row_tolerance_ms * 1e6
         i = 0
         while i < len(rs):
             t = rs[i].time_ns
             row: list[Anomaly] = []
             stirred: list[str] = []
-            while i < len(rs) and rs[i].time_ns == t:
+            seen: set[str] = set()
+            while i < len(rs) and (
+                rs[i].time_ns == t
+                or (rs[i].time_ns - t < tolerance_ns and rs[i].metric not in seen)
+            ):
                 r = rs[i]
+                seen.add(r.metric)
                 if dev.model is None or s.streaming_when_multivariate:
                     # Counted as they arrive, not once per call: a device's first batch may
                     # be all of its history (a backtest) and must not pass for one metric's.

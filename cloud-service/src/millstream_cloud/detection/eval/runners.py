@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from msgspec.structs import replace
 
 from ..calibration import Hysteresis
 from ..multivariate import PCAT2Q
@@ -187,7 +188,13 @@ def match_anomalies(anomalies: list[Any], faults: list[Any], grace_ns: int) -> d
     }
 
 
-def run_sim(settings: dict[str, Any], seed: int = 0, config: Any = None) -> dict[str, Any]:
+def run_sim(
+    settings: dict[str, Any], seed: int = 0, config: Any = None, jitter_ms: float = 0.0
+) -> dict[str, Any]:
+    """The simulator's fleet through the live engine, scored against its faults.
+
+    ``jitter_ms``: each reading stamped up to that much after its sample's time, as metrics
+    read one after another (a Modbus poll, OPC UA source timestamps) are."""
     from ..engine import DetectionEngine, EngineSettings
     from .sim import SimConfig, simulate
 
@@ -198,7 +205,13 @@ def run_sim(settings: dict[str, Any], seed: int = 0, config: Any = None) -> dict
     anomalies = []
     n = 0
     t_det = 0.0
+    rng = np.random.default_rng(cfg.seed)
     for batch in fleet.batches():
+        if jitter_ms:
+            late = rng.uniform(0.0, jitter_ms * 1e6, len(batch)).astype(np.int64)
+            batch = [
+                replace(r, time_ns=r.time_ns + int(d)) for r, d in zip(batch, late, strict=True)
+            ]
         n += len(batch)
         t1 = time.perf_counter()
         anomalies.extend(engine.observe(batch))
