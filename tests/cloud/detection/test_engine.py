@@ -347,6 +347,30 @@ def test_a_metric_that_joins_before_the_device_model_is_in_the_model() -> None:
     assert {len(r) for r in dev.rows} == {3}
 
 
+def test_a_metric_that_joins_after_the_device_model_is_watched_on_its_own() -> None:
+    # The model keeps the metrics it was trained on; a sensor added later is watched by
+    # its own per-metric detectors (it used to get the stuck check only).
+    s = replace(FAST, warmup=300, mv_train_rows=300, mv_window_rows=600, mv_retrain_rows=100)
+    engine = DetectionEngine(s)
+    rng = np.random.default_rng(0)
+    out: list[Anomaly] = []
+    for i in range(1500):
+        metrics = ["a", "b"] + (["c"] if i >= 400 else [])
+        out += engine.observe(
+            [
+                Reading(
+                    "d", "s", m, i * 10**9, 20 + rng.normal(0, 0.1) + 5.0 * ((m, i) == ("c", 1400))
+                )
+                for m in metrics
+            ]
+        )
+    dev = engine.devices["d"]
+    assert dev.model is not None and dev.metrics == ["a", "b"]
+    assert [(a.metric, a.detector, a.time_ns) for a in out] == [
+        ("c", "ensemble:spike", 1400 * 10**9)
+    ]
+
+
 def test_a_failing_device_loses_its_own_batch_not_the_fleets_detection() -> None:
     engine = DetectionEngine(replace(FAST, warmup=200))
     rng = np.random.default_rng(7)

@@ -711,7 +711,10 @@ class DetectionEngine:
             ):
                 r = rs[i]
                 seen.add(r.metric)
-                if dev.model is None or s.streaming_when_multivariate:
+                # A metric the device model was not trained on (one that joined after
+                # it) is watched by its own detectors, not left to the stuck check alone.
+                modelled = dev.model is not None and r.metric in dev.metrics
+                if not modelled or s.streaming_when_multivariate:
                     # Counted as they arrive, not once per call: a device's first batch may
                     # be all of its history (a backtest) and must not pass for one metric's.
                     row.extend(self._stream(device, site, r, len(dev.metrics) > 1, stirred))
