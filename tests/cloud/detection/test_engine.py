@@ -371,6 +371,45 @@ def test_a_metric_that_joins_after_the_device_model_is_watched_on_its_own() -> N
     ]
 
 
+def test_a_metric_that_stops_reporting_is_reported_once_and_pauses_the_model() -> None:
+    # A dead sensor: its last value would stay in every row; the model would learn it as
+    # normal or blame it as a residual. One "silent" anomaly, no others, and the model
+    # resumes when it reports again.
+    cfg = SimConfig(seed=0, devices=1, hours=30, fault_after_h=100, faults=())
+    fleet = simulate(cfg)
+    engine = DetectionEngine(EngineSettings())
+    t0 = int(fleet.times_ns[0])
+    out: list[Anomaly] = []
+    scored: list[int] = []
+    for batch in fleet.batches():
+        hours = (batch[0].time_ns - t0) / 3600e9
+        if 16 <= hours < 20:
+            batch = [r for r in batch if r.metric != "speed_rpm"]
+        out += engine.observe(batch)
+        scored.append(engine.devices["motor-00"].n_rows)
+    (a,) = out
+    assert (a.metric, a.detector) == ("speed_rpm", "silent")
+    assert 270 <= (a.time_ns - t0) / 1e9 - 16 * 3600 <= 360  # 31 rows after its last
+    assert "speed_rpm silent: no reading for 31 rows (5.0 min)" in a.explanation
+    dev = engine.devices["motor-00"]
+    assert not dev.silent and dev.model is not None
+    per_hour = len(scored) // 30
+    paused = scored[int(16.2 * per_hour)] == scored[int(19.8 * per_hour)]
+    assert paused and scored[-1] > scored[int(20.5 * per_hour)]
+
+
+def test_a_metric_reported_less_often_than_the_others_is_not_silent() -> None:
+    # "temp" every 40 rows (a slow sensor): silent only after five of its own gaps.
+    engine = DetectionEngine(replace(FAST, warmup=100, multivariate=False))
+    rng = np.random.default_rng(1)
+    out: list[Anomaly] = []
+    for i in range(3000):
+        metrics = ["flow"] + (["temp"] if i % 40 == 0 and i < 2000 else [])
+        out += engine.observe([Reading("p", "s", m, i * 10**9, 5 + rng.normal()) for m in metrics])
+    assert [(a.metric, a.detector) for a in out] == [("temp", "silent")]
+    assert out[0].time_ns >= (1960 + 5 * 40) * 10**9  # five of its gaps after its last
+
+
 def test_a_failing_device_loses_its_own_batch_not_the_fleets_detection() -> None:
     engine = DetectionEngine(replace(FAST, warmup=200))
     rng = np.random.default_rng(7)

@@ -82,6 +82,10 @@ class EngineSettings:
     # after, the load changed (it moves several metrics, one after another) and the alarm
     # is dropped. 0: only alarms in the same row are compared.
     load_change_rows: int = 5
+    # A metric of a device with several that stops reporting while the others go on, for
+    # this many rows and five times its usual gap, is reported once as silent, and the
+    # device model pauses (its rows would hold the last value forever). 0: off.
+    silent_after_rows: int = 30
     # A device's readings this close in time (each metric once) are one row: metrics read
     # one after another (a Modbus poll, OPC UA source timestamps) do not share a timestamp
     # to the nanosecond. 0: only readings with the same timestamp.
@@ -118,6 +122,7 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "streaming_min_score": (0, 1, False),
     "streaming_min_score_young": (0, 1, False),
     "load_change_rows": (0, 10_000, True),
+    "silent_after_rows": (0, 1_000_000, True),
     "row_tolerance_ms": (0, 3_600_000, False),
     "stuck_min_run": (2, 1_000_000, True),
     "mv_train_rows": (10, 1_000_000, True),
@@ -237,6 +242,11 @@ class DeviceModel:
         self.stirred: deque[tuple[int, str]] = deque()
         self.last_row_ns = 0
         self.row_gap_ns = 0  # time between the last two rows
+        # Per metric: the row and time of its latest reading, its usual gap in rows, and
+        # the metrics reported silent (until they report again).
+        self.heard: dict[str, tuple[int, int]] = {}
+        self.usual_gap: dict[str, float] = {}
+        self.silent: set[str] = set()
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
     MODEL_KEYS = (
@@ -404,6 +414,9 @@ class DeviceModel:
             "stirred": [list(x) for x in self.stirred],
             "last_row_ns": self.last_row_ns,
             "row_gap_ns": self.row_gap_ns,
+            "heard": {m: list(v) for m, v in self.heard.items()},
+            "usual_gap": self.usual_gap,
+            "silent": sorted(self.silent),
         }
 
     def load_state(self, st: dict[str, Any]) -> None:
@@ -430,6 +443,9 @@ class DeviceModel:
         self.stirred = deque((int(r), str(m)) for r, m in st.get("stirred", ()))
         self.last_row_ns = int(st.get("last_row_ns", 0))
         self.row_gap_ns = int(st.get("row_gap_ns", 0))
+        self.heard = {m: (int(r), int(t)) for m, (r, t) in st.get("heard", {}).items()}
+        self.usual_gap = {m: float(g) for m, g in st.get("usual_gap", {}).items()}
+        self.silent = set(st.get("silent", ()))
 
     def settle(
         self, time_ns: int, row: list[Anomaly], stirred: list[str], hold: int
@@ -452,6 +468,30 @@ class DeviceModel:
             self.held = [(r, a) for r, a in self.held if r + hold > now]
         out.extend(a for r, a in due if not self._load_change(r, a, hold))
         return out
+
+    def hear(self, metric: str, time_ns: int) -> None:
+        """A reading of ``metric`` in the row being gathered."""
+        last = self.heard.get(metric)
+        if last is not None and self.row_no > last[0]:
+            gap = float(self.row_no - last[0])
+            old = self.usual_gap.get(metric)
+            self.usual_gap[metric] = gap if old is None else 0.9 * old + 0.1 * gap
+        self.heard[metric] = (self.row_no, time_ns)
+        self.silent.discard(metric)
+
+    def gone_silent(self, after_rows: int) -> list[str]:
+        """The device's metrics that have just gone silent while the others report: no
+        reading for ``after_rows`` rows and five times their usual gap (known once they
+        have reported twice)."""
+        new = []
+        for m in self.metrics:
+            last, gap = self.heard.get(m), self.usual_gap.get(m)
+            if after_rows and last is not None and gap is not None and m not in self.silent:
+                bar = max(after_rows, 5.0 * gap)
+                if self.row_no - last[0] > bar:
+                    self.silent.add(m)
+                    new.append(m)
+        return new
 
     def _load_change(self, row_no: int, a: Anomaly, hold: int) -> bool:
         return any(m != a.metric and abs(r - row_no) <= hold for r, m in self.stirred)
@@ -711,6 +751,7 @@ class DetectionEngine:
             ):
                 r = rs[i]
                 seen.add(r.metric)
+                dev.hear(r.metric, r.time_ns)
                 # A metric the device model was not trained on (one that joined after
                 # it) is watched by its own detectors, not left to the stuck check alone.
                 modelled = dev.model is not None and r.metric in dev.metrics
@@ -727,9 +768,16 @@ class DetectionEngine:
                 i += 1
             if len(dev.metrics) > 1:
                 out.extend(dev.settle(t, row, stirred, s.load_change_rows))
+                out.extend(
+                    self._silent_anomaly(device, site, dev, t, m)
+                    for m in dev.gone_silent(s.silent_after_rows)
+                )
             else:
                 out.extend(row)
-            if multivariate and len(dev.metrics) > 1 and all(m in dev.last for m in dev.metrics):
+            # A row holding a silent metric's last value would teach (or judge) the model
+            # with a number that is no longer measured.
+            complete = not dev.silent and all(m in dev.last for m in dev.metrics)
+            if multivariate and len(dev.metrics) > 1 and complete:
                 rows.append((t, [dev.last[m] for m in dev.metrics]))
         if multivariate and len(dev.metrics) > 1:
             for t, score, j, z, x, smooth in dev.add_rows(rows):
@@ -823,6 +871,29 @@ class DetectionEngine:
                 [Contribution(r.metric, r.value, r.value, 0.0)],
             )
         ]
+
+    def _silent_anomaly(
+        self, device: str, site: str, dev: DeviceModel, t: int, metric: str
+    ) -> Anomaly:
+        row, last_ns = dev.heard[metric]
+        value = dev.last[metric]
+        minutes = (t - last_ns) / 60e9
+        text = (
+            f"{metric} silent: no reading for {dev.row_no - row} rows ({minutes:.1f} min) "
+            f"while the device's other metrics report; last value {value:.6g}"
+        )
+        # Nothing is wrong with the last value; what is wrong is that no new one comes.
+        return Anomaly(
+            device,
+            site,
+            t,
+            "silent",
+            1.0,
+            1.0,
+            metric,
+            text,
+            [Contribution(metric, value, value, 0.0)],
+        )
 
     def _mv_anomaly(
         self,
