@@ -58,6 +58,10 @@ def _feed(engine: DetectionEngine, readings: list[Reading], chunk: int = 100) ->
             "load_change_rows: -1; must be a whole number, from 0",
         ),
         (
+            [{"match": {"device": "d1"}, "silent_after_rows": 2.5}],
+            "silent_after_rows: 2.5; must be a whole number",
+        ),
+        (
             [{"match": {"device": "d1"}, "row_tolerance_ms": -5}],
             "row_tolerance_ms: -5; must be",
         ),
