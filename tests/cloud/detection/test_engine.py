@@ -328,19 +328,31 @@ class _CorruptDetector:
         raise ValueError("state is corrupt")
 
 
+def _c_joins(
+    warmup: int, rows: int, joins_at: int, batch_rows: int = 1, spike_at: int = -1
+) -> tuple[DetectionEngine, list[Anomaly]]:
+    """A device reporting "a" and "b" every second, and "c" from ``joins_at`` on (+5, 50
+    sigma, at ``spike_at``); fed ``batch_rows`` rows at a time."""
+    s = replace(FAST, warmup=warmup, mv_train_rows=300, mv_window_rows=600, mv_retrain_rows=100)
+    engine = DetectionEngine(s)
+    rng = np.random.default_rng(0)
+    out: list[Anomaly] = []
+    batch: list[Reading] = []
+    for i in range(rows):
+        for m in ["a", "b"] + (["c"] if i >= joins_at else []):
+            v = 20 + rng.normal(0, 0.1) + 5.0 * ((m, i) == ("c", spike_at))
+            batch.append(Reading("d", "s", m, i * 10**9, v))
+        if i % batch_rows == batch_rows - 1:
+            out += engine.observe(batch)
+            batch = []
+    return engine, out
+
+
 def test_a_metric_that_joins_before_the_device_model_is_in_the_model() -> None:
     # The rows kept before it lack the new metric: they are dropped and the model is
     # trained on rows of all three (mixing them used to fail every batch of the device).
-    s = replace(FAST, warmup=50, mv_train_rows=300, mv_window_rows=600, mv_retrain_rows=100)
-    engine = DetectionEngine(s)
-    rng = np.random.default_rng(0)
-    batch: list[Reading] = []
-    for i in range(800):
-        metrics = ["a", "b"] + (["c"] if i >= 100 else [])
-        batch += [Reading("d", "s", m, i * 10**9, 20 + rng.normal()) for m in metrics]
-        if i % 7 == 6:  # so that "c" joins inside a batch, after rows without it
-            engine.observe(batch)
-            batch = []
+    # Batches of 7 rows, so that "c" joins inside a batch, after rows without it.
+    engine, _ = _c_joins(warmup=50, rows=800, joins_at=100, batch_rows=7)
     dev = engine.devices["d"]
     assert engine.failed_readings == 0 and not engine.errors
     assert dev.metrics == ["a", "b", "c"] and dev.model is not None
@@ -350,20 +362,7 @@ def test_a_metric_that_joins_before_the_device_model_is_in_the_model() -> None:
 def test_a_metric_that_joins_after_the_device_model_is_watched_on_its_own() -> None:
     # The model keeps the metrics it was trained on; a sensor added later is watched by
     # its own per-metric detectors (it used to get the stuck check only).
-    s = replace(FAST, warmup=300, mv_train_rows=300, mv_window_rows=600, mv_retrain_rows=100)
-    engine = DetectionEngine(s)
-    rng = np.random.default_rng(0)
-    out: list[Anomaly] = []
-    for i in range(1500):
-        metrics = ["a", "b"] + (["c"] if i >= 400 else [])
-        out += engine.observe(
-            [
-                Reading(
-                    "d", "s", m, i * 10**9, 20 + rng.normal(0, 0.1) + 5.0 * ((m, i) == ("c", 1400))
-                )
-                for m in metrics
-            ]
-        )
+    engine, out = _c_joins(warmup=300, rows=1500, joins_at=400, spike_at=1400)
     dev = engine.devices["d"]
     assert dev.model is not None and dev.metrics == ["a", "b"]
     assert [(a.metric, a.detector, a.time_ns) for a in out] == [
