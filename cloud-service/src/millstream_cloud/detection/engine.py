@@ -483,10 +483,12 @@ class DeviceModel:
         """The device's metrics that have just gone silent while the others report: no
         reading for ``after_rows`` rows and five times their usual gap (known once they
         have reported twice)."""
-        new = []
+        new: list[str] = []
+        if not after_rows:
+            return new
         for m in self.metrics:
             last, gap = self.heard.get(m), self.usual_gap.get(m)
-            if after_rows and last is not None and gap is not None and m not in self.silent:
+            if last is not None and gap is not None and m not in self.silent:
                 bar = max(after_rows, 5.0 * gap)
                 if self.row_no - last[0] > bar:
                     self.silent.add(m)
@@ -496,7 +498,7 @@ class DeviceModel:
     def _load_change(self, row_no: int, a: Anomaly, hold: int) -> bool:
         return any(m != a.metric and abs(r - row_no) <= hold for r, m in self.stirred)
 
-    def _silent(self, now_ns: int, hold: int) -> bool:
+    def _gone_quiet(self, now_ns: int, hold: int) -> bool:
         """Whether ``now_ns`` is more than ``hold`` + 1 row gaps past the last row."""
         return bool(self.row_gap_ns) and now_ns - self.last_row_ns > (hold + 1) * self.row_gap_ns
 
@@ -505,7 +507,7 @@ class DeviceModel:
         may never come: once ``now_ns`` (the fleet's clock) is ``hold`` + 1 of its row
         gaps past its last row, or at once without ``now_ns`` (the end of a replay). A load
         change seen so far still drops an alarm."""
-        if not self.held or (now_ns is not None and not self._silent(now_ns, hold)):
+        if not self.held or (now_ns is not None and not self._gone_quiet(now_ns, hold)):
             return []
         out = [a for r, a in self.held if not self._load_change(r, a, hold)]
         self.held = []

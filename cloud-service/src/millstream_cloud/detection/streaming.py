@@ -234,8 +234,9 @@ class SeasonalResidual:
 
 
 COMPONENTS = ("value", "level", "volatility", "seasonal", "spike")
-# Components whose statistic can be replayed from the values a detector remembers.
-REBUILDABLE = ("spike",)
+# Components whose statistic can be replayed from the values a detector remembers, and
+# the part that computes it.
+REBUILDABLE: dict[str, type[Spike]] = {"spike": Spike}
 
 
 @register("ensemble")
@@ -335,8 +336,7 @@ class StreamingEnsemble:
             ]
         self.components = tuple(comps)
         self.cal: dict[str, AnomalyLikelihood] = {
-            name: AnomalyLikelihood(history, 1, two_sided=name != "value", tail_fit=tail_fit)
-            for name in self.components
+            name: self._new_calibration(name) for name in self.components
         }
         self.n = 0
         self.quiet = 0
@@ -401,6 +401,11 @@ class StreamingEnsemble:
         self.n += 1
         return s
 
+    def _new_calibration(self, name: str) -> AnomalyLikelihood:
+        """An empty calibration for component ``name``: two-sided but for ``value``, whose
+        statistic is already a distance."""
+        return AnomalyLikelihood(self.history, 1, two_sided=name != "value", tail_fit=self.tail_fit)
+
     def add_component(self, name: str) -> None:
         """Start watching ``name`` (one of :data:`REBUILDABLE`) with its calibration rebuilt
         from the values the ``value`` component remembers: a detector saved before the
@@ -408,9 +413,9 @@ class StreamingEnsemble:
         if name in self.components:
             return
         if name not in REBUILDABLE:
-            raise ValueError(f"component {name!r} cannot be rebuilt; one of {REBUILDABLE}")
-        part = Spike()
-        cal = AnomalyLikelihood(self.history, 1, two_sided=True, tail_fit=self.tail_fit)
+            raise ValueError(f"component {name!r} cannot be rebuilt; one of {list(REBUILDABLE)}")
+        part = REBUILDABLE[name]()
+        cal = self._new_calibration(name)
         for x in self.parts["value"].ref.buf.tolist():
             if len(part.win) == part.span:
                 cal.learn(part.score_one(x))
@@ -442,7 +447,7 @@ class StreamingEnsemble:
     def _backfill_seasonal(self, seasonal: SeasonalResidual) -> None:
         # The season was just found: replay the stored history so the seasonal calibration
         # starts with a full picture instead of a run of zeros.
-        cal = AnomalyLikelihood(self.history, 1, two_sided=True, tail_fit=self.tail_fit)
+        cal = self._new_calibration("seasonal")
         hist = list(seasonal.hist)
         p, k = seasonal.period or 0, seasonal.short
         resid: deque[float] = deque(maxlen=k)
