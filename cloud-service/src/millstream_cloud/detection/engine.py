@@ -142,6 +142,14 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
 }
 
 
+def with_implied(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the settings they imply unless said: raising (or lowering) the
+    lone bar means it for young metrics too."""
+    if "streaming_min_score" in values:
+        values = {"streaming_min_score_young": values["streaming_min_score"], **values}
+    return values
+
+
 def settings_from_mapping(block: dict[str, Any] | None, pairs: bool = True) -> EngineSettings:
     """Build settings from a config block (e.g. the ``detection:`` section of the cloud's
     settings); an unknown key, a wrong type or a value out of range is an error that names
@@ -188,10 +196,7 @@ def settings_from_mapping(block: dict[str, Any] | None, pairs: bool = True) -> E
                 **check_streaming(value, "detection settings: streaming"),
             }
         values[key] = value
-    if "streaming_min_score" in values:
-        # Raising (or lowering) the lone bar means it for young metrics too, unless said.
-        values.setdefault("streaming_min_score_young", values["streaming_min_score"])
-    out = EngineSettings(**values)
+    out = EngineSettings(**with_implied(values))
     if pairs:
         _check_pairs(out, "detection settings")
     return out

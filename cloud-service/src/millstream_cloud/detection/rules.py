@@ -143,7 +143,7 @@ def check_streaming(block: Any, where: str) -> dict[str, Any]:
 
 def parse_rules(raw: Sequence[Any] | None) -> tuple[Rule, ...]:
     """Validate the ``detection.rules`` list; an error names the rule and the key."""
-    from .engine import settings_from_mapping
+    from .engine import settings_from_mapping, with_implied
 
     rules = []
     for i, item in enumerate(raw or ()):
@@ -176,8 +176,7 @@ def parse_rules(raw: Sequence[Any] | None) -> tuple[Rule, ...]:
             parsed = settings_from_mapping(settings, pairs=False)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        if "streaming_min_score" in settings:  # sets the young bar too (settings_from_mapping)
-            settings.setdefault("streaming_min_score_young", settings["streaming_min_score"])
+        settings = with_implied(settings)
         for key in settings:  # as parsed: 6000.0 becomes 6000, a list of spans a tuple
             value = getattr(parsed, key)
             overrides[key] = (
