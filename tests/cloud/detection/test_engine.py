@@ -512,3 +512,23 @@ def test_a_rule_is_checked_against_the_settings_it_applies_over() -> None:
     with pytest.raises(ValueError, match=r"detection\.rules\[0\]: mv_off"):
         Settings(detection={"rules": [{"match": {"kind": "press"}, "mv_on": 3.0}]})
     Settings(detection={"engine": {"mv_off": 2.0}, "rules": [{"match": {"kind": "p"}, "mv_on": 3}]})
+
+
+def test_a_device_whose_model_is_turned_off_is_watched_per_metric_again(tmp_path: Path) -> None:
+    # A rule (or the settings) turns the device model off after it was trained: the
+    # device's metrics go back to their per-metric detectors, not to the stuck check alone.
+    s = replace(FAST, warmup=200, mv_train_rows=300)
+    engine = DetectionEngine(s)
+    rng = np.random.default_rng(4)
+    for i in range(500):
+        engine.observe(_pump_row(i, rng))
+    assert engine.devices["pump"].model is not None
+    engine.save(tmp_path)
+    again = DetectionEngine.load(tmp_path, replace(s, multivariate=False))
+    out: list[Anomaly] = []
+    for i in range(500, 1000):
+        out += again.observe(_pump_row(i, rng, 3.0 * (i == 900)))
+    assert [(a.metric, a.time_ns, a.detector.split(":")[0]) for a in out] == [
+        ("flow", 900 * 10**9, "ensemble")
+    ]
+    assert again.describe("pump", None, ["flow"])["metrics"]["flow"]["state"] == "watching"

@@ -275,7 +275,12 @@ class DeviceModel:
         if self.rows.maxlen != size:
             self.rows = deque(self.rows, maxlen=size)
             self.flags = deque(self.flags, maxlen=size)
-        if self.model is not None and any(
+        if not s.multivariate:  # turned off: what it learned would be stale if turned on
+            self.model = None
+            self.rows.clear()
+            self.flags.clear()
+            self.since_fit = 0
+        elif self.model is not None and any(
             getattr(old, k) != getattr(s, k) for k in self.MODEL_KEYS
         ):
             self.model = None
@@ -608,7 +613,10 @@ class DetectionEngine:
                 del self.stuck[key]
         dev = self.devices.get(device)
         if dev is not None:
-            dev.apply_settings(self.settings_for(device)[0])
+            s, on = self.settings_for(device)
+            dev.apply_settings(s)
+            if on and s.multivariate:
+                self._retire(device, dev, s)  # states saved while they were kept
 
     def describe(self, device: str, kind: str | None, metrics: Iterable[str]) -> dict[str, Any]:
         """What detection does for one device: the rules that match it (by index), the
@@ -761,7 +769,7 @@ class DetectionEngine:
                 dev.hear(r.metric, r.time_ns)
                 # A metric the device model was not trained on (one that joined after
                 # it) is watched by its own detectors, not left to the stuck check alone.
-                modelled = dev.model is not None and r.metric in dev.metrics
+                modelled = multivariate and dev.model is not None and r.metric in dev.metrics
                 if not modelled or s.streaming_when_multivariate:
                     # Counted as they arrive, not once per call: a device's first batch may
                     # be all of its history (a backtest) and must not pass for one metric's.
@@ -789,7 +797,19 @@ class DetectionEngine:
         if multivariate and len(dev.metrics) > 1:
             for t, score, j, z, x, smooth in dev.add_rows(rows):
                 out.append(self._mv_anomaly(device, site, dev, t, score, j, z, x, smooth))
+            self._retire(device, dev, s)
         return out
+
+    def _retire(self, device: str, dev: DeviceModel, s: EngineSettings) -> None:
+        """Drop the per-metric ensembles of the metrics a trained device model covers.
+
+        They no longer learn (a frozen ensemble is most of a metric's state, ~0.4 MB); if
+        the model goes (turned off, relearned) the metric learns afresh, as a baseline
+        frozen hours or weeks ago would judge today's readings against then."""
+        if dev.model is None or s.streaming_when_multivariate:
+            return
+        for m in dev.metrics:
+            self.metrics.pop((device, m), None)
 
     def _stream(
         self, device: str, site: str, r: Reading, multi: bool, stirred: list[str]
