@@ -117,7 +117,7 @@ def test_detection_engine_is_wired_and_its_state_survives_a_restart(tmp_path: Pa
 def test_an_unreadable_detector_state_is_kept_aside_and_the_service_starts_afresh(
     tmp_path: Path,
 ) -> None:
-    from millstream_cloud.detection.engine import STATE_FILE, DetectionEngine
+    from millstream_cloud.detection.engine import DEVICE_DIR, STATE_FILE, DetectionEngine
 
     settings = Settings(data_dir=str(tmp_path))
     services = Services.build(settings, with_subscriber=False)
@@ -129,7 +129,7 @@ def test_an_unreadable_detector_state_is_kept_aside_and_the_service_starts_afres
     path = tmp_path / "detection" / STATE_FILE
     state = json.loads(path.read_text())
     # Damage it past the first keys, so a load gets part of the way before failing.
-    state["stuck"] = [["press-01", "temp", 7]]
+    state["settings"]["no_such_setting"] = 7
     damaged = json.dumps(state)
     path.write_text(damaged)
 
@@ -141,6 +141,9 @@ def test_an_unreadable_detector_state_is_kept_aside_and_the_service_starts_afres
         [aside] = path.parent.glob(f"{STATE_FILE}.unreadable-*")
         assert aside.read_text() == damaged
         assert not path.exists()
+        # The devices' files went aside with it (kept, and not mixed into a fresh state).
+        [devices] = path.parent.glob(f"{DEVICE_DIR}.unreadable-*")
+        assert [p.name for p in devices.iterdir()] == ["press-01.json"]
     finally:
         again.stop()
     assert path.exists()  # the fresh state is saved where the old one was
@@ -219,7 +222,7 @@ def test_the_api_says_what_detection_does_for_a_device(tmp_path: Path) -> None:
         from millstream_cloud.detection.engine import DetectionEngine
 
         assert services.anomalies.save is not None
-        services.anomalies.save()  # the periodic save, with the old baseline
+        services.anomalies._save()  # the periodic save, with the old baseline
         assert "lathe-01" in DetectionEngine.load(tmp_path / "detection").devices
         res = client.post("/api/v1/devices/lathe-01/detection/relearn")
         assert res.status_code == 200, res.text

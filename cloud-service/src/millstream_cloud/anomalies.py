@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from prometheus_client import Counter
@@ -86,7 +87,7 @@ class AnomalySink:
         metrics: ServiceMetrics,
         detector: Detector | None = None,
         queue_max_readings: int = 200_000,
-        save: Callable[[], None] | None = None,
+        save: Callable[[AbstractContextManager[Any]], None] | None = None,
         save_interval_s: float = 300.0,
     ) -> None:
         self.storage = storage
@@ -204,8 +205,9 @@ class AnomalySink:
     def _save(self) -> None:
         try:
             if self.save is not None:
-                with self._engine_lock:  # a relearn must not change the state mid-write
-                    self.save()
+                # Given the lock scoring and relearning run under, to hold while it reads
+                # the state (device by device: scoring does not wait for the whole write).
+                self.save(self._engine_lock)
         except Exception:
             log.exception("saving detector state failed")
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.anomalies import AnomalySink
@@ -36,7 +36,12 @@ def attach_detection(
     """Give the sink the detection engine, restored from its saved state when there is one.
 
     With a ``registry``, rules that match on machine kind learn each device's kind from it."""
-    from millstream_cloud.detection.engine import STATE_FILE, DetectionEngine, settings_from_mapping
+    from millstream_cloud.detection.engine import (
+        DEVICE_DIR,
+        STATE_FILE,
+        DetectionEngine,
+        settings_from_mapping,
+    )
     from millstream_cloud.detection.rules import parse_rules
 
     def kind_of(device: str) -> str | None:
@@ -54,14 +59,18 @@ def attach_detection(
     path = state_dir / STATE_FILE
     if path.exists():
         try:
-            engine.load_state(json.loads(path.read_text(encoding="utf-8")))
-            log.info("detector state restored from %s", path)
+            engine.restore(state_dir)
+            log.info("detector state restored from %s", state_dir)
         except Exception as exc:  # whatever is wrong with it, the service still starts
             # A half-restored engine is not trusted: start afresh, and keep the file for
             # inspection instead of letting the next save overwrite it.
             engine = fresh()
-            aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            aside = path.with_name(f"{path.name}.unreadable-{stamp}")
             path.replace(aside)
+            devices = state_dir / DEVICE_DIR
+            if devices.exists():  # the devices' files belong to it
+                devices.replace(devices.with_name(f"{DEVICE_DIR}.unreadable-{stamp}"))
             log.error(
                 "detector state %s is unreadable (%s: %s); kept as %s, detectors learn afresh",
                 path,
@@ -71,8 +80,8 @@ def attach_detection(
             )
     sink.detector = engine
 
-    def save() -> None:
-        engine.save(state_dir)
+    def save(guard: AbstractContextManager[Any]) -> None:
+        engine.save(state_dir, guard)
 
     sink.save = save
 

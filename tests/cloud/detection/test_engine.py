@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from dataclasses import replace
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from millstream_cloud.detection.engine import (
+    DEVICE_DIR,
     STATE_FILE,
     DetectionEngine,
     EngineSettings,
@@ -22,6 +24,7 @@ from millstream_cloud.model import Anomaly, Reading
 # The default settings (models trained after 12 h of 10-s rows); short fleets of one or two
 # devices keep the tests fast.
 FAST = EngineSettings(warmup=300)
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 def _pump_row(
@@ -141,9 +144,9 @@ def test_engine_state_round_trip_continues_identically(
     a.save(tmp_path)
     b_engine = DetectionEngine.load(tmp_path)
     # A device's rows as states were saved before they were packed: lists of rows.
-    state = json.loads((tmp_path / STATE_FILE).read_text())
+    state = json.loads(json.dumps(a.state_dict()))
     for dev in state["devices"].values():
-        dev["rows"] = _unpack_rows(dev["rows"])
+        dev["model"]["rows"] = _unpack_rows(dev["model"]["rows"])
     c_engine = DetectionEngine(settings)
     c_engine.load_state(state)
     rest: list[list[Anomaly]] = [[], [], []]
@@ -532,3 +535,113 @@ def test_a_device_whose_model_is_turned_off_is_watched_per_metric_again(tmp_path
         ("flow", 900 * 10**9, "ensemble")
     ]
     assert again.describe("pump", None, ["flow"])["metrics"]["flow"]["state"] == "watching"
+
+
+# The engine and readings that wrote tests/fixtures/detection/state-v2.json.gz with the
+# version-2 persistence (one file; commit 03d9491): a two-metric pump with a trained
+# device model and a one-metric fan with its per-metric ensemble.
+V2_SETTINGS = EngineSettings(
+    warmup=60,
+    mv_train_rows=120,
+    mv_window_rows=200,
+    mv_retrain_rows=100,
+    streaming={**EngineSettings().streaming, "history": 150},
+)
+
+
+def _v2_readings(start: int, stop: int) -> list[Reading]:
+    rng = np.random.default_rng(start)
+    out = []
+    for i in range(start, stop):
+        load = 50 + 5 * np.sin(i / 40)
+        out += [
+            Reading("pump-1", "plant", "flow", i * 10**10, load + rng.normal(0, 0.1)),
+            Reading("pump-1", "plant", "pressure", i * 10**10, load / 10 + rng.normal(0, 0.05)),
+            Reading("fan-2", "plant", "rpm", i * 10**10, 1400 + rng.normal(0, 3)),
+        ]
+    return out
+
+
+def test_a_state_saved_by_the_previous_version_loads_and_is_rewritten_per_device(
+    tmp_path: Path,
+) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / STATE_FILE).write_bytes(
+        gzip.decompress((FIXTURES / "detection" / "state-v2.json.gz").read_bytes())
+    )
+    restored = DetectionEngine.load(old)
+    same = DetectionEngine(V2_SETTINGS)
+    same.observe(_v2_readings(0, 150))
+    assert restored.state_dict() == same.state_dict()
+    # The next save writes it the new way: a header and one file per device.
+    restored.save(old)
+    assert json.loads((old / STATE_FILE).read_text())["version"] == 3
+    assert sorted(p.name for p in (old / DEVICE_DIR).iterdir()) == ["fan-2.json", "pump-1.json"]
+    again = DetectionEngine.load(old)
+    assert again.state_dict() == same.state_dict()
+    later = _v2_readings(150, 400)
+    assert again.observe(later) == same.observe(later)
+
+
+def test_a_save_writes_only_the_devices_that_changed_and_drops_relearned_ones(
+    tmp_path: Path,
+) -> None:
+    engine = DetectionEngine(V2_SETTINGS)
+    engine.observe(_v2_readings(0, 150))
+    engine.save(tmp_path)
+    folder = tmp_path / DEVICE_DIR
+    assert sorted(p.name for p in folder.iterdir()) == ["fan-2.json", "pump-1.json"]
+    fan = (folder / "fan-2.json").read_text()
+    for name in ("fan-2.json", "pump-1.json"):  # marked, to see which a save rewrites
+        (folder / name).write_text('"not rewritten"')
+    engine.observe([r for r in _v2_readings(150, 160) if r.device == "pump-1"])
+    engine.save(tmp_path)
+    assert (folder / "fan-2.json").read_text() == '"not rewritten"'
+    assert json.loads((folder / "pump-1.json").read_text())["device"] == "pump-1"
+    engine.relearn("fan-2")
+    engine.save(tmp_path)
+    assert [p.name for p in folder.iterdir()] == ["pump-1.json"]
+    # A device file with no device behind it (left by another run) does not come back.
+    (folder / "fan-2.json").write_text(fan)
+    engine.save(tmp_path)
+    assert [p.name for p in folder.iterdir()] == ["pump-1.json"]
+    assert DetectionEngine.load(tmp_path).state_dict() == engine.state_dict()
+
+
+def test_a_damaged_device_file_costs_that_device_only(tmp_path: Path) -> None:
+    engine = DetectionEngine(V2_SETTINGS)
+    engine.observe(_v2_readings(0, 150))
+    engine.save(tmp_path)
+    damaged = tmp_path / DEVICE_DIR / "fan-2.json"
+    damaged.write_text(damaged.read_text()[:-200])  # cut short, as by a full disk
+    again = DetectionEngine.load(tmp_path)
+    assert again.unreadable_devices == 1
+    [aside] = (tmp_path / DEVICE_DIR).glob("fan-2.json.unreadable-*")
+    assert aside.stat().st_size > 0
+    assert again.state_dict()["devices"].keys() == {"pump-1"}
+    assert again.state_dict()["devices"]["pump-1"] == engine.state_dict()["devices"]["pump-1"]
+    # The fan learns afresh; the pump carries on with its trained model.
+    later = _v2_readings(150, 200)
+    again.observe(later)
+    assert again.metrics[("fan-2", "rpm")].n == 50 and again.devices["pump-1"].model is not None
+
+
+def test_a_save_lets_scoring_in_between_devices(tmp_path: Path) -> None:
+    # The guard (the lock scoring runs under) is taken once for the dirty list and once
+    # per device, never for the whole save.
+    class Counting:
+        def __init__(self) -> None:
+            self.entered = 0
+
+        def __enter__(self) -> None:
+            self.entered += 1
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    engine = DetectionEngine(V2_SETTINGS)
+    engine.observe(_v2_readings(0, 150))
+    guard = Counting()
+    engine.save(tmp_path, guard)
+    assert guard.entered == 1 + 2

@@ -305,6 +305,11 @@ def test_a_lone_bar_set_alone_applies_to_young_metrics_too() -> None:
     assert settings_from_mapping({"streaming_min_score_young": 0.6}).streaming_min_score == 0.7
 
 
+def _metric_states(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The saved per-metric detectors of an engine's ``state_dict()``."""
+    return [st for dev in state["devices"].values() for st in dev["metrics"].values()]
+
+
 def test_a_state_saved_before_calibrate_after_existed_continues_without_restarting() -> None:
     # Such a state's detectors have calibrate_after 0 (and no key for it); the setting only
     # matters in a detector's first values, so one past them takes it on instead of
@@ -313,7 +318,7 @@ def test_a_state_saved_before_calibrate_after_existed_continues_without_restarti
     before = DetectionEngine(old)
     _feed(before, _series("m1", "temp", 300, 10**6) + _series("m2", "temp", 40, 10**6, seed=7))
     state = before.state_dict()
-    for _, _, st in state["metrics"]:
+    for st in _metric_states(state):
         del st["params"]["calibrate_after"]
     after = DetectionEngine(BASE)
     after.load_state(state)
@@ -330,7 +335,7 @@ def test_a_state_saved_before_the_spike_component_takes_it_on_without_restarting
     before = DetectionEngine(old)
     _feed(before, _series("m1", "temp", 600, 10**6))
     state = before.state_dict()
-    for _, _, st in state["metrics"]:
+    for st in _metric_states(state):
         for part in ("parts", "cal"):
             st[part].pop("spike", None)
     after = DetectionEngine(BASE)

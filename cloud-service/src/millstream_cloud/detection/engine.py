@@ -9,15 +9,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -29,8 +32,9 @@ from .multivariate import VirtualSensorResidual
 from .rules import Rule, check_bound, check_streaming, resolve
 from .streaming import REBUILDABLE, StreamingEnsemble, StuckSensor
 
-STATE_FILE = "detection-state.json"
-STATE_VERSION = 2
+STATE_FILE = "detection-state.json"  # the header; each device's state in DEVICE_DIR
+DEVICE_DIR = "devices"
+STATE_VERSION = 3
 
 log = logging.getLogger("millstream.detection")
 
@@ -564,6 +568,8 @@ class DetectionEngine:
         self.failed_readings = 0
         self.errors: dict[str, str] = {}
         self.holding: set[str] = set()  # devices with alarms held for a load-change check
+        self._dirty: set[str] = set()  # devices changed since the last save
+        self.unreadable_devices = 0  # device state files a restore had to put aside
 
     # --- settings per device and metric ------------------------------------------------
     def settings_for(self, device: str, metric: str | None = None) -> tuple[EngineSettings, bool]:
@@ -683,6 +689,7 @@ class DetectionEngine:
         for key in [k for k in self.stuck if k[0] == device]:
             del self.stuck[key]
         had_model = self.devices.pop(device, None) is not None
+        self._dirty.add(device)
         return {"metric_detectors": len(metric_keys), "device_model": int(had_model)}
 
     def _detector(self, device: str, metric: str) -> StreamingEnsemble:
@@ -717,6 +724,7 @@ class DetectionEngine:
         if by_device:
             now = max(rs[-1].time_ns for rs in by_device.values())
             anomalies.extend(self._release(now))
+        self._dirty.update(by_device)
         self.readings_seen += len(readings)
         return anomalies
 
@@ -952,48 +960,90 @@ class DetectionEngine:
         )
 
     # --- persistence -----------------------------------------------------------------
+    # On disk: the engine's header in STATE_FILE and one file per device in DEVICE_DIR, so
+    # a save rewrites only the devices that changed, scoring waits for one device at a
+    # time (not the fleet), and a damaged file costs its own device's baseline only.
     def state_dict(self) -> dict[str, Any]:
+        """All state as one JSON-able dict (what ``save`` spreads over its files)."""
+        devices = {d: self._device_state(d) for d in sorted(self._known_devices())}
+        return {**self._header(), "devices": {d: st for d, st in devices.items() if st}}
+
+    def _header(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "settings": asdict(self.settings),
-            "metrics": [[d, m, det.state_dict()] for (d, m), det in self.metrics.items()],
-            "stuck": [[d, m, det.state_dict()] for (d, m), det in self.stuck.items()],
-            "devices": {d: dev.state_dict() for d, dev in self.devices.items()},
-            # Only where rules made a device's settings differ from the engine's.
-            "device_settings": {
-                d: asdict(dev.s) for d, dev in self.devices.items() if dev.s != self.settings
-            },
-            "sites": self.sites,
             "readings_seen": self.readings_seen,
         }
 
+    def _known_devices(self) -> set[str]:
+        return {d for d, _ in self.metrics} | {d for d, _ in self.stuck} | set(self.devices)
+
+    def _device_state(self, device: str) -> dict[str, Any] | None:
+        """One device's detectors, or None when it has none (never seen, or relearned)."""
+        dev = self.devices.get(device)
+        metrics = {m: det.state_dict() for (d, m), det in self.metrics.items() if d == device}
+        stuck = {m: det.state_dict() for (d, m), det in self.stuck.items() if d == device}
+        if dev is None and not metrics and not stuck:
+            return None
+        return {
+            "site": self.sites.get(device),
+            "metrics": metrics,
+            "stuck": stuck,
+            "model": None if dev is None else dev.state_dict(),
+            # Only where rules made the device's settings differ from the engine's.
+            "settings": None if dev is None or dev.s == self.settings else asdict(dev.s),
+        }
+
+    def _load_device(self, device: str, st: dict[str, Any], saved: EngineSettings) -> None:
+        """Restore one device from ``_device_state``; all of it or, raising, none of it."""
+        metrics = {(device, m): StreamingEnsemble.from_state(x) for m, x in st["metrics"].items()}
+        stuck = {}
+        for m, x in st["stuck"].items():
+            stuck[(device, m)] = det = StuckSensor()
+            det.load_state(x)
+        dev = None
+        if st["model"] is not None:
+            dev = DeviceModel(saved if st["settings"] is None else _saved_settings(st["settings"]))
+            dev.load_state(st["model"])
+        self.metrics.update(metrics)
+        self.stuck.update(stuck)
+        if dev is not None:
+            self.devices[device] = dev
+            if dev.held:
+                self.holding.add(device)
+        if st["site"] is not None:
+            self.sites[device] = st["site"]
+
     def load_state(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
+        """Restore ``state_dict()`` (or a state saved by an older version, in one file)."""
+        if state.get("version") == 2:
+            state = _from_version_2(state)
+            self._dirty |= set(state["devices"])  # the next save writes them the new way
+        self._check_version(state)
+        self.metrics, self.stuck, self.devices, self.sites = {}, {}, {}, {}
+        self.holding = set()
+        saved = self._load_header(state)
+        for device, st in state["devices"].items():
+            self._load_device(device, st, saved)
+        self._settle_loaded()
+
+    def _check_version(self, header: dict[str, Any]) -> None:
+        if header.get("version") != STATE_VERSION:
             raise ValueError(
-                f"detection state version {state.get('version')!r} is not "
-                f"{STATE_VERSION}; delete the state file to start fresh"
+                f"detection state version {header.get('version')!r} is not "
+                f"{STATE_VERSION}; delete the state directory to start fresh"
             )
-        # What the saved detectors were built with; the configured settings (self.settings
-        # and the rules) apply from now on, and _reconcile rebuilds what they change.
-        saved = _saved_settings(state["settings"])
-        per_device = state.get("device_settings", {})
-        self.metrics = {(d, m): StreamingEnsemble.from_state(st) for d, m, st in state["metrics"]}
-        self.stuck = {}
-        for d, m, st in state["stuck"]:
-            det = StuckSensor()
-            det.load_state(st)
-            self.stuck[(d, m)] = det
-        self.devices = {}
-        for d, st in state["devices"].items():
-            dev = DeviceModel(_saved_settings(per_device[d]) if d in per_device else saved)
-            dev.load_state(st)
-            self.devices[d] = dev
-        self.holding = {d for d, dev in self.devices.items() if dev.held}
-        self.sites = dict(state["sites"])
-        self.readings_seen = int(state["readings_seen"])
+
+    def _load_header(self, header: dict[str, Any]) -> EngineSettings:
+        """Take the engine's counters; return the settings the saved detectors were built
+        with (the configured ones apply from now on: ``_settle_loaded``)."""
+        self.readings_seen = int(header["readings_seen"])
+        return _saved_settings(header["settings"])
+
+    def _settle_loaded(self) -> None:
         self._resolved.clear()
         before = self.restarted
-        for device in set(self.devices) | {d for d, _ in self.metrics}:
+        for device in self._known_devices():
             self._ask_kind(device)
             self._reconcile(device)
         if self.restarted > before:
@@ -1003,14 +1053,81 @@ class DetectionEngine:
                 self.restarted - before,
             )
 
-    def save(self, directory: Path) -> Path:
-        """Write all state atomically to ``directory/detection-state.json``."""
-        directory.mkdir(parents=True, exist_ok=True)
+    def save(self, directory: Path, guard: AbstractContextManager[Any] | None = None) -> Path:
+        """Write the state under ``directory``: the devices that changed since the last
+        save (one file each, atomically), then the header ``directory/STATE_FILE``.
+
+        ``guard`` (the lock scoring runs under) is held while each device's state is
+        taken, and released between devices and while writing, so scoring waits for one
+        device at a time. Device files of devices the engine no longer has (relearned,
+        or left over) are removed."""
+        hold = guard if guard is not None else nullcontext()
+        folder = directory / DEVICE_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        with hold:
+            dirty, self._dirty = sorted(self._dirty), set()
+            header = json.dumps(self._header())
+            keep = {_device_file(d) for d in self._known_devices()}
+        try:
+            while dirty:
+                device = dirty[-1]
+                with hold:
+                    st = self._device_state(device)
+                    text = None if st is None else json.dumps({"device": device, **st})
+                path = folder / _device_file(device)
+                if text is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    _write_atomically(path, text)
+                dirty.pop()
+        except BaseException:
+            with hold:  # not written: the next save tries them again
+                self._dirty.update(dirty)
+            raise
+        for path in folder.glob("*.json"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+        return _write_atomically(directory / STATE_FILE, header)
+
+    def restore(self, directory: Path) -> bool:
+        """Load what ``save`` wrote under ``directory`` into this engine (its configured
+        settings and rules apply from now on); False when nothing was saved there.
+
+        A device file that cannot be read is moved aside (``<name>.unreadable-<time>``),
+        logged and counted in ``unreadable_devices``: that device learns afresh, the others
+        carry on. A header that cannot be read raises, as does a state of another version.
+        A state saved by an older version in one file is read too (and written the new
+        way at the next save)."""
         path = directory / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state_dict()), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        if not path.exists():
+            return False
+        header = json.loads(path.read_text(encoding="utf-8"))
+        if header.get("version") == 2:
+            self.load_state(header)
+            return True
+        self._check_version(header)
+        self.metrics, self.stuck, self.devices, self.sites = {}, {}, {}, {}
+        self.holding = set()
+        saved = self._load_header(header)
+        folder = directory / DEVICE_DIR
+        for file in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+            try:
+                st = json.loads(file.read_text(encoding="utf-8"))
+                self._load_device(str(st["device"]), st, saved)
+            except Exception as exc:  # one device's damage must not cost the fleet's state
+                aside = file.with_name(f"{file.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+                file.replace(aside)
+                self.unreadable_devices += 1
+                log.error(
+                    "detector state %s is unreadable (%s: %s); kept as %s, that device "
+                    "learns afresh",
+                    file,
+                    type(exc).__name__,
+                    exc,
+                    aside.name,
+                )
+        self._settle_loaded()
+        return True
 
     @classmethod
     def load(cls, directory: Path, settings: EngineSettings | None = None) -> DetectionEngine:
@@ -1019,10 +1136,53 @@ class DetectionEngine:
         path = directory / STATE_FILE
         if not path.exists():
             return cls(settings)
-        state = json.loads(path.read_text(encoding="utf-8"))
-        engine = cls(settings or _saved_settings(state["settings"]))
-        engine.load_state(state)
+        if settings is None:
+            settings = _saved_settings(json.loads(path.read_text(encoding="utf-8"))["settings"])
+        engine = cls(settings)
+        engine.restore(directory)
         return engine
+
+
+def _device_file(device: str) -> str:
+    """A device's state file name: its id where that is a safe file name (the ids ingest
+    accepts are), escaped otherwise, hashed when too long for one."""
+    name = quote(device, safe="")
+    if len(name) > 200 or name.startswith("."):
+        name = "h-" + hashlib.sha256(device.encode()).hexdigest()
+    return name + ".json"
+
+
+def _write_atomically(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _from_version_2(state: dict[str, Any]) -> dict[str, Any]:
+    """A state saved in one file by version 2 (before per-device files), as version 3."""
+    per_device = state.get("device_settings", {})
+    devices: dict[str, dict[str, Any]] = {}
+
+    def entry(d: str) -> dict[str, Any]:
+        if d not in devices:
+            devices[d] = {
+                "site": state["sites"].get(d),
+                "metrics": {},
+                "stuck": {},
+                "model": None,
+                "settings": per_device.get(d),
+            }
+        return devices[d]
+
+    for d, m, st in state["metrics"]:
+        entry(d)["metrics"][m] = st
+    for d, m, st in state["stuck"]:
+        entry(d)["stuck"][m] = st
+    for d, st in state["devices"].items():
+        entry(d)["model"] = st
+    header = {k: state[k] for k in ("settings", "readings_seen")}
+    return {**header, "version": STATE_VERSION, "devices": devices}
 
 
 def _lone_bar(s: EngineSettings, det: StreamingEnsemble) -> float:
