@@ -373,22 +373,36 @@ def test_a_metric_that_joins_after_the_device_model_is_watched_on_its_own() -> N
     ]
 
 
-def test_a_metric_that_stops_reporting_is_reported_once_and_pauses_the_model() -> None:
-    # A dead sensor: its last value would stay in every row; the model would learn it as
-    # normal or blame it as a residual. One "silent" anomaly, no others, and the model
-    # resumes when it reports again.
+def _speed_goes_silent(
+    spike_at_h: float | None = None,
+) -> tuple[DetectionEngine, list[Anomaly], list[int], int]:
+    """A motor whose speed sensor reports nothing from hour 16 to 20 of 30; with
+    ``spike_at_h``, a 40-sigma spike on its current at that hour."""
     cfg = SimConfig(seed=0, devices=1, hours=30, fault_after_h=100, faults=())
     fleet = simulate(cfg)
     engine = DetectionEngine(EngineSettings())
     t0 = int(fleet.times_ns[0])
     out: list[Anomaly] = []
     scored: list[int] = []
+    spiked = False
     for batch in fleet.batches():
         hours = (batch[0].time_ns - t0) / 3600e9
         if 16 <= hours < 20:
             batch = [r for r in batch if r.metric != "speed_rpm"]
+        if spike_at_h is not None and hours >= spike_at_h and not spiked:
+            spiked = True
+            k = next(i for i, r in enumerate(batch) if r.metric == "current_a")
+            batch[k] = msgspec.structs.replace(batch[k], value=batch[k].value + 12.0)
         out += engine.observe(batch)
         scored.append(engine.devices["motor-00"].n_rows)
+    return engine, out, scored, t0
+
+
+def test_a_metric_that_stops_reporting_is_reported_once_and_pauses_the_model() -> None:
+    # A dead sensor: its last value would stay in every row; the model would learn it as
+    # normal or blame it as a residual. One "silent" anomaly, no others, and the model
+    # resumes when it reports again.
+    engine, out, scored, t0 = _speed_goes_silent()
     (a,) = out
     assert (a.metric, a.detector) == ("speed_rpm", "silent")
     assert 270 <= (a.time_ns - t0) / 1e9 - 16 * 3600 <= 360  # 31 rows after its last
@@ -398,6 +412,16 @@ def test_a_metric_that_stops_reporting_is_reported_once_and_pauses_the_model() -
     per_hour = len(scored) // 30
     paused = scored[int(16.2 * per_hour)] == scored[int(19.8 * per_hour)]
     assert paused and scored[-1] > scored[int(20.5 * per_hour)]
+    # Back under the model, the per-metric detectors that stood in are dropped again.
+    assert not [k for k in engine.metrics if k[0] == "motor-00"]
+
+
+def test_while_a_metric_is_silent_the_others_are_watched_on_their_own() -> None:
+    # The model is paused for as long as the sensor stays dead; the motor's other metrics
+    # fall back to per-metric detectors (learning from the pause on: 720 readings, 2 h).
+    _, out, _, t0 = _speed_goes_silent(spike_at_h=19.0)
+    found = [(a.metric, a.detector.split(":")[0], round((a.time_ns - t0) / 3600e9, 1)) for a in out]
+    assert found == [("speed_rpm", "silent", 16.1), ("current_a", "ensemble", 19.0)]
 
 
 def test_a_metric_reported_less_often_than_the_others_is_not_silent() -> None:

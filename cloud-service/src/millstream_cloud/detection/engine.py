@@ -776,8 +776,15 @@ class DetectionEngine:
                 seen.add(r.metric)
                 dev.hear(r.metric, r.time_ns)
                 # A metric the device model was not trained on (one that joined after
-                # it) is watched by its own detectors, not left to the stuck check alone.
-                modelled = multivariate and dev.model is not None and r.metric in dev.metrics
+                # it), or any while the model is paused by a silent metric (a dead sensor
+                # may stay dead for days), is watched by its own detectors, not left to
+                # the stuck check alone.
+                modelled = (
+                    multivariate
+                    and dev.model is not None
+                    and not dev.silent
+                    and r.metric in dev.metrics
+                )
                 if not modelled or s.streaming_when_multivariate:
                     # Counted as they arrive, not once per call: a device's first batch may
                     # be all of its history (a backtest) and must not pass for one metric's.
@@ -814,7 +821,7 @@ class DetectionEngine:
         They no longer learn (a frozen ensemble is most of a metric's state, ~0.4 MB); if
         the model goes (turned off, relearned) the metric learns afresh, as a baseline
         frozen hours or weeks ago would judge today's readings against then."""
-        if dev.model is None or s.streaming_when_multivariate:
+        if dev.model is None or dev.silent or s.streaming_when_multivariate:
             return
         for m in dev.metrics:
             self.metrics.pop((device, m), None)
