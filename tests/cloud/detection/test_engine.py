@@ -332,10 +332,10 @@ class _CorruptDetector:
 
 
 def _c_joins(
-    warmup: int, rows: int, joins_at: int, batch_rows: int = 1, spike_at: int = -1
+    warmup: int, rows: int, joins_at: int, batch_rows: int = 1, spike_at: tuple[int, ...] = ()
 ) -> tuple[DetectionEngine, list[Anomaly]]:
     """A device reporting "a" and "b" every second, and "c" from ``joins_at`` on (+5, 50
-    sigma, at ``spike_at``); fed ``batch_rows`` rows at a time."""
+    sigma, at each row of ``spike_at``); fed ``batch_rows`` rows at a time."""
     s = replace(FAST, warmup=warmup, mv_train_rows=300, mv_window_rows=600, mv_retrain_rows=100)
     engine = DetectionEngine(s)
     rng = np.random.default_rng(0)
@@ -343,7 +343,7 @@ def _c_joins(
     batch: list[Reading] = []
     for i in range(rows):
         for m in ["a", "b"] + (["c"] if i >= joins_at else []):
-            v = 20 + rng.normal(0, 0.1) + 5.0 * ((m, i) == ("c", spike_at))
+            v = 20 + rng.normal(0, 0.1) + 5.0 * (m == "c" and i in spike_at)
             batch.append(Reading("d", "s", m, i * 10**9, v))
         if i % batch_rows == batch_rows - 1:
             out += engine.observe(batch)
@@ -362,14 +362,33 @@ def test_a_metric_that_joins_before_the_device_model_is_in_the_model() -> None:
     assert {len(r) for r in dev.rows} == {3}
 
 
-def test_a_metric_that_joins_after_the_device_model_is_watched_on_its_own() -> None:
-    # The model keeps the metrics it was trained on; a sensor added later is watched by
-    # its own per-metric detectors (it used to get the stuck check only).
-    engine, out = _c_joins(warmup=300, rows=1500, joins_at=400, spike_at=1400)
+@pytest.mark.parametrize("batch_rows", [1, 7])
+def test_a_metric_that_joins_after_the_device_model_is_watched_then_joins_it(
+    batch_rows: int,
+) -> None:
+    # A sensor added later (model trained at row 300, "c" from row 400): watched by its
+    # own per-metric detectors (it used to get the stuck check only) until the model is
+    # trained again on mv_train_rows (300) rows of all three, then by the model (it used
+    # to stay outside it for good).
+    engine, out = _c_joins(
+        warmup=100, rows=650, joins_at=400, batch_rows=batch_rows, spike_at=(600,)
+    )
     dev = engine.devices["d"]
-    assert dev.model is not None and dev.metrics == ["a", "b"]
+    assert dev.model is not None and dev.metrics == ["a", "b"] and dev.joining == ["c"]
+    assert engine.describe("d", None, [])["device_model"]["joining"] == ["c"]
     assert [(a.metric, a.detector, a.time_ns) for a in out] == [
-        ("c", "ensemble:spike", 1400 * 10**9)
+        ("c", "ensemble:spike", 600 * 10**9)
+    ]
+    engine, out = _c_joins(
+        warmup=100, rows=1500, joins_at=400, batch_rows=batch_rows, spike_at=(600, 1400)
+    )
+    dev = engine.devices["d"]
+    assert dev.metrics == ["a", "b", "c"] and dev.joining == [] and not dev.next_rows
+    assert {len(r) for r in dev.rows} == {3}
+    assert ("d", "c") not in engine.metrics  # its per-metric detector stood in until then
+    assert [(a.metric, a.detector.split(":")[0], a.time_ns) for a in out] == [
+        ("c", "ensemble", 600 * 10**9),
+        ("c", "virtual_sensor", 1400 * 10**9),
     ]
 
 

@@ -242,6 +242,7 @@ class DeviceModel:
         self.last_excursion: list[int] = []
         self.prev_z = np.zeros((0, 0))  # fast residuals of the last two rows
         self.prev_x = np.zeros((0, 0))  # the last row
+        self.prev_t = 0  # and its time
         self.n_rows = 0
         self.since_fit = 0
         # Per-metric alarms waiting for load_change_rows more rows, with the row they were
@@ -256,6 +257,11 @@ class DeviceModel:
         self.heard: dict[str, tuple[int, int]] = {}
         self.usual_gap: dict[str, float] = {}
         self.silent: set[str] = set()
+        # Metrics first heard after the model was trained (a sensor added later), and the
+        # rows of all metrics, theirs included, that the next model will be trained on.
+        self.joining: list[str] = []
+        self.next_rows: deque[list[float]] = deque(maxlen=_window_size(settings))
+        self.next_flags: deque[bool] = deque(maxlen=_window_size(settings))
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
     MODEL_KEYS = (
@@ -279,10 +285,14 @@ class DeviceModel:
         if self.rows.maxlen != size:
             self.rows = deque(self.rows, maxlen=size)
             self.flags = deque(self.flags, maxlen=size)
+            self.next_rows = deque(self.next_rows, maxlen=size)
+            self.next_flags = deque(self.next_flags, maxlen=size)
         if not s.multivariate:  # turned off: what it learned would be stale if turned on
             self.model = None
-            self.rows.clear()
-            self.flags.clear()
+            for kept in (self.rows, self.flags, self.next_rows, self.next_flags):
+                kept.clear()
+            self.metrics += self.joining
+            self.joining = []
             self.since_fit = 0
         elif self.model is not None and any(
             getattr(old, k) != getattr(s, k) for k in self.MODEL_KEYS
@@ -301,15 +311,28 @@ class DeviceModel:
         self.flags.clear()
         self.since_fit = 0
 
+    @property
+    def paused(self) -> bool:
+        """Whether a metric of the model is silent (its rows would hold a stale value)."""
+        return any(m in self.silent for m in self.metrics)
+
     def _fit(self) -> None:
-        if len(self.rows) < max(50, len(self.metrics) * 10):
-            return
+        model = self._fitted(self.rows, self.flags, len(self.metrics))
+        if model is not None:
+            self.model = model
+            self.since_fit = 0
+
+    def _fitted(
+        self, rows: deque[list[float]], flags: deque[bool], width: int
+    ) -> VirtualSensorResidual | None:
+        if len(rows) < max(50, width * 10):
+            return None
         # Retraining replaces the model with one fitted on the latest rows; rows that were
         # inside a raised anomaly are dropped so a fault is not learned as normal.
-        X = np.asarray(self.rows)
-        keep = ~np.asarray(self.flags, dtype=bool)
+        X = np.asarray(rows)
+        keep = ~np.asarray(flags, dtype=bool)
         if keep.sum() < len(X) // 2:
-            return
+            return None
         model = VirtualSensorResidual(
             tuple(self.s.mv_spans),
             self.s.mv_smooth_rows,
@@ -317,9 +340,24 @@ class DeviceModel:
             extrapolation_penalty=self.s.mv_extrapolation_penalty,
             slow_span=self.s.mv_slow_span,
         )
-        model.fit(X if keep.all() else X[keep])
+        return model.fit(X if keep.all() else X[keep])
+
+    def _take_joining(self) -> None:
+        """Train a model of all metrics, the joining ones included, on the rows gathered
+        since they joined, and switch to it (between incidents: gates start afresh)."""
+        if self.open or any(g.active for g in self.gates):
+            return
+        model = self._fitted(self.next_rows, self.next_flags, len(self.metrics) + len(self.joining))
+        if model is None:
+            return
+        self.metrics += self.joining
+        self.joining = []
+        self.rows, self.next_rows = self.next_rows, deque(maxlen=self.next_rows.maxlen)
+        self.flags, self.next_flags = self.next_flags, deque(maxlen=self.next_flags.maxlen)
         self.model = model
         self.since_fit = 0
+        self.gates, self.quiet_m, self.last_excursion = [], [], []
+        self.prev_z = self.prev_x = np.zeros((0, 0))
 
     def add_rows(
         self, rows: list[tuple[int, list[float]]]
@@ -332,12 +370,17 @@ class DeviceModel:
         into the predictions of another is still reported under its own name.
         """
         out: list[tuple[int, float, int, np.ndarray, np.ndarray, bool]] = []
+        # A row may also hold the joining metrics, after the model's (for the next model).
+        wide, width = rows, len(self.metrics)
+        rows = [(t, r[:width]) for t, r in rows]
+        new_flags: list[bool] = []
         if self.model is not None and rows:
             X = np.asarray([r for _, r in rows])
             z_now, z_smooth = self.model.residuals(X)
             m = X.shape[1]
             if self.prev_z.shape != (2, m):
                 self.prev_z, self.prev_x = np.zeros((2, m)), np.asarray([rows[0][1]], dtype=float)
+                self.prev_t = rows[0][0]
             # A spike is one sample out of line with both its neighbours, so each row is
             # judged one row late; a load change moves several rows in a row and is not one.
             Zp = np.vstack([self.prev_z, z_now])
@@ -346,6 +389,8 @@ class DeviceModel:
             beside = np.maximum(np.abs(Zp[:-2]), np.abs(Zp[2:]))
             iso = np.where(beside < 0.5 * np.abs(z_inst), np.abs(z_inst), 0.0)
             self.prev_z, self.prev_x = Zp[-2:], Xp[-1:]
+            t_inst = [self.prev_t] + [t for t, _ in rows[:-1]]  # the times of x_inst's rows
+            self.prev_t = rows[-1][0]
             inst_w = self.s.mv_on / self.s.mv_spike_sigma
             a_inst = iso * inst_w
             a_smooth = np.abs(z_smooth)
@@ -365,7 +410,7 @@ class DeviceModel:
                     Hysteresis(self.s.mv_on, self.s.mv_off, self.s.mv_min_on_rows) for _ in range(m)
                 ]
                 self.quiet_m = [0] * m
-            for k, (t, r) in enumerate(rows):
+            for k, (t, _) in enumerate(rows):
                 rising = []
                 for j in range(m):
                     was = self.gates[j].active
@@ -384,9 +429,12 @@ class DeviceModel:
                     # going off are its spread through the model, reported with it.
                     if not self.open and self.quiet_m[j] == 0:
                         self.open.add(j)
-                        out.append(
-                            (t, float(A[k].max()), j, z, x_inst[k] if spike else X[k], not spike)
-                        )
+                        # A spike is reported at the time of the row it is in.
+                        score = float(A[k].max())
+                        if spike:
+                            out.append((t_inst[k], score, j, z, x_inst[k], False))
+                        else:
+                            out.append((t, score, j, z, X[k], True))
                 if self.open and all(not g.active for g in self.gates):
                     # The incident is over, but the lagged inputs of the slow model still
                     # remember the faulty values for a couple of lag spans: whatever the
@@ -395,14 +443,19 @@ class DeviceModel:
                     after = max(self.s.mv_quiet_rows, 2 * max(self.model.lags_, default=0))
                     self.quiet_m = [max(q, after) for q in self.quiet_m]
                 self.n_rows += 1
-                any_active = any(g.active for g in self.gates)
-                self.rows.append(r)
-                self.flags.append(any_active)
+                new_flags.append(any(g.active for g in self.gates))
         else:
-            for _, r in rows:
-                self.rows.append(r)
-                self.flags.append(False)
+            new_flags = [False] * len(rows)
+        self.rows.extend(r for _, r in rows)
+        self.flags.extend(new_flags)
         self.since_fit += len(rows)
+        if self.joining:
+            for (_, r), flag in zip(wide, new_flags, strict=True):
+                if len(r) == width + len(self.joining):
+                    self.next_rows.append(r)
+                    self.next_flags.append(flag)
+            if len(self.next_rows) >= self.s.mv_train_rows:
+                self._take_joining()
         need = self.s.mv_retrain_rows if self.model is not None else self.s.mv_train_rows
         if self.since_fit >= need and len(self.rows) >= self.s.mv_train_rows:
             self._fit()
@@ -422,6 +475,7 @@ class DeviceModel:
             "last_excursion": self.last_excursion,
             "prev_z": self.prev_z.tolist(),
             "prev_x": self.prev_x.tolist(),
+            "prev_t": self.prev_t,
             "n_rows": self.n_rows,
             "row_no": self.row_no,
             "held": [[r, asdict(a)] for r, a in self.held],
@@ -431,6 +485,9 @@ class DeviceModel:
             "heard": {m: list(v) for m, v in self.heard.items()},
             "usual_gap": self.usual_gap,
             "silent": sorted(self.silent),
+            "joining": self.joining,
+            "next_rows": _pack_rows(self.next_rows, len(self.metrics) + len(self.joining)),
+            "next_flags": list(self.next_flags),
         }
 
     def load_state(self, st: dict[str, Any]) -> None:
@@ -451,6 +508,8 @@ class DeviceModel:
         self.last_excursion = [int(v) for v in st["last_excursion"]]
         self.prev_z = np.asarray(st["prev_z"], dtype=float).reshape(-1, len(self.metrics))
         self.prev_x = np.asarray(st["prev_x"], dtype=float).reshape(-1, len(self.metrics))
+        # Saved before it was kept: the last row's time, once rows were scored.
+        self.prev_t = int(st.get("prev_t", st.get("last_row_ns", 0) if self.prev_x.size else 0))
         self.n_rows = int(st["n_rows"])
         self.row_no = int(st.get("row_no", 0))
         self.held = [(int(r), _anomaly(a)) for r, a in st.get("held", ())]
@@ -460,6 +519,10 @@ class DeviceModel:
         self.heard = {m: (int(r), int(t)) for m, (r, t) in st.get("heard", {}).items()}
         self.usual_gap = {m: float(g) for m, g in st.get("usual_gap", {}).items()}
         self.silent = set(st.get("silent", ()))
+        self.joining = list(st.get("joining", ()))
+        if "next_rows" in st:
+            self.next_rows.extend(_unpack_rows(st["next_rows"]))
+            self.next_flags.extend(bool(f) for f in st["next_flags"])
 
     def settle(
         self, time_ns: int, row: list[Anomaly], stirred: list[str], hold: int
@@ -500,7 +563,7 @@ class DeviceModel:
         new: list[str] = []
         if not after_rows:
             return new
-        for m in self.metrics:
+        for m in self.metrics + self.joining:
             last, gap = self.heard.get(m), self.usual_gap.get(m)
             if last is not None and gap is not None and m not in self.silent:
                 bar = max(after_rows, 5.0 * gap)
@@ -668,6 +731,9 @@ class DetectionEngine:
                 "enabled": on and s.multivariate,
                 "trained": trained,
                 "metrics": dev_metrics,
+                # Heard after the model was trained: in the model once it has been
+                # trained on rows with them (mv_train_rows of them).
+                "joining": list(dev.joining) if dev is not None else [],
                 "rows": len(dev.rows) if dev is not None else 0,
                 "train_rows": s.mv_train_rows,
                 "mv_on": s.mv_on,
@@ -782,7 +848,7 @@ class DetectionEngine:
                 modelled = (
                     multivariate
                     and dev.model is not None
-                    and not dev.silent
+                    and not dev.paused
                     and r.metric in dev.metrics
                 )
                 if not modelled or s.streaming_when_multivariate:
@@ -794,6 +860,13 @@ class DetectionEngine:
                 if r.metric not in dev.last and dev.model is None:
                     dev.add_metric(r.metric)
                     rows.clear()  # this batch's rows so far lack it too
+                elif (
+                    multivariate
+                    and dev.model is not None
+                    and r.metric not in dev.metrics
+                    and r.metric not in dev.joining
+                ):
+                    dev.joining.append(r.metric)  # into the model once trained with it
                 dev.last[r.metric] = r.value
                 i += 1
             if len(dev.metrics) > 1:
@@ -806,9 +879,11 @@ class DetectionEngine:
                 out.extend(row)
             # A row holding a silent metric's last value would teach (or judge) the model
             # with a number that is no longer measured.
-            complete = not dev.silent and all(m in dev.last for m in dev.metrics)
+            complete = not dev.paused and all(m in dev.last for m in dev.metrics)
             if multivariate and len(dev.metrics) > 1 and complete:
-                rows.append((t, [dev.last[m] for m in dev.metrics]))
+                wide = dev.joining and not dev.silent  # rows for the model after this one
+                cols = dev.metrics + dev.joining if wide else dev.metrics
+                rows.append((t, [dev.last[m] for m in cols]))
         if multivariate and len(dev.metrics) > 1:
             for t, score, j, z, x, smooth in dev.add_rows(rows):
                 out.append(self._mv_anomaly(device, site, dev, t, score, j, z, x, smooth))
@@ -821,7 +896,7 @@ class DetectionEngine:
         They no longer learn (a frozen ensemble is most of a metric's state, ~0.4 MB); if
         the model goes (turned off, relearned) the metric learns afresh, as a baseline
         frozen hours or weeks ago would judge today's readings against then."""
-        if dev.model is None or dev.silent or s.streaming_when_multivariate:
+        if dev.model is None or dev.paused or s.streaming_when_multivariate:
             return
         for m in dev.metrics:
             self.metrics.pop((device, m), None)
