@@ -688,3 +688,19 @@ def test_a_save_lets_scoring_in_between_devices(tmp_path: Path) -> None:
     guard = Counting()
     engine.save(tmp_path, guard)
     assert guard.entered == 1 + 2
+
+
+def test_a_metric_that_never_moved_is_reported_once_and_said_to_be_perhaps_a_constant() -> None:
+    # A setpoint read along with the measurements looks exactly like a dead sensor; the
+    # one anomaly says both, and how to stop it, instead of a "longest normal repeat 0".
+    engine = DetectionEngine(replace(FAST, warmup=100))
+    rng = np.random.default_rng(3)
+    out: list[Anomaly] = []
+    for i in range(600):
+        out += engine.observe(
+            [*_pump_row(i, rng), Reading("pump", "s", "setpoint", i * 10**9, 50.0)]
+        )
+    [a] = out
+    assert (a.metric, a.detector) == ("setpoint", "stuck")
+    assert "the same value 50 in all 13 readings since it was first seen" in a.explanation
+    assert "a constant such as a setpoint" in a.explanation

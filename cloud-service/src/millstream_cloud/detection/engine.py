@@ -969,10 +969,17 @@ class DetectionEngine:
         det.learn_one(r.value)
         if not det.just_stuck():
             return []
-        text = (
-            f"{r.metric} stuck: the same value {r.value:.6g} for {det.run + 1} readings "
-            f"(longest normal repeat {det.longest})"
-        )
+        if len(det.values) == 1:  # it never moved: a dead sensor, or a constant
+            text = (
+                f"{r.metric} stuck: the same value {r.value:.6g} in all {det.run + 1} readings "
+                "since it was first seen (a dead sensor; or a constant such as a setpoint, "
+                "then a detection rule can turn it off)"
+            )
+        else:
+            text = (
+                f"{r.metric} stuck: the same value {r.value:.6g} for {det.run + 1} readings "
+                f"(longest normal repeat {det.longest})"
+            )
         return [
             Anomaly(
                 device,
