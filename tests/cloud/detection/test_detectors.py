@@ -330,6 +330,29 @@ def test_virtual_sensor_bar_widens_outside_the_training_range() -> None:
     assert abs(z_out[-1, 0]) < abs(z_in[-1, 0])  # less sure where it extrapolates
 
 
+def test_virtual_sensor_judges_a_step_by_the_metrics_resolution_and_not_a_constant() -> None:
+    # Column 2 reads in whole degrees and held one value through training but for one row
+    # in a thousand (its residual spread was ~0: a one-degree step scored 102 sigma);
+    # column 3 never moved (a setpoint read with the measurements; a new one: 5e9 sigma).
+    rng = np.random.default_rng(7)
+    load = _lagged(np.repeat(rng.uniform(0.4, 0.6, 30), 300), 6)
+    X = _plant(rng, load)
+    temp = np.full(len(load), 40.0)
+    temp[::1000] = 41.0
+    X = np.column_stack([X[:, :2], temp, np.full(len(load), 50.0)])
+    model = VirtualSensorResidual(spans=(5, 20), smooth=60).fit(X)
+    assert model.fixed_ == [3]
+    Y = _plant(rng, np.full(600, 0.5))[:, :2]
+    Y = np.column_stack([Y, np.full(600, 41.0), np.full(600, 55.0)])  # one degree; new setpoint
+    zi, zs = model.residuals(Y)
+    assert np.all(zi[:, 3] == 0.0) and np.all(zs[:, 3] == 0.0)
+    assert np.max(np.abs(zs[:, 2])) < 7.0  # one step of its resolution is not a fault
+    assert np.all(np.abs(zs[:, :2]) < 7.0)
+    clone = VirtualSensorResidual()
+    clone.load_state(json.loads(json.dumps(model.state_dict())))
+    assert clone.fixed_ == [3]
+
+
 def test_virtual_sensor_on_a_wide_device_predicts_from_a_few_metrics() -> None:
     from millstream_cloud.detection.multivariate import MAX_REGRESSORS
 

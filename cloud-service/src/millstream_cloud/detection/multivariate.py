@@ -241,6 +241,7 @@ class VirtualSensorResidual:
         # per metric: the columns of [S, lagged S, 1] it uses, and their coefficients' covariance
         self.slow_idx_: list[list[int]] = []
         self.slow_cov_: list[np.ndarray] = []
+        self.fixed_: list[int] = []  # metrics constant in the training rows: not judged
 
     # --- fast model --------------------------------------------------------------------
     def _features(self, Z: np.ndarray, ema: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -395,6 +396,17 @@ class VirtualSensorResidual:
         self.lo_ = Z.min(axis=0)
         self.hi_ = Z.max(axis=0)
         self._recent = R[-(self.smooth - 1) :] if self.smooth > 1 else R[:0]
+        # A residual finer than a metric's resolution (a quantised temperature, a count) is
+        # not measured: its spread is at least that of rounding to the resolution. Without
+        # it a metric that held one value most of the time had a spread of ~0 and its next
+        # step was millions of sigma. A metric that never moved in training has no
+        # resolution and nothing to learn from: it is not judged until a retraining sees
+        # it move (a setpoint, a configured limit; its stuck check still runs).
+        quantum = _resolution(_as2d(X)) / self.scale_
+        self.fixed_ = [int(j) for j in np.flatnonzero(quantum == 0.0)]
+        floor = np.where(quantum > 0.0, quantum / np.sqrt(12.0), 1.0)
+        for name in ("sig_", "sig_smooth_", "sig_short_"):
+            setattr(self, name, np.maximum(getattr(self, name), floor))
         return self
 
     def residuals(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -443,6 +455,9 @@ class VirtualSensorResidual:
             others = (excess.sum(axis=1, keepdims=True) - excess) / max(m - 1, 1)
             damp = 1.0 + self.extrapolation_penalty * others
             zi, zs = zi / damp, zs / damp
+        if self.fixed_:
+            zi[:, self.fixed_] = 0.0
+            zs[:, self.fixed_] = 0.0
         return zi, zs
 
     def expected(self, x: np.ndarray, z: np.ndarray, smooth: bool = False) -> np.ndarray:
@@ -517,6 +532,7 @@ class VirtualSensorResidual:
             "lagged": {str(k): v.tolist() for k, v in self._lagged.items()},
             "recent": lst(self._recent),
             "recent_fast": lst(self._recent_fast),
+            "fixed": self.fixed_,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -542,6 +558,7 @@ class VirtualSensorResidual:
         self._lagged = {int(k): np.asarray(v, dtype=float) for k, v in state["lagged"].items()}
         self._recent = arr(state["recent"])
         self._recent_fast = arr(state["recent_fast"])
+        self.fixed_ = [int(j) for j in state.get("fixed", ())]
 
 
 def _local(R: np.ndarray, before: np.ndarray | None) -> np.ndarray:
@@ -605,6 +622,16 @@ def _moving_mean(R: np.ndarray, w: int) -> np.ndarray:
     w = max(1, min(w, len(R) // 4))
     c = np.cumsum(np.vstack([np.zeros(R.shape[1]), R]), axis=0)
     return (c[w:] - c[:-w]) / w
+
+
+def _resolution(X: np.ndarray) -> np.ndarray:
+    """Per column: the smallest step between two of its distinct values (0: constant)."""
+    out = np.zeros(X.shape[1])
+    for j in range(X.shape[1]):
+        steps = np.diff(np.unique(X[:, j]))
+        if len(steps):
+            out[j] = float(steps.min())
+    return out
 
 
 def _robust_sd(R: np.ndarray) -> np.ndarray:
