@@ -704,3 +704,34 @@ def test_a_metric_that_never_moved_is_reported_once_and_said_to_be_perhaps_a_con
     assert (a.metric, a.detector) == ("setpoint", "stuck")
     assert "the same value 50 in all 13 readings since it was first seen" in a.explanation
     assert "a constant such as a setpoint" in a.explanation
+
+
+def test_counters_are_modelled_by_their_increase_and_a_drop_in_rate_is_found() -> None:
+    # Parts made and energy used only count up: as totals they leave every range the model
+    # was trained on (a false anomaly within days); their increase per reading follows the
+    # load. At row 6000 the line makes half as many parts for the same load (a jam).
+    s = replace(FAST, mv_train_rows=2000, mv_window_rows=4000, mv_retrain_rows=1000)
+    engine = DetectionEngine(s)
+    rng = np.random.default_rng(11)
+    out: list[Anomaly] = []
+    parts = energy = 0.0
+    batch: list[Reading] = []
+    for i in range(8000):
+        load = 50 + 10 * np.sin(i / 300)
+        parts += rng.poisson(0.2 * load * (0.5 if i >= 6000 else 1.0))
+        energy += load * 10 / 3600
+        t = i * 10 * 10**9
+        batch += [
+            Reading("line", "s", "flow", t, load + rng.normal(0, 0.3)),
+            Reading("line", "s", "parts_total", t, parts),
+            Reading("line", "s", "energy_kwh", t, energy),
+        ]
+        if i % 6 == 5:
+            out += engine.observe(batch)
+            batch = []
+    dev = engine.devices["line"]
+    assert [dev.metrics[j] for j in dev.counters] == ["parts_total", "energy_kwh"]
+    found = [(a.metric, a.detector, a.time_ns // (10 * 10**9)) for a in out]
+    assert [f[:2] for f in found] == [("parts_total", "virtual_sensor")], found
+    assert 6000 <= found[0][2] < 6100
+    assert "(its increase per reading: it counts up)" in out[0].explanation

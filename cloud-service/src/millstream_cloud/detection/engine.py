@@ -262,6 +262,10 @@ class DeviceModel:
         self.joining: list[str] = []
         self.next_rows: deque[list[float]] = deque(maxlen=_window_size(settings))
         self.next_flags: deque[bool] = deque(maxlen=_window_size(settings))
+        # Metrics (indexes) that only count up (parts made, energy used): the model sees
+        # their increase per row, which follows the load, not the ever-growing total.
+        self.counters: list[int] = []
+        self.prev_raw: list[float] | None = None  # the last row scored, as read
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
     MODEL_KEYS = (
@@ -317,14 +321,16 @@ class DeviceModel:
         return any(m in self.silent for m in self.metrics)
 
     def _fit(self) -> None:
-        model = self._fitted(self.rows, self.flags, len(self.metrics))
-        if model is not None:
-            self.model = model
+        fitted = self._fitted(self.rows, self.flags, len(self.metrics))
+        if fitted is not None:
+            self.model, self.counters = fitted
+            self.prev_raw = list(self.rows[-1])
             self.since_fit = 0
 
     def _fitted(
         self, rows: deque[list[float]], flags: deque[bool], width: int
-    ) -> VirtualSensorResidual | None:
+    ) -> tuple[VirtualSensorResidual, list[int]] | None:
+        """A model of ``rows`` and the indexes of the metrics in it that are counters."""
         if len(rows) < max(50, width * 10):
             return None
         # Retraining replaces the model with one fitted on the latest rows; rows that were
@@ -333,6 +339,8 @@ class DeviceModel:
         keep = ~np.asarray(flags, dtype=bool)
         if keep.sum() < len(X) // 2:
             return None
+        counters = _counter_columns(X)
+        X = _rates(X, counters, None)
         model = VirtualSensorResidual(
             tuple(self.s.mv_spans),
             self.s.mv_smooth_rows,
@@ -340,21 +348,24 @@ class DeviceModel:
             extrapolation_penalty=self.s.mv_extrapolation_penalty,
             slow_span=self.s.mv_slow_span,
         )
-        return model.fit(X if keep.all() else X[keep])
+        return model.fit(X if keep.all() else X[keep]), counters
 
     def _take_joining(self) -> None:
         """Train a model of all metrics, the joining ones included, on the rows gathered
         since they joined, and switch to it (between incidents: gates start afresh)."""
         if self.open or any(g.active for g in self.gates):
             return
-        model = self._fitted(self.next_rows, self.next_flags, len(self.metrics) + len(self.joining))
-        if model is None:
+        fitted = self._fitted(
+            self.next_rows, self.next_flags, len(self.metrics) + len(self.joining)
+        )
+        if fitted is None:
             return
         self.metrics += self.joining
         self.joining = []
         self.rows, self.next_rows = self.next_rows, deque(maxlen=self.next_rows.maxlen)
         self.flags, self.next_flags = self.next_flags, deque(maxlen=self.next_flags.maxlen)
-        self.model = model
+        self.model, self.counters = fitted
+        self.prev_raw = list(self.rows[-1])
         self.since_fit = 0
         self.gates, self.quiet_m, self.last_excursion = [], [], []
         self.prev_z = self.prev_x = np.zeros((0, 0))
@@ -375,7 +386,9 @@ class DeviceModel:
         rows = [(t, r[:width]) for t, r in rows]
         new_flags: list[bool] = []
         if self.model is not None and rows:
-            X = np.asarray([r for _, r in rows])
+            raw = np.asarray([r for _, r in rows])
+            X = _rates(raw, self.counters, self.prev_raw)
+            self.prev_raw = raw[-1].tolist()
             z_now, z_smooth = self.model.residuals(X)
             m = X.shape[1]
             if self.prev_z.shape != (2, m):
@@ -486,6 +499,8 @@ class DeviceModel:
             "usual_gap": self.usual_gap,
             "silent": sorted(self.silent),
             "joining": self.joining,
+            "counters": self.counters,
+            "prev_raw": self.prev_raw,
             "next_rows": _pack_rows(self.next_rows, len(self.metrics) + len(self.joining)),
             "next_flags": list(self.next_flags),
         }
@@ -520,6 +535,10 @@ class DeviceModel:
         self.usual_gap = {m: float(g) for m, g in st.get("usual_gap", {}).items()}
         self.silent = set(st.get("silent", ()))
         self.joining = list(st.get("joining", ()))
+        self.counters = [int(j) for j in st.get("counters", ())]
+        # Saved before it was kept: the last row kept is the last row scored.
+        prev = st.get("prev_raw", self.rows[-1] if self.model is not None and self.rows else None)
+        self.prev_raw = None if prev is None else [float(v) for v in prev]
         if "next_rows" in st:
             self.next_rows.extend(_unpack_rows(st["next_rows"]))
             self.next_flags.extend(bool(f) for f in st["next_flags"])
@@ -1040,7 +1059,10 @@ class DetectionEngine:
             if k != j and abs(z[k]) >= 3.0
         ]
         others.sort(key=lambda c: abs(c.sigma), reverse=True)
-        text = explain([main], "what the other metrics predict for this load")
+        words = "what the other metrics predict for this load"
+        if j in dev.counters:
+            words += " (its increase per reading: it counts up)"
+        text = explain([main], words)
         if others:
             text += "; also " + explain(others, "prediction", limit=2)
         likelihood = 1.0 - math.erfc(score / math.sqrt(2.0))
@@ -1285,6 +1307,27 @@ def _anomaly(d: dict[str, Any]) -> Anomaly:
     """An anomaly saved with ``asdict``."""
     contributions = [Contribution(**c) for c in d.get("contributions", ())]
     return Anomaly(**{**d, "contributions": contributions})
+
+
+def _counter_columns(X: np.ndarray) -> list[int]:
+    """Columns that count up: rising in at least a quarter of the steps and falling in at
+    most one in a thousand (a reset of the counter)."""
+    steps = np.diff(X, axis=0)
+    if not len(steps):
+        return []
+    up, down = (steps > 0).mean(axis=0), (steps < 0).mean(axis=0)
+    return [int(j) for j in np.flatnonzero((up >= 0.25) & (down <= 0.001))]
+
+
+def _rates(X: np.ndarray, counters: list[int], before: list[float] | None) -> np.ndarray:
+    """``X`` with each counter column replaced by its increase since the row before (the
+    first row's: since ``before``, or 0); a drop (the counter was reset) counts as 0."""
+    if not counters:
+        return X
+    prev = np.vstack([X[:1] if before is None else np.asarray([before]), X[:-1]])
+    out = X.astype(float, copy=True)
+    out[:, counters] = np.maximum(X[:, counters] - prev[:, counters], 0.0)
+    return out
 
 
 def _pack_rows(rows: Iterable[list[float]], width: int) -> Any:
