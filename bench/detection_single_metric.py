@@ -6,13 +6,15 @@ bench/results/detection_single_metric.json. Run from the repository root:
 
 Such a device has no device model to fall back on, so its per-metric ensemble is all that
 watches it. Signals (10-s readings): white noise, AR(1) noise (0.95), a daily wave with
-noise, Student-t noise with 3 degrees of freedom (heavy tails). Faults, after one healthy
+noise, Student-t noise with 3 degrees of freedom (heavy tails), and a machine that runs
+06:00-22:00 and idles at night (50 and 20, noise 1: two steps of 30 sigma a day). Faults, after one healthy
 day on white noise (sigma 1), each on 4 seeds: a spike, a lasting level shift, a drift over
 one hour, a wider spread. "Found" is an alarm within the 2 hours after the onset.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -31,8 +33,10 @@ FAULT_SEEDS = (100, 101, 102, 103)
 AFTER = 720  # readings after a fault's onset in which an alarm counts as finding it
 
 
-def settings() -> dict[str, EngineSettings]:
+def settings(history: int | None = None) -> dict[str, EngineSettings]:
     live = EngineSettings()
+    if history is not None:  # to compare another history length (--history)
+        live = replace(live, streaming={**live.streaming, "history": history})
     before = replace(
         live,
         streaming={
@@ -68,6 +72,9 @@ def healthy(name: str, rng: np.random.Generator, n: int) -> np.ndarray:
         return x
     if name == "daily_wave":
         return 3.0 * np.sin(2 * np.pi * np.arange(n) / DAY) + rng.normal(0.0, 1.0, n)
+    if name == "shifts":
+        hour = (np.arange(n) % DAY) / 360
+        return np.where((hour >= 6) & (hour < 22), 50.0, 20.0) + rng.normal(0.0, 1.0, n)
     return rng.standard_t(3, n)
 
 
@@ -96,16 +103,16 @@ def with_fault(kind: str, size: float, rng: np.random.Generator) -> np.ndarray:
     return v
 
 
-def main() -> dict[str, object]:
+def main(history: int | None = None) -> dict[str, object]:
     result: dict[str, object] = {
         "healthy_days": HEALTHY_DAYS * len(HEALTHY_SEEDS),
         "fault_seeds": len(FAULT_SEEDS),
         "false_alarms_per_day": {},
         "faults": {},
     }
-    for label, s in settings().items():
+    for label, s in settings(history).items():
         per_day = {}
-        for name in ("white", "ar1", "daily_wave", "student_t3"):
+        for name in ("white", "ar1", "daily_wave", "student_t3", "shifts"):
             count = sum(
                 len(alarms(s, healthy(name, np.random.default_rng(seed), HEALTHY_DAYS * DAY)))
                 for seed in HEALTHY_SEEDS
@@ -130,14 +137,20 @@ def main() -> dict[str, object]:
             print(f"{label:6s} {fault:23s} found {len(delays)}/{len(FAULT_SEEDS)}", flush=True)
         result["false_alarms_per_day"][label] = per_day  # type: ignore[index]
         result["faults"][label] = found  # type: ignore[index]
-    live = EngineSettings().streaming
+    live = settings(history)["live"].streaming
     result["live_settings"] = {k: live[k] for k in ("alert_level", "tail_fit", "history")}
     return result
 
 
 if __name__ == "__main__":
-    out = main()
-    path = ROOT / "bench" / "results" / "detection_single_metric.json"
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--history", type=int, help="per-metric history instead of the live one")
+    ap.add_argument(
+        "--out", default=str(ROOT / "bench" / "results" / "detection_single_metric.json")
+    )
+    args = ap.parse_args()
+    out = main(args.history)
+    path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"wrote {path}")

@@ -105,7 +105,7 @@ def test_rules_apply_in_order_and_merge_key_by_key() -> None:
     temp, _ = resolve(BASE, rules, "p1", "pump-s", "bearing_temp")
     assert temp.streaming == {**BASE.streaming, "alert_level": 0.4, "history": 2000}
     # A metric rule never changes the device as a whole; a device of no kind matches no kind.
-    assert resolve(BASE, rules, "p1", "pump-s")[0].streaming["history"] == 6000
+    assert resolve(BASE, rules, "p1", "pump-s")[0].streaming["history"] == BASE.streaming["history"]
     assert resolve(BASE, rules, "p1", None) == (BASE, True)
     assert resolve(BASE, rules, "p7", None, "flow") == (BASE, False)
     assert resolve(BASE, rules, "p7", None, "flow_total")[1]
@@ -352,3 +352,25 @@ def test_a_state_saved_before_the_spike_component_takes_it_on_without_restarting
     again = DetectionEngine(fewer)
     again.load_state(state)
     assert again.restarted == 1
+
+
+@pytest.mark.parametrize("before", [6000, 400])
+def test_a_state_saved_with_another_history_takes_the_new_one_on_without_restarting(
+    before: int,
+) -> None:
+    # The live history went from 6000 to 17280 values (two days at 10 s): detectors saved
+    # with the old one keep what they remember (all of it; the latest when the new one is
+    # shorter) instead of learning afresh for their whole warm-up.
+    old = replace(BASE, streaming={**BASE.streaming, "history": before})
+    saved = DetectionEngine(old)
+    _feed(saved, _series("m1", "temp", 1000, 10**6))
+    after = DetectionEngine(replace(BASE, streaming={**BASE.streaming, "history": 500}))
+    after.load_state(saved.state_dict())
+    det = after.metrics[("m1", "temp")]
+    assert after.restarted == 0 and det.n == 1000 and det.history == 500
+    assert len(det.parts["value"].ref) == min(before, 500)
+    assert max(len(c.stats) for c in det.cal.values()) == min(before, 500)
+    assert {c.stats.size for c in det.cal.values()} == {500}
+    assert det.params() == DetectionEngine(after.settings)._detector("m9", "temp").params()
+    out = after.observe([Reading("m1", "s", "temp", 1000 * 10**9, 22.0)])  # 20 sigma
+    assert [a.metric for a in out] == ["temp"]

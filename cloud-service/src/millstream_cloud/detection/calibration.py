@@ -199,6 +199,17 @@ class RollingRobust:
     def __len__(self) -> int:
         return self._count
 
+    def resize(self, size: int) -> None:
+        """Remember ``size`` values from now on, keeping the latest of those remembered."""
+        vals = self.buf[-size:]
+        self.size = size
+        self._ring = np.empty(size)
+        self._ring[: len(vals)] = vals
+        self._count = len(vals)
+        self._pos = self._count % size
+        if self._count:
+            self._refresh()
+
     def _stale(self, buf: np.ndarray) -> np.ndarray:
         """The values the adds since the last refresh overwrote: with the older part of
         the window they make up the sorted snapshot the tails are read from."""

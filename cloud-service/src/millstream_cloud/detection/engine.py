@@ -53,11 +53,14 @@ class EngineSettings:
 
     streaming: dict[str, Any] = field(
         default_factory=lambda: {
-            "history": 6000,
+            # Two days of 10-s readings: a machine that starts and stops once a day (a
+            # shift pattern) sees each step in its history; with 6000 (17 h) each was a
+            # new record, two false alarms a day (bench/detection_single_metric.py).
+            "history": 17280,
             "short": 4,
             "long": 32,
-            # A new record of any of a metric's statistics scores about 0.38 (1 in the
-            # 6000 values remembered): live, on a healthy signal, that happens every few
+            # A new record of any of a metric's statistics scores about 0.42 (1 in the
+            # 17280 values remembered): live, on a healthy signal, that happens every few
             # hours, so an alarm needs clearly more, with a tail fit that extrapolates
             # steadily beyond the history (bench/detection_single_metric.py).
             "alert_level": 0.5,
@@ -1365,11 +1368,14 @@ def _adopt(det: StreamingEnsemble, want: dict[str, Any]) -> bool:
     them on: when they are its own, or differ only in settings a saved detector can
     take on without learning afresh (a state saved before they existed would otherwise
     restart every detector on upgrade): ``calibrate_after`` once its calibrations learn,
-    and ``components`` that add ones whose statistic can be rebuilt from its history."""
+    ``components`` that add ones whose statistic can be rebuilt from its history, and
+    ``history`` (what it remembers is kept: all of it, or the latest when shorter)."""
     have = det.params()
     differ = {k for k in want if want[k] != have.get(k)}
-    if not differ <= {"calibrate_after", "components"}:
+    if not differ <= {"calibrate_after", "components", "history"}:
         return False
+    if "history" in differ:
+        det.set_history(int(want["history"]))
     if "calibrate_after" in differ and det.n < want["calibrate_after"]:
         return False
     if "components" in differ:

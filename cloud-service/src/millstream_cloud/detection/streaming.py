@@ -406,6 +406,15 @@ class StreamingEnsemble:
         statistic is already a distance."""
         return AnomalyLikelihood(self.history, 1, two_sided=name != "value", tail_fit=self.tail_fit)
 
+    def set_history(self, history: int) -> None:
+        """Remember ``history`` values from now on, keeping what is remembered (the
+        latest of it when shorter): a saved detector takes a changed history on at an
+        upgrade instead of learning afresh."""
+        self.history = history
+        self.parts["value"].ref.resize(history)
+        for cal in self.cal.values():
+            cal.stats.resize(history)
+
     def add_component(self, name: str) -> None:
         """Start watching ``name`` (one of :data:`REBUILDABLE`) with its calibration rebuilt
         from the values the ``value`` component remembers: a detector saved before the
