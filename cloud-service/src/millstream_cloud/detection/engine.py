@@ -102,6 +102,10 @@ class EngineSettings:
     streaming_when_multivariate: bool = False
     stuck_min_run: int = 12  # readings; a sensor repeating longer than this (and 3x its
     # longest normal repeat) is reported as stuck
+    # A metric that repeats its previous value by nature (in 5 % of its readings or more:
+    # whole degrees, counts) holds values longest where it turns: judged for stuck only
+    # after this many readings (a day at 10 s), once its longest holds are known.
+    stuck_learn_readings: int = 8640
     multivariate: bool = True
     mv_train_rows: int = 4320  # complete rows before the first model
     mv_window_rows: int = 8640  # rolling window of recent rows each retrain learns from
@@ -132,6 +136,7 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "silent_after_rows": (0, 1_000_000, True),
     "row_tolerance_ms": (0, 3_600_000, False),
     "stuck_min_run": (2, 1_000_000, True),
+    "stuck_learn_readings": (0, 100_000_000, True),
     "mv_train_rows": (10, 1_000_000, True),
     "mv_window_rows": (10, 1_000_000, True),
     "mv_retrain_rows": (1, 10_000_000, True),
@@ -700,6 +705,7 @@ class DetectionEngine:
             ms, on = self.settings_for(*key)
             if on:
                 self.stuck[key].min_run = ms.stuck_min_run
+                self.stuck[key].learn_for = ms.stuck_learn_readings
             else:
                 del self.stuck[key]
         dev = self.devices.get(device)
@@ -984,9 +990,8 @@ class DetectionEngine:
         key = (device, r.metric)
         det = self.stuck.get(key)
         if det is None:
-            det = self.stuck[key] = StuckSensor(
-                self.settings_for(device, r.metric)[0].stuck_min_run
-            )
+            ms = self.settings_for(device, r.metric)[0]
+            det = self.stuck[key] = StuckSensor(ms.stuck_min_run, learn_for=ms.stuck_learn_readings)
         score = det.score_one(r.value)
         det.learn_one(r.value)
         if not det.just_stuck():

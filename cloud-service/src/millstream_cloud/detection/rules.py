@@ -39,6 +39,7 @@ METRIC_KEYS = frozenset(
         "streaming_min_score",
         "streaming_min_score_young",
         "stuck_min_run",
+        "stuck_learn_readings",
         "enabled",
     }
 )

@@ -525,21 +525,35 @@ class StuckSensor:
     (a door, a run signal, a machine mode), not a measurement: holding a value is what it
     does, so it is not watched (``discrete``; it scores 0). One that never changed is still
     watched (a dead sensor), and so is one that has ever shown ``DISTINCT`` values.
+
+    A signal that repeats its previous value in at least ``QUANTISED`` of its readings
+    (whole degrees, counts) holds values by nature, longest where it turns: it is judged
+    only after ``learn_for`` readings, once its longest holds are known. Before, a
+    temperature read in whole degrees was "stuck" 19 times in its first two days.
     """
 
     DISTINCT = 5
+    QUANTISED = 0.05
 
-    def __init__(self, min_run: int = 12, factor: float = 3.0) -> None:
+    def __init__(self, min_run: int = 12, factor: float = 3.0, learn_for: int = 8640) -> None:
         self.min_run = min_run
         self.factor = factor
+        self.learn_for = learn_for
         self.prev: float | None = None
         self.run = 0
         self.longest = 0
         self.values: set[float] = set()  # distinct values seen, up to DISTINCT
+        self.n = 0  # readings learned
+        self.repeats = 0  # readings equal to the one before, in runs that ended normally
+        self.raised = False  # the current run was reported
 
     @property
     def discrete(self) -> bool:
         return 2 <= len(self.values) < self.DISTINCT
+
+    @property
+    def quantised(self) -> bool:
+        return len(self.values) > 1 and self.repeats >= self.QUANTISED * self.n
 
     @property
     def bar(self) -> float:
@@ -547,9 +561,14 @@ class StuckSensor:
         return max(self.min_run, self.factor * self.longest)
 
     def just_stuck(self) -> bool:
-        """Whether the value just learned made the run reach the bar (raise once, there);
-        never for a state signal."""
-        return not self.discrete and self.run > 0 and self.run == math.ceil(self.bar)
+        """Whether the value just learned made the run reach the bar (raise once a run);
+        never for a state signal, nor for a quantised one still being learned."""
+        if self.raised or self.discrete or self.run < max(1, math.ceil(self.bar)):
+            return False
+        if self.quantised and self.n < self.learn_for:
+            return False
+        self.raised = True
+        return True
 
     def score_one(self, x: float) -> float:
         if self.discrete:
@@ -565,8 +584,11 @@ class StuckSensor:
             # stuck period does not teach the detector that stuck is normal.
             if self.run and self.run < self.bar:
                 self.longest = max(self.longest, self.run)
+                self.repeats += self.run
             self.run = 0
+            self.raised = False
         self.prev = x
+        self.n += 1
         if len(self.values) < self.DISTINCT:
             self.values.add(x)
 
@@ -574,10 +596,14 @@ class StuckSensor:
         return {
             "min_run": self.min_run,
             "factor": self.factor,
+            "learn_for": self.learn_for,
             "prev": self.prev,
             "run": self.run,
             "longest": self.longest,
             "values": sorted(self.values),
+            "n": self.n,
+            "repeats": self.repeats,
+            "raised": self.raised,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -585,3 +611,9 @@ class StuckSensor:
         self.prev = None if state["prev"] is None else float(state["prev"])
         self.run, self.longest = int(state["run"]), int(state["longest"])
         self.values = {float(v) for v in state.get("values", ())}
+        # Saved before these were kept: as if learned long enough, and the run reported
+        # when it is past the bar (it was reported where it reached it).
+        self.learn_for = int(state.get("learn_for", self.learn_for))
+        self.n = int(state.get("n", self.learn_for))
+        self.repeats = int(state.get("repeats", 0))
+        self.raised = bool(state.get("raised", self.run >= math.ceil(self.bar)))
