@@ -274,6 +274,8 @@ class DeviceModel:
         # their increase per row, which follows the load, not the ever-growing total.
         self.counters: list[int] = []
         self.prev_raw: list[float] | None = None  # the last row scored, as read
+        self.glitch_run: list[int] = []  # per metric: rows in a row it read a glitch
+        self.glitched: list[tuple[int, int, float]] = []  # new glitches, for the engine
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
     MODEL_KEYS = (
@@ -378,6 +380,51 @@ class DeviceModel:
         self.gates, self.quiet_m, self.last_excursion = [], [], []
         self.prev_z = self.prev_x = np.zeros((0, 0))
 
+    # A value this many training ranges beyond the range of the model's training rows, and
+    # as far from the row before, is a glitch (an error code, 65535, a bad read) ...
+    GLITCH_RANGES = 10.0
+    # ... unless it stays there longer than this many rows (then it is what is measured).
+    GLITCH_ROWS = 3
+
+    def _clean(self, x: np.ndarray, times: list[int]) -> tuple[np.ndarray, list[bool]]:
+        """``x`` (rows) with its glitches replaced by the metric's value in the row before, and
+        which rows held one; each new glitch goes to ``glitched`` (time, metric, value).
+
+        The model never sees it: one 65535 in a motor's current went into every smoothed
+        and lagged input of the model, was blamed on the vibration (the current's own
+        leak explained it as well) and kept the device's incident open for hours, so a
+        second glitch four hours later went unreported."""
+        model = self.model
+        assert model is not None
+        lo, hi = model.training_range()
+        reach = self.GLITCH_RANGES * (hi - lo)
+        judged = reach > 0.0
+        judged[model.fixed_] = False  # never moved in training: any change is far
+        if len(self.glitch_run) != x.shape[1]:
+            self.glitch_run = [0] * x.shape[1]
+        above, below = hi + reach, lo - reach
+        far = judged & ((x > above) | (x < below))
+        if not far.any() and not any(self.glitch_run):
+            return x, [False] * len(x)
+        x = x.copy()
+        before = self.prev_x[-1]
+        flagged = []
+        for k in range(len(x)):
+            held = False
+            for j in range(x.shape[1]):
+                if far[k, j] and (self.glitch_run[j] or abs(x[k, j] - before[j]) > reach[j]):
+                    self.glitch_run[j] += 1
+                    if self.glitch_run[j] <= self.GLITCH_ROWS:
+                        if self.glitch_run[j] == 1:
+                            self.glitched.append((times[k], j, float(x[k, j])))
+                        x[k, j] = before[j]
+                        held = True
+                else:
+                    self.glitch_run[j] = 0
+            flagged.append(held)
+            before = x[k]
+        return x, flagged
+
     def add_rows(
         self, rows: list[tuple[int, list[float]]]
     ) -> list[tuple[int, float, int, np.ndarray, np.ndarray, bool]]:
@@ -397,11 +444,12 @@ class DeviceModel:
             raw = np.asarray([r for _, r in rows])
             X = _rates(raw, self.counters, self.prev_raw)
             self.prev_raw = raw[-1].tolist()
-            z_now, z_smooth = self.model.residuals(X)
             m = X.shape[1]
             if self.prev_z.shape != (2, m):
-                self.prev_z, self.prev_x = np.zeros((2, m)), np.asarray([rows[0][1]], dtype=float)
+                self.prev_z, self.prev_x = np.zeros((2, m)), X[:1].copy()
                 self.prev_t = rows[0][0]
+            X, glitched = self._clean(X, [t for t, _ in rows])
+            z_now, z_smooth = self.model.residuals(X)
             # A spike is one sample out of line with both its neighbours, so each row is
             # judged one row late; a load change moves several rows in a row and is not one.
             Zp = np.vstack([self.prev_z, z_now])
@@ -464,7 +512,7 @@ class DeviceModel:
                     after = max(self.s.mv_quiet_rows, 2 * max(self.model.lags_, default=0))
                     self.quiet_m = [max(q, after) for q in self.quiet_m]
                 self.n_rows += 1
-                new_flags.append(any(g.active for g in self.gates))
+                new_flags.append(any(g.active for g in self.gates) or glitched[k])
         else:
             new_flags = [False] * len(rows)
         self.rows.extend(r for _, r in rows)
@@ -508,6 +556,7 @@ class DeviceModel:
             "silent": sorted(self.silent),
             "joining": self.joining,
             "counters": self.counters,
+            "glitch_run": self.glitch_run,
             "prev_raw": self.prev_raw,
             "next_rows": _pack_rows(self.next_rows, len(self.metrics) + len(self.joining)),
             "next_flags": list(self.next_flags),
@@ -544,6 +593,7 @@ class DeviceModel:
         self.silent = set(st.get("silent", ()))
         self.joining = list(st.get("joining", ()))
         self.counters = [int(j) for j in st.get("counters", ())]
+        self.glitch_run = [int(n) for n in st.get("glitch_run", ())]
         # Saved before it was kept: the last row kept is the last row scored.
         prev = st.get("prev_raw", self.rows[-1] if self.model is not None and self.rows else None)
         self.prev_raw = None if prev is None else [float(v) for v in prev]
@@ -915,6 +965,8 @@ class DetectionEngine:
         if multivariate and len(dev.metrics) > 1:
             for t, score, j, z, x, smooth in dev.add_rows(rows):
                 out.append(self._mv_anomaly(device, site, dev, t, score, j, z, x, smooth))
+            out.extend(self._glitch(device, site, dev, t, j, v) for t, j, v in dev.glitched)
+            dev.glitched.clear()
             self._retire(device, dev, s)
         return out
 
@@ -1044,6 +1096,32 @@ class DetectionEngine:
             metric,
             text,
             [Contribution(metric, value, value, 0.0)],
+        )
+
+    def _glitch(
+        self, device: str, site: str, dev: DeviceModel, t: int, j: int, value: float
+    ) -> Anomaly:
+        model = dev.model
+        assert model is not None and model.mean_ is not None and model.scale_ is not None
+        lows, highs = model.training_range()
+        lo, hi = float(lows[j]), float(highs[j])
+        metric = dev.metrics[j]
+        text = (
+            f"{metric} read {value:.6g}, far outside all it read while the device model "
+            f"learned ({lo:.4g} to {hi:.4g}) and as far from the reading before: a glitch "
+            "or an error code? The model is not fed it (its last good value stands in)"
+        )
+        sigma = float((value - model.mean_[j]) / model.scale_[j])  # in training spreads
+        return Anomaly(
+            device,
+            site,
+            t,
+            "glitch",
+            1.0,
+            1.0,
+            metric,
+            text,
+            [Contribution(metric, value, min(max(value, lo), hi), sigma)],
         )
 
     def _mv_anomaly(

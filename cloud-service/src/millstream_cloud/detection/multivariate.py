@@ -460,6 +460,12 @@ class VirtualSensorResidual:
             zs[:, self.fixed_] = 0.0
         return zi, zs
 
+    def training_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per metric, the lowest and the highest value of the training rows."""
+        if self.mean_ is None or self.scale_ is None or self.lo_ is None or self.hi_ is None:
+            raise RuntimeError("VirtualSensorResidual is not fitted; call fit(X) first")
+        return self.mean_ + self.scale_ * self.lo_, self.mean_ + self.scale_ * self.hi_
+
     def expected(self, x: np.ndarray, z: np.ndarray, smooth: bool = False) -> np.ndarray:
         """What each metric "should" read given the others: value minus its residual
         (the instantaneous one, or with ``smooth`` the average over the last rows)."""
@@ -469,13 +475,18 @@ class VirtualSensorResidual:
 
     def leak_matrix(self, smooth: bool = False) -> np.ndarray:
         """Column j: how an offset of 1 (standardised) in metric j shows up in every metric's
-        residual: a steady offset in the smoothed model's (``smooth``), a one-row spike in
-        the fast model's."""
+        residual: a new offset in the smoothed model's (``smooth``; as it shows when an
+        incident opens), a one-row spike in the fast model's."""
         assert self.coef_ is not None and self.slow_coef_ is not None
         m = self.coef_.shape[0]
         L = np.eye(m)
         if smooth:
-            gain = self.slow_coef_[:, :m] + self.slow_coef_[:, m : 2 * m]
+            # At the rising edge, tens of rows into a fault, the lagged inputs (EMAs of
+            # 60 to 960 rows) have hardly moved: the fault leaks through the others'
+            # current values only. With the steady-state gains (lagged ones included) a
+            # 2 A offset of a motor's current was named as the vibration (lag 960 rows),
+            # which those gains expected to be pulled down far more than it yet was.
+            gain = self.slow_coef_[:, :m]
             return L - gain * (1 - np.eye(m))
         n_feat = 1 + len(self.spans)
         # A single-row spike reaches an EMA feature only with its weight 2 / (span + 1).
