@@ -1162,7 +1162,8 @@ class DetectionEngine:
     # time (not the fleet), and a damaged file costs its own device's baseline only.
     def state_dict(self) -> dict[str, Any]:
         """All state as one JSON-able dict (what ``save`` spreads over its files)."""
-        devices = {d: self._device_state(d) for d in sorted(self._known_devices())}
+        index = self._index()
+        devices = {d: self._device_state(d, index) for d in sorted(index)}
         return {**self._header(), "devices": {d: st for d, st in devices.items() if st}}
 
     def _header(self) -> dict[str, Any]:
@@ -1175,11 +1176,28 @@ class DetectionEngine:
     def _known_devices(self) -> set[str]:
         return {d for d, _ in self.metrics} | {d for d, _ in self.stuck} | set(self.devices)
 
-    def _device_state(self, device: str) -> dict[str, Any] | None:
-        """One device's detectors, or None when it has none (never seen, or relearned)."""
+    def _index(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Per device: the metrics with a per-metric detector, and with a stuck check."""
+        out: dict[str, tuple[list[str], list[str]]] = {d: ([], []) for d in self.devices}
+        for d, m in self.metrics:
+            out.setdefault(d, ([], []))[0].append(m)
+        for d, m in self.stuck:
+            out.setdefault(d, ([], []))[1].append(m)
+        return out
+
+    def _device_state(
+        self, device: str, index: dict[str, tuple[list[str], list[str]]]
+    ) -> dict[str, Any] | None:
+        """One device's detectors (those ``index`` lists and still there), or None when it
+        has none (never seen, or relearned)."""
         dev = self.devices.get(device)
-        metrics = {m: det.state_dict() for (d, m), det in self.metrics.items() if d == device}
-        stuck = {m: det.state_dict() for (d, m), det in self.stuck.items() if d == device}
+        names, stuck_names = index.get(device, ([], []))
+        metrics = {
+            m: self.metrics[device, m].state_dict() for m in names if (device, m) in self.metrics
+        }
+        stuck = {
+            m: self.stuck[device, m].state_dict() for m in stuck_names if (device, m) in self.stuck
+        }
         if dev is None and not metrics and not stuck:
             return None
         return {
@@ -1264,12 +1282,16 @@ class DetectionEngine:
         with hold:
             dirty, self._dirty = sorted(self._dirty), set()
             header = json.dumps(self._header())
-            keep = {_device_file(d) for d in self._known_devices()}
+            index = self._index()  # metrics that join meanwhile: their device is dirty again
+            keep = {_device_file(d) for d in index}
         try:
             while dirty:
                 device = dirty[-1]
+                if device not in index:  # no state then (relearned): its file goes below
+                    dirty.pop()
+                    continue
                 with hold:
-                    st = self._device_state(device)
+                    st = self._device_state(device, index)
                     text = None if st is None else json.dumps({"device": device, **st})
                 path = folder / _device_file(device)
                 if text is None:
