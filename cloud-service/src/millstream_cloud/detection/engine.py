@@ -328,7 +328,7 @@ class DeviceModel:
     @property
     def paused(self) -> bool:
         """Whether a metric of the model is silent (its rows would hold a stale value)."""
-        return any(m in self.silent for m in self.metrics)
+        return bool(self.silent) and any(m in self.silent for m in self.metrics)
 
     def _fit(self) -> None:
         fitted = self._fitted(self.rows, self.flags, len(self.metrics))

@@ -563,7 +563,7 @@ class StuckSensor:
     def just_stuck(self) -> bool:
         """Whether the value just learned made the run reach the bar (raise once a run);
         never for a state signal, nor for a quantised one still being learned."""
-        if self.raised or self.discrete or self.run < max(1, math.ceil(self.bar)):
+        if self.run < max(1, math.ceil(self.bar)) or self.raised or self.discrete:
             return False
         if self.quantised and self.n < self.learn_for:
             return False
