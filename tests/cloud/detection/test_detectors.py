@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from millstream_cloud.detection import base
-from millstream_cloud.detection.calibration import AnomalyLikelihood, Hysteresis, tail_to_score
+from millstream_cloud.detection.calibration import (
+    AnomalyLikelihood,
+    Hysteresis,
+    RollingRobust,
+    tail_to_score,
+)
 from millstream_cloud.detection.engine import EngineSettings
 from millstream_cloud.detection.multivariate import (
     PCAT2Q,
@@ -514,3 +519,17 @@ def test_long_windows_follow_the_listed_components() -> None:
     det = StreamingEnsemble(long=32, components=("value", "level"))
     assert det.components == ("value", "level", "level_long")
     assert StreamingEnsemble.from_state(det.state_dict()).components == det.components
+
+
+def test_a_quantised_statistic_is_not_read_as_a_collapsed_tail() -> None:
+    # Values 0, 1 and 2 only (2 in one reading of two hundred): the 90/99/99.9 % quantiles
+    # tie and the fitted tail collapsed, so the next step, 3, read as p 1e-22 (score 1.0).
+    # A tail is never thinner than the statistic's own step: 3 is rarer than 2, not absurd;
+    # a value several steps out still alarms.
+    rng = np.random.default_rng(0)
+    r = RollingRobust(6000, tail_fit="quantiles")
+    for v in rng.choice([0.0, 1.0, 2.0], size=3000, p=[0.7, 0.295, 0.005]):
+        r.add(float(v))
+    assert r.hi_tail >= 1.0
+    assert tail_to_score(r.tail(3.0)) < 0.5
+    assert tail_to_score(r.tail(6.0)) > 0.5

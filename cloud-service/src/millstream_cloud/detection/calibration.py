@@ -74,6 +74,21 @@ def _gpd_by_quantiles(u: float, q99: float, top: float, rarity: float) -> tuple[
     return d1 * shape / (10**shape - 1.0), shape
 
 
+def _steps(arr: np.ndarray, k: int) -> tuple[float, float]:
+    """The smallest step between distinct values among the top ``k`` of sorted ``arr``,
+    and among the bottom ``k``; where those values are all one, the step to the next
+    distinct value (0: ``arr`` holds one value)."""
+    diffs = np.diff(arr)
+    where = np.flatnonzero(diffs > 0)
+    if not where.size:
+        return 0.0, 0.0
+    top = where[where >= len(arr) - 1 - k]
+    bottom = where[where < k]
+    hi = diffs[top].min() if top.size else diffs[where[-1]]
+    lo = diffs[bottom].min() if bottom.size else diffs[where[0]]
+    return float(hi), float(lo)
+
+
 def _log_survival(excess: float, scale: float, shape: float) -> float:
     """log P(X > u + excess | X > u) of a generalised Pareto tail."""
     if shape == 0.0:
@@ -160,6 +175,14 @@ class RollingRobust:
             lo = float(arr[k] - arr[0]) if n > k else 0.0
         self.hi_tail = max(hi, 0.05 * self.sigma)
         self.lo_tail = max(lo, 0.05 * self.sigma)
+        if self.tail_fit == "quantiles" and n >= QUANTILE_FIT_MIN:
+            # A statistic of a quantised metric (whole degrees) takes few values: its
+            # quantiles tie and the fitted tail collapses, so one step of its resolution
+            # beyond the largest value seen read as p 1e-9. A tail is never thinner than
+            # that step.
+            hi_step, lo_step = _steps(arr, n // 10)
+            self.hi_tail = max(self.hi_tail, hi_step)
+            self.lo_tail = max(self.lo_tail, lo_step)
 
     def tail(self, x: float, two_sided: bool = False) -> float:
         """Tail probability of ``x``: empirical inside the observed range, a
