@@ -395,15 +395,18 @@ def test_a_metric_that_joins_after_the_device_model_is_watched_then_joins_it(
 
 def _speed_goes_silent(
     spike_at_h: float | None = None,
-) -> tuple[DetectionEngine, list[Anomaly], list[int], int]:
+) -> tuple[DetectionEngine, list[Anomaly], list[int], int, list[str]]:
     """A motor whose speed sensor reports nothing from hour 16 to 20 of 30; with
-    ``spike_at_h``, a 40-sigma spike on its current at that hour."""
+    ``spike_at_h``, a 40-sigma spike on its current at that hour. Returns the engine, its
+    anomalies, its device model's rows scored after each batch, the first reading's time
+    and what ``describe`` said of the current in the batches at hour 19."""
     cfg = SimConfig(seed=0, devices=1, hours=30, fault_after_h=100, faults=())
     fleet = simulate(cfg)
     engine = DetectionEngine(EngineSettings())
     t0 = int(fleet.times_ns[0])
     out: list[Anomaly] = []
     scored: list[int] = []
+    states: list[str] = []
     spiked = False
     for batch in fleet.batches():
         hours = (batch[0].time_ns - t0) / 3600e9
@@ -415,14 +418,16 @@ def _speed_goes_silent(
             batch[k] = msgspec.structs.replace(batch[k], value=batch[k].value + 12.0)
         out += engine.observe(batch)
         scored.append(engine.devices["motor-00"].n_rows)
-    return engine, out, scored, t0
+        if 19 <= hours < 19.01:
+            states.append(engine.describe("motor-00", None, [])["metrics"]["current_a"]["state"])
+    return engine, out, scored, t0, states
 
 
 def test_a_metric_that_stops_reporting_is_reported_once_and_pauses_the_model() -> None:
     # A dead sensor: its last value would stay in every row; the model would learn it as
     # normal or blame it as a residual. One "silent" anomaly, no others, and the model
     # resumes when it reports again.
-    engine, out, scored, t0 = _speed_goes_silent()
+    engine, out, scored, t0, _ = _speed_goes_silent()
     (a,) = out
     assert (a.metric, a.detector) == ("speed_rpm", "silent")
     assert 270 <= (a.time_ns - t0) / 1e9 - 16 * 3600 <= 360  # 31 rows after its last
@@ -439,7 +444,10 @@ def test_a_metric_that_stops_reporting_is_reported_once_and_pauses_the_model() -
 def test_while_a_metric_is_silent_the_others_are_watched_on_their_own() -> None:
     # The model is paused for as long as the sensor stays dead; the motor's other metrics
     # fall back to per-metric detectors (learning from the pause on: 720 readings, 2 h).
-    _, out, _, t0 = _speed_goes_silent(spike_at_h=19.0)
+    engine, out, _, t0, states = _speed_goes_silent(spike_at_h=19.0)
+    assert set(states) == {"watching"}  # said so while the model was paused
+    # After the sensor came back, the model watches them again.
+    assert engine.describe("motor-00", None, [])["metrics"]["current_a"]["state"] == "device model"
     found = [(a.metric, a.detector.split(":")[0], round((a.time_ns - t0) / 3600e9, 1)) for a in out]
     assert found == [("speed_rpm", "silent", 16.1), ("current_a", "ensemble", 19.0)]
 

@@ -781,7 +781,12 @@ class DetectionEngine:
             learned = det.n if det is not None else 0
             if not m_on:
                 state = "off"
-            elif trained and m in dev_metrics and not ms.streaming_when_multivariate:
+            elif (
+                trained
+                and m in dev_metrics
+                and not ms.streaming_when_multivariate
+                and not (dev is not None and dev.paused)  # a silent metric: per metric
+            ):
                 state = "device model"
             else:
                 state = "learning" if learned < ms.warmup else "watching"
