@@ -333,9 +333,13 @@ class DeviceModel:
     def _fit(self) -> None:
         fitted = self._fitted(self.rows, self.flags, len(self.metrics))
         if fitted is not None:
-            self.model, self.counters = fitted
-            self.prev_raw = list(self.rows[-1])
-            self.since_fit = 0
+            self._use(fitted)
+
+    def _use(self, fitted: tuple[VirtualSensorResidual, list[int]]) -> None:
+        """Score with a model just fitted on ``rows`` (and the counters it found)."""
+        self.model, self.counters = fitted
+        self.prev_raw = list(self.rows[-1])
+        self.since_fit = 0
 
     def _fitted(
         self, rows: deque[list[float]], flags: deque[bool], width: int
@@ -374,9 +378,7 @@ class DeviceModel:
         self.joining = []
         self.rows, self.next_rows = self.next_rows, deque(maxlen=self.next_rows.maxlen)
         self.flags, self.next_flags = self.next_flags, deque(maxlen=self.next_flags.maxlen)
-        self.model, self.counters = fitted
-        self.prev_raw = list(self.rows[-1])
-        self.since_fit = 0
+        self._use(fitted)
         self.gates, self.quiet_m, self.last_excursion = [], [], []
         self.prev_z = self.prev_x = np.zeros((0, 0))
 
@@ -1239,24 +1241,22 @@ class DetectionEngine:
         if state.get("version") == 2:
             state = _from_version_2(state)
             self._dirty |= set(state["devices"])  # the next save writes them the new way
-        self._check_version(state)
-        self.metrics, self.stuck, self.devices, self.sites = {}, {}, {}, {}
-        self.holding = set()
         saved = self._load_header(state)
         for device, st in state["devices"].items():
             self._load_device(device, st, saved)
         self._settle_loaded()
 
-    def _check_version(self, header: dict[str, Any]) -> None:
+    def _load_header(self, header: dict[str, Any]) -> EngineSettings:
+        """Start a load: check the version, forget all detectors, take the engine's
+        counters; return the settings the saved detectors were built with (the configured
+        ones apply from now on: ``_settle_loaded``)."""
         if header.get("version") != STATE_VERSION:
             raise ValueError(
                 f"detection state version {header.get('version')!r} is not "
                 f"{STATE_VERSION}; delete the state directory to start fresh"
             )
-
-    def _load_header(self, header: dict[str, Any]) -> EngineSettings:
-        """Take the engine's counters; return the settings the saved detectors were built
-        with (the configured ones apply from now on: ``_settle_loaded``)."""
+        self.metrics, self.stuck, self.devices, self.sites = {}, {}, {}, {}
+        self.holding = set()
         self.readings_seen = int(header["readings_seen"])
         return _saved_settings(header["settings"])
 
@@ -1329,9 +1329,6 @@ class DetectionEngine:
         if header.get("version") == 2:
             self.load_state(header)
             return True
-        self._check_version(header)
-        self.metrics, self.stuck, self.devices, self.sites = {}, {}, {}, {}
-        self.holding = set()
         saved = self._load_header(header)
         folder = directory / DEVICE_DIR
         for file in sorted(folder.glob("*.json")) if folder.is_dir() else ():
