@@ -62,6 +62,10 @@ def _feed(engine: DetectionEngine, readings: list[Reading], chunk: int = 100) ->
             "silent_after_rows: 2.5; must be a whole number",
         ),
         (
+            [{"match": {"metric": "temp"}, "stuck_learn_readings": -1}],
+            "stuck_learn_readings: -1; must be a whole number, from 0",
+        ),
+        (
             [{"match": {"device": "d1"}, "row_tolerance_ms": -5}],
             "row_tolerance_ms: -5; must be",
         ),
