@@ -11,12 +11,12 @@ import msgspec
 import numpy as np
 import pytest
 
+from millstream_cloud.detection.base import unpack_floats
 from millstream_cloud.detection.engine import (
     DEVICE_DIR,
     STATE_FILE,
     DetectionEngine,
     EngineSettings,
-    _unpack_rows,
 )
 from millstream_cloud.detection.eval import runners
 from millstream_cloud.detection.eval.sim import Fault, SimConfig, simulate
@@ -144,10 +144,14 @@ def test_engine_state_round_trip_continues_identically(
         a.observe(b)
     a.save(tmp_path)
     b_engine = DetectionEngine.load(tmp_path)
-    # A device's rows as states were saved before they were packed: lists of rows.
+    # A device's rows and flags as states were saved before they were packed: lists.
     state = json.loads(json.dumps(a.state_dict()))
     for dev in state["devices"].values():
-        dev["model"]["rows"] = _unpack_rows(dev["model"]["rows"])
+        rows = dev["model"]["rows"]
+        dev["model"]["rows"] = unpack_floats(rows).reshape(-1, rows["width"]).tolist()
+        dev["model"]["flags"] = [
+            bool(v) for v, n in dev["model"]["flags"]["runs"] for _ in range(n)
+        ]
     c_engine = DetectionEngine(settings)
     c_engine.load_state(state)
     rest: list[list[Anomaly]] = [[], [], []]
@@ -805,7 +809,7 @@ def test_a_glitch_is_reported_on_its_metric_and_kept_out_of_the_device_model() -
     assert [f[:2] for f in found[2:]] == [("virtual_sensor", "current_a")], found
     assert 28.0 <= found[2][2] < 28.5
     dev = engine.devices["motor-00"]
-    assert 65535.0 not in np.asarray(dev.rows)[~np.asarray(dev.flags)]  # never learned
+    assert 65535.0 not in dev.rows.values()[~dev.rows.flags()]  # never learned
 
 
 @pytest.mark.parametrize(

@@ -25,12 +25,12 @@ from urllib.parse import quote
 import numpy as np
 
 from ..model import Anomaly, Contribution, Reading
-from .base import pack_floats, unpack_floats
 from .calibration import Hysteresis
 from .explain import explain
 from .multivariate import VirtualSensorResidual
 from .rules import Rule, check_bound, check_streaming, resolve
 from .streaming import REBUILDABLE, StreamingEnsemble, StuckSensor
+from .window import RowWindow
 
 STATE_FILE = "detection-state.json"  # the header; each device's state in DEVICE_DIR
 DEVICE_DIR = "devices"
@@ -241,8 +241,7 @@ class DeviceModel:
         self.s = settings
         self.metrics: list[str] = []
         self.last: dict[str, float] = {}
-        self.rows: deque[list[float]] = deque(maxlen=_window_size(settings))
-        self.flags: deque[bool] = deque(maxlen=_window_size(settings))
+        self.rows = RowWindow(_window_size(settings))  # with each row's anomaly flag
         self.model: VirtualSensorResidual | None = None
         self.gates: list[Hysteresis] = []
         self.quiet_m: list[int] = []
@@ -268,8 +267,7 @@ class DeviceModel:
         # Metrics first heard after the model was trained (a sensor added later), and the
         # rows of all metrics, theirs included, that the next model will be trained on.
         self.joining: list[str] = []
-        self.next_rows: deque[list[float]] = deque(maxlen=_window_size(settings))
-        self.next_flags: deque[bool] = deque(maxlen=_window_size(settings))
+        self.next_rows = RowWindow(_window_size(settings))
         # Metrics (indexes) that only count up (parts made, energy used): the model sees
         # their increase per row, which follows the load, not the ever-growing total.
         self.counters: list[int] = []
@@ -297,14 +295,12 @@ class DeviceModel:
             return
         size = _window_size(s)
         if self.rows.maxlen != size:
-            self.rows = deque(self.rows, maxlen=size)
-            self.flags = deque(self.flags, maxlen=size)
-            self.next_rows = deque(self.next_rows, maxlen=size)
-            self.next_flags = deque(self.next_flags, maxlen=size)
+            self.rows.resize(size)
+            self.next_rows.resize(size)
         if not s.multivariate:  # turned off: what it learned would be stale if turned on
             self.model = None
-            for kept in (self.rows, self.flags, self.next_rows, self.next_flags):
-                kept.clear()
+            self.rows.clear()
+            self.next_rows.clear()
             self.metrics += self.joining
             self.joining = []
             self.since_fit = 0
@@ -322,7 +318,6 @@ class DeviceModel:
         training rows are counted again from here."""
         self.metrics.append(metric)
         self.rows.clear()
-        self.flags.clear()
         self.since_fit = 0
 
     @property
@@ -331,26 +326,26 @@ class DeviceModel:
         return bool(self.silent) and any(m in self.silent for m in self.metrics)
 
     def _fit(self) -> None:
-        fitted = self._fitted(self.rows, self.flags, len(self.metrics))
+        fitted = self._fitted(self.rows, len(self.metrics))
         if fitted is not None:
             self._use(fitted)
 
     def _use(self, fitted: tuple[VirtualSensorResidual, list[int]]) -> None:
         """Score with a model just fitted on ``rows`` (and the counters it found)."""
         self.model, self.counters = fitted
-        self.prev_raw = list(self.rows[-1])
+        self.prev_raw = self.rows.last()
         self.since_fit = 0
 
     def _fitted(
-        self, rows: deque[list[float]], flags: deque[bool], width: int
+        self, rows: RowWindow, width: int
     ) -> tuple[VirtualSensorResidual, list[int]] | None:
         """A model of ``rows`` and the indexes of the metrics in it that are counters."""
         if len(rows) < max(50, width * 10):
             return None
         # Retraining replaces the model with one fitted on the latest rows; rows that were
         # inside a raised anomaly are dropped so a fault is not learned as normal.
-        X = np.asarray(rows)
-        keep = ~np.asarray(flags, dtype=bool)
+        X = rows.values()
+        keep = ~rows.flags()
         if keep.sum() < len(X) // 2:
             return None
         counters = _counter_columns(X)
@@ -369,15 +364,12 @@ class DeviceModel:
         since they joined, and switch to it (between incidents: gates start afresh)."""
         if self.open or any(g.active for g in self.gates):
             return
-        fitted = self._fitted(
-            self.next_rows, self.next_flags, len(self.metrics) + len(self.joining)
-        )
+        fitted = self._fitted(self.next_rows, len(self.metrics) + len(self.joining))
         if fitted is None:
             return
         self.metrics += self.joining
         self.joining = []
-        self.rows, self.next_rows = self.next_rows, deque(maxlen=self.next_rows.maxlen)
-        self.flags, self.next_flags = self.next_flags, deque(maxlen=self.next_flags.maxlen)
+        self.rows, self.next_rows = self.next_rows, RowWindow(self.next_rows.maxlen)
         self._use(fitted)
         self.gates, self.quiet_m, self.last_excursion = [], [], []
         self.prev_z = self.prev_x = np.zeros((0, 0))
@@ -517,14 +509,15 @@ class DeviceModel:
                 new_flags.append(any(g.active for g in self.gates) or glitched[k])
         else:
             new_flags = [False] * len(rows)
-        self.rows.extend(r for _, r in rows)
-        self.flags.extend(new_flags)
+        self.rows.extend([r for _, r in rows], new_flags)
         self.since_fit += len(rows)
         if self.joining:
-            for (_, r), flag in zip(wide, new_flags, strict=True):
-                if len(r) == width + len(self.joining):
-                    self.next_rows.append(r)
-                    self.next_flags.append(flag)
+            full = [
+                (r, f)
+                for (_, r), f in zip(wide, new_flags, strict=True)
+                if len(r) == width + len(self.joining)
+            ]
+            self.next_rows.extend([r for r, _ in full], [f for _, f in full])
             if len(self.next_rows) >= self.s.mv_train_rows:
                 self._take_joining()
         need = self.s.mv_retrain_rows if self.model is not None else self.s.mv_train_rows
@@ -536,8 +529,7 @@ class DeviceModel:
         return {
             "metrics": self.metrics,
             "last": self.last,
-            "rows": _pack_rows(self.rows, len(self.metrics)),
-            "flags": list(self.flags),
+            **self.rows.state_dict(),
             "model": None if self.model is None else self.model.state_dict(),
             "gates": [g.state_dict() for g in self.gates],
             "quiet": self.quiet_m,
@@ -560,14 +552,12 @@ class DeviceModel:
             "counters": self.counters,
             "glitch_run": self.glitch_run,
             "prev_raw": self.prev_raw,
-            "next_rows": _pack_rows(self.next_rows, len(self.metrics) + len(self.joining)),
-            "next_flags": list(self.next_flags),
+            **{f"next_{k}": v for k, v in self.next_rows.state_dict().items()},
         }
 
     def load_state(self, st: dict[str, Any]) -> None:
         self.metrics, self.last = list(st["metrics"]), dict(st["last"])
-        self.rows.extend(_unpack_rows(st["rows"]))
-        self.flags.extend(bool(f) for f in st["flags"])
+        self.rows.load_state(st["rows"], st["flags"])
         if st["model"] is not None:
             self.model = VirtualSensorResidual()
             self.model.load_state(st["model"])
@@ -597,11 +587,12 @@ class DeviceModel:
         self.counters = [int(j) for j in st.get("counters", ())]
         self.glitch_run = [int(n) for n in st.get("glitch_run", ())]
         # Saved before it was kept: the last row kept is the last row scored.
-        prev = st.get("prev_raw", self.rows[-1] if self.model is not None and self.rows else None)
+        prev = st.get(
+            "prev_raw", self.rows.last() if self.model is not None and self.rows else None
+        )
         self.prev_raw = None if prev is None else [float(v) for v in prev]
         if "next_rows" in st:
-            self.next_rows.extend(_unpack_rows(st["next_rows"]))
-            self.next_flags.extend(bool(f) for f in st["next_flags"])
+            self.next_rows.load_state(st["next_rows"], st["next_flags"])
 
     def settle(
         self, time_ns: int, row: list[Anomaly], stirred: list[str], hold: int
@@ -1438,19 +1429,6 @@ def _rates(X: np.ndarray, counters: list[int], before: list[float] | None) -> np
     out = X.astype(float, copy=True)
     out[:, counters] = np.maximum(X[:, counters] - prev[:, counters], 0.0)
     return out
-
-
-def _pack_rows(rows: Iterable[list[float]], width: int) -> Any:
-    """A device's kept rows as compact state (they are most of it): one packed block."""
-    flat = [v for r in rows for v in r]
-    return {"width": width, **pack_floats(np.asarray(flat, dtype=float))} if flat else []
-
-
-def _unpack_rows(data: Any) -> list[list[float]]:
-    """The rows of :func:`_pack_rows`, or of a plain list of rows (states saved before)."""
-    if isinstance(data, dict):
-        return unpack_floats(data).reshape(-1, int(data["width"])).tolist()
-    return [list(r) for r in data]
 
 
 def _window_size(s: EngineSettings) -> int:

@@ -1,0 +1,69 @@
+"""RowWindow: the rows a device model learns from, kept as one NumPy ring."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from millstream_cloud.detection.window import RowWindow
+
+
+def rows(start: int, n: int, width: int = 3) -> np.ndarray:
+    return np.arange(start, start + n, dtype=float)[:, None] * np.ones(width)
+
+
+def test_keeps_the_latest_rows_in_order_across_growth_and_wrap() -> None:
+    w = RowWindow(100)
+    expect_x, expect_f = np.zeros((0, 3)), np.zeros(0, bool)
+    start = 0
+    for n in (1, 7, 60, 33, 99, 5, 250, 3):  # grows 64 -> 100, then wraps many times
+        x, f = rows(start, n), np.arange(start, start + n) % 3 == 0
+        w.extend(x.tolist(), f.tolist())
+        expect_x, expect_f = np.vstack([expect_x, x])[-100:], np.r_[expect_f, f][-100:]
+        start += n
+        assert len(w) == len(expect_x)
+        np.testing.assert_array_equal(w.values(), expect_x)
+        np.testing.assert_array_equal(w.flags(), expect_f)
+        assert w.last() == expect_x[-1].tolist()
+    assert w._x.shape == (100, 3)  # never more than maxlen rows held
+
+
+def test_a_row_of_another_width_starts_afresh() -> None:
+    w = RowWindow(10)
+    w.extend(rows(0, 4), [False] * 4)
+    w.extend(rows(4, 2, width=4), [True, False])
+    assert len(w) == 2 and w.width == 4
+    np.testing.assert_array_equal(w.flags(), [True, False])
+
+
+def test_resize_keeps_the_latest() -> None:
+    w = RowWindow(50)
+    w.extend(rows(0, 40), [False] * 40)
+    w.resize(10)
+    np.testing.assert_array_equal(w.values()[:, 0], np.arange(30, 40))
+    w.resize(1000)
+    w.extend(rows(40, 5), [True] * 5)
+    assert len(w) == 15 and w.flags().sum() == 5
+
+
+def test_state_round_trip_is_exact_and_small() -> None:
+    rng = np.random.default_rng(0)
+    w = RowWindow(60_480)
+    x = rng.normal(size=(60_480 + 77, 4))
+    f = np.zeros(len(x), bool)
+    f[1000:1360] = True  # one incident
+    w.extend(x, f)
+    state = json.loads(json.dumps(w.state_dict()))
+    assert state["flags"] == {"runs": [[0, 923], [1, 360], [0, 59_197]]}
+    back = RowWindow(60_480)
+    back.load_state(state["rows"], state["flags"])
+    np.testing.assert_array_equal(back.values(), x[-60_480:])
+    np.testing.assert_array_equal(back.flags(), f[-60_480:])
+    # Saved before: rows as lists, flags as a list of booleans.
+    old = RowWindow(10)
+    old.load_state([[1.0, 2.0], [3.0, 4.0]], [False, True])
+    assert old.values().tolist() == [[1.0, 2.0], [3.0, 4.0]] and old.flags().tolist() == [0, 1]
+    empty = RowWindow(10)
+    empty.load_state(*RowWindow(10).state_dict().values())
+    assert len(empty) == 0 and not empty
