@@ -276,24 +276,40 @@ class VirtualSensorResidual:
         return S[:, cols] if L is None else np.hstack([S[:, cols], L[:, cols]])
 
     def _select(
-        self, S: np.ndarray, lagged: dict[int, np.ndarray], j: int, burn: int, cut: int
+        self,
+        S: np.ndarray,
+        grams: dict[int, tuple[np.ndarray, np.ndarray]],
+        j: int,
+        burn: int,
+        cut: int,
     ) -> tuple[float, int, list[int]]:
         """Forward selection of (lag, regressors) for metric ``j`` by held-out error: a
-        regressor that follows load with another lag only helps inside the training range."""
+        regressor that follows load with another lag only helps inside the training range.
+
+        Every trial is solved from the cross-products of [S, lagged S, 1] over the training
+        and held-out rows (one pair per lag span), not from the rows themselves: the same
+        fits, but a week of rows costs what a day did (:func:`_grams`)."""
         best: tuple[float, int, list[int]] | None = None
-        others = [k for k in range(S.shape[1]) if k != j]
+        m = S.shape[1]
+        others = [k for k in range(m) if k != j]
+        n_tr, n_te = cut - burn, len(S) - cut
+        base = float(np.mean((S[cut:, j] - S[burn:cut, j].mean()) ** 2))
         for span in (0, *self.lag_grid):
-            L = lagged[span] if span else None
+            G_tr, G_te = grams[span]
             chosen: list[int] = []
-            err_now = float(np.mean((S[cut:, j] - S[burn:cut, j].mean()) ** 2))
+            err_now = base
             while len(chosen) < min(len(others), MAX_REGRESSORS):
                 trial = []
                 for k in others:
                     if k in chosen:
                         continue
-                    A = self._slow_design(S, L, [*chosen, k])
-                    c = _ridge(A[burn:cut], S[burn:cut, j], self.slow_ridge)
-                    trial.append((float(np.mean((S[cut:, j] - _apply(A[cut:], c)) ** 2)), k))
+                    cols = [*chosen, k]
+                    idx = [*cols, *([m + c for c in cols] if span else []), 2 * m]
+                    reg = self.slow_ridge * n_tr * np.eye(len(idx))
+                    reg[-1, -1] = 0.0
+                    c = np.linalg.solve(G_tr[np.ix_(idx, idx)] + reg, G_tr[idx, j])
+                    sse = G_te[j, j] - 2.0 * c @ G_te[idx, j] + c @ G_te[np.ix_(idx, idx)] @ c
+                    trial.append((float(sse) / n_te, k))
                 err, k = min(trial)
                 if err >= err_now:
                     break
@@ -314,6 +330,9 @@ class VirtualSensorResidual:
         held_out = self.holdout > 0.0 and n - cut > 2 * self.smooth and cut - burn > 50 * m
         grid = self.lag_grid if held_out else ()
         lagged = {span: _ema(S, span, S[0]) for span in grid}
+        grams = {
+            span: _grams(S, lagged[span][0] if span else None, burn, cut) for span in (0, *grid)
+        }
         coef = np.zeros((m, 2 * m + 1))
         cov: list[np.ndarray] = []
         used: list[list[int]] = []
@@ -322,7 +341,7 @@ class VirtualSensorResidual:
         R_out = np.empty((n - cut, m)) if held_out else None
         for j in range(m):
             if held_out:
-                _, span, cols = self._select(S, {k: v[0] for k, v in lagged.items()}, j, burn, cut)
+                _, span, cols = self._select(S, grams, j, burn, cut)
             else:
                 span, cols = 0, [k for k in range(m) if k != j][:MAX_REGRESSORS]
             L = lagged[span][0] if span else None
@@ -597,6 +616,15 @@ def _ema(X: np.ndarray, span: int, init: np.ndarray) -> tuple[np.ndarray, np.nda
     zi = ((1.0 - a) * np.asarray(init, dtype=float))[None, :]
     Y, _ = lfilter([a], [1.0, a - 1.0], X, axis=0, zi=zi)
     return Y, Y[-1].copy()
+
+
+def _grams(
+    S: np.ndarray, L: np.ndarray | None, burn: int, cut: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-products of the design [S, L (zeros without a lag), 1] over the training rows
+    ``burn:cut`` and the held-out rows ``cut:``."""
+    D = np.hstack([S, np.zeros_like(S) if L is None else L, np.ones((len(S), 1))])
+    return D[burn:cut].T @ D[burn:cut], D[cut:].T @ D[cut:]
 
 
 def _ridge(A: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
