@@ -108,7 +108,7 @@ class EngineSettings:
     stuck_learn_readings: int = 8640
     multivariate: bool = True
     mv_train_rows: int = 4320  # complete rows before the first model
-    mv_window_rows: int = 8640  # rolling window of recent rows each retrain learns from
+    mv_window_rows: int = 60480  # rolling window each retrain learns from: a week at 10 s
     mv_retrain_rows: int = 1440
     mv_spans: tuple[int, ...] = (6, 30, 120, 480)
     mv_smooth_rows: int = 180
