@@ -305,8 +305,7 @@ class VirtualSensorResidual:
                         continue
                     cols = [*chosen, k]
                     idx = [*cols, *([m + c for c in cols] if span else []), 2 * m]
-                    reg = self.slow_ridge * n_tr * np.eye(len(idx))
-                    reg[-1, -1] = 0.0
+                    reg = _penalty(n_tr, len(idx), self.slow_ridge)
                     c = np.linalg.solve(G_tr[np.ix_(idx, idx)] + reg, G_tr[idx, j])
                     sse = G_te[j, j] - 2.0 * c @ G_te[idx, j] + c @ G_te[np.ix_(idx, idx)] @ c
                     trial.append((float(sse) / n_te, k))
@@ -386,12 +385,7 @@ class VirtualSensorResidual:
             L[span], self._lagged[span] = _ema(S, span, last)
         pred = np.empty_like(S)
         var = np.empty_like(S)
-        one = np.ones((len(S), 1))
-        # One design per lag span in use: [S, its lagged copy (or zeros), 1].
-        design = {
-            span: np.hstack([S, L[span] if span else np.zeros_like(S), one])
-            for span in set(self.lags_)
-        }
+        design = {span: _design(S, L[span] if span else None) for span in set(self.lags_)}
         for j, span in enumerate(self.lags_):
             D = design[span]
             pred[:, j] = D @ self.slow_coef_[j]
@@ -618,23 +612,30 @@ def _ema(X: np.ndarray, span: int, init: np.ndarray) -> tuple[np.ndarray, np.nda
     return Y, Y[-1].copy()
 
 
+def _design(S: np.ndarray, L: np.ndarray | None) -> np.ndarray:
+    """The slow model's design for one lag span: [S, its lagged copy (zeros without a
+    lag), 1]; a metric's coefficients index into its columns (``slow_idx_``)."""
+    return np.hstack([S, np.zeros_like(S) if L is None else L, np.ones((len(S), 1))])
+
+
 def _grams(
     S: np.ndarray, L: np.ndarray | None, burn: int, cut: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cross-products of the design [S, L (zeros without a lag), 1] over the training rows
-    ``burn:cut`` and the held-out rows ``cut:``."""
-    D = np.hstack([S, np.zeros_like(S) if L is None else L, np.ones((len(S), 1))])
+    """Cross-products of :func:`_design` over the training rows ``burn:cut`` and the
+    held-out rows ``cut:``."""
+    D = _design(S, L)
     return D[burn:cut].T @ D[burn:cut], D[cut:].T @ D[cut:]
 
 
 def _ridge(A: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
     """Ridge regression with an unpenalised intercept (last coefficient)."""
     A1 = np.hstack([A, np.ones((len(A), 1))])
-    return np.linalg.solve(A1.T @ A1 + _penalty(A1, ridge), A1.T @ y)
+    return np.linalg.solve(A1.T @ A1 + _penalty(len(A1), A1.shape[1], ridge), A1.T @ y)
 
 
-def _penalty(A1: np.ndarray, ridge: float) -> np.ndarray:
-    reg = ridge * len(A1) * np.eye(A1.shape[1])
+def _penalty(rows: int, cols: int, ridge: float) -> np.ndarray:
+    """The ridge term for ``rows`` rows of ``cols`` columns, the last an intercept."""
+    reg = ridge * rows * np.eye(cols)
     reg[-1, -1] = 0.0
     return reg
 
@@ -645,7 +646,7 @@ def _coef_cov(A: np.ndarray, r: np.ndarray, ridge: float, block: int) -> np.ndar
     only a few load changes, so the gains are uncertain, and a prediction far from the
     training range is uncertain in proportion: that is what this measures."""
     A1 = np.hstack([A, np.ones((len(A), 1))])
-    bread = np.linalg.inv(A1.T @ A1 + _penalty(A1, ridge))
+    bread = np.linalg.inv(A1.T @ A1 + _penalty(len(A1), A1.shape[1], ridge))
     meat = np.zeros_like(bread)
     for lo in range(0, len(A1) - block + 1, block):
         g = A1[lo : lo + block].T @ r[lo : lo + block]

@@ -36,9 +36,6 @@ class RowWindow:
     def __iter__(self) -> Iterator[np.ndarray]:
         return iter(self.values())
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return self.values() if dtype is None else self.values().astype(dtype)
-
     def clear(self) -> None:
         self._x = np.empty((0, self.width))
         self._f = np.empty(0, dtype=bool)
@@ -101,12 +98,9 @@ class RowWindow:
         """The rows packed (:func:`pack_floats`, with their width) and the flags as runs of
         one value (``[value, count]``): a week of flags is a handful of runs."""
         x, f = self.values(), self.flags()
-        runs: list[list[int]] = []
-        for v in f.tolist():
-            if runs and runs[-1][0] == int(v):
-                runs[-1][1] += 1
-            else:
-                runs.append([int(v), 1])
+        starts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]]) if len(f) else np.zeros(0, int)
+        sizes = np.diff(np.r_[starts, len(f)])
+        runs = [[int(f[a]), int(n)] for a, n in zip(starts, sizes, strict=True)]
         rows: Any = {"width": self.width, **pack_floats(x.ravel())} if self._n else []
         return {"rows": rows, "flags": {"runs": runs}}
 
