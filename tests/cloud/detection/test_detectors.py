@@ -8,6 +8,7 @@ import pytest
 from millstream_cloud.detection import base
 from millstream_cloud.detection.calibration import (
     AnomalyLikelihood,
+    ExtremesMemory,
     Hysteresis,
     RollingRobust,
     tail_to_score,
@@ -533,3 +534,82 @@ def test_a_quantised_statistic_is_not_read_as_a_collapsed_tail() -> None:
     assert r.hi_tail >= 1.0
     assert tail_to_score(r.tail(3.0)) < 0.5
     assert tail_to_score(r.tail(6.0)) > 0.5
+
+
+def _calibrated(values: np.ndarray, size: int = 6000, memory: int = 0) -> RollingRobust:
+    r = RollingRobust(size, tail_fit="quantiles", memory=memory)
+    for v in values:
+        r.add(float(v))
+    r._refresh()
+    return r
+
+
+def test_a_start_up_a_little_larger_than_the_last_is_not_new() -> None:
+    # Four start-up steps of about 50 sigma among 6000 steps of noise: the tail fitted to
+    # the noise's quantiles read a start-up 2 sigma larger than the largest as p 2e-6 (an
+    # alarm); the tail beyond the largest value is never thinner than the one under which
+    # that value is typical, so it stays ordinary while one twice as large still alarms.
+    rng = np.random.default_rng(0)
+    steps = rng.normal(0.0, 1.0, 6000)
+    steps[[1000, 2500, 4000, 5500]] = [50.0, 49.0, 51.0, 50.5]
+    r = _calibrated(steps)
+    assert tail_to_score(r.tail(53.0)) < 0.45
+    assert tail_to_score(r.tail(102.0)) > 0.6
+    noise = _calibrated(rng.normal(0.0, 1.0, 6000))  # the noise's own fit is unchanged
+    assert noise.hi_shape == 0.0 and 0.3 < noise.hi_tail < 0.6
+
+
+def test_extremes_memory_keeps_a_few_values_a_block_and_drops_whole_blocks() -> None:
+    mem = ExtremesMemory(100, blocks=10, keep=2)
+    for x in range(150):
+        mem.add(float(x))
+    # Blocks of 10: the first five have expired; each kept its two largest and smallest.
+    tops, bottoms = mem.forgotten(0)
+    assert mem.covered == 100 and tops.min() == 58.0 and bottoms.min() == 50.0
+    # Asked about values beyond a window of the last 50, it answers from blocks older
+    # than the window only (50 to 99): one of them at 98.5 or more.
+    assert mem.forgotten(50)[0].max() == 99.0
+    assert mem.tail_hi(98.5, 95.0, 50, 80.0, 1.0) == pytest.approx(2 / 101)
+    assert mem.tail_hi(101.0, 95.0, 50, 80.0, 1.0) < 1 / 101
+    assert mem.tail_hi(120.0, 150.0, 50, 80.0, 1.0) is None  # the window holds more
+    assert mem.tail_hi(120.0, 100.0, 50, 80.0, 1.0) is None  # it forgot nothing beyond
+
+
+def test_a_calibration_remembers_a_weeks_extremes_beyond_its_history() -> None:
+    # A history of 1000 values and a memory of 5000: the start-up steps in the first 3000
+    # values are gone from the history, not from the memory, so the next one like them is
+    # no record (without the memory: p 1e-11), while one far beyond them still is.
+    rng = np.random.default_rng(2)
+    values = rng.normal(0.0, 1.0, 4000)
+    values[[500, 1200, 1900, 2600]] = [50.0, 49.0, 51.0, 50.5]
+    forgot, remembers = _calibrated(values, 1000), _calibrated(values, 1000, memory=5000)
+    assert tail_to_score(forgot.tail(50.0)) == 1.0
+    assert tail_to_score(remembers.tail(50.0)) < 0.45
+    assert tail_to_score(remembers.tail(52.0)) < 0.45
+    assert tail_to_score(remembers.tail(150.0)) > 0.6
+    assert tail_to_score(remembers.tail(-3.0, True)) == tail_to_score(forgot.tail(-3.0, True))
+    clone = RollingRobust(10, memory=5000)
+    clone.load_state(json.loads(json.dumps(remembers.state_dict())))
+    assert clone.tail(52.0) == remembers.tail(52.0)
+    # A state saved before the memory existed: it starts from the window's values.
+    old = remembers.state_dict()
+    del old["memory"]
+    young = RollingRobust(10, memory=5000)
+    young.load_state(old)
+    assert young.memory is not None and young.memory.covered == 1000
+    assert young.tail(50.0) == forgot.tail(50.0)
+
+
+def test_a_memory_changes_nothing_while_the_history_has_forgotten_nothing() -> None:
+    # Records just learned are in the memory before the next sorted snapshot holds them:
+    # they are new, not forgotten, and a creeping level must score as without a memory.
+    rng = np.random.default_rng(4)
+    values = np.concatenate((rng.normal(0.0, 1.0, 900), np.linspace(3.0, 9.0, 60)))
+    plain, remembering = (
+        RollingRobust(1000, tail_fit="quantiles"),
+        RollingRobust(1000, tail_fit="quantiles", memory=5000),
+    )
+    for x in values.tolist():
+        assert remembering.tail(x + 0.2, True) == plain.tail(x + 0.2, True)
+        plain.add(x)
+        remembering.add(x)

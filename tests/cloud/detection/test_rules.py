@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -378,3 +379,27 @@ def test_a_state_saved_with_another_history_takes_the_new_one_on_without_restart
     assert det.params() == DetectionEngine(after.settings)._detector("m9", "temp").params()
     out = after.observe([Reading("m1", "s", "temp", 1000 * 10**9, 22.0)])  # 20 sigma
     assert [a.metric for a in out] == ["temp"]
+
+
+def test_a_state_saved_before_the_week_memory_takes_it_on_without_restarting() -> None:
+    # Its detectors were saved without `memory`: they keep what they remember and start
+    # remembering extremes from the values their calibrations hold.
+    old = replace(BASE, streaming={**BASE.streaming, "memory": 0})
+    saved = DetectionEngine(old)
+    _feed(saved, _series("m1", "temp", 800, 10**6))
+    state = saved.state_dict()
+    for st in _metric_states(state):
+        del st["params"]["memory"]
+    short = replace(BASE, streaming={**BASE.streaming, "history": 500, "memory": 5000})
+    after = DetectionEngine(short)
+    after.load_state(state)
+    det = after.metrics[("m1", "temp")]
+    assert after.restarted == 0 and det.n == 800 and det.memory == 5000
+    for cal in det.cal.values():
+        assert cal.stats.memory is not None and cal.stats.memory.covered == len(cal.stats)
+    assert det.params() == DetectionEngine(short)._detector("m9", "temp").params()
+    again = DetectionEngine(short)
+    again.load_state(json.loads(json.dumps(after.state_dict())))
+    mem, was = (e.metrics[("m1", "temp")].cal["level"].stats.memory for e in (again, after))
+    assert mem is not None and was is not None and mem.covered == was.covered > 0
+    assert mem.forgotten(0)[0].tolist() == was.forgotten(0)[0].tolist()

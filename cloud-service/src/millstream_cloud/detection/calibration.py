@@ -8,6 +8,7 @@ state that does not flap.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from typing import Any
@@ -89,11 +90,154 @@ def _steps(arr: np.ndarray, k: int) -> tuple[float, float]:
     return float(hi), float(lo)
 
 
+DETACHED = 0.01  # the chance, under the fitted tail, of a largest value as far out
+
+
+def _typical_max_scale(excess: float, n: int) -> float:
+    """Scale of the exponential tail over the 90 % quantile under which ``excess`` (the
+    largest of ``n`` values, over that quantile) is the typical largest of the n / 10
+    values beyond it (their expected maximum is about scale * ln(n / 10))."""
+    return excess / math.log(max(n // 10, 3))
+
+
+def _detached_scale(excess: float, n: int, scale: float, shape: float) -> float:
+    """``scale``, or wider when the largest value (``excess`` over the tail's threshold)
+    stands where the fitted tail gives it under a :data:`DETACHED` chance among the n / 10
+    values beyond the threshold: a cluster of rare extremes apart from the rest (start-up
+    steps), which the quantiles do not see. A new record of a drifting statistic creeps
+    past its largest value and is found long before that one looks detached."""
+    if (n // 10) * math.exp(_log_survival(excess, scale, shape)) >= DETACHED:
+        return scale
+    return max(scale, _typical_max_scale(excess, n))
+
+
 def _log_survival(excess: float, scale: float, shape: float) -> float:
     """log P(X > u + excess | X > u) of a generalised Pareto tail."""
     if shape == 0.0:
         return -excess / scale
     return -math.log1p(shape * excess / scale) / shape
+
+
+class ExtremesMemory:
+    """The ``keep`` largest and smallest values of each of ``blocks`` blocks covering the
+    last ``span`` values: what a statistic reached over a long span (a week) for a few
+    KB, where keeping every value would cost megabytes.
+
+    A calibration with a shorter detailed history asks it only about the values that
+    history has forgotten (blocks wholly older than its window): a factory's Monday
+    start-up is then judged against last week's start-ups, not only against the idle
+    weekend the last two days hold, while a level creeping past its recent records is
+    judged exactly as without it. Whole blocks expire, oldest first.
+    """
+
+    def __init__(self, span: int, blocks: int = 168, keep: int = 4) -> None:
+        self.span, self.keep = span, keep
+        self.block = max(1, span // blocks)
+        # Each finished block: its largest and smallest values, ascending, and how many
+        # values had been added when it finished.
+        self.done: deque[tuple[np.ndarray, np.ndarray, int]] = deque(maxlen=max(1, blocks))
+        self.top: list[float] = []  # the current block's largest, ascending
+        self.bottom: list[float] = []  # ... and smallest, ascending
+        self.count = 0  # values in the current block
+        self.added = 0  # values ever added
+        self._cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+
+    @property
+    def covered(self) -> int:
+        return len(self.done) * self.block + self.count
+
+    def add(self, x: float) -> None:
+        top, bottom = self.top, self.bottom
+        if len(top) < self.keep:
+            bisect.insort(top, x)
+        elif x > top[0]:
+            top.pop(0)
+            bisect.insort(top, x)
+        if len(bottom) < self.keep:
+            bisect.insort(bottom, x)
+        elif x < bottom[-1]:
+            bottom.pop()
+            bisect.insort(bottom, x)
+        self.count += 1
+        self.added += 1
+        if self.count == self.block:
+            self.done.append((np.array(top), np.array(bottom), self.added))
+            self.top, self.bottom, self.count = [], [], 0
+
+    def extend(self, values: np.ndarray) -> None:
+        for x in values.tolist():
+            self.add(x)
+
+    def forgotten(self, window: int) -> tuple[np.ndarray, np.ndarray]:
+        """The kept values of the blocks older than the last ``window`` values, ascending:
+        the largest, then the smallest."""
+        older = [b for b in self.done if b[2] <= self.added - window]
+        key = (older[0][2], older[-1][2]) if older else (0, 0)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (
+                key,
+                np.sort(np.concatenate([t for t, _, _ in older])) if older else np.empty(0),
+                np.sort(np.concatenate([b for _, b, _ in older])) if older else np.empty(0),
+            )
+        return self._cache[1], self._cache[2]
+
+    def tail_hi(self, x: float, seen: float, window: int, u: float, scale: float) -> float | None:
+        """Upper tail probability of ``x`` over the span, when values older than the last
+        ``window`` reached beyond ``seen`` (the largest value the detailed history holds)
+        and ``x`` is beyond ``seen`` too; else None. Beyond the largest value remembered,
+        an exponential tail over ``u`` (the history's tail threshold), no thinner than
+        ``scale`` (the history's) nor than the one under which that value is typical."""
+        tops, _ = self.forgotten(window)
+        return self._tail(tops, x, seen, u, scale)
+
+    def tail_lo(self, x: float, seen: float, window: int, u: float, scale: float) -> float | None:
+        """The lower tail, as :meth:`tail_hi` (``seen``: the history's smallest value)."""
+        _, bottoms = self.forgotten(window)
+        return self._tail(-bottoms[::-1], -x, -seen, -u, scale)
+
+    def _tail(
+        self, tops: np.ndarray, x: float, seen: float, u: float, scale: float
+    ) -> float | None:
+        if not tops.size or tops[-1] <= seen or x <= seen:
+            return None
+        n = self.covered
+        k = tops.size - int(np.searchsorted(tops, x, side="left"))
+        if k:
+            return (k + 1) / (n + 1)
+        top = float(tops[-1])
+        scale = max(scale, _typical_max_scale(top - u, n), 1e-12)
+        return math.exp(-(x - top) / scale) / (n + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        # A finished block holds min(keep, block) values a side: one array a side.
+        return {
+            "span": self.span,
+            "block": self.block,
+            "keep": self.keep,
+            "tops": pack_floats(np.concatenate([t for t, _, _ in self.done] or [np.empty(0)])),
+            "bottoms": pack_floats(np.concatenate([b for _, b, _ in self.done] or [np.empty(0)])),
+            "ends": [end for _, _, end in self.done],
+            "top": self.top,
+            "bottom": self.bottom,
+            "count": self.count,
+            "added": self.added,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.span, self.block, self.keep = (
+            int(state["span"]),
+            int(state["block"]),
+            int(state["keep"]),
+        )
+        ends = [int(e) for e in state["ends"]]
+        width = min(self.keep, self.block)
+        tops = unpack_floats(state["tops"]).reshape(len(ends), width)
+        bottoms = unpack_floats(state["bottoms"]).reshape(len(ends), width)
+        self.done.clear()
+        self.done.extend(zip(tops.copy(), bottoms.copy(), ends, strict=True))
+        self.top = [float(v) for v in state["top"]]
+        self.bottom = [float(v) for v in state["bottom"]]
+        self.count, self.added, self._cache = int(state["count"]), int(state["added"]), None
 
 
 class RollingRobust:
@@ -104,10 +248,12 @@ class RollingRobust:
     value stays flat while the reference moves by at most 1 % between refreshes.
     """
 
-    def __init__(self, size: int, every: int = 8, tail_fit: str = "range") -> None:
+    def __init__(self, size: int, every: int = 8, tail_fit: str = "range", memory: int = 0) -> None:
         if tail_fit not in TAIL_FITS:
             raise ValueError(f"tail_fit {tail_fit!r}: one of {', '.join(TAIL_FITS)}")
         self.size = size
+        # Extremes over a span longer than the window (0: none), see ExtremesMemory.
+        self.memory = ExtremesMemory(memory) if memory > size else None
         self.every = max(1, every)
         self.tail_fit = tail_fit
         self._ring = np.empty(size)
@@ -130,6 +276,8 @@ class RollingRobust:
         return np.concatenate((self._ring[self._pos :], self._ring[: self._pos]))
 
     def add(self, x: float) -> None:
+        if self.memory is not None:
+            self.memory.add(x)
         self._ring[self._pos] = x
         self._pos = (self._pos + 1) % self.size
         self._count = min(self._count + 1, self.size)
@@ -175,6 +323,7 @@ class RollingRobust:
             lo = float(arr[k] - arr[0]) if n > k else 0.0
         self.hi_tail = max(hi, 0.05 * self.sigma)
         self.lo_tail = max(lo, 0.05 * self.sigma)
+        hi_shape, lo_shape = self.hi_shape, self.lo_shape
         if self.tail_fit == "quantiles" and n >= QUANTILE_FIT_MIN:
             # A statistic of a quantised metric (whole degrees) takes few values: its
             # quantiles tie and the fitted tail collapses, so one step of its resolution
@@ -183,6 +332,12 @@ class RollingRobust:
             hi_step, lo_step = _steps(arr, n // 10)
             self.hi_tail = max(self.hi_tail, hi_step)
             self.lo_tail = max(self.lo_tail, lo_step)
+            # Where the largest value could not come from the fitted tail (a machine's
+            # start-up step, twice a day, against the steps of its noise), the fit read a
+            # start-up a little larger than the last as p 1e-6 and an alarm: beyond such
+            # a value the tail is the exponential one under which it is typical.
+            self.hi_tail = _detached_scale(float(arr[-1]) - self.hi_u, n, self.hi_tail, hi_shape)
+            self.lo_tail = _detached_scale(self.lo_u - float(arr[0]), n, self.lo_tail, lo_shape)
 
     def tail(self, x: float, two_sided: bool = False) -> float:
         """Tail probability of ``x``: empirical inside the observed range, a
@@ -196,12 +351,18 @@ class RollingRobust:
         p_hi = (above + 1) / (n + 1)
         if x > arr[-1]:
             p_hi *= self._beyond(x - self.hi_u, arr[-1] - self.hi_u, self.hi_tail, self.hi_shape)
+            if self.memory is not None:
+                p_mem = self.memory.tail_hi(x, arr[-1], self._count, self.hi_u, self.hi_tail)
+                p_hi = max(p_hi, p_mem or 0.0)
         if not two_sided:
             return p_hi
         below = int(np.searchsorted(arr, x, side="right"))
         p_lo = (below + 1) / (n + 1)
         if x < arr[0]:
             p_lo *= self._beyond(self.lo_u - x, self.lo_u - arr[0], self.lo_tail, self.lo_shape)
+            if self.memory is not None:
+                p_mem = self.memory.tail_lo(x, arr[0], self._count, self.lo_u, self.lo_tail)
+                p_lo = max(p_lo, p_mem or 0.0)
         return min(1.0, 2.0 * min(p_hi, p_lo))
 
     @staticmethod
@@ -252,7 +413,15 @@ class RollingRobust:
             "buf": pack_floats(buf),
             "stale": pack_floats(self._stale(buf)),
             "since": self._since,
+            **({"memory": self.memory.state_dict()} if self.memory is not None else {}),
         }
+
+    def set_memory(self, span: int) -> None:
+        """Remember extremes over ``span`` values from now on (0: none), starting from
+        the values the window holds."""
+        self.memory = ExtremesMemory(span) if span > self.size else None
+        if self.memory is not None:
+            self.memory.extend(self.buf)
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.size, self.every = int(state["size"]), int(state["every"])
@@ -263,6 +432,11 @@ class RollingRobust:
         self._count = len(vals)
         self._pos = self._count % self.size
         self._since = int(state.get("since", 0))
+        if self.memory is not None:
+            if "memory" in state:
+                self.memory.load_state(state["memory"])
+            else:  # saved before the memory existed: it starts from the window
+                self.set_memory(self.memory.span)
         if not self._count:
             return
         if "stale" in state:
@@ -284,12 +458,17 @@ class AnomalyLikelihood:
     """
 
     def __init__(
-        self, history: int = 750, short: int = 1, two_sided: bool = False, tail_fit: str = "range"
+        self,
+        history: int = 750,
+        short: int = 1,
+        two_sided: bool = False,
+        tail_fit: str = "range",
+        memory: int = 0,
     ) -> None:
         self.short = max(1, short)
         self.two_sided = two_sided
         self.recent: deque[float] = deque(maxlen=self.short)
-        self.stats = RollingRobust(history, tail_fit=tail_fit)
+        self.stats = RollingRobust(history, tail_fit=tail_fit, memory=memory)
 
     def _mean_with(self, raw: float) -> float:
         n = len(self.recent)

@@ -57,6 +57,11 @@ class EngineSettings:
             # shift pattern) sees each step in its history; with 6000 (17 h) each was a
             # new record, two false alarms a day (bench/detection_single_metric.py).
             "history": 17280,
+            # ... and the extremes of each statistic over a week (a few KB): a machine on a
+            # five-day week starts on Monday after two idle days; judged against the two
+            # days alone, every Monday start-up and stop was a record and an alarm
+            # (bench/detection_weekly.py).
+            "memory": 60480,
             "short": 4,
             "long": 32,
             # A new record of any of a metric's statistics scores about 0.42 (1 in the
@@ -1457,10 +1462,12 @@ def _adopt(det: StreamingEnsemble, want: dict[str, Any]) -> bool:
     ``history`` (what it remembers is kept: all of it, or the latest when shorter)."""
     have = det.params()
     differ = {k for k in want if want[k] != have.get(k)}
-    if not differ <= {"calibrate_after", "components", "history"}:
+    if not differ <= {"calibrate_after", "components", "history", "memory"}:
         return False
     if "history" in differ:
         det.set_history(int(want["history"]))
+    if "memory" in differ:
+        det.set_memory(int(want["memory"]))
     if "calibrate_after" in differ and det.n < want["calibrate_after"]:
         return False
     if "components" in differ:

@@ -87,6 +87,7 @@ STREAMING_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "detect_after": (1, 10_000_000, True),
     "glitch_sigma": (0, None, False),
     "calibrate_after": (0, 10_000_000, True),
+    "memory": (0, 10_000_000, True),
 }
 
 

@@ -278,6 +278,12 @@ class StreamingEnsemble:
     values and a young series scores even a 20-sigma spike as ordinary. (0: from the
     first value, as the frozen NAB settings do.)
 
+    ``memory``: values over which each calibration also keeps its statistic's extremes
+    (:class:`~.calibration.ExtremesMemory`, a few KB), when longer than ``history``: a
+    value beyond everything the history holds is judged against what the longer span
+    reached, so a machine's Monday start-up after an idle weekend is no record. (0: off,
+    as the frozen NAB settings.)
+
     ``refractory_warmups``: when set, the refractory period is that many warmups instead of
     ``refractory`` values. A benchmark such as NAB gives each series a warmup (probation)
     proportional to its length, so a quiet time in those units scales with the series; a
@@ -300,8 +306,10 @@ class StreamingEnsemble:
         glitch_sigma: float = 0.0,
         tail_fit: str = "range",
         calibrate_after: int = 0,
+        memory: int = 0,
     ) -> None:
         self.history = history
+        self.memory = memory
         self.calibrate_after = calibrate_after
         self.tail_fit = tail_fit
         self.glitch_sigma = glitch_sigma
@@ -404,7 +412,13 @@ class StreamingEnsemble:
     def _new_calibration(self, name: str) -> AnomalyLikelihood:
         """An empty calibration for component ``name``: two-sided but for ``value``, whose
         statistic is already a distance."""
-        return AnomalyLikelihood(self.history, 1, two_sided=name != "value", tail_fit=self.tail_fit)
+        return AnomalyLikelihood(
+            self.history,
+            1,
+            two_sided=name != "value",
+            tail_fit=self.tail_fit,
+            memory=self.memory,
+        )
 
     def set_history(self, history: int) -> None:
         """Remember ``history`` values from now on, keeping what is remembered (the
@@ -414,6 +428,13 @@ class StreamingEnsemble:
         self.parts["value"].ref.resize(history)
         for cal in self.cal.values():
             cal.stats.resize(history)
+
+    def set_memory(self, memory: int) -> None:
+        """Remember the statistics' extremes over ``memory`` values from now on (0: off),
+        starting from the histories: a saved detector takes it on at an upgrade."""
+        self.memory = memory
+        for cal in self.cal.values():
+            cal.stats.set_memory(memory)
 
     def add_component(self, name: str) -> None:
         """Start watching ``name`` (one of :data:`REBUILDABLE`) with its calibration rebuilt
@@ -481,6 +502,7 @@ class StreamingEnsemble:
             "glitch_sigma": self.glitch_sigma,
             "tail_fit": self.tail_fit,
             "calibrate_after": self.calibrate_after,
+            "memory": self.memory,
         }
 
     def state_dict(self) -> dict[str, Any]:
