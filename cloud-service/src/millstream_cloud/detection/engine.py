@@ -1321,10 +1321,14 @@ class DetectionEngine:
         path = directory / STATE_FILE
         if not path.exists():
             return False
-        header = json.loads(path.read_text(encoding="utf-8"))
+        self._restore(json.loads(path.read_text(encoding="utf-8")), directory)
+        return True
+
+    def _restore(self, header: dict[str, Any], directory: Path) -> None:
+        """``restore`` from the header already read (a version-2 header holds it all)."""
         if header.get("version") == 2:
             self.load_state(header)
-            return True
+            return
         saved = self._load_header(header)
         folder = directory / DEVICE_DIR
         for file in sorted(folder.glob("*.json")) if folder.is_dir() else ():
@@ -1344,7 +1348,6 @@ class DetectionEngine:
                     aside.name,
                 )
         self._settle_loaded()
-        return True
 
     @classmethod
     def load(cls, directory: Path, settings: EngineSettings | None = None) -> DetectionEngine:
@@ -1353,10 +1356,9 @@ class DetectionEngine:
         path = directory / STATE_FILE
         if not path.exists():
             return cls(settings)
-        if settings is None:
-            settings = _saved_settings(json.loads(path.read_text(encoding="utf-8"))["settings"])
-        engine = cls(settings)
-        engine.restore(directory)
+        header = json.loads(path.read_text(encoding="utf-8"))
+        engine = cls(_saved_settings(header["settings"]) if settings is None else settings)
+        engine._restore(header, directory)
         return engine
 
 
