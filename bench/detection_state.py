@@ -4,7 +4,10 @@ Feeds the simulator's fleet (12 devices x 4 metrics by default, ``--devices N``,
 ``DetectionEngine`` for 16 h, so every device has its trained per-device model, and saves
 the state: bytes on disk (in all and per metric), wall time of a save and of a load, and
 the longest time a save keeps scoring waiting (the engine lock held; a save writes device
-by device). Writes bench/results/detection_state.json. Run from the repository root.
+by device). Then five more minutes of readings and the next save (as every
+``save_interval_s``): the bytes it writes (device files rewritten, rows appended to rows
+files), its wall time and the longest wait it causes. Writes
+bench/results/detection_state.json. Run from the repository root.
 """
 
 from __future__ import annotations
@@ -44,29 +47,55 @@ def size(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
+def files(directory: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*.*")}
+
+
+def written(before: dict[Path, tuple[int, int]], after: dict[Path, tuple[int, int]]) -> int:
+    """Bytes a save wrote: files it rewrote whole, and what it appended to rows files."""
+    out = 0
+    for p, (n, mtime) in after.items():
+        old = before.get(p)
+        if old is None or old[1] != mtime:
+            out += n - old[0] if old is not None and p.suffix == ".rows" else n
+    return out
+
+
+def timed_save(engine: DetectionEngine, where: Path) -> tuple[float, TimedLock]:
+    lock = TimedLock()
+    t0 = time.perf_counter()
+    engine.save(where, guard=lock)
+    return time.perf_counter() - t0, lock
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hours", type=float, default=16.0)
     ap.add_argument("--devices", type=int, default=12, help="simulated machines, 4 metrics each")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "detection_state.json"))
     args = ap.parse_args()
-    fleet = simulate(SimConfig(seed=0, devices=args.devices, hours=args.hours, faults=()))
+    fleet = simulate(SimConfig(seed=0, devices=args.devices, hours=args.hours + 5 / 60, faults=()))
+    batches = list(fleet.batches())
+    cut = int(fleet.times_ns[0]) + int(args.hours * 3600e9)
+    first = [b for b in batches if b and b[0].time_ns < cut]
     engine = DetectionEngine()
-    for b in fleet.batches():
+    for b in first:
         engine.observe(b)
     devices = len(engine.devices)
     metrics = sum(len(d.metrics) for d in engine.devices.values())
     trained = sum(d.model is not None for d in engine.devices.values())
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(tmp)
-        lock = TimedLock()
-        t0 = time.perf_counter()
-        engine.save(where, guard=lock)
-        save_s = time.perf_counter() - t0
+        save_s, lock = timed_save(engine, where)
         total = size(where)
         t0 = time.perf_counter()
         DetectionEngine.load(where)
         load_s = time.perf_counter() - t0
+        for b in batches[len(first) :]:
+            engine.observe(b)
+        before = files(where)
+        next_s, next_lock = timed_save(engine, where)
+        next_bytes = written(before, files(where))
     result = {
         "hours": args.hours,
         "devices": devices,
@@ -77,5 +106,8 @@ if __name__ == "__main__":
         "save_s": round(save_s, 3),
         "load_s": round(load_s, 3),
         "longest_lock_hold_ms": round(1e3 * lock.longest, 1),
+        "next_save_bytes": next_bytes,
+        "next_save_s": round(next_s, 3),
+        "next_save_longest_lock_hold_ms": round(1e3 * next_lock.longest, 1),
     }
     write_result(result, args.out)

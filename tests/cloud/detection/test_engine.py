@@ -644,10 +644,13 @@ def test_a_state_saved_by_the_previous_version_loads_and_is_rewritten_per_device
     same = DetectionEngine(V2_SETTINGS)
     same.observe(_v2_readings(0, 150))
     assert _before_v3(restored.state_dict()) == _before_v3(same.state_dict())
-    # The next save writes it the new way: a header and one file per device.
+    # The next save writes it the new way: a header and one file per device (and the
+    # pump model's rows in a rows file).
     restored.save(old)
     assert json.loads((old / STATE_FILE).read_text())["version"] == 3
-    assert sorted(p.name for p in (old / DEVICE_DIR).iterdir()) == ["fan-2.json", "pump-1.json"]
+    names = sorted(p.name for p in (old / DEVICE_DIR).iterdir())
+    assert [n for n in names if n.endswith(".json")] == ["fan-2.json", "pump-1.json"]
+    assert [n.split(".")[:3] for n in names if n.endswith(".rows")] == [["pump-1", "json", "rows"]]
     again = DetectionEngine.load(old)
     assert again.state_dict() == restored.state_dict()
     later = _v2_readings(150, 400)
@@ -661,7 +664,7 @@ def test_a_save_writes_only_the_devices_that_changed_and_drops_relearned_ones(
     engine.observe(_v2_readings(0, 150))
     engine.save(tmp_path)
     folder = tmp_path / DEVICE_DIR
-    assert sorted(p.name for p in folder.iterdir()) == ["fan-2.json", "pump-1.json"]
+    assert sorted(p.name for p in folder.glob("*.json")) == ["fan-2.json", "pump-1.json"]
     fan = (folder / "fan-2.json").read_text()
     for name in ("fan-2.json", "pump-1.json"):  # marked, to see which a save rewrites
         (folder / name).write_text('"not rewritten"')
@@ -671,12 +674,59 @@ def test_a_save_writes_only_the_devices_that_changed_and_drops_relearned_ones(
     assert json.loads((folder / "pump-1.json").read_text())["device"] == "pump-1"
     engine.relearn("fan-2")
     engine.save(tmp_path)
-    assert [p.name for p in folder.iterdir()] == ["pump-1.json"]
-    # A device file with no device behind it (left by another run) does not come back.
+    assert [p.name for p in folder.glob("*.json")] == ["pump-1.json"]
+    # A device file with no device behind it (left by another run) does not come back,
+    # nor do rows files of no device.
     (folder / "fan-2.json").write_text(fan)
+    (folder / "fan-2.json.rows.0badc0de.rows").write_bytes(b"\0" * 16)
     engine.save(tmp_path)
-    assert [p.name for p in folder.iterdir()] == ["pump-1.json"]
+    assert [p.name for p in folder.glob("*.json")] == ["pump-1.json"]
+    assert [p.name.split(".")[0] for p in folder.glob("*.rows")] == ["pump-1"]
     assert DetectionEngine.load(tmp_path).state_dict() == engine.state_dict()
+
+
+def test_a_save_appends_a_device_models_new_rows_to_its_rows_file(tmp_path: Path) -> None:
+    # A week of rows is megabytes a device: a save writes the rows added since the last
+    # one, not the whole window, and the device's JSON says where its rows are.
+    engine = DetectionEngine(V2_SETTINGS)
+    engine.observe(_v2_readings(0, 150))
+    engine.save(tmp_path)
+    folder = tmp_path / DEVICE_DIR
+    [rows_file] = folder.glob("pump-1.json.rows.*.rows")
+    ref = json.loads((folder / "pump-1.json").read_text())["model"]["rows"]
+    width, count = ref["width"], ref["count"]
+    assert ref == {"file": rows_file.name, "width": 2, "offset": 0, "count": count}
+    assert rows_file.stat().st_size == count * width * 8
+    engine.observe(_v2_readings(150, 160))
+    engine.save(tmp_path)
+    ref = json.loads((folder / "pump-1.json").read_text())["model"]["rows"]
+    assert ref["file"] == rows_file.name and ref["count"] == count + 10
+    assert rows_file.stat().st_size == (count + 10) * width * 8  # 10 rows appended
+    # A save that wrote rows but not the state (a crash between): the state counts the
+    # rows it knows, and the next save cuts the others before appending.
+    with open(rows_file, "ab") as fh:
+        fh.write(b"\xff" * 8 * width * 3)
+    assert DetectionEngine.load(tmp_path).state_dict() == engine.state_dict()
+    engine.observe(_v2_readings(160, 165))
+    engine.save(tmp_path)
+    assert rows_file.stat().st_size == (count + 15) * width * 8
+    again = DetectionEngine.load(tmp_path)
+    assert again.state_dict() == engine.state_dict()
+    # Once the file holds more rows the window dropped than it keeps (200), the window
+    # is written to a new file and the old one goes; a loaded engine appends too.
+    again.observe(_v2_readings(165, 400))
+    again.save(tmp_path)
+    [new_file] = folder.glob("pump-1.json.rows.*.rows")
+    assert new_file != rows_file and new_file.stat().st_size == 200 * width * 8
+    again.observe(_v2_readings(400, 410))
+    again.save(tmp_path)
+    assert new_file.stat().st_size == 210 * width * 8
+    assert DetectionEngine.load(tmp_path).state_dict() == again.state_dict()
+    # A rows file that is gone: that device learns afresh, the others carry on.
+    new_file.unlink()
+    lost = DetectionEngine.load(tmp_path)
+    assert lost.unreadable_devices == 1 and "pump-1" not in lost.devices
+    assert ("fan-2", "rpm") in lost.metrics
 
 
 def test_a_damaged_device_file_costs_that_device_only(tmp_path: Path) -> None:

@@ -67,3 +67,16 @@ def test_state_round_trip_is_exact_and_small() -> None:
     empty = RowWindow(10)
     empty.load_state(*RowWindow(10).state_dict().values())
     assert len(empty) == 0 and not empty
+
+
+def test_a_window_counts_the_rows_added_since_it_last_restarted() -> None:
+    # A save appends the rows added since the last one: the window says how many
+    # (total) and whether it restarted in between (epoch), and hands the latest out.
+    w = RowWindow(5)
+    w.extend([[float(i), 0.0] for i in range(7)], [False] * 7)
+    assert (w.total, len(w)) == (7, 5)
+    assert w.tail(2).tolist() == [[5.0, 0.0], [6.0, 0.0]]
+    assert w.tail(9).tolist() == w.values().tolist()
+    epoch = w.epoch
+    w.extend([[1.0, 2.0, 3.0]], [True])  # another width: the window starts afresh
+    assert (w.total, w.epoch) == (1, epoch + 1)

@@ -30,7 +30,7 @@ from .explain import explain
 from .multivariate import VirtualSensorResidual
 from .rules import Rule, check_bound, check_streaming, resolve
 from .streaming import REBUILDABLE, StreamingEnsemble, StuckSensor
-from .window import RowWindow
+from .window import ROWS_SUFFIX, RowsWriter, RowWindow, owner, read_rows
 
 STATE_FILE = "detection-state.json"  # the header; each device's state in DEVICE_DIR
 DEVICE_DIR = "devices"
@@ -237,6 +237,16 @@ def check_rules(base: EngineSettings, rules: Sequence[Rule]) -> None:
         pair = {k: v for k, v in rule.overrides.items() if k in ("mv_on", "mv_off")}
         if pair:
             _check_pairs(replace(base, **pair), f"detection.rules[{i}]")
+
+
+def _load_rows(window: RowWindow, rows: Any, flags: Any, folder: Path | None) -> None:
+    if isinstance(rows, dict) and "file" in rows:
+        if folder is None:
+            raise ValueError("the state refers to rows files; load it from its directory")
+        window.load_state(read_rows(folder, rows), flags)
+        window.loaded_from(rows)
+    else:
+        window.load_state(rows, flags)
 
 
 class DeviceModel:
@@ -530,11 +540,12 @@ class DeviceModel:
             self._fit()
         return out
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, writer: RowsWriter | None = None) -> dict[str, Any]:
+        """All of it; with a ``writer`` the rows as references into rows files."""
         return {
             "metrics": self.metrics,
             "last": self.last,
-            **self.rows.state_dict(),
+            **self.rows.state_dict(writer, "rows"),
             "model": None if self.model is None else self.model.state_dict(),
             "gates": [g.state_dict() for g in self.gates],
             "quiet": self.quiet_m,
@@ -557,12 +568,13 @@ class DeviceModel:
             "counters": self.counters,
             "glitch_run": self.glitch_run,
             "prev_raw": self.prev_raw,
-            **{f"next_{k}": v for k, v in self.next_rows.state_dict().items()},
+            **{f"next_{k}": v for k, v in self.next_rows.state_dict(writer, "next").items()},
         }
 
-    def load_state(self, st: dict[str, Any]) -> None:
+    def load_state(self, st: dict[str, Any], folder: Path | None = None) -> None:
+        """Restore ``state_dict()``; rows in rows files are read from ``folder``."""
         self.metrics, self.last = list(st["metrics"]), dict(st["last"])
-        self.rows.load_state(st["rows"], st["flags"])
+        _load_rows(self.rows, st["rows"], st["flags"], folder)
         if st["model"] is not None:
             self.model = VirtualSensorResidual()
             self.model.load_state(st["model"])
@@ -597,7 +609,7 @@ class DeviceModel:
         )
         self.prev_raw = None if prev is None else [float(v) for v in prev]
         if "next_rows" in st:
-            self.next_rows.load_state(st["next_rows"], st["next_flags"])
+            _load_rows(self.next_rows, st["next_rows"], st["next_flags"], folder)
 
     def settle(
         self, time_ns: int, row: list[Anomaly], stirred: list[str], hold: int
@@ -1189,10 +1201,14 @@ class DetectionEngine:
         return out
 
     def _device_state(
-        self, device: str, index: dict[str, tuple[list[str], list[str]]]
+        self,
+        device: str,
+        index: dict[str, tuple[list[str], list[str]]],
+        writer: RowsWriter | None = None,
     ) -> dict[str, Any] | None:
         """One device's detectors (those ``index`` lists and still there), or None when it
-        has none (never seen, or relearned)."""
+        has none (never seen, or relearned); with a ``writer`` the model's rows go to rows
+        files."""
         dev = self.devices.get(device)
         names, stuck_names = index.get(device, ([], []))
         metrics = {
@@ -1207,13 +1223,16 @@ class DetectionEngine:
             "site": self.sites.get(device),
             "metrics": metrics,
             "stuck": stuck,
-            "model": None if dev is None else dev.state_dict(),
+            "model": None if dev is None else dev.state_dict(writer),
             # Only where rules made the device's settings differ from the engine's.
             "settings": None if dev is None or dev.s == self.settings else asdict(dev.s),
         }
 
-    def _load_device(self, device: str, st: dict[str, Any], saved: EngineSettings) -> None:
-        """Restore one device from ``_device_state``; all of it or, raising, none of it."""
+    def _load_device(
+        self, device: str, st: dict[str, Any], saved: EngineSettings, folder: Path | None = None
+    ) -> None:
+        """Restore one device from ``_device_state`` (rows files in ``folder``); all of it
+        or, raising, none of it."""
         metrics = {(device, m): StreamingEnsemble.from_state(x) for m, x in st["metrics"].items()}
         stuck = {}
         for m, x in st["stuck"].items():
@@ -1222,7 +1241,7 @@ class DetectionEngine:
         dev = None
         if st["model"] is not None:
             dev = DeviceModel(saved if st["settings"] is None else _saved_settings(st["settings"]))
-            dev.load_state(st["model"])
+            dev.load_state(st["model"], folder)
         self.metrics.update(metrics)
         self.stuck.update(stuck)
         if dev is not None:
@@ -1291,14 +1310,18 @@ class DetectionEngine:
                 if device not in index:  # no state then (relearned): its file goes below
                     dirty.pop()
                     continue
+                name = _device_file(device)
+                rows = RowsWriter(folder, name)
                 with hold:
-                    st = self._device_state(device, index)
+                    st = self._device_state(device, index, rows)
                     text = None if st is None else json.dumps({"device": device, **st})
-                path = folder / _device_file(device)
+                path = folder / name
                 if text is None:
                     path.unlink(missing_ok=True)
                 else:
+                    rows.write()  # before the state that refers to them
                     _write_atomically(path, text)
+                rows.commit()  # the device's rows files the state no longer refers to go
                 dirty.pop()
         except BaseException:
             with hold:  # not written: the next save tries them again
@@ -1306,6 +1329,9 @@ class DetectionEngine:
             raise
         for path in folder.glob("*.json"):
             if path.name not in keep:
+                path.unlink(missing_ok=True)
+        for path in folder.glob(f"*{ROWS_SUFFIX}"):
+            if owner(path.name) not in keep:
                 path.unlink(missing_ok=True)
         return _write_atomically(directory / STATE_FILE, header)
 
@@ -1334,7 +1360,7 @@ class DetectionEngine:
         for file in sorted(folder.glob("*.json")) if folder.is_dir() else ():
             try:
                 st = json.loads(file.read_text(encoding="utf-8"))
-                self._load_device(str(st["device"]), st, saved)
+                self._load_device(str(st["device"]), st, saved, folder)
             except Exception as exc:  # one device's damage must not cost the fleet's state
                 aside = file.with_name(f"{file.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
                 file.replace(aside)

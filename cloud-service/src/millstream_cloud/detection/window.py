@@ -8,12 +8,31 @@ grown as rows arrive so a young device holds only what it has seen.
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .base import pack_floats, unpack_floats
+
+ROWS_SUFFIX = ".rows"  # a rows file: little-endian float64, ``width`` values a row
+
+
+@dataclass(frozen=True, slots=True)
+class SavedRows:
+    """Where a window's rows were last saved: a rows file in the device folder and how
+    many rows of it the saved state counts (a save that did not finish may have left
+    more), with the window's ``epoch`` and ``total`` at that save."""
+
+    name: str
+    width: int
+    epoch: int
+    total: int
+    rows: int
 
 
 class RowWindow:
@@ -29,6 +48,9 @@ class RowWindow:
         self._f = np.empty(0, dtype=bool)
         self._start = 0  # index of the oldest row in the ring
         self._n = 0
+        self.epoch = 0  # counts restarts of the window (clear)
+        self.total = 0  # rows added since the last restart
+        self.saved: SavedRows | None = None  # where a save last put them (RowsWriter)
 
     def __len__(self) -> int:
         return self._n
@@ -39,7 +61,8 @@ class RowWindow:
     def clear(self) -> None:
         self._x = np.empty((0, self.width))
         self._f = np.empty(0, dtype=bool)
-        self._start = self._n = 0
+        self._start = self._n = self.total = 0
+        self.epoch += 1
 
     def _order(self) -> np.ndarray:
         return (self._start + np.arange(self._n)) % max(len(self._x), 1)
@@ -51,6 +74,18 @@ class RowWindow:
     def flags(self) -> np.ndarray:
         """Whether each row was inside an anomaly, oldest first (a copy)."""
         return self._f[self._order()]
+
+    def loaded_from(self, ref: dict[str, Any]) -> None:
+        """Note that the rows just loaded are those of the rows file ``ref`` (a state's
+        ``{"file", "width", "offset", "count"}``), so the next save appends to it."""
+        rows = int(ref["offset"]) + int(ref["count"])
+        self.saved = SavedRows(str(ref["file"]), self.width, self.epoch, self.total, rows)
+
+    def tail(self, k: int) -> np.ndarray:
+        """The latest ``k`` rows (at most those kept), oldest first (a copy)."""
+        k = min(k, self._n)
+        at = (self._start + self._n - k + np.arange(k)) % max(len(self._x), 1)
+        return self._x[at]
 
     def last(self) -> list[float]:
         return [float(v) for v in self._x[(self._start + self._n - 1) % len(self._x)]]
@@ -74,6 +109,7 @@ class RowWindow:
         if x.shape[1] != self.width:
             self.width = x.shape[1]
             self.clear()
+        self.total += len(x)
         if len(x) > self.maxlen:
             x, f = x[-self.maxlen :], f[-self.maxlen :]
         if self._n + len(x) > len(self._x) and len(self._x) < self.maxlen:
@@ -94,20 +130,30 @@ class RowWindow:
         self.clear()
         self.extend(x, f)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The rows packed (:func:`pack_floats`, with their width) and the flags as runs of
-        one value (``[value, count]``): a week of flags is a handful of runs."""
-        x, f = self.values(), self.flags()
+    def state_dict(self, writer: RowsWriter | None = None, key: str = "rows") -> dict[str, Any]:
+        """The rows packed (:func:`pack_floats`, with their width), or with a ``writer``
+        where in a rows file they are (``key`` names the window in the file's name); the
+        flags as runs of one value (``[value, count]``): a week of flags is a handful of
+        runs."""
+        f = self.flags()
         starts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]]) if len(f) else np.zeros(0, int)
         sizes = np.diff(np.r_[starts, len(f)])
         runs = [[int(f[a]), int(n)] for a, n in zip(starts, sizes, strict=True)]
-        rows: Any = {"width": self.width, **pack_floats(x.ravel())} if self._n else []
+        rows: Any = []
+        if self._n:
+            if writer is not None:
+                rows = writer.stub(self, key)
+            else:
+                rows = {"width": self.width, **pack_floats(self.values().ravel())}
         return {"rows": rows, "flags": {"runs": runs}}
 
     def load_state(self, rows: Any, flags: Any) -> None:
-        """Rows and flags as :meth:`state_dict` writes them, or as saved before (rows as
-        packed floats or lists, flags as a list of booleans)."""
-        if isinstance(rows, dict):
+        """Rows and flags as :meth:`state_dict` writes them (a rows file's rows read by
+        :func:`read_rows` first), or as saved before (rows as packed floats or lists,
+        flags as a list of booleans)."""
+        if isinstance(rows, np.ndarray):
+            x = rows
+        elif isinstance(rows, dict):
             x = unpack_floats(rows).reshape(-1, int(rows["width"]))
         else:
             x = np.asarray([list(r) for r in rows], dtype=float)
@@ -120,3 +166,97 @@ class RowWindow:
         self.clear()
         if len(x):
             self.extend(x, f)
+
+
+class RowsWriter:
+    """A device's row windows to disk at a save, so a save writes the rows added since
+    the last one instead of the whole window (a week of rows: megabytes a device).
+
+    Each window has a rows file in the device folder, named for the device file, the
+    window and a random token. :meth:`stub` (under the scoring lock) copies only what is
+    to be written: the new rows, appended to the window's file; or the whole window, to a
+    new file, on a first save, after the window restarted (a relearn, a new metric), when
+    the file is not as the last save left it, or when it holds more rows the window has
+    dropped than the window keeps (so a file stays under twice the window). :meth:`write`
+    writes (fsync'd) before the device's JSON refers to the files; :meth:`commit`, after
+    it, removes the device's rows files that JSON no longer refers to. Rows beyond those
+    the JSON counts (left by a save that did not finish) are cut before the next append.
+    """
+
+    def __init__(self, folder: Path, device_file: str) -> None:
+        self.folder, self.device_file = folder, device_file
+        self._jobs: list[tuple[RowWindow, SavedRows, np.ndarray, int]] = []
+
+    def stub(self, window: RowWindow, key: str) -> dict[str, Any]:
+        saved, width, n = window.saved, window.width, len(window)
+        new = -1 if saved is None else window.total - saved.total
+        append = (
+            saved is not None
+            and (saved.width, saved.epoch) == (width, window.epoch)
+            and 0 <= new <= n
+            and saved.rows + new - n <= window.maxlen
+            and _size(self.folder / saved.name) >= saved.rows * width * 8
+        )
+        if append and saved is not None:
+            name, at, data = saved.name, saved.rows, window.tail(new)
+        else:
+            name, at, data = (
+                f"{self.device_file}.{key}.{secrets.token_hex(4)}{ROWS_SUFFIX}",
+                0,
+                window.values(),
+            )
+        rows = at + len(data)
+        self._jobs.append(
+            (window, SavedRows(name, width, window.epoch, window.total, rows), data, at)
+        )
+        return {"file": name, "width": width, "offset": rows - n, "count": n}
+
+    def write(self) -> None:
+        for _, saved, data, at in self._jobs:
+            path = self.folder / saved.name
+            with open(path, "r+b" if at else "wb") as fh:
+                fh.truncate(at * saved.width * 8)
+                fh.seek(0, os.SEEK_END)
+                fh.write(np.ascontiguousarray(data, dtype="<f8").tobytes())
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def commit(self) -> None:
+        keep = set()
+        for window, saved, _, _ in self._jobs:
+            window.saved = saved
+            keep.add(saved.name)
+        for path in rows_files(self.folder, self.device_file):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def rows_files(folder: Path, device_file: str) -> list[Path]:
+    """The rows files of the device whose state is ``device_file``."""
+    return [p for p in folder.glob(f"{device_file}.*{ROWS_SUFFIX}") if owner(p.name) == device_file]
+
+
+def owner(rows_file: str) -> str:
+    """The device file a rows file belongs to (its name less ``.<window>.<token>.rows``)."""
+    return rows_file.rsplit(".", 3)[0]
+
+
+def read_rows(folder: Path, ref: dict[str, Any]) -> np.ndarray:
+    """The rows a state's ``{"file", "width", "offset", "count"}`` refers to."""
+    width, offset, count = int(ref["width"]), int(ref["offset"]), int(ref["count"])
+    path = folder / str(ref["file"])
+    with open(path, "rb") as fh:
+        fh.seek(offset * width * 8)
+        raw = fh.read(count * width * 8)
+    if len(raw) != count * width * 8:
+        raise ValueError(
+            f"{path.name}: {len(raw) // 8} values where the state counts {count * width}"
+        )
+    return np.frombuffer(raw, dtype="<f8").astype(float).reshape(count, width)
