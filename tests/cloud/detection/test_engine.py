@@ -644,13 +644,15 @@ def test_a_state_saved_by_the_previous_version_loads_and_is_rewritten_per_device
     same = DetectionEngine(V2_SETTINGS)
     same.observe(_v2_readings(0, 150))
     assert _before_v3(restored.state_dict()) == _before_v3(same.state_dict())
-    # The next save writes it the new way: a header and one file per device (and the
-    # pump model's rows in a rows file).
+    # The next save writes it the new way: a header and one file per device, the pump
+    # model's rows in a rows file and the values of the fan's eight calibrations and
+    # references in one each.
     restored.save(old)
     assert json.loads((old / STATE_FILE).read_text())["version"] == 3
     names = sorted(p.name for p in (old / DEVICE_DIR).iterdir())
     assert [n for n in names if n.endswith(".json")] == ["fan-2.json", "pump-1.json"]
-    assert [n.split(".")[:3] for n in names if n.endswith(".rows")] == [["pump-1", "json", "rows"]]
+    rows = [tuple(n.split(".")[:3:2]) for n in names if n.endswith(".rows")]
+    assert sorted(rows) == [("fan-2", "ring")] * 8 + [("pump-1", "rows")]
     again = DetectionEngine.load(old)
     assert again.state_dict() == restored.state_dict()
     later = _v2_readings(150, 400)
@@ -957,3 +959,26 @@ def test_a_one_metric_machine_remembers_the_working_week_over_a_weekend() -> Non
 
     assert after_weekend(7 * 1440) == []
     assert after_weekend(0) == [6.0, 22.0]  # Monday's start and stop
+
+
+def test_a_save_appends_a_one_metric_devices_new_values_to_its_calibrations_rows_files(
+    tmp_path: Path,
+) -> None:
+    # A one-metric device's ensemble remembers two days of each statistic (1.5 MB): its
+    # calibrations' values go to rows files too, and a save appends the new ones.
+    engine = DetectionEngine(V2_SETTINGS)
+    engine.observe([r for r in _v2_readings(0, 150) if r.device == "fan-2"])
+    engine.save(tmp_path)
+    folder = tmp_path / DEVICE_DIR
+    sizes = {p.name: p.stat().st_size for p in folder.glob("fan-2.json.ring.*.rows")}
+    assert len(sizes) == 8  # seven calibrations and the value's reference
+    inline = len(json.dumps(engine.state_dict()["devices"]["fan-2"]))
+    assert (folder / "fan-2.json").stat().st_size < inline / 2
+    engine.observe([r for r in _v2_readings(150, 160) if r.device == "fan-2"])
+    engine.save(tmp_path)
+    grown = {p.name: p.stat().st_size - sizes[p.name] for p in folder.glob("*.ring.*.rows")}
+    assert sorted(grown.values()) == [10 * 8] * 8  # ten values appended to each
+    again = DetectionEngine.load(tmp_path)
+    assert again.state_dict() == engine.state_dict()
+    later = _v2_readings(160, 300)
+    assert again.observe(later) == engine.observe(later)

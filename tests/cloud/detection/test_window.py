@@ -75,8 +75,8 @@ def test_a_window_counts_the_rows_added_since_it_last_restarted() -> None:
     w = RowWindow(5)
     w.extend([[float(i), 0.0] for i in range(7)], [False] * 7)
     assert (w.total, len(w)) == (7, 5)
-    assert w.tail(2).tolist() == [[5.0, 0.0], [6.0, 0.0]]
-    assert w.tail(9).tolist() == w.values().tolist()
+    assert w.latest(2).tolist() == [[5.0, 0.0], [6.0, 0.0]]
+    assert w.latest(9).tolist() == w.values().tolist()
     epoch = w.epoch
     w.extend([[1.0, 2.0, 3.0]], [True])  # another width: the window starts afresh
     assert (w.total, w.epoch) == (1, epoch + 1)

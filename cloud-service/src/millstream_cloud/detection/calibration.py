@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .base import pack_floats, unpack_floats
+from .window import SAVING_TO, SavedRows, loaded, read_ref
 
 LOG_FLOOR = 1e-10  # tail probabilities below this all map to score 1.0
 
@@ -259,6 +260,8 @@ class RollingRobust:
         self._ring = np.empty(size)
         self._pos = 0
         self._count = 0
+        self.width, self.epoch, self.total = 1, 0, 0  # for a save's rows file (RowsWriter)
+        self.saved: SavedRows | None = None
         self.center = 0.0
         self.sigma = 0.0
         self.mad_sigma = 0.0  # before the fallbacks: 0 for a mostly constant signal
@@ -267,6 +270,9 @@ class RollingRobust:
         self.lo_shape = self.hi_shape = 0.0  # generalised Pareto shapes (0: exponential)
         self.lo_u = self.hi_u = 0.0  # the tails' thresholds
         self._since = 0
+        # The values the adds since the last refresh overwrote: with the older part of
+        # the window they make up the sorted snapshot the tails are read from.
+        self._overwritten: list[float] = []
 
     @property
     def buf(self) -> np.ndarray:
@@ -275,9 +281,24 @@ class RollingRobust:
             return self._ring[: self._count]
         return np.concatenate((self._ring[self._pos :], self._ring[: self._pos]))
 
+    @property
+    def maxlen(self) -> int:
+        return self.size
+
+    def values(self) -> np.ndarray:
+        return self.buf
+
+    def latest(self, k: int) -> np.ndarray:
+        """The latest ``k`` values (at most those kept), oldest first (a copy)."""
+        k = min(k, self._count)
+        return self._ring[(self._pos - k + np.arange(k)) % self.size]
+
     def add(self, x: float) -> None:
+        self.total += 1
         if self.memory is not None:
             self.memory.add(x)
+        if self._count == self.size:  # the value overwritten may be in the snapshot
+            self._overwritten.append(float(self._ring[self._pos]))
         self._ring[self._pos] = x
         self._pos = (self._pos + 1) % self.size
         self._count = min(self._count + 1, self.size)
@@ -287,6 +308,7 @@ class RollingRobust:
 
     def _refresh(self) -> None:
         self._since = 0
+        self._overwritten = []
         self._use_snapshot(np.sort(self._ring[: self._count]))
 
     def _use_snapshot(self, arr: np.ndarray) -> None:
@@ -387,6 +409,7 @@ class RollingRobust:
         """Remember ``size`` values from now on, keeping the latest of those remembered."""
         vals = self.buf[-size:]
         self.size = size
+        self.epoch, self.total = self.epoch + 1, len(vals)
         self._ring = np.empty(size)
         self._ring[: len(vals)] = vals
         self._count = len(vals)
@@ -395,8 +418,8 @@ class RollingRobust:
             self._refresh()
 
     def _stale(self, buf: np.ndarray) -> np.ndarray:
-        """The values the adds since the last refresh overwrote: with the older part of
-        the window they make up the sorted snapshot the tails are read from."""
+        """The values the adds since the last refresh overwrote, from the snapshot and
+        the window ``buf`` (a restored window's; one that runs keeps them as they go)."""
         vals, counts = np.unique(self.sorted, return_counts=True)
         older, older_counts = np.unique(buf[: len(buf) - self._since], return_counts=True)
         counts[np.searchsorted(vals, older)] -= older_counts
@@ -405,13 +428,13 @@ class RollingRobust:
     def state_dict(self) -> dict[str, Any]:
         # The snapshot is kept as the few values it holds beyond the window, with the
         # refresh counter, so a restored detector scores exactly like the one saved.
-        buf = self.buf
+        writer = SAVING_TO.get()
         return {
             "size": self.size,
             "every": self.every,
             "tail_fit": self.tail_fit,
-            "buf": pack_floats(buf),
-            "stale": pack_floats(self._stale(buf)),
+            "buf": writer.stub(self, "ring") if writer and self._count else pack_floats(self.buf),
+            "stale": pack_floats(np.array(self._overwritten)),
             "since": self._since,
             **({"memory": self.memory.state_dict()} if self.memory is not None else {}),
         }
@@ -426,24 +449,31 @@ class RollingRobust:
     def load_state(self, state: dict[str, Any]) -> None:
         self.size, self.every = int(state["size"]), int(state["every"])
         self.tail_fit = str(state.get("tail_fit", "range"))
-        vals = unpack_floats(state["buf"])[-self.size :]
+        ref = state["buf"] if isinstance(state["buf"], dict) and "file" in state["buf"] else None
+        vals = (read_ref(ref).ravel() if ref else unpack_floats(state["buf"]))[-self.size :]
         self._ring = np.empty(self.size)
         self._ring[: len(vals)] = vals
-        self._count = len(vals)
+        self._count = self.total = len(vals)
         self._pos = self._count % self.size
+        self.epoch += 1
+        self.saved = loaded(ref, self)
         self._since = int(state.get("since", 0))
         if self.memory is not None:
             if "memory" in state:
                 self.memory.load_state(state["memory"])
             else:  # saved before the memory existed: it starts from the window
                 self.set_memory(self.memory.span)
+        self._overwritten = []
         if not self._count:
             return
         if "stale" in state:
             older = vals[: len(vals) - self._since]
-            self._use_snapshot(np.sort(np.concatenate((older, unpack_floats(state["stale"])))))
+            stale = unpack_floats(state["stale"])
+            self._use_snapshot(np.sort(np.concatenate((older, stale))))
+            self._overwritten = stale.tolist()
         elif state.get("snapshot"):  # saved before the compact form
             self._use_snapshot(np.asarray(state["snapshot"], dtype=float))
+            self._overwritten = self._stale(self.buf).tolist()
         else:
             self._refresh()
 

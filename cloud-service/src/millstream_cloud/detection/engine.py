@@ -30,7 +30,7 @@ from .explain import explain
 from .multivariate import VirtualSensorResidual
 from .rules import Rule, check_bound, check_streaming, resolve
 from .streaming import REBUILDABLE, StreamingEnsemble, StuckSensor
-from .window import ROWS_SUFFIX, RowsWriter, RowWindow, owner, read_rows
+from .window import LOADING_FROM, ROWS_SUFFIX, SAVING_TO, RowsWriter, RowWindow, owner
 
 STATE_FILE = "detection-state.json"  # the header; each device's state in DEVICE_DIR
 DEVICE_DIR = "devices"
@@ -237,16 +237,6 @@ def check_rules(base: EngineSettings, rules: Sequence[Rule]) -> None:
         pair = {k: v for k, v in rule.overrides.items() if k in ("mv_on", "mv_off")}
         if pair:
             _check_pairs(replace(base, **pair), f"detection.rules[{i}]")
-
-
-def _load_rows(window: RowWindow, rows: Any, flags: Any, folder: Path | None) -> None:
-    if isinstance(rows, dict) and "file" in rows:
-        if folder is None:
-            raise ValueError("the state refers to rows files; load it from its directory")
-        window.load_state(read_rows(folder, rows), flags)
-        window.loaded_from(rows)
-    else:
-        window.load_state(rows, flags)
 
 
 class DeviceModel:
@@ -540,12 +530,11 @@ class DeviceModel:
             self._fit()
         return out
 
-    def state_dict(self, writer: RowsWriter | None = None) -> dict[str, Any]:
-        """All of it; with a ``writer`` the rows as references into rows files."""
+    def state_dict(self) -> dict[str, Any]:
         return {
             "metrics": self.metrics,
             "last": self.last,
-            **self.rows.state_dict(writer, "rows"),
+            **self.rows.state_dict("rows"),
             "model": None if self.model is None else self.model.state_dict(),
             "gates": [g.state_dict() for g in self.gates],
             "quiet": self.quiet_m,
@@ -568,13 +557,12 @@ class DeviceModel:
             "counters": self.counters,
             "glitch_run": self.glitch_run,
             "prev_raw": self.prev_raw,
-            **{f"next_{k}": v for k, v in self.next_rows.state_dict(writer, "next").items()},
+            **{f"next_{k}": v for k, v in self.next_rows.state_dict("next").items()},
         }
 
-    def load_state(self, st: dict[str, Any], folder: Path | None = None) -> None:
-        """Restore ``state_dict()``; rows in rows files are read from ``folder``."""
+    def load_state(self, st: dict[str, Any]) -> None:
         self.metrics, self.last = list(st["metrics"]), dict(st["last"])
-        _load_rows(self.rows, st["rows"], st["flags"], folder)
+        self.rows.load_state(st["rows"], st["flags"])
         if st["model"] is not None:
             self.model = VirtualSensorResidual()
             self.model.load_state(st["model"])
@@ -609,7 +597,7 @@ class DeviceModel:
         )
         self.prev_raw = None if prev is None else [float(v) for v in prev]
         if "next_rows" in st:
-            _load_rows(self.next_rows, st["next_rows"], st["next_flags"], folder)
+            self.next_rows.load_state(st["next_rows"], st["next_flags"])
 
     def settle(
         self, time_ns: int, row: list[Anomaly], stirred: list[str], hold: int
@@ -1201,14 +1189,10 @@ class DetectionEngine:
         return out
 
     def _device_state(
-        self,
-        device: str,
-        index: dict[str, tuple[list[str], list[str]]],
-        writer: RowsWriter | None = None,
+        self, device: str, index: dict[str, tuple[list[str], list[str]]]
     ) -> dict[str, Any] | None:
         """One device's detectors (those ``index`` lists and still there), or None when it
-        has none (never seen, or relearned); with a ``writer`` the model's rows go to rows
-        files."""
+        has none (never seen, or relearned)."""
         dev = self.devices.get(device)
         names, stuck_names = index.get(device, ([], []))
         metrics = {
@@ -1223,16 +1207,13 @@ class DetectionEngine:
             "site": self.sites.get(device),
             "metrics": metrics,
             "stuck": stuck,
-            "model": None if dev is None else dev.state_dict(writer),
+            "model": None if dev is None else dev.state_dict(),
             # Only where rules made the device's settings differ from the engine's.
             "settings": None if dev is None or dev.s == self.settings else asdict(dev.s),
         }
 
-    def _load_device(
-        self, device: str, st: dict[str, Any], saved: EngineSettings, folder: Path | None = None
-    ) -> None:
-        """Restore one device from ``_device_state`` (rows files in ``folder``); all of it
-        or, raising, none of it."""
+    def _load_device(self, device: str, st: dict[str, Any], saved: EngineSettings) -> None:
+        """Restore one device from ``_device_state``; all of it or, raising, none of it."""
         metrics = {(device, m): StreamingEnsemble.from_state(x) for m, x in st["metrics"].items()}
         stuck = {}
         for m, x in st["stuck"].items():
@@ -1241,7 +1222,7 @@ class DetectionEngine:
         dev = None
         if st["model"] is not None:
             dev = DeviceModel(saved if st["settings"] is None else _saved_settings(st["settings"]))
-            dev.load_state(st["model"], folder)
+            dev.load_state(st["model"])
         self.metrics.update(metrics)
         self.stuck.update(stuck)
         if dev is not None:
@@ -1313,7 +1294,11 @@ class DetectionEngine:
                 name = _device_file(device)
                 rows = RowsWriter(folder, name)
                 with hold:
-                    st = self._device_state(device, index, rows)
+                    saving = SAVING_TO.set(rows)  # the windows of rows go to rows files
+                    try:
+                        st = self._device_state(device, index)
+                    finally:
+                        SAVING_TO.reset(saving)
                     text = None if st is None else json.dumps({"device": device, **st})
                 path = folder / name
                 if text is None:
@@ -1360,7 +1345,11 @@ class DetectionEngine:
         for file in sorted(folder.glob("*.json")) if folder.is_dir() else ():
             try:
                 st = json.loads(file.read_text(encoding="utf-8"))
-                self._load_device(str(st["device"]), st, saved, folder)
+                loading = LOADING_FROM.set(folder)  # where its rows files are
+                try:
+                    self._load_device(str(st["device"]), st, saved)
+                finally:
+                    LOADING_FROM.reset(loading)
             except Exception as exc:  # one device's damage must not cost the fleet's state
                 aside = file.with_name(f"{file.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
                 file.replace(aside)

@@ -11,15 +11,35 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .base import pack_floats, unpack_floats
 
 ROWS_SUFFIX = ".rows"  # a rows file: little-endian float64, ``width`` values a row
+
+
+class Rows(Protocol):
+    """What :class:`RowsWriter` needs of a window of rows (:class:`RowWindow`, and the
+    value windows of the per-metric calibrations)."""
+
+    width: int
+    epoch: int
+    total: int
+    saved: SavedRows | None
+
+    @property
+    def maxlen(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def values(self) -> np.ndarray: ...
+
+    def latest(self, k: int) -> np.ndarray: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +95,7 @@ class RowWindow:
         """Whether each row was inside an anomaly, oldest first (a copy)."""
         return self._f[self._order()]
 
-    def loaded_from(self, ref: dict[str, Any]) -> None:
-        """Note that the rows just loaded are those of the rows file ``ref`` (a state's
-        ``{"file", "width", "offset", "count"}``), so the next save appends to it."""
-        rows = int(ref["offset"]) + int(ref["count"])
-        self.saved = SavedRows(str(ref["file"]), self.width, self.epoch, self.total, rows)
-
-    def tail(self, k: int) -> np.ndarray:
+    def latest(self, k: int) -> np.ndarray:
         """The latest ``k`` rows (at most those kept), oldest first (a copy)."""
         k = min(k, self._n)
         at = (self._start + self._n - k + np.arange(k)) % max(len(self._x), 1)
@@ -130,16 +144,17 @@ class RowWindow:
         self.clear()
         self.extend(x, f)
 
-    def state_dict(self, writer: RowsWriter | None = None, key: str = "rows") -> dict[str, Any]:
-        """The rows packed (:func:`pack_floats`, with their width), or with a ``writer``
-        where in a rows file they are (``key`` names the window in the file's name); the
-        flags as runs of one value (``[value, count]``): a week of flags is a handful of
-        runs."""
+    def state_dict(self, key: str = "rows") -> dict[str, Any]:
+        """The rows packed (:func:`pack_floats`, with their width), or while a save takes
+        the state (:data:`SAVING_TO`) where in a rows file they are (``key`` names the
+        window in the file's name); the flags as runs of one value (``[value, count]``):
+        a week of flags is a handful of runs."""
         f = self.flags()
         starts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]]) if len(f) else np.zeros(0, int)
         sizes = np.diff(np.r_[starts, len(f)])
         runs = [[int(f[a]), int(n)] for a, n in zip(starts, sizes, strict=True)]
         rows: Any = []
+        writer = SAVING_TO.get()
         if self._n:
             if writer is not None:
                 rows = writer.stub(self, key)
@@ -148,11 +163,12 @@ class RowWindow:
         return {"rows": rows, "flags": {"runs": runs}}
 
     def load_state(self, rows: Any, flags: Any) -> None:
-        """Rows and flags as :meth:`state_dict` writes them (a rows file's rows read by
-        :func:`read_rows` first), or as saved before (rows as packed floats or lists,
-        flags as a list of booleans)."""
-        if isinstance(rows, np.ndarray):
-            x = rows
+        """Rows and flags as :meth:`state_dict` writes them (rows in a rows file read from
+        the folder being loaded, :data:`LOADING_FROM`), or as saved before (rows as packed
+        floats or lists, flags as a list of booleans)."""
+        ref = rows if isinstance(rows, dict) and "file" in rows else None
+        if ref is not None:
+            x = read_ref(ref)
         elif isinstance(rows, dict):
             x = unpack_floats(rows).reshape(-1, int(rows["width"]))
         else:
@@ -166,6 +182,7 @@ class RowWindow:
         self.clear()
         if len(x):
             self.extend(x, f)
+        self.saved = loaded(ref, self)
 
 
 class RowsWriter:
@@ -185,9 +202,9 @@ class RowsWriter:
 
     def __init__(self, folder: Path, device_file: str) -> None:
         self.folder, self.device_file = folder, device_file
-        self._jobs: list[tuple[RowWindow, SavedRows, np.ndarray, int]] = []
+        self._jobs: list[tuple[Rows, SavedRows, np.ndarray, int]] = []
 
-    def stub(self, window: RowWindow, key: str) -> dict[str, Any]:
+    def stub(self, window: Rows, key: str) -> dict[str, Any]:
         saved, width, n = window.saved, window.width, len(window)
         new = -1 if saved is None else window.total - saved.total
         append = (
@@ -198,7 +215,7 @@ class RowsWriter:
             and _size(self.folder / saved.name) >= saved.rows * width * 8
         )
         if append and saved is not None:
-            name, at, data = saved.name, saved.rows, window.tail(new)
+            name, at, data = saved.name, saved.rows, window.latest(new)
         else:
             name, at, data = (
                 f"{self.device_file}.{key}.{secrets.token_hex(4)}{ROWS_SUFFIX}",
@@ -260,3 +277,29 @@ def read_rows(folder: Path, ref: dict[str, Any]) -> np.ndarray:
             f"{path.name}: {len(raw) // 8} values where the state counts {count * width}"
         )
     return np.frombuffer(raw, dtype="<f8").astype(float).reshape(count, width)
+
+
+# While a save takes a device's state, where its windows of rows go (RowsWriter); while a
+# load restores one, the folder its rows files are in: the windows deep inside the
+# detectors (a device model's rows, the per-metric calibrations' values) are saved and
+# restored without every state_dict between them passing these along.
+SAVING_TO: ContextVar[RowsWriter | None] = ContextVar("SAVING_TO", default=None)
+LOADING_FROM: ContextVar[Path | None] = ContextVar("LOADING_FROM", default=None)
+
+
+def read_ref(ref: dict[str, Any]) -> np.ndarray:
+    """The rows a state refers to, from the folder being loaded (:data:`LOADING_FROM`)."""
+    folder = LOADING_FROM.get()
+    if folder is None:
+        raise ValueError("the state refers to rows files; load it from its directory")
+    return read_rows(folder, ref)
+
+
+def loaded(ref: dict[str, Any] | None, window: Rows) -> SavedRows | None:
+    """Where ``window``, just loaded from rows file ``ref`` (None: not from one), is
+    saved, so the next save appends to that file; None when the window kept fewer rows
+    than the file's (a shorter window now): the next save writes it afresh."""
+    if ref is None or len(window) != int(ref["count"]):
+        return None
+    rows = int(ref["offset"]) + int(ref["count"])
+    return SavedRows(str(ref["file"]), window.width, window.epoch, window.total, rows)
