@@ -3,6 +3,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -697,7 +698,9 @@ def test_a_save_appends_a_device_models_new_rows_to_its_rows_file(tmp_path: Path
     [rows_file] = folder.glob("pump-1.json.rows.*.rows")
     ref = json.loads((folder / "pump-1.json").read_text())["model"]["rows"]
     width, count = ref["width"], ref["count"]
-    assert ref == {"file": rows_file.name, "width": 2, "offset": 0, "count": count}
+    assert ref == {"file": rows_file.name, "width": 2, "offset": 0, "count": count} | {
+        "crc": zlib.crc32(rows_file.read_bytes())
+    }
     assert rows_file.stat().st_size == count * width * 8
     engine.observe(_v2_readings(150, 160))
     engine.save(tmp_path)
@@ -724,11 +727,20 @@ def test_a_save_appends_a_device_models_new_rows_to_its_rows_file(tmp_path: Path
     again.save(tmp_path)
     assert new_file.stat().st_size == 210 * width * 8
     assert DetectionEngine.load(tmp_path).state_dict() == again.state_dict()
-    # A rows file that is gone: that device learns afresh, the others carry on.
+    # A rows file not as saved (a power cut before its data reached the disk) or gone:
+    # that device learns afresh, the others carry on.
+    data = bytearray(new_file.read_bytes())
+    data[100] ^= 0xFF
+    new_file.write_bytes(bytes(data))
+    torn = DetectionEngine.load(tmp_path)
+    assert torn.unreadable_devices == 1 and "pump-1" not in torn.devices
+    assert ("fan-2", "rpm") in torn.metrics
+    again.observe(_v2_readings(410, 412))
+    again.save(tmp_path)  # rewrites the pump's device file (it was moved aside)
+    [new_file] = folder.glob("pump-1.json.rows.*.rows")
     new_file.unlink()
     lost = DetectionEngine.load(tmp_path)
     assert lost.unreadable_devices == 1 and "pump-1" not in lost.devices
-    assert ("fan-2", "rpm") in lost.metrics
 
 
 def test_a_damaged_device_file_costs_that_device_only(tmp_path: Path) -> None:
