@@ -4,6 +4,10 @@ for each, whether it was inside an anomaly (a retrain leaves those out).
 A week of 10-s rows is 60,480 of them. Kept as Python lists of floats that is about 380 bytes
 a row for a 10-metric device (23 MB a device); here they are one NumPy ring, 8 bytes a value,
 grown as rows arrive so a young device holds only what it has seen.
+
+On disk such windows (and the values each per-metric calibration remembers) live in rows
+files that a save appends to (:class:`RowsWriter`), so a save writes what is new, not the
+week.
 """
 
 from __future__ import annotations
