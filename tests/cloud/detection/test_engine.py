@@ -717,6 +717,12 @@ def test_a_save_appends_a_device_models_new_rows_to_its_rows_file(tmp_path: Path
     assert rows_file.stat().st_size == (count + 15) * width * 8
     again = DetectionEngine.load(tmp_path)
     assert again.state_dict() == engine.state_dict()
+    # A rows file no state refers to (a save cut short after starting a new one) goes at
+    # the next save; the loaded engine knows which the state refers to.
+    stray = folder / "pump-1.json.rows.deadbeef.rows"
+    stray.write_bytes(b"\0" * 16)
+    again.save(tmp_path)
+    assert not stray.exists() and rows_file.exists()
     # Once the file holds more rows the window dropped than it keeps (200), the window
     # is written to a new file and the old one goes; a loaded engine appends too.
     again.observe(_v2_readings(165, 400))

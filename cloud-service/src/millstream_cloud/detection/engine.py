@@ -30,7 +30,15 @@ from .explain import explain
 from .multivariate import VirtualSensorResidual
 from .rules import Rule, check_bound, check_streaming, resolve
 from .streaming import REBUILDABLE, StreamingEnsemble, StuckSensor
-from .window import LOADING_FROM, ROWS_SUFFIX, SAVING_TO, RowsWriter, RowWindow, owner
+from .window import (
+    LOADING_FROM,
+    ROWS_SUFFIX,
+    SAVING_TO,
+    RowsWriter,
+    RowWindow,
+    owner,
+    referred_files,
+)
 
 STATE_FILE = "detection-state.json"  # the header; each device's state in DEVICE_DIR
 DEVICE_DIR = "devices"
@@ -707,6 +715,7 @@ class DetectionEngine:
         self.errors: dict[str, str] = {}
         self.holding: set[str] = set()  # devices with alarms held for a load-change check
         self._dirty: set[str] = set()  # devices changed since the last save
+        self._rows_files: dict[str, set[str]] = {}  # per device, the rows files saved
         self.unreadable_devices = 0  # device state files a restore had to put aside
 
     # --- settings per device and metric ------------------------------------------------
@@ -1252,7 +1261,7 @@ class DetectionEngine:
                 f"{STATE_VERSION}; delete the state directory to start fresh"
             )
         self.metrics, self.stuck, self.devices, self.sites = {}, {}, {}, {}
-        self.holding = set()
+        self.holding, self._rows_files = set(), {}
         self.readings_seen = int(header["readings_seen"])
         return _saved_settings(header["settings"])
 
@@ -1306,7 +1315,8 @@ class DetectionEngine:
                 else:
                     rows.write()  # before the state that refers to them
                     _write_atomically(path, text)
-                rows.commit()  # the device's rows files the state no longer refers to go
+                # The device's rows files the state no longer refers to go.
+                self._rows_files[device] = rows.commit(self._rows_files.pop(device, set()))
                 dirty.pop()
         except BaseException:
             with hold:  # not written: the next save tries them again
@@ -1315,8 +1325,10 @@ class DetectionEngine:
         for path in folder.glob("*.json"):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
+        # Rows files of no device kept, or that none refers to (a save cut short).
+        referred = set().union(*self._rows_files.values())
         for path in folder.glob(f"*{ROWS_SUFFIX}"):
-            if owner(path.name) not in keep:
+            if owner(path.name) not in keep or path.name not in referred:
                 path.unlink(missing_ok=True)
         return _write_atomically(directory / STATE_FILE, header)
 
@@ -1350,6 +1362,7 @@ class DetectionEngine:
                     self._load_device(str(st["device"]), st, saved)
                 finally:
                     LOADING_FROM.reset(loading)
+                self._rows_files[str(st["device"])] = referred_files(st)
             except Exception as exc:  # one device's damage must not cost the fleet's state
                 aside = file.with_name(f"{file.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
                 file.replace(aside)

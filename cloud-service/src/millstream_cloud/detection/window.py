@@ -248,14 +248,16 @@ class RowsWriter:
                 fh.seek(0, os.SEEK_END)
                 fh.write(raw)
 
-    def commit(self) -> None:
+    def commit(self, before: set[str]) -> set[str]:
+        """After the device's state is written: the rows files it refers to; those of
+        ``before`` (the files the last save referred to) it no longer does are removed."""
         keep = set()
         for window, saved, _, _ in self._jobs:
             window.saved = saved
             keep.add(saved.name)
-        for path in rows_files(self.folder, self.device_file):
-            if path.name not in keep:
-                path.unlink(missing_ok=True)
+        for name in before - keep:
+            (self.folder / name).unlink(missing_ok=True)
+        return keep
 
 
 def _size(path: Path) -> int:
@@ -265,9 +267,15 @@ def _size(path: Path) -> int:
         return -1
 
 
-def rows_files(folder: Path, device_file: str) -> list[Path]:
-    """The rows files of the device whose state is ``device_file``."""
-    return [p for p in folder.glob(f"{device_file}.*{ROWS_SUFFIX}") if owner(p.name) == device_file]
+def referred_files(state: Any) -> set[str]:
+    """The rows files a device's state refers to (anywhere in it)."""
+    if isinstance(state, dict):
+        if "file" in state and "crc" in state:
+            return {str(state["file"])}
+        return set().union(*(referred_files(v) for v in state.values()))
+    if isinstance(state, list):
+        return set().union(*(referred_files(v) for v in state))
+    return set()
 
 
 def owner(rows_file: str) -> str:
