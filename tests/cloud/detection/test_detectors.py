@@ -573,6 +573,10 @@ def test_extremes_memory_keeps_a_few_values_a_block_and_drops_whole_blocks() -> 
     assert mem.tail_hi(101.0, 95.0, 50, 80.0, 1.0) < 1 / 101
     assert mem.tail_hi(120.0, 150.0, 50, 80.0, 1.0) is None  # the window holds more
     assert mem.tail_hi(120.0, 100.0, 50, 80.0, 1.0) is None  # it forgot nothing beyond
+    short = ExtremesMemory(100)  # fewer values than blocks: blocks of one, 100 of them
+    for x in range(300):
+        short.add(float(x))
+    assert short.covered == 100 and short.forgotten(0)[1].min() == 200.0
 
 
 def test_a_calibration_remembers_a_weeks_extremes_beyond_its_history() -> None:

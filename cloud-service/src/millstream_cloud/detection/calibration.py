@@ -135,8 +135,11 @@ class ExtremesMemory:
         self.span, self.keep = span, keep
         self.block = max(1, span // blocks)
         # Each finished block: its largest and smallest values, ascending, and how many
-        # values had been added when it finished.
-        self.done: deque[tuple[np.ndarray, np.ndarray, int]] = deque(maxlen=max(1, blocks))
+        # values had been added when it finished (a span shorter than ``blocks`` values
+        # has blocks of one value, as many as it covers).
+        self.done: deque[tuple[np.ndarray, np.ndarray, int]] = deque(
+            maxlen=max(1, min(blocks, span // self.block))
+        )
         self.top: list[float] = []  # the current block's largest, ascending
         self.bottom: list[float] = []  # ... and smallest, ascending
         self.count = 0  # values in the current block
