@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from _common import write_result
+from _common import files, size, timed_save, write_result, written
 
 from millstream_cloud.detection.engine import DEVICE_DIR, DetectionEngine, EngineSettings
 from millstream_cloud.model import Reading
@@ -31,31 +31,6 @@ from detection_weekly import DAY, machine  # noqa: E402
 SAVES = 5
 
 
-class Held:
-    """A guard that remembers the longest time it was held."""
-
-    def __init__(self) -> None:
-        self.longest = 0.0
-
-    def __enter__(self) -> None:
-        self._t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.longest = max(self.longest, time.perf_counter() - self._t0)
-
-
-def sizes(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in folder.iterdir()}
-
-
-def written(before: dict[str, int], after: dict[str, int]) -> int:
-    """Device files are rewritten whole; rows files grow by what is appended."""
-    out = 0
-    for name, n in after.items():
-        out += n - before.get(name, 0) if name.endswith(".rows") else n
-    return out
-
-
 def measure(feed: Callable[[DetectionEngine, int, int], None], days: float) -> dict[str, float]:
     engine = DetectionEngine(EngineSettings())
     n = int(days * DAY)
@@ -64,15 +39,14 @@ def measure(feed: Callable[[DetectionEngine, int, int], None], days: float) -> d
     engine.save(where)
     folder = where / DEVICE_DIR
     out: dict[str, list[float]] = {"bytes": [], "ms": [], "held_ms": []}
-    state = sum(sizes(folder).values())
+    state = size(folder)
     for k in range(SAVES):
         feed(engine, n + 30 * k, n + 30 * (k + 1))  # five minutes at 10 s
-        before, held = sizes(folder), Held()
-        t0 = time.perf_counter()
-        engine.save(where, guard=held)
-        out["ms"].append(1e3 * (time.perf_counter() - t0))
+        before = files(folder)
+        seconds, held = timed_save(engine, where)
+        out["ms"].append(1e3 * seconds)
         out["held_ms"].append(1e3 * held.longest)
-        out["bytes"].append(written(before, sizes(folder)))
+        out["bytes"].append(written(before, files(folder)))
     t0 = time.perf_counter()
     DetectionEngine.load(where)
     return {

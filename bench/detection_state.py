@@ -14,58 +14,15 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from _common import write_result
+from _common import files, size, timed_save, write_result, written
 
 from millstream_cloud.detection.engine import DetectionEngine
 from millstream_cloud.detection.eval.sim import SimConfig, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class TimedLock:
-    """A lock that remembers the longest time it was held."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.longest = 0.0
-        self._t0 = 0.0
-
-    def __enter__(self) -> None:
-        self.lock.acquire()
-        self._t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.longest = max(self.longest, time.perf_counter() - self._t0)
-        self.lock.release()
-
-
-def size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-
-
-def files(directory: Path) -> dict[Path, tuple[int, int]]:
-    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*.*")}
-
-
-def written(before: dict[Path, tuple[int, int]], after: dict[Path, tuple[int, int]]) -> int:
-    """Bytes a save wrote: files it rewrote whole, and what it appended to rows files."""
-    out = 0
-    for p, (n, mtime) in after.items():
-        old = before.get(p)
-        if old is None or old[1] != mtime:
-            out += n - old[0] if old is not None and p.suffix == ".rows" else n
-    return out
-
-
-def timed_save(engine: DetectionEngine, where: Path) -> tuple[float, TimedLock]:
-    lock = TimedLock()
-    t0 = time.perf_counter()
-    engine.save(where, guard=lock)
-    return time.perf_counter() - t0, lock
 
 
 if __name__ == "__main__":
