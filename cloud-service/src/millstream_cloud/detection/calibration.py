@@ -9,6 +9,7 @@ state that does not flap.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import deque
 from typing import Any
@@ -175,9 +176,13 @@ class ExtremesMemory:
     def forgotten(self, window: int) -> tuple[np.ndarray, np.ndarray]:
         """The kept values of the blocks older than the last ``window`` values, ascending:
         the largest, then the smallest."""
-        older = [b for b in self.done if b[2] <= self.added - window]
-        key = (older[0][2], older[-1][2]) if older else (0, 0)
+        # Blocks finish every ``block`` values, so those older than the window are the
+        # first k: no need to look at each (this runs for every value beyond the history).
+        first = self.done[0][2] if self.done else 0
+        k = max(0, min(len(self.done), (self.added - window - first) // self.block + 1))
+        key = (first, k)
         if self._cache is None or self._cache[0] != key:
+            older = list(itertools.islice(self.done, k))
             self._cache = (
                 key,
                 np.sort(np.concatenate([t for t, _, _ in older])) if older else np.empty(0),
