@@ -14,6 +14,16 @@ def test_skab_frozen_settings_meet_the_targets(bench_root: Path) -> None:
     assert res["f1"] >= 0.80 and res["far"] <= 15.0 and res["mar"] <= 25.0
 
 
+def test_skab_unscored_tail_leaves_each_runs_last_rows_out(bench_root: Path) -> None:
+    """Like for like with Conv-AE's predictions: the last 118 test rows of each run unscored."""
+    settings = runners.load_frozen()
+    whole = runners.run_skab(bench_root / "skab" / "data", settings)
+    cut = runners.run_skab(bench_root / "skab" / "data", settings, unscored_tail=118)
+    rows = sum(whole["counts"].values()) - sum(cut["counts"].values())
+    assert rows == 20 * 118
+    assert cut["f1"] >= 0.85 and cut["far"] <= 10.0
+
+
 def test_skab_scorer_counts_flag_everything_like_the_readme(bench_root: Path) -> None:
     runs = skab.load_runs(bench_root / "skab" / "data")
     assert len(runs) == 20

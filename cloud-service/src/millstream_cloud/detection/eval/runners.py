@@ -37,6 +37,29 @@ SKAB_REFERENCE_OTHER = {
     "MSET": (0.79, 38.23, 12.82),
     "T-squared+Q (PCA)": (0.77, 26.3, 22.89),
 }
+# Conv-AE's published predictions never flag the last 118 test rows of a run (its notebook's
+# loop over 60-row windows stops short of them), and those rows are mostly after the fault,
+# where the runs settle at a level SKAB labels normal. Like for like: every detector scored
+# on the rows before them (``run_skab(..., unscored_tail=SKAB_CONV_AE_BLIND_TAIL)``); the
+# published rows below are their prediction files scored that way (read once with pandas).
+SKAB_CONV_AE_BLIND_TAIL = 118
+SKAB_REFERENCE_SCORED_ROWS = {
+    "valve": {
+        "Conv-AE": (0.76, 22.70, 30.54),
+        "MSET": (0.84, 29.76, 14.97),
+        "T-squared+Q (PCA)": (0.80, 20.57, 25.94),
+    },
+    "other": {
+        "Conv-AE": (0.85, 16.44, 17.39),
+        "MSET": (0.87, 19.81, 13.71),
+        "T-squared+Q (PCA)": (0.82, 12.61, 24.42),
+    },
+    "all": {
+        "Conv-AE": (0.80, 20.12, 25.62),
+        "MSET": (0.85, 25.67, 14.50),
+        "T-squared+Q (PCA)": (0.81, 17.30, 25.37),
+    },
+}
 SKAB_REFERENCE_SUBSET = {
     "Conv-AE": (0.76, 14.94, 31.33),
     "MSET": (0.77, 40.72, 14.96),
@@ -103,13 +126,19 @@ def skab_predict(run: skab.SkabRun, cfg: dict[str, Any], slow: set[str]) -> np.n
     return np.array([gate.update(float(v))[0] for v in smooth], dtype=bool)
 
 
-def run_skab(data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+def run_skab(data_dir: Path, settings: dict[str, Any], unscored_tail: int = 0) -> dict[str, Any]:
+    """Score the frozen model on every run under ``data_dir``.
+
+    ``unscored_tail`` leaves each run's last rows out of the score (not of the model), to
+    compare on the rows a published detector's predictions cover.
+    """
     t0 = time.perf_counter()
     cfg = settings["skab"]
     runs = skab.load_runs(data_dir)
     n = int(cfg["train_rows"])
     slow = skab.slow_channels(runs, n, int(cfg["slow_channel_lag"]), cfg["slow_channel_max_acf"])
-    pairs = [(r.anomaly[n:], skab_predict(r, cfg, slow)[n:]) for r in runs]
+    end = -unscored_tail if unscored_tail > 0 else None
+    pairs = [(r.anomaly[n:end], skab_predict(r, cfg, slow)[n:end]) for r in runs]
     sc = skab.score_runs(pairs)
     return {
         "f1": sc.f1,
