@@ -422,7 +422,9 @@ def test_a_calibration_state_is_compact_and_restores_exactly(n: int) -> None:
     assert n < 1234 or r._since > 0  # so the snapshot holds overwritten values
     state = json.loads(json.dumps(r.state_dict()))
     # The same, as states were saved before: the window and the snapshot as lists.
-    old = {**state, "buf": r.buf.tolist(), "snapshot": r.sorted.tolist()}
+    older = r.buf[: len(r.buf) - r._since]
+    snapshot = np.sort(np.concatenate((older, np.array(r._overwritten))))
+    old = {**state, "buf": r.buf.tolist(), "snapshot": snapshot.tolist()}
     del old["stale"]
     clones = []
     for st in (state, old):
@@ -577,6 +579,17 @@ def test_extremes_memory_keeps_a_few_values_a_block_and_drops_whole_blocks() -> 
     for x in range(300):
         short.add(float(x))
     assert short.covered == 100 and short.forgotten(0)[1].min() == 200.0
+    # Saved after its oldest blocks expired, it comes back the same, and goes on alike.
+    clone = ExtremesMemory(100, blocks=10, keep=2)
+    clone.load_state(json.loads(json.dumps(mem.state_dict())))
+    for m in (mem, clone):
+        for x in range(150, 175):
+            m.add(float(x) % 7.0)
+    assert clone.covered == mem.covered == 105  # ten blocks and five values
+    for window in (0, 30, 60):
+        (ct, cb), (mt, mb) = clone.forgotten(window), mem.forgotten(window)
+        assert np.array_equal(ct, mt) and np.array_equal(cb, mb)
+    assert clone.state_dict() == mem.state_dict()
 
 
 def test_a_calibration_remembers_a_weeks_extremes_beyond_its_history() -> None:
@@ -617,3 +630,34 @@ def test_a_memory_changes_nothing_while_the_history_has_forgotten_nothing() -> N
         assert remembering.tail(x + 0.2, True) == plain.tail(x + 0.2, True)
         plain.add(x)
         remembering.add(x)
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+def test_a_calibration_keeps_its_tails_exact_and_its_body_as_quantiles(quantised: bool) -> None:
+    # The snapshot keeps the largest and smallest eighth of its values and 65 quantiles of
+    # the rest: a tail probability under 0.1 is the exact rank's; inside the body (over 0.1,
+    # a score under 0.1) it is within a few percent.
+    from millstream_cloud.detection.calibration import RollingRobust
+
+    values = _noise(4000, seed=5) * 3.0
+    if quantised:
+        values = np.round(values)  # whole degrees: long runs of ties
+    r = RollingRobust(4000, tail_fit="quantiles")
+    for v in values:
+        r.add(float(v))
+    r._refresh()
+    full = np.sort(values)
+    assert r.n_sorted == 4000 and len(r.sorted) == 2 * (4000 // 8 + 2)
+    n = len(full)
+    for x in np.linspace(full[0] - 1.0, full[-1] + 1.0, 801):
+        above = n - int(np.searchsorted(full, x, side="left"))
+        below = int(np.searchsorted(full, x, side="right"))
+        p_hi, p_lo = (above + 1) / (n + 1), (below + 1) / (n + 1)
+        if full[0] <= x <= full[-1]:  # beyond the range the tail fit answers, as before
+            exact = min(1.0, 2.0 * min(p_hi, p_lo))
+            got = r.tail(float(x), two_sided=True)
+            if min(p_hi, p_lo) < 0.1:
+                assert got == exact
+            else:
+                assert abs(got - exact) < 0.03
+    assert r.tail(float("nan")) == 1 / (n + 1)  # sorts last, as in the whole snapshot

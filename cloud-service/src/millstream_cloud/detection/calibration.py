@@ -9,10 +9,9 @@ state that does not flap.
 from __future__ import annotations
 
 import bisect
-import itertools
 import math
 from collections import deque
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -20,6 +19,14 @@ from .base import pack_floats, unpack_floats
 from .window import SAVING_TO, SavedRows, loaded, read_ref
 
 LOG_FLOOR = 1e-10  # tail probabilities below this all map to score 1.0
+# A calibration's sorted snapshot keeps each tail exactly (the largest and smallest eighth
+# of its values, past every quantile the tail fits read) and the body as this many
+# quantiles: a value inside the body has a tail probability over 0.1 (a score under 0.1,
+# far below any alarm), so its rank need not be exact, and the snapshot takes a quarter of
+# the window's memory instead of all of it.
+TAIL_KEPT = 8
+BODY_GRID = 65
+_GRID = np.arange(BODY_GRID)
 
 
 def tail_to_score(p: float) -> float:
@@ -135,21 +142,39 @@ class ExtremesMemory:
     def __init__(self, span: int, blocks: int = 168, keep: int = 4) -> None:
         self.span, self.keep = span, keep
         self.block = max(1, span // blocks)
-        # Each finished block: its largest and smallest values, ascending, and how many
-        # values had been added when it finished (a span shorter than ``blocks`` values
-        # has blocks of one value, as many as it covers).
-        self.done: deque[tuple[np.ndarray, np.ndarray, int]] = deque(
-            maxlen=max(1, min(blocks, span // self.block))
-        )
+        # The finished blocks, a ring of rows (oldest at ``_first``; a span shorter than
+        # ``blocks`` values has blocks of one value, as many as it covers): each block's
+        # largest and smallest values, ascending, and how many values had been added when
+        # it finished. Arrays, not a deque of small ones: 8 bytes a value, not 40.
+        self._cap = max(1, min(blocks, span // self.block))
+        self._alloc(min(keep, self.block))
         self.top: list[float] = []  # the current block's largest, ascending
         self.bottom: list[float] = []  # ... and smallest, ascending
         self.count = 0  # values in the current block
         self.added = 0  # values ever added
         self._cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
+    def _alloc(self, width: int) -> None:
+        self._tops = np.empty((self._cap, width))
+        self._bottoms = np.empty((self._cap, width))
+        self._ends = np.zeros(self._cap, dtype=np.int64)
+        self._first = self._len = 0
+
+    def _order(self, k: int) -> np.ndarray:
+        """Ring rows of the ``k`` oldest finished blocks, oldest first."""
+        return (self._first + np.arange(k)) % self._cap
+
+    def _finish(self, top: list[float], bottom: list[float], end: int) -> None:
+        if self._len < self._cap:
+            i = (self._first + self._len) % self._cap
+            self._len += 1
+        else:  # the oldest block expires
+            i, self._first = self._first, (self._first + 1) % self._cap
+        self._tops[i], self._bottoms[i], self._ends[i] = top, bottom, end
+
     @property
     def covered(self) -> int:
-        return len(self.done) * self.block + self.count
+        return self._len * self.block + self.count
 
     def add(self, x: float) -> None:
         top, bottom = self.top, self.bottom
@@ -166,7 +191,7 @@ class ExtremesMemory:
         self.count += 1
         self.added += 1
         if self.count == self.block:
-            self.done.append((np.array(top), np.array(bottom), self.added))
+            self._finish(top, bottom, self.added)
             self.top, self.bottom, self.count = [], [], 0
 
     def extend(self, values: np.ndarray) -> None:
@@ -178,15 +203,15 @@ class ExtremesMemory:
         the largest, then the smallest."""
         # Blocks finish every ``block`` values, so those older than the window are the
         # first k: no need to look at each (this runs for every value beyond the history).
-        first = self.done[0][2] if self.done else 0
-        k = max(0, min(len(self.done), (self.added - window - first) // self.block + 1))
+        first = int(self._ends[self._first]) if self._len else 0
+        k = max(0, min(self._len, (self.added - window - first) // self.block + 1))
         key = (first, k)
         if self._cache is None or self._cache[0] != key:
-            older = list(itertools.islice(self.done, k))
+            rows = self._order(k)
             self._cache = (
                 key,
-                np.sort(np.concatenate([t for t, _, _ in older])) if older else np.empty(0),
-                np.sort(np.concatenate([b for _, b, _ in older])) if older else np.empty(0),
+                np.sort(self._tops[rows], axis=None),
+                np.sort(self._bottoms[rows], axis=None),
             )
         return self._cache[1], self._cache[2]
 
@@ -219,13 +244,14 @@ class ExtremesMemory:
 
     def state_dict(self) -> dict[str, Any]:
         # A finished block holds min(keep, block) values a side: one array a side.
+        rows = self._order(self._len)
         return {
             "span": self.span,
             "block": self.block,
             "keep": self.keep,
-            "tops": pack_floats(np.concatenate([t for t, _, _ in self.done] or [np.empty(0)])),
-            "bottoms": pack_floats(np.concatenate([b for _, b, _ in self.done] or [np.empty(0)])),
-            "ends": [end for _, _, end in self.done],
+            "tops": pack_floats(self._tops[rows].ravel()),
+            "bottoms": pack_floats(self._bottoms[rows].ravel()),
+            "ends": self._ends[rows].tolist(),
             "top": self.top,
             "bottom": self.bottom,
             "count": self.count,
@@ -242,8 +268,9 @@ class ExtremesMemory:
         width = min(self.keep, self.block)
         tops = unpack_floats(state["tops"]).reshape(len(ends), width)
         bottoms = unpack_floats(state["bottoms"]).reshape(len(ends), width)
-        self.done.clear()
-        self.done.extend(zip(tops.copy(), bottoms.copy(), ends, strict=True))
+        self._alloc(width)
+        for top, bottom, end in zip(tops, bottoms, ends, strict=True):
+            self._finish(top.tolist(), bottom.tolist(), end)
         self.top = [float(v) for v in state["top"]]
         self.bottom = [float(v) for v in state["bottom"]]
         self.count, self.added, self._cache = int(state["count"]), int(state["added"]), None
@@ -273,7 +300,14 @@ class RollingRobust:
         self.center = 0.0
         self.sigma = 0.0
         self.mad_sigma = 0.0  # before the fallbacks: 0 for a mostly constant signal
-        self.sorted = np.empty(0)
+        self.sorted = np.empty(0)  # the snapshot's tails (see TAIL_KEPT), ascending
+        self.n_sorted = 0  # values in the snapshot
+        # Quantiles of the rest and their indices in the whole snapshot (lists: bisect is
+        # quicker than NumPy on 65 values); None: ``sorted`` is the whole snapshot.
+        self._body: list[float] | None = None
+        self._body_pos: list[int] = []
+        self._lo_part = self._hi_part = self.sorted
+        self._body_min = self._body_max = 0.0
         self.lo_tail = self.hi_tail = 1.0
         self.lo_shape = self.hi_shape = 0.0  # generalised Pareto shapes (0: exponential)
         self.lo_u = self.hi_u = 0.0  # the tails' thresholds
@@ -319,8 +353,42 @@ class RollingRobust:
         self._overwritten = []
         self._use_snapshot(np.sort(self._ring[: self._count]))
 
+    def _keep(self, arr: np.ndarray) -> None:
+        """Keep the tails of the sorted ``arr`` exactly and its body as quantiles."""
+        n = len(arr)
+        k = n // TAIL_KEPT + 2
+        self.n_sorted = n
+        if n <= 2 * k + BODY_GRID:
+            self.sorted, self._body = arr, None
+            return
+        pos = k + _GRID * (n - 2 * k - 1) // (BODY_GRID - 1)  # evenly over the body
+        self._body = arr[pos].tolist()
+        self._body_pos = pos.tolist()
+        self._body_min, self._body_max = self._body[0], self._body[-1]
+        self.sorted = np.concatenate((arr[:k], arr[n - k :]))
+        self._lo_part, self._hi_part = self.sorted[:k], self.sorted[k:]
+
+    def _rank(self, x: float, side: Literal["left", "right"]) -> int:
+        """``np.searchsorted`` of ``x`` in the whole snapshot: exact in the tails,
+        interpolated between the body's quantiles."""
+        g = self._body
+        if g is None:
+            return int(np.searchsorted(self.sorted, x, side=side))
+        if x < self._body_min or (x == self._body_min and side == "left"):
+            return int(np.searchsorted(self._lo_part, x, side=side))
+        if not (x < self._body_max or (x == self._body_max and side == "left")):
+            # Beyond the body (a NaN too: it sorts last).
+            hi = self._hi_part
+            return self.n_sorted - len(hi) + int(np.searchsorted(hi, x, side=side))
+        pos = self._body_pos
+        j, j_right = bisect.bisect_left(g, x), bisect.bisect_right(g, x)
+        if j_right > j:  # x is one of the quantiles: the ends of its run of ties
+            return pos[j] if side == "left" else pos[j_right - 1] + 1
+        a, b = g[j - 1], g[j]
+        return round(pos[j - 1] + (pos[j] - pos[j - 1]) * (x - a) / (b - a))
+
     def _use_snapshot(self, arr: np.ndarray) -> None:
-        self.sorted = arr
+        self._keep(arr)
         n = len(arr)
         self.center = float(arr[n // 2]) if n % 2 else float(0.5 * (arr[n // 2 - 1] + arr[n // 2]))
         mad = float(np.median(np.abs(arr - self.center)))
@@ -374,10 +442,10 @@ class RollingRobust:
         peaks-over-threshold extrapolation beyond it (``tail_fit``), so it needs no
         Gaussian shape."""
         arr = self.sorted
-        n = len(arr)
+        n = self.n_sorted
         if n == 0:
             return 1.0
-        above = n - int(np.searchsorted(arr, x, side="left"))
+        above = n - self._rank(x, "left")
         p_hi = (above + 1) / (n + 1)
         if x > arr[-1]:
             p_hi *= self._beyond(x - self.hi_u, arr[-1] - self.hi_u, self.hi_tail, self.hi_shape)
@@ -386,7 +454,7 @@ class RollingRobust:
                 p_hi = max(p_hi, p_mem or 0.0)
         if not two_sided:
             return p_hi
-        below = int(np.searchsorted(arr, x, side="right"))
+        below = self._rank(x, "right")
         p_lo = (below + 1) / (n + 1)
         if x < arr[0]:
             p_lo *= self._beyond(self.lo_u - x, self.lo_u - arr[0], self.lo_tail, self.lo_shape)
@@ -403,7 +471,7 @@ class RollingRobust:
     @property
     def fit_in_use(self) -> str:
         """The tail fit that scores now: ``range`` until ``quantiles`` has its values."""
-        if self.tail_fit == "quantiles" and len(self.sorted) >= QUANTILE_FIT_MIN:
+        if self.tail_fit == "quantiles" and self.n_sorted >= QUANTILE_FIT_MIN:
             return "quantiles"
         return "range"
 
@@ -425,10 +493,11 @@ class RollingRobust:
         if self._count:
             self._refresh()
 
-    def _stale(self, buf: np.ndarray) -> np.ndarray:
-        """The values the adds since the last refresh overwrote, from the snapshot and
-        the window ``buf`` (a restored window's; one that runs keeps them as they go)."""
-        vals, counts = np.unique(self.sorted, return_counts=True)
+    def _stale(self, snapshot: np.ndarray, buf: np.ndarray) -> np.ndarray:
+        """The values the adds since the last refresh overwrote, from the whole sorted
+        ``snapshot`` and the window ``buf`` (a restored window's, saved before the compact
+        form; one that runs keeps them as they go)."""
+        vals, counts = np.unique(snapshot, return_counts=True)
         older, older_counts = np.unique(buf[: len(buf) - self._since], return_counts=True)
         counts[np.searchsorted(vals, older)] -= older_counts
         return np.repeat(vals, counts)
@@ -480,8 +549,9 @@ class RollingRobust:
             self._use_snapshot(np.sort(np.concatenate((older, stale))))
             self._overwritten = stale.tolist()
         elif state.get("snapshot"):  # saved before the compact form
-            self._use_snapshot(np.asarray(state["snapshot"], dtype=float))
-            self._overwritten = self._stale(self.buf).tolist()
+            snapshot = np.asarray(state["snapshot"], dtype=float)
+            self._use_snapshot(snapshot)
+            self._overwritten = self._stale(snapshot, self.buf).tolist()
         else:
             self._refresh()
 
