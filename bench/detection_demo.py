@@ -17,13 +17,13 @@ import argparse
 import json
 import sys
 from collections import Counter
-from datetime import datetime
 from pathlib import Path
 
 from detection_sim import parse_seeds
 
 from millstream_agent.collectors.simulated import SimulatedCollector
 from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
+from millstream_cloud.detection.eval import groundtruth
 from millstream_cloud.model import Anomaly, Reading
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ WARMUP = 120
 FAULTS = {"fault_rate_per_hour": 20.0, "fault_types": ["stuck", "spike"]}
 START_AFTER = "150s"
 T0 = 1_764_000_000.0  # a fixed start: the simulator's daily waves follow the clock
-SLACK_S = 60.0
+SLACK_S = groundtruth.SLACK_S
 
 
 def run_fleet(seed: int, faults: bool, seconds: int) -> tuple[list[Anomaly], list[dict]]:
@@ -63,32 +63,20 @@ def run_fleet(seed: int, faults: bool, seconds: int) -> tuple[list[Anomaly], lis
     return found, [g for m in machines for g in m.ground_truth]
 
 
-def _ts(stamp: object) -> float:
-    return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
-
-
-def _inside(a: Anomaly, g: dict) -> bool:
-    t = a.time_ns / 1e9
-    return (
-        a.device == g["device"]
-        and a.metric in g["metrics"]
-        and _ts(g["start"]) <= t <= _ts(g["end"]) + SLACK_S
-    )
+def _raised(a: Anomaly) -> groundtruth.Raised:
+    names = {a.metric} if a.metric else set()
+    if a.contributions:
+        names.add(a.contributions[0].metric)
+    return groundtruth.Raised(a.device, frozenset(names), a.time_ns / 1e9)
 
 
 def score_fleet(seed: int, seconds: int) -> dict:
     found, truth = run_fleet(seed, True, seconds)
-    by_type: dict[str, Counter[str]] = {}
-    for g in truth:
-        hit = any(_inside(a, g) for a in found)
-        by_type.setdefault(g["fault"], Counter())["found" if hit else "missed"] += 1
-    stray = [a for a in found if not any(_inside(a, g) for g in truth)]
+    result = groundtruth.compare(truth, [_raised(a) for a in found], SLACK_S)
     healthy, _ = run_fleet(seed, False, seconds)
     return {
-        "faults": {
-            k: {"found": c["found"], "of": c["found"] + c["missed"]} for k, c in by_type.items()
-        },
-        "stray": [_brief(a) for a in stray],
+        "faults": result["faults"],
+        "stray": [_brief(found[i]) for i in result["stray"]],
         "healthy": [_brief(a) for a in healthy],
     }
 

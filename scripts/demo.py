@@ -195,6 +195,32 @@ def summary(api: str, last: tuple[float, float] | None) -> tuple[str, tuple[floa
     return line, (now, stored)
 
 
+JUDGED_AFTER_S = 10.0  # a fault younger than this may not have reached the detectors
+
+
+def report(api: str, faults_path: Path) -> list[str]:
+    """What detection found, against the faults the fleet injected (its ground truth)."""
+    # Imported here: the detection package (NumPy, scikit-learn) is slow to import, and
+    # the demo's first lines should not wait for it.
+    from millstream_cloud.detection.eval import groundtruth
+
+    rows = http_json(f"{api}/api/v1/anomalies?limit=10000", timeout=10.0)
+    assert isinstance(rows, dict)
+    raised = groundtruth.from_api(rows["anomalies"])
+    result = groundtruth.compare(
+        groundtruth.read_faults(faults_path),
+        raised,
+        judged_before_s=time.time() - JUDGED_AFTER_S,
+    )
+    lines = groundtruth.summary_lines(result, len(raised))
+    if rows["anomalies"]:
+        lines.append("latest anomalies:")
+    for r in rows["anomalies"][:5]:  # newest first
+        where = f"{r['device']} {r['metric'] or '(device)'}"
+        lines.append(f"  {r['time'][11:19]}  {where}: {r['explanation']}")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--devices", type=int, default=int(os.environ.get("DEVICES", 10)))
@@ -364,6 +390,12 @@ def main() -> int:
                     print(f"{time.strftime('%H:%M:%S')}  (API not answering: {exc})", flush=True)
                 next_line = now + args.interval
             time.sleep(0.2)
+        try:
+            lines = report(api, var / "faults.jsonl")
+            print(f"demo: what detection found (faults injected: {var / 'faults.jsonl'})")
+            print("\n".join(f"  {line}" for line in lines), flush=True)
+        except OSError as exc:
+            print(f"demo: no report (API not answering: {exc})", flush=True)
         print("demo: stopping ...", flush=True)
         return 0
     except RuntimeError as exc:

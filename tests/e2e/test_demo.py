@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +33,12 @@ def test_demo_serves_twenty_devices_then_exits_cleanly(tmp_path: Path) -> None:
             "2",
             "--workdir",
             str(tmp_path / "demo"),
+            # Faults from the start (detection is still warming up: none is found), so the
+            # closing report has the fleet's ground truth to read.
+            "--fault-start-after",
+            "2s",
+            "--fault-rate",
+            "120",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -58,6 +65,15 @@ def test_demo_serves_twenty_devices_then_exits_cleanly(tmp_path: Path) -> None:
     assert proc.returncode == 0, out
     assert "devices online 20/20" in out
     assert "nothing left running" in out
+    # The closing report: the faults the fleet injected (its ground-truth file) against the
+    # anomalies the API lists.
+    assert "demo: what detection found" in out
+    injected = (tmp_path / "demo" / "faults.jsonl").read_text().splitlines()
+    assert injected, out
+    counted = re.search(r"injected faults  (\d+) .*?(?:\((\d+) more injected|$)", out, re.M)
+    assert counted, out
+    assert int(counted[1]) + int(counted[2] or 0) == len(injected)
+    assert re.search(r"found            (stuck|spike) \d+ of \d+", out), out
     # Nothing left behind: the API port is free again and a second run could start.
     time.sleep(0.5)
     import socket

@@ -1,0 +1,72 @@
+"""The demo's closing report: injected faults (the simulator's ground truth) against the
+anomalies the API lists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from millstream_cloud.detection.eval import groundtruth
+
+SPIKE = {
+    "device": "m1",
+    "fault": "spike",
+    "metrics": ["voltage_v"],
+    "start": "2026-11-26T10:00:00Z",
+    "end": "2026-11-26T10:00:01Z",
+}
+STUCK = {
+    "device": "m2",
+    "fault": "stuck",
+    "metrics": ["temp_c", "speed_rpm"],
+    "start": "2026-11-26T10:05:00+00:00",
+    "end": "2026-11-26T10:10:00+00:00",
+}
+
+
+def _api_row(device: str, metric: str | None, time: str, top: str | None = None) -> dict:
+    contributions = [{"metric": top, "value": 1.0, "expected": 0.0, "sigma": 5.0}] if top else []
+    return {"device": device, "metric": metric, "time": time, "contributions": contributions}
+
+
+def test_a_fault_is_found_by_an_anomaly_naming_its_device_and_metric_in_time() -> None:
+    rows = [
+        _api_row("m1", "voltage_v", "2026-11-26T10:00:40Z"),  # 39 s after the spike's end
+        _api_row("m2", None, "2026-11-26T10:06:00Z", top="speed_rpm"),  # a device model's
+        _api_row("m2", "temp_c", "2026-11-26T10:12:00Z"),  # 2 min after: stray
+        _api_row("m1", "current_a", "2026-11-26T10:00:00Z"),  # another metric: stray
+    ]
+    raised = groundtruth.from_api(rows)
+    result = groundtruth.compare([SPIKE, STUCK], raised)
+    assert result["faults"] == {"spike": {"found": 1, "of": 1}, "stuck": {"found": 1, "of": 1}}
+    assert result["stray"] == [2, 3] and result["recent"] == 0
+    late = groundtruth.compare([SPIKE], [groundtruth.from_api(rows)[0]], slack_s=30.0)
+    assert late["faults"] == {"spike": {"found": 0, "of": 1}}
+    assert groundtruth.summary_lines(result, len(raised)) == [
+        "injected faults  2 (spike 1, stuck 1)",
+        "found            spike 1 of 1, stuck 1 of 1",
+        "anomalies        4: 2 during an injected fault, 2 outside one",
+    ]
+
+
+def test_a_fault_injected_in_the_last_seconds_is_not_counted_missed() -> None:
+    judged_before = groundtruth.timestamp("2026-11-26T10:04:55Z")
+    result = groundtruth.compare([SPIKE, STUCK], [], judged_before_s=judged_before)
+    assert result["faults"] == {"spike": {"found": 0, "of": 1}} and result["recent"] == 1
+    assert groundtruth.summary_lines(result, 0)[0] == (
+        "injected faults  1 (spike 1) (1 more injected in the last seconds, not judged yet)"
+    )
+    assert groundtruth.summary_lines(groundtruth.compare([], []), 3) == [
+        "no fault injected yet; anomalies 3"
+    ]
+
+
+def test_the_ground_truth_file_is_read_while_the_fleet_still_writes_it(tmp_path: Path) -> None:
+    path = tmp_path / "faults.jsonl"
+    assert groundtruth.read_faults(path) == []  # none injected yet: no file
+    path.write_text(
+        json.dumps(SPIKE) + "\n" + "\n" + json.dumps({"note": "not a fault"}) + "\n"
+        + json.dumps(STUCK)[:40],  # a line the writer has not finished
+        encoding="utf-8",
+    )  # fmt: skip
+    assert groundtruth.read_faults(path) == [SPIKE]
