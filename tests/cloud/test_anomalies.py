@@ -547,3 +547,52 @@ def test_backtest_replays_history_with_proposed_settings_and_checks_the_labels(
         assert client.post(backtest.replace("press-01", "nope"), json=span).status_code == 404
         assert services.anomalies.detector.state_dict() == engine_before  # type: ignore[union-attr]
         assert len(client.get(url).json()["anomalies"]) == 2
+
+
+def test_a_second_process_on_one_data_dir_runs_without_detection(tmp_path: Path) -> None:
+    # Two workers sharing a data dir (docs/cloud.md, Several workers) would each save their
+    # view of a device over the other's: the first runs detection, the second says why not.
+    import os
+    import subprocess
+    import sys
+
+    from millstream_cloud.detection.engine import DetectionEngine
+
+    settings = Settings(data_dir=str(tmp_path))
+    first = Services.build(settings, with_subscriber=False)
+    try:
+        assert isinstance(first.anomalies.detector, DetectionEngine)
+        assert (tmp_path / "detection.lock").read_text().strip() == str(os.getpid())
+        # Another process, as a second worker would be.
+        probe = (
+            "from millstream_cloud.services import Services\n"
+            "from millstream_cloud.settings import Settings\n"
+            f"s = Services.build(Settings(data_dir={str(tmp_path)!r}), with_subscriber=False)\n"
+            "print(s.anomalies.detector is None, s.anomalies.off_reason)\n"
+            "s.stop()\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        )
+        assert out.stdout.startswith(f"True process {os.getpid()} on this data dir runs detection")
+        assert "detection: off in this process" in out.stderr
+        # Its API says why (a second build in this process is refused the lock alike).
+        second = Services.build(settings, with_subscriber=False)
+        try:
+            assert second.anomalies.detector is None
+            second.pipeline.process([birth("lathe-01", "lathe", time.time_ns())])
+            with TestClient(create_app(settings, second, start=False)) as client:
+                res = client.get("/api/v1/devices/lathe-01/detection")
+                assert res.status_code == 404
+                assert f"process {os.getpid()} on this data dir runs detection" in res.text
+        finally:
+            second.stop()
+        assert isinstance(first.anomalies.detector, DetectionEngine)  # still its own
+    finally:
+        first.stop()
+    # Once the first has stopped, the next process takes detection over, state and all.
+    again = Services.build(settings, with_subscriber=False)
+    try:
+        assert isinstance(again.anomalies.detector, DetectionEngine)
+    finally:
+        again.stop()

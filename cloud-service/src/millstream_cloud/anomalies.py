@@ -92,6 +92,8 @@ class AnomalySink:
     ) -> None:
         self.storage = storage
         self.detector = detector
+        # Why there is no detector, for the API's answers (404) when there is none.
+        self.off_reason = "detection.enabled: false"
         self.hooks: list[AnomalyHook] = []
         self.recent: deque[Anomaly] = deque(maxlen=1000)
         self.queue_max_readings = queue_max_readings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -121,8 +122,21 @@ class Services:
             queue_max_readings=settings.detection.queue_max_readings,
             save_interval_s=settings.detection.save_interval_s,
         )
+        detection_lock = None
         if settings.detection.enabled:
-            attach_detection(anomalies, settings, data / "detection", registry)
+            detection_lock, holder = _detection_lock(data / "detection")
+            if detection_lock is not None:
+                attach_detection(anomalies, settings, data / "detection", registry)
+            else:
+                anomalies.off_reason = (
+                    f"process {holder or '?'} on this data dir runs detection; its state is "
+                    "one process's (docs/cloud.md, Several workers)"
+                )
+                log.error(
+                    "detection: off in this process: %s. Ingest, storage and alert rules on "
+                    "readings run as usual",
+                    anomalies.off_reason,
+                )
         pipeline.hooks.append(anomalies.on_readings)
         subscriber = (
             Subscriber(settings.mqtt, settings.ingest, pipeline, metrics)
@@ -142,6 +156,8 @@ class Services:
             services.fleet = FleetWriter(storage, registry, metrics, settings.mqtt.client_id)
         if writer_lock is not None:
             services.extras["embedded_writer_lock"] = writer_lock
+        if detection_lock is not None:
+            services.extras["detection_lock"] = detection_lock
         return services
 
     def start(self) -> None:
@@ -170,9 +186,31 @@ class Services:
         self.registry.close()
         self.dead_letters.close()
         self.storage.close()
-        lock = self.extras.pop("embedded_writer_lock", None)
-        if lock is not None:
-            lock.close()  # type: ignore[attr-defined]
+        for name in ("embedded_writer_lock", "detection_lock"):
+            lock = self.extras.pop(name, None)
+            if lock is not None:
+                lock.close()  # type: ignore[attr-defined]
+
+
+def _detection_lock(state_dir: Path) -> tuple[IO[str] | None, str]:
+    """One process per detector state: two workers on one data dir would each save their
+    own view of a device over the other's (and append to the same rows files). The first
+    takes ``detection.lock`` beside the state and writes its pid there; a later one gets
+    None and that pid."""
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(state_dir.parent / f"{state_dir.name}.lock", "a+")  # noqa: SIM115
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        return None, holder
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle, str(os.getpid())
 
 
 def _embedded_writer_lock(settings: Settings) -> IO[bytes] | None:

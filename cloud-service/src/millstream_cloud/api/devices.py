@@ -90,7 +90,7 @@ def device_detection(device_id: str, services: Services = Depends(get_services))
     dev = _device(services, device_id)
     engine = services.anomalies.detector
     if not isinstance(engine, DetectionEngine):
-        raise HTTPException(404, "anomaly detection is off (detection.enabled: false)")
+        raise HTTPException(404, f"anomaly detection is off ({services.anomalies.off_reason})")
     return engine.describe(dev.id, dev.kind, dev.metrics)
 
 
@@ -107,7 +107,9 @@ def relearn_device(device_id: str, services: Services = Depends(get_services)) -
     try:
         forgot = services.anomalies.relearn(dev.id, dev.site)
     except LookupError:
-        raise HTTPException(404, "anomaly detection is off (detection.enabled: false)") from None
+        raise HTTPException(
+            404, f"anomaly detection is off ({services.anomalies.off_reason})"
+        ) from None
     return {"device": dev.id, "relearning": True, "forgot": forgot}
 
 
