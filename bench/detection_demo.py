@@ -32,6 +32,16 @@ WARMUP = 120
 FAULTS = {"fault_rate_per_hour": 20.0, "fault_types": ["stuck", "spike"]}
 START_AFTER = "150s"
 T0 = 1_764_000_000.0  # a fixed start: the simulator's daily waves follow the clock
+
+
+def demo_settings() -> EngineSettings:
+    """The demo's detection settings (scripts/demo.py): its warm-up, learning from every
+    reading."""
+    return EngineSettings(
+        warmup=WARMUP, streaming={**EngineSettings().streaming, "resolution_s": 0.0}
+    )
+
+
 SLACK_S = groundtruth.SLACK_S
 
 
@@ -47,7 +57,7 @@ def run_fleet(seed: int, faults: bool, seconds: int) -> tuple[list[Anomaly], lis
         )
         for i in range(1, 11)
     ]
-    engine = DetectionEngine(EngineSettings(warmup=WARMUP))
+    engine = DetectionEngine(demo_settings())
     found: list[Anomaly] = []
     batch: list[Reading] = []
     for k in range(seconds):

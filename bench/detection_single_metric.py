@@ -26,6 +26,7 @@ from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
 from millstream_cloud.model import Reading
 
 ROOT = Path(__file__).resolve().parents[1]
+STEP_NS = 10 * 10**9  # a reading every 10 s (the live settings count 10-s intervals)
 DAY = 8640
 HEALTHY_DAYS = 4
 HEALTHY_SEEDS = (0, 1)
@@ -55,10 +56,10 @@ def alarms(s: EngineSettings, values: np.ndarray) -> list[int]:
     out: list[int] = []
     for i in range(0, len(values), 10):
         batch = [
-            Reading("d", "bench", "m", (i + k) * 10**9, float(values[i + k]))
+            Reading("d", "bench", "m", (i + k) * STEP_NS, float(values[i + k]))
             for k in range(min(10, len(values) - i))
         ]
-        out += [a.time_ns // 10**9 for a in engine.observe(batch)]
+        out += [a.time_ns // STEP_NS for a in engine.observe(batch)]
     return out
 
 

@@ -27,6 +27,7 @@ from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
 from millstream_cloud.model import Reading
 
 ROOT = Path(__file__).resolve().parents[1]
+STEP_NS = 10 * 10**9  # a reading every 10 s (the live settings count 10-s intervals)
 DAY = 8640  # 10-s rows a day
 WEEKS = 3
 SEEDS = (0, 1)
@@ -58,18 +59,18 @@ def machine(seed: int, fault: bool) -> dict[str, np.ndarray]:
 
 
 def anomalies(settings: EngineSettings, metrics: dict[str, np.ndarray]) -> list[tuple[int, str]]:
-    """(second, metric) of every anomaly the engine raised, fed 30 rows at a time."""
+    """(row, metric) of every anomaly the engine raised, fed 30 rows at a time."""
     engine = DetectionEngine(settings)
     names = list(metrics)
     n = len(metrics[names[0]])
     out = []
     for s in range(0, n, 30):
         batch = [
-            Reading("m", "bench", k, (s + j) * 10**9, float(metrics[k][s + j]))
+            Reading("m", "bench", k, (s + j) * STEP_NS, float(metrics[k][s + j]))
             for j in range(min(30, n - s))
             for k in names
         ]
-        out += [(a.time_ns // 10**9, a.metric) for a in engine.observe(batch)]
+        out += [(a.time_ns // STEP_NS, a.metric) for a in engine.observe(batch)]
     return out
 
 

@@ -105,6 +105,10 @@ detection:
     # Start judging after 2 minutes of data instead of 12, so the demo's injected
     # faults are scored within its first minutes (docs/detection.md).
     warmup: 120
+    streaming:
+      # Learn from every reading (1 Hz here), not one value per 10 s: the demo runs for
+      # minutes, not the days the 10-s intervals are for.
+      resolution_s: 0
 """
 
 

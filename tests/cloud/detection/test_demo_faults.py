@@ -14,11 +14,19 @@ from millstream_cloud.model import Anomaly, Reading
 
 simulated = pytest.importorskip("millstream_agent.collectors.simulated")
 
-# As in scripts/demo.py: DEMO_CLOUD_CONFIG (warmup) and the simulate arguments.
+# As in scripts/demo.py: DEMO_CLOUD_CONFIG (warmup, resolution_s) and the simulate arguments.
 DEMO_WARMUP = 120
 DEMO_FAULTS = {"fault_rate_per_hour": 20.0, "fault_types": ["stuck", "spike"]}
 DEMO_START_AFTER = "150s"
 T0 = 1_764_000_000.0  # fixed start: the simulator's daily waves depend on the clock
+
+
+def demo_settings() -> EngineSettings:
+    """The demo's detection settings (scripts/demo.py): its warm-up, learning from every
+    reading."""
+    return EngineSettings(
+        warmup=DEMO_WARMUP, streaming={**EngineSettings().streaming, "resolution_s": 0.0}
+    )
 
 
 def _run(
@@ -30,7 +38,7 @@ def _run(
         )
         for d in devices
     ]
-    engine = DetectionEngine(EngineSettings(warmup=DEMO_WARMUP))
+    engine = DetectionEngine(demo_settings())
     anomalies: list[Anomaly] = []
     batch: list[Reading] = []
     for k in range(seconds):

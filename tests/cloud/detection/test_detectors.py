@@ -661,3 +661,27 @@ def test_a_calibration_keeps_its_tails_exact_and_its_body_as_quantiles(quantised
             else:
                 assert abs(got - exact) < 0.03
     assert r.tail(float("nan")) == 1 / (n + 1)  # sorts last, as in the whole snapshot
+
+
+def test_calibrations_learn_one_value_per_resolution_interval_its_most_extreme() -> None:
+    # Readings a second apart, resolution 10 s: each calibration learns one value per 10 s
+    # (the statistic farthest from its centre), so 17280 learned values span two days at
+    # any reading rate. Without times (NAB, tools) every value is learned, as before.
+    values = _noise(2000, seed=7)
+    values[1234] += 9.0  # one spike: its interval's value calibration must keep it
+    timed = StreamingEnsemble(history=5000, warmup=100, tail_fit="quantiles", resolution_s=10.0)
+    untimed = StreamingEnsemble(history=5000, warmup=100, tail_fit="quantiles", resolution_s=10.0)
+    for i, v in enumerate(values):
+        timed.update(float(v), float(i))
+        untimed.update(float(v))
+    assert len(untimed.cal["value"].stats) == 2000
+    assert len(timed.cal["value"].stats) == 199  # 200 intervals, the last still gathering
+    learned = timed.cal["value"].stats.values()
+    assert learned.max() == untimed.cal["value"].stats.values().max()  # the spike's distance
+    # Saved mid-interval, a restored detector gathers on and scores alike.
+    clone = StreamingEnsemble.from_state(json.loads(json.dumps(timed.state_dict())))
+    assert clone.pending == timed.pending and clone.interval == timed.interval
+    more = _noise(300, seed=8)
+    for i, v in enumerate(more, start=2000):
+        assert clone.update(float(v), float(i)) == timed.update(float(v), float(i))
+    assert np.array_equal(clone.cal["level"].stats.values(), timed.cal["level"].stats.values())

@@ -24,8 +24,9 @@ from millstream_cloud.detection.eval.sim import Fault, SimConfig, simulate
 from millstream_cloud.model import Anomaly, Reading
 
 # The default settings (models trained after 12 h of 10-s rows); short fleets of one or two
-# devices keep the tests fast.
-FAST = EngineSettings(warmup=300)
+# devices keep the tests fast. Many tests stamp their rows a second apart: their metrics
+# learn every reading, as before the 10-s intervals (resolution_s; tested on their own).
+FAST = EngineSettings(warmup=300, streaming={**EngineSettings().streaming, "resolution_s": 0.0})
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
@@ -333,7 +334,7 @@ class _CorruptDetector:
     n = 0
     quiet = 0
 
-    def update(self, x: float) -> float:
+    def update(self, x: float, t: float | None = None) -> float:
         raise ValueError("state is corrupt")
 
 
@@ -602,9 +603,14 @@ V2_SETTINGS = EngineSettings(
     mv_train_rows=120,
     mv_window_rows=200,
     mv_retrain_rows=100,
-    # (`memory` came after the fixture: its saved settings do not name it.)
+    # (`memory` and `resolution_s` came after the fixture: its saved settings do not name
+    # them.)
     streaming={
-        **{k: v for k, v in EngineSettings().streaming.items() if k != "memory"},
+        **{
+            k: v
+            for k, v in EngineSettings().streaming.items()
+            if k not in ("memory", "resolution_s")
+        },
         "history": 150,
     },
 )
@@ -1000,3 +1006,42 @@ def test_a_save_appends_a_one_metric_devices_new_values_to_its_calibrations_rows
     assert again.state_dict() == engine.state_dict()
     later = _v2_readings(160, 300)
     assert again.observe(later) == engine.observe(later)
+
+
+def test_a_machine_read_every_second_alarms_at_its_first_start_and_stop_only() -> None:
+    # A one-metric machine on two shifts (06:00-22:00 at 50, idle at 20, noise 1), read
+    # every second with the default settings. Learned per reading its two days of values
+    # were 4.8 hours and each start and stop was a record: two alarms every day. Learned
+    # one value per 10 s, the second day's start and stop are no news.
+    n = int(2.3 * 86400)
+    t = np.arange(n)
+    hour = (t % 86400) / 3600
+    rng = np.random.default_rng(0)
+    v = np.where((hour >= 6) & (hour < 22), 50.0, 20.0) + rng.normal(0.0, 1.0, n)
+    engine = DetectionEngine(EngineSettings())
+    out: list[Anomaly] = []
+    for i in range(0, n, 10):
+        out += engine.observe(
+            [
+                Reading("m", "s", "current_a", (i + k) * 10**9, float(v[i + k]))
+                for k in range(min(10, n - i))
+            ]
+        )
+    when = [
+        (int(a.time_ns // 10**9 // 86400), int(a.time_ns // 10**9 % 86400 // 3600)) for a in out
+    ]
+    assert when == [(0, 6), (0, 22)]
+
+
+def test_a_detector_saved_before_resolution_takes_it_on_without_restarting(tmp_path: Path) -> None:
+    old = replace(FAST, streaming={**FAST.streaming, "resolution_s": 0.0})
+    saved = DetectionEngine(old)
+    rng = np.random.default_rng(3)
+    for i in range(0, 400, 20):
+        saved.observe(
+            [Reading("fan", "s", "rpm", (i + k) * 10**9, 900.0 + rng.normal()) for k in range(20)]
+        )
+    saved.save(tmp_path)
+    loaded = DetectionEngine.load(tmp_path, EngineSettings(warmup=300))
+    det = loaded.metrics[("fan", "rpm")]
+    assert loaded.restarted == 0 and det.n == 400 and det.resolution_s == 10.0

@@ -16,7 +16,12 @@ from millstream_cloud.detection.rules import parse_rules, resolve
 from millstream_cloud.model import Anomaly, Reading
 from millstream_cloud.settings import SettingsError, load_settings
 
-BASE = EngineSettings(warmup=200, multivariate=False)
+# Readings a second apart, each learned (as before the 10-s intervals, resolution_s).
+BASE = EngineSettings(
+    warmup=200,
+    multivariate=False,
+    streaming={**EngineSettings().streaming, "resolution_s": 0.0},
+)
 QUIET = {"streaming": {"alert_level": 0.99}}  # a per-metric alarm needs p < 1e-9.9
 SMALL = 0.3  # a 3-sigma step: scores 0.84-0.89, raised at the default level, not at QUIET's
 

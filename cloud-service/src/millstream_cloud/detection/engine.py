@@ -70,6 +70,11 @@ class EngineSettings:
             # days alone, every Monday start-up and stop was a record and an alarm
             # (bench/detection_weekly.py).
             "memory": 60480,
+            # ... counted in 10-s intervals whatever the reading rate: a metric read every
+            # second learns each statistic's most extreme value of each 10 s, else its
+            # 17280 values were 4.8 hours and a two-shift machine's start and stop alarmed
+            # every day (bench/detection_single_metric.py --step 1).
+            "resolution_s": 10.0,
             "short": 4,
             "long": 32,
             # A new record of any of a metric's statistics scores about 0.42 (1 in the
@@ -1001,7 +1006,7 @@ class DetectionEngine:
         out = self._stuck(device, site, r)
         det = self._detector(device, r.metric)
         quiet_before = det.quiet
-        score = det.update(r.value)
+        score = det.update(r.value, r.time_ns / 1e9)
         if det.last_score >= det.alert_level:
             stirred.append(r.metric)
         s = self.settings_for(device, r.metric)[0]
@@ -1489,11 +1494,14 @@ def _adopt(det: StreamingEnsemble, want: dict[str, Any]) -> bool:
     take on without learning afresh (a state saved before they existed would otherwise
     restart every detector on upgrade): ``calibrate_after`` once its calibrations learn,
     ``components`` that add ones whose statistic can be rebuilt from its history, and
-    ``history`` (what it remembers is kept: all of it, or the latest when shorter)."""
+    ``history`` (what it remembers is kept: all of it, or the latest when shorter),
+    ``memory`` and ``resolution_s``."""
     have = det.params()
     differ = {k for k in want if want[k] != have.get(k)}
-    if not differ <= {"calibrate_after", "components", "history", "memory"}:
+    if not differ <= {"calibrate_after", "components", "history", "memory", "resolution_s"}:
         return False
+    if "resolution_s" in differ:  # from the next interval on
+        det.resolution_s = float(want["resolution_s"])
     if "history" in differ:
         det.set_history(int(want["history"]))
     if "memory" in differ:

@@ -88,6 +88,7 @@ STREAMING_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "glitch_sigma": (0, None, False),
     "calibrate_after": (0, 10_000_000, True),
     "memory": (0, 10_000_000, True),
+    "resolution_s": (0, 86_400, False),
 }
 
 

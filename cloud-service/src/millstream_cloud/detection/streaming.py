@@ -284,6 +284,15 @@ class StreamingEnsemble:
     reached, so a machine's Monday start-up after an idle weekend is no record. (0: off,
     as the frozen NAB settings.)
 
+    ``resolution_s``: the calibrations learn at most one value per this many seconds of
+    reading time (each statistic's most extreme of the interval), when ``update`` is given
+    the reading's time. A metric read every second then remembers as long a time as one
+    read every 10 s (``history`` and ``memory`` count learned values), and a tail
+    probability means "this far out in no 10-s interval before", so an alert level keeps
+    its meaning at any rate (read per second and learned per reading, a two-shift machine's
+    start and stop alarmed every day: 17280 values were 4.8 hours). Scoring stays per
+    reading. (0: every value, as the frozen NAB settings and a caller without times.)
+
     ``refractory_warmups``: when set, the refractory period is that many warmups instead of
     ``refractory`` values. A benchmark such as NAB gives each series a warmup (probation)
     proportional to its length, so a quiet time in those units scales with the series; a
@@ -307,9 +316,16 @@ class StreamingEnsemble:
         tail_fit: str = "range",
         calibrate_after: int = 0,
         memory: int = 0,
+        resolution_s: float = 0.0,
     ) -> None:
         self.history = history
         self.memory = memory
+        self.resolution_s = resolution_s
+        # The interval being gathered (its index) and each statistic's most surprising
+        # value in it so far with its tail probability, learned when a reading of a later
+        # interval arrives.
+        self.interval: int | None = None
+        self.pending: dict[str, tuple[float, float]] = {}
         self.calibrate_after = calibrate_after
         self.tail_fit = tail_fit
         self.glitch_sigma = glitch_sigma
@@ -381,8 +397,11 @@ class StreamingEnsemble:
     def learn_one(self, x: float) -> None:
         self.update(x)
 
-    def update(self, x: float) -> float:
-        """Score ``x`` then learn it; the cheap path used by the engine and the harness."""
+    def update(self, x: float, t: float | None = None) -> float:
+        """Score ``x`` then learn it; the cheap path used by the engine and the harness.
+        ``t``: the reading's time in seconds (for ``resolution_s``)."""
+        if t is not None and self.resolution_s > 0.0:
+            self._close_interval(math.floor(t / self.resolution_s))
         s, raw, tails = self._score(x)
         self.last_tails, self.last_raw = tails, raw
         self.last_score = s  # before the refractory period caps it
@@ -398,8 +417,7 @@ class StreamingEnsemble:
             self.n += 1
             return s
         if self.n >= self.calibrate_after:
-            for name, v in raw.items():
-                self.cal[name].learn(v)
+            self._learn_calibrations(raw, tails, t)
         seasonal = self.parts["seasonal"]
         had_period = seasonal.period
         for part in self.parts.values():
@@ -408,6 +426,38 @@ class StreamingEnsemble:
             self._backfill_seasonal(seasonal)
         self.n += 1
         return s
+
+    def _close_interval(self, interval: int) -> None:
+        """A reading of ``interval`` arrived: the values gathered in an earlier one are
+        learned before it is scored (readings 10 s apart score as when each was learned)."""
+        if interval != self.interval:
+            for name, (v, _) in self.pending.items():
+                self.cal[name].learn(v)
+            self.interval, self.pending = interval, {}
+
+    def _learn_calibrations(
+        self, raw: dict[str, float], tails: dict[str, float], t: float | None
+    ) -> None:
+        if self.resolution_s <= 0.0 or t is None:
+            for name, v in raw.items():
+                self.cal[name].learn(v)
+            return
+        # Each statistic's most surprising value of the interval: the smallest tail
+        # probability (a two-shift machine's level sits far from its median all day, so
+        # the distance from the centre would pick the wrong side), the distance from the
+        # centre between equals (a young calibration answers 1.0 to everything).
+        pending = self.pending
+        for name, v in raw.items():
+            p = tails.get(name, 1.0)
+            held = pending.get(name)
+            if held is not None:
+                if p > held[1]:
+                    continue
+                if p == held[1]:
+                    center = self.cal[name].stats.center
+                    if abs(v - center) <= abs(held[0] - center):
+                        continue
+            pending[name] = (v, p)
 
     def _new_calibration(self, name: str) -> AnomalyLikelihood:
         """An empty calibration for component ``name``: two-sided but for ``value``, whose
@@ -503,6 +553,7 @@ class StreamingEnsemble:
             "tail_fit": self.tail_fit,
             "calibrate_after": self.calibrate_after,
             "memory": self.memory,
+            "resolution_s": self.resolution_s,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -514,6 +565,7 @@ class StreamingEnsemble:
             "quiet": self.quiet,
             "glitch_before": self.glitch_before,
             "glitches": list(self.glitches),
+            **({"interval": self.interval, "pending": self.pending} if self.pending else {}),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -525,6 +577,9 @@ class StreamingEnsemble:
         self.n, self.quiet = int(state["n"]), int(state["quiet"])
         self.glitch_before = bool(state.get("glitch_before", False))
         self.glitches.extend(float(d) for d in state.get("glitches", ()))
+        if state.get("pending"):
+            self.interval = int(state["interval"])
+            self.pending = {str(k): (float(v), float(p)) for k, (v, p) in state["pending"].items()}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> StreamingEnsemble:
