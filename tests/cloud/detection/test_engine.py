@@ -631,11 +631,12 @@ def _v2_readings(start: int, stop: int) -> list[Reading]:
 
 def _before_v3(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` without what the stuck check has kept since version 3 (how many readings
-    it learned, and how: a state saved before counts as learned)."""
+    it learned, and how: a state saved before counts as learned; the smallest change it
+    saw, learned again from the next ones)."""
     for dev in state["devices"].values():
         for st in dev["stuck"].values():
-            for key in ("learn_for", "n", "repeats", "raised"):
-                del st[key]
+            for key in ("learn_for", "n", "repeats", "raised", "step"):
+                st.pop(key, None)
     return state
 
 
@@ -1045,3 +1046,27 @@ def test_a_detector_saved_before_resolution_takes_it_on_without_restarting(tmp_p
     loaded = DetectionEngine.load(tmp_path, EngineSettings(warmup=300))
     det = loaded.metrics[("fan", "rpm")]
     assert loaded.restarted == 0 and det.n == 400 and det.resolution_s == 10.0
+
+
+def test_a_slow_whole_degree_signal_learns_its_long_holds_and_a_stuck_one_is_still_found() -> None:
+    # A temperature in whole degrees on a daily wave, with little noise (10-s readings):
+    # it holds each degree for tens of minutes, longer than 12 readings from its first
+    # hold on, so no hold was ever learned and each one was "stuck" (63 in 4 days). A hold
+    # that ends by one degree is the signal holding; it is learned.
+    t = np.arange(4 * 8640) * 10.0
+    rng = np.random.default_rng(0)
+    values = np.round(40 + 5 * np.sin(2 * np.pi * t / 86400) + rng.normal(0, 0.05, len(t)))
+    values[3 * 8640 + 3000 :] = values[3 * 8640 + 3000]  # it dies on day 3
+    engine = DetectionEngine(replace(FAST, multivariate=False))
+    out: list[Anomaly] = []
+    for i in range(0, len(t), 60):
+        batch = values[i : i + 60]
+        out += engine.observe(
+            [
+                Reading("tank", "s", "temp_c", int(t[i + k] * 1e9), float(v))
+                for k, v in enumerate(batch)
+            ]
+        )
+    stuck = [round(a.time_ns / 1e9 / 86400, 2) for a in out if a.detector == "stuck"]
+    # Its first 13 readings (a sensor that never changed may be dead), then the real one.
+    assert len(stuck) == 2 and stuck[0] < 0.01 and stuck[1] > 3.0, stuck

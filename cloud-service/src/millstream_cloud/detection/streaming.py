@@ -623,6 +623,7 @@ class StuckSensor:
         self.n = 0  # readings learned
         self.repeats = 0  # readings equal to the one before, in runs that ended normally
         self.raised = False  # the current run was reported
+        self.step: float | None = None  # the smallest change between readings seen
 
     @property
     def discrete(self) -> bool:
@@ -658,10 +659,21 @@ class StuckSensor:
             self.run += 1
         else:
             # Runs are learned once finished and only if they did not look stuck, so a
-            # stuck period does not teach the detector that stuck is normal.
-            if self.run and self.run < self.bar:
-                self.longest = max(self.longest, self.run)
-                self.repeats += self.run
+            # stuck period does not teach the detector that stuck is normal; but a run
+            # that ended by the metric's smallest change (a whole-degree temperature
+            # moving on by one degree) was the signal holding, however long: else a slow
+            # quantised signal whose first holds outlast 12 readings never learned its
+            # holds and every one was "stuck" (16 a day at 10 s), and one read every second
+            # was "stuck" at each daily turning point. A stuck sensor that recovers jumps
+            # to wherever the value went, not by one step (it was reported; the next hold
+            # as long is not).
+            if self.prev is not None:
+                change = abs(x - self.prev)
+                ended_by_a_step = self.step is not None and change <= self.step
+                if self.run and (self.run < self.bar or ended_by_a_step):
+                    self.longest = max(self.longest, self.run)
+                    self.repeats += self.run
+                self.step = change if self.step is None else min(self.step, change)
             self.run = 0
             self.raised = False
         self.prev = x
@@ -681,6 +693,7 @@ class StuckSensor:
             "n": self.n,
             "repeats": self.repeats,
             "raised": self.raised,
+            "step": self.step,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -694,3 +707,5 @@ class StuckSensor:
         self.n = int(state.get("n", self.learn_for))
         self.repeats = int(state.get("repeats", 0))
         self.raised = bool(state.get("raised", self.run >= math.ceil(self.bar)))
+        step = state.get("step")
+        self.step = None if step is None else float(step)
