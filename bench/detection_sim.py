@@ -4,7 +4,10 @@ bench/results/detection_sim.json. Run from the repository root: ``python bench/d
 ``--seeds 100-109`` scores other fleets instead (the held-out seeds in docs/detection.md) and
 writes bench/results/detection_sim_<first>-<last>.json. ``--jitter-ms 400`` stamps each
 reading up to 400 ms after its sample's time (metrics read one after another) and adds
-``_jitter<ms>`` to the file name.
+``_jitter<ms>`` to the file name. ``--step-s 1 --hours 20 --devices 6`` runs fleets read
+every second (the agent's default; shorter and smaller, about 1.5 minutes a seed) and adds
+``_step1`` to the name; ``--engine '{"mv_resolution_s": 0}'`` overrides engine settings
+(added to the name as ``_engine``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from statistics import median
 
 from millstream_cloud.detection.eval import runners
+from millstream_cloud.detection.eval.sim import SimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
@@ -32,15 +36,21 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seeds", type=parse_seeds, default=SEEDS, help="e.g. 0,1,2 or 100-109")
     ap.add_argument("--jitter-ms", type=float, default=0.0, help="late stamps, up to (ms)")
+    ap.add_argument("--step-s", type=float, default=10.0, help="seconds between samples")
+    ap.add_argument("--hours", type=float, default=36.0)
+    ap.add_argument("--devices", type=int, default=12)
+    ap.add_argument("--engine", type=json.loads, default={}, help="engine settings (JSON)")
     args = ap.parse_args()
     SEEDS = args.seeds
     settings = runners.load_frozen()
+    settings["engine"] = {**settings.get("engine", {}), **args.engine}
     per_seed = {}
     tp_faults = n_faults = 0
     tp_anoms = n_anoms = 0
     delays: list[float] = []
     for seed in SEEDS:
-        r = runners.run_sim(settings, seed=seed, jitter_ms=args.jitter_ms)
+        cfg = SimConfig(seed=seed, step_s=args.step_s, hours=args.hours, devices=args.devices)
+        r = runners.run_sim(settings, config=cfg, jitter_ms=args.jitter_ms)
         per_seed[str(seed)] = r
         n_faults += len(r["faults"])
         tp_faults += sum(f["detected"] for f in r["faults"])
@@ -54,6 +64,10 @@ if __name__ == "__main__":
     out = {
         "seeds": list(SEEDS),
         "jitter_ms": args.jitter_ms,
+        "step_s": args.step_s,
+        "hours": args.hours,
+        "devices": args.devices,
+        "engine": args.engine,
         "recall": round(tp_faults / n_faults, 4),
         "precision": round(tp_anoms / n_anoms, 4) if n_anoms else 1.0,
         "median_delay_s": round(median(delays), 1) if delays else None,
@@ -66,6 +80,10 @@ if __name__ == "__main__":
     name = "detection_sim" if SEEDS == (0, 1, 2) else f"detection_sim_{SEEDS[0]}-{SEEDS[-1]}"
     if args.jitter_ms:
         name += f"_jitter{args.jitter_ms:g}"
+    if args.step_s != 10.0:
+        name += f"_step{args.step_s:g}"
+    if args.engine:
+        name += "_engine"
     path = ROOT / "bench" / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -345,7 +345,7 @@ def main() -> int:
                 # Faults come sooner than in a real plant, so the demo has something to show:
                 # the first ones right after detection's warmup, of the types its per-metric
                 # detectors catch in the first minutes (the multivariate model, which also
-                # catches overheating, drift and small shifts, trains only after 72 min).
+                # catches overheating, drift and small shifts, trains only after 12 h).
                 "--fault-rate",
                 str(args.fault_rate),
                 "--fault-types",

@@ -57,7 +57,10 @@ def test_replay_says_when_detection_fails_instead_of_finding_nothing() -> None:
             {"match": {"device": "press-*"}, "mv_on": 4.0},
         ]
     )
-    quick = EngineSettings(mv_train_rows=500, mv_retrain_rows=500, mv_window_rows=1000)
+    # (rows a second apart, each one for the model)
+    quick = EngineSettings(
+        mv_train_rows=500, mv_retrain_rows=500, mv_window_rows=1000, mv_resolution_s=0.0
+    )
     check_rules(quick, rules)
     with pytest.raises(bt.ReplayFailed, match=r"device 'press-01': ValueError: .*off level 5"):
         bt.replay(history(), quick, rules, lambda _d: "press")

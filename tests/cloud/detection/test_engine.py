@@ -17,6 +17,7 @@ from millstream_cloud.detection.engine import (
     DEVICE_DIR,
     STATE_FILE,
     DetectionEngine,
+    DeviceModel,
     EngineSettings,
 )
 from millstream_cloud.detection.eval import runners
@@ -25,8 +26,13 @@ from millstream_cloud.model import Anomaly, Reading
 
 # The default settings (models trained after 12 h of 10-s rows); short fleets of one or two
 # devices keep the tests fast. Many tests stamp their rows a second apart: their metrics
-# learn every reading, as before the 10-s intervals (resolution_s; tested on their own).
-FAST = EngineSettings(warmup=300, streaming={**EngineSettings().streaming, "resolution_s": 0.0})
+# learn every reading and their device models see every row, as before the 10-s intervals
+# (resolution_s, mv_resolution_s; tested on their own).
+FAST = EngineSettings(
+    warmup=300,
+    streaming={**EngineSettings().streaming, "resolution_s": 0.0},
+    mv_resolution_s=0.0,
+)
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
@@ -637,6 +643,9 @@ def _before_v3(state: dict[str, Any]) -> dict[str, Any]:
         for st in dev["stuck"].values():
             for key in ("learn_for", "n", "repeats", "raised", "step"):
                 st.pop(key, None)
+        for key in ("bucket", "bucket_last_ns"):  # the interval averaged for the model
+            if dev["model"] is not None:
+                dev["model"].pop(key, None)
     return state
 
 
@@ -1070,3 +1079,23 @@ def test_a_slow_whole_degree_signal_learns_its_long_holds_and_a_stuck_one_is_sti
     stuck = [round(a.time_ns / 1e9 / 86400, 2) for a in out if a.detector == "stuck"]
     # Its first 13 readings (a sensor that never changed may be dead), then the real one.
     assert len(stuck) == 2 and stuck[0] < 0.01 and stuck[1] > 3.0, stuck
+
+
+def test_a_device_model_sees_one_row_per_10_s_whatever_the_reading_rate() -> None:
+    # Rows a second apart reach the model as the mean of each 10 s (its row counts, a week
+    # or 12 h of training, stay time); rows 10 s apart pass as they are, at once.
+    dev = DeviceModel(EngineSettings())
+    for m in ("flow", "pressure"):
+        dev.add_metric(m)
+    fast = [(i * 10**9, [float(i), 2.0 * i]) for i in range(25)]
+    out = dev.decimate(fast[:12], 10.0) + dev.decimate(fast[12:], 10.0)
+    assert out == [(9 * 10**9, [4.5, 9.0]), (19 * 10**9, [14.5, 29.0])]
+    assert dev.bucket is not None and dev.bucket[2] == 5  # 20 s to 24 s, still gathering
+    again = DeviceModel(EngineSettings())
+    again.load_state(json.loads(json.dumps(dev.state_dict())))
+    rest = [(i * 10**9, [float(i), 2.0 * i]) for i in range(25, 31)]
+    assert again.decimate(rest, 10.0) == dev.decimate(rest, 10.0) == [(29 * 10**9, [24.5, 49.0])]
+    slow = [(i * 10 * 10**9, [float(i), 1.0]) for i in range(5)]
+    other = DeviceModel(EngineSettings())
+    assert other.decimate(slow[:1], 10.0) == []  # the first row: the next one's time unknown
+    assert other.decimate(slow[1:], 10.0) == slow  # then each row at once

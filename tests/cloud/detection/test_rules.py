@@ -16,11 +16,13 @@ from millstream_cloud.detection.rules import parse_rules, resolve
 from millstream_cloud.model import Anomaly, Reading
 from millstream_cloud.settings import SettingsError, load_settings
 
-# Readings a second apart, each learned (as before the 10-s intervals, resolution_s).
+# Readings a second apart, each learned and each a row for a device model (as before
+# the 10-s intervals: resolution_s, mv_resolution_s).
 BASE = EngineSettings(
     warmup=200,
     multivariate=False,
     streaming={**EngineSettings().streaming, "resolution_s": 0.0},
+    mv_resolution_s=0.0,
 )
 QUIET = {"streaming": {"alert_level": 0.99}}  # a per-metric alarm needs p < 1e-9.9
 SMALL = 0.3  # a 3-sigma step: scores 0.84-0.89, raised at the default level, not at QUIET's
@@ -225,7 +227,9 @@ def test_changed_settings_apply_after_a_restart(tmp_path: Path) -> None:
 
 
 def test_a_changed_device_model_setting_refits_from_the_kept_rows() -> None:
-    settings = EngineSettings(warmup=50, mv_train_rows=300, mv_retrain_rows=10**6)
+    settings = EngineSettings(
+        warmup=50, mv_train_rows=300, mv_retrain_rows=10**6, mv_resolution_s=0.0
+    )
     rng = np.random.default_rng(3)
     load = np.cumsum(rng.normal(0, 0.05, 700))
 
