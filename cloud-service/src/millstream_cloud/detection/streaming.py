@@ -285,8 +285,9 @@ class StreamingEnsemble:
     as the frozen NAB settings.)
 
     ``resolution_s``: the calibrations learn at most one value per this many seconds of
-    reading time (each statistic's most extreme of the interval), when ``update`` is given
-    the reading's time. A metric read every second then remembers as long a time as one
+    reading time (each statistic's most surprising of the interval, its smallest tail
+    probability, learned before the next interval's first reading is scored), when
+    ``update`` is given the reading's time. A metric read every second then remembers as long a time as one
     read every 10 s (``history`` and ``memory`` count learned values), and a tail
     probability means "this far out in no 10-s interval before", so an alert level keeps
     its meaning at any rate (read per second and learned per reading, a two-shift machine's
