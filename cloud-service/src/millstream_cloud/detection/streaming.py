@@ -287,12 +287,13 @@ class StreamingEnsemble:
     ``resolution_s``: the calibrations learn at most one value per this many seconds of
     reading time (each statistic's most surprising of the interval, its smallest tail
     probability, learned before the next interval's first reading is scored), when
-    ``update`` is given the reading's time. A metric read every second then remembers as long a time as one
-    read every 10 s (``history`` and ``memory`` count learned values), and a tail
-    probability means "this far out in no 10-s interval before", so an alert level keeps
-    its meaning at any rate (read per second and learned per reading, a two-shift machine's
-    start and stop alarmed every day: 17280 values were 4.8 hours). Scoring stays per
-    reading. (0: every value, as the frozen NAB settings and a caller without times.)
+    ``update`` is given the reading's time. A metric read every second then remembers as
+    long a time as one read every 10 s (``history`` and ``memory`` count learned values),
+    and a tail probability means "this far out in no 10-s interval before", so an alert
+    level keeps its meaning at any rate (read per second and learned per reading, a
+    two-shift machine's start and stop alarmed every day: 17280 values were 4.8 hours).
+    Scoring stays per reading. (0: every value, as the frozen NAB settings and a caller
+    without times.)
 
     ``refractory_warmups``: when set, the refractory period is that many warmups instead of
     ``refractory`` values. A benchmark such as NAB gives each series a warmup (probation)
