@@ -192,13 +192,11 @@ class Services:
                 lock.close()  # type: ignore[attr-defined]
 
 
-def _detection_lock(state_dir: Path) -> tuple[IO[str] | None, str]:
-    """One process per detector state: two workers on one data dir would each save their
-    own view of a device over the other's (and append to the same rows files). The first
-    takes ``detection.lock`` beside the state and writes its pid there; a later one gets
-    None and that pid."""
-    state_dir.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(state_dir.parent / f"{state_dir.name}.lock", "a+")  # noqa: SIM115
+def _process_lock(path: Path) -> tuple[IO[str] | None, str]:
+    """Take ``path`` for this process (an exclusive ``flock``, held while the handle is
+    open) and write its pid there; when another process holds it: None and that pid."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 (not "w": it would wipe the holder's pid)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -213,7 +211,14 @@ def _detection_lock(state_dir: Path) -> tuple[IO[str] | None, str]:
     return handle, str(os.getpid())
 
 
-def _embedded_writer_lock(settings: Settings) -> IO[bytes] | None:
+def _detection_lock(state_dir: Path) -> tuple[IO[str] | None, str]:
+    """One process per detector state: two workers on one data dir would each save their
+    own view of a device over the other's (and append to the same rows files). The first
+    takes ``detection.lock`` beside the state; a later one gets None and the first's pid."""
+    return _process_lock(state_dir.parent / f"{state_dir.name}.lock")
+
+
+def _embedded_writer_lock(settings: Settings) -> IO[str] | None:
     """One ingest process per embedded store: it keeps series ids and recent points in
     memory, so a second writer would corrupt it. Several workers need a shared store
     (storage.backend: influxdb); see docs/cloud.md."""
@@ -221,14 +226,11 @@ def _embedded_writer_lock(settings: Settings) -> IO[bytes] | None:
         return None
     emb = settings.storage.embedded
     store = Path(emb.path) if emb.path else settings.data_path / "embedded"
-    store.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(store.parent / f"{store.name}.writer.lock", "wb")  # noqa: SIM115
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
+    handle, holder = _process_lock(store.parent / f"{store.name}.writer.lock")
+    if handle is None:
         raise RuntimeError(
-            f"another millstream-cloud ingest process writes the embedded store {store}; "
-            "several workers need storage.backend: influxdb (or one embedded path each)"
-        ) from None
+            f"another millstream-cloud ingest process writes the embedded store {store} "
+            f"(pid {holder or '?'}); several workers need storage.backend: influxdb "
+            "(or one embedded path each)"
+        )
     return handle
