@@ -22,24 +22,16 @@ from pathlib import Path
 from detection_sim import parse_seeds
 
 from millstream_agent.collectors.simulated import SimulatedCollector
-from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
+from millstream_cloud.detection.engine import DetectionEngine
 from millstream_cloud.detection.eval import groundtruth
 from millstream_cloud.model import Anomaly, Reading
 
 ROOT = Path(__file__).resolve().parents[1]
-# As in scripts/demo.py: the cloud's detection warm-up and the fleet's fault arguments.
-WARMUP = 120
+# As in scripts/demo.py: the fleet's fault arguments (its detection settings:
+# groundtruth.demo_settings()).
 FAULTS = {"fault_rate_per_hour": 20.0, "fault_types": ["stuck", "spike"]}
 START_AFTER = "150s"
 T0 = 1_764_000_000.0  # a fixed start: the simulator's daily waves follow the clock
-
-
-def demo_settings() -> EngineSettings:
-    """The demo's detection settings (scripts/demo.py): its warm-up, learning from every
-    reading."""
-    return EngineSettings(
-        warmup=WARMUP, streaming={**EngineSettings().streaming, "resolution_s": 0.0}
-    )
 
 
 SLACK_S = groundtruth.SLACK_S
@@ -57,7 +49,7 @@ def run_fleet(seed: int, faults: bool, seconds: int) -> tuple[list[Anomaly], lis
         )
         for i in range(1, 11)
     ]
-    engine = DetectionEngine(demo_settings())
+    engine = DetectionEngine(groundtruth.demo_settings())
     found: list[Anomaly] = []
     batch: list[Reading] = []
     for k in range(seconds):
@@ -73,16 +65,9 @@ def run_fleet(seed: int, faults: bool, seconds: int) -> tuple[list[Anomaly], lis
     return found, [g for m in machines for g in m.ground_truth]
 
 
-def _raised(a: Anomaly) -> groundtruth.Raised:
-    names = {a.metric} if a.metric else set()
-    if a.contributions:
-        names.add(a.contributions[0].metric)
-    return groundtruth.Raised(a.device, frozenset(names), a.time_ns / 1e9)
-
-
 def score_fleet(seed: int, seconds: int) -> dict:
     found, truth = run_fleet(seed, True, seconds)
-    result = groundtruth.compare(truth, [_raised(a) for a in found], SLACK_S)
+    result = groundtruth.compare(truth, [groundtruth.raised(a) for a in found], SLACK_S)
     healthy, _ = run_fleet(seed, False, seconds)
     return {
         "faults": result["faults"],

@@ -5,28 +5,21 @@ fed to the detection engine with the demo's warmup, raises anomalies on the inje
 
 from __future__ import annotations
 
-from datetime import datetime
+from typing import Any
 
 import pytest
 
-from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
+from millstream_cloud.detection.engine import DetectionEngine
+from millstream_cloud.detection.eval import groundtruth
 from millstream_cloud.model import Anomaly, Reading
 
 simulated = pytest.importorskip("millstream_agent.collectors.simulated")
 
-# As in scripts/demo.py: DEMO_CLOUD_CONFIG (warmup, resolution_s) and the simulate arguments.
-DEMO_WARMUP = 120
+# As in scripts/demo.py: the simulate arguments (its detection settings:
+# groundtruth.demo_settings(), checked against its config below).
 DEMO_FAULTS = {"fault_rate_per_hour": 20.0, "fault_types": ["stuck", "spike"]}
 DEMO_START_AFTER = "150s"
 T0 = 1_764_000_000.0  # fixed start: the simulator's daily waves depend on the clock
-
-
-def demo_settings() -> EngineSettings:
-    """The demo's detection settings (scripts/demo.py): its warm-up, learning from every
-    reading."""
-    return EngineSettings(
-        warmup=DEMO_WARMUP, streaming={**EngineSettings().streaming, "resolution_s": 0.0}
-    )
 
 
 def _run(
@@ -38,7 +31,7 @@ def _run(
         )
         for d in devices
     ]
-    engine = DetectionEngine(demo_settings())
+    engine = DetectionEngine(groundtruth.demo_settings())
     anomalies: list[Anomaly] = []
     batch: list[Reading] = []
     for k in range(seconds):
@@ -54,18 +47,27 @@ def _run(
     return anomalies, [g for m in machines for g in m.ground_truth]
 
 
-def _ts(stamp: object) -> float:
-    return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+def _explained(a: Anomaly, truth: list[dict[str, Any]], slack: float = 60.0) -> bool:
+    return any(groundtruth.covers(g, groundtruth.raised(a), slack) for g in truth)
 
 
-def _explained(a: Anomaly, truth: list[dict[str, object]], slack: float = 60.0) -> bool:
-    t = a.time_ns / 1e9
-    return any(
-        g["device"] == a.device
-        and a.metric in g["metrics"]  # type: ignore[operator]
-        and _ts(g["start"]) <= t <= _ts(g["end"]) + slack
-        for g in truth
-    )
+def test_the_demo_runs_detection_as_its_config_says() -> None:
+    # scripts/demo.py writes its cloud config as YAML for users to read; the test and the
+    # benchmark use groundtruth.demo_settings(): the same settings.
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    from millstream_cloud.detection.engine import settings_from_mapping
+
+    path = Path(__file__).resolve().parents[3] / "scripts" / "demo.py"
+    spec = importlib.util.spec_from_file_location("demo_script", path)
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    engine = yaml.safe_load(demo.DEMO_CLOUD_CONFIG)["detection"]["engine"]
+    assert settings_from_mapping(engine) == groundtruth.demo_settings()
 
 
 @pytest.mark.parametrize(
@@ -81,7 +83,7 @@ def test_demo_fault_after_warmup_is_flagged_on_its_metric(
     hits = [a for a in anomalies if _explained(a, truth, slack=0.0)]
     assert hits, f"{fault} on {metric} not flagged; anomalies: {anomalies}"
     assert hits[0].metric == metric
-    assert hits[0].time_ns / 1e9 - _ts(truth[0]["start"]) <= 15.0
+    assert hits[0].time_ns / 1e9 - groundtruth.timestamp(truth[0]["start"]) <= 15.0
 
 
 def test_demo_fleet_shows_true_anomalies_in_its_first_minutes() -> None:
