@@ -300,9 +300,8 @@ class DeviceModel:
         self.glitch_run: list[int] = []  # per metric: rows in a row it read a glitch
         self.glitched: list[tuple[int, int, float]] = []  # new glitches, for the engine
         # The interval being averaged for the model (mv_resolution_s): its index, the sum
-        # of its rows, how many, its last row's time; and the time of the last row seen.
+        # of its rows, how many, its last row's time.
         self.bucket: list[Any] | None = None
-        self.bucket_last_ns: int | None = None
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
     MODEL_KEYS = (
@@ -558,13 +557,14 @@ class DeviceModel:
         self, rows: list[tuple[int, list[float]]], resolution_s: float
     ) -> list[tuple[int, list[float]]]:
         """The model's rows: one per ``resolution_s`` of time, the mean of the rows in it
-        with its last row's time, passed on once the next row would fall in a later
-        interval (so rows 10 s apart pass as they are, at once); 0: every row."""
+        with its last row's time, passed on once the next row falls (or, for the batch's
+        last, would fall at the usual gap, ``row_gap_ns``) in a later interval: rows 10 s
+        apart pass as they are, at once; 0: every row."""
         if resolution_s <= 0.0:
             return rows
         res = int(resolution_s * 1e9)
         out: list[tuple[int, list[float]]] = []
-        for t, vals in rows:
+        for i, (t, vals) in enumerate(rows):
             k = t // res
             b = self.bucket
             if b is not None and (k != b[0] or len(vals) != len(b[1])):
@@ -576,10 +576,8 @@ class DeviceModel:
                 b[1] = [a + v for a, v in zip(b[1], vals, strict=True)]
                 b[2] += 1
                 b[3] = t
-            last = self.bucket_last_ns
-            gap = t - last if last is not None and last < t else self.row_gap_ns
-            self.bucket_last_ns = t
-            if gap > 0 and (t + gap) // res != k:
+            gap = self.row_gap_ns
+            if i == len(rows) - 1 and gap > 0 and (t + gap) // res != k:
                 out.append(self._emit())
         return out
 
@@ -594,7 +592,6 @@ class DeviceModel:
             "metrics": self.metrics,
             "last": self.last,
             "bucket": self.bucket,
-            "bucket_last_ns": self.bucket_last_ns,
             **self.rows.state_dict("rows"),
             "model": None if self.model is None else self.model.state_dict(),
             "gates": [g.state_dict() for g in self.gates],
@@ -663,8 +660,6 @@ class DeviceModel:
         self.bucket = (
             None if b is None else [int(b[0]), [float(v) for v in b[1]], int(b[2]), int(b[3])]
         )
-        last = st.get("bucket_last_ns")
-        self.bucket_last_ns = None if last is None else int(last)
 
     def settle(
         self, time_ns: int, row: list[Anomaly], stirred: list[str], hold: int
