@@ -16,15 +16,18 @@ Writes bench/results/detection_fast_metric.json. Run from the repository root:
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
-from millstream_cloud.model import Reading
+from millstream_cloud.detection.engine import EngineSettings
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from detection_single_metric import alarms  # noqa: E402
+
 DAY = 86_400  # readings, one a second
 HEALTHY_DAYS = 3
 HEALTHY_SEEDS = (0, 1)
@@ -33,16 +36,8 @@ AFTER = 7200  # seconds after a fault's onset in which an alarm counts as findin
 
 
 def alarm_times(settings: EngineSettings, values: np.ndarray) -> list[int]:
-    """Seconds (reading indexes) of the anomalies raised, fed 10 readings at a time."""
-    engine = DetectionEngine(settings)
-    out: list[int] = []
-    for i in range(0, len(values), 10):
-        batch = [
-            Reading("d", "bench", "m", (i + k) * 10**9, float(values[i + k]))
-            for k in range(min(10, len(values) - i))
-        ]
-        out += [a.time_ns // 10**9 for a in engine.observe(batch)]
-    return out
+    """Seconds (reading indexes) of the anomalies raised."""
+    return alarms(settings, values, step_ns=10**9)
 
 
 def healthy(name: str, seed: int) -> np.ndarray:

@@ -50,16 +50,17 @@ def settings(history: int | None = None) -> dict[str, EngineSettings]:
     return {"live": live, "before": before}
 
 
-def alarms(s: EngineSettings, values: np.ndarray) -> list[int]:
-    """Indexes of the readings the engine raised an anomaly on."""
+def alarms(s: EngineSettings, values: np.ndarray, step_ns: int = STEP_NS) -> list[int]:
+    """Indexes of the readings (``step_ns`` apart, fed 10 at a time) the engine raised an
+    anomaly on."""
     engine = DetectionEngine(s)
     out: list[int] = []
     for i in range(0, len(values), 10):
         batch = [
-            Reading("d", "bench", "m", (i + k) * STEP_NS, float(values[i + k]))
+            Reading("d", "bench", "m", (i + k) * step_ns, float(values[i + k]))
             for k in range(min(10, len(values) - i))
         ]
-        out += [a.time_ns // STEP_NS for a in engine.observe(batch)]
+        out += [a.time_ns // step_ns for a in engine.observe(batch)]
     return out
 
 
