@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,101 @@ def test_parser_registers_eval_subcommands() -> None:
         args = parser.parse_args(["eval", name])
         assert callable(args.func)
     assert parser.parse_args(["eval", "nab", "--sweep"]).sweep is True
+
+
+def _tiny_nab(root: Path, rows: int = 400) -> tuple[Path, Path]:
+    """One NAB-style file of ``rows`` 5-minute values with one window, and its labels."""
+    (root / "data" / "cat").mkdir(parents=True)
+    (root / "labels").mkdir()
+    start = datetime(2014, 4, 1)
+    lines = ["timestamp,value"]
+    lines += [f"{start + timedelta(minutes=5 * i)},{i % 7}" for i in range(rows)]
+    (root / "data" / "cat" / "a.csv").write_text("\n".join(lines) + "\n")
+    windows = {"cat/a.csv": [["2014-04-01 20:00:00.000000", "2014-04-01 22:00:00.000000"]]}
+    (root / "labels" / "combined_windows.json").write_text(json.dumps(windows))
+    return root / "data", root / "labels"
+
+
+def _eval(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    rc = cli.main(["eval", *args])
+    return rc, capsys.readouterr().err
+
+
+def test_nab_bad_value_is_refused_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, labels = _tiny_nab(tmp_path, rows=288)
+    csv_path = data / "cat" / "a.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[40] = lines[40].split(",")[0] + ","  # a blank value on file line 41
+    csv_path.write_text("\n".join(lines) + "\n")
+    rc, err = _eval(["nab", "--data", str(data), "--labels", str(labels)], capsys)
+    assert rc == 2
+    assert f"{csv_path} line 41: value '' is not a finite number" in err
+    lines[40] = lines[40] + "nan"
+    csv_path.write_text("\n".join(lines) + "\n")
+    assert _eval(["nab", "--data", str(data), "--labels", str(labels)], capsys)[0] == 2
+
+
+def test_nab_missing_labels_bad_header_and_bad_settings_say_what(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, labels = _tiny_nab(tmp_path, rows=288)
+    rc, err = _eval(["nab", "--data", str(data), "--labels", str(data)], capsys)
+    assert rc == 2 and "combined_windows.json: not found" in err
+    (tmp_path / "bad.json").write_text('{"streaming": ')
+    args = ["nab", "--data", str(data), "--labels", str(labels), "--settings"]
+    rc, err = _eval([*args, str(tmp_path / "bad.json")], capsys)
+    assert rc == 2 and "bad.json: not JSON" in err
+    (tmp_path / "bad.json").write_text('{"streaming": {}}')
+    rc, err = _eval([*args, str(tmp_path / "bad.json")], capsys)
+    assert rc == 2 and "no nab, skab section" in err
+    csv_path = data / "cat" / "a.csv"
+    csv_path.write_text(csv_path.read_text().replace("timestamp,value", "time,value", 1))
+    rc, err = _eval(["nab", "--data", str(data), "--labels", str(labels)], capsys)
+    assert rc == 2 and "no 'timestamp' column (header: time, value)" in err
+
+
+def test_nab_reads_iso_times_and_reports_unlabelled_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from millstream_cloud.detection.eval import nab
+
+    data, labels = _tiny_nab(tmp_path)
+    plain = nab.read_series(data / "cat" / "a.csv")
+    csv_path = data / "cat" / "a.csv"
+    text = csv_path.read_text()
+    csv_path.write_text(text.replace(" ", "T"))
+    assert nab.read_series(csv_path)[0] == plain[0]
+    csv_path.write_text(text.replace(":00,", ":00+02:00,").replace(" ", "T"))
+    shifted = nab.read_series(csv_path)[0]
+    assert [a - b for a, b in zip(plain[0], shifted, strict=True)] == [timedelta(hours=2)] * 400
+    csv_path.write_text(text)
+    (data / "cat" / "stray.csv").write_text("timestamp,value\n")
+    out = tmp_path / "nab.json"
+    rc, err = _eval(
+        ["nab", "--data", str(data), "--labels", str(labels), "--json", str(out)], capsys
+    )
+    assert rc == 0
+    assert "1 CSV file(s) not in combined_windows.json, not scored: cat/stray.csv" in err
+    assert json.loads(out.read_text())["unlisted_files"] == ["cat/stray.csv"]
+
+
+def test_skab_ragged_or_non_numeric_row_is_refused_with_its_line(
+    bench_root: Path, tmp_path: Path
+) -> None:
+    from millstream_cloud.detection.eval import EvalInputError
+
+    src = bench_root / "skab" / "data" / "valve1" / "0.csv"
+    (tmp_path / "v").mkdir()
+    lines = src.read_text().splitlines()
+    fields = lines[11].split(";")
+    lines[11] = ";".join(fields[:3] + fields[4:])
+    (tmp_path / "v" / "0.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(EvalInputError, match=r"0\.csv line 12: 10 fields, the header has 11"):
+        skab.load_runs(tmp_path)
+    fields[2] = "n/a"
+    lines[11] = ";".join(fields)
+    (tmp_path / "v" / "0.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(EvalInputError, match=r"line 12: Accelerometer2RMS 'n/a' is not a number"):
+        skab.load_runs(tmp_path)

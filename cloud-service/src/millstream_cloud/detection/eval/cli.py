@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import runners
+from . import EvalInputError, runners
 
 
 def _bench_default(*parts: str) -> Path | None:
@@ -46,6 +47,14 @@ def cmd_nab(args: argparse.Namespace) -> int:
     data = _require_dir(args.data, "--data")
     labels = _require_dir(args.labels, "--labels")
     out = runners.run_nab(data, labels, settings, sweep=args.sweep)
+    if out["unlisted_files"]:
+        names = out["unlisted_files"]
+        print(
+            f"eval nab: {len(names)} CSV file(s) not in combined_windows.json, not scored: "
+            + ", ".join(names[:5])
+            + (" ..." if len(names) > 5 else ""),
+            file=sys.stderr,
+        )
     mode = (
         "thresholds SWEPT on these files (NAB's optimiser; not the frozen ones)"
         if args.sweep
@@ -108,6 +117,21 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reporting(
+    name: str, cmd: Callable[[argparse.Namespace], int]
+) -> Callable[[argparse.Namespace], int]:
+    """``cmd`` with unreadable inputs reported in one line (exit 2) instead of a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return cmd(args)
+        except (EvalInputError, OSError) as exc:
+            print(f"eval {name}: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``eval`` and its sub-commands on the top-level CLI."""
     p = sub.add_parser(
@@ -144,7 +168,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="sweep each profile's threshold on these files instead of the frozen ones",
     )
     common(nab)
-    nab.set_defaults(func=cmd_nab)
+    nab.set_defaults(func=_reporting("nab", cmd_nab))
 
     skab = esub.add_parser("skab", help="Skoltech Anomaly Benchmark, pooled F1/FAR/MAR")
     skab.add_argument(
@@ -154,12 +178,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="folder of SKAB runs (any depth; unlabelled files are skipped)",
     )
     common(skab)
-    skab.set_defaults(func=cmd_skab)
+    skab.set_defaults(func=_reporting("skab", cmd_skab))
 
     sim = esub.add_parser("sim", help="the built-in fault simulator")
     sim.add_argument("--seed", type=int, default=0)
     common(sim)
-    sim.set_defaults(func=cmd_sim)
+    sim.set_defaults(func=_reporting("sim", cmd_sim))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,10 +19,12 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from . import EvalInputError
 
 PROFILES: dict[str, dict[str, float]] = {
     "standard": {"tp": 1.0, "fp": 0.11, "fn": 1.0},
@@ -54,13 +56,19 @@ def probation_length(n_rows: int) -> float:
 
 
 def parse_time(text: str) -> datetime:
+    """NAB's ``YYYY-MM-DD HH:MM:SS[.f]``, or any ISO 8601 time (``T``, an offset: as UTC)."""
     text = text.strip()
     for fmt in ("%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S"):
         try:
             return datetime.strptime(text, fmt)
         except ValueError:
             continue
-    raise ValueError(f"unrecognised NAB timestamp {text!r}")
+    try:
+        t = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError:
+        raise ValueError(f"unrecognised NAB timestamp {text!r}") from None
+    # Windows and rows compare naive times; an offset is honoured by converting to UTC.
+    return t.astimezone(timezone.utc).replace(tzinfo=None) if t.tzinfo else t
 
 
 @dataclass(slots=True)
@@ -83,32 +91,68 @@ class _Rows:
 
 
 def read_series(path: Path, value_column: str = "value") -> tuple[list[datetime], np.ndarray]:
-    """Read a NAB-style CSV (``timestamp`` plus a value column), any line endings."""
-    with path.open(newline="", encoding="utf-8") as fh:
+    """Read a NAB-style CSV (``timestamp`` plus a value column), any line endings.
+
+    A row that is not a time and a finite number stops the run with the file and line:
+    scored without it, every later row's place in its window would be off."""
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
+        missing = [c for c in ("timestamp", value_column) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise EvalInputError(
+                f"{path}: no {' or '.join(repr(c) for c in missing)} column "
+                f"(header: {', '.join(reader.fieldnames or []) or 'empty file'})"
+            )
         ts: list[datetime] = []
         vals: list[float] = []
         for row in reader:
-            ts.append(parse_time(row["timestamp"]))
-            vals.append(float(row[value_column]))
+            where = f"{path} line {reader.line_num}"
+            stamp, text = row["timestamp"] or "", row[value_column] or ""
+            try:
+                ts.append(parse_time(stamp))
+            except ValueError as exc:
+                raise EvalInputError(f"{where}: {exc}") from None
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value):
+                raise EvalInputError(
+                    f"{where}: {value_column} {text.strip()!r} is not a finite number"
+                )
+            vals.append(value)
     return ts, np.asarray(vals, dtype=float)
 
 
 def load_windows(labels_dir: Path) -> dict[str, list[tuple[datetime, datetime]]]:
-    raw = json.loads((labels_dir / "combined_windows.json").read_text(encoding="utf-8"))
-    return {
-        key.replace("\\", "/"): [(parse_time(a), parse_time(b)) for a, b in wins]
-        for key, wins in raw.items()
-    }
+    path = labels_dir / "combined_windows.json"
+    if not path.is_file():
+        raise EvalInputError(f"{path}: not found (NAB's labels/combined_windows.json)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
+        return {
+            key.replace("\\", "/"): [(parse_time(a), parse_time(b)) for a, b in wins]
+            for key, wins in raw.items()
+        }
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise EvalInputError(
+            f"{path}: not NAB's windows file, a JSON object of file name -> list of "
+            f"[start, end] times ({exc})"
+        ) from None
 
 
-def load_corpus(data_dir: Path, labels_dir: Path) -> list[NabFile]:
-    """Every CSV under ``data_dir`` that the windows file knows, sorted by name."""
+def load_corpus(
+    data_dir: Path, labels_dir: Path, unlisted: list[str] | None = None
+) -> list[NabFile]:
+    """Every CSV under ``data_dir`` that the windows file knows, sorted by name; the
+    names of the others go into ``unlisted`` (NAB scores only labelled files)."""
     windows = load_windows(labels_dir)
     files: list[NabFile] = []
     for path in sorted(data_dir.rglob("*.csv")):
         key = path.relative_to(data_dir).as_posix()
         if key not in windows:
+            if unlisted is not None:
+                unlisted.append(key)
             continue
         ts, vals = read_series(path)
         files.append(NabFile(key, ts, vals, windows[key]))

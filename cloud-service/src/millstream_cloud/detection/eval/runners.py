@@ -14,7 +14,7 @@ from msgspec.structs import replace
 from ..calibration import Hysteresis
 from ..multivariate import PCAT2Q
 from ..streaming import StreamingEnsemble
-from . import nab, skab
+from . import EvalInputError, nab, skab
 
 # Published leaderboards, printed beside our figures (see shared/benchmarks/README.md).
 NAB_REFERENCE_SUBSET = {
@@ -72,7 +72,17 @@ def load_frozen(path: Path | None = None) -> dict[str, Any]:
     if path is None:
         text = resources.files("millstream_cloud.detection.eval").joinpath("frozen.json")
         return dict(json.loads(text.read_text(encoding="utf-8")))
-    return dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    try:
+        settings = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise EvalInputError(f"settings file {path}: not JSON ({exc})") from None
+    missing = [k for k in ("streaming", "nab", "skab") if k not in settings]
+    if missing:
+        raise EvalInputError(
+            f"settings file {path}: no {', '.join(missing)} section (lay it out as "
+            "the committed detection/eval/frozen.json)"
+        )
+    return dict(settings)
 
 
 def streaming_scores(values: np.ndarray, settings: dict[str, Any], warmup: int) -> np.ndarray:
@@ -85,7 +95,8 @@ def run_nab(
     data_dir: Path, labels_dir: Path, settings: dict[str, Any], sweep: bool = False
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    files = nab.load_corpus(data_dir, labels_dir)
+    unlisted: list[str] = []
+    files = nab.load_corpus(data_dir, labels_dir, unlisted)
     scores = [
         streaming_scores(f.values, settings, int(nab.probation_length(len(f.values))))
         for f in files
@@ -107,6 +118,7 @@ def run_nab(
     out["files"] = len(files)
     out["windows"] = sum(len(f.windows) for f in files)
     out["per_file"] = files_out
+    out["unlisted_files"] = unlisted
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import EvalInputError
+
 TRAIN_ROWS = 400
 LABEL_COLUMNS = ("anomaly", "changepoint")
 
@@ -28,19 +30,38 @@ class SkabRun:
     anomaly: np.ndarray  # 0/1 per row
 
 
-def _read_table(path: Path) -> tuple[list[str], list[list[str]]]:
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and the non-blank rows with their line numbers (for error messages)."""
     # Decode once and split on any line ending: SKAB ships CRLF, copies may be LF or mixed.
     text = path.read_bytes().decode("utf-8-sig")
-    lines = [ln for ln in io.StringIO(text, newline=None).read().splitlines() if ln.strip()]
+    lines = [
+        (no, ln)
+        for no, ln in enumerate(io.StringIO(text, newline=None).read().splitlines(), 1)
+        if ln.strip()
+    ]
     if not lines:
         return [], []
-    sep = ";" if lines[0].count(";") >= lines[0].count(",") else ","
-    header = [h.strip() for h in lines[0].split(sep)]
-    return header, [ln.split(sep) for ln in lines[1:]]
+    first = lines[0][1]
+    sep = ";" if first.count(";") >= first.count(",") else ","
+    header = [h.strip() for h in first.split(sep)]
+    return header, [(no, ln.split(sep)) for no, ln in lines[1:]]
+
+
+def _number(text: str, path: Path, no: int, column: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise EvalInputError(f"{path} line {no}: {column} {text.strip()!r} is not a number")
+    return value
 
 
 def read_run(path: Path, root: Path) -> SkabRun | None:
-    """One run, or ``None`` when the file is not a labelled SKAB table."""
+    """One run, or ``None`` when the file is not a labelled SKAB table.
+
+    A labelled table with a row that is short, long or not numeric is an error naming the
+    line: dropped silently, it would shift nothing but change the scores unnoticed."""
     try:
         header, rows = _read_table(path)
     except (UnicodeDecodeError, OSError):
@@ -50,9 +71,14 @@ def read_run(path: Path, root: Path) -> SkabRun | None:
     sensors = [h for h in header if h not in LABEL_COLUMNS and h != "datetime"]
     idx = [header.index(c) for c in sensors]
     a_idx = header.index("anomaly")
-    vals = np.array([[float(r[i]) for i in idx] for r in rows if len(r) == len(header)])
-    lab = np.array([float(r[a_idx]) for r in rows if len(r) == len(header)]) > 0.5
-    return SkabRun(path.relative_to(root).as_posix(), sensors, vals, lab.astype(np.int8))
+    vals = np.empty((len(rows), len(sensors)))
+    lab = np.empty(len(rows), dtype=np.int8)
+    for k, (no, r) in enumerate(rows):
+        if len(r) != len(header):
+            raise EvalInputError(f"{path} line {no}: {len(r)} fields, the header has {len(header)}")
+        vals[k] = [_number(r[i], path, no, header[i]) for i in idx]
+        lab[k] = _number(r[a_idx], path, no, "anomaly") > 0.5
+    return SkabRun(path.relative_to(root).as_posix(), sensors, vals, lab)
 
 
 def load_runs(data_dir: Path) -> list[SkabRun]:
