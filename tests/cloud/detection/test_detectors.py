@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -24,9 +25,11 @@ from millstream_cloud.detection.streaming import (
     RobustZScore,
     SeasonalResidual,
     Spike,
+    SpikeBurst,
     StreamingEnsemble,
     StuckSensor,
     Volatility,
+    poisson_tail,
 )
 
 STREAMING = ["robust_z", "level_shift", "volatility", "seasonal", "spike", "ensemble", "stuck"]
@@ -685,3 +688,55 @@ def test_calibrations_learn_one_value_per_resolution_interval_its_most_extreme()
     for i, v in enumerate(more, start=2000):
         assert clone.update(float(v), float(i)) == timed.update(float(v), float(i))
     assert np.array_equal(clone.cal["level"].stats.values(), timed.cal["level"].stats.values())
+
+
+def _bursts(det: SpikeBurst, values: np.ndarray, t0: float = 0.0, step: float = 1.0) -> list:
+    out = []
+    for i, v in enumerate(values):
+        b = det.update(float(v), t0 + i * step)
+        if b is not None:
+            out.append(b)
+    return out
+
+
+def test_poisson_tail_is_exact_for_rare_events() -> None:
+    assert poisson_tail(3, 2.0) == pytest.approx(1 - math.exp(-2) * (1 + 2 + 2))
+    assert poisson_tail(3, 1e-3) == pytest.approx(1e-9 / 6, rel=1e-3)  # 1 - cdf: 0
+    assert poisson_tail(0, 5.0) == 1.0
+
+
+def test_spike_burst_finds_repeated_spikes_once_and_not_steps_noise_or_whole_degrees() -> None:
+    rng = np.random.default_rng(1)
+    day = 86400
+    det = SpikeBurst()
+    assert _bursts(det, rng.normal(0, 1, day)) == []  # a day of white noise, read every second
+    burst = np.zeros(3600)
+    burst[[100, 260, 330, 480, 590]] = 8.0  # five +8 sigma spikes within 10 minutes
+    found = _bursts(det, rng.normal(0, 1, 3600) + burst, t0=day)
+    assert len(found) == 1, found
+    b = found[0]
+    assert b.count >= 3 and b.peak_sigma > 4 and b.p <= 1e-6 and b.time_s - day <= 590
+    # A step of 20 sigma, a ramp, a load change: each leaves its neighbours on one side only.
+    step = np.r_[np.zeros(1800), np.full(1800, 20.0)] + np.linspace(0, 30, 3600)
+    assert _bursts(det, rng.normal(0, 1, 3600) + step, t0=day + 3600) == []
+    # Heavy tails: its own rate of spikes raises the bar.
+    assert _bursts(SpikeBurst(), rng.standard_t(3, 2 * day)) == []
+    # A temperature in whole degrees one degree off and back, many times an hour at its
+    # plateaus (at first 245 "bursts" in 4 days): the signal between two values.
+    t = np.arange(2 * day)
+    whole = np.round(20 + 3 * np.sin(t / 5000) + rng.normal(0, 0.3, len(t)))
+    assert _bursts(SpikeBurst(), whole) == []
+
+
+def test_spike_burst_state_round_trip_continues_identically() -> None:
+    rng = np.random.default_rng(2)
+    det = SpikeBurst()
+    x = rng.normal(0, 1, 20000)
+    x[[19000, 19100, 19300, 19400]] += 9.0
+    _bursts(det, x[:19050])  # mid-burst: one spike in the window, the others to come
+    again = SpikeBurst()
+    again.load_state(json.loads(json.dumps(det.state_dict())))
+    rest = x[19050:]
+    a, b = _bursts(det, rest, t0=19050.0), _bursts(again, rest, t0=19050.0)
+    assert a == b and len(a) == 1
+    assert json.dumps(det.state_dict()) == json.dumps(again.state_dict())

@@ -3,6 +3,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -638,8 +639,9 @@ def _v2_readings(start: int, stop: int) -> list[Reading]:
 def _before_v3(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` without what the stuck check has kept since version 3 (how many readings
     it learned, and how: a state saved before counts as learned; the smallest change it
-    saw, learned again from the next ones)."""
+    saw, learned again from the next ones) and the spike check (it starts afresh)."""
     for dev in state["devices"].values():
+        dev.pop("spikes", None)
         for st in dev["stuck"].values():
             for key in ("learn_for", "n", "repeats", "raised", "step"):
                 st.pop(key, None)
@@ -1100,3 +1102,33 @@ def test_a_device_model_sees_one_row_per_10_s_whatever_the_reading_rate() -> Non
     assert other.decimate(slow[:1], 10.0) == []  # the first row: the usual gap not known yet
     other.row_gap_ns = 10 * 10**9  # as settle() measures it from the second row on
     assert other.decimate(slow[1:], 10.0) == slow  # then each row at once
+
+
+@pytest.mark.parametrize("count", [3, 0])
+def test_spikes_read_every_second_on_a_modelled_device_are_found_by_the_spike_check(
+    count: int,
+) -> None:
+    # A two-metric device read every second, its model trained (on 10-s rows) after an
+    # hour: five +8 sigma single-reading spikes of flow within 10 minutes are a tenth of
+    # themselves in the model's rows. The spike check finds them and names flow; off
+    # (spike_count 0) nothing does.
+    settings = replace(EngineSettings(), mv_train_rows=360, spike_count=count)
+    engine = DetectionEngine(settings)
+    rng = np.random.default_rng(5)
+    n = 3 * 3600
+    spikes = set((9000 + np.sort(rng.choice(600, 5, replace=False))).tolist())
+    out: list[Anomaly] = []
+    for lo in range(0, n, 30):
+        batch: list[Reading] = []
+        for i in range(lo, lo + 30):
+            batch += _pump_row(i, rng, spike=0.8 if i in spikes else 0.0)
+        out += engine.observe(batch)
+    assert engine.devices["pump"].model is not None
+    if count:
+        assert [(a.detector, a.metric) for a in out] == [("spikes", "flow")], out
+        (a,) = out
+        assert min(spikes) * 10**9 <= a.time_ns <= max(spikes) * 10**9
+        assert re.match(r"flow spiked [345] times in \d+\.\d min, up to", a.explanation)
+        assert a.contributions[0].sigma > 4
+    else:
+        assert out == []

@@ -29,7 +29,7 @@ from .calibration import Hysteresis
 from .explain import explain
 from .multivariate import VirtualSensorResidual
 from .rules import Rule, check_bound, check_streaming, resolve
-from .streaming import REBUILDABLE, StreamingEnsemble, StuckSensor
+from .streaming import REBUILDABLE, SpikeBurst, StreamingEnsemble, StuckSensor
 from .window import (
     LOADING_FROM,
     ROWS_SUFFIX,
@@ -124,6 +124,14 @@ class EngineSettings:
     # whole degrees, counts) holds values longest where it turns: judged for stuck only
     # after this many readings (a day at 10 s), once its longest holds are known.
     stuck_learn_readings: int = 8640
+    # Bursts of spikes on any metric (SpikeBurst): `spike_count` readings within
+    # `spike_window_s`, each `spike_sigma` robust spreads from the readings on both sides
+    # of it, improbable at the metric's own rate of spikes (p <= 1e-6). It sees what a
+    # device model's 10-s rows average away: read every second, a lone spike is a tenth of
+    # itself there (bench/detection_sim.py --step-s 1). 0: off.
+    spike_count: int = 3
+    spike_sigma: float = 4.0
+    spike_window_s: float = 600.0
     multivariate: bool = True
     mv_train_rows: int = 4320  # complete rows before the first model
     mv_window_rows: int = 60480  # rolling window each retrain learns from: a week at 10 s
@@ -161,6 +169,9 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "row_tolerance_ms": (0, 3_600_000, False),
     "stuck_min_run": (2, 1_000_000, True),
     "stuck_learn_readings": (0, 100_000_000, True),
+    "spike_count": (0, 1000, True),
+    "spike_sigma": (1, None, False),
+    "spike_window_s": (1, 604_800, False),
     "mv_train_rows": (10, 1_000_000, True),
     "mv_window_rows": (10, 1_000_000, True),
     "mv_retrain_rows": (1, 10_000_000, True),
@@ -759,6 +770,7 @@ class DetectionEngine:
         self._resolved: dict[tuple[str, str | None], tuple[EngineSettings, bool]] = {}
         self.metrics: dict[tuple[str, str], StreamingEnsemble] = {}
         self.stuck: dict[tuple[str, str], StuckSensor] = {}
+        self.spikes: dict[tuple[str, str], SpikeBurst] = {}
         self.devices: dict[str, DeviceModel] = {}
         self.sites: dict[str, str] = {}
         self.readings_seen = 0
@@ -819,6 +831,12 @@ class DetectionEngine:
                 self.stuck[key].learn_for = ms.stuck_learn_readings
             else:
                 del self.stuck[key]
+        for key in [k for k in self.spikes if k[0] == device]:
+            ms, on = self.settings_for(*key)
+            if on:
+                _spike_settings(self.spikes[key], ms)
+            else:
+                del self.spikes[key]
         dev = self.devices.get(device)
         if dev is not None:
             s, on = self.settings_for(device)
@@ -898,6 +916,8 @@ class DetectionEngine:
             del self.metrics[key]
         for key in [k for k in self.stuck if k[0] == device]:
             del self.stuck[key]
+        for key in [k for k in self.spikes if k[0] == device]:
+            del self.spikes[key]
         had_model = self.devices.pop(device, None) is not None
         self._dirty.add(device)
         return {"metric_detectors": len(metric_keys), "device_model": int(had_model)}
@@ -1000,7 +1020,7 @@ class DetectionEngine:
                     # be all of its history (a backtest) and must not pass for one metric's.
                     row.extend(self._stream(device, site, r, len(dev.metrics) > 1, stirred))
                 else:
-                    row.extend(self._stuck(device, site, r))
+                    row.extend(self._checks(device, site, r))
                 if r.metric not in dev.last and dev.model is None:
                     dev.add_metric(r.metric)
                     rows.clear()  # this batch's rows so far lack it too
@@ -1053,7 +1073,7 @@ class DetectionEngine:
     ) -> list[Anomaly]:
         """Per-metric anomalies of one reading; its metric goes into ``stirred`` when it
         reached its alert level, alarm or not (a load change stirs several)."""
-        out = self._stuck(device, site, r)
+        out = self._checks(device, site, r)
         det = self._detector(device, r.metric)
         quiet_before = det.quiet
         score = det.update(r.value, r.time_ns / 1e9)
@@ -1104,6 +1124,46 @@ class DetectionEngine:
             )
         )
         return out
+
+    def _checks(self, device: str, site: str, r: Reading) -> list[Anomaly]:
+        """The checks every reading gets, modelled or not: spikes and stuck."""
+        return self._spikes(device, site, r) + self._stuck(device, site, r)
+
+    def _spikes(self, device: str, site: str, r: Reading) -> list[Anomaly]:
+        key = (device, r.metric)
+        det = self.spikes.get(key)
+        if det is None:
+            det = self.spikes[key] = SpikeBurst()
+            _spike_settings(det, self.settings_for(device, r.metric)[0])
+        burst = det.update(r.value, r.time_ns / 1e9)
+        if burst is None or not det.count:
+            return []
+        sigma = burst.peak_sigma
+        side = "above" if sigma > 0 else "below"
+        usual = (
+            f"about {burst.usual_per_day:.2g} a day or fewer"
+            if burst.usual_per_day >= 0.1
+            else f"about one in {1 / burst.usual_per_day:.0f} days or fewer"
+        )
+        text = (
+            f"{r.metric} spiked {burst.count} times in {burst.span_s / 60:.1f} min, up to "
+            f"{abs(sigma):.1f}\u03c3 {side} the readings around it (usually "
+            f"{usual}): an intermittent contact, a failing sensor or a knock?"
+        )
+        score = min(1.0, -math.log10(max(burst.p, 1e-300)) / 10.0)
+        return [
+            Anomaly(
+                device,
+                site,
+                int(burst.time_s * 1e9),
+                "spikes",
+                score,
+                1.0 - burst.p,
+                r.metric,
+                text,
+                [Contribution(r.metric, burst.value, burst.reference, sigma)],
+            )
+        ]
 
     def _stuck(self, device: str, site: str, r: Reading) -> list[Anomaly]:
         key = (device, r.metric)
@@ -1265,12 +1325,19 @@ class DetectionEngine:
         stuck = {
             m: self.stuck[device, m].state_dict() for m in stuck_names if (device, m) in self.stuck
         }
+        # Every metric with a stuck check has a spike check (both see every reading).
+        spikes = {
+            m: self.spikes[device, m].state_dict()
+            for m in stuck_names
+            if (device, m) in self.spikes
+        }
         if dev is None and not metrics and not stuck:
             return None
         return {
             "site": self.sites.get(device),
             "metrics": metrics,
             "stuck": stuck,
+            "spikes": spikes,
             "model": None if dev is None else dev.state_dict(),
             # Only where rules made the device's settings differ from the engine's.
             "settings": None if dev is None or dev.s == self.settings else asdict(dev.s),
@@ -1283,12 +1350,17 @@ class DetectionEngine:
         for m, x in st["stuck"].items():
             stuck[(device, m)] = det = StuckSensor()
             det.load_state(x)
+        spikes = {}
+        for m, x in st.get("spikes", {}).items():  # saved before the check: it starts afresh
+            spikes[(device, m)] = burst = SpikeBurst()
+            burst.load_state(x)
         dev = None
         if st["model"] is not None:
             dev = DeviceModel(saved if st["settings"] is None else _saved_settings(st["settings"]))
             dev.load_state(st["model"])
         self.metrics.update(metrics)
         self.stuck.update(stuck)
+        self.spikes.update(spikes)
         if dev is not None:
             self.devices[device] = dev
             if dev.held:
@@ -1316,6 +1388,7 @@ class DetectionEngine:
                 f"{STATE_VERSION}; delete the state directory to start fresh"
             )
         self.metrics, self.stuck, self.devices, self.sites = {}, {}, {}, {}
+        self.spikes = {}
         self.holding, self._rows_files = set(), {}
         self.readings_seen = int(header["readings_seen"])
         return _saved_settings(header["settings"])
@@ -1485,6 +1558,11 @@ def _from_version_2(state: dict[str, Any]) -> dict[str, Any]:
         entry(d)["model"] = st
     header = {k: state[k] for k in ("settings", "readings_seen")}
     return {**header, "version": STATE_VERSION, "devices": devices}
+
+
+def _spike_settings(det: SpikeBurst, s: EngineSettings) -> None:
+    """Give a spike check the settings that now apply (its learned rate and spread stay)."""
+    det.count, det.sigma, det.window_s = s.spike_count, s.spike_sigma, s.spike_window_s
 
 
 def _lone_bar(s: EngineSettings, det: StreamingEnsemble) -> float:
