@@ -217,6 +217,10 @@ def test_the_api_says_what_detection_does_for_a_device(tmp_path: Path) -> None:
         temp = body["metrics"]["temp"]
         assert (temp["state"], temp["readings_learned"], temp["warmup"]) == ("learning", 300, 720)
         assert temp["streaming"]["alert_level"] == 0.99 and temp["rules"] == []
+        # 300 s of readings: the spike check learns, and judges after an hour watched.
+        spikes = temp["spikes"]
+        assert (spikes["count"], spikes["watching"]) == (3, False)
+        assert spikes["usual_per_day"] == pytest.approx(86400 / 299, rel=0.01)
         door = body["metrics"]["door_open"]
         assert (door["state"], door["rules"], door["readings_learned"]) == ("off", [1], 0)
         assert body["device_model"]["metrics"] == ["temp"]

@@ -878,6 +878,7 @@ class DetectionEngine:
                 "readings_learned": learned,
                 "streaming_alarms": ms.streaming_alarms,
                 "streaming": dict(ms.streaming),
+                "spikes": _spike_summary(self.spikes.get((device, m)), ms),
             }
         return {
             "device": device,
@@ -1558,6 +1559,18 @@ def _from_version_2(state: dict[str, Any]) -> dict[str, Any]:
         entry(d)["model"] = st
     header = {k: state[k] for k in ("settings", "readings_seen")}
     return {**header, "version": STATE_VERSION, "devices": devices}
+
+
+def _spike_summary(det: SpikeBurst | None, s: EngineSettings) -> dict[str, Any]:
+    """The spike check of one metric, for ``describe``: its settings, whether it judges
+    yet, and the metric's usual rate of spikes (what a burst is measured against)."""
+    return {
+        "count": s.spike_count,
+        "sigma": s.spike_sigma,
+        "window_s": s.spike_window_s,
+        "watching": bool(det is not None and det.ready),
+        "usual_per_day": None if det is None else det.usual_per_day,
+    }
 
 
 def _spike_settings(det: SpikeBurst, s: EngineSettings) -> None:

@@ -792,6 +792,18 @@ class SpikeBurst:
         self.window: deque[tuple[float, float]] = deque()  # (time, sigma) of recent spikes
         self.step: float | None = None  # the smallest change between readings seen
 
+    @property
+    def ready(self) -> bool:
+        """Whether it may raise a burst: on, its spread known, watched ``learn_s``."""
+        return bool(self.count) and self.scale > 0 and self.exposure_s >= self.learn_s
+
+    @property
+    def usual_per_day(self) -> float | None:
+        """The rate of spikes a burst is measured against (one assumed), a day."""
+        if self.exposure_s <= 0:
+            return None
+        return round((self.spikes + 1.0) / self.exposure_s * 86400.0, 3)
+
     def update(self, x: float, t_s: float) -> Burst | None:
         """Learn one reading; the burst its arrival completes, if any."""
         if self.last_s is not None:
@@ -847,7 +859,7 @@ class SpikeBurst:
         while self.window and self.window[0][0] < t_c - self.window_s:
             self.window.popleft()
         self.window.append((t_c, z))
-        if not self.count or len(self.window) < self.count or self.exposure_s < self.learn_s:
+        if len(self.window) < self.count or not self.ready:
             return None
         # The usual rate, from the spikes before this window's (one assumed, so a metric
         # watched for a short time is not taken to never spike).
