@@ -829,7 +829,9 @@ class SpikeBurst:
         if len(recent) < recent.maxlen or not self.scale:  # type: ignore[operator]
             return None
         c = self.NEAR
-        t_c, x_c, _ = recent[c]
+        t_c, x_c, size_c = recent[c]
+        if size_c < 0.5 * self.sigma * self.scale:  # its distance from the side before
+            return None
         ref = sorted([recent[k][1] for k in range(c - self.BEFORE, c)])[self.BEFORE // 2]
         after = sorted([recent[k][1] for k in range(c + 1, c + 1 + self.AFTER)])
         back, ahead = x_c - ref, x_c - after[self.AFTER // 2]
