@@ -412,3 +412,33 @@ def test_a_state_saved_before_the_week_memory_takes_it_on_without_restarting() -
     mem, was = (e.metrics[("m1", "temp")].cal["level"].stats.memory for e in (again, after))
     assert mem is not None and was is not None and mem.covered == was.covered > 0
     assert mem.forgotten(0)[0].tolist() == was.forgotten(0)[0].tolist()
+
+
+def test_a_metric_rule_turns_the_spike_check_off_and_a_restart_keeps_what_it_learned(
+    tmp_path: Path,
+) -> None:
+    # Bursts of 10-sigma spikes on two metrics of a device, each spike its own reading; a
+    # rule sets spike_count 0 for one: only the other's burst is raised.
+    rng = np.random.default_rng(1)
+    n = 3 * 3600 + 600
+    spikes = {10000, 10100, 10250, 10400, 10500}
+    readings = [
+        Reading("m1", "s", m, i * 10**9, 20.0 + rng.normal(0, 0.1) + (1.0 if i in spikes else 0))
+        for i in range(n)
+        for m in ("current", "vibration")
+    ]
+    rules = parse_rules([{"match": {"metric": "vibration"}, "spike_count": 0}])
+    engine = DetectionEngine(replace(BASE, warmup=10**6), rules)
+    out = _feed(engine, readings[: 2 * 10200])
+    engine.save(tmp_path)
+    again = DetectionEngine(replace(BASE, warmup=10**6), rules)  # as the service does
+    assert again.restore(tmp_path)
+    rest = readings[2 * 10200 :]
+    for e in (engine, again):
+        found = out + _feed(e, rest)
+        assert [(a.detector, a.metric) for a in found] == [("spikes", "current")], found
+    assert engine.spikes[("m1", "vibration")].count == 0
+    assert (
+        engine.spikes[("m1", "current")].state_dict()
+        == again.spikes[("m1", "current")].state_dict()
+    )

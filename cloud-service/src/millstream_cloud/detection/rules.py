@@ -40,6 +40,9 @@ METRIC_KEYS = frozenset(
         "streaming_min_score_young",
         "stuck_min_run",
         "stuck_learn_readings",
+        "spike_count",
+        "spike_sigma",
+        "spike_window_s",
         "enabled",
     }
 )
