@@ -1156,7 +1156,7 @@ class DetectionEngine:
             Anomaly(
                 device,
                 site,
-                int(burst.time_s * 1e9),
+                round(burst.time_s * 1e9),  # the spike reading's time, to float precision
                 "spikes",
                 score,
                 1.0 - burst.p,
