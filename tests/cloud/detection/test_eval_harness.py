@@ -209,3 +209,19 @@ def test_skab_ragged_or_non_numeric_row_is_refused_with_its_line(
     (tmp_path / "v" / "0.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(EvalInputError, match=r"line 12: Accelerometer2RMS 'n/a' is not a number"):
         skab.load_runs(tmp_path)
+
+
+def test_sim_cli_takes_the_reading_interval_and_fleet_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sim.json"
+    args = ["sim", "--seed", "4", "--devices", "1", "--hours", "17", "--step-s", "5"]
+    rc, _ = _eval([*args, "--json", str(out)], capsys)
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert (data["step_s"], data["hours"], data["devices"]) == (5.0, 17.0, 1)
+    assert data["readings"] == 17 * 720 * 4 and len(data["faults"]) == 1
+    rc, err = _eval(["sim", "--hours", "10"], capsys)
+    assert rc == 2 and "--hours 10: at least 17" in err
+    rc, err = _eval(["sim", "--step-s", "0"], capsys)
+    assert rc == 2 and "--step-s: from 0.1" in err

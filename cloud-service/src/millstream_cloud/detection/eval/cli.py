@@ -100,10 +100,24 @@ def cmd_skab(args: argparse.Namespace) -> int:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
+    from .sim import FAULT_DURATION_S, SimConfig
+
     settings = runners.load_frozen(args.settings)
-    out = runners.run_sim(settings, seed=args.seed)
+    cfg = SimConfig(seed=args.seed, devices=args.devices, hours=args.hours, step_s=args.step_s)
+    # Faults start after the model's learning time and must end, with an hour to spare.
+    least_h = cfg.fault_after_h + (max(FAULT_DURATION_S.values()) + 3600) / 3600
+    if args.hours < least_h:
+        raise EvalInputError(
+            f"--hours {args.hours:g}: at least {least_h:g} (faults start after "
+            f"{cfg.fault_after_h:g} h of normal running and last up to 2 h)"
+        )
+    if not 0.1 <= args.step_s <= 3600 or args.devices < 1:
+        raise EvalInputError("--step-s: from 0.1 to 3600 seconds; --devices: at least 1")
+    out = runners.run_sim(settings, seed=args.seed, config=cfg)
+    out.update(step_s=cfg.step_s, hours=cfg.hours, devices=cfg.devices)
     print(
-        f"simulator (seed {out['seed']}): {out['readings']} readings, "
+        f"simulator (seed {out['seed']}, {cfg.devices} devices read every {cfg.step_s:g} s "
+        f"for {cfg.hours:g} h): {out['readings']} readings, "
         f"{len(out['faults'])} faults, {out['anomalies']} anomalies, {out['seconds']} s"
     )
     print(
@@ -182,6 +196,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     sim = esub.add_parser("sim", help="the built-in fault simulator")
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument(
+        "--step-s",
+        type=float,
+        default=10.0,
+        help="seconds between readings (the agent's default interval is 1)",
+    )
+    sim.add_argument("--hours", type=float, default=36.0, help="hours simulated (at least 17)")
+    sim.add_argument(
+        "--devices", type=int, default=12, help="devices (the first 10 get a fault each)"
+    )
     common(sim)
     sim.set_defaults(func=_reporting("sim", cmd_sim))
 
