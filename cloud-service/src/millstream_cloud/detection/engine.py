@@ -1137,7 +1137,7 @@ class DetectionEngine:
             det = self.spikes[key] = SpikeBurst()
             _spike_settings(det, self.settings_for(device, r.metric)[0])
         burst = det.update(r.value, r.time_ns / 1e9)
-        if burst is None or not det.count:
+        if burst is None:  # also while off (spike_count 0): it learns, raises nothing
             return []
         sigma = burst.peak_sigma
         side = "above" if sigma > 0 else "below"

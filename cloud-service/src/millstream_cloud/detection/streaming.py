@@ -781,7 +781,7 @@ class SpikeBurst:
     ) -> None:
         self.sigma, self.window_s, self.count = sigma, window_s, count
         self.max_p, self.learn_s = max_p, learn_s
-        # (time, value, size of its residual against the median of the BEFORE before it)
+        # (time, value, its distance from the median of the BEFORE readings before it)
         self.recent: deque[tuple[float, float, float]] = deque(maxlen=2 * self.NEAR + 1)
         self._first: list[float] = []  # the first residual sizes, until FIRST
         self.size = 0.0  # the median size of a residual, once FIRST are known
@@ -813,28 +813,27 @@ class SpikeBurst:
             self.spikes *= keep
         self.last_s = t_s
         recent = self.recent
-        size = 0.0
+        back = 0.0
         if len(recent) >= self.BEFORE:
             # Sorting five floats in Python beats NumPy's median on them (~1 us vs ~10).
             before = sorted([recent[-k][1] for k in range(1, self.BEFORE + 1)])
-            size = abs(x - before[self.BEFORE // 2])
+            back = x - before[self.BEFORE // 2]
         if recent and x != recent[-1][1]:
             change = abs(x - recent[-1][1])
             self.step = change if self.step is None else min(self.step, change)
             # The spread of the readings that moved: a stuck hour would teach it zeros,
             # and the recovered sensor's noise read as spikes of 30 sigma.
             if len(recent) >= self.BEFORE:
-                self._learn_size(size)
-        recent.append((t_s, x, size))
+                self._learn_size(abs(back))
+        recent.append((t_s, x, back))
         if len(recent) < recent.maxlen or not self.scale:  # type: ignore[operator]
             return None
         c = self.NEAR
-        t_c, x_c, size_c = recent[c]
-        if size_c < 0.5 * self.sigma * self.scale:  # its distance from the side before
+        t_c, x_c, back = recent[c]  # its distance from the side before, kept as it came
+        if abs(back) < 0.5 * self.sigma * self.scale:
             return None
-        ref = sorted([recent[k][1] for k in range(c - self.BEFORE, c)])[self.BEFORE // 2]
         after = sorted([recent[k][1] for k in range(c + 1, c + 1 + self.AFTER)])
-        back, ahead = x_c - ref, x_c - after[self.AFTER // 2]
+        ahead = x_c - after[self.AFTER // 2]
         least = min(abs(back), abs(ahead))
         # A whole-degree reading one degree off and back is the signal between two
         # values (at a plateau, many times an hour), not a spike: it must leave by more.
@@ -850,7 +849,7 @@ class SpikeBurst:
         off = x_c - 0.5 * (both[len(both) // 2 - 1] + both[len(both) // 2])
         if abs(off) < self.sigma * self.scale:
             return None
-        near = sorted([recent[k][2] for k in range(len(recent)) if k != c])
+        near = sorted([abs(recent[k][2]) for k in range(len(recent)) if k != c])
         spread = max(self.scale, 1.4826 * near[len(near) // 2])
         if abs(off) < self.sigma * spread or least < 0.5 * self.sigma * spread:
             return None
