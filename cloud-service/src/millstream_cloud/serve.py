@@ -100,6 +100,7 @@ def run_retire(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from millstream_cloud.ingest.feed import delete_session
     from millstream_cloud.services import Services
 
     try:
@@ -110,12 +111,15 @@ def run_retire(args: argparse.Namespace) -> int:
     assert services.subscriber is not None
     try:
         drained = services.subscriber.retire(idle_s=args.idle)
+        # Its detection feed's session too, if it had one (detection.feed: all).
+        feed_gone = delete_session(settings.mqtt)
     finally:
         services.subscriber = None  # retire() already disconnected
         services.stop()
     print(
         f"retired {settings.mqtt.client_id}: {drained} queued messages stored and acked, "
         "session deleted"
+        + ("" if feed_gone else f"; could not delete {settings.mqtt.client_id}-detect's session")
     )
     return 0
 

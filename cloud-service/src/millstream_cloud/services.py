@@ -15,6 +15,7 @@ from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.anomalies import AnomalySink
 from millstream_cloud.grafana.fleet import FleetWriter
 from millstream_cloud.ingest.deadletters import DeadLetterStore
+from millstream_cloud.ingest.feed import DetectionFeed
 from millstream_cloud.ingest.pipeline import IngestPipeline
 from millstream_cloud.ingest.subscriber import Subscriber
 from millstream_cloud.metrics import ServiceMetrics
@@ -100,6 +101,7 @@ class Services:
     remote: RemoteService | None = None
     fleet: FleetWriter | None = None
     alerts: AlertService | None = None
+    feed: DetectionFeed | None = None  # detection.feed: all
     # Per-instance caches and hooks of optional parts (query engine, authorizers).
     extras: dict[str, object] = field(default_factory=dict)
 
@@ -137,7 +139,20 @@ class Services:
                     "readings run as usual",
                     anomalies.off_reason,
                 )
-        pipeline.hooks.append(anomalies.on_readings)
+        feed = None
+        if with_subscriber and detection_lock is not None and settings.detection.feed == "all":
+            # Every device's every message, not this worker's share (docs/cloud.md).
+            feed = DetectionFeed(
+                settings.mqtt,
+                settings.ingest,
+                pipeline.limits,
+                registry,
+                anomalies.on_readings,
+                metrics,
+                limiter=DeviceRateLimiter(rate, settings.ingest.rate_limit_burst) if rate else None,
+            )
+        else:
+            pipeline.hooks.append(anomalies.on_readings)
         subscriber = (
             Subscriber(settings.mqtt, settings.ingest, pipeline, metrics)
             if with_subscriber
@@ -146,6 +161,7 @@ class Services:
         services = cls(
             settings, storage, registry, dead_letters, metrics, pipeline, anomalies, subscriber
         )
+        services.feed = feed
         # Rules on readings (pipeline hook) and anomalies (sink hook), devices from the
         # registry, metrics, the `alerts` measurement. A bad rules file raises RuleError.
         AlertService.for_services(services, settings.alerts)  # sets services.alerts
@@ -164,6 +180,8 @@ class Services:
         if self.subscriber is not None:
             self.anomalies.busy = self.subscriber.receiving
         self.anomalies.start()
+        if self.feed is not None:
+            self.feed.start()
         if self.subscriber is not None:
             self.subscriber.start()
         if self.remote is not None:
@@ -178,6 +196,8 @@ class Services:
             self.fleet.stop()
         if self.subscriber is not None:
             self.subscriber.stop()
+        if self.feed is not None:
+            self.feed.stop()
         self.anomalies.stop()
         if self.remote is not None:
             self.remote.stop()

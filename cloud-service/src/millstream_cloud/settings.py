@@ -284,6 +284,13 @@ class DetectionSettings(Section):
     save_interval_s: float = Field(
         300.0, gt=0, description="how often detector state is saved (and at shutdown)"
     )
+    feed: Literal["stored", "all"] = Field(
+        "stored",
+        description="stored: score the readings this worker stores (one worker); all: the "
+        "detecting worker also subscribes to every device's telemetry outside the shared "
+        "group and scores that, so it sees every message when several workers split "
+        "ingest (docs/cloud.md, Several workers)",
+    )
     engine: dict[str, Any] = Field(
         default_factory=dict,
         description="overrides of the frozen detector settings (docs/detection.md)",

@@ -91,6 +91,34 @@ def test_two_workers_split_the_load_and_store_each_reading_once(
     a = make_cloud("cloud-a", data_dir=data, env=_influx_env(influxdb, "a", tmp_path))
     b = make_cloud("cloud-b", data_dir=data, env=_influx_env(influxdb, "b", tmp_path))
     _check_two_workers(a, b, publisher, DEVICES_ODD)
+    # Detection runs in the first (detection.lock) and, fed by its worker, sees that
+    # worker's share of each device's messages only: what detection.feed: all is for.
+    scored = "millstream_detection_scored_readings_total"
+    share = a.metric("millstream_ingest_readings_stored_total")
+    wait_until(lambda: a.metric(scored) >= share, 20, 0.2, "a's share scored")
+    assert a.metric(scored) == share < len(DEVICES_ODD) * 30 * 40
+    assert b.metric(scored) == 0
+
+
+def test_with_feed_all_the_detecting_worker_scores_every_message(
+    make_cloud, publisher, tmp_path, influxdb
+):
+    data = tmp_path / "shared-data"
+    feed = {"MILLSTREAM_DETECTION__FEED": "all"}
+    a = make_cloud("cloud-a", data_dir=data, env={**_influx_env(influxdb, "a", tmp_path), **feed})
+    b = make_cloud("cloud-b", data_dir=data, env={**_influx_env(influxdb, "b", tmp_path), **feed})
+    _check_two_workers(a, b, publisher, DEVICES_ODD)
+    expect = len(DEVICES_ODD) * 30 * 40
+    scored = "millstream_detection_scored_readings_total"
+    wait_until(lambda: a.metric(scored) >= expect, 30, 0.2, "every reading scored")
+    time.sleep(0.5)
+    assert a.metric(scored) == expect  # all of them, once, though a stored only its share
+    assert a.metric("millstream_ingest_readings_stored_total") < expect
+    feed_messages = "millstream_detection_feed_messages_total"
+    assert a.metric(feed_messages, 'outcome="scored"') == len(DEVICES_ODD) * 30
+    # b stores its share and runs no detection, so it opens no feed either
+    assert b.metric(scored) == 0 and b.metric(feed_messages, 'outcome="scored"') == 0
+    assert "detection feed: subscribed to millstream/v1/+/+/telemetry as cloud-a-detect" in a.log()
 
 
 @pytest.fixture
@@ -205,9 +233,8 @@ def test_retire_drains_the_queued_share_and_deletes_the_session(
     import subprocess
     import sys
 
-    import paho.mqtt.client as mqtt
-
-    cloud = make_cloud("cloud-r")
+    # With detection.feed: all it also has a session of its own for detection.
+    cloud = make_cloud("cloud-r", env={"MILLSTREAM_DETECTION__FEED": "all"})
     cloud.stop()  # offline, but its persistent session stays in the group
     t0 = time.time_ns() - 600 * NS
     for seq in range(20):
@@ -220,15 +247,24 @@ def test_retire_drains_the_queued_share_and_deletes_the_session(
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "20 queued messages stored and acked" in out.stdout
-    # the session is gone: resuming it finds nothing
-    seen = {}
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="cloud-r", protocol=mqtt.MQTTv5)
+    # the sessions are gone: resuming them finds nothing
+    assert not _session_present(broker_url, "cloud-r")
+    assert not _session_present(broker_url, "cloud-r-detect")
+    cloud.start()  # a fresh worker on that data dir finds the drained readings stored
+    assert stored_count(cloud, ["r-1"]) == 800
+
+
+def _session_present(broker_url: str, client_id: str) -> bool:
+    """Whether the broker still keeps a session for ``client_id`` (resuming it, as MQTT 5
+    lets a client ask)."""
+    import paho.mqtt.client as mqtt
+
+    seen: dict[str, bool] = {}
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     c.on_connect = lambda cl, u, flags, rc, p: seen.setdefault("present", flags.session_present)
     c.connect("127.0.0.1", int(broker_url.rsplit(":", 1)[1]), clean_start=False)
     c.loop_start()
     wait_until(lambda: "present" in seen, 10)
     c.disconnect()
     c.loop_stop()
-    assert seen["present"] is False
-    cloud.start()  # a fresh worker on that data dir finds the drained readings stored
-    assert stored_count(cloud, ["r-1"]) == 800
+    return seen["present"]

@@ -20,6 +20,8 @@ def healthz() -> dict[str, str]:
 @router.get("/readyz", summary="Ready: broker connected and storage writable")
 def readyz(services: Services = Depends(get_services)) -> JSONResponse:
     broker = services.subscriber is None or services.subscriber.connected.is_set()
+    if services.feed is not None:  # detection.feed: all subscribes on a connection of its own
+        broker = broker and services.feed.connected.is_set()
     try:
         store = services.storage.ping()
     except Exception:

@@ -46,15 +46,18 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
     return host, port, tls
 
 
-def make_client(settings: MQTTSettings, client_id: str, manual_ack: bool = False) -> mqtt.Client:
-    """A paho MQTT client configured from settings (version, credentials, TLS)."""
+def make_client(
+    settings: MQTTSettings, client_id: str, manual_ack: bool = False, clean: bool = False
+) -> mqtt.Client:
+    """A paho MQTT client configured from settings (version, credentials, TLS). ``clean``:
+    an MQTT 3.1.1 client that discards its stored session (MQTT 5 says so on connect)."""
     if settings.protocol == "3.1.1":
         # A persistent session is the 3.1.1 way to keep our queue while we are away.
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv311,
-            clean_session=False,
+            clean_session=clean,
             manual_ack=manual_ack,
         )
     else:
