@@ -22,9 +22,8 @@ from pathlib import Path
 from detection_sim import parse_seeds
 
 from millstream_agent.collectors.simulated import SimulatedCollector
-from millstream_cloud.detection.engine import DetectionEngine
 from millstream_cloud.detection.eval import groundtruth
-from millstream_cloud.model import Anomaly, Reading
+from millstream_cloud.model import Anomaly
 
 ROOT = Path(__file__).resolve().parents[1]
 # As in scripts/demo.py: the fleet's fault arguments (its detection settings:
@@ -49,20 +48,7 @@ def run_fleet(seed: int, faults: bool, seconds: int) -> tuple[list[Anomaly], lis
         )
         for i in range(1, 11)
     ]
-    engine = DetectionEngine(groundtruth.demo_settings())
-    found: list[Anomaly] = []
-    batch: list[Reading] = []
-    for k in range(seconds):
-        for m in machines:
-            batch += [
-                Reading(m.device, "demo-plant", s.metric, int(s.ts * 1e9), s.value)
-                for s in m.collect(T0 + k)
-            ]
-        if k % 5 == 4:
-            found += engine.observe(batch)
-            batch = []
-    found += engine.observe(batch) + engine.flush()
-    return found, [g for m in machines for g in m.ground_truth]
+    return groundtruth.run_demo_fleet(machines, T0, seconds)
 
 
 def score_fleet(seed: int, seconds: int) -> dict:

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
-from millstream_cloud.detection.engine import DetectionEngine
 from millstream_cloud.detection.eval import groundtruth
-from millstream_cloud.model import Anomaly, Reading
+from millstream_cloud.model import Anomaly
 
 simulated = pytest.importorskip("millstream_agent.collectors.simulated")
 
@@ -31,20 +30,7 @@ def _run(
         )
         for d in devices
     ]
-    engine = DetectionEngine(groundtruth.demo_settings())
-    anomalies: list[Anomaly] = []
-    batch: list[Reading] = []
-    for k in range(seconds):
-        for m in machines:
-            batch += [
-                Reading(m.device, "demo-plant", s.metric, int(s.ts * 1e9), s.value)
-                for s in m.collect(T0 + k)
-            ]
-        if k % 5 == 4:  # the cloud scores each stored batch; the demo's are ~5 s of a fleet
-            anomalies += engine.observe(batch)
-            batch = []
-    anomalies += engine.observe(batch)
-    return anomalies, [g for m in machines for g in m.ground_truth]
+    return groundtruth.run_demo_fleet(machines, T0, seconds)
 
 
 def _explained(a: Anomaly, truth: list[dict[str, Any]], slack: float = 60.0) -> bool:
