@@ -118,7 +118,8 @@ def test_with_feed_all_the_detecting_worker_scores_every_message(
     assert a.metric(feed_messages, 'outcome="scored"') == len(DEVICES_ODD) * 30
     # b stores its share and runs no detection, so it opens no feed either
     assert b.metric(scored) == 0 and b.metric(feed_messages, 'outcome="scored"') == 0
-    assert "detection feed: subscribed to millstream/v1/+/+/telemetry as cloud-a-detect" in a.log()
+    log = a.log_path.read_text()
+    assert "detection feed: subscribed to millstream/v1/+/+/telemetry as cloud-a-detect" in log
 
 
 @pytest.fixture

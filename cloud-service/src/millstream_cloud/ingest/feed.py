@@ -29,7 +29,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client import Counter
 
 from millstream_cloud.ingest.decode import DecodeError, Limits, TelemetryBatch, decode_telemetry
-from millstream_cloud.ingest.pipeline import RateLimiter
+from millstream_cloud.ingest.pipeline import RateLimiter, check_content
 from millstream_cloud.ingest.subscriber import make_client, parse_broker_url
 from millstream_cloud.metrics import ServiceMetrics
 from millstream_cloud.model import Reading
@@ -117,7 +117,8 @@ class DetectionFeed:
             if not dev.first_time(batch.seq):
                 self.messages.labels("duplicate").inc()
                 return []
-            self._check_content(dev, batch)
+            max_metrics = self.ingest.max_metrics_per_device
+            dev.metrics |= check_content(batch, dev.metrics, self.limiter, max_metrics)
         except DecodeError as exc:
             self.messages.labels("rejected").inc()
             log.debug("detection feed passes over %s: %s: %s", topic, exc.reason, exc)
@@ -162,21 +163,6 @@ class DetectionFeed:
             dev.site = known.site
         dev.checked = now
         return dev
-
-    def _check_content(self, dev: _Device, batch: TelemetryBatch) -> None:
-        if self.limiter is not None and not self.limiter.allow(batch.device, time.time()):
-            raise DecodeError(
-                "rate_limited", f"device {batch.device!r} is over its message rate limit"
-            )
-        new = {r.metric for r in batch.readings} - dev.metrics
-        if new:
-            if len(dev.metrics) + len(new) > self.ingest.max_metrics_per_device:
-                raise DecodeError(
-                    "cardinality",
-                    f"device {batch.device!r} would have {len(dev.metrics) + len(new)} "
-                    f"metrics; the limit is {self.ingest.max_metrics_per_device}",
-                )
-            dev.metrics |= new
 
     # -- MQTT --------------------------------------------------------------------------
 

@@ -284,22 +284,29 @@ class IngestPipeline:
         return verdict, gap, batch.readings
 
     def _check_content(self, dev: Device, batch: TelemetryBatch) -> None:
-        if self.limiter is not None and not self.limiter.allow(batch.device, time.time()):
-            raise DecodeError(
-                "rate_limited", f"device {batch.device!r} is over its message rate limit"
-            )
-        metrics = dev.metrics
-        new_metrics = None
-        for r in batch.readings:
-            if r.metric not in metrics:
-                new_metrics = {r.metric for r in batch.readings} - metrics
-                break
-        if new_metrics:
-            if len(metrics) + len(new_metrics) > self.settings.max_metrics_per_device:
-                raise DecodeError(
-                    "cardinality",
-                    f"device {batch.device!r} would have {len(metrics) + len(new_metrics)} "
-                    f"metrics; the limit is {self.settings.max_metrics_per_device}",
-                )
-            metrics |= new_metrics
+        new = check_content(batch, dev.metrics, self.limiter, self.settings.max_metrics_per_device)
+        if new:
+            dev.metrics |= new
             dev.dirty = True
+
+
+def check_content(
+    batch: TelemetryBatch, metrics: set[str], limiter: RateLimiter | None, max_metrics: int
+) -> set[str]:
+    """The device's rate and metric cardinality limits on one batch (DecodeError when
+    over); the metrics it adds to ``metrics``, the device's so far (empty: none)."""
+    if limiter is not None and not limiter.allow(batch.device, time.time()):
+        raise DecodeError("rate_limited", f"device {batch.device!r} is over its message rate limit")
+    for r in batch.readings:
+        if r.metric not in metrics:
+            break
+    else:
+        return set()
+    new = {r.metric for r in batch.readings} - metrics
+    if len(metrics) + len(new) > max_metrics:
+        raise DecodeError(
+            "cardinality",
+            f"device {batch.device!r} would have {len(metrics) + len(new)} metrics; "
+            f"the limit is {max_metrics}",
+        )
+    return new
