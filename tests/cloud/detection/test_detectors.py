@@ -413,13 +413,14 @@ def test_quantile_tail_fit_reads_light_and_heavy_tails() -> None:
         RollingRobust(10, tail_fit="normal")
 
 
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("n", [0, 7, 300, 1234])
-def test_a_calibration_state_is_compact_and_restores_exactly(n: int) -> None:
+def test_a_calibration_state_is_compact_and_restores_exactly(n: int, compact: bool) -> None:
     # A full window refreshed a while ago: its sorted snapshot holds values the window
     # has since overwritten; the state keeps those few, not a second copy of the window.
     from millstream_cloud.detection.calibration import RollingRobust
 
-    r = RollingRobust(500, tail_fit="quantiles")
+    r = RollingRobust(500, tail_fit="quantiles", compact=compact)
     for x in _noise(n):
         r.add(float(x))
     assert n < 1234 or r._since > 0  # so the snapshot holds overwritten values
@@ -431,7 +432,7 @@ def test_a_calibration_state_is_compact_and_restores_exactly(n: int) -> None:
     del old["stale"]
     clones = []
     for st in (state, old):
-        c = RollingRobust(10)
+        c = RollingRobust(10, compact=compact)
         c.load_state(st)
         clones.append(c)
     assert all(np.array_equal(c.sorted, r.sorted) and c._since == r._since for c in clones)
@@ -740,3 +741,32 @@ def test_spike_burst_state_round_trip_continues_identically() -> None:
     a, b = _bursts(det, rest, t0=19050.0), _bursts(again, rest, t0=19050.0)
     assert a == b and len(a) == 1
     assert json.dumps(det.state_dict()) == json.dumps(again.state_dict())
+
+
+def test_a_compact_window_halves_memory_and_keeps_metric_units_whole() -> None:
+    # Differences and z-scores are kept as float32; a level in the metric's own units is
+    # not: an energy counter near 1e8 counting by 1 would be kept to the nearest 8.
+    from millstream_cloud.detection.calibration import F32_MAX, RollingRobust
+
+    compact, whole = RollingRobust(1000, compact=True), RollingRobust(1000)
+    for i in range(1000):
+        compact.add(1e8 + i)
+        whole.add(1e8 + i)
+    assert compact._ring.nbytes * 2 == whole._ring.nbytes
+    assert np.array_equal(whole.buf, 1e8 + np.arange(1000.0))
+    assert len(np.unique(compact.buf)) < 200  # what float32 does to it
+    # A glitch beyond what float32 holds is kept as the largest it can: finite.
+    compact.add(1e300)
+    assert compact.buf[-1] == F32_MAX and np.isfinite(compact.buf).all()
+    assert compact.tail(1e300) == 0.0 and compact.tail(1e8 + 500) > 0.4  # no NaN
+    det = StreamingEnsemble(history=500, short=4, long=32, warmup=10)
+    kept = {name: cal.stats.dtype for name, cal in det.cal.items()}
+    assert kept == {
+        "value": np.float32,
+        "level": np.float64,
+        "volatility": np.float32,
+        "seasonal": np.float32,
+        "spike": np.float32,
+        "level_long": np.float64,
+        "volatility_long": np.float32,
+    }

@@ -276,6 +276,14 @@ class ExtremesMemory:
         self.count, self.added, self._cache = int(state["count"]), int(state["added"]), None
 
 
+# The window of a statistic that is a difference or a ratio (a step, a spike, a z-score)
+# may be kept as float32: half the memory, and seven significant digits of a value are
+# more than a tail probability reads. Not one in the metric's own units (a level, the
+# readings themselves): an energy counter at 1e8 would be kept to the nearest 8.
+COMPACT = np.float32
+F32_MAX = float(np.finfo(np.float32).max)
+
+
 class RollingRobust:
     """Median and MAD-based sigma of the last ``size`` values, refreshed every ``every``.
 
@@ -284,15 +292,23 @@ class RollingRobust:
     value stays flat while the reference moves by at most 1 % between refreshes.
     """
 
-    def __init__(self, size: int, every: int = 8, tail_fit: str = "range", memory: int = 0) -> None:
+    def __init__(
+        self,
+        size: int,
+        every: int = 8,
+        tail_fit: str = "range",
+        memory: int = 0,
+        compact: bool = False,
+    ) -> None:
         if tail_fit not in TAIL_FITS:
             raise ValueError(f"tail_fit {tail_fit!r}: one of {', '.join(TAIL_FITS)}")
         self.size = size
+        self.dtype = COMPACT if compact else np.float64  # of the window (see COMPACT)
         # Extremes over a span longer than the window (0: none), see ExtremesMemory.
         self.memory = ExtremesMemory(memory) if memory > size else None
         self.every = max(1, every)
         self.tail_fit = tail_fit
-        self._ring = np.empty(size)
+        self._ring = np.empty(size, dtype=self.dtype)
         self._pos = 0
         self._count = 0
         self.width, self.epoch, self.total = 1, 0, 0  # for a save's rows file (RowsWriter)
@@ -318,10 +334,10 @@ class RollingRobust:
 
     @property
     def buf(self) -> np.ndarray:
-        """The window's values, oldest first."""
+        """The window's values, oldest first (float64)."""
         if self._count < self.size:
-            return self._ring[: self._count]
-        return np.concatenate((self._ring[self._pos :], self._ring[: self._pos]))
+            return self._ring[: self._count].astype(float)
+        return np.concatenate((self._ring[self._pos :], self._ring[: self._pos])).astype(float)
 
     @property
     def maxlen(self) -> int:
@@ -341,6 +357,8 @@ class RollingRobust:
             self.memory.add(x)
         if self._count == self.size:  # the value overwritten may be in the snapshot
             self._overwritten.append(float(self._ring[self._pos]))
+        if self.dtype is COMPACT and not -F32_MAX <= x <= F32_MAX:
+            x = math.copysign(F32_MAX, x)  # a glitch of 1e300: the largest it can hold
         self._ring[self._pos] = x
         self._pos = (self._pos + 1) % self.size
         self._count = min(self._count + 1, self.size)
@@ -351,7 +369,7 @@ class RollingRobust:
     def _refresh(self) -> None:
         self._since = 0
         self._overwritten = []
-        self._use_snapshot(np.sort(self._ring[: self._count]))
+        self._use_snapshot(np.sort(self._ring[: self._count]).astype(float))
 
     def _keep(self, arr: np.ndarray) -> None:
         """Keep the tails of the sorted ``arr`` exactly and its body as quantiles."""
@@ -486,12 +504,19 @@ class RollingRobust:
         vals = self.buf[-size:]
         self.size = size
         self.epoch, self.total = self.epoch + 1, len(vals)
-        self._ring = np.empty(size)
+        self._ring = np.empty(size, dtype=self.dtype)
         self._ring[: len(vals)] = vals
         self._count = len(vals)
         self._pos = self._count % size
         if self._count:
             self._refresh()
+
+    def _held(self, values: np.ndarray) -> np.ndarray:
+        """``values`` as the window holds them (a compact one: rounded to float32, as a
+        state saved before it was compact is loaded)."""
+        if self.dtype is not COMPACT:
+            return values
+        return np.clip(values, -F32_MAX, F32_MAX).astype(COMPACT).astype(float)
 
     def _stale(self, snapshot: np.ndarray, buf: np.ndarray) -> np.ndarray:
         """The values the adds since the last refresh overwrote, from the whole sorted
@@ -528,7 +553,8 @@ class RollingRobust:
         self.tail_fit = str(state.get("tail_fit", "range"))
         ref = state["buf"] if isinstance(state["buf"], dict) and "file" in state["buf"] else None
         vals = (read_ref(ref).ravel() if ref else unpack_floats(state["buf"]))[-self.size :]
-        self._ring = np.empty(self.size)
+        vals = self._held(vals)
+        self._ring = np.empty(self.size, dtype=self.dtype)
         self._ring[: len(vals)] = vals
         self._count = self.total = len(vals)
         self._pos = self._count % self.size
@@ -545,11 +571,11 @@ class RollingRobust:
             return
         if "stale" in state:
             older = vals[: len(vals) - self._since]
-            stale = unpack_floats(state["stale"])
+            stale = self._held(unpack_floats(state["stale"]))
             self._use_snapshot(np.sort(np.concatenate((older, stale))))
             self._overwritten = stale.tolist()
         elif state.get("snapshot"):  # saved before the compact form
-            snapshot = np.asarray(state["snapshot"], dtype=float)
+            snapshot = self._held(np.asarray(state["snapshot"], dtype=float))
             self._use_snapshot(snapshot)
             self._overwritten = self._stale(snapshot, self.buf).tolist()
         else:
@@ -572,11 +598,12 @@ class AnomalyLikelihood:
         two_sided: bool = False,
         tail_fit: str = "range",
         memory: int = 0,
+        compact: bool = False,
     ) -> None:
         self.short = max(1, short)
         self.two_sided = two_sided
         self.recent: deque[float] = deque(maxlen=self.short)
-        self.stats = RollingRobust(history, tail_fit=tail_fit, memory=memory)
+        self.stats = RollingRobust(history, tail_fit=tail_fit, memory=memory, compact=compact)
 
     def _mean_with(self, raw: float) -> float:
         n = len(self.recent)

@@ -235,6 +235,10 @@ class SeasonalResidual:
 
 
 COMPONENTS = ("value", "level", "volatility", "seasonal", "spike")
+# Components whose statistic is in the metric's own units (a mean of readings), whose
+# calibration keeps its window in float64; the others' are differences or z-scores
+# (calibration.COMPACT).
+IN_METRIC_UNITS = frozenset({"level", "level_long"})
 # Components whose statistic can be replayed from the values a detector remembers, and
 # the part that computes it.
 REBUILDABLE: dict[str, type[Spike]] = {"spike": Spike}
@@ -464,13 +468,15 @@ class StreamingEnsemble:
 
     def _new_calibration(self, name: str) -> AnomalyLikelihood:
         """An empty calibration for component ``name``: two-sided but for ``value``, whose
-        statistic is already a distance."""
+        statistic is already a distance; its window compact (float32) but for the
+        statistics in the metric's own units (``IN_METRIC_UNITS``)."""
         return AnomalyLikelihood(
             self.history,
             1,
             two_sided=name != "value",
             tail_fit=self.tail_fit,
             memory=self.memory,
+            compact=name not in IN_METRIC_UNITS,
         )
 
     def set_history(self, history: int) -> None:
