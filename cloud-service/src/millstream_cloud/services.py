@@ -140,7 +140,20 @@ class Services:
                     anomalies.off_reason,
                 )
         feed = None
-        if with_subscriber and detection_lock is not None and settings.detection.feed == "all":
+        # Without a shared group (or on MQTT 3.1.1, which has none) this worker's own
+        # subscription already brings every message: no second one.
+        shared = bool(settings.mqtt.shared_group) and settings.mqtt.protocol == "5"
+        if settings.detection.feed == "all" and not shared:
+            log.info(
+                "detection.feed: all: no shared subscription, so detection scores what "
+                "this worker receives, every message"
+            )
+        if (
+            with_subscriber
+            and detection_lock is not None
+            and settings.detection.feed == "all"
+            and shared
+        ):
             # Every device's every message, not this worker's share (docs/cloud.md).
             feed = DetectionFeed(
                 settings.mqtt,

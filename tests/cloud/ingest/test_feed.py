@@ -163,3 +163,29 @@ def test_a_failing_sink_does_not_stop_the_feed(registry: DeviceRegistry, broker_
         wait_until(lambda: sum(calls) >= 80, 10, 0.05, "the next group after the failure")
     finally:
         feed.stop()
+
+
+@pytest.mark.parametrize(
+    ("mqtt", "feed", "opened"),
+    [
+        ({}, "all", True),
+        ({}, "stored", False),
+        ({"protocol": "3.1.1"}, "all", False),  # no shared subscriptions: it gets everything
+        ({"shared_group": None}, "all", False),
+    ],
+)
+def test_the_feed_opens_only_where_the_worker_sees_a_share(
+    tmp_path: Path, mqtt: dict[str, object], feed: str, opened: bool
+) -> None:
+    from millstream_cloud.services import Services
+    from millstream_cloud.settings import Settings
+
+    settings = Settings(data_dir=str(tmp_path), mqtt=MQTTSettings(**mqtt), detection={"feed": feed})  # type: ignore[arg-type]
+    services = Services.build(settings)
+    try:
+        assert (services.feed is not None) is opened
+        # Detection is fed once: by the feed, or by the worker's stored readings.
+        hooked = services.anomalies.on_readings in services.pipeline.hooks
+        assert hooked is not opened
+    finally:
+        services.stop()

@@ -185,7 +185,8 @@ class DetectionFeed:
         """Hand on and ack what was received, then disconnect (the rest stays queued at
         the broker for this session)."""
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
         self.client.disconnect()
         self.client.loop_stop()
 

@@ -147,7 +147,8 @@ class Subscriber:
         at the broker for this session."""
         self._stopping = True
         self._stop.set()
-        self._writer.join(timeout)
+        if self._writer.ident is not None:  # started
+            self._writer.join(timeout)
         self.client.disconnect()
         self.client.loop_stop()
 
