@@ -1017,7 +1017,9 @@ def test_a_save_appends_a_one_metric_devices_new_values_to_its_calibrations_rows
     engine.observe([r for r in _v2_readings(150, 160) if r.device == "fan-2"])
     engine.save(tmp_path)
     grown = {p.name: p.stat().st_size - sizes[p.name] for p in folder.glob("*.ring.*.rows")}
-    assert sorted(grown.values()) == [10 * 8] * 8  # ten values appended to each
+    # Ten values appended to each: float32 in the five compact windows (differences and
+    # z-scores), float64 in the two levels' and the value's reference.
+    assert sorted(grown.values()) == [10 * 4] * 5 + [10 * 8] * 3
     again = DetectionEngine.load(tmp_path)
     assert again.state_dict() == engine.state_dict()
     later = _v2_readings(160, 300)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -80,3 +81,67 @@ def test_a_window_counts_the_rows_added_since_it_last_restarted() -> None:
     epoch = w.epoch
     w.extend([[1.0, 2.0, 3.0]], [True])  # another width: the window starts afresh
     assert (w.total, w.epoch) == (1, epoch + 1)
+
+
+def _save(window: object, folder: Path) -> dict:
+    """``window``'s state as a save writes it: its values to a rows file in ``folder``."""
+    from millstream_cloud.detection.window import SAVING_TO, RowsWriter
+
+    writer = RowsWriter(folder, "dev.json")
+    token = SAVING_TO.set(writer)
+    try:
+        state = window.state_dict()  # type: ignore[attr-defined]
+    finally:
+        SAVING_TO.reset(token)
+    writer.write()
+    writer.commit(set())
+    return json.loads(json.dumps(state))
+
+
+def _load(state: dict, folder: Path, compact: bool) -> object:
+    from millstream_cloud.detection.calibration import RollingRobust
+    from millstream_cloud.detection.window import LOADING_FROM
+
+    window = RollingRobust(10, compact=compact)
+    token = LOADING_FROM.set(folder)
+    try:
+        window.load_state(state)
+    finally:
+        LOADING_FROM.reset(token)
+    return window
+
+
+def test_a_compact_window_saves_float32_rows_and_takes_over_float64_ones(
+    tmp_path: Path,
+) -> None:
+    import pytest
+
+    from millstream_cloud.detection.calibration import RollingRobust
+
+    values = np.random.default_rng(1).normal(size=300)
+    whole = RollingRobust(200)
+    for v in values:
+        whole.add(float(v))
+    # A window saved before it was compact (float64 rows) loads into a compact one ...
+    state = _save(whole, tmp_path)
+    assert "dtype" not in state["buf"] and state["buf"]["count"] == 200
+    compact = _load(state, tmp_path, compact=True)
+    assert np.array_equal(compact.buf, whole.buf.astype(np.float32))  # type: ignore[attr-defined]
+    # ... and its next save writes it afresh as float32: half the bytes, loaded exactly.
+    again = _save(compact, tmp_path)
+    assert again["buf"]["dtype"] == "f4" and again["buf"]["file"] != state["buf"]["file"]
+    assert (tmp_path / again["buf"]["file"]).stat().st_size == 200 * 4
+    restored = _load(again, tmp_path, compact=True)
+    assert np.array_equal(restored.buf, compact.buf)  # type: ignore[attr-defined]
+    for v in values[:20]:
+        assert restored.tail(float(v), True) == compact.tail(float(v), True)  # type: ignore[attr-defined]
+    # Then it appends: ten new values, forty bytes.
+    for w in (compact, restored):
+        for v in values[:10]:
+            w.add(float(v))  # type: ignore[attr-defined]
+    appended = _save(restored, tmp_path)
+    assert appended["buf"]["file"] == again["buf"]["file"]
+    assert (tmp_path / appended["buf"]["file"]).stat().st_size == 210 * 4
+    assert np.array_equal(_load(appended, tmp_path, True).buf, compact.buf)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="unknown rows dtype 'f2'"):
+        _load({**again, "buf": {**again["buf"], "dtype": "f2"}}, tmp_path, compact=True)

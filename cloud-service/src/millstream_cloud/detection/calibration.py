@@ -343,6 +343,11 @@ class RollingRobust:
     def maxlen(self) -> int:
         return self.size
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes a value in its rows file: a compact window saves float32, exactly."""
+        return 4 if self.dtype is COMPACT else 8
+
     def values(self) -> np.ndarray:
         return self.buf
 

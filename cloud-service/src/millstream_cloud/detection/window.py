@@ -26,6 +26,8 @@ import numpy as np
 from .base import pack_floats, unpack_floats
 
 ROWS_SUFFIX = ".rows"  # a rows file: little-endian float64, ``width`` values a row
+# ... or float32 for a window that holds float32 (the state's reference says "dtype": "f4").
+F4 = "f4"
 
 
 class Rows(Protocol):
@@ -39,6 +41,9 @@ class Rows(Protocol):
 
     @property
     def maxlen(self) -> int: ...
+
+    @property
+    def itemsize(self) -> int: ...  # bytes a value in its rows file: 8, or 4 (float32)
 
     def __len__(self) -> int: ...
 
@@ -59,6 +64,7 @@ class SavedRows:
     total: int
     rows: int
     crc: int  # CRC-32 of the file's first ``rows`` rows
+    itemsize: int = 8  # bytes a value: float64, or 4 for float32
 
 
 class RowWindow:
@@ -66,6 +72,8 @@ class RowWindow:
 
     A row of another width than those kept (a metric added, or one joining the model)
     starts the window afresh: rows that lack a metric cannot train a model that has it."""
+
+    itemsize = 8  # float64 rows (see Rows)
 
     def __init__(self, maxlen: int) -> None:
         self.maxlen = max(1, int(maxlen))
@@ -215,14 +223,14 @@ class RowsWriter:
         self._jobs: list[tuple[Rows, SavedRows, bytes, int]] = []
 
     def stub(self, window: Rows, key: str) -> dict[str, Any]:
-        saved, width, n = window.saved, window.width, len(window)
+        saved, width, n, size = window.saved, window.width, len(window), window.itemsize
         new = -1 if saved is None else window.total - saved.total
         append = (
             saved is not None
-            and (saved.width, saved.epoch) == (width, window.epoch)
+            and (saved.width, saved.epoch, saved.itemsize) == (width, window.epoch, size)
             and 0 <= new <= n
             and saved.rows + new - n <= window.maxlen
-            and _size(self.folder / saved.name) >= saved.rows * width * 8
+            and _size(self.folder / saved.name) >= saved.rows * width * size
         )
         if append and saved is not None:
             name, at, crc, data = saved.name, saved.rows, saved.crc, window.latest(new)
@@ -233,18 +241,18 @@ class RowsWriter:
                 0,
                 window.values(),
             )
-        raw = np.ascontiguousarray(data, dtype="<f8").tobytes()
+        raw = np.ascontiguousarray(data, dtype="<f4" if size == 4 else "<f8").tobytes()
         rows, crc = at + len(data), zlib.crc32(raw, crc)
-        self._jobs.append(
-            (window, SavedRows(name, width, window.epoch, window.total, rows, crc), raw, at)
-        )
-        return {"file": name, "width": width, "offset": rows - n, "count": n, "crc": crc}
+        saved_now = SavedRows(name, width, window.epoch, window.total, rows, crc, size)
+        self._jobs.append((window, saved_now, raw, at))
+        ref = {"file": name, "width": width, "offset": rows - n, "count": n, "crc": crc}
+        return {**ref, "dtype": F4} if size == 4 else ref
 
     def write(self) -> None:
         for _, saved, raw, at in self._jobs:
             path = self.folder / saved.name
             with open(path, "r+b" if at else "wb") as fh:
-                fh.truncate(at * saved.width * 8)
+                fh.truncate(at * saved.width * saved.itemsize)
                 fh.seek(0, os.SEEK_END)
                 fh.write(raw)
 
@@ -287,15 +295,23 @@ def read_rows(folder: Path, ref: dict[str, Any]) -> np.ndarray:
     """The rows a state's ``{"file", "width", "offset", "count", "crc"}`` refers to,
     checked against the CRC-32 of the file up to them."""
     width, offset, count = int(ref["width"]), int(ref["offset"]), int(ref["count"])
-    path, size = folder / str(ref["file"]), (offset + count) * width * 8
+    itemsize = _itemsize(ref)
+    path, size = folder / str(ref["file"]), (offset + count) * width * itemsize
     with open(path, "rb") as fh:
         raw = fh.read(size)
     if len(raw) != size:
         raise ValueError(f"{path.name}: {len(raw)} bytes where the state counts {size}")
     if zlib.crc32(raw) != int(ref["crc"]):
         raise ValueError(f"{path.name}: not as saved (CRC-32 differs)")
-    x = np.frombuffer(raw, dtype="<f8").astype(float).reshape(-1, width)
-    return x[offset:]
+    x = np.frombuffer(raw, dtype="<f4" if itemsize == 4 else "<f8").astype(float)
+    return x.reshape(-1, width)[offset:]
+
+
+def _itemsize(ref: dict[str, Any]) -> int:
+    dtype = ref.get("dtype")
+    if dtype not in (None, F4):
+        raise ValueError(f"{ref['file']}: unknown rows dtype {dtype!r}")
+    return 4 if dtype == F4 else 8
 
 
 # While a save takes a device's state, where its windows of rows go (RowsWriter); while a
@@ -322,5 +338,11 @@ def loaded(ref: dict[str, Any] | None, window: Rows) -> SavedRows | None:
         return None
     rows = int(ref["offset"]) + int(ref["count"])
     return SavedRows(
-        str(ref["file"]), window.width, window.epoch, window.total, rows, int(ref["crc"])
+        str(ref["file"]),
+        window.width,
+        window.epoch,
+        window.total,
+        rows,
+        int(ref["crc"]),
+        _itemsize(ref),
     )
