@@ -51,17 +51,10 @@ class Counted:
 
 def _feed(broker: str, registry: DeviceRegistry, sink: Counted) -> DetectionFeed:
     ingest = IngestSettings(rate_limit_per_device=None)
-    limits = Limits(
-        max_payload_bytes=ingest.max_payload_bytes,
-        max_readings=ingest.max_readings_per_message,
-        max_metric_length=ingest.max_metric_length,
-        future_bound_s=ingest.future_bound_s,
-        max_future_s=ingest.max_future_s,
-    )
     return DetectionFeed(
         MQTTSettings(broker=broker, client_id="bench"),
         ingest,
-        limits,
+        Limits.of(ingest),
         registry,
         sink,
         ServiceMetrics(),

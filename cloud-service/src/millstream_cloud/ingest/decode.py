@@ -10,12 +10,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 
 from millstream_cloud.model import Reading
+
 from millstream_cloud.protocol import ID_RE, METRIC_RE, Topic, WireStatus, parse_topic, parse_ts_ns
+
+if TYPE_CHECKING:
+    from millstream_cloud.settings import IngestSettings
 
 NS = 1_000_000_000
 # Before this a device clock is not set (a Pi boots at 1970 until NTP answers).
@@ -39,6 +43,17 @@ class Limits:
     max_metric_length: int = 128
     future_bound_s: float = 300.0  # further ahead: stored at arrival time, original kept
     max_future_s: float = 365 * 86400.0  # further ahead still: rejected as garbage
+
+    @classmethod
+    def of(cls, ingest: IngestSettings) -> Limits:
+        """The limits the ``ingest.*`` settings say."""
+        return cls(
+            max_payload_bytes=ingest.max_payload_bytes,
+            max_readings=ingest.max_readings_per_message,
+            max_metric_length=ingest.max_metric_length,
+            future_bound_s=ingest.future_bound_s,
+            max_future_s=ingest.max_future_s,
+        )
 
 
 @dataclass(slots=True)

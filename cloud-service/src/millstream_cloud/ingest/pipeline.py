@@ -93,13 +93,7 @@ class IngestPipeline:
         self.dead_letters = dead_letters
         self.metrics = metrics
         self.settings = settings
-        self.limits = Limits(
-            max_payload_bytes=settings.max_payload_bytes,
-            max_readings=settings.max_readings_per_message,
-            max_metric_length=settings.max_metric_length,
-            future_bound_s=settings.future_bound_s,
-            max_future_s=settings.max_future_s,
-        )
+        self.limits = Limits.of(settings)
         self.hooks: list[ReadingsHook] = []
         self.limiter = limiter
         self.remote: RemoteSink | None = None
