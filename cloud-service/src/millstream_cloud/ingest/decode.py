@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import msgspec
 
 from millstream_cloud.model import Reading
-
 from millstream_cloud.protocol import ID_RE, METRIC_RE, Topic, WireStatus, parse_topic, parse_ts_ns
 
 if TYPE_CHECKING:
