@@ -189,3 +189,30 @@ def test_the_feed_opens_only_where_the_worker_sees_a_share(
         assert hooked is not opened
     finally:
         services.stop()
+
+
+def test_an_error_taking_one_message_costs_that_message_only(tmp_path: Path) -> None:
+    class Flaky(DeviceRegistry):
+        """The shared registry, out of reach for one device's lookups."""
+
+        def get(self, device_id: str):  # type: ignore[no-untyped-def]
+            if device_id == "unlucky":
+                raise OSError("registry unreachable")
+            return super().get(device_id)
+
+    registry = Flaky(tmp_path / "flaky.db")
+    sink = Collected()
+    feed = _feed(registry, sink)
+    acked: list[int] = []
+    t0 = time.time_ns() - 60 * NS
+    for i, device in enumerate(["a", "unlucky", "b"]):
+        payload = batch(device, 0, t0, n=4, metrics=2)
+        feed._queue.put((telemetry_topic(device), payload, t0, lambda i=i: acked.append(i)))
+    feed._thread.start()
+    try:
+        wait_until(lambda: len(acked) == 3, 10, 0.05, "the group handled and acked")
+        assert sorted({r.device for r in sink.readings}) == ["a", "b"]
+        assert feed.messages.labels("failed")._value.get() == 1  # type: ignore[attr-defined]
+    finally:
+        feed.stop()
+        registry.close()

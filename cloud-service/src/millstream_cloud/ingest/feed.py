@@ -87,7 +87,8 @@ class DetectionFeed:
         self.messages = Counter(
             "millstream_detection_feed_messages",
             "Telemetry messages on the detecting worker's own subscription (detection.feed: "
-            "all), by outcome: scored, duplicate, rejected (dead-lettered by the storing worker)",
+            "all), by outcome: scored, duplicate, rejected (dead-lettered by the storing "
+            "worker), failed (an error, logged)",
             ["outcome"],
             registry=metrics.registry,
         )
@@ -241,7 +242,11 @@ class DetectionFeed:
                     break
             readings: list[Reading] = []
             for topic, payload, arrival_ns, _ in group:
-                readings.extend(self.take(topic, payload, arrival_ns))
+                try:
+                    readings.extend(self.take(topic, payload, arrival_ns))
+                except Exception:  # the registry unreachable, say: the next may do
+                    self.messages.labels("failed").inc()
+                    log.exception("detection feed: taking a message on %s failed", topic)
             try:
                 self.sink(readings)
             except Exception:  # detection must never stop the feed
