@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import EvalInputError
+from . import EvalInputError, finite_number
 
 PROFILES: dict[str, dict[str, float]] = {
     "standard": {"tp": 1.0, "fp": 0.11, "fn": 1.0},
@@ -112,15 +112,7 @@ def read_series(path: Path, value_column: str = "value") -> tuple[list[datetime]
                 ts.append(parse_time(stamp))
             except ValueError as exc:
                 raise EvalInputError(f"{where}: {exc}") from None
-            try:
-                value = float(text)
-            except ValueError:
-                value = math.nan
-            if not math.isfinite(value):
-                raise EvalInputError(
-                    f"{where}: {value_column} {text.strip()!r} is not a finite number"
-                )
-            vals.append(value)
+            vals.append(finite_number(text, where, value_column))
     return ts, np.asarray(vals, dtype=float)
 
 

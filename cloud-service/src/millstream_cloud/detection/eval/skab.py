@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import EvalInputError
+from . import EvalInputError, finite_number
 
 TRAIN_ROWS = 400
 LABEL_COLUMNS = ("anomaly", "changepoint")
@@ -47,16 +47,6 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, [(no, ln.split(sep)) for no, ln in lines[1:]]
 
 
-def _number(text: str, path: Path, no: int, column: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not np.isfinite(value):
-        raise EvalInputError(f"{path} line {no}: {column} {text.strip()!r} is not a number")
-    return value
-
-
 def read_run(path: Path, root: Path) -> SkabRun | None:
     """One run, or ``None`` when the file is not a labelled SKAB table.
 
@@ -76,8 +66,9 @@ def read_run(path: Path, root: Path) -> SkabRun | None:
     for k, (no, r) in enumerate(rows):
         if len(r) != len(header):
             raise EvalInputError(f"{path} line {no}: {len(r)} fields, the header has {len(header)}")
-        vals[k] = [_number(r[i], path, no, header[i]) for i in idx]
-        lab[k] = _number(r[a_idx], path, no, "anomaly") > 0.5
+        where = f"{path} line {no}"
+        vals[k] = [finite_number(r[i], where, header[i], "a number") for i in idx]
+        lab[k] = finite_number(r[a_idx], where, "anomaly", "a number") > 0.5
     return SkabRun(path.relative_to(root).as_posix(), sensors, vals, lab)
 
 
