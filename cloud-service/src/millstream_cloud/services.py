@@ -113,10 +113,8 @@ class Services:
         storage = open_storage(settings)
         registry = DeviceRegistry(data / "registry.db", settings.registry.url)
         dead_letters = DeadLetterStore(data / "dead_letters.db", settings.ingest.dead_letter_max)
-        rate = settings.ingest.rate_limit_per_device
-        limiter = DeviceRateLimiter(rate, settings.ingest.rate_limit_burst) if rate else None
         pipeline = IngestPipeline(
-            storage, registry, dead_letters, metrics, settings.ingest, limiter=limiter
+            storage, registry, dead_letters, metrics, settings.ingest, limiter=_limiter(settings)
         )
         anomalies = AnomalySink(
             storage,
@@ -162,7 +160,7 @@ class Services:
                 registry,
                 anomalies.on_readings,
                 metrics,
-                limiter=DeviceRateLimiter(rate, settings.ingest.rate_limit_burst) if rate else None,
+                limiter=_limiter(settings),  # its own: it sees all of a device's messages
             )
         else:
             pipeline.hooks.append(anomalies.on_readings)
@@ -223,6 +221,12 @@ class Services:
             lock = self.extras.pop(name, None)
             if lock is not None:
                 lock.close()  # type: ignore[attr-defined]
+
+
+def _limiter(settings: Settings) -> DeviceRateLimiter | None:
+    """A per-device message rate limit as ``ingest.*`` says (None: unlimited)."""
+    rate = settings.ingest.rate_limit_per_device
+    return DeviceRateLimiter(rate, settings.ingest.rate_limit_burst) if rate else None
 
 
 def _process_lock(path: Path) -> tuple[IO[str] | None, str]:

@@ -125,7 +125,7 @@ class DetectionFeed:
             log.debug("detection feed passes over %s: %s: %s", topic, exc.reason, exc)
             return []
         self.messages.labels("scored").inc()
-        return list(batch.readings)
+        return batch.readings
 
     def _device(self, batch: TelemetryBatch) -> _Device:
         now = time.monotonic()
