@@ -30,7 +30,7 @@ from prometheus_client import Counter
 
 from millstream_cloud.ingest.decode import DecodeError, Limits, TelemetryBatch, decode_telemetry
 from millstream_cloud.ingest.pipeline import RateLimiter, check_content
-from millstream_cloud.ingest.subscriber import make_client, parse_broker_url
+from millstream_cloud.ingest.subscriber import connect_persistent, make_client, parse_broker_url
 from millstream_cloud.metrics import ServiceMetrics
 from millstream_cloud.model import Reading
 from millstream_cloud.registry import DeviceRegistry
@@ -168,19 +168,9 @@ class DetectionFeed:
     # -- MQTT --------------------------------------------------------------------------
 
     def start(self) -> None:
-        host, port, _ = parse_broker_url(self.settings.broker)
         self._thread.start()
-        if self.settings.protocol == "3.1.1":
-            self.client.connect_async(host, port, keepalive=self.settings.keepalive_s)
-        else:
-            props = Properties(PacketTypes.CONNECT)
-            # A persistent session: what arrives while this worker restarts is scored after.
-            props.SessionExpiryInterval = self.settings.session_expiry_s
-            props.ReceiveMaximum = self.settings.receive_maximum
-            self.client.connect_async(
-                host, port, keepalive=self.settings.keepalive_s, clean_start=False, properties=props
-            )
-        self.client.loop_start()
+        # A persistent session: what arrives while this worker restarts is scored after.
+        connect_persistent(self.client, self.settings)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Hand on and ack what was received, then disconnect (the rest stays queued at

@@ -78,6 +78,24 @@ def make_client(
     return client
 
 
+def connect_persistent(client: mqtt.Client, settings: MQTTSettings) -> None:
+    """Connect ``client`` in the background, resuming its persistent session (queued
+    messages wait for it while it is away), and start its network loop."""
+    host, port, _ = parse_broker_url(settings.broker)
+    if settings.protocol == "3.1.1":  # the session: clean_session=False (make_client)
+        client.connect_async(host, port, keepalive=settings.keepalive_s)
+    else:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = settings.session_expiry_s
+        # How many unacknowledged messages the broker may send us (MQTT 5 Receive
+        # Maximum; for MQTT 3.1.1 clients Mosquitto uses its max_inflight_messages).
+        props.ReceiveMaximum = settings.receive_maximum
+        client.connect_async(
+            host, port, keepalive=settings.keepalive_s, clean_start=False, properties=props
+        )
+    client.loop_start()
+
+
 class Subscriber:
     def __init__(
         self,
@@ -127,20 +145,8 @@ class Subscriber:
         return [f"$share/{group}/{t}" if shared else t for t in SUBSCRIPTIONS]
 
     def start(self) -> None:
-        host, port, _ = parse_broker_url(self.settings.broker)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.settings.session_expiry_s
-        # How many unacknowledged messages the broker may send us (MQTT 5 Receive
-        # Maximum; for MQTT 3.1.1 clients Mosquitto uses its max_inflight_messages).
-        props.ReceiveMaximum = self.settings.receive_maximum
         self._writer.start()
-        if self.settings.protocol == "3.1.1":
-            self.client.connect_async(host, port, keepalive=self.settings.keepalive_s)
-        else:
-            self.client.connect_async(
-                host, port, keepalive=self.settings.keepalive_s, clean_start=False, properties=props
-            )
-        self.client.loop_start()
+        connect_persistent(self.client, self.settings)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Store and ack what was received, then disconnect; later messages stay queued
