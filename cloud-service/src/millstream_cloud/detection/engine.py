@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -761,8 +762,12 @@ class DetectionEngine:
         settings: EngineSettings | None = None,
         rules: Iterable[Rule] = (),
         kind_of: Callable[[str], str | None] | None = None,
+        partition: tuple[int, int] = (0, 1),
     ) -> None:
         self.settings = settings or EngineSettings()
+        # (k, n): this engine keeps and saves the devices of partition k of n (the others'
+        # files in the same state directory belong to other processes; detection.processes).
+        self.partition = partition
         self.rules = tuple(rules)
         self.kind_of = kind_of if any(r.kind is not None for r in self.rules) else None
         self.kinds: dict[str, str] = {}
@@ -932,7 +937,10 @@ class DetectionEngine:
             self.metrics[key] = det
         return det
 
-    def observe(self, readings: Sequence[Reading]) -> list[Anomaly]:
+    def observe(self, readings: Sequence[Reading], now_ns: int | None = None) -> list[Anomaly]:
+        """Score a batch; the anomalies found. ``now_ns``: the latest time of the whole batch
+        when this engine is handed only its partition's part of it (held alarms are released
+        by the batch's time, as one engine given the whole batch would)."""
         anomalies: list[Anomaly] = []
         by_device: dict[str, list[Reading]] = {}
         for r in readings:
@@ -952,8 +960,8 @@ class DetectionEngine:
             dev = self.devices.get(device)
             if dev is not None and dev.held:
                 self.holding.add(device)
-        if by_device:
-            now = max(rs[-1].time_ns for rs in by_device.values())
+        if by_device or now_ns is not None:
+            now = max([rs[-1].time_ns for rs in by_device.values()] + [now_ns or 0])
             anomalies.extend(self._release(now))
         self._dirty.update(by_device)
         self.readings_seen += len(readings)
@@ -1295,11 +1303,7 @@ class DetectionEngine:
         return {**self._header(), "devices": {d: st for d, st in devices.items() if st}}
 
     def _header(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            "settings": asdict(self.settings),
-            "readings_seen": self.readings_seen,
-        }
+        return state_header(self.settings, self.readings_seen)
 
     def _known_devices(self) -> set[str]:
         return {d for d, _ in self.metrics} | {d for d, _ in self.stuck} | set(self.devices)
@@ -1376,7 +1380,8 @@ class DetectionEngine:
             self._dirty |= set(state["devices"])  # the next save writes them the new way
         saved = self._load_header(state)
         for device, st in state["devices"].items():
-            self._load_device(device, st, saved)
+            if self.owns_file(_device_file(device)):
+                self._load_device(device, st, saved)
         self._settle_loaded()
 
     def _load_header(self, header: dict[str, Any]) -> EngineSettings:
@@ -1407,9 +1412,15 @@ class DetectionEngine:
                 self.restarted - before,
             )
 
-    def save(self, directory: Path, guard: AbstractContextManager[Any] | None = None) -> Path:
+    def save(
+        self,
+        directory: Path,
+        guard: AbstractContextManager[Any] | None = None,
+        header: bool = True,
+    ) -> Path:
         """Write the state under ``directory``: the devices that changed since the last
-        save (one file each, atomically), then the header ``directory/STATE_FILE``.
+        save (one file each, atomically), then the header ``directory/STATE_FILE`` (unless
+        ``header`` is false: a partition's process leaves it to the parent).
 
         ``guard`` (the lock scoring runs under) is held while each device's state is
         taken, and released between devices and while writing, so scoring waits for one
@@ -1420,7 +1431,7 @@ class DetectionEngine:
         folder.mkdir(parents=True, exist_ok=True)
         with hold:
             dirty, self._dirty = sorted(self._dirty), set()
-            header = json.dumps(self._header())
+            header_text = json.dumps(self._header())
             index = self._index()  # metrics that join meanwhile: their device is dirty again
             keep = {_device_file(d) for d in index}
         try:
@@ -1452,14 +1463,21 @@ class DetectionEngine:
                 self._dirty.update(dirty)
             raise
         for path in folder.glob("*.json"):
-            if path.name not in keep:
+            if path.name not in keep and self.owns_file(path.name):
                 path.unlink(missing_ok=True)
         # Rows files of no device kept, or that none refers to (a save cut short).
         referred = set().union(*self._rows_files.values())
         for path in folder.glob(f"*{ROWS_SUFFIX}"):
-            if owner(path.name) not in keep or path.name not in referred:
+            name = owner(path.name)
+            if (name not in keep or path.name not in referred) and self.owns_file(name):
                 path.unlink(missing_ok=True)
-        return _write_atomically(directory / STATE_FILE, header)
+        path = directory / STATE_FILE
+        return _write_atomically(path, header_text) if header else path
+
+    def owns_file(self, name: str) -> bool:
+        """Whether the device state file ``name`` is this engine's partition's."""
+        k, n = self.partition
+        return n == 1 or partition_of(name, n) == k
 
     def restore(self, directory: Path) -> bool:
         """Load what ``save`` wrote under ``directory`` into this engine (its configured
@@ -1484,6 +1502,8 @@ class DetectionEngine:
         saved = self._load_header(header)
         folder = directory / DEVICE_DIR
         for file in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+            if not self.owns_file(file.name):  # another process's partition
+                continue
             try:
                 st = json.loads(file.read_text(encoding="utf-8"))
                 loading = LOADING_FROM.set(folder)  # where its rows files are
@@ -1517,6 +1537,27 @@ class DetectionEngine:
         engine = cls(_saved_settings(header["settings"]) if settings is None else settings)
         engine._restore(header, directory)
         return engine
+
+
+def state_header(settings: EngineSettings, readings_seen: int) -> dict[str, Any]:
+    """The contents of ``STATE_FILE``: what every device file was saved with."""
+    return {"version": STATE_VERSION, "settings": asdict(settings), "readings_seen": readings_seen}
+
+
+def write_header(directory: Path, header: dict[str, Any]) -> Path:
+    """Write ``STATE_FILE`` under ``directory`` (atomically), after the device files."""
+    return _write_atomically(directory / STATE_FILE, json.dumps(header))
+
+
+def partition_of(name: str, n: int) -> int:
+    """Which of ``n`` partitions a device belongs to, by its state file name (a function
+    of its id): stable across processes and restarts, unlike Python's ``hash``."""
+    return zlib.crc32(name.encode()) % n
+
+
+def device_partition(device: str, n: int) -> int:
+    """The partition (of ``n``) that scores ``device``."""
+    return partition_of(_device_file(device), n)
 
 
 def _device_file(device: str) -> str:
