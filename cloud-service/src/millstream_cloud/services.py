@@ -44,18 +44,23 @@ def attach_detection(
         DetectionEngine,
         settings_from_mapping,
     )
+    from millstream_cloud.detection.parallel import EngineSpec, PartitionedEngine
     from millstream_cloud.detection.rules import parse_rules
 
     def kind_of(device: str) -> str | None:
         found = registry.get(device) if registry is not None else None
         return found.kind if found is not None else None
 
-    def fresh() -> DetectionEngine:
-        return DetectionEngine(
-            settings_from_mapping(settings.detection.engine),
-            parse_rules(settings.detection.rules),
-            kind_of,
-        )
+    engine_settings = settings_from_mapping(settings.detection.engine)
+    rules = tuple(parse_rules(settings.detection.rules))
+    processes = settings.detection.processes
+
+    def fresh() -> DetectionEngine | PartitionedEngine:
+        if processes > 1:  # each child opens the registry itself, when rules ask for kinds
+            where = (str(settings.data_path / "registry.db"), settings.registry.url)
+            spec = EngineSpec(engine_settings, rules, where if registry is not None else None)
+            return PartitionedEngine(spec, processes, state_dir)
+        return DetectionEngine(engine_settings, rules, kind_of)
 
     engine = fresh()
     path = state_dir / STATE_FILE
@@ -66,6 +71,8 @@ def attach_detection(
         except Exception as exc:  # whatever is wrong with it, the service still starts
             # A half-restored engine is not trusted: start afresh, and keep the file for
             # inspection instead of letting the next save overwrite it.
+            if isinstance(engine, PartitionedEngine):
+                engine.close()
             engine = fresh()
             stamp = time.strftime("%Y%m%dT%H%M%S")
             aside = path.with_name(f"{path.name}.unreadable-{stamp}")
@@ -81,6 +88,8 @@ def attach_detection(
                 aside.name,
             )
     sink.detector = engine
+    if processes > 1:
+        log.info("detection scores in %d processes, devices split between them", processes)
 
     def save(guard: AbstractContextManager[Any]) -> None:
         engine.save(state_dir, guard)
@@ -209,7 +218,10 @@ class Services:
             self.subscriber.stop()
         if self.feed is not None:
             self.feed.stop()
-        self.anomalies.stop()
+        self.anomalies.stop()  # its last save first, then the scoring processes (if any)
+        close = getattr(self.anomalies.detector, "close", None)
+        if close is not None:
+            close()
         if self.remote is not None:
             self.remote.stop()
         if self.alerts is not None:

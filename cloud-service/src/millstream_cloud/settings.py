@@ -291,6 +291,14 @@ class DetectionSettings(Section):
         "group and scores that, so it sees every message when several workers split "
         "ingest (docs/cloud.md, Several workers)",
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="processes that score detection on this host, each taking the devices "
+        "of one partition (a stable hash of the device id); 1 scores in the service process. "
+        "More use more cores (docs/cloud.md, Several workers)",
+    )
     engine: dict[str, Any] = Field(
         default_factory=dict,
         description="overrides of the frozen detector settings (docs/detection.md)",

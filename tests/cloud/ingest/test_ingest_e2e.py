@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 import httpx
@@ -169,3 +171,44 @@ def test_birth_and_last_will_set_online_state_and_metadata(make_cloud, broker_ur
     wait_until(lambda: state().get("online") is False, 20, 0.2, "last will")
     listed = cloud.get("/api/v1/devices", online="false")["devices"]
     assert [x["id"] for x in listed] == ["lwt-1"]
+
+
+def test_detection_in_several_processes_scores_every_device_and_saves_one_state(
+    make_cloud, publisher, tmp_path
+):
+    # detection.processes: 2 in a real `serve`: the devices are split between two scoring
+    # processes; every stored reading is scored once, the API answers from the device's
+    # process, and a clean stop leaves one state directory with every device in it.
+    from millstream_cloud.detection.engine import DEVICE_DIR, STATE_FILE, device_partition
+
+    cloud = make_cloud(env={"MILLSTREAM_DETECTION__PROCESSES": "2"})
+    devices = ["dev-a", "dev-b", "dev-c", "dev-d"]
+    assert {device_partition(d, 2) for d in devices} == {0, 1}
+    t0 = time.time_ns() - 600 * NS
+    for seq in range(5):
+        for d in devices:
+            publisher.publish(telemetry_topic(d), batch(d, seq, t0 + seq * NS))
+    publisher.flush()
+    total = 5 * 40 * len(devices)
+    wait_until(lambda: stored_count(cloud, devices) == total, what="all stored")
+    wait_until(
+        lambda: cloud.metric("millstream_detection_scored_readings_total") == total,
+        what="all scored",
+    )
+    for d in devices:
+        body = cloud.get(f"/api/v1/devices/{d}/detection")
+        assert body["process"] == {"partition": device_partition(d, 2), "processes": 2}
+        assert {m: v["readings_learned"] for m, v in body["metrics"].items()} == {
+            f"m{i}": 50 for i in range(4)
+        }
+    assert cloud.metric("millstream_detection_failed_readings_total") == 0
+    # Stopped as systemd stops a unit (and Ctrl-C a terminal): the whole process group is
+    # signalled; the scoring processes wait for the service to save their state.
+    pid = cloud.proc.pid
+    os.killpg(pid, signal.SIGTERM)
+    cloud.proc.wait(30)
+    state = tmp_path / "data" / "detection"
+    assert json.loads((state / STATE_FILE).read_text())["readings_seen"] == total, cloud.log()
+    assert sorted(p.name for p in (state / DEVICE_DIR).glob("*.json")) == [
+        f"{d}.json" for d in devices
+    ]

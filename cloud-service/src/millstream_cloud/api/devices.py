@@ -86,10 +86,11 @@ def get_device(device_id: str, services: Services = Depends(get_services)) -> di
 )
 def device_detection(device_id: str, services: Services = Depends(get_services)) -> dict[str, Any]:
     from millstream_cloud.detection.engine import DetectionEngine
+    from millstream_cloud.detection.parallel import PartitionedEngine
 
     dev = _device(services, device_id)
     engine = services.anomalies.detector
-    if not isinstance(engine, DetectionEngine):
+    if not isinstance(engine, DetectionEngine | PartitionedEngine):
         raise HTTPException(404, f"anomaly detection is off ({services.anomalies.off_reason})")
     return engine.describe(dev.id, dev.kind, dev.metrics)
 

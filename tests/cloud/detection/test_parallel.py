@@ -1,0 +1,278 @@
+"""Detection over several processes (detection.processes): same findings, one state."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from millstream_cloud.detection import parallel
+from millstream_cloud.detection.engine import (
+    DEVICE_DIR,
+    STATE_FILE,
+    DetectionEngine,
+    EngineSettings,
+    device_partition,
+)
+from millstream_cloud.detection.eval.sim import SimConfig, simulate
+from millstream_cloud.detection.parallel import EngineSpec, PartitionedEngine
+from millstream_cloud.model import Anomaly, Reading
+
+# Models trained after 300 rows, learning every row (as test_engine.FAST).
+FAST = EngineSettings(
+    warmup=300,
+    streaming={**EngineSettings().streaming, "resolution_s": 0.0},
+    mv_resolution_s=0.0,
+    mv_train_rows=720,
+)
+# Four devices, two faults after the models are trained; 10-s rows over 5 hours.
+FLEET = SimConfig(seed=3, devices=4, hours=5, fault_after_h=3, faults=("level_shift", "stuck"))
+
+
+def _batches() -> list[list[Reading]]:
+    return list(simulate(FLEET).batches())
+
+
+def _key(found: list[Anomaly]) -> list[tuple[str, str | None, int, str, float]]:
+    return sorted((a.device, a.metric, a.time_ns, a.detector, round(a.score, 9)) for a in found)
+
+
+def _run(
+    engine: DetectionEngine | PartitionedEngine, batches: list[list[Reading]]
+) -> list[Anomaly]:
+    out: list[Anomaly] = []
+    for b in batches:
+        out += engine.observe(b)
+    return out + engine.flush()
+
+
+@pytest.fixture
+def two() -> Iterator[PartitionedEngine]:
+    engine = PartitionedEngine(EngineSpec(FAST), 2)
+    yield engine
+    engine.close()
+
+
+def test_the_fleet_is_split_and_both_halves_are_watched() -> None:
+    devices = {r.device for r in _batches()[0]}
+    assert {device_partition(d, 2) for d in devices} == {0, 1}
+    # Stable: a function of the id only (not Python's per-process hash).
+    assert device_partition("sim-00", 2) == device_partition("sim-00", 2)
+    assert [device_partition(d, 1) for d in devices] == [0] * len(devices)
+
+
+@pytest.mark.slow
+def test_several_processes_find_exactly_what_one_engine_finds(two: PartitionedEngine) -> None:
+    batches = _batches()
+    one = _key(_run(DetectionEngine(FAST), batches))
+    split = _key(_run(two, batches))
+    assert one, "the faults should be found"
+    assert {d for d, *_ in one} == {d for d, *_ in split}
+    assert split == one
+    assert two.readings_seen == sum(len(b) for b in batches)
+    assert two.failed_readings == 0
+
+
+@pytest.mark.slow
+def test_state_moves_between_one_process_and_several(tmp_path: Path) -> None:
+    batches = _batches()
+    cut = int(len(batches) * 0.7)  # after training, before the faults are over
+    names = sorted(f"{d}.json" for d in {r.device for r in batches[0]})
+    reference = DetectionEngine(FAST)
+    for b in batches[:cut]:
+        reference.observe(b)
+    whole = _key(_run(reference, batches[cut:]))
+    assert whole, "the faults after the cut should be found"
+
+    # Several processes save; one engine continues from their state...
+    split = PartitionedEngine(EngineSpec(FAST), 2, tmp_path / "a")
+    try:
+        for b in batches[:cut]:
+            split.observe(b)
+        split.save(tmp_path / "a")
+    finally:
+        split.close()
+    files = sorted(p.name for p in (tmp_path / "a" / DEVICE_DIR).glob("*.json"))
+    assert files == names, "each process keeps the others' files"
+    assert (tmp_path / "a" / STATE_FILE).exists()
+    one = DetectionEngine.load(tmp_path / "a", FAST)
+    assert one.readings_seen == sum(len(b) for b in batches[:cut])
+    assert _key(_run(one, batches[cut:])) == whole
+
+    # ...and several processes continue from one engine's state.
+    first = DetectionEngine(FAST)
+    for b in batches[:cut]:
+        first.observe(b)
+    first.save(tmp_path / "b")
+    again = PartitionedEngine(EngineSpec(FAST), 3, tmp_path / "b")
+    try:
+        assert again.restore(tmp_path / "b")
+        assert _key(_run(again, batches[cut:])) == whole
+        again.save(tmp_path / "b")
+    finally:
+        again.close()
+    files = sorted(p.name for p in (tmp_path / "b" / DEVICE_DIR).glob("*.json"))
+    assert files == names
+
+
+def test_a_held_alarm_is_released_by_the_time_of_the_whole_batch() -> None:
+    # As test_engine's silent pump: its alarm is released once the fleet is 7 of its row
+    # gaps past its last row. Here the fan, whose readings carry the time, is scored in the
+    # other process: each process hears the batch's time, so the release comes as with one.
+    from dataclasses import replace
+
+    import numpy as np
+
+    from tests.cloud.detection.test_engine import FAST as ONE_A_SECOND
+    from tests.cloud.detection.test_engine import _pump_row
+
+    assert device_partition("pump", 2) != device_partition("fan", 2)
+
+    def readings(device: str, base: float, stop: int, spike_at: int = -1) -> list[Reading]:
+        rng = np.random.default_rng(len(device))
+        return [
+            r
+            for i in range(stop)
+            for r in _pump_row(i, rng, 3.0 * (i == spike_at), device, base, base / 10)
+        ]
+
+    pump, fan = readings("pump", 50.0, 501, spike_at=500), readings("fan", 20.0, 520)
+    engine = PartitionedEngine(EngineSpec(replace(ONE_A_SECOND, warmup=200)), 2)
+    try:
+        assert engine.observe(pump[:1000]) + engine.observe(fan[:1000]) == []
+        assert engine.observe(pump[1000:]) == []  # held
+        released = [engine.observe(fan[i : i + 2]) for i in range(1000, 1040, 2)]
+        assert [500 + k for k, out in enumerate(released) if out] == [507]
+        assert [(a.device, a.metric) for a in released[7]] == [("pump", "flow")]
+    finally:
+        engine.close()
+
+
+def test_describe_and_relearn_reach_the_process_that_holds_the_device(
+    two: PartitionedEngine,
+) -> None:
+    t0 = 1_772_352_000_000_000_000
+    readings = [
+        Reading(d, "s", "temp", t0 + i * 10**9, 20.0 + (i % 7) * 0.1)
+        for i in range(50)
+        for d in ("press-01", "press-02", "press-03", "press-04")
+    ]
+    two.observe(readings)
+    for d in ("press-01", "press-02", "press-03", "press-04"):
+        seen = two.describe(d, None, ["temp"])
+        assert seen["process"] == {"partition": device_partition(d, 2), "processes": 2}
+        assert seen["metrics"]["temp"]["readings_learned"] == 50
+    assert two.relearn("press-03")["metric_detectors"] == 1
+    assert two.describe("press-03", None, ["temp"])["metrics"]["temp"]["readings_learned"] == 0
+    assert two.describe("press-04", None, ["temp"])["metrics"]["temp"]["readings_learned"] == 50
+
+
+def test_a_process_that_dies_costs_its_batch_and_is_started_again_from_the_last_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(parallel, "RESTART_BACKOFF_S", 0.0)
+    t0 = 1_772_352_000_000_000_000
+    devices = ("press-01", "press-02", "press-03", "press-04")
+
+    def batch(lo: int, hi: int) -> list[Reading]:
+        return [
+            Reading(d, "s", "temp", t0 + i * 10**9, 20.0 + (i % 7) * 0.1)
+            for i in range(lo, hi)
+            for d in devices
+        ]
+
+    engine = PartitionedEngine(EngineSpec(FAST), 2, tmp_path)
+    try:
+        engine.observe(batch(0, 40))
+        engine.save(tmp_path)
+        engine.observe(batch(40, 60))  # not saved: lost with the process
+        lost = engine.children[0]
+        lost.proc.kill()
+        lost.proc.join(5)
+        engine.observe(batch(60, 70))
+        mine = [d for d in devices if device_partition(d, 2) == 0]
+        assert mine, "partition 0 holds a device"
+        assert engine.failed_readings == 10 * len(mine)
+        assert engine.restarts == 1
+        assert engine.children[0].proc.is_alive()
+        # The other partition never noticed; the restarted one resumed from the save.
+        engine.observe(batch(70, 80))
+        assert engine.failed_readings == 10 * len(mine)
+        for d in devices:
+            learned = engine.describe(d, None, ["temp"])["metrics"]["temp"]["readings_learned"]
+            assert learned == (50 if d in mine else 80)
+    finally:
+        engine.close()
+    assert not any(c.proc.is_alive() for c in engine.children)
+
+
+def test_a_process_that_keeps_dying_is_not_started_again_for_every_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(parallel, "RESTART_BACKOFF_S", 3600.0)
+    t0 = 1_772_352_000_000_000_000
+    devices = ("press-01", "press-02", "press-03", "press-04")
+    mine = [d for d in devices if device_partition(d, 2) == 0]
+    engine = PartitionedEngine(EngineSpec(FAST), 2)
+    try:
+        engine.children[0].proc.kill()
+        engine.children[0].proc.join(5)
+        for lo in (0, 10):
+            engine.observe(
+                [
+                    Reading(d, "s", "temp", t0 + i * 10**9, 20.0)
+                    for i in range(lo, lo + 10)
+                    for d in devices
+                ]
+            )
+        assert engine.restarts == 0
+        assert engine.failed_readings == 20 * len(mine)
+        assert engine.readings_seen == 20 * (len(devices) - len(mine))  # the others go on
+    finally:
+        engine.close()
+
+
+def test_the_service_scores_in_the_processes_it_is_given(tmp_path: Path) -> None:
+    from millstream_cloud.app import create_app
+    from millstream_cloud.ingest.pipeline import Message
+    from millstream_cloud.services import Services
+    from millstream_cloud.settings import Settings
+
+    settings = Settings(data_dir=str(tmp_path), detection={"processes": 2})
+    services = Services.build(settings, with_subscriber=False)
+    engine = services.anomalies.detector
+    devices = ("press-01", "press-02", "press-03")
+    try:
+        assert isinstance(engine, PartitionedEngine)
+        now = time.time_ns()
+        for d in devices:  # known to the registry, as the API asks it
+            body = f'{{"v": 1, "device": "{d}", "state": "online", "kind": "press"}}'
+            services.pipeline.process(
+                [Message(f"millstream/v1/plant-a/{d}/status", body.encode(), now)]
+            )
+        t0 = now - 400 * 10**9
+        readings = [
+            Reading(d, "plant-a", "temp", t0 + i * 10**9, 20.0 + (i % 5) * 0.1)
+            for i in range(300)
+            for d in devices
+        ]
+        services.anomalies.on_readings(readings)
+        assert engine.readings_seen == 900
+        with TestClient(create_app(settings, services, start=False)) as client:
+            for d in devices:
+                res = client.get(f"/api/v1/devices/{d}/detection")
+                assert res.status_code == 200, res.text
+                body = res.json()
+                assert body["process"] == {"partition": device_partition(d, 2), "processes": 2}
+                assert body["metrics"]["temp"]["readings_learned"] == 300
+    finally:
+        services.stop()
+    assert not any(c.proc.is_alive() for c in engine.children)
+    assert (tmp_path / "detection" / STATE_FILE).exists()
+    # One engine takes the state over, every device and all it learned.
+    again = DetectionEngine.load(tmp_path / "detection")
+    assert again.readings_seen == 900
+    assert {d for d, _ in again.metrics} == set(devices)
