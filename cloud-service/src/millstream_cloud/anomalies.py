@@ -232,6 +232,7 @@ class AnomalySink:
             except queue.Empty:
                 readings = None
             if readings is not None:
+                readings = self._coalesce(readings)
                 for i in range(0, len(readings), self.CHUNK):
                     chunk = readings[i : i + self.CHUNK]
                     t0 = time.monotonic()
@@ -246,6 +247,20 @@ class AnomalySink:
             if time.monotonic() >= next_save:
                 self._save()
                 next_save = time.monotonic() + self.save_interval_s
+
+    def _coalesce(self, first: Sequence[Reading]) -> Sequence[Reading]:
+        """``first`` and the batches queued behind it, up to CHUNK readings: a message
+        often carries a few dozen readings, and each ``observe`` has a fixed cost (a round
+        trip to every process with ``detection.processes``)."""
+        if len(first) >= self.CHUNK:
+            return first
+        out = list(first)
+        while len(out) < self.CHUNK:
+            try:
+                out.extend(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return out
 
     def record(self, anomalies: Sequence[Anomaly]) -> None:
         self.storage.write_points([anomaly_point(a) for a in anomalies])
