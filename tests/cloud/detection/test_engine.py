@@ -236,10 +236,10 @@ def test_a_held_alarm_survives_a_restart(tmp_path: Path) -> None:
     assert [(a.metric, a.time_ns) for a in out] == [("flow", 500 * 10**9)]
 
 
-def test_a_held_alarm_of_a_device_that_goes_silent_is_not_kept_waiting() -> None:
-    # The pump spikes and stops reporting (a crash, a cut link): its alarm cannot wait for
-    # five more of its rows; it is released once the rest of the fleet is more than six of
-    # its row gaps past its last row. flush() releases what is left (the end of a replay).
+def silent_pump_and_fan() -> tuple[list[Reading], list[Reading]]:
+    """A pump that spikes at its row 500 and then stops reporting, and a fan that goes on
+    (rows a second apart, two metrics each)."""
+
     def readings(device: str, base: float, stop: int, spike_at: int = -1) -> list[Reading]:
         rng = np.random.default_rng(len(device))
         return [
@@ -248,7 +248,14 @@ def test_a_held_alarm_of_a_device_that_goes_silent_is_not_kept_waiting() -> None
             for r in _pump_row(i, rng, 3.0 * (i == spike_at), device, base, base / 10)
         ]
 
-    pump, fan = readings("pump", 50.0, 501, spike_at=500), readings("fan", 20.0, 520)
+    return readings("pump", 50.0, 501, spike_at=500), readings("fan", 20.0, 520)
+
+
+def test_a_held_alarm_of_a_device_that_goes_silent_is_not_kept_waiting() -> None:
+    # The pump spikes and stops reporting (a crash, a cut link): its alarm cannot wait for
+    # five more of its rows; it is released once the rest of the fleet is more than six of
+    # its row gaps past its last row. flush() releases what is left (the end of a replay).
+    pump, fan = silent_pump_and_fan()
     engine = DetectionEngine(replace(FAST, warmup=200))
     assert engine.observe(pump[:1000]) + engine.observe(fan[:1000]) == []
     assert engine.observe(pump[1000:]) == []  # held

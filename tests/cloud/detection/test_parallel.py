@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,20 +15,16 @@ from millstream_cloud.detection.engine import (
     DEVICE_DIR,
     STATE_FILE,
     DetectionEngine,
-    EngineSettings,
     device_partition,
 )
 from millstream_cloud.detection.eval.sim import SimConfig, simulate
 from millstream_cloud.detection.parallel import EngineSpec, PartitionedEngine
 from millstream_cloud.model import Anomaly, Reading
+from tests.cloud.detection.test_engine import FAST as ONE_A_SECOND
+from tests.cloud.detection.test_engine import silent_pump_and_fan
 
-# Models trained after 300 rows, learning every row (as test_engine.FAST).
-FAST = EngineSettings(
-    warmup=300,
-    streaming={**EngineSettings().streaming, "resolution_s": 0.0},
-    mv_resolution_s=0.0,
-    mv_train_rows=720,
-)
+# test_engine's settings (every row learned), device models trained after 720 rows.
+FAST = replace(ONE_A_SECOND, mv_train_rows=720)
 # Four devices, two faults after the models are trained; 10-s rows over 5 hours.
 FLEET = SimConfig(seed=3, devices=4, hours=5, fault_after_h=3, faults=("level_shift", "stuck"))
 
@@ -122,24 +119,8 @@ def test_a_held_alarm_is_released_by_the_time_of_the_whole_batch() -> None:
     # As test_engine's silent pump: its alarm is released once the fleet is 7 of its row
     # gaps past its last row. Here the fan, whose readings carry the time, is scored in the
     # other process: each process hears the batch's time, so the release comes as with one.
-    from dataclasses import replace
-
-    import numpy as np
-
-    from tests.cloud.detection.test_engine import FAST as ONE_A_SECOND
-    from tests.cloud.detection.test_engine import _pump_row
-
     assert device_partition("pump", 2) != device_partition("fan", 2)
-
-    def readings(device: str, base: float, stop: int, spike_at: int = -1) -> list[Reading]:
-        rng = np.random.default_rng(len(device))
-        return [
-            r
-            for i in range(stop)
-            for r in _pump_row(i, rng, 3.0 * (i == spike_at), device, base, base / 10)
-        ]
-
-    pump, fan = readings("pump", 50.0, 501, spike_at=500), readings("fan", 20.0, 520)
+    pump, fan = silent_pump_and_fan()
     engine = PartitionedEngine(EngineSpec(replace(ONE_A_SECOND, warmup=200)), 2)
     try:
         assert engine.observe(pump[:1000]) + engine.observe(fan[:1000]) == []
