@@ -58,7 +58,8 @@ def attach_detection(
     def fresh() -> DetectionEngine | PartitionedEngine:
         if processes > 1:  # each child opens the registry itself, when rules ask for kinds
             where = (str(settings.data_path / "registry.db"), settings.registry.url)
-            spec = EngineSpec(engine_settings, rules, where if registry is not None else None)
+            kinds = registry is not None and any(r.kind is not None for r in rules)
+            spec = EngineSpec(engine_settings, rules, where if kinds else None)
             return PartitionedEngine(spec, processes, state_dir)
         return DetectionEngine(engine_settings, rules, kind_of)
 

@@ -257,3 +257,37 @@ def test_the_service_scores_in_the_processes_it_is_given(tmp_path: Path) -> None
     again = DetectionEngine.load(tmp_path / "detection")
     assert again.readings_seen == 900
     assert {d for d, _ in again.metrics} == set(devices)
+
+
+def test_a_state_the_processes_cannot_read_is_kept_aside_and_they_start_afresh(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from millstream_cloud.services import Services
+    from millstream_cloud.settings import Settings
+
+    state = tmp_path / "detection"
+    (state / DEVICE_DIR).mkdir(parents=True)
+    (state / STATE_FILE).write_text(json.dumps({"version": 99, "settings": {}}))
+    (state / DEVICE_DIR / "press-01.json").write_text("{}")
+    settings = Settings(data_dir=str(tmp_path), detection={"processes": 2})
+    services = Services.build(settings, with_subscriber=False)
+    engine = services.anomalies.detector
+    try:
+        assert isinstance(engine, PartitionedEngine)
+        assert not (state / STATE_FILE).exists()
+        assert len(list(state.glob(f"{STATE_FILE}.unreadable-*"))) == 1
+        t0 = 1_772_352_000_000_000_000
+        engine.observe(
+            [
+                Reading(d, "s", "temp", t0 + i * 10**9, 20.0)
+                for i in range(30)
+                for d in ("press-01", "press-03")
+            ]
+        )
+        # The fresh processes score and answer.
+        for d in ("press-01", "press-03"):
+            assert engine.describe(d, None, ["temp"])["metrics"]["temp"]["readings_learned"] == 30
+    finally:
+        services.stop()

@@ -239,6 +239,10 @@ class PartitionedEngine:
                 except ChildLost as exc:
                     self._lost(child, len(part), exc)
                     continue
+                except RuntimeError:  # the engine itself failed: that part is lost
+                    log.exception("detection process %d of %d failed a batch", child.k, child.n)
+                    self._lost_failed += len(part)
+                    continue
                 out.extend(found)
             self.failed_readings = self._lost_failed + sum(c.failed for c in self.children)
         out.sort(key=lambda a: a.time_ns)
@@ -246,7 +250,7 @@ class PartitionedEngine:
 
     def flush(self) -> list[Anomaly]:
         with self._lock:
-            out = [a for child in self.children for a in child.call("flush")]
+            out = [a for found in self._all("flush") for a in found]
         out.sort(key=lambda a: a.time_ns)
         return out
 
@@ -271,10 +275,7 @@ class PartitionedEngine:
             return False
         header = json.loads(path.read_text(encoding="utf-8"))
         with self._lock:
-            for child in self.children:
-                child.send("restore", str(directory))
-            for child in self.children:
-                child.answer()
+            self._all("restore", str(directory))
         self._base_seen = int(header.get("readings_seen", 0))
         return True
 
@@ -283,10 +284,8 @@ class PartitionedEngine:
         engine writes it. ``guard`` is not needed: requests to the children are already
         one at a time."""
         with self._lock:
-            for child in self.children:
-                child.send("save", str(directory))
-            for child in self.children:
-                child.seen = child.answer()
+            for child, seen in zip(self.children, self._all("save", str(directory)), strict=True):
+                child.seen = seen
         return write_header(directory, state_header(self.settings, self.readings_seen))
 
     def close(self, timeout: float = 10.0) -> None:
@@ -296,6 +295,23 @@ class PartitionedEngine:
                 child.stop(timeout)
 
     # --- internals ----------------------------------------------------------------------
+    def _all(self, op: str, arg: Any = None) -> list[Any]:
+        """Ask every child at once; every answer is read (so no pipe is left holding a
+        stale one) before the first failure, if any, is raised."""
+        for child in self.children:
+            child.send(op, arg)
+        answers: list[Any] = []
+        failure: Exception | None = None
+        for child in self.children:
+            try:
+                answers.append(child.answer())
+            except (ChildLost, RuntimeError) as exc:
+                failure = failure or exc
+                answers.append(None)
+        if failure is not None:
+            raise failure
+        return answers
+
     def _child(self, device: str) -> _Child:
         return self.children[self.owner(device)]
 
