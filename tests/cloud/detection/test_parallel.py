@@ -291,3 +291,19 @@ def test_a_state_the_processes_cannot_read_is_kept_aside_and_they_start_afresh(
             assert engine.describe(d, None, ["temp"])["metrics"]["temp"]["readings_learned"] == 30
     finally:
         services.stop()
+
+
+def test_after_every_process_refuses_a_request_they_all_still_answer_in_turn(
+    two: PartitionedEngine, tmp_path: Path
+) -> None:
+    import json
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({"version": 99, "settings": {}}))
+    with pytest.raises(RuntimeError, match="version 99"):
+        two.restore(tmp_path)
+    t0 = 1_772_352_000_000_000_000
+    devices = ("press-01", "press-03")  # one in each partition
+    two.observe([Reading(d, "s", "temp", t0 + i * 10**9, 20.0) for i in range(30) for d in devices])
+    assert two.failed_readings == 0
+    for d in devices:
+        assert two.describe(d, None, ["temp"])["metrics"]["temp"]["readings_learned"] == 30
