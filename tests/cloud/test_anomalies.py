@@ -600,3 +600,49 @@ def test_a_second_process_on_one_data_dir_runs_without_detection(tmp_path: Path)
         assert isinstance(again.anomalies.detector, DetectionEngine)
     finally:
         again.stop()
+
+
+def test_the_detection_thread_scores_queued_batches_together_in_order(
+    services: Services,
+) -> None:
+    # Messages carry a few dozen readings; each observe has a fixed cost (a round trip to
+    # every process with detection.processes), so what queued up while the detectors were
+    # busy is scored in one call (up to the 500-reading chunk), in arrival order.
+    import threading
+
+    calls: list[list[float]] = []
+    busy = threading.Event()
+    release = threading.Event()
+
+    class Slow:
+        def observe(self, readings: Sequence[Reading]) -> list[Anomaly]:
+            calls.append([r.value for r in readings])
+            busy.set()
+            release.wait(10)
+            return []
+
+    sink = services.anomalies
+    sink.detector = Slow()
+    sink.start()
+    try:
+        t0 = 1_772_352_000_000_000_000
+
+        def batch(k: int, n: int = 40) -> list[Reading]:
+            return [
+                Reading("press-01", "plant-a", "temp", t0 + (k * n + i) * 10**9, float(k * n + i))
+                for i in range(n)
+            ]
+
+        sink.on_readings(batch(0))
+        assert busy.wait(10)
+        for k in range(1, 16):  # 600 readings queue up behind the first batch
+            sink.on_readings(batch(k))
+        release.set()
+        deadline = time.monotonic() + 10
+        while sum(map(len, calls)) < 640 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        release.set()
+        sink.stop()
+    assert [len(c) for c in calls] == [40, 520, 80]
+    assert [v for c in calls for v in c] == [float(i) for i in range(640)]

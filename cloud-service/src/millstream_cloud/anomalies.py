@@ -232,9 +232,7 @@ class AnomalySink:
             except queue.Empty:
                 readings = None
             if readings is not None:
-                readings = self._coalesce(readings)
-                for i in range(0, len(readings), self.CHUNK):
-                    chunk = readings[i : i + self.CHUNK]
+                for chunk in self._chunks(readings):
                     t0 = time.monotonic()
                     try:
                         self.process(chunk)
@@ -248,19 +246,21 @@ class AnomalySink:
                 self._save()
                 next_save = time.monotonic() + self.save_interval_s
 
-    def _coalesce(self, first: Sequence[Reading]) -> Sequence[Reading]:
-        """``first`` and the batches queued behind it, up to CHUNK readings: a message
-        often carries a few dozen readings, and each ``observe`` has a fixed cost (a round
-        trip to every process with ``detection.processes``)."""
+    def _chunks(self, first: Sequence[Reading]) -> list[Sequence[Reading]]:
+        """What to score next, in calls of about CHUNK readings: a large batch split, a
+        small one together with the batches queued behind it (until CHUNK is reached; the
+        last may pass it by one batch). A message often carries a few dozen readings, and
+        each ``observe`` has a fixed cost (a round trip to every process with
+        ``detection.processes``)."""
         if len(first) >= self.CHUNK:
-            return first
+            return [first[i : i + self.CHUNK] for i in range(0, len(first), self.CHUNK)]
         out = list(first)
         while len(out) < self.CHUNK:
             try:
                 out.extend(self._queue.get_nowait())
             except queue.Empty:
                 break
-        return out
+        return [out]
 
     def record(self, anomalies: Sequence[Anomaly]) -> None:
         self.storage.write_points([anomaly_point(a) for a in anomalies])
