@@ -1,12 +1,15 @@
 """Detection throughput with the devices split over several processes (detection.processes).
 
-Feeds the simulator's fleet (24 devices x 4 metrics, one reading every 10 s, batches of 6
-samples per device) through one ``DetectionEngine`` and through ``PartitionedEngine`` with
-2 processes (``--processes 1,2,3`` for more), alternated over ``--rounds``, and reports readings scored per second of wall-clock time while the
+Feeds the simulator's fleet (24 devices x 4 metrics, one reading every 10 s, batches of
+``--every`` samples per device: 6 = 576 readings, about the in-process chunk; 60 = 5,760,
+about what the sink hands a ``PartitionedEngine``) through one ``DetectionEngine`` and
+through ``PartitionedEngine`` with 2 processes (``--processes 1,2,3`` for more), alternated
+over ``--rounds``, and reports readings scored per second of wall-clock time while the
 per-metric ensembles run (first 12 h) and once the per-device models are trained. The
 findings must be the same whatever the count (checked here too). On these 2-core machines
 more processes than cores cannot help; the figure to read is 1 against 2.
-Writes bench/results/detection_processes.json. Run from the repository root.
+Writes bench/results/detection_processes.json (``_every<N>`` for other batch sizes). Run
+from the repository root.
 """
 
 from __future__ import annotations
@@ -53,9 +56,12 @@ if __name__ == "__main__":
     ap.add_argument("--processes", default="1,2", help="counts to compare (default 1,2)")
     ap.add_argument("--devices", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=3, help="runs of each count, alternated")
+    ap.add_argument(
+        "--every", type=int, default=6, help="samples of every device per batch (6: 576 readings)"
+    )
     args = ap.parse_args()
     fleet = simulate(SimConfig(seed=0, devices=args.devices, hours=16.0, faults=()))
-    batches = list(fleet.batches())
+    batches = list(fleet.batches(args.every))
     split = int(len(batches) * 12.5 / 16)  # the models train after 12 h of rows
     phases = {
         "warmup (per-metric ensembles)": batches[:split],
@@ -90,6 +96,7 @@ if __name__ == "__main__":
             },
         }
     result: dict[str, object] = {
+        "every": args.every,
         "cores": os.cpu_count(),
         "devices": len(devices),
         "rounds": args.rounds,
@@ -105,7 +112,8 @@ if __name__ == "__main__":
             for k in phases
         )  # type: ignore[index]
         print(f"{p:<10} {r['devices_per_process']!s:<14} {cells}  same findings: {same[p]}")  # type: ignore[index]
-    path = ROOT / "bench" / "results" / "detection_processes.json"
+    name = "detection_processes" + ("" if args.every == 6 else f"_every{args.every}")
+    path = ROOT / "bench" / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"wrote {path}")

@@ -602,8 +602,11 @@ def test_a_second_process_on_one_data_dir_runs_without_detection(tmp_path: Path)
         again.stop()
 
 
+@pytest.mark.parametrize(
+    ("batch_readings", "calls_made"), [(None, [40, 520, 80]), (200, [40, 200, 200, 200])]
+)
 def test_the_detection_thread_scores_queued_batches_together_in_order(
-    services: Services,
+    services: Services, batch_readings: int | None, calls_made: list[int]
 ) -> None:
     # Messages carry a few dozen readings; each observe has a fixed cost (a round trip to
     # every process with detection.processes), so what queued up while the detectors were
@@ -621,6 +624,8 @@ def test_the_detection_thread_scores_queued_batches_together_in_order(
             release.wait(10)
             return []
 
+    if batch_readings is not None:  # as PartitionedEngine says how much one call takes
+        Slow.batch_readings = batch_readings  # type: ignore[attr-defined]
     sink = services.anomalies
     sink.detector = Slow()
     sink.start()
@@ -644,5 +649,5 @@ def test_the_detection_thread_scores_queued_batches_together_in_order(
     finally:
         release.set()
         sink.stop()
-    assert [len(c) for c in calls] == [40, 520, 80]
+    assert [len(c) for c in calls] == calls_made
     assert [v for c in calls for v in c] == [float(i) for i in range(640)]

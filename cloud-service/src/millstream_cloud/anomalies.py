@@ -247,15 +247,19 @@ class AnomalySink:
                 next_save = time.monotonic() + self.save_interval_s
 
     def _chunks(self, first: Sequence[Reading]) -> list[Sequence[Reading]]:
-        """What to score next, in calls of about CHUNK readings: a large batch split, a
-        small one together with the batches queued behind it (until CHUNK is reached; the
+        """What to score next, in calls of about CHUNK readings (the detector's
+        ``batch_readings`` if it has one): a large batch split, a small one together with
+        the batches queued behind it (until that is reached; the
         last may pass it by one batch). A message often carries a few dozen readings, and
         each ``observe`` has a fixed cost (a round trip to every process with
         ``detection.processes``)."""
-        if len(first) >= self.CHUNK:
-            return [first[i : i + self.CHUNK] for i in range(0, len(first), self.CHUNK)]
+        # Scored in other processes, a larger call holds no lock ingest needs, and the
+        # engine's per-call costs (a matrix call per device model) weigh less.
+        chunk = int(getattr(self.detector, "batch_readings", self.CHUNK))
+        if len(first) >= chunk:
+            return [first[i : i + chunk] for i in range(0, len(first), chunk)]
         out = list(first)
-        while len(out) < self.CHUNK:
+        while len(out) < chunk:
             try:
                 out.extend(self._queue.get_nowait())
             except queue.Empty:

@@ -186,7 +186,14 @@ class PartitionedEngine:
 
     Not itself thread-safe beyond one lock: every request waits for the one before it
     (the sink scores from one thread; the API's ``describe`` and ``relearn`` wait their
-    turn)."""
+    turn).
+
+    ``batch_readings``: how many readings the sink gathers for one ``observe``. The service
+    process waits without the GIL while the children score, so a call may be ten times the
+    in-process chunk; device models score a batch in one matrix call per device, so their
+    cost falls with the batch (bench/detection_processes.py ``--every``)."""
+
+    batch_readings = 5000
 
     def __init__(self, spec: EngineSpec, processes: int, state_dir: Path | None = None) -> None:
         if processes < 2:
