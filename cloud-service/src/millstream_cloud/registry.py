@@ -242,6 +242,7 @@ class DeviceRegistry:
 
     def __init__(self, path: str | Path, url: str | None = None) -> None:
         self._lock = threading.RLock()
+        self.path = Path(path)  # with ``url``: where another process opens the same table
         self.url = url
         self._pg = bool(url and url.startswith(("postgres://", "postgresql://")))
         if url and not self._pg:
@@ -295,6 +296,11 @@ class DeviceRegistry:
         with self._lock:
             found = self._select([device_id])
         return found[0] if found else None
+
+    def kind_of(self, device_id: str) -> str | None:
+        """The device's machine kind (None when unknown): what detection rules match on."""
+        found = self.get(device_id)
+        return found.kind if found is not None else None
 
     def all(self) -> list[Device]:
         return self.page()

@@ -47,20 +47,18 @@ def attach_detection(
     from millstream_cloud.detection.parallel import EngineSpec, PartitionedEngine
     from millstream_cloud.detection.rules import parse_rules
 
-    def kind_of(device: str) -> str | None:
-        found = registry.get(device) if registry is not None else None
-        return found.kind if found is not None else None
-
     engine_settings = settings_from_mapping(settings.detection.engine)
     rules = tuple(parse_rules(settings.detection.rules))
     processes = settings.detection.processes
 
     def fresh() -> DetectionEngine | PartitionedEngine:
         if processes > 1:  # each child opens the registry itself, when rules ask for kinds
-            where = (str(settings.data_path / "registry.db"), settings.registry.url)
-            kinds = registry is not None and any(r.kind is not None for r in rules)
-            spec = EngineSpec(engine_settings, rules, where if kinds else None)
+            where = None
+            if registry is not None and any(r.kind is not None for r in rules):
+                where = (str(registry.path), registry.url)
+            spec = EngineSpec(engine_settings, rules, where)
             return PartitionedEngine(spec, processes, state_dir)
+        kind_of = registry.kind_of if registry is not None else None
         return DetectionEngine(engine_settings, rules, kind_of)
 
     engine = fresh()

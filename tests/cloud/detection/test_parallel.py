@@ -307,3 +307,36 @@ def test_after_every_process_refuses_a_request_they_all_still_answer_in_turn(
     assert two.failed_readings == 0
     for d in devices:
         assert two.describe(d, None, ["temp"])["metrics"]["temp"]["readings_learned"] == 30
+
+
+def test_the_processes_take_each_devices_kind_from_the_registry_for_the_rules(
+    tmp_path: Path,
+) -> None:
+    from millstream_cloud.services import Services
+    from millstream_cloud.settings import Settings
+
+    rules = [{"match": {"kind": "lathe"}, "enabled": False}]
+    settings = Settings(data_dir=str(tmp_path), detection={"processes": 2, "rules": rules})
+    services = Services.build(settings, with_subscriber=False)
+    engine = services.anomalies.detector
+    try:
+        assert isinstance(engine, PartitionedEngine)
+        t0 = 1_772_352_000_000_000_000
+        lathes, presses = ("lathe-01", "lathe-03"), ("press-01", "press-03")
+        for d in lathes:
+            services.registry.set_status(d, "plant-a", True, t0, kind="lathe")
+        assert {device_partition(d, 2) for d in lathes} == {0, 1}
+        engine.observe(
+            [
+                Reading(d, "plant-a", "temp", t0 + i * 10**9, 20.0 + (i % 5) * 0.1)
+                for i in range(100)
+                for d in lathes + presses
+            ]
+        )
+        learned = {
+            d: engine.describe(d, None, ["temp"])["metrics"]["temp"]["readings_learned"]
+            for d in lathes + presses
+        }
+        assert learned == {"lathe-01": 0, "lathe-03": 0, "press-01": 100, "press-03": 100}
+    finally:
+        services.stop()

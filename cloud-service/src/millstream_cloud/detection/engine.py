@@ -1431,7 +1431,7 @@ class DetectionEngine:
         folder.mkdir(parents=True, exist_ok=True)
         with hold:
             dirty, self._dirty = sorted(self._dirty), set()
-            header_text = json.dumps(self._header())
+            head = self._header()  # as it stands with the devices taken below
             index = self._index()  # metrics that join meanwhile: their device is dirty again
             keep = {_device_file(d) for d in index}
         try:
@@ -1471,8 +1471,7 @@ class DetectionEngine:
             name = owner(path.name)
             if (name not in keep or path.name not in referred) and self.owns_file(name):
                 path.unlink(missing_ok=True)
-        path = directory / STATE_FILE
-        return _write_atomically(path, header_text) if header else path
+        return write_header(directory, head) if header else directory / STATE_FILE
 
     def owns_file(self, name: str) -> bool:
         """Whether the device state file ``name`` is this engine's partition's."""

@@ -70,18 +70,12 @@ class EngineSpec:
         if self.registry is not None:
             from millstream_cloud.registry import DeviceRegistry
 
-            path, url = self.registry
-            registry = DeviceRegistry(Path(path), url)
-
-            def kind_of(device: str) -> str | None:
-                found = registry.get(device)
-                return found.kind if found is not None else None
-
+            kind_of = DeviceRegistry(*self.registry).kind_of
         return DetectionEngine(self.settings, self.rules, kind_of, partition)
 
 
 class ChildLost(RuntimeError):
-    """A partition's process exited (it has been started again from the last save)."""
+    """A partition's process exited or its pipe broke."""
 
 
 def _serve(conn: Connection, spec: EngineSpec, partition: tuple[int, int]) -> None:
@@ -203,7 +197,6 @@ class PartitionedEngine:
         self.rules = spec.rules
         self.processes = processes
         self.state_dir = state_dir  # where a restarted child restores from
-        self.failed_readings = 0
         self.restarts = 0
         self._base_seen = 0  # readings counted in the state restored
         self._lost_failed = 0  # readings of batches a lost child was scoring
@@ -214,6 +207,11 @@ class PartitionedEngine:
     @property
     def readings_seen(self) -> int:
         return self._base_seen + sum(c.seen for c in self.children)
+
+    @property
+    def failed_readings(self) -> int:
+        """Readings the children could not score, and those of batches a lost child had."""
+        return self._lost_failed + sum(c.failed for c in self.children)
 
     def owner(self, device: str) -> int:
         k = self._owner.get(device)
@@ -251,7 +249,6 @@ class PartitionedEngine:
                     self._lost_failed += len(part)
                     continue
                 out.extend(found)
-            self.failed_readings = self._lost_failed + sum(c.failed for c in self.children)
         out.sort(key=lambda a: a.time_ns)
         return out
 
