@@ -1,7 +1,8 @@
 """What the detecting worker's own subscription (``detection.feed: all``) costs and carries.
 
 1. CPU per message of ``DetectionFeed.take`` (decode, limits, registry lookup, duplicate
-   check; 40 readings a message), without a broker.
+   check; 40 readings a message), without a broker; and of a message a sharded worker
+   passes over (``detection.shards``: another shard's device, not decoded).
 2. Through a real Mosquitto: a publisher sends ``--messages`` telemetry messages (QoS 1,
    40 readings each, over ``--devices`` devices) and the feed hands them to a sink that
    only counts (detection itself is ``bench/detection_cost.py``): messages and readings
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,9 @@ class Counted:
             self.done.set()
 
 
-def _feed(broker: str, registry: DeviceRegistry, sink: Counted) -> DetectionFeed:
+def _feed(
+    broker: str, registry: DeviceRegistry, sink: Counted, owns: Callable[[str], bool] | None = None
+) -> DetectionFeed:
     ingest = IngestSettings(rate_limit_per_device=None)
     return DetectionFeed(
         MQTTSettings(broker=broker, client_id="bench"),
@@ -58,11 +61,16 @@ def _feed(broker: str, registry: DeviceRegistry, sink: Counted) -> DetectionFeed
         registry,
         sink,
         ServiceMetrics(),
+        owns=owns,
     )
 
 
-def take_cost(messages: list[tuple[str, bytes]], registry: DeviceRegistry) -> float:
-    feed = _feed("mqtt://127.0.0.1:1", registry, Counted())
+def take_cost(
+    messages: list[tuple[str, bytes]],
+    registry: DeviceRegistry,
+    owns: Callable[[str], bool] | None = None,
+) -> float:
+    feed = _feed("mqtt://127.0.0.1:1", registry, Counted(), owns)
     now = time.time_ns()
     t0 = time.process_time()
     for topic, payload in messages:
@@ -115,6 +123,13 @@ def main() -> None:
         registry = DeviceRegistry(Path(tmp) / "registry.db")
         try:
             us = take_cost(make_messages(args.messages, args.devices, "millstream/v1/b1"), registry)
+            # Every message another shard's: what a worker of N shards pays for the
+            # (N-1)/N of the fleet's messages that are not its own.
+            elsewhere = take_cost(
+                make_messages(args.messages, args.devices, "millstream/v1/b3"),
+                registry,
+                owns=lambda device: False,
+            )
             broker = through_broker(
                 make_messages(args.messages, args.devices, "millstream/v1/b2"), registry, Path(tmp)
             )
@@ -126,6 +141,7 @@ def main() -> None:
             "devices": args.devices,
             "take_us_per_message": round(us, 1),
             "take_us_per_reading": round(us / READINGS_PER_MESSAGE, 2),
+            "take_us_per_message_other_shard": round(elsewhere, 2),
             "through_mosquitto": broker,
         },
         args.out,

@@ -100,6 +100,8 @@ class AnomalySink:
         self.save = save
         self.save_interval_s = save_interval_s
         self.busy: Callable[[], bool] | None = None  # True while ingest is receiving
+        # Whether this worker scores a device (detection.shards: the others score theirs).
+        self.owns: Callable[[str], bool] | None = None
         self._queue: queue.Queue[Sequence[Reading]] = queue.Queue()
         self._queued = 0
         self._lock = threading.Lock()
@@ -139,6 +141,10 @@ class AnomalySink:
         """Pipeline hook: score one stored group of readings (queued when started)."""
         if self.detector is None or not readings:
             return
+        if self.owns is not None:
+            readings = [r for r in readings if self.owns(r.device)]
+            if not readings:
+                return
         if self._thread is None:
             self.process(readings)
             return

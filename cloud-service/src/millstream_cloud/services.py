@@ -9,7 +9,7 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.anomalies import AnomalySink
@@ -25,6 +25,9 @@ from millstream_cloud.security.limits import DeviceRateLimiter
 from millstream_cloud.settings import Settings
 from millstream_cloud.storage import open_storage
 from millstream_cloud.storage.base import Storage
+
+if TYPE_CHECKING:
+    from millstream_cloud.detection.engine import Shard
 
 log = logging.getLogger("millstream.services")
 
@@ -50,6 +53,7 @@ def attach_detection(
     engine_settings = settings_from_mapping(settings.detection.engine)
     rules = tuple(parse_rules(settings.detection.rules))
     processes = settings.detection.processes
+    shard = detection_shard(settings)
 
     def fresh() -> DetectionEngine | PartitionedEngine:
         if processes > 1:  # each child opens the registry itself, when rules ask for kinds
@@ -57,9 +61,9 @@ def attach_detection(
             if registry is not None and any(r.kind is not None for r in rules):
                 where = (str(registry.path), registry.url)
             spec = EngineSpec(engine_settings, rules, where)
-            return PartitionedEngine(spec, processes, state_dir)
+            return PartitionedEngine(spec, processes, state_dir, shard)
         kind_of = registry.kind_of if registry is not None else None
-        return DetectionEngine(engine_settings, rules, kind_of)
+        return DetectionEngine(engine_settings, rules, kind_of, (shard.index, shard.count))
 
     engine = fresh()
     path = state_dir / STATE_FILE
@@ -77,7 +81,9 @@ def attach_detection(
             aside = path.with_name(f"{path.name}.unreadable-{stamp}")
             path.replace(aside)
             devices = state_dir / DEVICE_DIR
-            if devices.exists():  # the devices' files belong to it
+            # The devices' files belong to it; with shards, also to the other shards'
+            # workers, which may be running: this shard's are replaced at its next save.
+            if devices.exists() and shard.count == 1:
                 devices.replace(devices.with_name(f"{DEVICE_DIR}.unreadable-{stamp}"))
             log.error(
                 "detector state %s is unreadable (%s: %s); kept as %s, detectors learn afresh",
@@ -87,6 +93,9 @@ def attach_detection(
                 aside.name,
             )
     sink.detector = engine
+    if shard.count > 1:
+        sink.owns = shard.owns
+        log.info("detection scores the devices of %s (detection.shards)", shard)
     if processes > 1:
         log.info("detection scores in %d processes, devices split between them", processes)
 
@@ -132,13 +141,16 @@ class Services:
         )
         detection_lock = None
         if settings.detection.enabled:
-            detection_lock, holder = _detection_lock(data / "detection")
+            shard = detection_shard(settings)
+            detection_lock, holder = _detection_lock(data / "detection", shard)
             if detection_lock is not None:
                 attach_detection(anomalies, settings, data / "detection", registry)
             else:
+                who = f"process {holder}" if holder else "sharded workers (detection.shards)"
+                what = f"{shard}'s devices" if shard.count > 1 else "detection"
                 anomalies.off_reason = (
-                    f"process {holder or '?'} on this data dir runs detection; its state is "
-                    "one process's (docs/cloud.md, Several workers)"
+                    f"{who} on this data dir runs {what}; its state is one process's "
+                    "(docs/cloud.md, Several workers)"
                 )
                 log.error(
                     "detection: off in this process: %s. Ingest, storage and alert rules on "
@@ -169,6 +181,7 @@ class Services:
                 anomalies.on_readings,
                 metrics,
                 limiter=_limiter(settings),  # its own: it sees all of a device's messages
+                owns=anomalies.owns,
             )
         else:
             pipeline.hooks.append(anomalies.on_readings)
@@ -234,24 +247,35 @@ class Services:
                 lock.close()  # type: ignore[attr-defined]
 
 
+def detection_shard(settings: Settings) -> Shard:
+    """The devices this worker's detection scores (all of them unless sharded)."""
+    from millstream_cloud.detection.engine import Shard
+
+    return Shard(settings.detection.shard, settings.detection.shards)
+
+
 def _limiter(settings: Settings) -> DeviceRateLimiter | None:
     """A per-device message rate limit as ``ingest.*`` says (None: unlimited)."""
     rate = settings.ingest.rate_limit_per_device
     return DeviceRateLimiter(rate, settings.ingest.rate_limit_burst) if rate else None
 
 
-def _process_lock(path: Path) -> tuple[IO[str] | None, str]:
+def _process_lock(path: Path, exclusive: bool = True) -> tuple[IO[str] | None, str]:
     """Take ``path`` for this process (an exclusive ``flock``, held while the handle is
-    open) and write its pid there; when another process holds it: None and that pid."""
+    open) and write its pid there; when another process holds it: None and that pid.
+    Not ``exclusive``: a shared lock, which any number of processes hold together (and
+    none of them writes its pid)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")  # noqa: SIM115 (not "w": it would wipe the holder's pid)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip()
         handle.close()
         return None, holder
+    if not exclusive:
+        return handle, ""
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
@@ -259,11 +283,38 @@ def _process_lock(path: Path) -> tuple[IO[str] | None, str]:
     return handle, str(os.getpid())
 
 
-def _detection_lock(state_dir: Path) -> tuple[IO[str] | None, str]:
+class _Locks:
+    """Lock handles held together, released together."""
+
+    def __init__(self, *handles: IO[str]) -> None:
+        self.handles = handles
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.close()
+
+
+def _detection_lock(state_dir: Path, shard: Shard) -> tuple[_Locks | None, str]:
     """One process per detector state: two workers on one data dir would each save their
     own view of a device over the other's (and append to the same rows files). The first
-    takes ``detection.lock`` beside the state; a later one gets None and the first's pid."""
-    return _process_lock(state_dir.parent / f"{state_dir.name}.lock")
+    takes ``detection.lock`` beside the state; a later one gets None and the first's pid.
+
+    Sharded workers (``detection.shards``) each save only their shard's devices, so they
+    share ``detection.lock`` (an unsharded worker cannot take it while they run, nor they
+    while it does) and each takes its shard's own ``detection.shard-K-of-N.lock``."""
+    base = state_dir.parent / f"{state_dir.name}.lock"
+    if shard.count == 1:
+        handle, holder = _process_lock(base)
+        return (_Locks(handle) if handle else None), holder
+    common, holder = _process_lock(base, exclusive=False)
+    if common is None:  # an unsharded worker detects for every device here
+        return None, holder
+    own_path = base.with_name(f"{state_dir.name}.shard-{shard.index}-of-{shard.count}.lock")
+    own, holder = _process_lock(own_path)
+    if own is None:
+        common.close()
+        return None, holder
+    return _Locks(common, own), holder
 
 
 def _embedded_writer_lock(settings: Settings) -> IO[str] | None:

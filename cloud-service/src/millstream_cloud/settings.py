@@ -299,6 +299,20 @@ class DetectionSettings(Section):
         "of one partition (a stable hash of the device id); 1 scores in the service process. "
         "More use more cores (docs/cloud.md, Several workers)",
     )
+    shards: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="detecting workers (hosts) that split the devices between them, each "
+        "scoring those of its shard (a stable hash of the device id) from every message "
+        "(detection.feed: all); 1: one worker detects for the whole fleet (docs/cloud.md, "
+        "Several workers)",
+    )
+    shard: int = Field(
+        0,
+        ge=0,
+        description="which shard this worker scores, 0 .. shards - 1",
+    )
     engine: dict[str, Any] = Field(
         default_factory=dict,
         description="overrides of the frozen detector settings (docs/detection.md)",
@@ -327,6 +341,15 @@ class DetectionSettings(Section):
         return value
 
     @model_validator(mode="after")
+    def _shard_in_range(self) -> DetectionSettings:
+        if self.shard >= self.shards:
+            raise ValueError(
+                f"detection.shard {self.shard} is not one of the {self.shards} shards "
+                f"(0 .. {self.shards - 1})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _rules_fit_engine(self) -> DetectionSettings:
         from millstream_cloud.detection.engine import check_rules, settings_from_mapping
         from millstream_cloud.detection.rules import parse_rules
@@ -353,6 +376,20 @@ class Settings(Section):
         # (as Alertmanager derives its external URL from its listen address).
         if "external_url" not in self.alerts.model_fields_set:
             self.alerts.external_url = api_url(self.api.host, self.api.port)
+        return self
+
+    @model_validator(mode="after")
+    def _shards_see_every_message(self) -> Settings:
+        # A shard's devices must reach it whole: a worker of a shared group stores a
+        # round-robin share of every device's messages, so sharded detection takes the feed.
+        d = self.detection
+        shared = bool(self.mqtt.shared_group) and self.mqtt.protocol == "5"
+        if d.shards > 1 and d.enabled and shared and d.feed != "all":
+            raise ValueError(
+                f"detection.shards {d.shards} needs detection.feed: all when workers share a "
+                f"subscription (mqtt.shared_group {self.mqtt.shared_group!r}): fed by its own "
+                "share of the messages, a shard would score every other message of its devices"
+            )
         return self
 
     @property

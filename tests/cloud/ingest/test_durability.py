@@ -122,6 +122,51 @@ def test_with_feed_all_the_detecting_worker_scores_every_message(
     assert "detection feed: subscribed to millstream/v1/+/+/telemetry as cloud-a-detect" in log
 
 
+def test_two_sharded_workers_each_score_every_message_of_their_own_devices(
+    make_cloud, publisher, tmp_path, influxdb
+):
+    """detection.shards: both workers detect, each on its shard of the devices, from every
+    message of them (its own feed), on one data dir as on two hosts."""
+    import httpx
+
+    from millstream_cloud.detection.engine import device_partition
+
+    data = tmp_path / "shared-data"
+
+    def env(worker: str, shard: int) -> dict[str, str]:
+        return {
+            **_influx_env(influxdb, worker, tmp_path),
+            "MILLSTREAM_DETECTION__FEED": "all",
+            "MILLSTREAM_DETECTION__SHARDS": "2",
+            "MILLSTREAM_DETECTION__SHARD": str(shard),
+        }
+
+    a = make_cloud("cloud-a", data_dir=data, env=env("a", 0))
+    b = make_cloud("cloud-b", data_dir=data, env=env("b", 1))
+    _check_two_workers(a, b, publisher, DEVICES_ODD)
+    owner = {d: device_partition(d, 2) for d in DEVICES_ODD}
+    per_shard = [list(owner.values()).count(k) for k in range(2)]
+    assert all(per_shard), per_shard
+    scored = "millstream_detection_scored_readings_total"
+    feed = "millstream_detection_feed_messages_total"
+    for cloud, k in ((a, 0), (b, 1)):
+        expect = per_shard[k] * 30 * 40
+        wait_until(lambda c=cloud, e=expect: c.metric(scored) >= e, 30, 0.2, f"shard {k}")
+    time.sleep(0.5)
+    for cloud, k in ((a, 0), (b, 1)):
+        assert cloud.metric(scored) == per_shard[k] * 30 * 40  # all of its devices', once
+        assert cloud.metric(feed, 'outcome="scored"') == per_shard[k] * 30
+        assert cloud.metric(feed, 'outcome="elsewhere"') == per_shard[1 - k] * 30
+        for d in DEVICES_ODD:
+            res = httpx.get(f"{cloud.url}/api/v1/devices/{d}/detection", timeout=10)
+            if owner[d] == k:
+                assert res.status_code == 200 and res.json()["shard"]["shard"] == k
+            else:
+                assert res.status_code == 404
+                assert f"scored by detection shard {1 - k} of 2" in res.json()["detail"]
+        assert "detection scores the devices of shard" in cloud.log_path.read_text()
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh database on the server of MILLSTREAM_TEST_POSTGRES_URL, dropped after."""

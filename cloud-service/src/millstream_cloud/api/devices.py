@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,9 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from millstream_cloud.api.deps import get_services
 from millstream_cloud.registry import Device
 from millstream_cloud.security.auth import needs_scope
-from millstream_cloud.services import Services
+from millstream_cloud.services import Services, detection_shard
 from millstream_cloud.storage.base import AGGREGATES, TELEMETRY, SeriesQuery
 from millstream_cloud.timeutil import parse_duration_ns, parse_time_ns, rfc3339
+
+if TYPE_CHECKING:
+    from millstream_cloud.detection.engine import Shard
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
@@ -92,7 +95,25 @@ def device_detection(device_id: str, services: Services = Depends(get_services))
     engine = services.anomalies.detector
     if not isinstance(engine, DetectionEngine | PartitionedEngine):
         raise HTTPException(404, f"anomaly detection is off ({services.anomalies.off_reason})")
-    return engine.describe(dev.id, dev.kind, dev.metrics)
+    shard = _scored_here(services, dev.id)
+    found = engine.describe(dev.id, dev.kind, dev.metrics)
+    found["shard"] = {"shard": shard.index, "shards": shard.count}
+    return found
+
+
+def _scored_here(services: Services, device: str) -> Shard:
+    """This worker's detection shard, or a 404 naming the one that scores ``device``."""
+    shard = detection_shard(services.settings)
+    if not shard.owns(device):
+        from millstream_cloud.detection.engine import device_partition
+
+        theirs = device_partition(device, shard.count)
+        raise HTTPException(
+            404,
+            f"device {device!r} is scored by detection shard {theirs} of {shard.count}, "
+            f"another worker (this one scores shard {shard.index}); ask that worker",
+        )
+    return shard
 
 
 @router.post(
@@ -105,6 +126,8 @@ def relearn_device(device_id: str, services: Services = Depends(get_services)) -
     until their warm-up is over. Open alerts resolve as usual; the moment is recorded in
     ``detection_events`` (shown on the device dashboard)."""
     dev = _device(services, device_id)
+    if services.anomalies.detector is not None:
+        _scored_here(services, dev.id)
     try:
         forgot = services.anomalies.relearn(dev.id, dev.site)
     except LookupError:

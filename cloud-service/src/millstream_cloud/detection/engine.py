@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -1557,6 +1558,43 @@ def partition_of(name: str, n: int) -> int:
 def device_partition(device: str, n: int) -> int:
     """The partition (of ``n``) that scores ``device``."""
     return partition_of(_device_file(device), n)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The devices one detecting worker scores when several split the fleet
+    (``detection.shard`` of ``detection.shards``): those of partition ``index`` of ``count``.
+
+    Within a worker, ``detection.processes`` splits its shard again: process ``p`` of ``P``
+    takes partition ``index + count * p`` of ``count * P``, so every process's partition
+    lies inside its worker's shard and one state directory holds any mix of them."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard {self.index} of {self.count}: must be 0 .. {self.count - 1}")
+
+    def owns(self, device: str) -> bool:
+        return self.count == 1 or _shard_of(device, self.count) == self.index
+
+    def process_partition(self, p: int, processes: int) -> tuple[int, int]:
+        """The engine partition of this worker's ``p``-th of ``processes`` processes."""
+        return self.index + self.count * p, self.count * processes
+
+    def process_of(self, device: str, processes: int) -> int:
+        """Which of this worker's processes scores ``device`` (one of its shard)."""
+        return device_partition(device, self.count * processes) // self.count
+
+    def __str__(self) -> str:
+        return f"shard {self.index} of {self.count}"
+
+
+@functools.lru_cache(maxsize=65536)
+def _shard_of(device: str, n: int) -> int:
+    """``device_partition`` remembered: asked for every message a sharded worker sees."""
+    return device_partition(device, n)
 
 
 def _device_file(device: str) -> str:

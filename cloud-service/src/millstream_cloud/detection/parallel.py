@@ -39,7 +39,7 @@ from .engine import (
     STATE_FILE,
     DetectionEngine,
     EngineSettings,
-    device_partition,
+    Shard,
     state_header,
     write_header,
 )
@@ -124,15 +124,17 @@ def _handle(engine: DetectionEngine, op: str, arg: Any) -> Any:
 
 
 class _Child:
-    """One partition's process and the service's end of its pipe."""
+    """One partition's process and the service's end of its pipe: the ``k``-th of the
+    worker's ``n`` processes, whose engine keeps ``partition``."""
 
-    def __init__(self, spec: EngineSpec, k: int, n: int) -> None:
+    def __init__(self, spec: EngineSpec, k: int, n: int, partition: tuple[int, int]) -> None:
         self.k, self.n = k, n
+        self.partition = partition
         ctx = mp.get_context("spawn")  # the service runs threads: fork would copy their locks
         self.conn, child_end = ctx.Pipe()
         self.proc: BaseProcess = ctx.Process(
             target=_serve,
-            args=(child_end, spec, (k, n)),
+            args=(child_end, spec, partition),
             name=f"millstream-detect-{k}of{n}",
             daemon=True,
         )
@@ -185,14 +187,24 @@ class PartitionedEngine:
     ``batch_readings``: how many readings the sink gathers for one ``observe``. The service
     process waits without the GIL while the children score, so a call may be ten times the
     in-process chunk; device models score a batch in one matrix call per device, so their
-    cost falls with the batch (bench/detection_processes.py ``--every``)."""
+    cost falls with the batch (bench/detection_processes.py ``--every``).
+
+    ``shard``: the worker's share of the fleet when several detecting workers split it
+    (``detection.shards``); its processes split that share."""
 
     batch_readings = 5000
 
-    def __init__(self, spec: EngineSpec, processes: int, state_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        spec: EngineSpec,
+        processes: int,
+        state_dir: Path | None = None,
+        shard: Shard | None = None,
+    ) -> None:
         if processes < 2:
             raise ValueError("a PartitionedEngine needs at least 2 processes")
         self.spec = spec
+        self.shard = shard or Shard()
         self.settings = spec.settings
         self.rules = spec.rules
         self.processes = processes
@@ -202,7 +214,7 @@ class PartitionedEngine:
         self._lost_failed = 0  # readings of batches a lost child was scoring
         self._lock = threading.Lock()
         self._owner: dict[str, int] = {}
-        self.children = [_Child(spec, k, processes) for k in range(processes)]
+        self.children = [self._start(k) for k in range(processes)]
 
     @property
     def readings_seen(self) -> int:
@@ -216,7 +228,7 @@ class PartitionedEngine:
     def owner(self, device: str) -> int:
         k = self._owner.get(device)
         if k is None:
-            k = self._owner[device] = device_partition(device, self.processes)
+            k = self._owner[device] = self.shard.process_of(device, self.processes)
         return k
 
     # --- the engine's interface ---------------------------------------------------------
@@ -316,6 +328,10 @@ class PartitionedEngine:
             raise failure
         return answers
 
+    def _start(self, k: int) -> _Child:
+        partition = self.shard.process_partition(k, self.processes)
+        return _Child(self.spec, k, self.processes, partition)
+
     def _child(self, device: str) -> _Child:
         return self.children[self.owner(device)]
 
@@ -332,7 +348,7 @@ class PartitionedEngine:
         # What it had counted stays counted; the new process counts from zero.
         self._base_seen += child.seen
         self._lost_failed += child.failed
-        fresh = _Child(self.spec, child.k, child.n)
+        fresh = self._start(child.k)
         self.children[child.k] = fresh
         if self.state_dir is not None and (self.state_dir / STATE_FILE).exists():
             try:

@@ -76,6 +76,7 @@ class DetectionFeed:
         sink: Callable[[Sequence[Reading]], None],
         metrics: ServiceMetrics,
         limiter: RateLimiter | None = None,
+        owns: Callable[[str], bool] | None = None,
     ) -> None:
         self.settings = mqtt_settings
         self.ingest = ingest_settings
@@ -83,12 +84,14 @@ class DetectionFeed:
         self.registry = registry
         self.sink = sink
         self.limiter = limiter
+        self.owns = owns  # detection.shards: the devices this worker scores
         self.client_id = f"{mqtt_settings.client_id}-detect"
         self.messages = Counter(
             "millstream_detection_feed_messages",
             "Telemetry messages on the detecting worker's own subscription (detection.feed: "
             "all), by outcome: scored, duplicate, rejected (dead-lettered by the storing "
-            "worker), failed (an error, logged)",
+            "worker), failed (an error, logged), elsewhere (a device another detection "
+            "shard scores)",
             ["outcome"],
             registry=metrics.registry,
         )
@@ -112,6 +115,13 @@ class DetectionFeed:
     def take(self, topic: str, payload: bytes, arrival_ns: int) -> list[Reading]:
         """The readings of one message that detection should score (none for a duplicate
         or a message the storing worker rejects); counts the outcome."""
+        if self.owns is not None:
+            # Another shard's device: passed over before decoding, which is most of the
+            # cost, so each shard's worker pays for its own devices' messages only.
+            parts = topic.split("/")
+            if len(parts) == 5 and not self.owns(parts[3]):
+                self.messages.labels("elsewhere").inc()
+                return []
         try:
             batch = decode_telemetry(topic, payload, arrival_ns, self.limits)
             dev = self._device(batch)
