@@ -210,3 +210,26 @@ def test_the_feed_passes_over_another_shards_devices_before_decoding_them() -> N
         assert feed.messages.labels("rejected")._value.get() == 1
     finally:
         feed.registry.close()
+
+
+def test_a_shard_that_cannot_read_the_state_leaves_the_other_shards_files(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from millstream_cloud.detection.engine import STATE_FILE
+    from millstream_cloud.services import Services
+
+    state = tmp_path / "detection"
+    (state / DEVICE_DIR).mkdir(parents=True)
+    (state / STATE_FILE).write_text(json.dumps({"version": 99, "settings": {}}))
+    (state / DEVICE_DIR / "press-01.json").write_text("{}")
+    services = Services.build(_sharded(tmp_path, 0), with_subscriber=False)
+    try:
+        assert services.anomalies.detector is not None
+        assert len(list(state.glob(f"{STATE_FILE}.unreadable-*"))) == 1
+        # The devices' files may be another running shard's: they stay where they are.
+        assert (state / DEVICE_DIR / "press-01.json").exists()
+        assert not list(state.glob(f"{DEVICE_DIR}.unreadable-*"))
+    finally:
+        services.stop()
