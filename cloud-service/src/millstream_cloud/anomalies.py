@@ -15,9 +15,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import Counter
 
@@ -49,6 +49,14 @@ class Detector(Protocol):
     """What the live path needs of a detection engine."""
 
     def observe(self, readings: Sequence[Reading]) -> list[Anomaly]: ...
+
+
+@runtime_checkable
+class DescribesDevices(Protocol):
+    """A detection engine that can say what it does for a device (the API's
+    ``/devices/{id}/detection``): one engine, or one spread over processes."""
+
+    def describe(self, device: str, kind: str | None, metrics: Iterable[str]) -> dict[str, Any]: ...
 
 
 def anomaly_point(a: Anomaly) -> Point:

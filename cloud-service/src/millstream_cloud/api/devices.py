@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from millstream_cloud.anomalies import DescribesDevices
 from millstream_cloud.api.deps import get_services
 from millstream_cloud.registry import Device
 from millstream_cloud.security.auth import needs_scope
@@ -88,12 +89,9 @@ def get_device(device_id: str, services: Services = Depends(get_services)) -> di
     summary="What anomaly detection does for this device: matching rules, settings, progress",
 )
 def device_detection(device_id: str, services: Services = Depends(get_services)) -> dict[str, Any]:
-    from millstream_cloud.detection.engine import DetectionEngine
-    from millstream_cloud.detection.parallel import PartitionedEngine
-
     dev = _device(services, device_id)
     engine = services.anomalies.detector
-    if not isinstance(engine, DetectionEngine | PartitionedEngine):
+    if not isinstance(engine, DescribesDevices):
         raise HTTPException(404, f"anomaly detection is off ({services.anomalies.off_reason})")
     shard = _scored_here(services, dev.id)
     found = engine.describe(dev.id, dev.kind, dev.metrics)
