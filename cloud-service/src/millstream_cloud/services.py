@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from prometheus_client import Gauge
+
 from millstream_cloud.alerts.service import AlertService
 from millstream_cloud.anomalies import AnomalySink
 from millstream_cloud.grafana.fleet import FleetWriter
@@ -145,6 +147,15 @@ class Services:
             detection_lock, holder = _detection_lock(data / "detection", shard)
             if detection_lock is not None:
                 attach_detection(anomalies, settings, data / "detection", registry)
+                # Which shard this worker scores: count(...) < shards in Prometheus says one
+                # is missing (its devices go unwatched; nothing else here can tell).
+                Gauge(
+                    "millstream_detection_shard",
+                    "1 in each worker that runs detection, labelled with the shard it scores "
+                    "and the number of shards (detection.shards)",
+                    ["shard", "shards"],
+                    registry=metrics.registry,
+                ).labels(str(shard.index), str(shard.count)).set(1)
             else:
                 who = f"process {holder}" if holder else "sharded workers (detection.shards)"
                 what = f"{shard}'s devices" if shard.count > 1 else "detection"

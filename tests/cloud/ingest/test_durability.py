@@ -165,6 +165,7 @@ def test_two_sharded_workers_each_score_every_message_of_their_own_devices(
                 assert res.status_code == 404
                 assert f"scored by detection shard {1 - k} of 2" in res.json()["detail"]
         assert "detection scores the devices of shard" in cloud.log_path.read_text()
+        assert cloud.metric("millstream_detection_shard", f'shard="{k}",shards="2"') == 1
 
 
 @pytest.fixture
