@@ -38,3 +38,12 @@ def test_a_key_set_by_the_environment_gets_no_file_line(tmp_path: Path) -> None:
     msg = str(err.value)
     assert "ingest.max_payload_bytes" in msg
     assert f"{path}:2" not in msg
+
+
+def test_a_check_across_sections_names_the_key_it_is_about(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.yaml"
+    path.write_text("mqtt:\n  shared_group: plant\ndetection:\n  shard: 1\n  shards: 2\n")
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, environ={})
+    msg = str(err.value)
+    assert f"{path}:5: detection.shards: " in msg and "needs detection.feed: all" in msg

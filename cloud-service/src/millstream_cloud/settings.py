@@ -8,6 +8,7 @@ Unknown keys are errors: a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Literal
@@ -485,13 +486,17 @@ def _explain(
     lines = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
-        key = ".".join(loc)
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if not loc:  # a check across sections names the key it is about first
+            named = re.match(r"(?:Value error, )?([a-z_]+(?:\.[a-z_]+)+)", msg)
+            loc = tuple(named.group(1).split(".")) if named else ()
+        key = ".".join(loc)
         line = next(
             (where[loc[:n]] for n in range(len(loc), 0, -1) if where and loc[:n] in where),
             None,
         )
-        lines.append(f"{source}:{line}: {key}: {msg}" if line else f"{source}: {key}: {msg}")
+        what = f"{key}: {msg}" if key else msg
+        lines.append(f"{source}:{line}: {what}" if line else f"{source}: {what}")
     return SettingsError("\n".join(lines))
 
 
