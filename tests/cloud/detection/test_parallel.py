@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -216,9 +217,27 @@ def test_a_process_that_keeps_dying_is_not_started_again_for_every_batch(
         engine.close()
 
 
+def registered_presses(services: Any, devices: Sequence[str], n: int) -> list[Reading]:
+    """Register ``devices`` (kind press, site plant-a) through the service's pipeline, as
+    the API asks the registry, and return ``n`` healthy temperature readings of each."""
+    from millstream_cloud.ingest.pipeline import Message
+
+    now = time.time_ns()
+    for d in devices:
+        body = f'{{"v": 1, "device": "{d}", "state": "online", "kind": "press"}}'
+        services.pipeline.process(
+            [Message(f"millstream/v1/plant-a/{d}/status", body.encode(), now)]
+        )
+    t0 = now - 400 * 10**9
+    return [
+        Reading(d, "plant-a", "temp", t0 + i * 10**9, 20.0 + (i % 5) * 0.1)
+        for i in range(n)
+        for d in devices
+    ]
+
+
 def test_the_service_scores_in_the_processes_it_is_given(tmp_path: Path) -> None:
     from millstream_cloud.app import create_app
-    from millstream_cloud.ingest.pipeline import Message
     from millstream_cloud.services import Services
     from millstream_cloud.settings import Settings
 
@@ -228,19 +247,7 @@ def test_the_service_scores_in_the_processes_it_is_given(tmp_path: Path) -> None
     devices = ("press-01", "press-02", "press-03")
     try:
         assert isinstance(engine, PartitionedEngine)
-        now = time.time_ns()
-        for d in devices:  # known to the registry, as the API asks it
-            body = f'{{"v": 1, "device": "{d}", "state": "online", "kind": "press"}}'
-            services.pipeline.process(
-                [Message(f"millstream/v1/plant-a/{d}/status", body.encode(), now)]
-            )
-        t0 = now - 400 * 10**9
-        readings = [
-            Reading(d, "plant-a", "temp", t0 + i * 10**9, 20.0 + (i % 5) * 0.1)
-            for i in range(300)
-            for d in devices
-        ]
-        services.anomalies.on_readings(readings)
+        services.anomalies.on_readings(registered_presses(services, devices, 300))
         assert engine.readings_seen == 900
         with TestClient(create_app(settings, services, start=False)) as client:
             for d in devices:
@@ -259,18 +266,25 @@ def test_the_service_scores_in_the_processes_it_is_given(tmp_path: Path) -> None
     assert {d for d, _ in again.metrics} == set(devices)
 
 
-def test_a_state_the_processes_cannot_read_is_kept_aside_and_they_start_afresh(
-    tmp_path: Path,
-) -> None:
+def unreadable_state(data_dir: Path) -> Path:
+    """A detection state directory under ``data_dir`` whose header is of an unknown
+    version, with one device's file."""
     import json
 
-    from millstream_cloud.services import Services
-    from millstream_cloud.settings import Settings
-
-    state = tmp_path / "detection"
+    state = data_dir / "detection"
     (state / DEVICE_DIR).mkdir(parents=True)
     (state / STATE_FILE).write_text(json.dumps({"version": 99, "settings": {}}))
     (state / DEVICE_DIR / "press-01.json").write_text("{}")
+    return state
+
+
+def test_a_state_the_processes_cannot_read_is_kept_aside_and_they_start_afresh(
+    tmp_path: Path,
+) -> None:
+    from millstream_cloud.services import Services
+    from millstream_cloud.settings import Settings
+
+    state = unreadable_state(tmp_path)
     settings = Settings(data_dir=str(tmp_path), detection={"processes": 2})
     services = Services.build(settings, with_subscriber=False)
     engine = services.anomalies.detector

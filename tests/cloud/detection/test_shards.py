@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,15 @@ from millstream_cloud.detection.engine import (
     device_partition,
 )
 from millstream_cloud.detection.parallel import EngineSpec, PartitionedEngine
-from millstream_cloud.model import Reading
 from millstream_cloud.settings import Settings
-from tests.cloud.detection.test_parallel import FAST, _batches, _key, _run
+from tests.cloud.detection.test_parallel import (
+    FAST,
+    _batches,
+    _key,
+    _run,
+    registered_presses,
+    unreadable_state,
+)
 
 IDS = [f"press-{i:03d}" for i in range(300)] + ["pump/with slash", "Ünïcode-7", "x" * 250]
 
@@ -119,7 +124,6 @@ def _sharded(tmp_path: Path, k: int, n: int = 2, **detection: object) -> Setting
 
 def test_shards_on_one_data_dir_share_it_and_each_saves_its_devices(tmp_path: Path) -> None:
     from millstream_cloud.app import create_app
-    from millstream_cloud.ingest.pipeline import Message
     from millstream_cloud.services import Services
 
     devices = [f"press-{i:02d}" for i in range(8)]
@@ -141,18 +145,7 @@ def test_shards_on_one_data_dir_share_it_and_each_saves_its_devices(tmp_path: Pa
             again.stop()
             plain.stop()
 
-        now = time.time_ns()
-        for d in devices:  # known to the (shared) registry, as the API asks it
-            body = f'{{"v": 1, "device": "{d}", "state": "online", "kind": "press"}}'
-            zero.pipeline.process(
-                [Message(f"millstream/v1/plant-a/{d}/status", body.encode(), now)]
-            )
-        t0 = now - 400 * 10**9
-        readings = [
-            Reading(d, "plant-a", "temp", t0 + i * 10**9, 20.0 + (i % 5) * 0.1)
-            for i in range(100)
-            for d in devices
-        ]
+        readings = registered_presses(zero, devices, 100)  # the registry is shared
         for s in (zero, one):  # every worker is handed every reading (the feed's case)
             s.anomalies.on_readings(readings)
         theirs = {d: device_partition(d, 2) for d in devices}
@@ -215,15 +208,10 @@ def test_the_feed_passes_over_another_shards_devices_before_decoding_them() -> N
 def test_a_shard_that_cannot_read_the_state_leaves_the_other_shards_files(
     tmp_path: Path,
 ) -> None:
-    import json
-
     from millstream_cloud.detection.engine import STATE_FILE
     from millstream_cloud.services import Services
 
-    state = tmp_path / "detection"
-    (state / DEVICE_DIR).mkdir(parents=True)
-    (state / STATE_FILE).write_text(json.dumps({"version": 99, "settings": {}}))
-    (state / DEVICE_DIR / "press-01.json").write_text("{}")
+    state = unreadable_state(tmp_path)
     services = Services.build(_sharded(tmp_path, 0), with_subscriber=False)
     try:
         assert services.anomalies.detector is not None
