@@ -63,6 +63,18 @@ if __name__ == "__main__":
         out["other"][name] = {"f1": f1, "far": far, "mar": mar}
     for name, (f1, far, mar) in runners.SKAB_REFERENCE_CORPUS.items():
         out["all"][name] = {"f1": f1, "far": far, "mar": mar}
+    # SKAB's changepoint score of the same predictions, beside the published detectors'.
+    keys = ("standard", "low_fp", "low_fn", "missed_cps", "fps")
+    out["changepoint"] = {
+        "other": {"millstream (frozen)": other["changepoint"]},
+        "all": {"millstream (frozen)": every["changepoint"]},
+    }
+    for key, table in (
+        ("other", runners.SKAB_CHANGEPOINT_OTHER),
+        ("all", runners.SKAB_CHANGEPOINT_CORPUS),
+    ):
+        for name, cells in table.items():
+            out["changepoint"][key][name] = dict(zip(keys, cells, strict=True))
     tail = runners.SKAB_CONV_AE_BLIND_TAIL
     valve = ROOT / ".." / "shared" / "benchmarks" / "skab" / "data"
     scored: dict[str, Any] = {"unscored_tail_rows": tail}
@@ -83,6 +95,12 @@ if __name__ == "__main__":
         for name, r in out[key].items():
             if isinstance(r, dict):
                 print(f"  {name:22s} {r['f1']:5.2f} {r['far']:7.2f} {r['mar']:7.2f}")
+    print("Changepoints (SKAB's NAB-style score): standard, low FP, low FN, missed, FPs")
+    for key in ("other", "all"):
+        print(f"  {key}")
+        for name, r in out["changepoint"][key].items():
+            cells = " ".join(f"{r[k]:7.2f}" for k in keys[:3])
+            print(f"    {name:20s} {cells} {r['missed_cps']:5d} {r['fps']:5d}")
     print(f"Like for like: each run's last {tail} test rows left out (Conv-AE never flags them)")
     for key in ("valve", "other", "all"):
         if key not in scored:

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from millstream_cloud.detection.eval import cli, runners, skab
@@ -225,3 +227,58 @@ def test_sim_cli_takes_the_reading_interval_and_fleet_size(
     assert rc == 2 and "--hours 10: at least 17" in err
     rc, err = _eval(["sim", "--step-s", "0"], capsys)
     assert rc == 2 and "--step-s: from 0.1" in err
+
+
+def _one_window(pred_rows: list[int], cp_row: int = 100, n: int = 200) -> skab.ChangepointScore:
+    """One run of ``n`` rows a second, a true changepoint at ``cp_row``, predictions on at
+    ``pred_rows``."""
+    seconds = np.arange(n, dtype=float)
+    truth = np.zeros(n, dtype=np.int8)
+    truth[cp_row] = 1
+    pred = np.zeros(n, dtype=np.int8)
+    pred[pred_rows] = 1
+    return skab.score_changepoints([(seconds, truth, pred)])
+
+
+def test_skab_changepoints_are_the_predictions_switches_scored_in_60_s_windows() -> None:
+    assert skab.predicted_changepoints(np.array([1, 1, 0, 0, 1])).tolist() == [1, 0, 1, 0, 1]
+    assert not skab.predicted_changepoints(np.array([0, 0, 0])).any()
+    # A window of 60 s right of each changepoint; an overlapping later one starts later.
+    wins = skab.changepoint_windows(np.arange(100.0), np.isin(np.arange(100), [0, 30]))
+    assert wins == [(0.0, 60.0), (60.0, 90.0)]
+    # On at the changepoint (and on to the end): the perfect score.
+    perfect = _one_window(list(range(100, 200)))
+    assert (perfect.standard, perfect.low_fp, perfect.low_fn) == (100.0, 100.0, 100.0)
+    assert (perfect.missed_cps, perfect.fps, perfect.windows) == (0, 0, 1)
+    # Nothing predicted: the null detector's 0; only the first switch in a window counts,
+    # and a later one there (the alarm clearing) is no false positive.
+    assert _one_window([]).standard == 0.0 and _one_window([]).missed_cps == 1
+    assert _one_window(list(range(100, 130))).as_dict() == perfect.as_dict()
+    # Halfway through the window: A_FP + (A_TP - A_FP)/2 (1 - tanh(x)/tanh(pi/2)), x ~ 0.
+    half = _one_window([130])
+    reward = -0.11 + 1.11 / 2 * (1 - math.tanh(math.pi * (30 / 60 - 0.5)) / math.tanh(math.pi / 2))
+    assert half.standard == pytest.approx(100 * (reward + 1) / 2, abs=0.2)
+    assert 0.0 < half.standard < perfect.standard
+    # A blip at row 10 switches on and off outside every window: two false positives, a
+    # flat A_FP each (0.11, 0.22 with low FP; a missed window costs 2 with low FN).
+    blip = _one_window([10, *range(100, 200)])
+    assert blip.fps == 2
+    assert (blip.standard, blip.low_fp) == (89.0, 78.0)
+    assert blip.low_fn == round(100 * (1 - 0.22 + 2) / 3, 2)
+
+
+def test_skab_changepoint_score_is_reported_and_needs_the_labelled_columns(
+    bench_root: Path, tmp_path: Path
+) -> None:
+    res = runners.run_skab(bench_root / "skab" / "data", runners.load_frozen())
+    cp = res["changepoint"]
+    assert cp["windows"] == 79  # the subset's 79 changepoints after the training rows
+    assert set(cp) == {"standard", "low_fp", "low_fn", "missed_cps", "fps", "windows"}
+    # A copy without the changepoint and datetime columns still scores F1/FAR/MAR.
+    src = bench_root / "skab" / "data" / "valve1" / "0.csv"
+    lines = src.read_text().splitlines()
+    (tmp_path / "v").mkdir()
+    trimmed = [";".join(ln.split(";")[1:-1]) for ln in lines]
+    (tmp_path / "v" / "0.csv").write_text("\n".join(trimmed) + "\n")
+    res = runners.run_skab(tmp_path, runners.load_frozen())
+    assert res["changepoint"] is None and res["f1"] > 0

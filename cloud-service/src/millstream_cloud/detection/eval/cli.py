@@ -91,12 +91,29 @@ def cmd_skab(args: argparse.Namespace) -> int:
     print("published, valve1 + valve2 subset:")
     for name, (f1, far, mar) in runners.SKAB_REFERENCE_SUBSET.items():
         print(f"  {name:<32}{f1:>8.2f}{far:>9.2f}{mar:>9.2f}")
+    cp = out["changepoint"]
+    if cp is not None:
+        print(
+            f"changepoints (SKAB's NAB-style score, {cp['windows']} windows of 60 s; the "
+            "predictions above, each switch on or off a changepoint):"
+        )
+        print(f"{'detector':<34}{'std':>8}{'low FP':>8}{'low FN':>8}{'missed':>8}{'FPs':>6}")
+        cells = (cp["standard"], cp["low_fp"], cp["low_fn"], cp["missed_cps"], cp["fps"])
+        _changepoint_row("Millstream PCA T2/Q (this run)", cells)
+        print("published, valve1 + valve2 subset (their prediction files, rescored):")
+        for name, row in runners.SKAB_CHANGEPOINT_SUBSET.items():
+            _changepoint_row(f"  {name}", row)
     print(
         "channels left to the per-metric detectors (slow in training):",
         ", ".join(out["slow_channels_excluded"]) or "none",
     )
     _write_json(args.json, out)
     return 0
+
+
+def _changepoint_row(name: str, row: tuple[float, float, float, int, int]) -> None:
+    std, low_fp, low_fn, missed, fps = row
+    print(f"{name:<34}{std:>8.2f}{low_fp:>8.2f}{low_fn:>8.2f}{missed:>8d}{fps:>6d}")
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
