@@ -69,11 +69,8 @@ if __name__ == "__main__":
         "other": {"millstream (frozen)": other["changepoint"]},
         "all": {"millstream (frozen)": every["changepoint"]},
     }
-    for key, table in (
-        ("other", runners.SKAB_CHANGEPOINT_OTHER),
-        ("all", runners.SKAB_CHANGEPOINT_CORPUS),
-    ):
-        for name, cells in table.items():
+    for key in ("other", "all"):
+        for name, cells in runners.SKAB_CHANGEPOINT[key].items():
             out["changepoint"][key][name] = dict(zip(keys, cells, strict=True))
     tail = runners.SKAB_CONV_AE_BLIND_TAIL
     valve = ROOT / ".." / "shared" / "benchmarks" / "skab" / "data"

@@ -4,7 +4,7 @@ SKAB publishes each detector's predictions as pickled pandas Series (``results/*
 its repository, one per run's test part). This reads them, scores them with
 ``millstream_cloud.detection.eval.skab`` (outlier F1/FAR/MAR and the changepoint score) on
 all 34 runs and on the valve subset, and prints them beside the published rows
-(``runners.SKAB_CHANGEPOINT_CORPUS``/``_SUBSET``): they should agree to the last digit.
+(``runners.SKAB_CHANGEPOINT["all"]`` and ``["valve"]``): they should agree to the last digit.
 
 It needs pandas (not a dependency of the service: ``pip install pandas`` into the venv, or
 run it with any Python that has both pandas and this package) and a SKAB checkout. The
@@ -88,8 +88,8 @@ def main() -> int:
     runs = {r.seconds[400]: r for r in skab.load_runs(args.skab / "data") if r.seconds is not None}
     result: dict[str, Any] = {}
     for subset, label, published in (
-        ("", "all 34 runs", runners.SKAB_CHANGEPOINT_CORPUS),
-        ("valve", "valve1 + valve2", runners.SKAB_CHANGEPOINT_SUBSET),
+        ("", "all 34 runs", runners.SKAB_CHANGEPOINT["all"]),
+        ("valve", "valve1 + valve2", runners.SKAB_CHANGEPOINT["valve"]),
     ):
         print(f"{label}: ours from the prediction files | published changepoint row")
         result[label] = {}

@@ -101,7 +101,7 @@ def cmd_skab(args: argparse.Namespace) -> int:
         cells = (cp["standard"], cp["low_fp"], cp["low_fn"], cp["missed_cps"], cp["fps"])
         _changepoint_row("Millstream PCA T2/Q (this run)", cells)
         print("published, valve1 + valve2 subset (their prediction files, rescored):")
-        for name, row in runners.SKAB_CHANGEPOINT_SUBSET.items():
+        for name, row in runners.SKAB_CHANGEPOINT["valve"].items():
             _changepoint_row(f"  {name}", row)
     print(
         "channels left to the per-metric detectors (slow in training):",
