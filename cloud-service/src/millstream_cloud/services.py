@@ -171,7 +171,7 @@ class Services:
         feed = None
         # Without a shared group (or on MQTT 3.1.1, which has none) this worker's own
         # subscription already brings every message: no second one.
-        shared = bool(settings.mqtt.shared_group) and settings.mqtt.protocol == "5"
+        shared = settings.mqtt.shared
         if settings.detection.feed == "all" and not shared:
             log.info(
                 "detection.feed: all: no shared subscription, so detection scores what "

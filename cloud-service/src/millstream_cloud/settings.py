@@ -88,6 +88,12 @@ class MQTTSettings(Section):
             )
         return self
 
+    @property
+    def shared(self) -> bool:
+        """Whether workers split the messages on a shared subscription (MQTT 3.1.1 has
+        no ``$share``: each worker then receives every message)."""
+        return bool(self.shared_group) and self.protocol == "5"
+
 
 class IngestSettings(Section):
     rate_limit_per_device: float | None = Field(
@@ -384,8 +390,7 @@ class Settings(Section):
         # A shard's devices must reach it whole: a worker of a shared group stores a
         # round-robin share of every device's messages, so sharded detection takes the feed.
         d = self.detection
-        shared = bool(self.mqtt.shared_group) and self.mqtt.protocol == "5"
-        if d.shards > 1 and d.enabled and shared and d.feed != "all":
+        if d.shards > 1 and d.enabled and self.mqtt.shared and d.feed != "all":
             raise ValueError(
                 f"detection.shards {d.shards} needs detection.feed: all when workers share a "
                 f"subscription (mqtt.shared_group {self.mqtt.shared_group!r}): fed by its own "

@@ -141,8 +141,7 @@ class Subscriber:
 
     def topics(self) -> list[str]:
         group = self.settings.shared_group
-        shared = group and self.settings.protocol == "5"  # MQTT 3.1.1 has no $share
-        return [f"$share/{group}/{t}" if shared else t for t in SUBSCRIPTIONS]
+        return [f"$share/{group}/{t}" if self.settings.shared else t for t in SUBSCRIPTIONS]
 
     def start(self) -> None:
         self._writer.start()

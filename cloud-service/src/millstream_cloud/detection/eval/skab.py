@@ -13,7 +13,7 @@ import io
 import itertools
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -197,14 +197,7 @@ class ChangepointScore:
     windows: int
 
     def as_dict(self) -> dict[str, float | int]:
-        return {
-            "standard": self.standard,
-            "low_fp": self.low_fp,
-            "low_fn": self.low_fn,
-            "missed_cps": self.missed_cps,
-            "fps": self.fps,
-            "windows": self.windows,
-        }
+        return asdict(self)
 
 
 def predicted_changepoints(pred: np.ndarray) -> np.ndarray:
