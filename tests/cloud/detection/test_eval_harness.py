@@ -211,6 +211,13 @@ def test_skab_ragged_or_non_numeric_row_is_refused_with_its_line(
     (tmp_path / "v" / "0.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(EvalInputError, match=r"line 12: Accelerometer2RMS 'n/a' is not a number"):
         skab.load_runs(tmp_path)
+    # The changepoint score places windows by time: a row without one names its line.
+    fields = lines[11].split(";")
+    fields[2], fields[0] = "0.04", "yesterday"
+    lines[11] = ";".join(fields)
+    (tmp_path / "v" / "0.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(EvalInputError, match=r"line 12: datetime 'yesterday' is not a time"):
+        skab.load_runs(tmp_path)
 
 
 def test_sim_cli_takes_the_reading_interval_and_fleet_size(
