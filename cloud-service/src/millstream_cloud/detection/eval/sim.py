@@ -102,6 +102,7 @@ class Fleet:
     times_ns: np.ndarray
     series: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (device, metric)
     faults: list[Fault] = field(default_factory=list)
+    kinds: dict[str, str] = field(default_factory=dict)  # device -> "motor" or "pump"
 
     def batches(self, every: int = 6) -> Iterator[list[Reading]]:
         """Readings in time order, ``every`` samples of every device per batch."""
@@ -138,6 +139,7 @@ def simulate(config: SimConfig | None = None) -> Fleet:
     for d in range(cfg.devices):
         kind = kinds[d % len(kinds)]
         dev = f"{kind}-{d:02d}"
+        fleet.kinds[dev] = kind
         phase = rng.uniform(0, 2 * np.pi)
         load = 0.55 + 0.2 * np.sin(2 * np.pi * t_s / DAY_S + phase)
         # Operator load changes: a new set point every 1-3 hours.
@@ -153,22 +155,33 @@ def simulate(config: SimConfig | None = None) -> Fleet:
             base = off + gain * (thermal if slow else load)
             fleet.series[(dev, metric)] = base + rng.normal(0.0, sigma, n)
         if d < len(cfg.faults):
-            fleet.faults.append(_inject(fleet, dev, kind, cfg.faults[d], rng, t_s))
+            dur = FAULT_DURATION_S.get(cfg.faults[d], 0.0)
+            latest = cfg.hours * 3600 - dur - 3600
+            earliest = cfg.fault_after_h * 3600
+            inject(fleet, dev, cfg.faults[d], rng.uniform(earliest, max(latest, earliest + 1)), rng)
     return fleet
 
 
-def _inject(
-    fleet: Fleet, dev: str, kind: str, fault: str, rng: np.random.Generator, t_s: np.ndarray
+def inject(
+    fleet: Fleet,
+    device: str,
+    fault: str,
+    start_s: float,
+    rng: np.random.Generator | None = None,
 ) -> Fault:
+    """Inject ``fault`` into the metric of ``device`` that ``FAULT_METRIC`` names, from
+    ``start_s`` seconds into the fleet's time, and add its ground truth to ``fleet.faults``.
+    Faults of different metrics of one device may overlap (``rng`` places the spikes)."""
+    if fault not in FAULT_KINDS:
+        raise ValueError(f"unknown fault kind {fault!r}; known: {', '.join(FAULT_KINDS)}")
     cfg = fleet.config
+    kind = fleet.kinds[device]
     metric = FAULT_METRIC[kind][fault]
     sigma = KINDS[kind][metric][2]
-    dur = FAULT_DURATION_S[fault]
-    latest = cfg.hours * 3600 - dur - 3600
-    start = rng.uniform(cfg.fault_after_h * 3600, max(latest, cfg.fault_after_h * 3600 + 1))
-    x = fleet.series[(dev, metric)]
-    i0 = int(start / cfg.step_s)
-    i1 = min(int((start + dur) / cfg.step_s), len(x))
+    x = fleet.series[(device, metric)]
+    t_s = np.arange(len(x)) * cfg.step_s
+    i0 = int(start_s / cfg.step_s)
+    i1 = min(int((start_s + FAULT_DURATION_S[fault]) / cfg.step_s), len(x))
     rel = t_s[i0:i1] - t_s[i0]
     if fault == "drift":
         x[i0:i1] += sigma * np.minimum(rel / 3600.0, 1.0)
@@ -177,11 +190,11 @@ def _inject(
     elif fault == "level_shift":
         x[i0:i1] += 2.0 * sigma
     elif fault == "spikes":
-        idx = i0 + np.sort(rng.choice(i1 - i0, size=5, replace=False))
+        idx = i0 + np.sort((rng or np.random.default_rng(0)).choice(i1 - i0, 5, replace=False))
         x[idx] += 6.0 * sigma
     elif fault == "overheating":
         x[i0:i1] += 12.0 * np.minimum(rel / 1800.0, 1.0)
-    else:
-        raise ValueError(f"unknown fault kind {fault!r}; known: {', '.join(FAULT_KINDS)}")
     t = fleet.times_ns
-    return Fault(dev, metric, fault, int(t[i0]), int(t[i1 - 1]))
+    found = Fault(device, metric, fault, int(t[i0]), int(t[i1 - 1]))
+    fleet.faults.append(found)
+    return found
