@@ -294,6 +294,30 @@ def test_virtual_sensor_attributes_a_fault_to_its_own_metric() -> None:
     assert model.attribute(zs[300]) == 1
 
 
+def test_a_distrusted_metric_stops_leaking_into_the_others_predictions() -> None:
+    # Metric 1 shifts; its incident opens at row 150. Distrusted from then on (its recent
+    # past rewritten with its virtual values), it no longer pulls the others' predictions,
+    # so a fault of theirs would show as on a healthy device; its own residual is the same.
+    rng = np.random.default_rng(3)
+    load = np.repeat(rng.uniform(0.2, 1.0, 40), 50)
+    X = np.column_stack([g * load + rng.normal(0, 0.01, len(load)) for g in (1.0, 3.0, 2.0)])
+    model = VirtualSensorResidual(spans=(5, 20), smooth=20).fit(X[:1500])
+    Y = X[1500:].copy()
+    Y[100:, 1] += 0.1
+    trusting = VirtualSensorResidual()
+    trusting.load_state(json.loads(json.dumps(model.state_dict())))
+    _, z_all = trusting.residuals(Y)
+    model.residuals(Y[:150])
+    model.stand_in(np.vstack([X[1200:1500], Y[:150]]), [1])
+    _, z_in = model.residuals(Y[150:], distrust=[1])
+    assert np.abs(z_all[150:, [0, 2]]).max() > 20.0  # the shift's spread
+    assert np.abs(z_in[:, [0, 2]]).max() < 3.5  # from the first row distrusted
+    assert np.allclose(z_in[:, 1], z_all[150:, 1])
+    saved = VirtualSensorResidual()
+    saved.load_state(json.loads(json.dumps(model.state_dict())))
+    assert np.allclose(saved.residuals(Y[:50], [1])[1], model.residuals(Y[:50], [1])[1])
+
+
 def _lagged(x: np.ndarray, span: int) -> np.ndarray:
     a, out, acc = 2.0 / (span + 1.0), np.empty_like(x), x[0]
     for i, v in enumerate(x):

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import numpy as np
@@ -151,6 +151,13 @@ class EngineSettings:
     mv_min_on_rows: int = 30
     mv_quiet_rows: int = 360  # after an incident ends, its tail is not a new incident
     # (at least two of the slow model's lag spans, however long they are)
+    # Incidents open at once on a device. While one is open its metric stops feeding the
+    # model's predictions of the others (its virtual value stands in), so a second,
+    # independent fault is told from the first one's spread; it must reach mv_second_on
+    # (or mv_on, if higher): predictions made from a virtual value are less sure. 1: one
+    # incident per device, whatever else goes wrong meanwhile.
+    mv_max_incidents: int = 2
+    mv_second_on: float = 9.0
     # The device model sees one row per this many seconds (the mean of the complete rows in
     # it), so its row counts (a week, 12 h of training, spans, smoothing) are 10-s rows
     # whatever the reading rate; read every second and modelled per row, the simulator's
@@ -188,6 +195,8 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "mv_off": (0.1, None, False),
     "mv_min_on_rows": (1, 1_000_000, True),
     "mv_quiet_rows": (0, 10_000_000, True),
+    "mv_max_incidents": (1, 64, True),
+    "mv_second_on": (0.1, None, False),
     "mv_resolution_s": (0, 86_400, False),
 }
 
@@ -270,6 +279,18 @@ def check_rules(base: EngineSettings, rules: Sequence[Rule]) -> None:
         pair = {k: v for k, v in rule.overrides.items() if k in ("mv_on", "mv_off")}
         if pair:
             _check_pairs(replace(base, **pair), f"detection.rules[{i}]")
+
+
+class Incident(NamedTuple):
+    """A device model's new incident."""
+
+    time_ns: int
+    score: float
+    metric: int  # index of the metric held responsible
+    z: np.ndarray  # residual vector, in sigmas
+    row: np.ndarray
+    smooth: bool  # whether ``z`` is the smoothed residual (not one row's)
+    open: list[int]  # the metrics of the incidents already open on the device
 
 
 class DeviceModel:
@@ -460,17 +481,16 @@ class DeviceModel:
             before = x[k]
         return x, flagged
 
-    def add_rows(
-        self, rows: list[tuple[int, list[float]]]
-    ) -> list[tuple[int, float, int, np.ndarray, np.ndarray, bool]]:
-        """Score new complete rows in one matrix call.
+    def add_rows(self, rows: list[tuple[int, list[float]]]) -> list[Incident]:
+        """Score new complete rows in one matrix call and return the new incidents.
 
-        Returns the new incidents: (time, score, index of the metric held responsible,
-        its residual vector in sigmas, the row, whether the residual is the smoothed one). One gate per metric; when a gate opens,
-        the responsible metric is found by attribution, so a fault in one metric that leaks
-        into the predictions of another is still reported under its own name.
+        One gate per metric; when a gate opens, the responsible metric is found by
+        attribution, so a fault in one metric that leaks into the predictions of another
+        is still reported under its own name. While incidents are open, their metrics are
+        distrusted (``VirtualSensorResidual.residuals``) from the next call on, and another
+        metric clearly out of line opens an incident of its own (``mv_max_incidents``).
         """
-        out: list[tuple[int, float, int, np.ndarray, np.ndarray, bool]] = []
+        out: list[Incident] = []
         # A row may also hold the joining metrics, after the model's (for the next model).
         wide, width = rows, len(self.metrics)
         rows = [(t, r[:width]) for t, r in rows]
@@ -484,7 +504,8 @@ class DeviceModel:
                 self.prev_z, self.prev_x = np.zeros((2, m)), X[:1].copy()
                 self.prev_t = rows[0][0]
             X, glitched = self._clean(X, [t for t, _ in rows])
-            z_now, z_smooth = self.model.residuals(X)
+            distrust = sorted(self.open) if self.s.mv_max_incidents > 1 else []
+            z_now, z_smooth = self.model.residuals(X, distrust)
             # A spike is one sample out of line with both its neighbours, so each row is
             # judged one row late; a load change moves several rows in a row and is not one.
             Zp = np.vstack([self.prev_z, z_now])
@@ -525,20 +546,36 @@ class DeviceModel:
                         self.quiet_m[j] -= 1
                     if edge:
                         rising.append(j)
+                before = sorted(self.open)
+                if before:
+                    # Another metric's gate going off is the open incident's spread unless
+                    # it is clearly out of line with the incident's metrics distrusted.
+                    rising = self._beyond(A[k]) if len(before) < self.s.mv_max_incidents else []
                 if rising:
                     spike = a_inst[k].max() > a_smooth[k].max()
                     z = z_inst[k] if spike else z_smooth[k]
-                    j = self.model.attribute(z, smooth=not spike)
-                    # One incident per device at a time: while one is open, other metrics
-                    # going off are its spread through the model, reported with it.
-                    if not self.open and self.quiet_m[j] == 0:
+                    if before:
+                        others = [q for q in range(m) if q not in self.open]
+                        j = self.model.attribute(
+                            np.where(np.isin(range(m), before), 0.0, z),
+                            smooth=not spike,
+                            among=others,
+                        )
+                        score = float(A[k, j])
+                        found = j in rising
+                    else:
+                        j = self.model.attribute(z, smooth=not spike)
+                        score = float(A[k].max())
+                        found = self.quiet_m[j] == 0
+                    if found:
                         self.open.add(j)
                         # A spike is reported at the time of the row it is in.
-                        score = float(A[k].max())
                         if spike:
-                            out.append((t_inst[k], score, j, z, x_inst[k], False))
+                            out.append(Incident(t_inst[k], score, j, z, x_inst[k], False, before))
                         else:
-                            out.append((t, score, j, z, X[k], True))
+                            out.append(Incident(t, score, j, z, X[k], True, before))
+                        if self.s.mv_max_incidents > 1:
+                            self._stand_in(raw)
                 if self.open and all(not g.active for g in self.gates):
                     # The incident is over, but the lagged inputs of the slow model still
                     # remember the faulty values for a couple of lag spans: whatever the
@@ -565,6 +602,29 @@ class DeviceModel:
         if self.since_fit >= need and len(self.rows) >= self.s.mv_train_rows:
             self._fit()
         return out
+
+    def _beyond(self, a: np.ndarray) -> list[int]:
+        """The metrics outside the open incidents whose residual (with those distrusted)
+        reaches the bar of a further incident."""
+        bar = max(self.s.mv_on, self.s.mv_second_on)
+        return [
+            j
+            for j, g in enumerate(self.gates)
+            if j not in self.open and g.active and a[j] >= bar and self.quiet_m[j] == 0
+        ]
+
+    def _stand_in(self, raw: np.ndarray) -> None:
+        """Rewrite the model's inputs of the open incidents' metrics over their recent past
+        (the kept rows and this call's up to now, ``raw``) with their virtual values: the
+        faulty readings before the incident opened are still in the lagged averages."""
+        assert self.model is not None
+        back = self.rows.latest(self.model.memory_rows())
+        X = _rates(np.vstack([back, raw]) if len(back) else raw, self.counters, None)
+        # A glitch (65535, an error code) in the kept rows would swamp the averages; the
+        # live path holds it (``_clean``), here it is cut to the glitch bar.
+        lo, hi = self.model.training_range()
+        reach = self.GLITCH_RANGES * (hi - lo)
+        self.model.stand_in(np.clip(X, lo - reach, hi + reach), sorted(self.open))
 
     def decimate(
         self, rows: list[tuple[int, list[float]]], resolution_s: float
@@ -907,6 +967,11 @@ class DetectionEngine:
                 "train_rows": s.mv_train_rows,
                 "mv_on": s.mv_on,
                 "mv_off": s.mv_off,
+                # Metrics whose incident is open: distrusted as inputs until all are over.
+                "open_incidents": (
+                    [dev.metrics[j] for j in sorted(dev.open)] if dev is not None else []
+                ),
+                "max_incidents": s.mv_max_incidents,
             },
             "metrics": out,
         }
@@ -1060,8 +1125,8 @@ class DetectionEngine:
                 cols = dev.metrics + dev.joining if wide else dev.metrics
                 rows.append((t, [dev.last[m] for m in cols]))
         if multivariate and len(dev.metrics) > 1:
-            for t, score, j, z, x, smooth in dev.add_rows(dev.decimate(rows, s.mv_resolution_s)):
-                out.append(self._mv_anomaly(device, site, dev, t, score, j, z, x, smooth))
+            for inc in dev.add_rows(dev.decimate(rows, s.mv_resolution_s)):
+                out.append(self._mv_anomaly(device, site, dev, inc))
             out.extend(self._glitch(device, site, dev, t, j, v) for t, j, v in dev.glitched)
             dev.glitched.clear()
             self._retire(device, dev, s)
@@ -1266,20 +1331,16 @@ class DetectionEngine:
         device: str,
         site: str,
         dev: DeviceModel,
-        t: int,
-        score: float,
-        j: int,
-        z: np.ndarray,
-        x: np.ndarray,
-        smooth: bool,
+        inc: Incident,
     ) -> Anomaly:
         assert dev.model is not None
-        exp = dev.model.expected(x, z, smooth)
+        x, z, j = inc.row, inc.z, inc.metric
+        exp = dev.model.expected(x, z, inc.smooth)
         main = Contribution(dev.metrics[j], float(x[j]), float(exp[j]), float(z[j]))
         others = [
             Contribution(m, float(x[k]), float(exp[k]), float(z[k]))
             for k, m in enumerate(dev.metrics)
-            if k != j and abs(z[k]) >= 3.0
+            if k != j and k not in inc.open and abs(z[k]) >= 3.0
         ]
         others.sort(key=lambda c: abs(c.sigma), reverse=True)
         words = "what the other metrics predict for this load"
@@ -1288,9 +1349,20 @@ class DetectionEngine:
         text = explain([main], words)
         if others:
             text += "; also " + explain(others, "prediction", limit=2)
-        likelihood = 1.0 - math.erfc(score / math.sqrt(2.0))
+        if inc.open:
+            names = " and ".join(dev.metrics[k] for k in inc.open)
+            text += f"; a second incident: {names} already out of line"
+        likelihood = 1.0 - math.erfc(inc.score / math.sqrt(2.0))
         return Anomaly(
-            device, site, t, "virtual_sensor", score, likelihood, main.metric, text, [main, *others]
+            device,
+            site,
+            inc.time_ns,
+            "virtual_sensor",
+            inc.score,
+            likelihood,
+            main.metric,
+            text,
+            [main, *others],
         )
 
     # --- persistence -----------------------------------------------------------------

@@ -7,6 +7,7 @@ drive a score (:meth:`PCAT2Q.contributions`), which the explanations use.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -202,6 +203,13 @@ class VirtualSensorResidual:
     ``residuals(X)`` returns both per row and metric; the stream state carries over between
     calls, so rows must arrive in time order. A fault in one metric shows up in that
     metric's own residual, which is what the explanation names.
+
+    ``residuals(X, distrust)``: the listed metrics (under an open incident) no longer feed
+    the predictions of the others; their virtual values (the fast model's prediction from
+    the others) stand in, so a second fault shows in the others' residuals as on a healthy
+    device. Their own residuals still come from their readings. ``stand_in`` rewrites the
+    inputs' recent past the same way when a metric is first distrusted, since the faulty
+    values read before the incident opened are still in the lagged averages.
     """
 
     def __init__(
@@ -235,6 +243,8 @@ class VirtualSensorResidual:
         self.sig_short_: np.ndarray | None = None
         self._ema: np.ndarray | None = None
         self._s: np.ndarray | None = None  # smoothed metrics, last row
+        # ... as the predictions see it, where a distrusted metric's virtual value stands in
+        self._s_in: np.ndarray | None = None
         self._lagged: dict[int, np.ndarray] = {}  # lag span -> its EMA of the smoothed row
         self._recent: np.ndarray | None = None  # last smooth-1 slow residuals
         self._recent_fast: np.ndarray | None = None  # last LOCAL_ROWS fast residuals
@@ -375,14 +385,39 @@ class VirtualSensorResidual:
             sig = np.maximum(sig, _tail_aware_sd(_moving_mean(R_out, w)))
         return sig
 
-    def _slow_residuals(self, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Residuals of the slow model and the variance of its predictions."""
+    def _virtual(self, Z: np.ndarray, cols: list[int]) -> np.ndarray:
+        """``Z`` with ``cols`` replaced by the fast model's prediction of them from the
+        other metrics (which a metric's own column never enters)."""
+        F, _ = self._features(Z, self._ema)
+        out = Z.copy()
+        out[:, cols] = self._predict(F)[:, cols]
+        return out
+
+    def _slow_residuals(
+        self, Z: np.ndarray, Z_in: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Residuals of the slow model and the variance of its predictions, made from
+        ``Z_in`` where given (its distrusted metrics' virtual values)."""
         assert self.slow_coef_ is not None
         assert self._s is not None
+        before = self._s if self._s_in is None else self._s_in
         S, self._s = _ema(Z, self.slow_span, self._s)
+        S_in = S
+        self._s_in = None
+        if Z_in is not None:
+            S_in, self._s_in = _ema(Z_in, self.slow_span, before)
         L = {}
         for span, last in self._lagged.items():
-            L[span], self._lagged[span] = _ema(S, span, last)
+            L[span], self._lagged[span] = _ema(S_in, span, last)
+        pred, var = self._slow_predict(S_in, L)
+        return S - pred, var
+
+    def _slow_predict(
+        self, S: np.ndarray, L: dict[int, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The slow model's predictions from the smoothed rows ``S`` and their lagged
+        copies ``L`` (per lag span), and the variance of each."""
+        assert self.slow_coef_ is not None
         pred = np.empty_like(S)
         var = np.empty_like(S)
         design = {span: _design(S, L[span] if span else None) for span in set(self.lags_)}
@@ -391,7 +426,7 @@ class VirtualSensorResidual:
             pred[:, j] = D @ self.slow_coef_[j]
             Dj = D[:, self.slow_idx_[j]]
             var[:, j] = np.einsum("ni,ij,nj->n", Dj, self.slow_cov_[j], Dj)
-        return S - pred, var
+        return pred, var
 
     # --- public ------------------------------------------------------------------------
     def fit(self, X: np.ndarray) -> VirtualSensorResidual:
@@ -422,8 +457,11 @@ class VirtualSensorResidual:
             setattr(self, name, np.maximum(getattr(self, name), floor))
         return self
 
-    def residuals(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(instantaneous z, smoothed z), each rows x metrics; advances the stream state."""
+    def residuals(
+        self, X: np.ndarray, distrust: Sequence[int] = ()
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(instantaneous z, smoothed z), each rows x metrics; advances the stream state.
+        The ``distrust`` metrics' virtual values stand in for them as the others' inputs."""
         if (
             self.coef_ is None
             or self.mean_ is None
@@ -436,11 +474,12 @@ class VirtualSensorResidual:
         ):
             raise RuntimeError("VirtualSensorResidual is not fitted; call fit(X) first")
         Z = (_as2d(X) - self.mean_) / self.scale_
-        F, self._ema = self._features(Z, self._ema)
+        Z_in = self._virtual(Z, list(distrust)) if distrust else Z
+        F, self._ema = self._features(Z_in, self._ema)
         R_fast = Z - self._predict(F)
         zi = _local(R_fast, self._recent_fast) / self.sig_
         self._recent_fast = np.vstack([self._recent_fast, R_fast])[-LOCAL_ROWS:]
-        R, var = self._slow_residuals(Z)
+        R, var = self._slow_residuals(Z, Z_in if distrust else None)
         allr = np.vstack([self._recent, R])
         k = len(R)
         c = np.cumsum(np.vstack([np.zeros(R.shape[1]), allr]), axis=0)
@@ -511,16 +550,60 @@ class VirtualSensorResidual:
                 L[k, j] = -per_other[idx]
         return L
 
-    def attribute(self, z: np.ndarray, smooth: bool = True) -> int:
-        """The metric whose own fault best explains the residual vector ``z`` (in sigmas),
-        accounting for how a fault in one metric leaks into the predictions of the others
-        (reconstruction-based contribution)."""
+    def stand_in(self, X: np.ndarray, cols: Sequence[int]) -> None:
+        """The state as if the virtual values of ``cols`` had stood in for them over
+        ``X``, the recent rows up to the current one (long enough for the longest average
+        to forget what came before: ``memory_rows``): their inputs' averages, and the
+        other metrics' recent residuals that the smoothed residual still averages."""
+        if (
+            self.mean_ is None
+            or self.scale_ is None
+            or self._ema is None
+            or self._s is None
+            or self._recent is None
+            or self._recent_fast is None
+        ):
+            raise RuntimeError("VirtualSensorResidual is not fitted; call fit(X) first")
+        cols = list(cols)
+        rest = [j for j in range(len(self._s)) if j not in cols]
+        Z = (_as2d(X) - self.mean_) / self.scale_
+        F, _ = self._features(Z, None)
+        Z_in = Z.copy()
+        Z_in[:, cols] = self._predict(F)[:, cols]
+        F_in, ema = self._features(Z_in, None)
+        self._ema[:, cols] = ema[:, cols]
+        _replace_tail(self._recent_fast, (Z - self._predict(F_in))[:, rest], rest)
+        S, _ = _ema(Z, self.slow_span, Z[0])
+        S_in, s_last = _ema(Z_in, self.slow_span, Z_in[0])
+        if self._s_in is None:
+            self._s_in = self._s.copy()
+        self._s_in[cols] = s_last[cols]
+        L = {}
+        for span, lagged in self._lagged.items():
+            L[span], last = _ema(S_in, span, S_in[0])
+            lagged[cols] = last[cols]
+        pred, _ = self._slow_predict(S_in, L)
+        _replace_tail(self._recent, (S - pred)[:, rest], rest)
+
+    def memory_rows(self) -> int:
+        """Rows after which the longest moving average has all but forgotten a value (its
+        weight under 0.3 %)."""
+        return 3 * max((*self.spans, *self.lags_, self.slow_span))
+
+    def attribute(
+        self, z: np.ndarray, smooth: bool = True, among: Sequence[int] | None = None
+    ) -> int:
+        """The metric (of ``among``, default all) whose own fault best explains the
+        residual vector ``z`` (in sigmas), accounting for how a fault in one metric leaks
+        into the predictions of the others (reconstruction-based contribution)."""
         assert self.sig_ is not None and self.sig_smooth_ is not None
         sig = self.sig_smooth_ if smooth else self.sig_
         Ln = self.leak_matrix(smooth) / sig[:, None]
         num = (Ln.T @ z) ** 2
-        den = np.maximum(np.sum(Ln**2, axis=0), 1e-12)
-        return int(np.argmax(num / den))
+        fit = num / np.maximum(np.sum(Ln**2, axis=0), 1e-12)
+        if among is not None:
+            fit = np.where(np.isin(np.arange(len(fit)), list(among)), fit, -1.0)
+        return int(np.argmax(fit))
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         _, smooth = self.residuals(X)
@@ -553,6 +636,7 @@ class VirtualSensorResidual:
             "sig_short": lst(self.sig_short_),
             "ema": lst(self._ema),
             "s": lst(self._s),
+            "s_in": lst(self._s_in),
             "lagged": {str(k): v.tolist() for k, v in self._lagged.items()},
             "recent": lst(self._recent),
             "recent_fast": lst(self._recent_fast),
@@ -579,6 +663,7 @@ class VirtualSensorResidual:
         self.slow_cov_ = [np.asarray(c, dtype=float) for c in state["slow_cov"]]
         self.sig_short_ = arr(state["sig_short"])
         self._ema, self._s = arr(state["ema"]), arr(state["s"])
+        self._s_in = arr(state.get("s_in"))  # saved before a second incident was possible
         self._lagged = {int(k): np.asarray(v, dtype=float) for k, v in state["lagged"].items()}
         self._recent = arr(state["recent"])
         self._recent_fast = arr(state["recent_fast"])
@@ -610,6 +695,13 @@ def _ema(X: np.ndarray, span: int, init: np.ndarray) -> tuple[np.ndarray, np.nda
     zi = ((1.0 - a) * np.asarray(init, dtype=float))[None, :]
     Y, _ = lfilter([a], [1.0, a - 1.0], X, axis=0, zi=zi)
     return Y, Y[-1].copy()
+
+
+def _replace_tail(kept: np.ndarray, new: np.ndarray, cols: list[int]) -> None:
+    """Overwrite the last rows of ``kept``'s columns ``cols`` with the last of ``new``."""
+    k = min(len(kept), len(new))
+    if k:
+        kept[-k:, cols] = new[-k:]
 
 
 def _design(S: np.ndarray, L: np.ndarray | None) -> np.ndarray:
