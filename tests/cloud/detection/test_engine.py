@@ -149,6 +149,30 @@ def test_a_second_fault_while_the_first_is_open_is_an_incident_of_its_own(
         assert [c.metric for c in second.contributions if c.metric == "bearing_temp_c"] == []
 
 
+def test_a_stuck_sensor_is_distrusted_and_a_fault_beside_it_is_named_right() -> None:
+    # The current sticks at 20:00 (the stuck check reports it); at 20:20 the speed shifts.
+    # The stuck value fed the others' predictions: before it was distrusted, the shift's
+    # incident came with one naming the healthy vibration.
+    fleet = simulate(SimConfig(seed=0, devices=1, hours=23, faults=()))
+    stuck = inject(fleet, "motor-00", "stuck", 20 * 3600)
+    shift = inject(fleet, "motor-00", "level_shift", 20 * 3600 + 1200)
+    engine = DetectionEngine(EngineSettings())
+    found: list[Anomaly] = []
+    distrusted = []
+    for batch in fleet.batches():
+        found += engine.observe(batch)
+        model = engine.describe("motor-00", None, [])["device_model"]
+        if stuck.start_ns < batch[0].time_ns < shift.start_ns:
+            distrusted.append(model["distrusted"])
+    assert [(a.detector, a.metric) for a in found] == [
+        ("stuck", "current_a"),
+        ("virtual_sensor", "speed_rpm"),
+    ]
+    assert shift.start_ns < found[1].time_ns < shift.end_ns
+    assert found[1].explanation.endswith("a second incident: current_a already out of line")
+    assert distrusted[-1] == ["current_a"]
+
+
 def test_steady_signal_raises_nothing() -> None:
     engine = DetectionEngine(FAST)
     rng = np.random.default_rng(0)

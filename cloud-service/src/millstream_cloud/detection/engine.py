@@ -305,6 +305,9 @@ class DeviceModel:
         self.gates: list[Hysteresis] = []
         self.quiet_m: list[int] = []
         self.open: set[int] = set()  # metrics with an incident in progress
+        # Metrics the stuck check reported, until they move again: distrusted as inputs
+        # like the open incidents' (their readings are known to be wrong), not reported.
+        self.stuck: set[int] = set()
         self.last_excursion: list[int] = []
         self.prev_z = np.zeros((0, 0))  # fast residuals of the last two rows
         self.prev_x = np.zeros((0, 0))  # the last row
@@ -481,7 +484,9 @@ class DeviceModel:
             before = x[k]
         return x, flagged
 
-    def add_rows(self, rows: list[tuple[int, list[float]]]) -> list[Incident]:
+    def add_rows(
+        self, rows: list[tuple[int, list[float]]], stuck: Iterable[str] = ()
+    ) -> list[Incident]:
         """Score new complete rows in one matrix call and return the new incidents.
 
         One gate per metric; when a gate opens, the responsible metric is found by
@@ -489,6 +494,7 @@ class DeviceModel:
         is still reported under its own name. While incidents are open, their metrics are
         distrusted (``VirtualSensorResidual.residuals``) from the next call on, and another
         metric clearly out of line opens an incident of its own (``mv_max_incidents``).
+        The ``stuck`` metrics (reported by the stuck check) are distrusted too.
         """
         out: list[Incident] = []
         # A row may also hold the joining metrics, after the model's (for the next model).
@@ -504,7 +510,9 @@ class DeviceModel:
                 self.prev_z, self.prev_x = np.zeros((2, m)), X[:1].copy()
                 self.prev_t = rows[0][0]
             X, glitched = self._clean(X, [t for t, _ in rows])
-            distrust = sorted(self.open) if self.s.mv_max_incidents > 1 else []
+            if self.s.mv_max_incidents > 1:
+                self._take_stuck(stuck)
+            distrust = self.known() if self.s.mv_max_incidents > 1 else []
             z_now, z_smooth = self.model.residuals(X, distrust)
             # A spike is one sample out of line with both its neighbours, so each row is
             # judged one row late; a load change moves several rows in a row and is not one.
@@ -546,7 +554,7 @@ class DeviceModel:
                         self.quiet_m[j] -= 1
                     if edge:
                         rising.append(j)
-                before = sorted(self.open)
+                before = self.known() if self.s.mv_max_incidents > 1 else sorted(self.open)
                 if before:
                     # Another metric's gate going off is the open incident's spread unless
                     # it is clearly out of line with the incident's metrics distrusted.
@@ -555,11 +563,12 @@ class DeviceModel:
                     spike = a_inst[k].max() > a_smooth[k].max()
                     z = z_inst[k] if spike else z_smooth[k]
                     if before:
-                        others = [q for q in range(m) if q not in self.open]
+                        others = [q for q in range(m) if q not in before]
                         j = self.model.attribute(
                             np.where(np.isin(range(m), before), 0.0, z),
                             smooth=not spike,
                             among=others,
+                            distrust=before,
                         )
                         score = float(A[k, j])
                         found = j in rising
@@ -603,28 +612,48 @@ class DeviceModel:
             self._fit()
         return out
 
+    def known(self) -> list[int]:
+        """The metrics known to be wrong: the open incidents' and the stuck ones."""
+        return sorted(self.open | self.stuck)
+
+    def _take_stuck(self, names: Iterable[str]) -> None:
+        """Distrust the metrics reported stuck, their recent past included (a stuck
+        sensor's value has been wrong since its run began). One that moves again joins the
+        open incidents unreported, so it stays distrusted until every gate is off, and the
+        quiet period after an incident follows: its readings jump back from where its
+        stand-in was, and the lagged inputs still hold the stand-in's values."""
+        now = {self.metrics.index(n) for n in names if n in self.metrics}
+        self.open |= self.stuck - now
+        grew = bool(now - self.stuck)
+        self.stuck = now
+        if grew:
+            self._stand_in(np.empty((0, len(self.metrics))))
+
     def _beyond(self, a: np.ndarray) -> list[int]:
-        """The metrics outside the open incidents whose residual (with those distrusted)
+        """The metrics not known to be wrong whose residual (with those distrusted)
         reaches the bar of a further incident."""
         bar = max(self.s.mv_on, self.s.mv_second_on)
+        known = self.known()
         return [
             j
             for j, g in enumerate(self.gates)
-            if j not in self.open and g.active and a[j] >= bar and self.quiet_m[j] == 0
+            if j not in known and g.active and a[j] >= bar and self.quiet_m[j] == 0
         ]
 
     def _stand_in(self, raw: np.ndarray) -> None:
-        """Rewrite the model's inputs of the open incidents' metrics over their recent past
-        (the kept rows and this call's up to now, ``raw``) with their virtual values: the
-        faulty readings before the incident opened are still in the lagged averages."""
+        """Rewrite the model's inputs of the metrics known to be wrong over their recent
+        past (the kept rows and this call's up to now, ``raw``) with their virtual values:
+        the faulty readings before the incident opened are still in the lagged averages."""
         assert self.model is not None
         back = self.rows.latest(self.model.memory_rows())
         X = _rates(np.vstack([back, raw]) if len(back) else raw, self.counters, None)
+        if not len(X):
+            return
         # A glitch (65535, an error code) in the kept rows would swamp the averages; the
         # live path holds it (``_clean``), here it is cut to the glitch bar.
         lo, hi = self.model.training_range()
         reach = self.GLITCH_RANGES * (hi - lo)
-        self.model.stand_in(np.clip(X, lo - reach, hi + reach), sorted(self.open))
+        self.model.stand_in(np.clip(X, lo - reach, hi + reach), self.known())
 
     def decimate(
         self, rows: list[tuple[int, list[float]]], resolution_s: float
@@ -670,6 +699,7 @@ class DeviceModel:
             "gates": [g.state_dict() for g in self.gates],
             "quiet": self.quiet_m,
             "open": sorted(self.open),
+            "stuck": sorted(self.stuck),
             "since_fit": self.since_fit,
             "last_excursion": self.last_excursion,
             "prev_z": self.prev_z.tolist(),
@@ -704,6 +734,7 @@ class DeviceModel:
             self.gates.append(gate)
         self.quiet_m = [int(q) for q in st["quiet"]]
         self.open = {int(j) for j in st["open"]}
+        self.stuck = {int(j) for j in st.get("stuck", ())}
         self.since_fit = int(st["since_fit"])
         self.last_excursion = [int(v) for v in st["last_excursion"]]
         self.prev_z = np.asarray(st["prev_z"], dtype=float).reshape(-1, len(self.metrics))
@@ -967,9 +998,15 @@ class DetectionEngine:
                 "train_rows": s.mv_train_rows,
                 "mv_on": s.mv_on,
                 "mv_off": s.mv_off,
-                # Metrics whose incident is open: distrusted as inputs until all are over.
+                # Metrics whose incident is open, and those (stuck ones too) not used as
+                # inputs meanwhile: their virtual values stand in.
                 "open_incidents": (
                     [dev.metrics[j] for j in sorted(dev.open)] if dev is not None else []
+                ),
+                "distrusted": (
+                    [dev.metrics[j] for j in dev.known()]
+                    if dev is not None and s.mv_max_incidents > 1
+                    else []
                 ),
                 "max_incidents": s.mv_max_incidents,
             },
@@ -1125,7 +1162,8 @@ class DetectionEngine:
                 cols = dev.metrics + dev.joining if wide else dev.metrics
                 rows.append((t, [dev.last[m] for m in cols]))
         if multivariate and len(dev.metrics) > 1:
-            for inc in dev.add_rows(dev.decimate(rows, s.mv_resolution_s)):
+            stuck = [m for m in dev.metrics if (c := self.stuck.get((device, m))) and c.raised]
+            for inc in dev.add_rows(dev.decimate(rows, s.mv_resolution_s), stuck):
                 out.append(self._mv_anomaly(device, site, dev, inc))
             out.extend(self._glitch(device, site, dev, t, j, v) for t, j, v in dev.glitched)
             dev.glitched.clear()

@@ -387,8 +387,13 @@ class VirtualSensorResidual:
 
     def _virtual(self, Z: np.ndarray, cols: list[int]) -> np.ndarray:
         """``Z`` with ``cols`` replaced by the fast model's prediction of them from the
-        other metrics (which a metric's own column never enters)."""
-        F, _ = self._features(Z, self._ema)
+        other metrics (which a metric's own column never enters). Two distrusted metrics
+        do not read each other's readings: each is held at its latest virtual value (the
+        shortest average of it as an input) while the other is predicted."""
+        assert self._ema is not None
+        held = Z.copy()
+        held[:, cols] = self._ema[0, cols]
+        F, _ = self._features(held, self._ema)
         out = Z.copy()
         out[:, cols] = self._predict(F)[:, cols]
         return out
@@ -525,10 +530,11 @@ class VirtualSensorResidual:
         sig = self.sig_smooth_ if smooth and self.sig_smooth_ is not None else self.sig_
         return np.asarray(x, dtype=float) - z * sig * self.scale_
 
-    def leak_matrix(self, smooth: bool = False) -> np.ndarray:
+    def leak_matrix(self, smooth: bool = False, distrust: Sequence[int] = ()) -> np.ndarray:
         """Column j: how an offset of 1 (standardised) in metric j shows up in every metric's
         residual: a new offset in the smoothed model's (``smooth``; as it shows when an
-        incident opens), a one-row spike in the fast model's."""
+        incident opens), a one-row spike in the fast model's. With ``distrust``, an offset
+        also leaks through the virtual values that stand in for those metrics."""
         assert self.coef_ is not None and self.slow_coef_ is not None
         m = self.coef_.shape[0]
         L = np.eye(m)
@@ -538,8 +544,16 @@ class VirtualSensorResidual:
             # current values only. With the steady-state gains (lagged ones included) a
             # 2 A offset of a motor's current was named as the vibration (lag 960 rows),
             # which those gains expected to be pulled down far more than it yet was.
-            gain = self.slow_coef_[:, :m]
-            return L - gain * (1 - np.eye(m))
+            gain = self.slow_coef_[:, :m] * (1 - np.eye(m))
+            if distrust:
+                d = list(distrust)
+                virtual = self._virtual_gain()
+                virtual[np.ix_(d, d)] = 0.0  # each held while the other is predicted
+                via = gain[:, d] @ virtual[d, :]  # through the stand-ins' predictions
+                gain = gain.copy()
+                gain[:, d] = 0.0
+                gain += via
+            return L - gain
         n_feat = 1 + len(self.spans)
         # A single-row spike reaches an EMA feature only with its weight 2 / (span + 1).
         w = np.array([1.0] + [2.0 / (s + 1.0) for s in self.spans])
@@ -549,6 +563,20 @@ class VirtualSensorResidual:
             for idx, j in enumerate(others):
                 L[k, j] = -per_other[idx]
         return L
+
+    def _virtual_gain(self) -> np.ndarray:
+        """Row c: how a virtual value of metric c follows an offset of each other metric
+        that has lasted a while (the fast model's gains on its current value and on the
+        shorter averages, which have taken the offset in by the time a gate opens)."""
+        assert self.coef_ is not None
+        m = self.coef_.shape[0]
+        n_feat = 1 + len(self.spans)
+        settled = np.array([1.0] + [1.0 if s <= 30 else 0.0 for s in self.spans])
+        V = np.zeros((m, m))
+        for c in range(m):
+            per_other = (settled[:, None] * self.coef_[c, :-1].reshape(n_feat, m - 1)).sum(0)
+            V[c, [j for j in range(m) if j != c]] = per_other
+        return V
 
     def stand_in(self, X: np.ndarray, cols: Sequence[int]) -> None:
         """The state as if the virtual values of ``cols`` had stood in for them over
@@ -591,14 +619,19 @@ class VirtualSensorResidual:
         return 3 * max((*self.spans, *self.lags_, self.slow_span))
 
     def attribute(
-        self, z: np.ndarray, smooth: bool = True, among: Sequence[int] | None = None
+        self,
+        z: np.ndarray,
+        smooth: bool = True,
+        among: Sequence[int] | None = None,
+        distrust: Sequence[int] = (),
     ) -> int:
         """The metric (of ``among``, default all) whose own fault best explains the
         residual vector ``z`` (in sigmas), accounting for how a fault in one metric leaks
-        into the predictions of the others (reconstruction-based contribution)."""
+        into the predictions of the others (reconstruction-based contribution), through
+        the ``distrust`` metrics' virtual values too."""
         assert self.sig_ is not None and self.sig_smooth_ is not None
         sig = self.sig_smooth_ if smooth else self.sig_
-        Ln = self.leak_matrix(smooth) / sig[:, None]
+        Ln = self.leak_matrix(smooth, distrust if smooth else ()) / sig[:, None]
         num = (Ln.T @ z) ** 2
         fit = num / np.maximum(np.sum(Ln**2, axis=0), 1e-12)
         if among is not None:
