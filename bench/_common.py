@@ -46,6 +46,13 @@ def write_result(result: dict, out: str | Path) -> None:
     print(json.dumps(result, indent=2))
 
 
+def save_json(out: dict, path: Path) -> None:
+    """Write a benchmark's figures to ``path`` (keys sorted) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+
+
 def ensure_checkout(checkout: Path, probe: str, url: str, result: Path, flag: str) -> None:
     """Make sure ``checkout`` holds a clone of ``url`` (``probe`` inside it must exist),
     cloning it if not; when that fails too (no network), say how to get one, write

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from _common import save_json
 
 from millstream_cloud.detection.engine import EngineSettings
 from millstream_cloud.detection.streaming import StreamingEnsemble
@@ -87,6 +87,4 @@ if __name__ == "__main__":
         f"{p['snapshots_mb']:.2f} MB, week of extremes {p['week_extremes_mb']:.3f} MB"
     )
     path = ROOT / "bench" / "results" / "detection_memory.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    print(f"wrote {path}")
+    save_json(out, path)

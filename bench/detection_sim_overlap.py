@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from multiprocessing import Pool
 from pathlib import Path
 from statistics import median
 from typing import Any
+
+from _common import save_json
 
 from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
 from millstream_cloud.detection.eval.sim import (
@@ -143,6 +144,4 @@ if __name__ == "__main__":
             f"{result['median_first_delay_s']} s / {result['median_second_delay_s']} s"
         )
     path = ROOT / "bench" / "results" / "detection_sim_overlap.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    print(f"wrote {path}")
+    save_json(out, path)
