@@ -392,7 +392,7 @@ class VirtualSensorResidual:
         shortest average of it as an input) while the other is predicted."""
         assert self._ema is not None
         held = Z.copy()
-        held[:, cols] = self._ema[0, cols]
+        held[:, cols] = self._ema[int(np.argmin(self.spans)), cols]
         F, _ = self._features(held, self._ema)
         out = Z.copy()
         out[:, cols] = self._predict(F)[:, cols]
@@ -567,7 +567,8 @@ class VirtualSensorResidual:
     def _virtual_gain(self) -> np.ndarray:
         """Row c: how a virtual value of metric c follows an offset of each other metric
         that has lasted a while (the fast model's gains on its current value and on the
-        shorter averages, which have taken the offset in by the time a gate opens)."""
+        averages of up to 30 rows, which have taken the offset in by the time a gate
+        opens, tens of rows into it)."""
         assert self.coef_ is not None
         m = self.coef_.shape[0]
         n_feat = 1 + len(self.spans)
@@ -582,7 +583,8 @@ class VirtualSensorResidual:
         """The state as if the virtual values of ``cols`` had stood in for them over
         ``X``, the recent rows up to the current one (long enough for the longest average
         to forget what came before: ``memory_rows``): their inputs' averages, and the
-        other metrics' recent residuals that the smoothed residual still averages."""
+        other metrics' recent residuals that the smoothed residual still averages. Over
+        that past each of ``cols`` is predicted from the others' readings, theirs too."""
         if (
             self.mean_ is None
             or self.scale_ is None
