@@ -510,9 +510,10 @@ class DeviceModel:
                 self.prev_z, self.prev_x = np.zeros((2, m)), X[:1].copy()
                 self.prev_t = rows[0][0]
             X, glitched = self._clean(X, [t for t, _ in rows])
-            if self.s.mv_max_incidents > 1:
-                self._take_stuck(stuck)
-            distrust = self.known() if self.s.mv_max_incidents > 1 else []
+            # One incident per device (mv_max_incidents 1): nothing distrusted, as before.
+            several = self.s.mv_max_incidents > 1
+            self._take_stuck(stuck if several else ())
+            distrust = self.known() if several else []
             z_now, z_smooth = self.model.residuals(X, distrust)
             # A spike is one sample out of line with both its neighbours, so each row is
             # judged one row late; a load change moves several rows in a row and is not one.
@@ -554,7 +555,7 @@ class DeviceModel:
                         self.quiet_m[j] -= 1
                     if edge:
                         rising.append(j)
-                before = self.known() if self.s.mv_max_incidents > 1 else sorted(self.open)
+                before = self.known()
                 if before:
                     # Another metric's gate going off is the open incident's spread unless
                     # it is clearly out of line with the incident's metrics distrusted.
@@ -583,7 +584,7 @@ class DeviceModel:
                             out.append(Incident(t_inst[k], score, j, z, x_inst[k], False, before))
                         else:
                             out.append(Incident(t, score, j, z, X[k], True, before))
-                        if self.s.mv_max_incidents > 1:
+                        if several:
                             self._stand_in(raw)
                 if self.open and all(not g.active for g in self.gates):
                     # The incident is over, but the lagged inputs of the slow model still
