@@ -290,7 +290,8 @@ class Incident(NamedTuple):
     z: np.ndarray  # residual vector, in sigmas
     row: np.ndarray
     smooth: bool  # whether ``z`` is the smoothed residual (not one row's)
-    open: list[int]  # the metrics of the incidents already open on the device
+    open: list[int]  # the metrics known to be wrong on the device (distrusted meanwhile)
+    ended: list[int]  # those of them whose incident ended within its quiet period
 
 
 class DeviceModel:
@@ -308,6 +309,10 @@ class DeviceModel:
         # Metrics the stuck check reported, until they move again: distrusted as inputs
         # like the open incidents' (their readings are known to be wrong), not reported.
         self.stuck: set[int] = set()
+        # Metrics whose incident ended, with the rows left of its quiet period: still
+        # distrusted (their lagged inputs hold the stand-in's values), not reported again,
+        # while the other metrics may raise an incident of their own at mv_second_on.
+        self.recovering: dict[int, int] = {}
         self.last_excursion: list[int] = []
         self.prev_z = np.zeros((0, 0))  # fast residuals of the last two rows
         self.prev_x = np.zeros((0, 0))  # the last row
@@ -400,6 +405,22 @@ class DeviceModel:
         self.model, self.counters = fitted
         self.prev_raw = self.rows.last()
         self.since_fit = 0
+        self._resume()
+
+    def _resume(self) -> None:
+        """Bring a new model's stream state (its averages, the recent residuals it
+        averages) up to now. Fitted, it ends where its training rows end, and those skip
+        the rows inside an incident: a model retrained mid-incident scored the next rows
+        from the state of the last healthy one, without its distrusted metrics' stand-ins,
+        and raised a false incident on a healthy metric as the lagged averages caught up.
+        So it is run over the latest rows the way the live path would have run it."""
+        assert self.model is not None
+        distrust = self.known() if self.s.mv_max_incidents > 1 else []
+        if not distrust and not self.rows.flags()[-self.model.memory_rows() :].any():
+            return  # trained up to the latest row: its state is the stream's
+        X = self._recent_inputs(np.empty((0, len(self.metrics))))
+        if len(X):
+            self.model.residuals(X, distrust)
 
     def _fitted(
         self, rows: RowWindow, width: int
@@ -427,7 +448,7 @@ class DeviceModel:
     def _take_joining(self) -> None:
         """Train a model of all metrics, the joining ones included, on the rows gathered
         since they joined, and switch to it (between incidents: gates start afresh)."""
-        if self.open or any(g.active for g in self.gates):
+        if self.open or self.recovering or any(g.active for g in self.gates):
             return
         fitted = self._fitted(self.next_rows, len(self.metrics) + len(self.joining))
         if fitted is None:
@@ -555,11 +576,20 @@ class DeviceModel:
                         self.quiet_m[j] -= 1
                     if edge:
                         rising.append(j)
+                released = self._recover()
                 before = self.known()
                 if before:
                     # Another metric's gate going off is the open incident's spread unless
                     # it is clearly out of line with the incident's metrics distrusted.
                     rising = self._beyond(A[k]) if len(before) < self.s.mv_max_incidents else []
+                elif released:
+                    # A gate that opened under the second bar while the last incident's
+                    # metrics were still distrusted has had no rising edge since.
+                    rising += [
+                        j
+                        for j, g in enumerate(self.gates)
+                        if g.active and A[k, j] >= self.s.mv_on and self.quiet_m[j] == 0
+                    ]
                 if rising:
                     spike = a_inst[k].max() > a_smooth[k].max()
                     z = z_inst[k] if spike else z_smooth[k]
@@ -578,21 +608,31 @@ class DeviceModel:
                         score = float(A[k].max())
                         found = self.quiet_m[j] == 0
                     if found:
+                        ended = [q for q in before if q in self.recovering]
                         self.open.add(j)
                         # A spike is reported at the time of the row it is in.
                         if spike:
-                            out.append(Incident(t_inst[k], score, j, z, x_inst[k], False, before))
+                            out.append(
+                                Incident(t_inst[k], score, j, z, x_inst[k], False, before, ended)
+                            )
                         else:
-                            out.append(Incident(t, score, j, z, X[k], True, before))
+                            out.append(Incident(t, score, j, z, X[k], True, before, ended))
                         if several:
                             self._stand_in(raw)
                 if self.open and all(not g.active for g in self.gates):
                     # The incident is over, but the lagged inputs of the slow model still
                     # remember the faulty values for a couple of lag spans: whatever the
-                    # other metrics' residuals do meanwhile is its aftermath, not news.
-                    self.open.clear()
+                    # other metrics' residuals do meanwhile is its aftermath, not news ...
                     after = max(self.s.mv_quiet_rows, 2 * max(self.model.lags_, default=0))
-                    self.quiet_m = [max(q, after) for q in self.quiet_m]
+                    if several:
+                        # ... unless they are clearly out of line with its metrics still
+                        # distrusted (what the lagged inputs hold is their stand-ins').
+                        for j in self.open:
+                            self.recovering[j] = after
+                            self.quiet_m[j] = max(self.quiet_m[j], after)
+                    else:
+                        self.quiet_m = [max(q, after) for q in self.quiet_m]
+                    self.open.clear()
                 self.n_rows += 1
                 new_flags.append(any(g.active for g in self.gates) or glitched[k])
         else:
@@ -614,8 +654,21 @@ class DeviceModel:
         return out
 
     def known(self) -> list[int]:
-        """The metrics known to be wrong: the open incidents' and the stuck ones."""
-        return sorted(self.open | self.stuck)
+        """The metrics known to be wrong: the open incidents', the stuck ones and those
+        whose incident ended within its quiet period."""
+        return sorted(self.open | self.stuck | self.recovering.keys())
+
+    def _recover(self) -> bool:
+        """Count one row of the recovering metrics' quiet periods; whether the last of them
+        ended (a metric back under an open incident leaves them at once)."""
+        if not self.recovering:
+            return False
+        for j in list(self.recovering):
+            if j in self.open or self.recovering[j] <= 1:
+                del self.recovering[j]
+            else:
+                self.recovering[j] -= 1
+        return not self.recovering
 
     def _take_stuck(self, names: Iterable[str]) -> None:
         """Distrust the metrics reported stuck, their recent past included (a stuck
@@ -645,16 +698,21 @@ class DeviceModel:
         """Rewrite the model's inputs of the metrics known to be wrong over their recent
         past (the kept rows and this call's up to now, ``raw``) with their virtual values:
         the faulty readings before the incident opened are still in the lagged averages."""
+        X = self._recent_inputs(raw)
+        if len(X):
+            self.model.stand_in(X, self.known())
+
+    def _recent_inputs(self, raw: np.ndarray) -> np.ndarray:
+        """The model's inputs over its memory (``memory_rows``): the kept rows, then
+        ``raw`` (this call's rows up to now, as read)."""
         assert self.model is not None
         back = self.rows.latest(self.model.memory_rows())
         X = _rates(np.vstack([back, raw]) if len(back) else raw, self.counters, None)
-        if not len(X):
-            return
         # A glitch (65535, an error code) in the kept rows would swamp the averages; the
         # live path holds it (``_clean``), here it is cut to the glitch bar.
         lo, hi = self.model.training_range()
         reach = self.GLITCH_RANGES * (hi - lo)
-        self.model.stand_in(np.clip(X, lo - reach, hi + reach), self.known())
+        return np.clip(X, lo - reach, hi + reach)
 
     def decimate(
         self, rows: list[tuple[int, list[float]]], resolution_s: float
@@ -701,6 +759,7 @@ class DeviceModel:
             "quiet": self.quiet_m,
             "open": sorted(self.open),
             "stuck": sorted(self.stuck),
+            "recovering": [[j, n] for j, n in sorted(self.recovering.items())],
             "since_fit": self.since_fit,
             "last_excursion": self.last_excursion,
             "prev_z": self.prev_z.tolist(),
@@ -736,6 +795,7 @@ class DeviceModel:
         self.quiet_m = [int(q) for q in st["quiet"]]
         self.open = {int(j) for j in st["open"]}
         self.stuck = {int(j) for j in st.get("stuck", ())}
+        self.recovering = {int(j): int(n) for j, n in st.get("recovering", ())}
         self.since_fit = int(st["since_fit"])
         self.last_excursion = [int(v) for v in st["last_excursion"]]
         self.prev_z = np.asarray(st["prev_z"], dtype=float).reshape(-1, len(self.metrics))
@@ -1388,9 +1448,13 @@ class DetectionEngine:
         text = explain([main], words)
         if others:
             text += "; also " + explain(others, "prediction", limit=2)
-        if inc.open:
-            names = " and ".join(dev.metrics[k] for k in inc.open)
+        still = [k for k in inc.open if k not in inc.ended]
+        if still:
+            names = " and ".join(dev.metrics[k] for k in still)
             text += f"; a second incident: {names} already out of line"
+        if inc.ended:
+            names = " and ".join(f"{dev.metrics[k]}'s" for k in inc.ended)
+            text += f"; a new incident shortly after {names}"
         likelihood = 1.0 - math.erfc(inc.score / math.sqrt(2.0))
         return Anomaly(
             device,
