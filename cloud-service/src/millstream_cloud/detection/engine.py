@@ -698,6 +698,7 @@ class DeviceModel:
         """Rewrite the model's inputs of the metrics known to be wrong over their recent
         past (the kept rows and this call's up to now, ``raw``) with their virtual values:
         the faulty readings before the incident opened are still in the lagged averages."""
+        assert self.model is not None
         X = self._recent_inputs(raw)
         if len(X):
             self.model.stand_in(X, self.known())
