@@ -15,6 +15,7 @@ from millstream_cloud.detection.calibration import (
     tail_to_score,
 )
 from millstream_cloud.detection.engine import EngineSettings
+from millstream_cloud.detection.eval.sim import SimConfig, simulate
 from millstream_cloud.detection.multivariate import (
     PCAT2Q,
     IsolationForestDetector,
@@ -316,6 +317,37 @@ def test_a_distrusted_metric_stops_leaking_into_the_others_predictions() -> None
     saved = VirtualSensorResidual()
     saved.load_state(json.loads(json.dumps(model.state_dict())))
     assert np.allclose(saved.residuals(Y[:50], [1])[1], model.residuals(Y[:50], [1])[1])
+
+
+def test_a_stand_in_widens_the_spread_of_the_metrics_that_lean_on_it() -> None:
+    # A simulated motor: the bearing temperature follows the current (through a thermal
+    # lag), the vibration does not lean on it. With the current's virtual value standing
+    # in, the temperature's residual spreads wider, and its further-incident bar with it.
+    fleet = simulate(SimConfig(seed=0, devices=1, hours=30, faults=()))
+    names = ["speed_rpm", "current_a", "vibration_mm_s", "bearing_temp_c"]
+    X = np.column_stack([fleet.series[("motor-00", m)] for m in names])
+    model = VirtualSensorResidual(spans=(6, 30, 120, 480), smooth=180).fit(X[:8640])
+    assert (model.distrust_spread([1]) == np.ones((2, 4))).all()  # not measured yet
+    model.measure_distrust(X[:8640], [1, 2])
+    fast, smooth = model.distrust_spread([1])
+    assert smooth[3] > 1.25
+    assert smooth[2] < 1.1
+    assert smooth[1] == fast[1] == 1.0  # its own prediction never reads it
+    assert (model.distrust_spread([]) == np.ones((2, 4))).all()
+    assert (model.distrust_spread([1, 2])[1] >= smooth).all()  # the widest of theirs
+    # Distrusted as the engine does it (the recent past rewritten first), the rows after
+    # the training rows spread wider too (here wider still: 3.4 against 1.4 times).
+    wide = []
+    for distrust in ([], [1]):
+        again = VirtualSensorResidual()
+        again.load_state(json.loads(json.dumps(model.state_dict())))
+        if distrust:
+            again.stand_in(X[8640 - again.memory_rows() : 8640], distrust)
+        _, z = again.residuals(X[8640:], distrust)
+        wide.append(np.quantile(np.abs(z[:, 3]), 0.99))
+    assert wide[1] / wide[0] > 1.25
+    assert np.allclose(again.distrust_spread([1])[1], smooth)  # it is saved
+    assert (model.fit(X[:8640]).distrust_spread([1])[1] == 1.0).all()  # a new model: anew
 
 
 def _lagged(x: np.ndarray, span: int) -> np.ndarray:

@@ -186,6 +186,29 @@ def test_a_fault_in_the_quiet_period_after_an_incident_is_raised(
         assert second.explanation.endswith("a new incident shortly after vibration_mm_s's")
 
 
+@pytest.mark.parametrize("seed", [3, 5])
+def test_a_model_retrained_mid_incident_scores_on_from_now(seed: int) -> None:
+    # The speed shifts at 15:00 for an hour; the model retrains at 16:00 with the incident
+    # still open. Fitted without the incident's rows, its averages ended at 15:00: scored
+    # from there, the bearing temperature went 9 sigma off as they caught up (seeds 3, 4, 5).
+    fleet = simulate(SimConfig(seed=seed, devices=1, hours=18, faults=()))
+    shift = inject(fleet, "motor-00", "level_shift", 15 * 3600)
+    engine = DetectionEngine(EngineSettings())
+    found: list[Anomaly] = []
+    retrained_open = False
+    for batch in fleet.batches():
+        before = engine.describe("motor-00", None, [])["device_model"]
+        model = engine.devices["motor-00"].model if "motor-00" in engine.devices else None
+        found += engine.observe(batch)
+        after = engine.devices["motor-00"].model
+        retrained_open |= (
+            model is not None and after is not model and bool(before["open_incidents"])
+        )
+    assert retrained_open
+    assert [a.metric for a in found] == ["speed_rpm"]
+    assert shift.start_ns < found[0].time_ns < shift.end_ns
+
+
 def test_a_stuck_sensor_is_distrusted_and_a_fault_beside_it_is_named_right() -> None:
     # The current sticks at 20:00 (the stuck check reports it); at 20:20 the speed shifts.
     # The stuck value fed the others' predictions: before it was distrusted, the shift's

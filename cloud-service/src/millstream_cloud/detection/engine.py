@@ -29,7 +29,7 @@ import numpy as np
 from ..model import Anomaly, Contribution, Reading
 from .calibration import Hysteresis
 from .explain import explain
-from .multivariate import VirtualSensorResidual
+from .multivariate import DISTRUST_PROBE_ROWS, VirtualSensorResidual
 from .rules import Rule, check_bound, check_streaming, resolve
 from .streaming import REBUILDABLE, SpikeBurst, StreamingEnsemble, StuckSensor
 from .window import (
@@ -420,6 +420,8 @@ class DeviceModel:
             return  # trained up to the latest row: its state is the stream's
         X = self._recent_inputs(np.empty((0, len(self.metrics))))
         if len(X):
+            if distrust:
+                self._measure()
             self.model.residuals(X, distrust)
 
     def _fitted(
@@ -550,6 +552,10 @@ class DeviceModel:
             a_inst = iso * inst_w
             a_smooth = np.abs(z_smooth)
             A = np.maximum(a_inst, a_smooth)
+            # Against a further incident's bar, in the spread of residuals made with the
+            # distrusted metrics' virtual values (measured when first distrusted).
+            wide_fast, wide_smooth = self.model.distrust_spread(distrust)
+            A_far = np.maximum(a_inst / wide_fast, a_smooth / wide_smooth)
             if len(self.last_excursion) != m:
                 self.last_excursion = [-(10**9)] * m
             # Repeated spikes: two excursions of the same metric close together are as
@@ -581,7 +587,7 @@ class DeviceModel:
                 if before:
                     # Another metric's gate going off is the open incident's spread unless
                     # it is clearly out of line with the incident's metrics distrusted.
-                    rising = self._beyond(A[k]) if len(before) < self.s.mv_max_incidents else []
+                    rising = self._beyond(A_far[k]) if len(before) < self.s.mv_max_incidents else []
                 elif released:
                     # A gate that opened under the second bar while the last incident's
                     # metrics were still distrusted has had no rising edge since.
@@ -699,18 +705,32 @@ class DeviceModel:
         past (the kept rows and this call's up to now, ``raw``) with their virtual values:
         the faulty readings before the incident opened are still in the lagged averages."""
         assert self.model is not None
+        self._measure()
         X = self._recent_inputs(raw)
         if len(X):
             self.model.stand_in(X, self.known())
+
+    def _measure(self) -> None:
+        """Have the model measure how its residuals spread with each newly distrusted
+        metric's virtual value standing in, on the latest kept rows outside incidents."""
+        assert self.model is not None
+        k = 2 * DISTRUST_PROBE_ROWS
+        healthy = ~self.rows.flags()[-k:]
+        self.model.measure_distrust(self._inputs(self.rows.latest(k)[healthy]), self.known())
 
     def _recent_inputs(self, raw: np.ndarray) -> np.ndarray:
         """The model's inputs over its memory (``memory_rows``): the kept rows, then
         ``raw`` (this call's rows up to now, as read)."""
         assert self.model is not None
         back = self.rows.latest(self.model.memory_rows())
-        X = _rates(np.vstack([back, raw]) if len(back) else raw, self.counters, None)
-        # A glitch (65535, an error code) in the kept rows would swamp the averages; the
-        # live path holds it (``_clean``), here it is cut to the glitch bar.
+        return self._inputs(np.vstack([back, raw]) if len(back) else raw)
+
+    def _inputs(self, rows: np.ndarray) -> np.ndarray:
+        """The model's inputs made of kept ``rows``: counters as rates, and a glitch
+        (65535, an error code), which the live path holds (``_clean``), cut to the glitch
+        bar, so it does not swamp the averages."""
+        assert self.model is not None
+        X = _rates(rows, self.counters, None)
         lo, hi = self.model.training_range()
         reach = self.GLITCH_RANGES * (hi - lo)
         return np.clip(X, lo - reach, hi + reach)
