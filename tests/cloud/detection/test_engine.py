@@ -114,30 +114,44 @@ def test_injected_fault_raises_an_anomaly_naming_the_metric(kind: str) -> None:
     assert all(0.0 <= a.likelihood <= 1.0 and math.isfinite(a.score) for a in anomalies)
 
 
+def _motor_with(
+    first: str, second: str, incidents: int
+) -> tuple[Fault, Fault, DetectionEngine, list[list[Reading]]]:
+    """A simulated motor with ``first`` at 20:00 and ``second`` 20 minutes later, an
+    engine with ``incidents`` at once, and the fleet's batches."""
+    fleet = simulate(SimConfig(seed=0, devices=1, hours=23, faults=()))
+    a = inject(fleet, "motor-00", first, 20 * 3600)
+    b = inject(fleet, "motor-00", second, 20 * 3600 + 1200)
+    engine = DetectionEngine(EngineSettings(mv_max_incidents=incidents))
+    return a, b, engine, list(fleet.batches())
+
+
+def _reloaded_rest(
+    engine: DetectionEngine, tmp_path: Path, rest: list[list[Reading]]
+) -> list[Anomaly]:
+    """What ``engine`` finds in ``rest``, which a copy saved and loaded now finds too."""
+    engine.save(tmp_path)
+    again = DetectionEngine.load(tmp_path)
+    found = [engine.observe(b) for b in rest]
+    assert found == [again.observe(b) for b in rest]
+    return [a for f in found for a in f]
+
+
 @pytest.mark.parametrize("incidents", [2, 1])
 def test_a_second_fault_while_the_first_is_open_is_an_incident_of_its_own(
     tmp_path: Path, incidents: int
 ) -> None:
     # The bearing overheats from 20:00 (+12 degC over 30 min); at 20:20, still hot, the
     # speed shifts by 2 sigma: with one incident per device only the first was reported.
-    fleet = simulate(SimConfig(seed=0, devices=1, hours=23, faults=()))
-    hot = inject(fleet, "motor-00", "overheating", 20 * 3600)
-    shift = inject(fleet, "motor-00", "level_shift", 20 * 3600 + 1200)
-    settings = EngineSettings(mv_max_incidents=incidents)
-    engine = DetectionEngine(settings)
+    hot, shift, engine, batches = _motor_with("overheating", "level_shift", incidents)
     found: list[Anomaly] = []
-    batches = list(fleet.batches())
     for i, batch in enumerate(batches):
         found += engine.observe(batch)
         if found and i < len(batches) - 1 and incidents == 2:
             # Saved with the first incident open (its metric distrusted), then loaded.
             model = engine.describe("motor-00", None, [])["device_model"]
             assert model["open_incidents"] == ["bearing_temp_c"]
-            engine.save(tmp_path)
-            again = DetectionEngine.load(tmp_path)
-            rest = [engine.observe(b) for b in batches[i + 1 :]]
-            assert rest == [again.observe(b) for b in batches[i + 1 :]]
-            found += [a for r in rest for a in r]
+            found += _reloaded_rest(engine, tmp_path, batches[i + 1 :])
             break
     assert [a.metric for a in found] == ["bearing_temp_c", "speed_rpm"][:incidents]
     assert hot.start_ns < found[0].time_ns < shift.start_ns
@@ -156,12 +170,8 @@ def test_a_fault_in_the_quiet_period_after_an_incident_is_raised(
     # A burst of vibration spikes from 20:00 opens an incident that ends within minutes;
     # at 20:20 the speed shifts by 2 sigma. The device's quiet period after an incident
     # (an hour or more) hid the shift: the gate that rose during it never rose again.
-    fleet = simulate(SimConfig(seed=0, devices=1, hours=23, faults=()))
-    spikes = inject(fleet, "motor-00", "spikes", 20 * 3600)
-    shift = inject(fleet, "motor-00", "level_shift", 20 * 3600 + 1200)
-    engine = DetectionEngine(EngineSettings(mv_max_incidents=incidents))
+    spikes, shift, engine, batches = _motor_with("spikes", "level_shift", incidents)
     found: list[Anomaly] = []
-    batches = list(fleet.batches())
     for i, batch in enumerate(batches):
         found += engine.observe(batch)
         model = engine.describe("motor-00", None, [])["device_model"]
@@ -170,11 +180,7 @@ def test_a_fault_in_the_quiet_period_after_an_incident_is_raised(
             # survives a save and a load.
             assert found[-1].time_ns < shift.start_ns
             assert model["distrusted"] == ["vibration_mm_s"]
-            engine.save(tmp_path)
-            again = DetectionEngine.load(tmp_path)
-            rest = [engine.observe(b) for b in batches[i + 1 :]]
-            assert rest == [again.observe(b) for b in batches[i + 1 :]]
-            found += [a for r in rest for a in r]
+            found += _reloaded_rest(engine, tmp_path, batches[i + 1 :])
             break
     mv = [a for a in found if a.detector == "virtual_sensor"]
     assert [a.metric for a in mv] == ["vibration_mm_s", "speed_rpm"][:incidents]
