@@ -192,6 +192,21 @@ def test_a_fault_in_the_quiet_period_after_an_incident_is_raised(
         assert second.explanation.endswith("a new incident shortly after vibration_mm_s's")
 
 
+@pytest.mark.parametrize("first", ["stuck", "level_shift"])
+def test_a_burst_of_spikes_beside_an_open_incident_is_one_of_its_own(first: str) -> None:
+    # The current sticks (or the speed shifts) at 20:00; at 20:20 five 6-sigma vibration
+    # spikes within ten minutes. Each alone is under a further incident's bar, and two
+    # close together count only as a first incident's: three count as a further one's.
+    _, burst, engine, batches = _motor_with(first, "spikes", 2)
+    found = [a for b in batches for a in engine.observe(b)]
+    spikes = [a for a in found if a.metric == "vibration_mm_s"]
+    assert [a.detector for a in spikes] == ["virtual_sensor"]
+    assert burst.start_ns < spikes[0].time_ns < burst.end_ns
+    held = "current_a" if first == "stuck" else "speed_rpm"
+    assert spikes[0].explanation.endswith(f"a second incident: {held} already out of line")
+    assert len(found) == 2
+
+
 @pytest.mark.parametrize("seed", [3, 5])
 def test_a_model_retrained_mid_incident_scores_on_from_now(seed: int) -> None:
     # The speed shifts at 15:00 for an hour; the model retrains at 16:00 with the incident

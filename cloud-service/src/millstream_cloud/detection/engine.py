@@ -313,7 +313,8 @@ class DeviceModel:
         # distrusted (their lagged inputs hold the stand-in's values), not reported again,
         # while the other metrics may raise an incident of their own at mv_second_on.
         self.recovering: dict[int, int] = {}
-        self.last_excursion: list[int] = []
+        self.last_excursion: list[int] = []  # per metric: the row of its latest excursion
+        self.prev_excursion: list[int] = []  # ... and of the one before
         self.prev_z = np.zeros((0, 0))  # fast residuals of the last two rows
         self.prev_x = np.zeros((0, 0))  # the last row
         self.prev_t = 0  # and its time
@@ -459,7 +460,7 @@ class DeviceModel:
         self.joining = []
         self.rows, self.next_rows = self.next_rows, RowWindow(self.next_rows.maxlen)
         self._use(fitted)
-        self.gates, self.quiet_m, self.last_excursion = [], [], []
+        self.gates, self.quiet_m, self.last_excursion, self.prev_excursion = [], [], [], []
         self.prev_z = self.prev_x = np.zeros((0, 0))
 
     # A value this many training ranges beyond the range of the model's training rows, and
@@ -558,13 +559,19 @@ class DeviceModel:
             A_far = np.maximum(a_inst / wide_fast, a_smooth / wide_smooth)
             if len(self.last_excursion) != m:
                 self.last_excursion = [-(10**9)] * m
+            if len(self.prev_excursion) != m:
+                self.prev_excursion = [-(10**9)] * m
             # Repeated spikes: two excursions of the same metric close together are as
-            # unlikely in normal operation as one much larger excursion.
+            # unlikely in normal operation as one much larger excursion; three, as one
+            # that reaches a further incident's bar.
             for k, j in zip(*np.nonzero(iso >= self.s.mv_pair_sigma), strict=True):
                 row = self.n_rows + int(k)
                 if row - self.last_excursion[j] <= self.s.mv_pair_rows:
                     A[k, j] = max(A[k, j], self.s.mv_on)
                     a_inst[k, j] = max(a_inst[k, j], self.s.mv_on)
+                    if row - self.prev_excursion[j] <= self.s.mv_pair_rows:
+                        A_far[k, j] = max(A_far[k, j], self.s.mv_on, self.s.mv_second_on)
+                self.prev_excursion[j] = self.last_excursion[j]
                 self.last_excursion[j] = row
             if len(self.gates) != m:
                 self.gates = [
@@ -783,6 +790,7 @@ class DeviceModel:
             "recovering": [[j, n] for j, n in sorted(self.recovering.items())],
             "since_fit": self.since_fit,
             "last_excursion": self.last_excursion,
+            "prev_excursion": self.prev_excursion,
             "prev_z": self.prev_z.tolist(),
             "prev_x": self.prev_x.tolist(),
             "prev_t": self.prev_t,
@@ -819,6 +827,7 @@ class DeviceModel:
         self.recovering = {int(j): int(n) for j, n in st.get("recovering", ())}
         self.since_fit = int(st["since_fit"])
         self.last_excursion = [int(v) for v in st["last_excursion"]]
+        self.prev_excursion = [int(v) for v in st.get("prev_excursion", ())]
         self.prev_z = np.asarray(st["prev_z"], dtype=float).reshape(-1, len(self.metrics))
         self.prev_x = np.asarray(st["prev_x"], dtype=float).reshape(-1, len(self.metrics))
         # Saved before it was kept: the last row's time, once rows were scored.
