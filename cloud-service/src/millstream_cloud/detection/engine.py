@@ -154,8 +154,9 @@ class EngineSettings:
     # Incidents open at once on a device. While one is open its metric stops feeding the
     # model's predictions of the others (its virtual value stands in), so a second,
     # independent fault is told from the first one's spread; it must reach mv_second_on
-    # (or mv_on, if higher): predictions made from a virtual value are less sure. 1: one
-    # incident per device, whatever else goes wrong meanwhile.
+    # (or mv_on, if higher), in sigmas of the spread its residual has with the virtual
+    # values standing in (measured when first distrusted). 1: one incident per device,
+    # whatever else goes wrong meanwhile.
     mv_max_incidents: int = 2
     mv_second_on: float = 9.0
     # The device model sees one row per this many seconds (the mean of the complete rows in

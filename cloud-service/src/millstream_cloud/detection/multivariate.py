@@ -619,29 +619,28 @@ class VirtualSensorResidual:
                 gain[:, d] = 0.0
                 gain += via
             return L - gain
-        n_feat = 1 + len(self.spans)
         # A single-row spike reaches an EMA feature only with its weight 2 / (span + 1).
-        w = np.array([1.0] + [2.0 / (s + 1.0) for s in self.spans])
-        for k in range(m):
-            per_other = (w[:, None] * self.coef_[k, :-1].reshape(n_feat, m - 1)).sum(axis=0)
-            others = [j for j in range(m) if j != k]
-            for idx, j in enumerate(others):
-                L[k, j] = -per_other[idx]
-        return L
+        return L - self._fast_gain([1.0] + [2.0 / (s + 1.0) for s in self.spans])
 
     def _virtual_gain(self) -> np.ndarray:
         """Row c: how a virtual value of metric c follows an offset of each other metric
         that has lasted a while (the fast model's gains on its current value and on the
         averages of up to 30 rows, which have taken the offset in by the time a gate
         opens, tens of rows into it)."""
+        return self._fast_gain([1.0] + [1.0 if s <= 30 else 0.0 for s in self.spans])
+
+    def _fast_gain(self, weights: list[float]) -> np.ndarray:
+        """Row c: how the fast model's prediction of metric c moves with each other
+        metric, its gains on that metric's current value and averages (the features, in
+        order) weighted by how much of an offset each feature has taken in."""
         assert self.coef_ is not None
         m = self.coef_.shape[0]
-        n_feat = 1 + len(self.spans)
-        settled = np.array([1.0] + [1.0 if s <= 30 else 0.0 for s in self.spans])
+        w = np.asarray(weights)[:, None]
         V = np.zeros((m, m))
         for c in range(m):
-            per_other = (settled[:, None] * self.coef_[c, :-1].reshape(n_feat, m - 1)).sum(0)
-            V[c, [j for j in range(m) if j != c]] = per_other
+            V[c, [j for j in range(m) if j != c]] = (
+                w * self.coef_[c, :-1].reshape(len(weights), m - 1)
+            ).sum(axis=0)
         return V
 
     def stand_in(self, X: np.ndarray, cols: Sequence[int]) -> None:
