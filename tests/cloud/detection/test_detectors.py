@@ -435,6 +435,31 @@ def test_virtual_sensor_on_a_wide_device_predicts_from_a_few_metrics() -> None:
     assert model.attribute(zs[-1]) == 7
 
 
+def test_virtual_sensor_on_a_wide_device_picks_related_metrics_from_its_first_day() -> None:
+    from millstream_cloud.detection.multivariate import MAX_REGRESSORS
+
+    # 66 metrics in threes, each three following a load of its own, and 4,320 rows (the
+    # first model's 12 hours). With 50 rows asked per metric of the device, these were too
+    # few to choose regressors on held-out rows, and each metric was predicted from the
+    # first four others, unrelated to it: a shift stayed hidden in a wide residual.
+    rng = np.random.default_rng(9)
+    n, groups = 4320, 22
+    loads = [_lagged(np.repeat(rng.uniform(0.2, 1.0, 42), 120), 6) for _ in range(groups)]
+    X = np.column_stack(
+        [g * load + rng.normal(0, 0.03, len(load)) for load in loads for g in rng.uniform(1, 5, 3)]
+    )
+    model = VirtualSensorResidual(spans=(5, 20), smooth=60).fit(X[:n])
+    m = X.shape[1]
+    for j in range(m):
+        group = {3 * (j // 3) + k for k in range(3)} - {j}
+        assert group & set(model.slow_idx_[j][:MAX_REGRESSORS])  # one that follows its load
+    Y = X[n:].copy()
+    Y[300:, 41] += 0.3  # a small shift of one metric of 66
+    _, zs = model.residuals(Y)
+    assert abs(zs[-1, 41]) > 7.0
+    assert model.attribute(zs[-1]) == 41
+
+
 def test_isolation_forest_scores_higher_for_outliers() -> None:
     X = np.random.default_rng(0).normal(size=(300, 3))
     det = IsolationForestDetector(n_estimators=50).fit(X)

@@ -798,6 +798,17 @@ def _before_v3(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _rounded(state: Any) -> Any:
+    """``state`` with every float to 10 significant digits."""
+    if isinstance(state, float):
+        return float(f"{state:.10g}")
+    if isinstance(state, dict):
+        return {k: _rounded(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_rounded(v) for v in state]
+    return state
+
+
 def test_a_state_saved_by_the_previous_version_loads_and_is_rewritten_per_device(
     tmp_path: Path,
 ) -> None:
@@ -809,7 +820,9 @@ def test_a_state_saved_by_the_previous_version_loads_and_is_rewritten_per_device
     restored = DetectionEngine.load(old)
     same = DetectionEngine(V2_SETTINGS)
     same.observe(_v2_readings(0, 150))
-    assert _before_v3(restored.state_dict()) == _before_v3(same.state_dict())
+    # to 10 significant digits: the device model solves its regressions in another order
+    # (one set of cross-products for all metrics) than the version that saved the state
+    assert _rounded(_before_v3(restored.state_dict())) == _rounded(_before_v3(same.state_dict()))
     # The next save writes it the new way: a header and one file per device, the pump
     # model's rows in a rows file and the values of the fan's eight calibrations and
     # references in one each.

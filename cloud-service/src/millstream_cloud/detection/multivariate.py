@@ -264,28 +264,40 @@ class VirtualSensorResidual:
     def _features(self, Z: np.ndarray, ema: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         n, m = Z.shape
         cur = np.tile(Z[0], (len(self.spans), 1)) if ema is None else ema
-        E = np.empty((n, len(self.spans), m))
+        F = np.empty((n, 1 + len(self.spans), m))
+        F[:, 0, :] = Z
         nxt = np.empty_like(cur)
         for k, span in enumerate(self.spans):
-            E[:, k, :], nxt[k] = _ema(Z, span, cur[k])
-        return np.concatenate([Z[:, None, :], E], axis=1), nxt  # n x (1+spans) x m
+            F[:, 1 + k, :], nxt[k] = _ema(Z, span, cur[k])
+        return F, nxt  # n x (1+spans) x m
 
     def _predict(self, F: np.ndarray) -> np.ndarray:
+        """Every metric's prediction from the others' features, in one matrix product
+        (each metric's own features weigh zero): a device's cost per row grows with the
+        square of its metrics, not with a copy of its features per metric."""
         assert self.coef_ is not None
-        n, _, m = F.shape
-        pred = np.empty((n, m))
-        for j in range(m):
-            others = np.delete(F, j, axis=2).reshape(n, -1)
-            pred[:, j] = others @ self.coef_[j, :-1] + self.coef_[j, -1]
-        return pred
+        n, p, m = F.shape
+        W = np.zeros((p * m, m))
+        W[_others(p, m), np.arange(m)[:, None]] = self.coef_[:, :-1]
+        return F.reshape(n, p * m) @ W + self.coef_[:, -1]
 
     def _solve(self, F: np.ndarray, Z: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        n, _, m = F.shape
-        coef = []
-        for j in range(m):
-            A = np.delete(F, j, axis=2).reshape(n, -1)[lo:hi]
-            coef.append(_ridge(A, Z[lo:hi, j], self.ridge))
-        return np.asarray(coef)
+        """Each metric's ridge regression on the others' features, solved from one set of
+        cross-products of all features (each metric's system is that set without its own
+        rows and columns): one pass over the rows instead of one per metric, which made a
+        week of an 80-metric device a minute's fit."""
+        _, p, m = F.shape
+        A = F[lo:hi].reshape(hi - lo, p * m)
+        G = np.empty((p * m + 1, p * m + 1))
+        G[:-1, :-1] = A.T @ A
+        G[:-1, -1] = G[-1, :-1] = A.sum(axis=0)
+        G[-1, -1] = hi - lo
+        B = np.vstack([A.T @ Z[lo:hi], Z[lo:hi].sum(axis=0)])
+        keep = np.hstack([_others(p, m), np.full((m, 1), p * m)])
+        reg = _penalty(hi - lo, keep.shape[1], self.ridge)
+        return np.stack(
+            [np.linalg.solve(G[np.ix_(k, k)] + reg, B[k, j]) for j, k in enumerate(keep)]
+        )
 
     # --- slow model --------------------------------------------------------------------
     @staticmethod
@@ -294,42 +306,44 @@ class VirtualSensorResidual:
 
     def _select(
         self,
-        S: np.ndarray,
         grams: dict[int, tuple[np.ndarray, np.ndarray]],
         j: int,
-        burn: int,
-        cut: int,
+        rows: tuple[int, int],
+        base: float,
     ) -> tuple[float, int, list[int]]:
         """Forward selection of (lag, regressors) for metric ``j`` by held-out error: a
         regressor that follows load with another lag only helps inside the training range.
+        ``grams``: per lag span, the cross-products of [S, lagged S, 1] over the training
+        and the held-out rows (``rows``: how many of each), as :func:`_grams` makes them;
+        ``base``: the held-out error of predicting ``j`` by its training mean.
 
-        Every trial is solved from the cross-products of [S, lagged S, 1] over the training
-        and held-out rows (one pair per lag span), not from the rows themselves: the same
-        fits, but a week of rows costs what a day did (:func:`_grams`)."""
+        Every trial is solved from the cross-products, not from the rows themselves: the
+        same fits, but a week of rows costs what a day did."""
         best: tuple[float, int, list[int]] | None = None
-        m = S.shape[1]
+        m = (len(grams[0][0]) - 1) // 2
         others = [k for k in range(m) if k != j]
-        n_tr, n_te = cut - burn, len(S) - cut
-        base = float(np.mean((S[cut:, j] - S[burn:cut, j].mean()) ** 2))
-        for span in (0, *self.lag_grid):
+        n_tr, n_te = rows
+        for span in grams:
             G_tr, G_te = grams[span]
             chosen: list[int] = []
             err_now = base
             while len(chosen) < min(len(others), MAX_REGRESSORS):
-                trial = []
-                for k in others:
-                    if k in chosen:
-                        continue
-                    cols = [*chosen, k]
-                    idx = [*cols, *([m + c for c in cols] if span else []), 2 * m]
-                    reg = _penalty(n_tr, len(idx), self.slow_ridge)
-                    c = np.linalg.solve(G_tr[np.ix_(idx, idx)] + reg, G_tr[idx, j])
-                    sse = G_te[j, j] - 2.0 * c @ G_te[idx, j] + c @ G_te[np.ix_(idx, idx)] @ c
-                    trial.append((float(sse) / n_te, k))
-                err, k = min(trial)
+                # every candidate added to the chosen ones, solved together
+                cand = np.array([k for k in others if k not in chosen])
+                cols = np.hstack([np.tile(chosen, (len(cand), 1)), cand[:, None]]).astype(int)
+                parts = [cols, cols + m] if span else [cols]
+                idx = np.hstack([*parts, np.full((len(cand), 1), 2 * m)])
+                reg = _penalty(n_tr, idx.shape[1], self.slow_ridge)
+                c = np.linalg.solve(
+                    G_tr[idx[:, :, None], idx[:, None, :]] + reg, G_tr[idx, j][..., None]
+                )[..., 0]
+                quad = np.einsum("ki,kil,kl->k", c, G_te[idx[:, :, None], idx[:, None, :]], c)
+                sse = G_te[j, j] - 2.0 * np.einsum("ki,ki->k", c, G_te[idx, j]) + quad
+                best_k = int(np.argmin(sse))  # the first of equals: the lowest metric
+                err = float(sse[best_k]) / n_te
                 if err >= err_now:
                     break
-                chosen.append(k)
+                chosen.append(int(cand[best_k]))
                 err_now = err
             if chosen and (best is None or err_now < best[0]):
                 best = (err_now, span, sorted(chosen))
@@ -343,39 +357,55 @@ class VirtualSensorResidual:
         n, m = Z.shape
         S, s_last = _ema(Z, self.slow_span, Z[0])
         cut = burn + int((n - burn) * (1.0 - self.holdout))
-        held_out = self.holdout > 0.0 and n - cut > 2 * self.smooth and cut - burn > 50 * m
-        grid = self.lag_grid if held_out else ()
-        lagged = {span: _ema(S, span, S[0]) for span in grid}
-        grams = {
-            span: _grams(S, lagged[span][0] if span else None, burn, cut) for span in (0, *grid)
-        }
+        # 50 training rows per metric, or per coefficient of a metric's regression (its
+        # regressors, their lagged copies and the intercept) if fewer: 50 per metric
+        # alone kept a 60-metric device's first models (12 hours of rows) from choosing
+        # on held-out rows at all.
+        coefs = 2 * MAX_REGRESSORS + 1
+        held_out = (
+            self.holdout > 0.0 and n - cut > 2 * self.smooth and cut - burn > 50 * min(m, coefs)
+        )
+        if held_out:
+            # One lagged copy of the rows at a time (its cross-products kept, the copy
+            # not): nine copies of a week of a 200-metric device's rows would be 0.9 GB.
+            grams = {}
+            for span in (0, *self.lag_grid):
+                grams[span] = _grams(S, _ema(S, span, S[0])[0] if span else None, burn, cut)
+            rows = (cut - burn, n - cut)
+            base = np.mean((S[cut:] - S[burn:cut].mean(axis=0)) ** 2, axis=0)
+        else:
+            # Too few rows to choose on held-out ones: the regressors are chosen by their
+            # fit in sample, without a lag (any four others, as before, could leave a
+            # metric predicted from four it has nothing to do with).
+            G = _grams(S, None, burn, n)[0]
+            grams, rows = {0: (G, G)}, (n - burn, n - burn)
+            base = np.var(S[burn:], axis=0)
+        chosen = [self._select(grams, j, rows, float(base[j]))[1:] for j in range(m)]
         coef = np.zeros((m, 2 * m + 1))
-        cov: list[np.ndarray] = []
-        used: list[list[int]] = []
-        lags: list[int] = []
+        cov: list[np.ndarray] = [np.empty(0)] * m
+        used: list[list[int]] = [[] for _ in range(m)]
+        lags = [span for span, _ in chosen]
         R_in = np.empty((n - burn, m))
         R_out = np.empty((n - cut, m)) if held_out else None
-        for j in range(m):
-            if held_out:
-                _, span, cols = self._select(S, grams, j, burn, cut)
-            else:
-                span, cols = 0, [k for k in range(m) if k != j][:MAX_REGRESSORS]
-            L = lagged[span][0] if span else None
-            A = self._slow_design(S, L, cols)
-            if R_out is not None:
-                c = _ridge(A[burn:cut], S[burn:cut, j], self.slow_ridge)
-                R_out[:, j] = S[cut:, j] - _apply(A[cut:], c)
-            c = _ridge(A[burn:], S[burn:, j], self.slow_ridge)
-            R_in[:, j] = S[burn:, j] - _apply(A[burn:], c)
-            idx = [*cols, *([m + k for k in cols] if span else []), 2 * m]
-            coef[j, idx] = c
-            cov.append(_coef_cov(A[burn:], R_in[:, j], self.slow_ridge, self.smooth))
-            used.append(idx)
-            lags.append(span)
+        self._lagged = {}
+        for span in sorted(set(lags)):
+            L = None
+            if span:
+                L, self._lagged[span] = _ema(S, span, S[0])
+            for j in (j for j in range(m) if lags[j] == span):
+                cols = chosen[j][1]
+                A = self._slow_design(S, L, cols)
+                if R_out is not None:
+                    c = _ridge(A[burn:cut], S[burn:cut, j], self.slow_ridge)
+                    R_out[:, j] = S[cut:, j] - _apply(A[cut:], c)
+                c = _ridge(A[burn:], S[burn:, j], self.slow_ridge)
+                R_in[:, j] = S[burn:, j] - _apply(A[burn:], c)
+                used[j] = [*cols, *([m + k for k in cols] if span else []), 2 * m]
+                coef[j, used[j]] = c
+                cov[j] = _coef_cov(A[burn:], R_in[:, j], self.slow_ridge, self.smooth)
         self.lags_, self.slow_coef_ = lags, coef
         self.slow_idx_, self.slow_cov_ = used, cov
         self._s = s_last
-        self._lagged = {span: lagged[span][1] for span in set(lags) if span}
         self.sig_smooth_, self.sig_short_ = (
             self._spread(R_in, R_out, w) for w in (self.smooth, self._short())
         )
@@ -449,8 +479,10 @@ class VirtualSensorResidual:
         burn = min(max((*self.spans, self.slow_span)), n // 4)
         self.coef_ = self._solve(F, Z, burn, n)
         R_fast = (Z - self._predict(F))[burn:]
+        del F  # three copies of the rows: not held while the slow model is fitted
         self.sig_ = _tail_aware_sd(_local(R_fast, None))
-        self._recent_fast = R_fast[-LOCAL_ROWS:]
+        self._recent_fast = R_fast[-LOCAL_ROWS:].copy()
+        del R_fast
         self._ema = ema
         R = self._slow_fit(Z, burn)
         self.lo_ = Z.min(axis=0)
@@ -774,6 +806,13 @@ class VirtualSensorResidual:
         }
 
 
+def _others(p: int, m: int) -> np.ndarray:
+    """Row j: the columns of a fast model's features (``p`` per metric, feature-major)
+    that metric j is predicted from, in its coefficients' order: everything but its own."""
+    grid = np.arange(p)[:, None] * m + np.arange(m)[None, :]  # p x m
+    return np.stack([np.delete(grid, j, axis=1).ravel() for j in range(m)])
+
+
 def _local(R: np.ndarray, before: np.ndarray | None) -> np.ndarray:
     """Each row minus the mean of the LOCAL_ROWS rows before it: what is left is a sudden
     excursion, not the slow model error that the smoothed residual already watches."""
@@ -819,8 +858,23 @@ def _grams(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cross-products of :func:`_design` over the training rows ``burn:cut`` and the
     held-out rows ``cut:``."""
-    D = _design(S, L)
-    return D[burn:cut].T @ D[burn:cut], D[cut:].T @ D[cut:]
+    m = S.shape[1]
+
+    def gram(lo: int, hi: int) -> np.ndarray:  # block by block: no copy of the design
+        G = np.zeros((2 * m + 1, 2 * m + 1))
+        s = S[lo:hi]
+        G[:m, :m] = s.T @ s
+        G[:m, -1] = G[-1, :m] = s.sum(axis=0)
+        if L is not None:
+            lag = L[lo:hi]
+            G[:m, m:-1] = s.T @ lag
+            G[m:-1, :m] = G[:m, m:-1].T
+            G[m:-1, m:-1] = lag.T @ lag
+            G[m:-1, -1] = G[-1, m:-1] = lag.sum(axis=0)
+        G[-1, -1] = hi - lo
+        return G
+
+    return gram(burn, cut), gram(cut, len(S))
 
 
 def _ridge(A: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
