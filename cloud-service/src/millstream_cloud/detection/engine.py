@@ -729,6 +729,8 @@ class DeviceModel:
         """Have the model measure how its residuals spread with each newly distrusted
         metric's virtual value standing in, on the latest kept rows outside incidents."""
         assert self.model is not None
+        if not self.model.unmeasured(self.known()):
+            return  # no copy of the latest rows for a metric measured before
         k = 2 * DISTRUST_PROBE_ROWS
         healthy = ~self.rows.flags()[-k:]
         self.model.measure_distrust(self._inputs(self.rows.latest(k)[healthy]), self.known())

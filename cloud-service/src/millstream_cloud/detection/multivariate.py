@@ -8,7 +8,7 @@ drive a score (:meth:`PCAT2Q.contributions`), which the explanations use.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -517,7 +517,7 @@ class VirtualSensorResidual:
         vibration no wider. Measured on demand (two passes over the rows for a metric's
         first incident), not at every retraining (one per metric: +6 s of CPU every 4 h
         for a 20-metric device)."""
-        new = [c for c in cols if c not in self._wide]
+        new = self.unmeasured(cols)
         if not new:
             return
         m = len(self.mean_) if self.mean_ is not None else 0
@@ -534,6 +534,11 @@ class VirtualSensorResidual:
                 np.maximum(sd_i / np.maximum(base_i, 1e-12), 1.0),
                 np.maximum(sd_s / np.maximum(base_s, 1e-12), 1.0),
             )
+
+    def unmeasured(self, cols: Iterable[int]) -> list[int]:
+        """Those of ``cols`` whose stand-in's spread ``measure_distrust`` has not measured
+        since the last fit."""
+        return [c for c in cols if c not in self._wide]
 
     def _probe(
         self, X: np.ndarray, distrust: list[int], burn: int
