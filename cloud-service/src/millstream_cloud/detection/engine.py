@@ -293,7 +293,7 @@ class Incident(NamedTuple):
     smooth: bool  # whether ``z`` is the smoothed residual (not one row's)
     open: list[int]  # the metrics known to be wrong on the device (distrusted meanwhile)
     ended: list[int]  # those of them whose incident ended within its quiet period
-    # What the slow model predicted each metric would read in ``row`` (None: a spike,
+    # What the slow model expected each metric to read in ``row`` (None: a spike,
     # explained against the rows just before it)
     expected: np.ndarray | None = None
 
@@ -633,10 +633,10 @@ class DeviceModel:
                                 Incident(t_inst[k], score, j, z, x_inst[k], False, before, ended)
                             )
                         else:
-                            predicted = self.model.predicted_
-                            assert predicted is not None
+                            expected = self.model.expected_
+                            assert expected is not None
                             out.append(
-                                Incident(t, score, j, z, X[k], True, before, ended, predicted[k])
+                                Incident(t, score, j, z, X[k], True, before, ended, expected[k])
                             )
                         if several:
                             self._stand_in(raw)
@@ -1474,9 +1474,10 @@ class DetectionEngine:
     ) -> Anomaly:
         assert dev.model is not None
         x, z, j = inc.row, inc.z, inc.metric
-        # An offset read against the prediction, not against the residual's average,
-        # which holds 16 of its 30 rows two minutes into a shift: "1.762, expected 1.754"
-        # said a 0.3 shift was 0.008.
+        # A reading against the model's expectation of it (the prediction plus the
+        # reading's noise), not minus the statistic that crossed the bar, an average of
+        # up to 180 rows of the residual, most of them from before a shift: "1.762,
+        # expected 1.754" said a 0.3 shift was 0.008.
         exp = inc.expected if inc.expected is not None else dev.model.expected(x, z, inc.smooth)
         main = Contribution(dev.metrics[j], float(x[j]), float(exp[j]), float(z[j]))
         others = [

@@ -259,9 +259,9 @@ class VirtualSensorResidual:
         # Per distrusted metric c (measured when first distrusted): how many times wider
         # each metric's residual (fast, smoothed) spreads while c's virtual value stands in.
         self._wide: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        # The slow model's predictions for the rows ``residuals`` scored last, in the
-        # metrics' units: what an explanation says a metric should read (not saved).
-        self.predicted_: np.ndarray | None = None
+        # What the slow model expected each metric to read in the rows ``residuals``
+        # scored last, in the metrics' units: what an explanation quotes (not saved).
+        self.expected_: np.ndarray | None = None
 
     # --- fast model --------------------------------------------------------------------
     def _features(self, Z: np.ndarray, ema: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -456,7 +456,10 @@ class VirtualSensorResidual:
             L[span], self._lagged[span] = _ema(S_in, span, last)
         pred, var = self._slow_predict(S_in, L)
         assert self.mean_ is not None and self.scale_ is not None
-        self.predicted_ = self.mean_ + self.scale_ * pred
+        # The prediction is of the metric's 10-minute average; the reading's own noise
+        # around that average is added back, so a reading minus its expected value is the
+        # averaged residual (it follows an offset within minutes and keeps its sign).
+        self.expected_ = self.mean_ + self.scale_ * (pred + Z - S)
         return S - pred, var
 
     def _slow_predict(
@@ -633,8 +636,8 @@ class VirtualSensorResidual:
     def expected(self, x: np.ndarray, z: np.ndarray, smooth: bool = False) -> np.ndarray:
         """What each metric "should" read given the others: value minus its residual
         (the instantaneous one, or with ``smooth`` the average over the last rows, which
-        is a fraction of an offset until it has lasted that long: ``predicted_`` says
-        what the slow model expects of a row)."""
+        is a fraction of an offset until it has lasted that long: ``expected_`` says
+        what the slow model expected of each row scored)."""
         assert self.scale_ is not None and self.sig_ is not None
         sig = self.sig_smooth_ if smooth and self.sig_smooth_ is not None else self.sig_
         return np.asarray(x, dtype=float) - z * sig * self.scale_
