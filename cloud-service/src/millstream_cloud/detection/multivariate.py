@@ -8,6 +8,7 @@ drive a score (:meth:`PCAT2Q.contributions`), which the explanations use.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -821,11 +822,16 @@ class VirtualSensorResidual:
         }
 
 
+@functools.lru_cache(maxsize=32)
 def _others(p: int, m: int) -> np.ndarray:
     """Row j: the columns of a fast model's features (``p`` per metric, feature-major)
-    that metric j is predicted from, in its coefficients' order: everything but its own."""
-    grid = np.arange(p)[:, None] * m + np.arange(m)[None, :]  # p x m
-    return np.stack([np.delete(grid, j, axis=1).ravel() for j in range(m)])
+    that metric j is predicted from, in its coefficients' order: everything but its own.
+    Cached (every batch scored asks for it); read only."""
+    metric = np.arange(m)
+    other = np.nonzero(metric[None, :] != metric[:, None])[1].reshape(m, m - 1)
+    out = (np.arange(p)[None, :, None] * m + other[:, None, :]).reshape(m, p * (m - 1))
+    out.flags.writeable = False
+    return out
 
 
 def _local(R: np.ndarray, before: np.ndarray | None) -> np.ndarray:
