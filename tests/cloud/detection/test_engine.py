@@ -493,11 +493,23 @@ class _CorruptDetector:
 
 
 def _c_joins(
-    warmup: int, rows: int, joins_at: int, batch_rows: int = 1, spike_at: tuple[int, ...] = ()
+    warmup: int,
+    rows: int,
+    joins_at: int,
+    batch_rows: int = 1,
+    spike_at: tuple[int, ...] = (),
+    max_metrics: int = 200,
 ) -> tuple[DetectionEngine, list[Anomaly]]:
     """A device reporting "a" and "b" every second, and "c" from ``joins_at`` on (+5, 50
     sigma, at each row of ``spike_at``); fed ``batch_rows`` rows at a time."""
-    s = replace(FAST, warmup=warmup, mv_train_rows=300, mv_window_rows=600, mv_retrain_rows=100)
+    s = replace(
+        FAST,
+        warmup=warmup,
+        mv_train_rows=300,
+        mv_window_rows=600,
+        mv_retrain_rows=100,
+        mv_max_metrics=max_metrics,
+    )
     engine = DetectionEngine(s)
     rng = np.random.default_rng(0)
     out: list[Anomaly] = []
@@ -551,6 +563,30 @@ def test_a_metric_that_joins_after_the_device_model_is_watched_then_joins_it(
         ("c", "ensemble", 600 * 10**9),
         ("c", "virtual_sensor", 1400 * 10**9),
     ]
+
+
+def test_a_device_wider_than_a_device_model_takes_is_watched_metric_by_metric() -> None:
+    # mv_max_metrics 2: "a" and "b" make a model, and "c", which would make it three
+    # wide, is watched by its own detectors for good (a 1000-tag device's model would
+    # take gigabytes and many minutes to fit every 4 h).
+    engine, out = _c_joins(warmup=100, rows=1500, joins_at=400, spike_at=(1400,), max_metrics=2)
+    dev = engine.devices["d"]
+    assert dev.model is not None and dev.metrics == ["a", "b"] and dev.joining == []
+    assert [(a.metric, a.detector, a.time_ns) for a in out] == [
+        ("c", "ensemble:spike", 1400 * 10**9)
+    ]
+    # Three metrics from the first row: no device model at all, each metric on its own.
+    engine, out = _c_joins(warmup=100, rows=1500, joins_at=0, spike_at=(1400,), max_metrics=2)
+    dev = engine.devices["d"]
+    assert dev.model is None and len(dev.rows) < 2
+    info = engine.describe("d", None, [])
+    assert info["device_model"]["too_wide"] and info["device_model"]["max_metrics"] == 2
+    assert {m["state"] for m in info["metrics"].values()} == {"watching"}
+    assert [(a.metric, a.detector.split(":")[0], a.time_ns) for a in out] == [
+        ("c", "ensemble", 1400 * 10**9)
+    ]
+    engine, _ = _c_joins(warmup=100, rows=500, joins_at=0)
+    assert not engine.describe("d", None, [])["device_model"]["too_wide"]
 
 
 def _speed_goes_silent(

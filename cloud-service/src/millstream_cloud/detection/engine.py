@@ -159,6 +159,11 @@ class EngineSettings:
     # whatever else goes wrong meanwhile.
     mv_max_incidents: int = 2
     mv_second_on: float = 9.0
+    # A device with more metrics than this gets no device model (its metrics are watched
+    # one by one), and a metric that joins a model this wide is watched on its own: a
+    # week's fit of 200 metrics takes 30 s of CPU and 0.74 GB at its peak, growing faster
+    # than the count (bench/detection_wide.py), and it holds the detection thread.
+    mv_max_metrics: int = 200
     # The device model sees one row per this many seconds (the mean of the complete rows in
     # it), so its row counts (a week, 12 h of training, spans, smoothing) are 10-s rows
     # whatever the reading rate; read every second and modelled per row, the simulator's
@@ -197,6 +202,7 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "mv_min_on_rows": (1, 1_000_000, True),
     "mv_quiet_rows": (0, 10_000_000, True),
     "mv_max_incidents": (1, 64, True),
+    "mv_max_metrics": (2, 100_000, True),
     "mv_second_on": (0.1, None, False),
     "mv_resolution_s": (0, 86_400, False),
 }
@@ -978,6 +984,7 @@ class DetectionEngine:
         self.failed_readings = 0
         self.errors: dict[str, str] = {}
         self.holding: set[str] = set()  # devices with alarms held for a load-change check
+        self.too_wide: set[str] = set()  # devices over mv_max_metrics (said once in the log)
         self._dirty: set[str] = set()  # devices changed since the last save
         self._rows_files: dict[str, set[str]] = {}  # per device, the rows files saved
         self.unreadable_devices = 0  # device state files a restore had to put aside
@@ -1110,6 +1117,11 @@ class DetectionEngine:
                     else []
                 ),
                 "max_incidents": s.mv_max_incidents,
+                # more metrics than a device model takes: each is watched on its own
+                "max_metrics": s.mv_max_metrics,
+                "too_wide": (
+                    dev is not None and dev.model is None and len(dev.metrics) > s.mv_max_metrics
+                ),
             },
             "metrics": out,
         }
@@ -1202,6 +1214,17 @@ class DetectionEngine:
         dev = self.devices.get(device)
         if dev is None:
             dev = self.devices[device] = DeviceModel(s)
+        if multivariate and dev.model is None and len(dev.metrics) > s.mv_max_metrics:
+            multivariate = False  # too wide for a device model: watched metric by metric
+            if device not in self.too_wide:
+                self.too_wide.add(device)
+                log.warning(
+                    "device %s has %d metrics, more than detection's mv_max_metrics (%d): "
+                    "no device model, each metric is watched on its own",
+                    device,
+                    len(dev.metrics),
+                    s.mv_max_metrics,
+                )
         site = self.sites[device]
         rows: list[tuple[int, list[float]]] = []
         tolerance_ns = s.row_tolerance_ms * 1e6
@@ -1243,6 +1266,7 @@ class DetectionEngine:
                     and dev.model is not None
                     and r.metric not in dev.metrics
                     and r.metric not in dev.joining
+                    and len(dev.metrics) + len(dev.joining) < s.mv_max_metrics
                 ):
                     dev.joining.append(r.metric)  # into the model once trained with it
                 dev.last[r.metric] = r.value
