@@ -680,6 +680,11 @@ class DeviceModel:
             self._fit()
         return out
 
+    def too_wide(self, max_metrics: int) -> bool:
+        """Whether the device has more metrics than a device model may take, and none yet
+        (a model trained before the limit was lowered is kept)."""
+        return self.model is None and len(self.metrics) > max_metrics
+
     def known(self) -> list[int]:
         """The metrics known to be wrong: the open incidents', the stuck ones and those
         whose incident ended within its quiet period."""
@@ -984,7 +989,7 @@ class DetectionEngine:
         self.failed_readings = 0
         self.errors: dict[str, str] = {}
         self.holding: set[str] = set()  # devices with alarms held for a load-change check
-        self.too_wide: set[str] = set()  # devices over mv_max_metrics (said once in the log)
+        self.said_too_wide: set[str] = set()  # devices over mv_max_metrics, said in the log
         self._dirty: set[str] = set()  # devices changed since the last save
         self._rows_files: dict[str, set[str]] = {}  # per device, the rows files saved
         self.unreadable_devices = 0  # device state files a restore had to put aside
@@ -1119,9 +1124,7 @@ class DetectionEngine:
                 "max_incidents": s.mv_max_incidents,
                 # more metrics than a device model takes: each is watched on its own
                 "max_metrics": s.mv_max_metrics,
-                "too_wide": (
-                    dev is not None and dev.model is None and len(dev.metrics) > s.mv_max_metrics
-                ),
+                "too_wide": dev is not None and dev.too_wide(s.mv_max_metrics),
             },
             "metrics": out,
         }
@@ -1214,10 +1217,10 @@ class DetectionEngine:
         dev = self.devices.get(device)
         if dev is None:
             dev = self.devices[device] = DeviceModel(s)
-        if multivariate and dev.model is None and len(dev.metrics) > s.mv_max_metrics:
-            multivariate = False  # too wide for a device model: watched metric by metric
-            if device not in self.too_wide:
-                self.too_wide.add(device)
+        if multivariate and dev.too_wide(s.mv_max_metrics):
+            multivariate = False  # watched metric by metric
+            if device not in self.said_too_wide:
+                self.said_too_wide.add(device)
                 log.warning(
                     "device %s has %d metrics, more than detection's mv_max_metrics (%d): "
                     "no device model, each metric is watched on its own",

@@ -281,9 +281,17 @@ class VirtualSensorResidual:
         square of its metrics, not with a copy of its features per metric."""
         assert self.coef_ is not None
         n, p, m = F.shape
+        return F.reshape(n, p * m) @ self._gains() + self.coef_[:, -1]
+
+    def _gains(self) -> np.ndarray:
+        """The fast model's gains as a (features x metrics) x metrics matrix, feature-major:
+        column j holds metric j's coefficients on the others' features, zeros on its own."""
+        assert self.coef_ is not None
+        m = self.coef_.shape[0]
+        p = 1 + len(self.spans)
         W = np.zeros((p * m, m))
         W[_others(p, m), np.arange(m)[:, None]] = self.coef_[:, :-1]
-        return F.reshape(n, p * m) @ W + self.coef_[:, -1]
+        return W
 
     def _solve(self, F: np.ndarray, Z: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """Each metric's ridge regression on the others' features, solved from one set of
@@ -681,15 +689,10 @@ class VirtualSensorResidual:
         """Row c: how the fast model's prediction of metric c moves with each other
         metric, its gains on that metric's current value and averages (the features, in
         order) weighted by how much of an offset each feature has taken in."""
-        assert self.coef_ is not None
-        m = self.coef_.shape[0]
-        w = np.asarray(weights)[:, None]
-        V = np.zeros((m, m))
-        for c in range(m):
-            V[c, [j for j in range(m) if j != c]] = (
-                w * self.coef_[c, :-1].reshape(len(weights), m - 1)
-            ).sum(axis=0)
-        return V
+        W = self._gains()
+        m = W.shape[1]
+        W = W.reshape(len(weights), m, m)  # feature, other metric, metric c
+        return (np.asarray(weights)[:, None, None] * W).sum(axis=0).T
 
     def stand_in(self, X: np.ndarray, cols: Sequence[int]) -> None:
         """The state as if the virtual values of ``cols`` had stood in for them over
