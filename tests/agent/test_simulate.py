@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +135,60 @@ def test_exits_promptly_when_the_broker_is_gone(
     assert took < 10, f"exit took {took:.1f}s with the broker gone"
     counts = json.loads(out.strip().splitlines()[-1])
     assert counts["generated"] > counts["acknowledged"] > 0
+
+
+def test_history_sends_each_machines_healthy_past_first_then_goes_live(
+    broker_url: str, recorder: Recorder, tmp_path: Path
+) -> None:
+    """``--history``: back-dated readings every ``--history-step`` up to the start, in
+    order before the live ones, with no fault in them (faults are planned from the live
+    start, so a detector has learned the machine before the first)."""
+    truth = tmp_path / "faults.jsonl"
+    started = time.time()
+    result = subprocess.run(
+        simulate(
+            "--devices", "2", "--rate", "5", "--metrics", "4", "--duration", "3",
+            "--broker", broker_url, "--site", "plant-h",
+            "--history", "10m", "--history-step", "10", "--history-rate", "200",
+            "--fault-rate", "3600", "--fault-types", "spike", "--fault-start-after", "0s",
+            "--ground-truth", str(truth),
+        ),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert counts["generated"] == counts["acknowledged"]
+    wait_until(
+        lambda: (
+            sum(len(check_stream(m)) for m in recorder.telemetry().values()) == counts["generated"]
+        ),
+        timeout=10,
+    )
+    faults = [json.loads(line) for line in truth.read_text().splitlines()]
+    assert faults, "no fault injected live"
+    for device, messages in recorder.telemetry().items():
+        readings = check_stream(messages)  # one stream, in time order: the past, then live
+        stamps = sorted({_epoch(r["ts"]) for r in readings})
+        past = [t for t in stamps if t < started]
+        assert len(past) == 60, f"{device}: {len(past)} past collections, expected 10 min / 10 s"
+        assert started - 600 - 1 <= past[0] and past[-1] < started
+        assert {round(b - a, 3) for a, b in itertools.pairwise(past)} == {10.0}
+        live = [t for t in stamps if t >= started]
+        assert len(live) >= 5  # at 5 Hz for 3 s, behind a past sent at 200 readings/s
+        mine = [f for f in faults if f["device"] == device]
+        assert mine and all(_epoch(f["start"]) >= live[0] for f in mine)
+
+
+def test_history_is_refused_when_negative() -> None:
+    result = subprocess.run(
+        simulate("--history", "-1h"), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode != 0
+    assert "--history" in result.stderr
+
+
+def _epoch(text: str) -> float:
+    from datetime import datetime, timezone
+
+    stamp = datetime.strptime(text.replace("Z", ""), "%Y-%m-%dT%H:%M:%S.%f")
+    return stamp.replace(tzinfo=timezone.utc).timestamp()

@@ -75,6 +75,24 @@ def _parser() -> argparse.ArgumentParser:
         help="quiet time before the first fault, e.g. 150s or 5m (default: the collector's, 5m)",
     )
     m.add_argument("--ground-truth", default=None, help="append fault intervals to this JSONL")
+    m.add_argument(
+        "--history",
+        default="0",
+        help="send this much of each machine's healthy past first, back-dated (e.g. 12h); "
+        "default 0, none",
+    )
+    m.add_argument(
+        "--history-step",
+        type=float,
+        default=10.0,
+        help="seconds between the past's readings (default 10)",
+    )
+    m.add_argument(
+        "--history-rate",
+        type=float,
+        default=5000.0,
+        help="readings/s the fleet sends its past at, at most (default 5000; 0: no limit)",
+    )
     m.add_argument("--queue-dir", default=None, help="on-disk queues here (default: in memory)")
     m.add_argument(
         "--queue-max-bytes",
@@ -160,7 +178,20 @@ def _simulate(args: argparse.Namespace) -> int:
     except Invalid as exc:
         sys.stderr.write(f"--queue-max-bytes: expected {exc}\n")
         return EXIT_CONFIG
+    from millstream_agent.collectors._options import parse_duration
+
+    try:
+        history = parse_duration(args.history, "--history")
+    except ValueError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_CONFIG
+    if history < 0 or args.history_step <= 0 or args.history_rate < 0:
+        sys.stderr.write("--history must be >= 0, --history-step > 0, --history-rate >= 0\n")
+        return EXIT_CONFIG
     opts = SimOptions(
+        history=history,
+        history_step=args.history_step,
+        history_rate=args.history_rate,
         queue_max_bytes=queue_max_bytes,
         devices=args.devices,
         rate=args.rate,

@@ -66,6 +66,15 @@ class SimOptions:
     fault_types: Optional[list[str]] = None  # None = the collector's default (all types)
     fault_start_after: Optional[str] = None  # e.g. "150s"; None = the collector's, 5m
     ground_truth: Optional[str] = None
+    # Seconds of each machine's healthy past sent before its live readings, one reading
+    # every ``history_step`` seconds (back-dated, as an agent replays a backlog), so the
+    # cloud's detectors have learned the fleet before its first fault. 0: none.
+    history: float = 0.0
+    history_step: float = 10.0
+    # ... sent at most this many readings a second over the whole fleet (each device its
+    # share, and at least twice its live rate): a cloud scores about 7,000 a second while
+    # its detectors are young, and skips what it cannot queue.
+    history_rate: float = 5000.0
 
 
 def default_prefix(site: str) -> str:
@@ -100,11 +109,11 @@ class SimDevice:
         if opts.queue_dir:
             self.queue = SqliteQueue(
                 os.path.join(opts.queue_dir, f"{device}.db"),
-                max_bytes=opts.queue_max_bytes,
+                max_bytes=_queue_bound(opts),
                 fsync="normal",
             )
         else:
-            self.queue = MemoryQueue(max_bytes=opts.queue_max_bytes)
+            self.queue = MemoryQueue(max_bytes=_queue_bound(opts))
         self.session = DeviceSession(
             loop,
             device,
@@ -116,9 +125,23 @@ class SimDevice:
             kind=opts.kind,
         )
         self.period = 1.0 / opts.rate if opts.rate > 0 else 0.0
+        self.history = 0  # collections of the machine's past queued (send_history)
         self.running = False
         self._next = 0.0
         self._timer: Any = None
+
+    def send_history(self, seconds: float, step: float, until: float) -> None:
+        """Queue the machine's healthy past, from ``until - seconds`` up to ``until``."""
+        collector = self.collector
+        past = getattr(collector, "past", None)
+        if past is None or seconds <= 0 or step <= 0:
+            return
+        steps = int(seconds / step)
+        for k in range(steps):
+            texts = protocol.readings_json(past(until - (steps - k) * step))
+            self.queue.append(texts)
+            self.generated += len(texts)
+        self.history = steps
 
     def start_generating(self, offset: float) -> None:
         if self.period <= 0:
@@ -171,7 +194,7 @@ def run(opts: SimOptions, out: Any = None) -> int:
         max_inflight=opts.max_inflight,
         reconnect_max=opts.reconnect_max,
         refused_retry=max(opts.reconnect_max, 10.0),
-        replay_rate=0.0,
+        replay_rate=_history_pace(opts),
     )
     loop = EventLoop()
     rng = random.Random(opts.seed)
@@ -199,6 +222,16 @@ def run(opts: SimOptions, out: Any = None) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
     try:
+        if opts.history > 0:
+            now = time.time()
+            for dev in devices:
+                dev.send_history(opts.history, opts.history_step, now)
+            log.info(
+                "queued %gh of healthy history per device (a reading every %g s): %d readings",
+                opts.history / 3600,
+                opts.history_step,
+                sum(d.generated for d in devices),
+            )
         spread = opts.connect_spread if opts.devices > 1 else 0.0
         for i, dev in enumerate(devices):
             dev.session.start(spread * i / max(1, opts.devices))
@@ -279,6 +312,21 @@ def run(opts: SimOptions, out: Any = None) -> int:
     out.write(json.dumps(counts) + "\n")
     out.flush()
     return 0
+
+
+def _queue_bound(opts: SimOptions) -> int:
+    """A device's queue bound: ``queue_max_bytes``, raised to hold its whole past (about
+    100 bytes a reading, counted at 160 with the queue's overhead) so none is dropped."""
+    past = int(opts.history / opts.history_step) * opts.metrics if opts.history > 0 else 0
+    return max(opts.queue_max_bytes, 160 * past)
+
+
+def _history_pace(opts: SimOptions) -> float:
+    """Readings a second each device may send (0: no limit): its share of
+    ``history_rate`` while it has a past to send, never below twice its live rate."""
+    if opts.history <= 0 or opts.history_rate <= 0:
+        return 0.0
+    return max(opts.history_rate / opts.devices, 2.0 * opts.rate * opts.metrics)
 
 
 def _log_progress(devices: list[SimDevice]) -> None:

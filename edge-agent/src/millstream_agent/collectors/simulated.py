@@ -231,6 +231,16 @@ class SimulatedCollector(Collector):
             )
         ]
 
+    def past(self, now: float) -> list[Sample]:
+        """A reading of the machine's healthy past at ``now``: its values without faults,
+        advancing its state, so the live readings that follow continue the same machine.
+        Faults are planned from the first ``collect``, not from the past."""
+        units = self._units
+        return [
+            Sample(now, n, round(v, 4), u)
+            for n, v, u in zip(self.metric_names, self.values(now), units)
+        ]
+
     def collect(self, now: float) -> list[Sample]:
         values = self.values(now)
         plan = self.faults
