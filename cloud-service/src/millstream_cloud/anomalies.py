@@ -107,7 +107,7 @@ class AnomalySink:
         self.queue_max_readings = queue_max_readings
         self.save = save
         self.save_interval_s = save_interval_s
-        self.busy: Callable[[], bool] | None = None  # True while ingest is receiving
+        self.busy: Callable[[], bool] | None = None  # True while ingest is busy
         # Whether this worker scores a device (detection.shards: the others score theirs).
         self.owns: Callable[[str], bool] | None = None
         self._queue: queue.Queue[Sequence[Reading]] = queue.Queue()
@@ -227,7 +227,8 @@ class AnomalySink:
         except Exception:
             log.exception("saving detector state failed")
 
-    # Scoring goes in small chunks, and while ingest is receiving, each chunk is followed by
+    # Scoring goes in small chunks, and while ingest is busy (Subscriber.receiving: messages
+    # waiting, or arriving faster than 100 a second), each chunk is followed by
     # a pause of PACE times what the chunk took: detection shares one interpreter (GIL)
     # with ingest, so this caps it at about 1/(1+PACE) of it. Under a burst the detectors
     # fall behind and, past the queue bound, skip (counted); they catch up afterwards.

@@ -93,3 +93,51 @@ def test_byte_bound_holds_back_large_messages(tmp_path: Path, broker_url: str, p
         assert 0 < peak <= 1024 * 1024 + 110_000, peak
     finally:
         sub.stop()
+
+
+def test_ingest_is_busy_under_a_burst_not_under_a_fleets_trickle(
+    tmp_path: Path, broker_url: str, publisher
+) -> None:
+    """Detection paces itself while ``receiving()`` (AnomalySink): a fleet's live messages,
+    one a device a second, leave it free to score at full speed (else it would skip an
+    agent's replayed backlog); a burst of messages is busy."""
+    metrics = ServiceMetrics()
+    storage = CountingStorage()
+    pipeline = IngestPipeline(
+        storage,
+        DeviceRegistry(tmp_path / "registry.db"),
+        DeadLetterStore(tmp_path / "dl.db"),
+        metrics,
+        IngestSettings(write_max_delay_s=0.01),
+    )
+    sub = Subscriber(
+        MQTTSettings(broker=broker_url, client_id="busy"),
+        IngestSettings(write_max_delay_s=0.01),
+        pipeline,
+        metrics,
+    )
+    sub.start()
+    try:
+        assert sub.connected.wait(10)
+        time.sleep(0.3)
+        t0 = time.time_ns() - 3600 * NS
+        samples = []
+        for seq in range(20):  # ten devices' live messages: 10 a second
+            publisher.publish(telemetry_topic("trickle-1"), batch("trickle-1", seq, t0 + seq * NS))
+            for _ in range(10):
+                samples.append(sub.receiving())
+                time.sleep(0.01)
+        wait_until(lambda: storage.written == 20 * 40, 10)
+        assert samples.count(True) <= len(samples) // 10, samples
+        busy = False
+        for seq in range(400):  # a backlog replayed as fast as the broker takes it
+            publisher.publish(telemetry_topic("burst-1"), batch("burst-1", seq, t0 + seq * NS))
+            busy = busy or sub.receiving()
+        publisher.flush()
+        deadline = time.monotonic() + 10
+        while not busy and time.monotonic() < deadline and storage.written < 800 + 16_000:
+            busy = sub.receiving()
+        assert busy
+        wait_until(lambda: storage.written == 800 + 16_000, 30)
+    finally:
+        sub.stop()
