@@ -181,6 +181,9 @@ LOCAL_ROWS = 30
 SHORT_ROWS = 30
 SHORT_BAR = 1.6
 LAG_GRID = tuple(round(60 * 2 ** (k / 2)) for k in range(9))
+# An expected value is quoted against the metric's average over this many rows (5 minutes
+# at 10 s): long enough that its noise (0.18 of a reading's) keeps the difference's sign.
+QUOTE_SPAN = 30
 # The latest healthy rows over which the residuals' spread with a metric's virtual value
 # standing in is measured (a day at 10 s), the first time that metric is distrusted.
 DISTRUST_PROBE_ROWS = 8640
@@ -448,10 +451,11 @@ class VirtualSensorResidual:
         return out
 
     def _slow_residuals(
-        self, Z: np.ndarray, Z_in: np.ndarray | None = None
+        self, Z: np.ndarray, Z_in: np.ndarray | None = None, level: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Residuals of the slow model and the variance of its predictions, made from
-        ``Z_in`` where given (its distrusted metrics' virtual values)."""
+        ``Z_in`` where given (its distrusted metrics' virtual values); ``level``: each
+        row's recent level of every metric, which ``expected_`` quotes against."""
         assert self.slow_coef_ is not None
         assert self._s is not None
         before = self._s if self._s_in is None else self._s_in
@@ -466,10 +470,24 @@ class VirtualSensorResidual:
         pred, var = self._slow_predict(S_in, L)
         assert self.mean_ is not None and self.scale_ is not None
         # The prediction is of the metric's 10-minute average; the reading's own noise
-        # around that average is added back, so a reading minus its expected value is the
-        # averaged residual (it follows an offset within minutes and keeps its sign).
-        self.expected_ = self.mean_ + self.scale_ * (pred + Z - S)
+        # around its recent level is added back, so a reading minus its expected value is
+        # that level's residual: it keeps its sign (a lone reading's noise would not: a
+        # 1-sigma drift's reading fell on the wrong side) and, the level being a 5-minute
+        # average (QUOTE_SPAN), follows an offset within minutes (the 10-minute one quoted
+        # a 2 A offset as 1.2 A at the incident's rising edge).
+        recent = S if level is None else level
+        self.expected_ = self.mean_ + self.scale_ * (pred + Z - recent)
         return S - pred, var
+
+    def _level(self, F: np.ndarray) -> np.ndarray | None:
+        """Each row's recent level of every metric for the expected values quoted: the
+        fast model's moving average of QUOTE_SPAN rows (or the shortest longer one, if
+        shorter than the slow model's smoothing), else None (that smoothing itself)."""
+        spans = [k for k, span in enumerate(self.spans) if QUOTE_SPAN <= span < self.slow_span]
+        if not spans:
+            return None
+        k = min(spans, key=lambda i: self.spans[i])
+        return F[:, 1 + k, :]
 
     def _slow_predict(
         self, S: np.ndarray, L: dict[int, np.ndarray]
@@ -603,7 +621,7 @@ class VirtualSensorResidual:
         R_fast = Z - self._predict(F)
         zi = _local(R_fast, self._recent_fast) / self.sig_
         self._recent_fast = np.vstack([self._recent_fast, R_fast])[-LOCAL_ROWS:]
-        R, var = self._slow_residuals(Z, Z_in if distrust else None)
+        R, var = self._slow_residuals(Z, Z_in if distrust else None, self._level(F))
         allr = np.vstack([self._recent, R])
         k = len(R)
         c = np.cumsum(np.vstack([np.zeros(R.shape[1]), allr]), axis=0)
