@@ -10,13 +10,14 @@ STAMP  := $(VENV)/.installed
 DEVICES  ?= 10
 DURATION ?= 0
 PORT     ?= 8000
+HISTORY  ?= 12h
 
 BENCHES := $(patsubst bench/%.py,%,$(filter-out bench/_%,$(wildcard bench/*.py)))
 
 .PHONY: help venv system-deps test test-fast check lint format demo bench clean stack stack-down $(addprefix bench-,$(BENCHES))
 
 help:
-	@echo "make demo    run broker + cloud + a simulated fleet (DEVICES=10 DURATION=0 PORT=8000)"
+	@echo "make demo    run broker + cloud + a simulated fleet (DEVICES=10 DURATION=0 PORT=8000 HISTORY=12h)"
 	@echo "make test    install what is needed and run the whole test suite"
 	@echo "make check   ruff (lint + format) and mypy"
 	@echo "make bench   run every benchmark under bench/ (JSON in bench/results/)"
@@ -51,7 +52,7 @@ format: venv
 
 demo: system-deps venv
 	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || $(BIN)/pip install -q amqtt
-	$(PY) scripts/demo.py --devices $(DEVICES) --duration $(DURATION) --port $(PORT)
+	$(PY) scripts/demo.py --devices $(DEVICES) --duration $(DURATION) --port $(PORT) --history $(HISTORY)
 
 bench: system-deps venv
 	@mkdir -p bench/results

@@ -33,8 +33,13 @@ def test_demo_serves_twenty_devices_then_exits_cleanly(tmp_path: Path) -> None:
             "2",
             "--workdir",
             str(tmp_path / "demo"),
-            # Faults from the start (detection is still warming up: none is found), so the
-            # closing report has the fleet's ground truth to read.
+            # No past (its 12 h take 20 devices three minutes to send), and faults from the
+            # start (detection is still warming up: none is found), so the closing report
+            # has the fleet's ground truth to read.
+            "--history",
+            "0",
+            "--fault-types",
+            "stuck,spike",
             "--fault-start-after",
             "2s",
             "--fault-rate",
@@ -59,9 +64,7 @@ def test_demo_serves_twenty_devices_then_exits_cleanly(tmp_path: Path) -> None:
         assert len(devices) == 20
         out, _ = proc.communicate(timeout=90)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
     assert proc.returncode == 0, out
     assert "devices online 20/20" in out
     assert "nothing left running" in out
@@ -87,10 +90,61 @@ def test_demo_runs_on_the_embedded_broker_when_asked(tmp_path: Path) -> None:
     pytest.importorskip("amqtt", reason="amqtt is installed by requirements-dev.txt")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo.py"), "--embedded-broker", "--devices", "3",
-         "--duration", "10", "--port", str(free_port()), "--interval", "3",
+         "--duration", "10", "--history", "0", "--port", str(free_port()), "--interval", "3",
          "--workdir", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "embedded in-process MQTT broker" in proc.stdout
     assert "devices online 3/3" in proc.stdout
+
+
+def test_demo_fleet_sends_its_past_so_device_models_are_trained_before_its_faults(
+    tmp_path: Path,
+) -> None:
+    """The default demo: each machine first sends 12 h of its healthy past through the
+    broker, the cloud learns it (its device models train on it), then the live fleet's
+    faults are judged by them and the closing report says what was found."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--devices", "2",
+         "--duration", "55", "--port", str(port), "--interval", "5",
+         "--workdir", str(tmp_path / "demo"), "--history", "12h",
+         # a stuck sensor once the past is in: found within 12 readings of it
+         "--fault-types", "stuck", "--fault-rate", "3600", "--fault-start-after", "25s"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        api = API(port)
+        api.wait_for(lambda a: a.get("/healthz") == {"status": "ok"}, timeout=60)
+        trained = api.wait_for(
+            lambda a: all(
+                a.get(f"/api/v1/devices/demo-plant-000{i}/detection")["device_model"]["trained"]
+                for i in (1, 2)
+            ),
+            timeout=70,
+            interval=1.0,
+        )
+        assert trained
+        # Scored, not skipped: nothing of the past was lost to the detection queue's bound.
+        skipped = [
+            line
+            for line in api.text("/metrics").splitlines()
+            if line.startswith("millstream_detection_skipped_readings_total ")
+        ]
+        assert skipped == ["millstream_detection_skipped_readings_total 0.0"]
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, out
+    assert "each machine first sends 12 h of its healthy past (86,400 readings" in out
+    assert "detection learning (" in out  # the summary line while the past is scored
+    assert re.search(r"found            stuck [12] of [12]\n", out), out
+    assert "0 outside one" in out, out
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """Kill the demo if it is still running (a failed test must not leave it behind)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

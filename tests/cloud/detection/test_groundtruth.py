@@ -70,3 +70,42 @@ def test_the_ground_truth_file_is_read_while_the_fleet_still_writes_it(tmp_path:
         encoding="utf-8",
     )  # fmt: skip
     assert groundtruth.read_faults(path) == [SPIKE]
+
+
+def test_a_shift_is_judged_only_after_its_settling_time() -> None:
+    # The device model reports a level shift once its averaged residual has moved, minutes
+    # in: a shift begun 5 minutes before the report, not found yet, is not a miss; a
+    # stuck sensor begun as long ago is.
+    shift = {**STUCK, "fault": "shift", "metrics": ["temp_c"]}
+    judged_before = groundtruth.timestamp("2026-11-26T10:10:00Z")
+    result = groundtruth.compare(
+        [shift, STUCK], [], judged_before_s=judged_before, settle_s=groundtruth.SETTLE_S
+    )
+    assert result["faults"] == {"stuck": {"found": 0, "of": 1}} and result["recent"] == 1
+    lines = groundtruth.summary_lines(result, 0, history=True)
+    assert (
+        lines[0]
+        == "injected faults  1 (stuck 1) (1 more injected in the last minutes, not judged yet)"
+    )
+    assert lines[-1].startswith("(a modelled device's single-reading spike")
+    later = groundtruth.timestamp("2026-11-26T10:16:00Z")
+    result = groundtruth.compare(
+        [shift, STUCK], [], judged_before_s=later, settle_s=groundtruth.SETTLE_S
+    )
+    assert result["faults"]["shift"] == {"found": 0, "of": 1} and result["recent"] == 0
+
+
+def test_a_reading_and_its_expected_value_show_their_difference() -> None:
+    from millstream_cloud.detection.explain import describe, numbers
+    from millstream_cloud.model import Contribution
+
+    # Four significant digits when they show it; more decimals when they would hide it.
+    assert numbers(19.24, 18.08) == ("19.24", "18.08")
+    assert numbers(0.9149, 0.9079) == ("0.9149", "0.9079")
+    assert numbers(1521.3, 1519.6) == ("1521.3", "1519.6")
+    assert numbers(1_000_003.0, 1_000_000.0) == ("1000003.0", "1000000.0")
+    assert numbers(5.0, 5.0) == ("5", "5")
+    c = Contribution(metric="speed", value=1521.34, expected=1519.61, sigma=7.4)
+    assert describe(c, "what the other metrics predict for this load") == (
+        "speed 7.4\u03c3 above what the other metrics predict for this load (1521.3, expected 1519.6)"
+    )

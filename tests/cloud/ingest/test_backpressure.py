@@ -21,26 +21,40 @@ class SlowStorage(CountingStorage):
         super().write_readings(readings, kinds)
 
 
-def test_slow_store_bounds_what_is_held(tmp_path: Path, broker_url: str, publisher) -> None:
+def _subscriber(
+    tmp_path: Path,
+    storage: CountingStorage,
+    mqtt: MQTTSettings,
+    ingest: IngestSettings,
+    pipeline_settings: IngestSettings | None = None,
+) -> Subscriber:
+    """A started subscriber writing to ``storage`` through a real pipeline, connected."""
     metrics = ServiceMetrics()
-    storage = SlowStorage()
     pipeline = IngestPipeline(
         storage,
         DeviceRegistry(tmp_path / "registry.db"),
         DeadLetterStore(tmp_path / "dl.db"),
         metrics,
-        IngestSettings(write_max_delay_s=0.01),
+        pipeline_settings or IngestSettings(write_max_delay_s=0.01),
     )
-    sub = Subscriber(
+    sub = Subscriber(mqtt, ingest, pipeline, metrics)
+    sub.start()
+    if not sub.connected.wait(10):
+        sub.stop()
+        raise AssertionError(f"the subscriber did not connect to {mqtt.broker}")
+    time.sleep(0.3)
+    return sub
+
+
+def test_slow_store_bounds_what_is_held(tmp_path: Path, broker_url: str, publisher) -> None:
+    storage = SlowStorage()
+    sub = _subscriber(
+        tmp_path,
+        storage,
         MQTTSettings(broker=broker_url, client_id="bp", receive_maximum=100, ack_batch=50),
         IngestSettings(queue_max_messages=150, write_max_delay_s=0.01),
-        pipeline,
-        metrics,
     )
-    sub.start()
     try:
-        assert sub.connected.wait(10)
-        time.sleep(0.3)
         t0 = time.time_ns() - 600 * NS
         for seq in range(600):
             publisher.publish(telemetry_topic("bp-1"), batch("bp-1", seq, t0 + seq * NS, n=2))
@@ -62,23 +76,15 @@ def test_slow_store_bounds_what_is_held(tmp_path: Path, broker_url: str, publish
 
 
 def test_byte_bound_holds_back_large_messages(tmp_path: Path, broker_url: str, publisher) -> None:
-    metrics = ServiceMetrics()
     storage = SlowStorage()
-    pipeline = IngestPipeline(
+    sub = _subscriber(
+        tmp_path,
         storage,
-        DeviceRegistry(tmp_path / "registry.db"),
-        DeadLetterStore(tmp_path / "dl.db"),
-        metrics,
+        MQTTSettings(broker=broker_url, client_id="bp2", ack_batch=20),
+        IngestSettings(queue_max_bytes=1024 * 1024, write_max_delay_s=0.01),
         IngestSettings(),
     )
-    ingest = IngestSettings(queue_max_bytes=1024 * 1024, write_max_delay_s=0.01)
-    sub = Subscriber(
-        MQTTSettings(broker=broker_url, client_id="bp2", ack_batch=20), ingest, pipeline, metrics
-    )
-    sub.start()
     try:
-        assert sub.connected.wait(10)
-        time.sleep(0.3)
         t0 = time.time_ns() - 600 * NS
         for seq in range(200):  # ~100 KB each: 20 MB in all
             publisher.publish(telemetry_topic("bp-2"), batch("bp-2", seq, t0 + seq * NS, n=1000))
@@ -101,25 +107,14 @@ def test_ingest_is_busy_under_a_burst_not_under_a_fleets_trickle(
     """Detection paces itself while ``receiving()`` (AnomalySink): a fleet's live messages,
     one a device a second, leave it free to score at full speed (else it would skip an
     agent's replayed backlog); a burst of messages is busy."""
-    metrics = ServiceMetrics()
     storage = CountingStorage()
-    pipeline = IngestPipeline(
+    sub = _subscriber(
+        tmp_path,
         storage,
-        DeviceRegistry(tmp_path / "registry.db"),
-        DeadLetterStore(tmp_path / "dl.db"),
-        metrics,
-        IngestSettings(write_max_delay_s=0.01),
-    )
-    sub = Subscriber(
         MQTTSettings(broker=broker_url, client_id="busy"),
         IngestSettings(write_max_delay_s=0.01),
-        pipeline,
-        metrics,
     )
-    sub.start()
     try:
-        assert sub.connected.wait(10)
-        time.sleep(0.3)
         t0 = time.time_ns() - 3600 * NS
         samples = []
         for seq in range(20):  # ten devices' live messages: 10 a second
