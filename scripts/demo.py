@@ -130,6 +130,9 @@ HISTORY_RATE = 5000.0
 # overheating, which moves two temperatures at once, is named on the wrong metric:
 # docs/detection.md, Limits); without: those the young per-metric detectors catch.
 FAULT_TYPES = {True: "stuck,shift", False: "stuck,spike"}
+# A device model trains on 12 h of rows (mv_train_rows 4320 at 10 s): a shorter past
+# leaves the per-metric detectors in charge, and the faults for them.
+DEVICE_MODEL_AFTER_S = 12 * 3600
 
 
 def write_cloud_config(var: Path, history: bool) -> Path:
@@ -313,7 +316,7 @@ def main() -> int:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
     with_history = history_s > 0
-    fault_types = args.fault_types or FAULT_TYPES[with_history]
+    fault_types = args.fault_types or FAULT_TYPES[history_s >= DEVICE_MODEL_AFTER_S]
     fault_start_after = args.fault_start_after or first_fault_after(history_s, args.devices)
 
     if port_in_use(args.port):

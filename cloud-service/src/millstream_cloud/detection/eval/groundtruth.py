@@ -30,7 +30,8 @@ DEMO_ENGINE: dict[str, Any] = {"warmup": 120, "streaming": {"resolution_s": 0.0}
 DEMO_ENGINE_WITH_HISTORY: dict[str, Any] = {}
 # How long after its start a fault of each type may take to be found (else 10 s): the
 # device model reports a level shift or overheating once its averaged residual crosses
-# the bar, 4-6 minutes in (simulator, docs/detection.md), a 1-sigma drift after 46-114.
+# the bar, a median 5 minutes in (4-11 over the demo benchmark's 24 shifts,
+# docs/detection.md), a 1-sigma drift after 46-114.
 SETTLE_S: dict[str, float] = {"shift": 600.0, "overheat": 600.0, "drift": 7200.0}
 
 
