@@ -125,7 +125,7 @@ detection:
 # The fleet's past, sent first (`simulate --history`): 12 h at one reading every 10 s, at
 # most HISTORY_RATE readings a second; the device models train on 12 h of rows.
 HISTORY_STEP_S = 10.0
-HISTORY_RATE = 5000.0
+HISTORY_RATE = 4000.0
 # With the past: faults the device models find in minutes (a stuck sensor, a level shift;
 # overheating, which moves two temperatures at once, is named on the wrong metric:
 # docs/detection.md, Limits); without: those the young per-metric detectors catch.
@@ -151,7 +151,7 @@ def history_seconds(text: str) -> float:
 def first_fault_after(history_s: float, devices: int) -> str:
     """Quiet time before the first live fault: detection judges after its warm-up (2
     minutes without a past), and with one the fleet's past must be sent and scored first
-    (about 7,000 readings a second on these 2-core machines), plus 2 minutes."""
+    (3,000-4,000 readings a second on these 2-core machines), plus 2 minutes."""
     if history_s <= 0:
         return "150s"
     readings = devices * 10 * history_s / HISTORY_STEP_S

@@ -90,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--history-rate",
         type=float,
-        default=5000.0,
-        help="readings/s the fleet sends its past at, at most (default 5000; 0: no limit)",
+        default=4000.0,
+        help="readings/s the fleet sends its past at, at most (default 4000; 0: no limit)",
     )
     m.add_argument("--queue-dir", default=None, help="on-disk queues here (default: in memory)")
     m.add_argument(
