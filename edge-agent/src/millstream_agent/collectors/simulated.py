@@ -235,11 +235,7 @@ class SimulatedCollector(Collector):
         """A reading of the machine's healthy past at ``now``: its values without faults,
         advancing its state, so the live readings that follow continue the same machine.
         Faults are planned from the first ``collect``, not from the past."""
-        units = self._units
-        return [
-            Sample(now, n, round(v, 4), u)
-            for n, v, u in zip(self.metric_names, self.values(now), units)
-        ]
+        return self._samples(now, self.values(now))
 
     def collect(self, now: float) -> list[Sample]:
         values = self.values(now)
@@ -250,6 +246,9 @@ class SimulatedCollector(Collector):
             if plan.dropout:
                 return []
             plan.apply(now, values)
+        return self._samples(now, values)
+
+    def _samples(self, now: float, values: list[float]) -> list[Sample]:
         units = self._units
         return [Sample(now, n, round(v, 4), u) for n, v, u in zip(self.metric_names, values, units)]
 
