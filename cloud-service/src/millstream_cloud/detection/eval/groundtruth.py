@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ...model import Anomaly
+    from ...model import Anomaly, Reading
     from ..engine import EngineSettings
 
 SLACK_S = 60.0
@@ -65,7 +65,6 @@ def run_demo_fleet(
     groups (about 5 s of the fleet each); and the faults the machines injected. With
     ``history_s``, the fleet's healthy past (a reading every ``history_step`` seconds up
     to ``t0``) comes first, as ``simulate --history`` sends it; its anomalies count too."""
-    from ...model import Reading
     from ..engine import DetectionEngine
 
     engine = DetectionEngine(demo_settings(history=history_s > 0))
@@ -73,26 +72,26 @@ def run_demo_fleet(
     batch: list[Reading] = []
     steps = int(history_s / history_step)
     for k in range(steps):
-        ts = t0 - (steps - k) * history_step
         for m in machines:
-            batch += [
-                Reading(m.device, "demo-plant", s.metric, int(s.ts * 1e9), s.value)
-                for s in m.past(ts)
-            ]
+            batch += _readings(m, m.past(t0 - (steps - k) * history_step))
         if len(batch) >= 5000:
             found += engine.observe(batch)
             batch = []
     for k in range(seconds):
         for m in machines:
-            batch += [
-                Reading(m.device, "demo-plant", s.metric, int(s.ts * 1e9), s.value)
-                for s in m.collect(t0 + k)
-            ]
+            batch += _readings(m, m.collect(t0 + k))
         if k % 5 == 4:
             found += engine.observe(batch)
             batch = []
     found += engine.observe(batch) + engine.flush()
     return found, [g for m in machines for g in m.ground_truth]
+
+
+def _readings(m: Machine, samples: Iterable[Any]) -> list[Reading]:
+    """A machine's samples as the cloud stores them."""
+    from ...model import Reading
+
+    return [Reading(m.device, "demo-plant", s.metric, int(s.ts * 1e9), s.value) for s in samples]
 
 
 @dataclass(frozen=True, slots=True)
