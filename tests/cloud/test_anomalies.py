@@ -651,3 +651,120 @@ def test_the_detection_thread_scores_queued_batches_together_in_order(
         sink.stop()
     assert [len(c) for c in calls] == calls_made
     assert [v for c in calls for v in c] == [float(i) for i in range(640)]
+
+
+def _metric(services: Services, name: str) -> float:
+    from prometheus_client import generate_latest
+
+    for line in generate_latest(services.metrics.registry).decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def _wait(cond: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_device_behind_a_full_detection_queue_is_read_back_from_the_store_in_order(
+    services: Services,
+) -> None:
+    # An agent replaying its backlog outruns the detectors: past the queue's bound its
+    # readings are left in the store and read back once the queue is empty, each exactly
+    # once and in time order, its later readings too; then it queues again. (Before,
+    # they were skipped.)
+    import threading
+
+    scored: list[tuple[str, float]] = []
+    busy = threading.Event()
+    release = threading.Event()
+
+    class Slow:
+        def observe(self, readings: Sequence[Reading]) -> list[Anomaly]:
+            scored.extend((r.device, r.value) for r in readings)
+            busy.set()
+            release.wait(10)
+            return []
+
+    t0 = 1_772_352_000_000_000_000
+    sink = services.anomalies
+    sink.detector = Slow()
+    sink.queue_max_readings = 200
+    sink.PAGE = 150  # several pages, cut by time
+    sink.start()
+
+    def send(device: str, k: int, n: int = 40) -> None:
+        batch = [
+            Reading(device, "plant-a", m, t0 + (k * n + i) * 10**9, float(k * n + i))
+            for i in range(n)
+            for m in ("temp", "flow")
+        ]
+        services.storage.write_readings(batch)
+        sink.on_readings(batch)
+
+    try:
+        send("press-01", 0)
+        assert busy.wait(10)
+        for k in range(1, 16):  # 1200 more readings: the queue holds 200
+            send("press-01", k)
+        assert set(sink.behind) == {"press-01"}
+        send("press-02", 0)  # the queue is full for every device
+        assert set(sink.behind) == {"press-01", "press-02"}
+        release.set()
+        _wait(lambda: not sink.behind)
+        send("press-01", 16)  # caught up: queued again
+        _wait(lambda: len(scored) == 17 * 80 + 80)
+    finally:
+        release.set()
+        sink.stop()
+    mine = [v for d, v in scored if d == "press-01"]
+    assert mine == [float(i) for i in range(17 * 40) for _ in ("temp", "flow")]
+    assert [v for d, v in scored if d == "press-02"] == [float(i) for i in range(40) for _ in "tf"]
+    deferred = _metric(services, "millstream_detection_deferred_readings_total")
+    assert 980 <= deferred <= 1280
+    assert _metric(services, "millstream_detection_read_back_readings_total") == deferred
+    assert _metric(services, "millstream_detection_skipped_readings_total") == 0
+
+
+def test_a_fault_in_a_backlog_the_detectors_fell_behind_on_is_still_found(
+    services: Services,
+) -> None:
+    from dataclasses import replace
+
+    import numpy as np
+
+    from millstream_cloud.detection.engine import DetectionEngine
+    from tests.cloud.detection.test_engine import FAST
+
+    sink = services.anomalies
+    sink.detector = DetectionEngine(replace(FAST, warmup=200))
+    sink.queue_max_readings = 1000
+    sink.start()
+    rng = np.random.default_rng(5)
+    t0 = 1_772_352_000_000_000_000
+    values = [20.0 + rng.normal(0, 0.1) + (5.0 if i >= 1400 else 0.0) for i in range(1500)]
+    try:
+        with sink._engine_lock:  # the detectors are busy while the backlog arrives
+            for k in range(0, 1500, 50):
+                batch = [
+                    Reading("pi-01", "plant-a", "cpu_temp", t0 + i * 10**9, values[i])
+                    for i in range(k, k + 50)
+                ]
+                services.storage.write_readings(batch)
+                sink.on_readings(batch)
+            assert "pi-01" in sink.behind  # the shift at reading 1400 waits in the store
+        _wait(
+            lambda: (
+                not sink.behind
+                and _metric(services, "millstream_detection_scored_readings_total") == 1500
+            )
+        )
+    finally:
+        sink.stop()
+    found = [a for a in sink.recent if a.device == "pi-01"]
+    assert [a.metric for a in found] == ["cpu_temp"]
+    assert found[0].time_ns >= t0 + 1400 * 10**9
+    assert _metric(services, "millstream_detection_skipped_readings_total") == 0

@@ -17,9 +17,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from millstream_cloud.metrics import ServiceMetrics
 from millstream_cloud.model import Anomaly, Reading
@@ -30,6 +31,7 @@ from millstream_cloud.storage.base import (
     Point,
     SeriesQuery,
     Storage,
+    device_readings,
 )
 from millstream_cloud.timeutil import rfc3339
 
@@ -80,13 +82,28 @@ def anomaly_point(a: Anomaly) -> Point:
     )
 
 
+@dataclass(slots=True)
+class Behind:
+    """A device whose readings wait in the store for the detectors: they came while the
+    detection queue was full (an agent's replayed backlog, a fleet reconnecting)."""
+
+    site: str
+    start_ns: int  # the oldest reading not scored yet
+    end_ns: int  # the newest reading set aside
+    readings: int  # set aside and not read back yet (sizes the pages read back)
+
+
 class AnomalySink:
     """Runs the detector on stored readings and records what it finds.
 
     Started, it scores on its own thread behind a bounded queue, so a slow model never
-    holds up the acknowledgement of stored messages: when the queue is full a batch skips
-    detection and is counted (``millstream_detection_skipped_readings_total``). Not
-    started (tests, tools), it scores inline.
+    holds up the acknowledgement of stored messages. When the queue is full, the devices
+    of a batch fall *behind*: their readings, this batch's and every later one's, are
+    left in the store and read back from it, in time order, once the queue is empty
+    (``millstream_detection_deferred_readings_total``); a device's detectors see its
+    readings in order, and a fault in an agent's replayed backlog is still found. What is
+    still behind at shutdown is not scored (counted as skipped). Not started (tests,
+    tools), it scores inline.
     """
 
     def __init__(
@@ -112,6 +129,9 @@ class AnomalySink:
         self.owns: Callable[[str], bool] | None = None
         self._queue: queue.Queue[Sequence[Reading]] = queue.Queue()
         self._queued = 0
+        self.behind: dict[str, Behind] = {}  # by device; guarded by _lock
+        self._read_back_retry = 0.0  # monotonic time of the next try after a failed read
+        self._read_back_wait = 0.0
         self._lock = threading.Lock()
         self._engine_lock = threading.Lock()  # observe and save vs. relearn from the API
         self._thread: threading.Thread | None = None
@@ -129,6 +149,33 @@ class AnomalySink:
             registry=r,
         )
         self.scored = Counter("millstream_detection_scored_readings", "Readings scored", registry=r)
+        self.deferred = Counter(
+            "millstream_detection_deferred_readings",
+            "Readings left in the store while the detection queue was full, to be read "
+            "back and scored in order once it is empty",
+            registry=r,
+        )
+        self.read_back = Counter(
+            "millstream_detection_read_back_readings",
+            "Readings read back from the store and scored (see deferred)",
+            registry=r,
+        )
+        Gauge(
+            "millstream_detection_queued_readings",
+            "Readings waiting in the detection queue (detection.queue_max_readings at most)",
+            registry=r,
+        ).set_function(lambda: self._queued)
+        Gauge(
+            "millstream_detection_behind_devices",
+            "Devices whose readings wait in the store for the detectors",
+            registry=r,
+        ).set_function(lambda: len(self.behind))
+        Gauge(
+            "millstream_detection_behind_seconds",
+            "How far the detectors trail the newest reading set aside, for the device "
+            "furthest behind (0 when none is)",
+            registry=r,
+        ).set_function(self.behind_seconds)
         self.seconds = Counter(
             "millstream_detection_seconds", "Time spent scoring readings", registry=r
         )
@@ -157,11 +204,39 @@ class AnomalySink:
             self.process(readings)
             return
         with self._lock:
+            if self.behind:  # a device behind stays behind until it is read back
+                readings = self._set_aside(readings, only_behind=True)
+            if not readings:
+                return
             if self._queued + len(readings) > self.queue_max_readings:
-                self.skipped.inc(len(readings))
+                self._set_aside(readings)
                 return
             self._queued += len(readings)
         self._queue.put(readings)
+
+    def _set_aside(self, readings: Sequence[Reading], only_behind: bool = False) -> list[Reading]:
+        """Leave readings in the store for reading back (with ``only_behind``, those of
+        devices already behind); the rest. Called with ``_lock`` held."""
+        rest: list[Reading] = []
+        n = 0
+        for r in readings:
+            b = self.behind.get(r.device)
+            if b is None:
+                if only_behind:
+                    rest.append(r)
+                    continue
+                b = self.behind[r.device] = Behind(r.site, r.time_ns, r.time_ns, 0)
+            b.start_ns = min(b.start_ns, r.time_ns)
+            b.end_ns = max(b.end_ns, r.time_ns)
+            b.readings += 1
+            n += 1
+        if n:
+            self.deferred.inc(n)
+        return rest
+
+    def behind_seconds(self) -> float:
+        with self._lock:
+            return max(((b.end_ns - b.start_ns) / 1e9 for b in self.behind.values()), default=0.0)
 
     def process(self, readings: Sequence[Reading]) -> None:
         if self.detector is None:
@@ -215,6 +290,17 @@ class AnomalySink:
             self._stop.set()
             self._thread.join(timeout)
             self._thread = None
+        with self._lock:
+            left, self.behind = self.behind, {}
+        if left:
+            n = sum(b.readings for b in left.values())
+            self.skipped.inc(n)
+            log.warning(
+                "detection: %d readings of %d devices were still waiting in the store for "
+                "the detectors at shutdown; they are not scored",
+                n,
+                len(left),
+            )
         if self.save is not None and self.detector is not None:
             self._save()
 
@@ -234,6 +320,10 @@ class AnomalySink:
     # fall behind and, past the queue bound, skip (counted); they catch up afterwards.
     CHUNK = 500
     PACE = 4.0
+    # Readings of a device behind read back per query (its span cut by the rate at which
+    # they were set aside), and the longest wait between tries after a failed read.
+    PAGE = 20_000
+    RETRY_MAX_S = 30.0
 
     def _pace(self, spent_s: float) -> None:
         if self.busy is not None and self.busy():
@@ -242,24 +332,70 @@ class AnomalySink:
     def _run(self) -> None:
         next_save = time.monotonic() + self.save_interval_s
         while not (self._stop.is_set() and self._queue.empty()):
-            try:
-                readings = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                readings = None
+            readings = self._next()
             if readings is not None:
                 for chunk in self._chunks(readings):
-                    t0 = time.monotonic()
-                    try:
-                        self.process(chunk)
-                    except Exception:
-                        log.exception("detector failed on a batch of %d readings", len(chunk))
-                        self.failed.inc(len(chunk))
+                    self._score(chunk)
                     with self._lock:
                         self._queued -= len(chunk)
-                    self._pace(time.monotonic() - t0)
+            elif self.behind and not self._stop.is_set():
+                self._read_back_page()
             if time.monotonic() >= next_save:
                 self._save()
                 next_save = time.monotonic() + self.save_interval_s
+
+    def _next(self) -> Sequence[Reading] | None:
+        """The next queued batch; None after a short wait (at once while devices wait in
+        the store and can be read back now)."""
+        try:
+            if self.behind and time.monotonic() >= self._read_back_retry:
+                return self._queue.get_nowait()
+            return self._queue.get(timeout=0.2)
+        except queue.Empty:
+            return None
+
+    def _score(self, chunk: Sequence[Reading]) -> None:
+        t0 = time.monotonic()
+        try:
+            self.process(chunk)
+        except Exception:
+            log.exception("detector failed on a batch of %d readings", len(chunk))
+            self.failed.inc(len(chunk))
+        self._pace(time.monotonic() - t0)
+
+    def _read_back_page(self) -> None:
+        """Score the next page of the device furthest behind, read from the store; once a
+        device's page reaches its newest reading set aside, its readings queue again."""
+        if time.monotonic() < self._read_back_retry:
+            return
+        with self._lock:
+            device, b = min(self.behind.items(), key=lambda kv: kv[1].start_ns)
+            start, end, pending, site = b.start_ns, b.end_ns, b.readings, b.site
+        stop = end + 1
+        if pending > self.PAGE:  # a time span of about PAGE readings, at least a second
+            stop = min(stop, start + max((end - start) * self.PAGE // pending, 10**9))
+        try:
+            readings = device_readings(self.storage, device, site, start, stop)
+        except Exception:
+            wait = min(max(2 * (self._read_back_wait or 0.5), 1.0), self.RETRY_MAX_S)
+            self._read_back_wait = wait
+            self._read_back_retry = time.monotonic() + wait
+            log.exception(
+                "detection: reading %s back from the store failed; again in %.0f s", device, wait
+            )
+            return
+        self._read_back_wait = 0.0
+        chunk = int(getattr(self.detector, "batch_readings", self.CHUNK))
+        for i in range(0, len(readings), chunk):
+            self._score(readings[i : i + chunk])
+        self.read_back.inc(len(readings))
+        with self._lock:
+            b = self.behind[device]
+            b.start_ns = stop
+            b.readings = max(b.readings - len(readings), 0)
+            if b.start_ns > b.end_ns:
+                del self.behind[device]
+                log.info("detection: %s caught up (read back from the store)", device)
 
     def _chunks(self, first: Sequence[Reading]) -> list[Sequence[Reading]]:
         """What to score next, in calls of about CHUNK readings (the detector's

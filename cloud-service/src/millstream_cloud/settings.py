@@ -285,8 +285,9 @@ class DetectionSettings(Section):
     queue_max_readings: int = Field(
         200_000,
         ge=1000,
-        description="readings waiting for the detectors; beyond it batches skip detection "
-        "(counted) so detection never slows ingest",
+        description="readings waiting for the detectors; beyond it a batch's devices fall "
+        "behind: their readings stay in the store and are read back and scored, in order, "
+        "once the queue is empty, so detection never slows ingest and loses nothing",
     )
     save_interval_s: float = Field(
         300.0, gt=0, description="how often detector state is saved (and at shutdown)"

@@ -21,7 +21,7 @@ from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
 from millstream_cloud.detection.rules import Rule
 from millstream_cloud.feedback import list_missed
 from millstream_cloud.model import Anomaly, Reading
-from millstream_cloud.storage.base import TELEMETRY, SeriesQuery, Storage
+from millstream_cloud.storage.base import TELEMETRY, SeriesQuery, Storage, device_readings
 from millstream_cloud.timeutil import parse_time_ns, rfc3339
 
 BATCH_READINGS = 5000  # fed to the engine per call, cut at a timestamp boundary
@@ -65,15 +65,7 @@ def stored_readings(
             f"{total:,} readings of device {device!r} between {rfc3339(start_ns)} and "
             f"{rfc3339(end_ns)}, more than max_readings {limit:,}: narrow the span"
         )
-    series = storage.query(SeriesQuery(TELEMETRY, metrics, tags, start_ns, end_ns))
-    out = [
-        Reading(device, site, s.field, t, float(v))
-        for s in series
-        for t, v in s.points
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    ]
-    out.sort(key=lambda r: (r.time_ns, r.metric))
-    return out
+    return device_readings(storage, device, site, start_ns, end_ns)
 
 
 def _batches(readings: Sequence[Reading]) -> list[Sequence[Reading]]:

@@ -132,6 +132,24 @@ class Storage(abc.ABC):
         """Flush and release resources."""
 
 
+def device_readings(
+    storage: Storage, device: str, site: str, start_ns: int, end_ns: int
+) -> list[Reading]:
+    """The device's numeric telemetry in [start, end), in time order (a replay's input)."""
+    metrics = sorted(storage.field_keys(TELEMETRY))
+    if not metrics:
+        return []
+    series = storage.query(SeriesQuery(TELEMETRY, metrics, {"device": device}, start_ns, end_ns))
+    out = [
+        Reading(device, site, s.field, t, float(v))
+        for s in series
+        for t, v in s.points
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    out.sort(key=lambda r: (r.time_ns, r.metric))
+    return out
+
+
 def readings_to_points(readings: Iterable[Reading], kinds: Mapping[str, str]) -> list[Point]:
     """Telemetry readings as points; ``kinds`` maps device id to its machine kind."""
     points = []
