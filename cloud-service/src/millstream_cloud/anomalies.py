@@ -17,7 +17,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import Counter, Gauge
@@ -101,9 +102,10 @@ class AnomalySink:
     of a batch fall *behind*: their readings, this batch's and every later one's, are
     left in the store and read back from it, in time order, once the queue is empty
     (``millstream_detection_deferred_readings_total``); a device's detectors see its
-    readings in order, and a fault in an agent's replayed backlog is still found. What is
-    still behind at shutdown is not scored (counted as skipped). Not started (tests,
-    tools), it scores inline.
+    readings in order, and a fault in an agent's replayed backlog is still found. Where
+    each device stands is saved with the detectors' state (``behind_path``), so a restart
+    reads on from there; without a saved state what is still behind at shutdown is not
+    scored (counted as skipped). Not started (tests, tools), it scores inline.
     """
 
     def __init__(
@@ -130,6 +132,8 @@ class AnomalySink:
         self._queue: queue.Queue[Sequence[Reading]] = queue.Queue()
         self._queued = 0
         self.behind: dict[str, Behind] = {}  # by device; guarded by _lock
+        self.behind_path: Path | None = None  # saved with the detectors' state
+        self._behind_saved = False  # the last save wrote every span still behind
         self._read_back_retry = 0.0  # monotonic time of the next try after a failed read
         self._read_back_wait = 0.0
         self._lock = threading.Lock()
@@ -281,6 +285,7 @@ class AnomalySink:
     def start(self) -> None:
         if self.detector is None or self._thread is not None:
             return
+        self._load_behind()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="detection", daemon=True)
         self._thread.start()
@@ -290,28 +295,84 @@ class AnomalySink:
             self._stop.set()
             self._thread.join(timeout)
             self._thread = None
-        with self._lock:
-            left, self.behind = self.behind, {}
-        if left:
-            n = sum(b.readings for b in left.values())
-            self.skipped.inc(n)
-            log.warning(
-                "detection: %d readings of %d devices were still waiting in the store for "
-                "the detectors at shutdown; they are not scored",
-                n,
-                len(left),
-            )
+        self._behind_saved = False
         if self.save is not None and self.detector is not None:
             self._save()
+        with self._lock:
+            left, self.behind = self.behind, {}
+        if not left:
+            return
+        n = sum(b.readings for b in left.values())
+        if self._behind_saved:
+            log.info(
+                "detection: %d readings of %d devices wait in the store for the detectors; "
+                "they are read back after the restart (%s)",
+                n,
+                len(left),
+                self.behind_path,
+            )
+            return
+        self.skipped.inc(n)
+        log.warning(
+            "detection: %d readings of %d devices were still waiting in the store for "
+            "the detectors at shutdown; they are not scored",
+            n,
+            len(left),
+        )
 
     def _save(self) -> None:
+        if self.save is None:
+            return
         try:
-            if self.save is not None:
-                # Given the lock scoring and relearning run under, to hold while it reads
-                # the state (device by device: scoring does not wait for the whole write).
-                self.save(self._engine_lock)
+            # Given the lock scoring and relearning run under, to hold while it reads
+            # the state (device by device: scoring does not wait for the whole write).
+            self.save(self._engine_lock)
         except Exception:
             log.exception("saving detector state failed")
+            return
+        self._save_behind()
+
+    def _save_behind(self) -> None:
+        """Where each device behind stands, beside the detectors' state just saved."""
+        path = self.behind_path
+        if path is None:
+            return
+        with self._lock:
+            spans = {device: asdict(b) for device, b in self.behind.items()}
+        try:
+            if spans:
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(json.dumps(spans))
+                tmp.replace(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            log.exception("saving the devices behind to %s failed", path)
+            self._behind_saved = False
+            return
+        self._behind_saved = True
+
+    def _load_behind(self) -> None:
+        path = self.behind_path
+        if path is None or not path.exists():
+            return
+        try:
+            spans = {device: Behind(**b) for device, b in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.error(
+                "detection: %s is unreadable (%s); the readings it named are not scored",
+                path,
+                exc,
+            )
+            return
+        with self._lock:
+            self.behind.update(spans)
+        log.info(
+            "detection: %d devices wait in the store from before the restart (%d readings); "
+            "reading them back",
+            len(spans),
+            sum(b.readings for b in spans.values()),
+        )
 
     # Scoring goes in small chunks, and while ingest is busy (Subscriber.receiving: messages
     # waiting, or arriving faster than 100 a second), each chunk is followed by

@@ -95,6 +95,9 @@ def attach_detection(
                 aside.name,
             )
     sink.detector = engine
+    # Devices whose readings wait in the store for the detectors (saved with the state).
+    own = "" if shard.count == 1 else f".shard-{shard.index}-of-{shard.count}"
+    sink.behind_path = state_dir / f"behind{own}.json"
     if shard.count > 1:
         sink.owns = shard.owns
         log.info("detection scores the devices of %s (detection.shards)", shard)
