@@ -378,7 +378,7 @@ class AnomalySink:
     # waiting, or arriving faster than 100 a second), each chunk is followed by
     # a pause of PACE times what the chunk took: detection shares one interpreter (GIL)
     # with ingest, so this caps it at about 1/(1+PACE) of it. Under a burst the detectors
-    # fall behind and, past the queue bound, skip (counted); they catch up afterwards.
+    # fall behind and, past the queue bound, read the rest back from the store afterwards.
     CHUNK = 500
     PACE = 4.0
     # Readings of a device behind read back per query (its span cut by the rate at which
@@ -446,14 +446,22 @@ class AnomalySink:
             )
             return
         self._read_back_wait = 0.0
-        chunk = int(getattr(self.detector, "batch_readings", self.CHUNK))
-        for i in range(0, len(readings), chunk):
-            self._score(readings[i : i + chunk])
-        self.read_back.inc(len(readings))
+        size = int(getattr(self.detector, "batch_readings", self.CHUNK))
+        done = 0
+        while done < len(readings):
+            if self._stop.is_set():  # shutting down: the rest is read again after it
+                stop = readings[done].time_ns
+                break
+            cut = min(done + size, len(readings))
+            while cut < len(readings) and readings[cut].time_ns == readings[cut - 1].time_ns:
+                cut += 1  # a timestamp's readings (a device row) in one call
+            self._score(readings[done:cut])
+            done = cut
+        self.read_back.inc(done)
         with self._lock:
             b = self.behind[device]
             b.start_ns = stop
-            b.readings = max(b.readings - len(readings), 0)
+            b.readings = max(b.readings - done, 0)
             if b.start_ns > b.end_ns:
                 del self.behind[device]
                 log.info("detection: %s caught up (read back from the store)", device)
