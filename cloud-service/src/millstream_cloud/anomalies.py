@@ -459,7 +459,9 @@ class AnomalySink:
             done = cut
         self.read_back.inc(done)
         with self._lock:
-            b = self.behind[device]
+            b = self.behind.get(device)
+            if b is None:  # stopped meanwhile (stop() took the spans)
+                return
             b.start_ns = stop
             b.readings = max(b.readings - done, 0)
             if b.start_ns > b.end_ns:
