@@ -459,12 +459,12 @@ class AnomalySink:
             done = cut
         self.read_back.inc(done)
         with self._lock:
-            b = self.behind.get(device)
-            if b is None:  # stopped meanwhile (stop() took the spans)
+            span = self.behind.get(device)
+            if span is None:  # stopped meanwhile (stop() took the spans)
                 return
-            b.start_ns = stop
-            b.readings = max(b.readings - done, 0)
-            if b.start_ns > b.end_ns:
+            span.start_ns = stop
+            span.readings = max(span.readings - done, 0)
+            if span.start_ns > span.end_ns:
                 del self.behind[device]
                 log.info("detection: %s caught up (read back from the store)", device)
 
