@@ -729,12 +729,28 @@ def test_a_device_behind_a_full_detection_queue_is_read_back_from_the_store_in_o
     assert _metric(services, "millstream_detection_skipped_readings_total") == 0
 
 
+def _send_backlog(services: Services) -> int:
+    """Store and hand on a Raspberry Pi's backlog of 1500 CPU temperatures, 10 s apart,
+    shifted by 50 sigma from the 1400th; its start time."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    t0 = 1_772_352_000_000_000_000
+    values = [20.0 + rng.normal(0, 0.1) + (5.0 if i >= 1400 else 0.0) for i in range(1500)]
+    for k in range(0, 1500, 50):
+        batch = [
+            Reading("pi-01", "plant-a", "cpu_temp", t0 + i * 10**9, values[i])
+            for i in range(k, k + 50)
+        ]
+        services.storage.write_readings(batch)
+        services.anomalies.on_readings(batch)
+    return t0
+
+
 def test_a_fault_in_a_backlog_the_detectors_fell_behind_on_is_still_found(
     services: Services,
 ) -> None:
     from dataclasses import replace
-
-    import numpy as np
 
     from millstream_cloud.detection.engine import DetectionEngine
     from tests.cloud.detection.test_engine import FAST
@@ -743,18 +759,9 @@ def test_a_fault_in_a_backlog_the_detectors_fell_behind_on_is_still_found(
     sink.detector = DetectionEngine(replace(FAST, warmup=200))
     sink.queue_max_readings = 1000
     sink.start()
-    rng = np.random.default_rng(5)
-    t0 = 1_772_352_000_000_000_000
-    values = [20.0 + rng.normal(0, 0.1) + (5.0 if i >= 1400 else 0.0) for i in range(1500)]
     try:
         with sink._engine_lock:  # the detectors are busy while the backlog arrives
-            for k in range(0, 1500, 50):
-                batch = [
-                    Reading("pi-01", "plant-a", "cpu_temp", t0 + i * 10**9, values[i])
-                    for i in range(k, k + 50)
-                ]
-                services.storage.write_readings(batch)
-                sink.on_readings(batch)
+            t0 = _send_backlog(services)
             assert "pi-01" in sink.behind  # the shift at reading 1400 waits in the store
         _wait(
             lambda: (
@@ -776,17 +783,12 @@ def test_devices_still_behind_at_a_restart_are_read_back_after_it(tmp_path: Path
     import threading
     from dataclasses import replace
 
-    import numpy as np
-
     from millstream_cloud.detection.engine import DetectionEngine, settings_from_mapping
     from tests.cloud.detection.test_engine import FAST
 
     fast = {"warmup": 200, "streaming": FAST.streaming, "mv_resolution_s": 0.0}
     settings = Settings(data_dir=str(tmp_path), detection={"engine": fast})
     assert settings_from_mapping(settings.detection.engine) == replace(FAST, warmup=200)
-    rng = np.random.default_rng(5)
-    t0 = 1_772_352_000_000_000_000
-    values = [20.0 + rng.normal(0, 0.1) + (5.0 if i >= 1400 else 0.0) for i in range(1500)]
     first = Services.build(settings, with_subscriber=False)
     sink = first.anomalies
     assert isinstance(sink.detector, DetectionEngine)
@@ -794,13 +796,7 @@ def test_devices_still_behind_at_a_restart_are_read_back_after_it(tmp_path: Path
     sink.start()
     stopping = threading.Thread(target=first.stop)
     with sink._engine_lock:  # busy while the backlog arrives, then stopped
-        for k in range(0, 1500, 50):
-            batch = [
-                Reading("pi-01", "plant-a", "cpu_temp", t0 + i * 10**9, values[i])
-                for i in range(k, k + 50)
-            ]
-            first.storage.write_readings(batch)
-            sink.on_readings(batch)
+        t0 = _send_backlog(first)
         assert "pi-01" in sink.behind
         stopping.start()
         _wait(sink._stop.is_set)
