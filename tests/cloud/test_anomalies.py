@@ -730,20 +730,16 @@ def test_a_device_behind_a_full_detection_queue_is_read_back_from_the_store_in_o
 
 
 def _send_backlog(services: Services) -> int:
-    """Store and hand on a Raspberry Pi's backlog of 1500 CPU temperatures, 10 s apart,
-    shifted by 50 sigma from the 1400th; its start time."""
+    """Ingest a Raspberry Pi's backlog of 1500 CPU temperatures, a second apart, shifted
+    by 50 sigma from the 1400th, in 30 messages; its start time."""
     import numpy as np
 
     rng = np.random.default_rng(5)
     t0 = 1_772_352_000_000_000_000
     values = [20.0 + rng.normal(0, 0.1) + (5.0 if i >= 1400 else 0.0) for i in range(1500)]
     for k in range(0, 1500, 50):
-        batch = [
-            Reading("pi-01", "plant-a", "cpu_temp", t0 + i * 10**9, values[i])
-            for i in range(k, k + 50)
-        ]
-        services.storage.write_readings(batch)
-        services.anomalies.on_readings(batch)
+        rows = [(t0 + i * 10**9, "cpu_temp", values[i]) for i in range(k, k + 50)]
+        services.pipeline.process([telemetry("pi-01", k // 50, rows, time.time_ns())])
     return t0
 
 
@@ -762,7 +758,11 @@ def test_a_fault_in_a_backlog_the_detectors_fell_behind_on_is_still_found(
     try:
         with sink._engine_lock:  # the detectors are busy while the backlog arrives
             t0 = _send_backlog(services)
-            assert "pi-01" in sink.behind  # the shift at reading 1400 waits in the store
+            # the shift at reading 1400 waits in the store, and the API says so
+            client = TestClient(create_app(services.settings, services, start=False))
+            behind = client.get("/api/v1/devices/pi-01/detection").json()["behind"]
+            assert behind["until"] == "2026-03-01T08:24:59Z"  # the 1500th reading
+            assert behind["readings"] >= 500 and behind["since"] > "2026-03-01T08:10"
         _wait(
             lambda: (
                 not sink.behind

@@ -238,6 +238,18 @@ class AnomalySink:
             self.deferred.inc(n)
         return rest
 
+    def behind_of(self, device: str) -> dict[str, Any] | None:
+        """Whether ``device`` waits in the store for the detectors, and from when (the API)."""
+        with self._lock:
+            b = self.behind.get(device)
+            if b is None:
+                return None
+            return {
+                "since": rfc3339(b.start_ns),
+                "until": rfc3339(b.end_ns),
+                "readings": b.readings,
+            }
+
     def behind_seconds(self) -> float:
         with self._lock:
             return max(((b.end_ns - b.start_ns) / 1e9 for b in self.behind.values()), default=0.0)

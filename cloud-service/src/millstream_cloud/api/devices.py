@@ -96,6 +96,7 @@ def device_detection(device_id: str, services: Services = Depends(get_services))
     shard = _scored_here(services, dev.id)
     found = engine.describe(dev.id, dev.kind, dev.metrics)
     found["shard"] = {"shard": shard.index, "shards": shard.count}
+    found["behind"] = services.anomalies.behind_of(dev.id)
     return found
 
 
