@@ -243,6 +243,38 @@ def test_auto_rate_is_roughly_the_configured_rate() -> None:
 
 
 @pytest.mark.parametrize(
+    ("kind", "fault_types", "expected"),
+    [
+        # A planned overheating heats the machine's temperatures (it was always turned
+        # into a level shift of one metric); drift goes to a vibration; a machine without
+        # such a sensor gets a level shift instead.
+        ("motor", ["overheat"], {("overheat", ("housing_temperature", "winding_temperature"))}),
+        ("motor", ["drift"], {("drift", ("axial_vibration",)), ("drift", ("bearing_vibration",))}),
+    ],
+)
+def test_auto_faults_hit_the_metrics_their_type_names(
+    kind: str, fault_types: list[str], expected: set[tuple[str, tuple[str, ...]]]
+) -> None:
+    collector = SimulatedCollector(
+        "m", {"kind": kind, "seed": 1, "fault_rate_per_hour": 4, "fault_types": fault_types}
+    )
+    for _ in generate(collector, T0, 20 * 3600, interval=10.0):
+        pass
+    got = {(g["fault"], tuple(sorted(g["metrics"]))) for g in collector.ground_truth}
+    assert len(collector.ground_truth) > 10 and got == expected
+
+
+def test_an_auto_overheat_on_a_machine_without_temperatures_is_a_level_shift() -> None:
+    collector = SimulatedCollector(
+        "m", {"kind": "motor", "metrics": 1, "seed": 1, "fault_rate_per_hour": 4,
+              "fault_types": ["overheat"]},
+    )  # fmt: skip
+    for _ in generate(collector, T0, 5 * 3600, interval=10.0):
+        pass
+    assert {g["fault"] for g in collector.ground_truth} == {"shift"}
+
+
+@pytest.mark.parametrize(
     ("options", "key"),
     [
         ({"kind": "turbine"}, "kind"),

@@ -210,6 +210,8 @@ class FaultPlan:
             metrics = [self.rng.choice(self.info.names)]
         elif fault_type == "drift" and self.info.vibration:
             metrics = [self.rng.choice(self.info.vibration)]
+        elif fault_type == "overheat" and self.info.temperature:
+            pass  # every machine temperature but the ambient (default_metrics)
         elif fault_type in ("drift", "overheat"):
             # This machine has no such sensor among its metrics: a level shift instead.
             fault_type, metrics = "shift", [self.rng.choice(self.info.names)]
