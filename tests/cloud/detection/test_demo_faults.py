@@ -54,6 +54,11 @@ def test_the_demo_runs_detection_as_its_config_says() -> None:
     spec.loader.exec_module(demo)
     engine = yaml.safe_load(demo.DEMO_CLOUD_CONFIG)["detection"]["engine"]
     assert settings_from_mapping(engine) == groundtruth.demo_settings()
+    # The demo restates how much past a device model needs (it does not import the
+    # detection package at start): the engine's defaults, with the past, decide.
+    trained = groundtruth.demo_settings(history=True)
+    assert trained.mv_train_rows * trained.mv_resolution_s == demo.DEVICE_MODEL_AFTER_S
+    assert trained.mv_resolution_s >= demo.HISTORY_STEP_S
 
 
 @pytest.mark.parametrize(
