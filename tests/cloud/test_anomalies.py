@@ -814,3 +814,52 @@ def test_devices_still_behind_at_a_restart_are_read_back_after_it(tmp_path: Path
     assert [a.metric for a in found] == ["cpu_temp"]
     assert found[0].time_ns >= t0 + 1400 * 10**9
     assert not (tmp_path / "detection" / "behind.json").exists()
+
+
+def test_a_late_message_for_a_device_being_read_back_is_scored_once(services: Services) -> None:
+    # A message older than where the read-back began (a gap filled late) is not read back
+    # (what lies after it may be scored already): it is queued as any late reading is.
+    import threading
+
+    scored: list[float] = []
+    tokens = threading.Semaphore(0)
+    calls: list[threading.Event] = [threading.Event() for _ in range(8)]
+
+    class Gated:
+        def observe(self, readings: Sequence[Reading]) -> list[Anomaly]:
+            calls[sum(e.is_set() for e in calls)].set()
+            assert tokens.acquire(timeout=10)
+            scored.extend(r.value for r in readings)
+            return []
+
+    t0 = 1_772_352_000_000_000_000
+    sink = services.anomalies
+    sink.detector = Gated()
+    sink.queue_max_readings = 100
+    sink.start()
+
+    def send(first: int, n: int = 40) -> None:
+        batch = [
+            Reading("press-01", "plant-a", "temp", t0 + i * 10**9, float(i))
+            for i in range(first, first + n)
+        ]
+        services.storage.write_readings(batch)
+        sink.on_readings(batch)
+
+    try:
+        send(0)
+        assert calls[0].wait(10)
+        send(40)  # queued
+        send(80)  # the queue is full: behind from reading 80
+        assert sink.behind["press-01"].start_ns == t0 + 80 * 10**9
+        tokens.release(2)  # the two queued batches
+        assert calls[2].wait(10)  # the read-back's first page, 80..119, being scored
+        send(60, n=5)  # late: 60..64, before the read-back began
+        send(120)  # behind still: its span grows
+        tokens.release(10)
+        _wait(lambda: not sink.behind and len(scored) >= 165)
+    finally:
+        tokens.release(10)
+        sink.stop()
+    assert scored == [float(i) for i in [*range(120), *range(60, 65), *range(120, 160)]]
+    assert _metric(services, "millstream_detection_skipped_readings_total") == 0

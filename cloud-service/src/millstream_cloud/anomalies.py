@@ -92,6 +92,7 @@ class Behind:
     start_ns: int  # the oldest reading not scored yet
     end_ns: int  # the newest reading set aside
     readings: int  # set aside and not read back yet (sizes the pages read back)
+    read: bool = False  # read back from ``start_ns`` on at least once
 
 
 class AnomalySink:
@@ -222,7 +223,7 @@ class AnomalySink:
         """Leave readings in the store for reading back (with ``only_behind``, those of
         devices already behind); the rest. Called with ``_lock`` held."""
         rest: list[Reading] = []
-        n = 0
+        n = late = 0
         for r in readings:
             b = self.behind.get(r.device)
             if b is None:
@@ -230,12 +231,23 @@ class AnomalySink:
                     rest.append(r)
                     continue
                 b = self.behind[r.device] = Behind(r.site, r.time_ns, r.time_ns, 0)
+            elif r.time_ns < b.start_ns and b.read:
+                # A late message from before the span's read-back (what lies after it may
+                # be scored already): queued as any late reading is, or, with the queue
+                # full, not scored.
+                if only_behind:
+                    rest.append(r)
+                else:
+                    late += 1
+                continue
             b.start_ns = min(b.start_ns, r.time_ns)
             b.end_ns = max(b.end_ns, r.time_ns)
             b.readings += 1
             n += 1
         if n:
             self.deferred.inc(n)
+        if late:
+            self.skipped.inc(late)
         return rest
 
     def behind_of(self, device: str) -> dict[str, Any] | None:
@@ -444,6 +456,7 @@ class AnomalySink:
         with self._lock:
             device, b = min(self.behind.items(), key=lambda kv: kv[1].start_ns)
             start, end, pending, site = b.start_ns, b.end_ns, b.readings, b.site
+            b.read = True
         stop = end + 1
         if pending > self.PAGE:  # a time span of about PAGE readings, at least a second
             stop = min(stop, start + max((end - start) * self.PAGE // pending, 10**9))
