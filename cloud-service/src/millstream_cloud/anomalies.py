@@ -33,6 +33,7 @@ from millstream_cloud.storage.base import (
     SeriesQuery,
     Storage,
     device_readings,
+    row_batches,
 )
 from millstream_cloud.timeutil import rfc3339
 
@@ -471,17 +472,13 @@ class AnomalySink:
             )
             return
         self._read_back_wait = 0.0
-        size = int(getattr(self.detector, "batch_readings", self.CHUNK))
         done = 0
-        while done < len(readings):
+        for batch in row_batches(readings, self._call_size()):
             if self._stop.is_set():  # shutting down: the rest is read again after it
-                stop = readings[done].time_ns
+                stop = batch[0].time_ns
                 break
-            cut = min(done + size, len(readings))
-            while cut < len(readings) and readings[cut].time_ns == readings[cut - 1].time_ns:
-                cut += 1  # a timestamp's readings (a device row) in one call
-            self._score(readings[done:cut])
-            done = cut
+            self._score(batch)
+            done += len(batch)
         self.read_back.inc(done)
         with self._lock:
             span = self.behind.get(device)
@@ -493,6 +490,10 @@ class AnomalySink:
                 del self.behind[device]
                 log.info("detection: %s caught up (read back from the store)", device)
 
+    def _call_size(self) -> int:
+        """Readings per ``observe`` call: the detector's ``batch_readings``, else CHUNK."""
+        return int(getattr(self.detector, "batch_readings", self.CHUNK))
+
     def _chunks(self, first: Sequence[Reading]) -> list[Sequence[Reading]]:
         """What to score next, in calls of about CHUNK readings (the detector's
         ``batch_readings`` if it has one): a large batch split, a small one together with
@@ -502,7 +503,7 @@ class AnomalySink:
         ``detection.processes``)."""
         # Scored in other processes, a larger call holds no lock ingest needs, and the
         # engine's per-call costs (a matrix call per device model) weigh less.
-        chunk = int(getattr(self.detector, "batch_readings", self.CHUNK))
+        chunk = self._call_size()
         if len(first) >= chunk:
             return [first[i : i + chunk] for i in range(0, len(first), chunk)]
         out = list(first)

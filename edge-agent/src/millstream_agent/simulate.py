@@ -73,8 +73,9 @@ class SimOptions:
     history_step: float = 10.0
     # ... sent at most this many readings a second over the whole fleet (each device its
     # share, and at least twice its live rate): a cloud's detectors, young and sharing one
-    # interpreter with its ingest, scored 3,000-4,000 a second on a 2-core machine, and past
-    # their queue's bound they skip (at 5,000 the demo's were 155,000 of 200,000 behind).
+    # interpreter with its ingest, scored 3,000-4,000 a second on a 2-core machine (at
+    # 5,000 the demo's were 155,000 of their queue's 200,000 behind); past that bound they
+    # read the rest back from the store later, so the live faults would wait for it.
     history_rate: float = 4000.0
 
 

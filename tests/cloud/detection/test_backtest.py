@@ -38,9 +38,10 @@ def test_replay_does_not_depend_on_how_the_history_is_batched(
     assert [((a.time_ns - T0) // 10**9, a.metric) for a in found] == [(2500, "b")]
 
 
-def test_batches_never_split_a_timestamp(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bt, "BATCH_READINGS", 4)
-    batches = bt._batches(history()[:30])
+def test_batches_never_split_a_timestamp() -> None:
+    from millstream_cloud.storage.base import row_batches
+
+    batches = list(row_batches(history()[:30], 4))
     assert sum(len(b) for b in batches) == 30
     assert all(len({r.time_ns for r in b}) * 3 == len(b) for b in batches)
 

@@ -21,7 +21,13 @@ from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
 from millstream_cloud.detection.rules import Rule
 from millstream_cloud.feedback import list_missed
 from millstream_cloud.model import Anomaly, Reading
-from millstream_cloud.storage.base import TELEMETRY, SeriesQuery, Storage, device_readings
+from millstream_cloud.storage.base import (
+    TELEMETRY,
+    SeriesQuery,
+    Storage,
+    device_readings,
+    row_batches,
+)
 from millstream_cloud.timeutil import parse_time_ns, rfc3339
 
 BATCH_READINGS = 5000  # fed to the engine per call, cut at a timestamp boundary
@@ -68,19 +74,6 @@ def stored_readings(
     return device_readings(storage, device, site, start_ns, end_ns)
 
 
-def _batches(readings: Sequence[Reading]) -> list[Sequence[Reading]]:
-    """About BATCH_READINGS each, never splitting one timestamp's readings (a device row)."""
-    out: list[Sequence[Reading]] = []
-    begin = 0
-    while begin < len(readings):
-        cut = min(begin + BATCH_READINGS, len(readings))
-        while cut < len(readings) and readings[cut].time_ns == readings[cut - 1].time_ns:
-            cut += 1
-        out.append(readings[begin:cut])
-        begin = cut
-    return out
-
-
 def replay(
     readings: Sequence[Reading],
     engine: EngineSettings,
@@ -90,7 +83,7 @@ def replay(
     """Every anomaly a fresh engine raises over ``readings``, fed as ingest would."""
     det = DetectionEngine(engine, rules, kind_of)
     found: list[Anomaly] = []
-    for batch in _batches(readings):
+    for batch in row_batches(readings, BATCH_READINGS):
         found.extend(det.observe(batch))
         if det.errors:
             device, error = next(iter(det.errors.items()))

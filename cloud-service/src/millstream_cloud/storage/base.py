@@ -21,7 +21,7 @@ message be written again safely.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -148,6 +148,18 @@ def device_readings(
     ]
     out.sort(key=lambda r: (r.time_ns, r.metric))
     return out
+
+
+def row_batches(readings: Sequence[Reading], size: int) -> Iterator[Sequence[Reading]]:
+    """Time-ordered readings in slices of about ``size``, never splitting one timestamp's
+    readings (a device row) between two detector calls."""
+    begin = 0
+    while begin < len(readings):
+        cut = min(begin + size, len(readings))
+        while cut < len(readings) and readings[cut].time_ns == readings[cut - 1].time_ns:
+            cut += 1
+        yield readings[begin:cut]
+        begin = cut
 
 
 def readings_to_points(readings: Iterable[Reading], kinds: Mapping[str, str]) -> list[Point]:
