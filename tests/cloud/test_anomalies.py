@@ -863,3 +863,19 @@ def test_a_late_message_for_a_device_being_read_back_is_scored_once(services: Se
         sink.stop()
     assert scored == [float(i) for i in [*range(120), *range(60, 65), *range(120, 160)]]
     assert _metric(services, "millstream_detection_skipped_readings_total") == 0
+
+
+def test_an_unreadable_list_of_devices_behind_is_kept_aside_and_the_service_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "detection").mkdir()
+    (tmp_path / "detection" / "behind.json").write_text('{"pi-01": {"site": "a"}}')
+    services = Services.build(Settings(data_dir=str(tmp_path)), with_subscriber=False)
+    services.anomalies.start()
+    try:
+        assert services.anomalies.behind == {}
+        kept = list((tmp_path / "detection").glob("behind.json.unreadable-*"))
+        assert len(kept) == 1 and "pi-01" in kept[0].read_text()
+        assert any("behind.json is unreadable" in r.getMessage() for r in caplog.records)
+    finally:
+        services.stop()

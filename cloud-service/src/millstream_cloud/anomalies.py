@@ -384,10 +384,17 @@ class AnomalySink:
         try:
             spans = {device: Behind(**b) for device, b in json.loads(path.read_text()).items()}
         except (OSError, ValueError, TypeError, AttributeError) as exc:
+            aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+            try:
+                path.replace(aside)  # kept for inspection; the next save starts afresh
+            except OSError:
+                aside = path
             log.error(
-                "detection: %s is unreadable (%s); the readings it named are not scored",
+                "detection: %s is unreadable (%s); kept as %s, the readings it named are "
+                "not scored",
                 path,
                 exc,
+                aside.name,
             )
             return
         with self._lock:
