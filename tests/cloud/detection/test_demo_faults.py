@@ -127,3 +127,25 @@ def test_without_the_fleets_past_the_same_shift_is_not_found_in_the_demos_minute
     ]  # fmt: skip
     anomalies, truth = groundtruth.run_demo_fleet(machines, T0, 900)
     assert not [a for a in anomalies if _explained(a, truth)]
+
+
+def test_with_the_fleets_past_an_overheating_is_named_on_the_temperatures_that_heat() -> None:
+    """The agent's overheating heats a motor's winding and housing together; residuals
+    read against each other cannot tell that from the ambient temperature they are both
+    read against falling, which is what used to be named. The ambient's expected value
+    moving faster than the ambient ever did rules it out."""
+    machines = [
+        simulated.SimulatedCollector(
+            "machine",
+            {"kind": "motor", "metrics": 10, "seed": 1, "device": "demo-plant-0001",
+             "faults": [{"type": "overheat", "start": "150s"}]},
+        )
+    ]  # fmt: skip
+    anomalies, truth = groundtruth.run_demo_fleet(machines, T0, 900, history_s=12.5 * 3600)
+    assert [g["metrics"] for g in truth] == [["winding_temperature", "housing_temperature"]]
+    hits = [a for a in anomalies if _explained(a, truth)]
+    assert hits, f"overheating not found; anomalies: {anomalies}"
+    assert hits[0].detector == "virtual_sensor"
+    assert {a.metric for a in hits} <= {"winding_temperature", "housing_temperature"}, hits
+    stray = [a for a in anomalies if not _explained(a, truth)]
+    assert not stray, f"anomalies outside the fault: {stray}"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -293,6 +294,44 @@ def test_virtual_sensor_attributes_a_fault_to_its_own_metric() -> None:
     Y[100:, 1] += 0.1  # level shift in metric 1
     _, zs = model.residuals(Y)
     assert model.attribute(zs[300]) == 1
+    # The shifted metric's expected value, read from the sound others, moved no faster
+    # than it did in training: it stays a candidate.
+    assert model.moved_ is not None and model.moved_.shape == zs.shape
+    assert model.moved_[300, 1] <= 1.0
+    assert model.attribute(zs[300], moved=model.moved_[300]) == 1
+
+
+def test_a_metric_whose_expected_value_moved_faster_than_ever_is_not_named() -> None:
+    model = VirtualSensorResidual(spans=(5, 20), smooth=20).fit(_three_metrics(4)[:1500])
+    z = np.array([1.0, 8.0, 2.0])
+    assert model.attribute(z) == 1
+    # Metric 1's expected value moved three times as fast as metric 1 ever did: were it
+    # at fault, the others would be sound and that would be its true value.
+    assert model.attribute(z, moved=np.array([0.5, 3.0, 0.5])) != 1
+    # Not known yet (NaN) or every candidate ruled out: the residuals alone decide.
+    assert model.attribute(z, moved=np.array([0.5, np.nan, 0.5])) == 1
+    assert model.attribute(z, moved=np.array([3.0, 3.0, 3.0])) == 1
+
+
+def test_how_fast_expected_values_move_is_carried_across_calls_and_a_save() -> None:
+    X = _three_metrics(5)
+    model = VirtualSensorResidual(spans=(5, 20), smooth=20).fit(X[:1500])
+    whole = copy.deepcopy(model)
+    whole.residuals(X[1500:1600])
+    expected = whole.moved_
+    model.residuals(X[1500:1537])
+    clone = VirtualSensorResidual()
+    clone.load_state(json.loads(json.dumps(model.state_dict())))
+    clone.residuals(X[1537:1600])
+    assert expected is not None and clone.moved_ is not None
+    np.testing.assert_allclose(clone.moved_, expected[37:], rtol=1e-9)
+    assert np.all(np.isfinite(expected))  # the training rows' predictions count back
+
+
+def _three_metrics(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    load = np.repeat(rng.uniform(0.2, 1.0, 40), 50)
+    return np.column_stack([g * load + rng.normal(0, 0.01, len(load)) for g in (1.0, 3.0, 2.0)])
 
 
 def test_a_distrusted_metric_stops_leaking_into_the_others_predictions() -> None:

@@ -822,15 +822,18 @@ def _v2_readings(start: int, stop: int) -> list[Reading]:
 def _before_v3(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` without what the stuck check has kept since version 3 (how many readings
     it learned, and how: a state saved before counts as learned; the smallest change it
-    saw, learned again from the next ones) and the spike check (it starts afresh)."""
+    saw, learned again from the next ones), the spike check (it starts afresh) and the
+    device model's record of how its expected values move (kept from its next fit)."""
     for dev in state["devices"].values():
         dev.pop("spikes", None)
         for st in dev["stuck"].values():
             for key in ("learn_for", "n", "repeats", "raised", "step"):
                 st.pop(key, None)
-        for key in ("bucket",):  # the interval averaged for the model
-            if dev["model"] is not None:
-                dev["model"].pop(key, None)
+        if dev["model"] is not None:
+            dev["model"].pop("bucket", None)  # the interval averaged for the model
+            if dev["model"]["model"] is not None:
+                for key in ("recent_pred", "move"):
+                    dev["model"]["model"].pop(key, None)
     return state
 
 

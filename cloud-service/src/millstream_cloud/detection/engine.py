@@ -549,6 +549,7 @@ class DeviceModel:
             self._take_stuck(stuck if several else ())
             distrust = self.known() if several else []
             z_now, z_smooth = self.model.residuals(X, distrust)
+            moved = self.model.moved_
             # A spike is one sample out of line with both its neighbours, so each row is
             # judged one row late; a load change moves several rows in a row and is not one.
             Zp = np.vstack([self.prev_z, z_now])
@@ -616,6 +617,8 @@ class DeviceModel:
                 if rising:
                     spike = a_inst[k].max() > a_smooth[k].max()
                     z = z_inst[k] if spike else z_smooth[k]
+                    # A fault's onset, not a spike's, moves the expected values with it.
+                    moves = None if spike or moved is None else moved[k]
                     if before:
                         others = [q for q in range(m) if q not in before]
                         j = self.model.attribute(
@@ -623,11 +626,12 @@ class DeviceModel:
                             smooth=not spike,
                             among=others,
                             distrust=before,
+                            moved=moves,
                         )
                         score = float(A[k, j])
                         found = j in rising
                     else:
-                        j = self.model.attribute(z, smooth=not spike)
+                        j = self.model.attribute(z, smooth=not spike, moved=moves)
                         score = float(A[k].max())
                         found = self.quiet_m[j] == 0
                     if found:

@@ -187,6 +187,10 @@ QUOTE_SPAN = 30
 # The latest healthy rows over which the residuals' spread with a metric's virtual value
 # standing in is measured (a day at 10 s), the first time that metric is distrusted.
 DISTRUST_PROBE_ROWS = 8640
+# A metric is not named for a fault when its expected value moved over the long averaging
+# window further than its smoothed value ever moved over as many training rows, times this
+# (``attribute``).
+IMPLAUSIBLE_MOVE = 1.0
 
 
 @register("virtual_sensor")
@@ -256,6 +260,9 @@ class VirtualSensorResidual:
         self._lagged: dict[int, np.ndarray] = {}  # lag span -> its EMA of the smoothed row
         self._recent: np.ndarray | None = None  # last smooth-1 slow residuals
         self._recent_fast: np.ndarray | None = None  # last LOCAL_ROWS fast residuals
+        self._recent_pred: np.ndarray | None = None  # last smooth slow predictions
+        # Per metric: the largest change of its smoothed value over ``smooth`` training rows.
+        self.move_: np.ndarray | None = None
         # per metric: the columns of [S, lagged S, 1] it uses, and their coefficients' covariance
         self.slow_idx_: list[list[int]] = []
         self.slow_cov_: list[np.ndarray] = []
@@ -266,6 +273,9 @@ class VirtualSensorResidual:
         # What the slow model expected each metric to read in the rows ``residuals``
         # scored last, in the metrics' units: what an explanation quotes (not saved).
         self.expected_: np.ndarray | None = None
+        # ... and how far that expectation moved over the ``smooth`` rows up to each of
+        # them, in multiples of ``move_`` (NaN until that many rows were predicted).
+        self.moved_: np.ndarray | None = None
 
     # --- fast model --------------------------------------------------------------------
     def _features(self, Z: np.ndarray, ema: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -421,6 +431,9 @@ class VirtualSensorResidual:
         self.lags_, self.slow_coef_ = lags, coef
         self.slow_idx_, self.slow_cov_ = used, cov
         self._s = s_last
+        w = self.smooth
+        self.move_ = np.abs(S[burn + w :] - S[burn:-w]).max(axis=0) if n - burn > w else np.zeros(m)
+        self._recent_pred = (S[burn:] - R_in)[-w:]
         self.sig_smooth_, self.sig_short_ = (
             self._spread(R_in, R_out, w) for w in (self.smooth, self._short())
         )
@@ -468,6 +481,7 @@ class VirtualSensorResidual:
         for span, last in self._lagged.items():
             L[span], self._lagged[span] = _ema(S_in, span, last)
         pred, var = self._slow_predict(S_in, L)
+        self._track_moves(pred)
         assert self.mean_ is not None and self.scale_ is not None
         # The prediction is of the metric's 10-minute average; the reading's own noise
         # around its recent level is added back, so a reading minus its expected value is
@@ -478,6 +492,18 @@ class VirtualSensorResidual:
         recent = S if level is None else level
         self.expected_ = self.mean_ + self.scale_ * (pred + Z - recent)
         return S - pred, var
+
+    def _track_moves(self, pred: np.ndarray) -> None:
+        """``moved_`` for the rows of ``pred`` (the slow model's predictions, in time
+        order), against the predictions ``smooth`` rows before each."""
+        w, m = self.smooth, pred.shape[1]
+        kept = self._recent_pred if self._recent_pred is not None else pred[:0]
+        pad = np.full((max(w - len(kept), 0), m), np.nan)
+        allp = np.vstack([pad, kept[-w:], pred])
+        move = self.move_ if self.move_ is not None else np.full(m, np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.moved_ = np.abs(allp[w:] - allp[: len(pred)]) / move
+        self._recent_pred = allp[-w:][~np.isnan(allp[-w:]).any(axis=1)]
 
     def _level(self, F: np.ndarray) -> np.ndarray | None:
         """Each row's recent level of every metric for the expected values quoted: the
@@ -583,6 +609,7 @@ class VirtualSensorResidual:
         probe._lagged = {span: z0.copy() for span in self._lagged}
         probe._recent = np.zeros((max(self.smooth - 1, 0), m))
         probe._recent_fast = np.zeros((LOCAL_ROWS, m))
+        probe._recent_pred = None
         zi, zs = probe.residuals(X, distrust)
         return _tail_aware_sd(zi[burn:]), _tail_aware_sd(zs[burn:])
 
@@ -747,6 +774,8 @@ class VirtualSensorResidual:
             lagged[cols] = last[cols]
         pred, _ = self._slow_predict(S_in, L)
         _replace_tail(self._recent, (S - pred)[:, rest], rest)
+        if self._recent_pred is not None:
+            _replace_tail(self._recent_pred, pred[:, rest], rest)
 
     def memory_rows(self) -> int:
         """Rows after which the longest moving average has all but forgotten a value (its
@@ -759,11 +788,22 @@ class VirtualSensorResidual:
         smooth: bool = True,
         among: Sequence[int] | None = None,
         distrust: Sequence[int] = (),
+        moved: np.ndarray | None = None,
     ) -> int:
         """The metric (of ``among``, default all) whose own fault best explains the
         residual vector ``z`` (in sigmas), accounting for how a fault in one metric leaks
         into the predictions of the others (reconstruction-based contribution), through
-        the ``distrust`` metrics' virtual values too."""
+        the ``distrust`` metrics' virtual values too.
+
+        ``moved`` (that row of ``moved_``) rules out a metric whose expected value moved
+        faster than the metric itself ever did in training (IMPLAUSIBLE_MOVE), unless every
+        candidate is ruled out. Were that metric at fault, the others would be sound, and
+        its expected value, read from them, its true value: one moving that fast says the
+        fault is in the metrics it is read from. Residuals alone cannot tell two
+        temperatures heating together from the third one they are read against falling: a
+        motor's overheating was named on its ambient temperature, whose expected value had
+        moved 1.3-6.4 times its largest 10-minute change in training (a fault of the metric
+        itself: 0.02-0.87)."""
         assert self.sig_ is not None and self.sig_smooth_ is not None
         sig = self.sig_smooth_ if smooth else self.sig_
         Ln = self.leak_matrix(smooth, distrust if smooth else ()) / sig[:, None]
@@ -771,6 +811,10 @@ class VirtualSensorResidual:
         fit = num / np.maximum(np.sum(Ln**2, axis=0), 1e-12)
         if among is not None:
             fit = np.where(np.isin(np.arange(len(fit)), list(among)), fit, -1.0)
+        if moved is not None:
+            plausible = np.where(moved > IMPLAUSIBLE_MOVE, -1.0, fit)  # NaN: not known
+            if plausible.max() >= 0.0:
+                fit = plausible
         return int(np.argmax(fit))
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
@@ -808,6 +852,8 @@ class VirtualSensorResidual:
             "lagged": {str(k): v.tolist() for k, v in self._lagged.items()},
             "recent": lst(self._recent),
             "recent_fast": lst(self._recent_fast),
+            "recent_pred": lst(self._recent_pred),
+            "move": lst(self.move_),
             "fixed": self.fixed_,
             "wide": {str(c): [f.tolist(), w.tolist()] for c, (f, w) in self._wide.items()},
         }
@@ -836,6 +882,9 @@ class VirtualSensorResidual:
         self._lagged = {int(k): np.asarray(v, dtype=float) for k, v in state["lagged"].items()}
         self._recent = arr(state["recent"])
         self._recent_fast = arr(state["recent_fast"])
+        # Saved before expected values' moves were tracked: not checked until a retraining.
+        self._recent_pred = arr(state.get("recent_pred"))
+        self.move_ = arr(state.get("move"))
         self.fixed_ = [int(j) for j in state.get("fixed", ())]
         self._wide = {
             int(c): (np.asarray(f, dtype=float), np.asarray(w, dtype=float))
