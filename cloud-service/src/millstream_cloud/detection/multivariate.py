@@ -188,9 +188,11 @@ QUOTE_SPAN = 30
 # standing in is measured (a day at 10 s), the first time that metric is distrusted.
 DISTRUST_PROBE_ROWS = 8640
 # A metric is not named for a fault when its expected value moved over the long averaging
-# window further than its smoothed value ever moved over as many training rows, times this
-# (``attribute``).
+# window further than its smoothed value ever moved over as many training rows (times
+# IMPLAUSIBLE_MOVE), and more than ALONE_MOVE times as far as the device's median metric's
+# did, in the same terms (``attribute``).
 IMPLAUSIBLE_MOVE = 1.0
+ALONE_MOVE = 2.0
 
 
 @register("virtual_sensor")
@@ -796,14 +798,16 @@ class VirtualSensorResidual:
         the ``distrust`` metrics' virtual values too.
 
         ``moved`` (that row of ``moved_``) rules out a metric whose expected value moved
-        faster than the metric itself ever did in training (IMPLAUSIBLE_MOVE), unless every
-        candidate is ruled out. Were that metric at fault, the others would be sound, and
-        its expected value, read from them, its true value: one moving that fast says the
-        fault is in the metrics it is read from. Residuals alone cannot tell two
-        temperatures heating together from the third one they are read against falling: a
-        motor's overheating was named on its ambient temperature, whose expected value had
-        moved 1.3-6.4 times its largest 10-minute change in training (a fault of the metric
-        itself: 0.02-0.87)."""
+        faster than the metric itself ever did in training while the device's other
+        metrics' did not (IMPLAUSIBLE_MOVE, ALONE_MOVE), unless every candidate is ruled
+        out. Were that metric at fault, the others would be sound, and its expected value,
+        read from them, its true value: one moving that fast, when the device's operating
+        point is not, says the fault is in the metrics it is read from. Residuals alone
+        cannot tell two temperatures heating together from the third one they are read
+        against falling: a motor's overheating was named on its ambient temperature, whose
+        expected value had moved 1.3-6.4 times its largest 10-minute change in training.
+        A load swing as fast as any in training moves every metric's expected value so:
+        a pump's pressure drift, under one, at 1.15 (the median metric at 1.01)."""
         assert self.sig_ is not None and self.sig_smooth_ is not None
         sig = self.sig_smooth_ if smooth else self.sig_
         Ln = self.leak_matrix(smooth, distrust if smooth else ()) / sig[:, None]
@@ -812,7 +816,8 @@ class VirtualSensorResidual:
         if among is not None:
             fit = np.where(np.isin(np.arange(len(fit)), list(among)), fit, -1.0)
         if moved is not None:
-            plausible = np.where(moved > IMPLAUSIBLE_MOVE, -1.0, fit)  # NaN: not known
+            alone = moved > np.maximum(IMPLAUSIBLE_MOVE, ALONE_MOVE * np.median(moved))
+            plausible = np.where(alone, -1.0, fit)  # NaN: not known
             if plausible.max() >= 0.0:
                 fit = plausible
         return int(np.argmax(fit))
