@@ -10,7 +10,8 @@ detection_demo_<seeds>.json). Run from the repository root:
 
 Seed 1 is the fleet the demo-fault test runs; docs/detection.md reports seeds 2-13 too.
 ``--history 12h`` runs the default demo instead: each machine's healthy past first (a
-reading every 10 s), the live defaults, the faults the device models find (stuck, shift);
+reading every 10 s), the live defaults, the faults the device models find (stuck, shift,
+overheat);
 a fault that began less than its settling time before the end (groundtruth.SETTLE_S) and
 was not found yet is counted as ``recent``, not missed. JSON keys as without it, plus
 ``history_h``, ``recent`` and ``median_delay_s`` (per fault type); the file is detection_demo_history[_<seeds>].json.
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # As in scripts/demo.py: the fleet's fault arguments (its detection settings:
 # groundtruth.demo_settings()).
 FAULTS = {"fault_rate_per_hour": 20.0, "fault_types": ["stuck", "spike"]}
-FAULTS_WITH_HISTORY = {"fault_rate_per_hour": 20.0, "fault_types": ["stuck", "shift"]}
+FAULTS_WITH_HISTORY = {"fault_rate_per_hour": 20.0, "fault_types": ["stuck", "shift", "overheat"]}
 START_AFTER = "150s"
 T0 = 1_764_000_000.0  # a fixed start: the simulator's daily waves follow the clock
 
