@@ -302,7 +302,7 @@ def test_virtual_sensor_attributes_a_fault_to_its_own_metric() -> None:
 
 
 def test_a_metric_whose_expected_value_moved_faster_than_ever_is_not_named() -> None:
-    model = VirtualSensorResidual(spans=(5, 20), smooth=20).fit(_three_metrics(4)[:1500])
+    model = VirtualSensorResidual(spans=(5, 20), smooth=20).fit(_metrics(4)[:1500])
     z = np.array([1.0, 8.0, 2.0])
     assert model.attribute(z) == 1
     # Metric 1's expected value moved three times as fast as metric 1 ever did: were it
@@ -314,10 +314,16 @@ def test_a_metric_whose_expected_value_moved_faster_than_ever_is_not_named() -> 
     # Not known yet (NaN), or every candidate ruled out: the residuals alone decide.
     assert model.attribute(z, moved=np.array([0.5, np.nan, 0.5])) == 1
     assert model.attribute(z, among=[1], moved=np.array([0.5, 3.0, 0.5])) == 1
+    # A metric not known (one that never moved in training: 0 / 0) does not stop the check.
+    four = VirtualSensorResidual(spans=(5, 20), smooth=20)
+    four.fit(_metrics(4, gains=(1.0, 3.0, 2.0, 0.5))[:1500])
+    z4 = np.array([1.0, 8.0, 2.0, 0.0])
+    assert four.attribute(z4) == 1
+    assert four.attribute(z4, moved=np.array([0.5, 3.0, 0.5, np.nan])) != 1
 
 
 def test_how_fast_expected_values_move_is_carried_across_calls_and_a_save() -> None:
-    X = _three_metrics(5)
+    X = _metrics(5)
     model = VirtualSensorResidual(spans=(5, 20), smooth=20).fit(X[:1500])
     whole = copy.deepcopy(model)
     whole.residuals(X[1500:1600])
@@ -331,10 +337,11 @@ def test_how_fast_expected_values_move_is_carried_across_calls_and_a_save() -> N
     assert np.all(np.isfinite(expected))  # the training rows' predictions count back
 
 
-def _three_metrics(seed: int) -> np.ndarray:
+def _metrics(seed: int, gains: tuple[float, ...] = (1.0, 3.0, 2.0)) -> np.ndarray:
+    """Metrics that follow one load in steps, each by its gain, with a little noise."""
     rng = np.random.default_rng(seed)
     load = np.repeat(rng.uniform(0.2, 1.0, 40), 50)
-    return np.column_stack([g * load + rng.normal(0, 0.01, len(load)) for g in (1.0, 3.0, 2.0)])
+    return np.column_stack([g * load + rng.normal(0, 0.01, len(load)) for g in gains])
 
 
 def test_a_distrusted_metric_stops_leaking_into_the_others_predictions() -> None:

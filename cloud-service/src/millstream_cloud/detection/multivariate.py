@@ -433,9 +433,11 @@ class VirtualSensorResidual:
         self.lags_, self.slow_coef_ = lags, coef
         self.slow_idx_, self.slow_cov_ = used, cov
         self._s = s_last
-        w = self.smooth
-        self.move_ = np.abs(S[burn + w :] - S[burn:-w]).max(axis=0) if n - burn > w else np.zeros(m)
-        self._recent_pred = (S[burn:] - R_in)[-w:]
+        gap = self.smooth
+        self.move_ = (
+            np.abs(S[burn + gap :] - S[burn:-gap]).max(axis=0) if n - burn > gap else np.zeros(m)
+        )
+        self._recent_pred = (S[burn:] - R_in)[-gap:]
         self.sig_smooth_, self.sig_short_ = (
             self._spread(R_in, R_out, w) for w in (self.smooth, self._short())
         )
@@ -815,9 +817,10 @@ class VirtualSensorResidual:
         fit = num / np.maximum(np.sum(Ln**2, axis=0), 1e-12)
         if among is not None:
             fit = np.where(np.isin(np.arange(len(fit)), list(among)), fit, -1.0)
-        if moved is not None:
-            alone = moved > np.maximum(IMPLAUSIBLE_MOVE, ALONE_MOVE * np.median(moved))
-            plausible = np.where(alone, -1.0, fit)  # NaN: not known
+        if moved is not None and not np.all(np.isnan(moved)):
+            # NaN: not known yet, or a metric that never moved in training (not judged)
+            bar = max(IMPLAUSIBLE_MOVE, ALONE_MOVE * float(np.nanmedian(moved)))
+            plausible = np.where(moved > bar, -1.0, fit)
             if plausible.max() >= 0.0:
                 fit = plausible
         return int(np.argmax(fit))
