@@ -149,3 +149,10 @@ def test_with_the_fleets_past_an_overheating_is_named_on_the_temperatures_that_h
     assert {a.metric for a in hits} <= {"winding_temperature", "housing_temperature"}, hits
     stray = [a for a in anomalies if not _explained(a, truth)]
     assert not stray, f"anomalies outside the fault: {stray}"
+    # The ambient's own residual, the largest sigma of the first report, is said to be led
+    # by the temperatures out of line, not left to read as a second fault.
+    first = hits[0].explanation
+    assert "ambient_temperature" in first, first
+    assert "a prediction led by the metrics out of line: it moved faster than" in first, first
+    assert "also ambient_temperature" not in first, first
+    assert "ambient_temperature" in [c.metric for c in hits[0].contributions]

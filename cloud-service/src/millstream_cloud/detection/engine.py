@@ -28,7 +28,7 @@ import numpy as np
 
 from ..model import Anomaly, Contribution, Reading
 from .calibration import Hysteresis
-from .explain import explain
+from .explain import describe, explain
 from .multivariate import DISTRUST_PROBE_ROWS, VirtualSensorResidual
 from .rules import Rule, check_bound, check_streaming, resolve
 from .streaming import REBUILDABLE, SpikeBurst, StreamingEnsemble, StuckSensor
@@ -302,6 +302,9 @@ class Incident(NamedTuple):
     # What the slow model expected each metric to read in ``row`` (None: a spike,
     # explained against the rows just before it)
     expected: np.ndarray | None = None
+    # Metrics whose expected value moved faster than they ever did, led by those out of
+    # line (VirtualSensorResidual.led): their residuals are the others', not their own.
+    led: tuple[int, ...] = ()
 
 
 class DeviceModel:
@@ -645,8 +648,20 @@ class DeviceModel:
                         else:
                             expected = self.model.expected_
                             assert expected is not None
+                            led = () if moves is None else self.model.led(moves).nonzero()[0]
                             out.append(
-                                Incident(t, score, j, z, X[k], True, before, ended, expected[k])
+                                Incident(
+                                    t,
+                                    score,
+                                    j,
+                                    z,
+                                    X[k],
+                                    True,
+                                    before,
+                                    ended,
+                                    expected[k],
+                                    tuple(int(q) for q in led),
+                                )
                             )
                         if several:
                             self._stand_in(raw)
@@ -1517,12 +1532,21 @@ class DetectionEngine:
             if k != j and k not in inc.open and abs(z[k]) >= 3.0
         ]
         others.sort(key=lambda c: abs(c.sigma), reverse=True)
+        led = [c for c in others if dev.metrics.index(c.metric) in inc.led]
+        also = [c for c in others if c not in led]
         words = "what the other metrics predict for this load"
         if j in dev.counters:
             words += " (its increase per reading: it counts up)"
         text = explain([main], words)
-        if others:
-            text += "; also " + explain(others, "prediction", limit=2)
+        if also:
+            text += "; also " + explain(also, "prediction", limit=2)
+        for c in led[:2]:
+            # Its residual is the faulty metrics', through its prediction: said so, or the
+            # largest sigma of the sentence reads as the fault (an overheating's ambient).
+            text += (
+                f"; {describe(c, 'prediction')}, a prediction led by the metrics out of"
+                f" line: it moved faster than {c.metric} ever has"
+            )
         still = [k for k in inc.open if k not in inc.ended]
         if still:
             names = " and ".join(dev.metrics[k] for k in still)

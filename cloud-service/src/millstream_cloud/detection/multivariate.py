@@ -817,13 +817,22 @@ class VirtualSensorResidual:
         fit = num / np.maximum(np.sum(Ln**2, axis=0), 1e-12)
         if among is not None:
             fit = np.where(np.isin(np.arange(len(fit)), list(among)), fit, -1.0)
-        if moved is not None and not np.all(np.isnan(moved)):
-            # NaN: not known yet, or a metric that never moved in training (not judged)
-            bar = max(IMPLAUSIBLE_MOVE, ALONE_MOVE * float(np.nanmedian(moved)))
-            plausible = np.where(moved > bar, -1.0, fit)
+        if moved is not None:
+            plausible = np.where(self.led(moved), -1.0, fit)
             if plausible.max() >= 0.0:
                 fit = plausible
         return int(np.argmax(fit))
+
+    @staticmethod
+    def led(moved: np.ndarray) -> np.ndarray:
+        """Per metric (``moved``: a row of ``moved_``), whether its expected value moved
+        faster than the metric ever did while the device's median metric's did not: led by
+        the metrics it is read from (``attribute``). NaN: not known yet, or a metric that
+        never moved in training (not judged)."""
+        if np.all(np.isnan(moved)):
+            return np.zeros(len(moved), dtype=bool)
+        bar = max(IMPLAUSIBLE_MOVE, ALONE_MOVE * float(np.nanmedian(moved)))
+        return np.asarray(moved > bar)
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         _, smooth = self.residuals(X)
