@@ -298,7 +298,7 @@ def test_virtual_sensor_attributes_a_fault_to_its_own_metric() -> None:
     # than it did in training: it stays a candidate.
     assert model.moved_ is not None and model.moved_.shape == zs.shape
     assert model.moved_[300, 1] <= 1.0
-    assert model.attribute(zs[300], moved=model.moved_[300]) == 1
+    assert model.attribute(zs[300], led=model.led_by_others(model.moved_[300])) == 1
 
 
 def test_a_metric_whose_expected_value_moved_faster_than_ever_is_not_named() -> None:
@@ -307,19 +307,19 @@ def test_a_metric_whose_expected_value_moved_faster_than_ever_is_not_named() -> 
     assert model.attribute(z) == 1
     # Metric 1's expected value moved three times as fast as metric 1 ever did: were it
     # at fault, the others would be sound and that would be its true value.
-    assert model.attribute(z, moved=np.array([0.5, 3.0, 0.5])) != 1
+    assert model.attribute(z, led=model.led_by_others(np.array([0.5, 3.0, 0.5]))) != 1
     # A load swing faster than any in training moves every metric's expected value: not
     # a sign against any one of them.
-    assert model.attribute(z, moved=np.array([1.2, 1.5, 1.1])) == 1
+    assert model.attribute(z, led=model.led_by_others(np.array([1.2, 1.5, 1.1]))) == 1
     # Not known yet (NaN), or every candidate ruled out: the residuals alone decide.
-    assert model.attribute(z, moved=np.array([0.5, np.nan, 0.5])) == 1
-    assert model.attribute(z, among=[1], moved=np.array([0.5, 3.0, 0.5])) == 1
+    assert model.attribute(z, led=model.led_by_others(np.array([0.5, np.nan, 0.5]))) == 1
+    assert model.attribute(z, among=[1], led=model.led_by_others(np.array([0.5, 3.0, 0.5]))) == 1
     # A metric not known (one that never moved in training: 0 / 0) does not stop the check.
     four = VirtualSensorResidual(spans=(5, 20), smooth=20)
     four.fit(_metrics(4, gains=(1.0, 3.0, 2.0, 0.5))[:1500])
     z4 = np.array([1.0, 8.0, 2.0, 0.0])
     assert four.attribute(z4) == 1
-    assert four.attribute(z4, moved=np.array([0.5, 3.0, 0.5, np.nan])) != 1
+    assert four.attribute(z4, led=four.led_by_others(np.array([0.5, 3.0, 0.5, np.nan]))) != 1
 
 
 def test_how_fast_expected_values_move_is_carried_across_calls_and_a_save() -> None:

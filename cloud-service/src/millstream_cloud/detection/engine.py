@@ -303,7 +303,7 @@ class Incident(NamedTuple):
     # explained against the rows just before it)
     expected: np.ndarray | None = None
     # Metrics whose expected value moved faster than they ever did, led by those out of
-    # line (VirtualSensorResidual.led): their residuals are the others', not their own.
+    # line (VirtualSensorResidual.led_by_others): their residuals are the others', not their own.
     led: tuple[int, ...] = ()
 
 
@@ -621,7 +621,7 @@ class DeviceModel:
                     spike = a_inst[k].max() > a_smooth[k].max()
                     z = z_inst[k] if spike else z_smooth[k]
                     # A fault's onset, not a spike's, moves the expected values with it.
-                    moves = None if spike or moved is None else moved[k]
+                    led = [] if spike or moved is None else self.model.led_by_others(moved[k])
                     if before:
                         others = [q for q in range(m) if q not in before]
                         j = self.model.attribute(
@@ -629,12 +629,12 @@ class DeviceModel:
                             smooth=not spike,
                             among=others,
                             distrust=before,
-                            moved=moves,
+                            led=led,
                         )
                         score = float(A[k, j])
                         found = j in rising
                     else:
-                        j = self.model.attribute(z, smooth=not spike, moved=moves)
+                        j = self.model.attribute(z, smooth=not spike, led=led)
                         score = float(A[k].max())
                         found = self.quiet_m[j] == 0
                     if found:
@@ -648,7 +648,6 @@ class DeviceModel:
                         else:
                             expected = self.model.expected_
                             assert expected is not None
-                            led = () if moves is None else self.model.led(moves).nonzero()[0]
                             out.append(
                                 Incident(
                                     t,
@@ -660,7 +659,7 @@ class DeviceModel:
                                     before,
                                     ended,
                                     expected[k],
-                                    tuple(int(q) for q in led),
+                                    tuple(led),
                                 )
                             )
                         if several:
@@ -1532,8 +1531,9 @@ class DetectionEngine:
             if k != j and k not in inc.open and abs(z[k]) >= 3.0
         ]
         others.sort(key=lambda c: abs(c.sigma), reverse=True)
-        led = [c for c in others if dev.metrics.index(c.metric) in inc.led]
-        also = [c for c in others if c not in led]
+        led_names = {dev.metrics[k] for k in inc.led}
+        led = [c for c in others if c.metric in led_names]
+        also = [c for c in others if c.metric not in led_names]
         words = "what the other metrics predict for this load"
         if j in dev.counters:
             words += " (its increase per reading: it counts up)"

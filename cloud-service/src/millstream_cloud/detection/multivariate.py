@@ -792,17 +792,16 @@ class VirtualSensorResidual:
         smooth: bool = True,
         among: Sequence[int] | None = None,
         distrust: Sequence[int] = (),
-        moved: np.ndarray | None = None,
+        led: Sequence[int] = (),
     ) -> int:
         """The metric (of ``among``, default all) whose own fault best explains the
         residual vector ``z`` (in sigmas), accounting for how a fault in one metric leaks
         into the predictions of the others (reconstruction-based contribution), through
         the ``distrust`` metrics' virtual values too.
 
-        ``moved`` (that row of ``moved_``) rules out a metric whose expected value moved
-        faster than the metric itself ever did in training while the device's other
-        metrics' did not (IMPLAUSIBLE_MOVE, ALONE_MOVE), unless every candidate is ruled
-        out. Were that metric at fault, the others would be sound, and its expected value,
+        ``led`` (``led_by_others`` of a row of ``moved_``) are ruled out, unless every
+        candidate is: metrics whose expected value moved faster than the metric itself
+        ever did in training while the device's other metrics' did not. Were that metric at fault, the others would be sound, and its expected value,
         read from them, its true value: one moving that fast, when the device's operating
         point is not, says the fault is in the metrics it is read from. Residuals alone
         cannot tell two temperatures heating together from the third one they are read
@@ -817,22 +816,23 @@ class VirtualSensorResidual:
         fit = num / np.maximum(np.sum(Ln**2, axis=0), 1e-12)
         if among is not None:
             fit = np.where(np.isin(np.arange(len(fit)), list(among)), fit, -1.0)
-        if moved is not None:
-            plausible = np.where(self.led(moved), -1.0, fit)
+        if led:
+            plausible = fit.copy()
+            plausible[list(led)] = -1.0
             if plausible.max() >= 0.0:
                 fit = plausible
         return int(np.argmax(fit))
 
     @staticmethod
-    def led(moved: np.ndarray) -> np.ndarray:
-        """Per metric (``moved``: a row of ``moved_``), whether its expected value moved
-        faster than the metric ever did while the device's median metric's did not: led by
-        the metrics it is read from (``attribute``). NaN: not known yet, or a metric that
-        never moved in training (not judged)."""
+    def led_by_others(moved: np.ndarray) -> list[int]:
+        """The metrics (``moved``: a row of ``moved_``) whose expected value moved faster
+        than the metric ever did (IMPLAUSIBLE_MOVE) while the device's median metric's did
+        not (ALONE_MOVE): led by the metrics they are read from (``attribute``). NaN: not
+        known yet, or a metric that never moved in training (not judged)."""
         if np.all(np.isnan(moved)):
-            return np.zeros(len(moved), dtype=bool)
+            return []
         bar = max(IMPLAUSIBLE_MOVE, ALONE_MOVE * float(np.nanmedian(moved)))
-        return np.asarray(moved > bar)
+        return [int(j) for j in np.flatnonzero(moved > bar)]
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         _, smooth = self.residuals(X)
