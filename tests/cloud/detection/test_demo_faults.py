@@ -5,6 +5,10 @@ fed to the detection engine with the demo's warmup, raises anomalies on the inje
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -37,21 +41,26 @@ def _explained(a: Anomaly, truth: list[dict[str, Any]], slack: float = 60.0) -> 
     return any(groundtruth.covers(g, groundtruth.raised(a), slack) for g in truth)
 
 
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _demo_script() -> ModuleType:
+    """scripts/demo.py, loaded as a module."""
+    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts" / "demo.py")
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
 def test_the_demo_runs_detection_as_its_config_says() -> None:
     # scripts/demo.py writes its cloud config as YAML for users to read; the test and the
     # benchmark use groundtruth.demo_settings(): the same settings.
-    import importlib.util
-    from pathlib import Path
-
     import yaml
 
     from millstream_cloud.detection.engine import settings_from_mapping
 
-    path = Path(__file__).resolve().parents[3] / "scripts" / "demo.py"
-    spec = importlib.util.spec_from_file_location("demo_script", path)
-    assert spec is not None and spec.loader is not None
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = _demo_script()
     engine = yaml.safe_load(demo.DEMO_CLOUD_CONFIG)["detection"]["engine"]
     assert settings_from_mapping(engine) == groundtruth.demo_settings()
     # The demo restates how much past a device model needs (it does not import the
@@ -59,6 +68,18 @@ def test_the_demo_runs_detection_as_its_config_says() -> None:
     trained = groundtruth.demo_settings(history=True)
     assert trained.mv_train_rows * trained.mv_resolution_s == demo.DEVICE_MODEL_AFTER_S
     assert trained.mv_resolution_s >= demo.HISTORY_STEP_S
+
+
+def test_the_demo_benchmark_and_these_tests_inject_the_demos_faults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # They restate the demo's fault types (the benchmark runs without the broker); the
+    # demo's own, with its past and without, decide.
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    bench = importlib.import_module("detection_demo")
+    types = {history: kinds.split(",") for history, kinds in _demo_script().FAULT_TYPES.items()}
+    assert bench.FAULTS_WITH_HISTORY["fault_types"] == types[True]
+    assert bench.FAULTS["fault_types"] == types[False] == DEMO_FAULTS["fault_types"]
 
 
 @pytest.mark.parametrize(
