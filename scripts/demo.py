@@ -239,9 +239,19 @@ def summary(api: str, last: tuple[float, float] | None) -> tuple[str, tuple[floa
         f"readings stored {int(stored):,}  {rate:,.0f}/s  rejected {int(rejected)}  "
         f"anomalies {int(anomalies)}  alerts firing {int(alerts)}"
     )
-    if stored - judged > 1000:  # the fleet's past, still being learned
-        line += f"  detection learning ({int(stored - judged):,} readings behind)"
-    return line, (now, stored)
+    return line + detection_note(stored, judged), (now, stored)
+
+
+LEARNING_NOTE_OVER = 1000  # readings stored and not yet judged, before the line says so
+
+
+def detection_note(stored: float, judged: float) -> str:
+    """The summary line's note while the fleet's past is still being learned: how many
+    stored readings the detectors have not judged yet (none when they keep up)."""
+    behind = int(stored - judged)
+    return (
+        f"  detection learning ({behind:,} readings behind)" if behind > LEARNING_NOTE_OVER else ""
+    )
 
 
 JUDGED_AFTER_S = 10.0  # a fault younger than this may not have reached the detectors
