@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import Counter, Gauge
 
+from millstream_cloud.maintenance import MaintenanceWindow, MaintenanceWindows
 from millstream_cloud.metrics import ServiceMetrics
 from millstream_cloud.model import Anomaly, Reading
 from millstream_cloud.storage.base import (
@@ -138,6 +139,9 @@ class AnomalySink:
         self._behind_saved = False  # the last save wrote every span still behind
         self._read_back_retry = 0.0  # monotonic time of the next try after a failed read
         self._read_back_wait = 0.0
+        # Spans of a device's time its detectors neither score nor learn (the API sets
+        # them; services.py gives them their file beside the detectors' state).
+        self.maintenance = MaintenanceWindows()
         self._lock = threading.Lock()
         self._engine_lock = threading.Lock()  # observe and save vs. relearn from the API
         self._thread: threading.Thread | None = None
@@ -155,6 +159,12 @@ class AnomalySink:
             registry=r,
         )
         self.scored = Counter("millstream_detection_scored_readings", "Readings scored", registry=r)
+        self.in_maintenance = Counter(
+            "millstream_detection_maintenance_readings",
+            "Readings stored but neither scored nor learned: their device was in a "
+            "maintenance window at their time",
+            registry=r,
+        )
         self.deferred = Counter(
             "millstream_detection_deferred_readings",
             "Readings left in the store while the detection queue was full, to be read "
@@ -270,6 +280,11 @@ class AnomalySink:
     def process(self, readings: Sequence[Reading]) -> None:
         if self.detector is None:
             return
+        readings, held = self.maintenance.split(readings)
+        if held:
+            self.in_maintenance.inc(held)
+            if not readings:
+                return
         t0 = time.perf_counter()
         failed_before = getattr(self.detector, "failed_readings", 0)
         with self._engine_lock:
@@ -306,6 +321,45 @@ class AnomalySink:
         except Exception:  # the relearn itself has happened; the marker is a convenience
             log.exception("recording the relearn of %s failed", device)
         return result
+
+    def start_maintenance(
+        self, device: str, site: str, start_ns: int, end_ns: int, comment: str, author: str
+    ) -> MaintenanceWindow:
+        """Set a maintenance window on ``device`` (see :mod:`millstream_cloud.maintenance`)
+        and mark its start in ``detection_events`` (an annotation on the device's graphs).
+        Raises MaintenanceError for a window that cannot be set."""
+        w = self.maintenance.add(device, site, start_ns, end_ns, comment, author)
+        log.info(
+            "detection: maintenance of %s from %s to %s (%s)",
+            device,
+            rfc3339(start_ns),
+            rfc3339(end_ns),
+            comment or "no comment",
+        )
+        until = f"maintenance until {rfc3339(end_ns)}: detection neither scores nor learns"
+        self._event(w, w.start_ns, "maintenance", until)
+        return w
+
+    def end_maintenance(self, device: str, window_id: str) -> MaintenanceWindow:
+        """End a window now (drop it if it has not begun). Raises KeyError if unknown."""
+        now = time.time_ns()
+        w = self.maintenance.end(device, window_id, now)
+        log.info("detection: maintenance of %s ended (window %s)", device, window_id)
+        if w.end_ns == w.start_ns:  # never began: its start marker says so
+            self._event(w, w.start_ns, "maintenance", "maintenance window cancelled")
+        elif w.end_ns == now:
+            self._event(w, now, "maintenance_end", "maintenance ended: detection resumes")
+        return w
+
+    def _event(self, w: MaintenanceWindow, at_ns: int, event: str, text: str) -> None:
+        fields: dict[str, Any] = {"explanation": f"{text} ({w.comment})" if w.comment else text}
+        if w.author:
+            fields["author"] = w.author
+        tags = {"site": w.site, "device": w.device, "event": event}
+        try:
+            self.storage.write_points([Point(DETECTION_EVENTS, tags, fields, at_ns)])
+        except Exception:  # the window holds; the marker is a convenience
+            log.exception("recording the maintenance of %s failed", w.device)
 
     def start(self) -> None:
         if self.detector is None or self._thread is not None:

@@ -20,6 +20,7 @@ from millstream_cloud.ingest.deadletters import DeadLetterStore
 from millstream_cloud.ingest.feed import DetectionFeed
 from millstream_cloud.ingest.pipeline import IngestPipeline
 from millstream_cloud.ingest.subscriber import Subscriber
+from millstream_cloud.maintenance import MaintenanceWindows
 from millstream_cloud.metrics import ServiceMetrics
 from millstream_cloud.registry import DeviceRegistry
 from millstream_cloud.remote import RemoteService
@@ -98,6 +99,9 @@ def attach_detection(
     # Devices whose readings wait in the store for the detectors (saved with the state).
     own = "" if shard.count == 1 else f".shard-{shard.index}-of-{shard.count}"
     sink.behind_path = state_dir / f"behind{own}.json"
+    # The devices' maintenance windows (set through the API of the worker scoring them).
+    sink.maintenance = MaintenanceWindows(state_dir / f"maintenance{own}.json")
+    sink.maintenance.load()
     if shard.count > 1:
         sink.owns = shard.owns
         log.info("detection scores the devices of %s (detection.shards)", shard)

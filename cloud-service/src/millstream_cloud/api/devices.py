@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -97,6 +98,10 @@ def device_detection(device_id: str, services: Services = Depends(get_services))
     found = engine.describe(dev.id, dev.kind, dev.metrics)
     found["shard"] = {"shard": shard.index, "shards": shard.count}
     found["behind"] = services.anomalies.behind_of(dev.id)
+    now = time.time_ns()
+    found["maintenance"] = [
+        w.to_json(now) for w in services.anomalies.maintenance.of(dev.id) if w.end_ns > now
+    ]
     return found
 
 
@@ -134,6 +139,111 @@ def relearn_device(device_id: str, services: Services = Depends(get_services)) -
             404, f"anomaly detection is off ({services.anomalies.off_reason})"
         ) from None
     return {"device": dev.id, "relearning": True, "forgot": forgot}
+
+
+class Maintenance(BaseModel):
+    """A maintenance window: the device's readings in it are stored, not scored or learned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: str | None = Field(None, description="RFC 3339; default: now")
+    end: str | None = Field(None, description="RFC 3339 (or give duration)")
+    duration: str | None = Field(None, description="instead of end: 30m, 2h, 1d")
+    comment: str = Field("", max_length=1000, description="what is being done")
+    author: str = Field("", max_length=200)
+    silence_alerts: bool = Field(
+        True, description="also silence the device's alerts for the window (an alert silence)"
+    )
+
+
+def _detection_here(services: Services, device_id: str) -> Device:
+    """The device, when this worker runs its detectors: 404 otherwise (detection off,
+    or another shard's device)."""
+    dev = _device(services, device_id)
+    if services.anomalies.detector is None:
+        raise HTTPException(404, f"anomaly detection is off ({services.anomalies.off_reason})")
+    _scored_here(services, dev.id)
+    return dev
+
+
+@router.post(
+    "/{device_id}/detection/maintenance",
+    status_code=201,
+    summary="Set a maintenance window: the device's readings in it are neither scored nor "
+    "learned (write scope)",
+)
+def start_maintenance(
+    device_id: str, body: Maintenance, services: Services = Depends(get_services)
+) -> dict[str, Any]:
+    """For planned work on the machine (a repair, a tool change, a cleaning): its readings
+    are stored as usual, and those whose time falls in the window are kept from the
+    detectors, so they raise nothing and do not teach the detectors that a stopped
+    machine is normal. With ``silence_alerts`` (the default) the device's alerts are
+    silenced for the window too. Marked in ``detection_events`` (the device dashboard)."""
+    from millstream_cloud.maintenance import MaintenanceError
+
+    dev = _detection_here(services, device_id)
+    now = time.time_ns()
+    try:
+        if (body.end is None) == (body.duration is None):
+            raise MaintenanceError("end", "give either end or duration")
+        start_ns = parse_time_ns(body.start) if body.start else now
+        if body.end is not None:
+            end_ns = parse_time_ns(body.end)
+        else:
+            assert body.duration is not None
+            end_ns = start_ns + parse_duration_ns(body.duration)
+        w = services.anomalies.start_maintenance(
+            dev.id, dev.site, start_ns, end_ns, body.comment, body.author
+        )
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    alerts = services.alerts
+    if body.silence_alerts and alerts is not None:
+        silence = alerts.create_silence(
+            [f'site="{dev.site}"', f'device="{dev.id}"'],
+            created_by=body.author or "maintenance",
+            comment=f"maintenance window {w.id}" + (f": {body.comment}" if body.comment else ""),
+            starts_at=w.start_ns,
+            ends_at=w.end_ns,
+        )
+        services.anomalies.maintenance.set_silence(w, silence.id)
+    return w.to_json(time.time_ns())
+
+
+@router.get(
+    "/{device_id}/detection/maintenance",
+    summary="The device's maintenance windows: scheduled, active and ended in the last 30 days",
+)
+def list_maintenance(device_id: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+    dev = _detection_here(services, device_id)
+    now = time.time_ns()
+    return {"maintenance": [w.to_json(now) for w in services.anomalies.maintenance.of(dev.id)]}
+
+
+@router.delete(
+    "/{device_id}/detection/maintenance/{window_id}",
+    summary="End a maintenance window now (a scheduled one is cancelled) (write scope)",
+)
+def end_maintenance(
+    device_id: str, window_id: str, services: Services = Depends(get_services)
+) -> dict[str, Any]:
+    dev = _detection_here(services, device_id)
+    try:
+        w = services.anomalies.end_maintenance(dev.id, window_id)
+    except KeyError:
+        raise HTTPException(
+            404, f"no maintenance window {window_id!r} on device {dev.id!r}"
+        ) from None
+    alerts = services.alerts
+    if w.silence_id and alerts is not None:
+        # Expired or removed meanwhile through the alerts API: nothing left to do.
+        with contextlib.suppress(KeyError, ValueError):
+            alerts.expire_silence(w.silence_id)
+    out = w.to_json(time.time_ns())
+    if w.end_ns == w.start_ns:
+        out["state"] = "cancelled"
+    return out
 
 
 class Backtest(BaseModel):
@@ -195,6 +305,7 @@ def backtest_device(
             parse_rules(services.settings.detection.rules if body.rules is None else body.rules),
             tolerance_ns,
             body.max_readings,
+            [(w.start_ns, w.end_ns) for w in services.anomalies.maintenance.of(dev.id)],
         )
         check_rules(req.engine, req.rules)
     except ValueError as exc:

@@ -54,6 +54,8 @@ class BacktestRequest:
     rules: Sequence[Rule]
     tolerance_ns: int
     max_readings: int
+    # The device's maintenance windows (start_ns, end_ns): left out, as the live path does.
+    maintenance: Sequence[tuple[int, int]] = ()
 
 
 def stored_readings(
@@ -151,6 +153,8 @@ def backtest(storage: Storage, req: BacktestRequest) -> dict[str, Any]:
     readings = stored_readings(
         storage, req.device, req.site, req.learn_from_ns, req.end_ns, req.max_readings
     )
+    if req.maintenance:
+        readings = [r for r in readings if not any(a <= r.time_ns < b for a, b in req.maintenance)]
     raised = [
         a
         for a in replay(readings, req.engine, req.rules, lambda _d: req.kind)

@@ -1,0 +1,244 @@
+"""Maintenance windows: a device's readings in one are stored, and neither scored nor learned."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from millstream_cloud.app import create_app
+from millstream_cloud.maintenance import (
+    KEEP_ENDED_S,
+    MAX_PER_DEVICE,
+    MaintenanceError,
+    MaintenanceWindows,
+)
+from millstream_cloud.model import Reading
+from millstream_cloud.services import Services
+from millstream_cloud.settings import Settings
+from millstream_cloud.storage.base import DETECTION_EVENTS, SeriesQuery, device_readings
+from millstream_cloud.timeutil import rfc3339
+from tests.cloud.test_anomalies import birth, telemetry
+
+S = 10**9
+T0 = (time.time_ns() // 3600 // S - 2) * 3600 * S  # an hour two or three hours ago
+
+
+def test_windows_hold_readings_by_their_own_time_and_keep_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "maintenance.json"
+    book = MaintenanceWindows(path)
+    w = book.add("press-01", "plant-a", T0 + 100 * S, T0 + 200 * S, "seal", "maria", now_ns=T0)
+    readings = [Reading(d, "plant-a", "temp", T0 + t * S, 1.0) for d in ("press-01", "lathe-01")
+                for t in (99, 100, 199, 200)]  # fmt: skip
+    kept, held = book.split(readings)
+    assert held == 2  # the start is in the window, the end is not
+    assert [(r.device, r.time_ns) for r in kept] == [
+        ("press-01", T0 + 99 * S),
+        ("press-01", T0 + 200 * S),
+        *[("lathe-01", T0 + t * S) for t in (99, 100, 199, 200)],
+    ]
+    assert w.state(T0) == "scheduled" and w.state(T0 + 150 * S) == "active"
+    assert w.state(T0 + 200 * S) == "ended"
+
+    again = MaintenanceWindows(path)
+    again.load()
+    assert again.of("press-01", T0) == [w]
+    assert again.split(readings)[1] == 2
+
+    # Ending an active window ends it now; a scheduled one is dropped; unknown ids refused.
+    assert again.end("press-01", w.id, T0 + 150 * S).end_ns == T0 + 150 * S
+    assert again.split(readings)[1] == 1
+    later = again.add("press-01", "plant-a", T0 + 500 * S, T0 + 600 * S, now_ns=T0 + 150 * S)
+    dropped = again.end("press-01", later.id, T0 + 160 * S)
+    assert dropped.end_ns == dropped.start_ns
+    assert [x.id for x in again.of("press-01", T0 + 160 * S)] == [w.id]
+    with pytest.raises(KeyError):
+        again.end("press-01", "nope", T0)
+    # An ended window is listed (and holds a late backlog) for a week, then forgotten.
+    assert again.of("press-01", T0 + (150 + KEEP_ENDED_S - 1) * S) != []
+    assert again.of("press-01", T0 + (150 + KEEP_ENDED_S + 1) * S) == []
+
+
+def test_a_window_that_cannot_be_set_is_refused_with_the_field_and_why(tmp_path: Path) -> None:
+    book = MaintenanceWindows(tmp_path / "m.json")
+
+    def refused(start: int, end: int, now: int = T0) -> str:
+        with pytest.raises(MaintenanceError) as err:
+            book.add("press-01", "plant-a", start, end, now_ns=now)
+        return str(err.value)
+
+    assert refused(T0 + 10 * S, T0 + 10 * S) == (
+        f"end: {rfc3339(T0 + 10 * S)} is not after the start, {rfc3339(T0 + 10 * S)}"
+    )
+    assert "has passed" in refused(T0 - 20 * S, T0 - 10 * S)
+    assert "at most 31" in refused(T0, T0 + 40 * 86400 * S)
+    for i in range(MAX_PER_DEVICE):
+        book.add("press-01", "plant-a", T0 + i * S, T0 + (i + 1) * S + S, now_ns=T0)
+    assert refused(T0, T0 + S).startswith("device: 'press-01' has 100 windows that have not")
+    # Ended windows do not count.
+    book.add("press-01", "plant-a", T0, T0 + 200 * S, now_ns=T0 + 150 * S)
+    assert not (tmp_path / "m.json.tmp").exists()
+
+
+def test_an_unreadable_file_is_kept_aside_and_no_window_holds(tmp_path: Path) -> None:
+    path = tmp_path / "maintenance.json"
+    for bad in ("{not json", json.dumps({"press-01": [{"id": "x", "nonsense": 1}]})):
+        path.write_text(bad)
+        book = MaintenanceWindows(path)
+        book.load()
+        assert not book
+        assert not path.exists()
+        assert len(list(tmp_path.glob("maintenance.json.unreadable-*"))) == 1
+        for aside in tmp_path.glob("maintenance.json.unreadable-*"):
+            aside.unlink()
+
+
+def _noisy(start_s: int, n: int, seed: int) -> list[tuple[int, str, float]]:
+    rng = np.random.default_rng(seed)
+    return [(T0 + (start_s + i) * S, "temp", float(60 + rng.normal(0, 0.5))) for i in range(n)]
+
+
+def _stuck(start_s: int, n: int) -> list[tuple[int, str, float]]:
+    return [(T0 + (start_s + i) * S, "temp", 61.25) for i in range(n)]
+
+
+def test_a_stuck_sensor_in_a_maintenance_window_raises_nothing_and_teaches_nothing(
+    tmp_path: Path,
+) -> None:
+    """The real engine through the service: the same stuck run raises an anomaly outside
+    the window and nothing inside it, and the readings inside are stored, not learned."""
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    try:
+        sink = services.anomalies
+        sink.maintenance.add("press-01", "plant-a", T0 + 200 * S, T0 + 300 * S, now_ns=T0)
+        parts = [
+            _noisy(0, 200, 1),
+            _stuck(200, 40),  # in the window (a sensor unplugged for the work)
+            _noisy(240, 160, 2),  # 60 of these in it too
+            _stuck(400, 40),  # after it: found
+            _noisy(440, 20, 3),
+        ]
+        msgs = [birth("press-01", "press", T0)]
+        msgs += [  # each arriving a second after its last reading
+            telemetry("press-01", i, part, part[-1][0] + S) for i, part in enumerate(parts)
+        ]
+        services.pipeline.process(msgs)
+        found = [(a.detector, a.metric, a.time_ns) for a in sink.recent]
+        assert [(d, m) for d, m, _ in found] == [("stuck", "temp")]
+        assert T0 + 400 * S < found[0][2] < T0 + 440 * S
+        assert sink.in_maintenance._value.get() == 100
+        assert sink.scored._value.get() == 360
+        stored = device_readings(services.storage, "press-01", "plant-a", T0, T0 + 1000 * S)
+        assert len(stored) == 460  # stored all the same
+        with TestClient(create_app(settings, services, start=False)) as client:
+            body = client.get("/api/v1/devices/press-01/detection").json()
+            assert body["metrics"]["temp"]["readings_learned"] == 360
+            # A backtest leaves the window out as the live path did.
+            res = client.post(
+                "/api/v1/devices/press-01/detection/backtest",
+                json={"start": rfc3339(T0), "end": rfc3339(T0 + 600 * S), "learn": "0s"},
+            )  # fmt: skip
+            assert res.status_code == 200, res.text
+            assert [(a["detector"], a["metric"]) for a in res.json()["anomalies"]] == [
+                ("stuck", "temp")
+            ]
+    finally:
+        services.stop()
+
+
+def test_the_api_sets_lists_and_ends_windows_with_an_alert_silence(tmp_path: Path) -> None:
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    now = time.time_ns()
+    services.pipeline.process(
+        [birth("press-01", "press", now), telemetry("press-01", 0, _noisy(0, 5, 0), now)]
+    )
+    try:
+        with TestClient(create_app(settings, services, start=False)) as client:
+            url = "/api/v1/devices/press-01/detection/maintenance"
+            res = client.post(url, json={"duration": "2h", "comment": "seal", "author": "maria"})
+            assert res.status_code == 201, res.text
+            w = res.json()
+            assert (w["device"], w["site"], w["state"], w["comment"], w["author"]) == (
+                "press-01", "plant-a", "active", "seal", "maria",
+            )  # fmt: skip
+            silence = client.get(f"/api/v1/silences/{w['silence_id']}").json()
+            assert silence["status"]["state"] == "active"
+            assert sorted(silence["matchersText"]) == ['device="press-01"', 'site="plant-a"']
+            assert (silence["startsAt"], silence["endsAt"]) == (w["start"], w["end"])
+            detection = client.get("/api/v1/devices/press-01/detection").json()
+            assert [x["id"] for x in detection["maintenance"]] == [w["id"]]
+
+            # A scheduled window, without a silence; cancelled before it begins.
+            later = client.post(
+                url,
+                json={"start": "2099-01-01T00:00:00Z", "end": "2099-01-01T04:00:00Z",
+                      "silence_alerts": False},
+            ).json()  # fmt: skip
+            assert (later["state"], later["silence_id"]) == ("scheduled", None)
+            listed = client.get(url).json()["maintenance"]
+            assert [x["id"] for x in listed] == [w["id"], later["id"]]
+            res = client.delete(f"{url}/{later['id']}")
+            assert res.json()["state"] == "cancelled"
+
+            res = client.delete(f"{url}/{w['id']}")
+            assert res.status_code == 200 and res.json()["state"] == "ended"
+            silence = client.get(f"/api/v1/silences/{w['silence_id']}").json()
+            assert silence["status"]["state"] == "expired"
+            assert client.get("/api/v1/devices/press-01/detection").json()["maintenance"] == []
+            assert [x["state"] for x in client.get(url).json()["maintenance"]] == ["ended"]
+            events = {
+                s.tags["event"]: [p[1] for p in s.points]
+                for s in services.storage.query(
+                    SeriesQuery(DETECTION_EVENTS, ["explanation"], {"device": "press-01"},
+                                group_by=("event",))
+                )
+            }  # fmt: skip
+            assert events["maintenance"][0].startswith("maintenance until ")
+            assert events["maintenance"][0].endswith("(seal)")
+            assert events["maintenance"][1] == "maintenance window cancelled"
+            assert events["maintenance_end"] == ["maintenance ended: detection resumes (seal)"]
+
+            # Refused, each saying what and where.
+            for body, says in [
+                ({"duration": "1h", "end": "2099-01-01T00:00:00Z"}, "give either end or dur"),
+                ({}, "give either end or duration"),
+                ({"duration": "soon"}, "'soon' is not a duration"),
+                ({"end": "yesterday"}, "'yesterday' is not an RFC 3339 time"),
+                ({"start": "2099-01-02T00:00:00Z", "end": "2099-01-01T00:00:00Z"}, "not after"),
+                ({"duration": "40d"}, "at most 31"),
+            ]:
+                res = client.post(url, json=body)
+                assert res.status_code == 422 and says in res.text, (body, res.text)
+            assert client.post(url, json={"duration": "1h", "why": "x"}).status_code == 422
+            assert client.post("/api/v1/devices/nope/detection/maintenance",
+                               json={"duration": "1h"}).status_code == 404  # fmt: skip
+            res = client.delete(f"{url}/nope")
+            assert res.status_code == 404 and "no maintenance window 'nope'" in res.text
+            kept = client.post(url, json={"duration": "1h"}).json()
+    finally:
+        services.stop()
+
+    # Kept across a restart.
+    again = Services.build(settings, with_subscriber=False)
+    try:
+        assert [w.id for w in again.anomalies.maintenance.of("press-01")][-1] == kept["id"]
+    finally:
+        again.stop()
+
+    off = Settings(data_dir=str(tmp_path / "off"), detection={"enabled": False})
+    services = Services.build(off, with_subscriber=False)
+    services.pipeline.process([birth("press-01", "press", now)])
+    try:
+        with TestClient(create_app(off, services, start=False)) as client:
+            res = client.post(url, json={"duration": "1h"})
+            assert res.status_code == 404 and "detection is off" in res.text
+    finally:
+        services.stop()
