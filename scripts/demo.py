@@ -230,7 +230,7 @@ def summary(api: str, last: tuple[float, float] | None) -> tuple[str, tuple[floa
     alerts = metric_sum(metrics, "millstream_alerts_firing")
     judged = sum(
         metric_sum(metrics, f"millstream_detection_{n}_readings_total")
-        for n in ("scored", "skipped", "failed", "maintenance")
+        for n in ("scored", "skipped", "failed")
     )
     now = time.monotonic()
     rate = (stored - last[1]) / (now - last[0]) if last and now > last[0] else 0.0

@@ -1,4 +1,4 @@
-"""Maintenance windows: a device's readings in one are stored, and neither scored nor learned."""
+"""Maintenance windows: what a device's detectors raise in one is kept as expected, not alerted."""
 
 from __future__ import annotations
 
@@ -17,52 +17,57 @@ from millstream_cloud.maintenance import (
     MaintenanceError,
     MaintenanceWindows,
 )
-from millstream_cloud.model import Reading
+from millstream_cloud.model import Anomaly, Reading
 from millstream_cloud.services import Services
 from millstream_cloud.settings import Settings
 from millstream_cloud.storage.base import DETECTION_EVENTS, SeriesQuery, device_readings
-from millstream_cloud.timeutil import rfc3339
+from millstream_cloud.timeutil import parse_time_ns, rfc3339
 from tests.cloud.test_anomalies import birth, telemetry
 
 S = 10**9
 T0 = (time.time_ns() // 3600 // S - 2) * 3600 * S  # an hour two or three hours ago
 
 
-def test_windows_hold_readings_by_their_own_time_and_keep_across_a_restart(
+def test_windows_hold_by_the_anomalys_own_time_and_keep_across_a_restart(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "maintenance.json"
     book = MaintenanceWindows(path)
     w = book.add("press-01", "plant-a", T0 + 100 * S, T0 + 200 * S, "seal", "maria", now_ns=T0)
-    readings = [Reading(d, "plant-a", "temp", T0 + t * S, 1.0) for d in ("press-01", "lathe-01")
-                for t in (99, 100, 199, 200)]  # fmt: skip
-    kept, held = book.split(readings)
-    assert held == 2  # the start is in the window, the end is not
-    assert [(r.device, r.time_ns) for r in kept] == [
-        ("press-01", T0 + 99 * S),
-        ("press-01", T0 + 200 * S),
-        *[("lathe-01", T0 + t * S) for t in (99, 100, 199, 200)],
-    ]
+    assert book.holding("press-01", T0 + 99 * S) is None
+    assert book.holding("press-01", T0 + 100 * S) == w  # the start is in the window
+    assert book.holding("press-01", T0 + 200 * S) is None  # the end is not
+    assert book.holding("lathe-01", T0 + 150 * S) is None
     assert w.state(T0) == "scheduled" and w.state(T0 + 150 * S) == "active"
     assert w.state(T0 + 200 * S) == "ended"
+
+    def reading(device: str, t: int) -> Reading:
+        return Reading(device, "plant-a", "temp", T0 + t * S, 1.0)
+
+    # The first readings past the end re-arm the device's detectors, once.
+    assert book.ending([reading("press-01", 199), reading("lathe-01", 300)]) == {}
+    assert book.ending([reading("press-01", 201)]) == {"press-01": T0 + 200 * S}
+    assert book.ending([reading("press-01", 202)]) == {}
+    book.kept(w, 2)
 
     again = MaintenanceWindows(path)
     again.load()
     assert again.of("press-01", T0) == [w]
-    assert again.split(readings)[1] == 2
+    assert (w.anomalies, w.rearmed) == (2, True)
 
     # Ending an active window ends it now; a scheduled one is dropped; unknown ids refused.
-    assert again.end("press-01", w.id, T0 + 150 * S).end_ns == T0 + 150 * S
-    assert again.split(readings)[1] == 1
-    later = again.add("press-01", "plant-a", T0 + 500 * S, T0 + 600 * S, now_ns=T0 + 150 * S)
-    dropped = again.end("press-01", later.id, T0 + 160 * S)
+    w2 = again.add("press-01", "plant-a", T0 + 300 * S, T0 + 400 * S, now_ns=T0)
+    assert again.end("press-01", w2.id, T0 + 350 * S).end_ns == T0 + 350 * S
+    assert again.holding("press-01", T0 + 360 * S) is None
+    later = again.add("press-01", "plant-a", T0 + 500 * S, T0 + 600 * S, now_ns=T0 + 350 * S)
+    dropped = again.end("press-01", later.id, T0 + 360 * S)
     assert dropped.end_ns == dropped.start_ns
-    assert [x.id for x in again.of("press-01", T0 + 160 * S)] == [w.id]
+    assert [x.id for x in again.of("press-01", T0 + 360 * S)] == [w.id, w2.id]
     with pytest.raises(KeyError):
         again.end("press-01", "nope", T0)
-    # An ended window is listed (and holds a late backlog) for a week, then forgotten.
-    assert again.of("press-01", T0 + (150 + KEEP_ENDED_S - 1) * S) != []
-    assert again.of("press-01", T0 + (150 + KEEP_ENDED_S + 1) * S) == []
+    # An ended window is listed (and holds a late backlog) for 30 days, then forgotten.
+    assert again.of("press-01", T0 + (350 + KEEP_ENDED_S - 1) * S) != []
+    assert again.of("press-01", T0 + (350 + KEEP_ENDED_S + 1) * S) == []
 
 
 def test_a_window_that_cannot_be_set_is_refused_with_the_field_and_why(tmp_path: Path) -> None:
@@ -104,50 +109,72 @@ def _noisy(start_s: int, n: int, seed: int) -> list[tuple[int, str, float]]:
     return [(T0 + (start_s + i) * S, "temp", float(60 + rng.normal(0, 0.5))) for i in range(n)]
 
 
-def _stuck(start_s: int, n: int) -> list[tuple[int, str, float]]:
-    return [(T0 + (start_s + i) * S, "temp", 61.25) for i in range(n)]
+def _stuck(start_s: int, n: int, value: float = 61.25) -> list[tuple[int, str, float]]:
+    return [(T0 + (start_s + i) * S, "temp", value) for i in range(n)]
 
 
-def test_a_stuck_sensor_in_a_maintenance_window_raises_nothing_and_teaches_nothing(
+def test_a_stuck_sensor_in_a_window_is_kept_as_expected_and_reported_if_still_stuck_after(
     tmp_path: Path,
 ) -> None:
-    """The real engine through the service: the same stuck run raises an anomaly outside
-    the window and nothing inside it, and the readings inside are stored, not learned."""
+    """The real engine through the service: a stuck run inside the window is stored with
+    the verdict expected and not handed to the alert engine; one that begins inside it and
+    goes on after it (a sensor left unplugged) is reported again when the window ends; one
+    after the window is reported as any. The detectors see every reading throughout."""
     settings = Settings(data_dir=str(tmp_path))
     services = Services.build(settings, with_subscriber=False)
     try:
         sink = services.anomalies
-        sink.maintenance.add("press-01", "plant-a", T0 + 200 * S, T0 + 300 * S, now_ns=T0)
+        handed_on: list[Anomaly] = []
+        sink.hooks.append(handed_on.extend)
+        w = sink.maintenance.add(
+            "press-01", "plant-a", T0 + 200 * S, T0 + 300 * S, "seal", "maria", now_ns=T0
+        )
+        w2 = sink.maintenance.add("press-01", "plant-a", T0 + 480 * S, T0 + 500 * S, now_ns=T0)
         parts = [
             _noisy(0, 200, 1),
-            _stuck(200, 40),  # in the window (a sensor unplugged for the work)
-            _noisy(240, 160, 2),  # 60 of these in it too
+            _stuck(200, 40),  # in the window: kept as expected
+            _noisy(240, 160, 2),
             _stuck(400, 40),  # after it: found
-            _noisy(440, 20, 3),
+            _noisy(440, 30, 3),
+            _stuck(470, 40, 62.0),  # stuck from inside the second window to after it
+            _noisy(510, 10, 4),
         ]
         msgs = [birth("press-01", "press", T0)]
         msgs += [  # each arriving a second after its last reading
             telemetry("press-01", i, part, part[-1][0] + S) for i, part in enumerate(parts)
         ]
         services.pipeline.process(msgs)
-        found = [(a.detector, a.metric, a.time_ns) for a in sink.recent]
-        assert [(d, m) for d, m, _ in found] == [("stuck", "temp")]
-        assert T0 + 400 * S < found[0][2] < T0 + 440 * S
-        assert sink.in_maintenance._value.get() == 100
-        assert sink.scored._value.get() == 360
+        found = [(a.detector, a.metric, (a.time_ns - T0) // S) for a in sink.recent]
+        assert [(d, m) for d, m, _ in found] == [("stuck", "temp")] * 4
+        inside, after, inside2, again = (t for _, _, t in found)
+        assert 200 < inside < 240 and 400 < after < 440
+        assert 480 <= inside2 < 500 and again == 500  # reported again as the window ends
+        assert [(a.time_ns - T0) // S for a in handed_on] == [after, again]
+        assert sink.in_maintenance._value.get() == 2
+        assert (w.anomalies, w2.anomalies) == (1, 1)
+        assert sink.scored._value.get() == 520  # every reading scored (and learned)
         stored = device_readings(services.storage, "press-01", "plant-a", T0, T0 + 1000 * S)
-        assert len(stored) == 460  # stored all the same
+        assert len(stored) == 520
         with TestClient(create_app(settings, services, start=False)) as client:
-            body = client.get("/api/v1/devices/press-01/detection").json()
-            assert body["metrics"]["temp"]["readings_learned"] == 360
-            # A backtest leaves the window out as the live path did.
+            listed = client.get("/api/v1/anomalies?device=press-01").json()["anomalies"]
+            verdicts = {
+                (parse_time_ns(a["time"]) - T0) // S: a["feedback"] and a["feedback"]["verdict"]
+                for a in listed
+            }
+            assert verdicts == {inside: "expected", after: None, inside2: "expected", again: None}
+            kept = next(a for a in listed if a["feedback"])
+            assert kept["feedback"]["author"] in ("maria", "maintenance")
+            assert "raised in maintenance window" in kept["feedback"]["comment"]
+            precision = client.get("/api/v1/anomalies/precision?device=press-01").json()
+            assert (precision["judged"], precision["expected"]) == (2, 2)
+            # A backtest leaves out what the windows held, as the live path did.
             res = client.post(
                 "/api/v1/devices/press-01/detection/backtest",
                 json={"start": rfc3339(T0), "end": rfc3339(T0 + 600 * S), "learn": "0s"},
-            )  # fmt: skip
+            )
             assert res.status_code == 200, res.text
-            assert [(a["detector"], a["metric"]) for a in res.json()["anomalies"]] == [
-                ("stuck", "temp")
+            assert [(parse_time_ns(a["time"]) - T0) // S for a in res.json()["anomalies"]] == [
+                after
             ]
     finally:
         services.stop()
@@ -202,9 +229,12 @@ def test_the_api_sets_lists_and_ends_windows_with_an_alert_silence(tmp_path: Pat
                 )
             }  # fmt: skip
             assert events["maintenance"][0].startswith("maintenance until ")
+            assert "anomalies kept as expected, not alerted" in events["maintenance"][0]
             assert events["maintenance"][0].endswith("(seal)")
             assert events["maintenance"][1] == "maintenance window cancelled"
-            assert events["maintenance_end"] == ["maintenance ended: detection resumes (seal)"]
+            assert events["maintenance_end"] == [
+                "maintenance ended: anomalies alerted again (seal)"
+            ]
 
             # Refused, each saying what and where.
             for body, says in [

@@ -160,9 +160,9 @@ class AnomalySink:
         )
         self.scored = Counter("millstream_detection_scored_readings", "Readings scored", registry=r)
         self.in_maintenance = Counter(
-            "millstream_detection_maintenance_readings",
-            "Readings stored but neither scored nor learned: their device was in a "
-            "maintenance window at their time",
+            "millstream_detection_maintenance_anomalies",
+            "Anomalies raised in their device's maintenance window: stored with the "
+            "verdict expected, not handed to the alert engine",
             registry=r,
         )
         self.deferred = Counter(
@@ -280,11 +280,19 @@ class AnomalySink:
     def process(self, readings: Sequence[Reading]) -> None:
         if self.detector is None:
             return
-        readings, held = self.maintenance.split(readings)
-        if held:
-            self.in_maintenance.inc(held)
-            if not readings:
-                return
+        # A device's readings up to the end of its maintenance window, then its detectors
+        # re-armed, then the rest (each device's readings stay in order), which may pass
+        # the end of another window.
+        while ends := self.maintenance.ending(readings):
+            past = [r.time_ns >= ends.get(r.device, r.time_ns + 1) for r in readings]
+            self._observe([r for r, p in zip(readings, past, strict=True) if not p])
+            self._rearm(ends)
+            readings = [r for r, p in zip(readings, past, strict=True) if p]
+        self._observe(readings)
+
+    def _observe(self, readings: Sequence[Reading]) -> None:
+        if not readings or self.detector is None:
+            return
         t0 = time.perf_counter()
         failed_before = getattr(self.detector, "failed_readings", 0)
         with self._engine_lock:
@@ -294,6 +302,21 @@ class AnomalySink:
         self.scored.inc(len(readings))
         if found:
             self.record(found)
+
+    def _rearm(self, ends: dict[str, int]) -> None:
+        """After a device's maintenance window: its detectors report again what they
+        found in it and still find (``DetectionEngine.rearm``)."""
+        rearm = getattr(self.detector, "rearm", None)
+        if rearm is None:
+            return
+        for device in ends:
+            try:
+                with self._engine_lock:
+                    done = rearm(device)
+            except Exception:  # its detectors failing is counted where they score
+                log.exception("re-arming the detectors of %s after maintenance failed", device)
+                continue
+            log.info("detection: maintenance of %s over; detectors re-armed (%s)", device, done)
 
     def relearn(self, device: str, site: str = "") -> dict[str, int]:
         """Make the detection engine learn ``device`` afresh (see ``DetectionEngine.relearn``),
@@ -336,7 +359,7 @@ class AnomalySink:
             rfc3339(end_ns),
             comment or "no comment",
         )
-        until = f"maintenance until {rfc3339(end_ns)}: detection neither scores nor learns"
+        until = f"maintenance until {rfc3339(end_ns)}: anomalies kept as expected, not alerted"
         self._event(w, w.start_ns, "maintenance", until)
         return w
 
@@ -348,7 +371,7 @@ class AnomalySink:
         if w.end_ns == w.start_ns:  # never began: its start marker says so
             self._event(w, w.start_ns, "maintenance", "maintenance window cancelled")
         elif w.end_ns == now:
-            self._event(w, now, "maintenance_end", "maintenance ended: detection resumes")
+            self._event(w, now, "maintenance_end", "maintenance ended: anomalies alerted again")
         return w
 
     def _event(self, w: MaintenanceWindow, at_ns: int, event: str, text: str) -> None:
@@ -576,15 +599,34 @@ class AnomalySink:
         return [out]
 
     def record(self, anomalies: Sequence[Anomaly]) -> None:
-        self.storage.write_points([anomaly_point(a) for a in anomalies])
+        """Store anomalies and hand them on; those raised in their device's maintenance
+        window are stored with the verdict ``expected`` and not handed on."""
+        points = [anomaly_point(a) for a in anomalies]
+        verdicts: list[Point] = []
+        live: list[Anomaly] = []
+        for a, p in zip(anomalies, points, strict=True):
+            w = self.maintenance.holding(a.device, a.time_ns) if self.maintenance else None
+            if w is None:
+                live.append(a)
+                continue
+            why = f"raised in maintenance window {w.id}" + (f": {w.comment}" if w.comment else "")
+            verdict = {"verdict": "expected", "comment": why, "author": w.author or "maintenance"}
+            verdicts.append(Point(ANOMALY_FEEDBACK, p.tags, verdict, p.time_ns))
+            self.maintenance.kept(w, 1)
+            self.in_maintenance.inc()
+        self.storage.write_points(points + verdicts)
         with self._lock:
             self.recent.extend(anomalies)
+        alerted = {id(a) for a in live}
         for a in anomalies:
             self.counter.labels(a.detector).inc()
-            log.info("anomaly on %s/%s: %s", a.device, a.metric or "*", a.explanation)
+            held = "" if id(a) in alerted else " (in a maintenance window: kept as expected)"
+            log.info("anomaly on %s/%s: %s%s", a.device, a.metric or "*", a.explanation, held)
+        if not live:
+            return
         for hook in self.hooks:
             try:
-                hook(anomalies)
+                hook(live)
             except Exception:
                 log.exception("anomaly hook %r failed", hook)
 

@@ -1,16 +1,19 @@
-"""Maintenance windows: spans of a device's time its detectors neither score nor learn.
+"""Maintenance windows: planned work on a machine, detected as usual and not alerted.
 
 A machine stopped for a repair, a tool change or a cleaning sends readings that are true
-and abnormal. Scored, they raise anomalies nobody needs; learned, they teach the
-per-metric calibrations and the device model that a stopped machine is normal (for the
-two days of a calibration's history, the week of a model's window). A window, set ahead
-or while the work goes on (as a maintenance period in Zabbix or a downtime in Datadog),
-keeps them from the detectors: the readings are stored and graphed as usual, and a
-reading whose own time falls in the window is left out of detection, so an agent's
-backlog from the window, replayed later, is left out too. A window is the device's
-(``POST /api/v1/devices/{id}/detection/maintenance``) and is kept, with the ones that
-ended in the last ``KEEP_ENDED_S`` (30 days), in a small JSON file beside the detectors'
-state; a backtest leaves them out as the live path did.
+and abnormal, and the detectors say so: that is right, and nobody needs to be told. A
+window, set ahead or while the work goes on (as a maintenance period in Zabbix or a
+downtime in Datadog), keeps its device's detectors running as usual (they follow the
+machine through the stop, so they are in step when it starts again), and what they raise
+in it is stored with the verdict ``expected`` instead of being handed to the alert engine.
+A window is matched by the anomaly's own time, so an agent's backlog from the window,
+replayed later, is treated alike. When the first reading after a window arrives, the
+device's stuck checks are re-armed (``DetectionEngine.rearm``): a sensor found stuck
+inside the window and still stuck after it (left unplugged) is reported again.
+
+A window is the device's (``POST /api/v1/devices/{id}/detection/maintenance``) and is
+kept, with the ones that ended in the last ``KEEP_ENDED_S`` (30 days), in a small JSON
+file beside the detectors' state; a backtest leaves the anomalies in them out.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class MaintenanceWindow:
     author: str = ""
     created_ns: int = 0
     silence_id: str | None = None  # the alert silence set with it, if any
+    anomalies: int = 0  # raised in it and kept as expected
+    rearmed: bool = False  # the device's detectors were re-armed after it
 
     def state(self, now_ns: int) -> str:
         if now_ns < self.start_ns:
@@ -81,6 +86,7 @@ class MaintenanceWindow:
             "author": self.author,
             "created": rfc3339(self.created_ns),
             "silence_id": self.silence_id,
+            "anomalies": self.anomalies,
         }
 
 
@@ -167,18 +173,43 @@ class MaintenanceWindows:
             keep_from = now - KEEP_ENDED_S * NS
             return [w for w in self._by_device.get(device, []) if w.end_ns > keep_from]
 
-    def split(self, readings: Sequence[Reading]) -> tuple[Sequence[Reading], int]:
-        """The readings outside every window of their device, and how many were inside."""
-        if not self._by_device:
-            return readings, 0
+    def holding(self, device: str, time_ns: int) -> MaintenanceWindow | None:
+        """The window of ``device`` that ``time_ns`` falls in, if any."""
         with self._lock:
-            windows = self._by_device
-            kept = [
-                r
-                for r in readings
-                if not any(w.holds(r.time_ns) for w in windows.get(r.device, ()))
-            ]
-        return kept, len(readings) - len(kept)
+            return next((w for w in self._by_device.get(device, ()) if w.holds(time_ns)), None)
+
+    def kept(self, window: MaintenanceWindow, n: int) -> None:
+        """Count ``n`` anomalies raised in ``window`` and kept as expected."""
+        with self._lock:
+            window.anomalies += n
+            self._write()
+
+    def ending(self, readings: Sequence[Reading]) -> dict[str, int]:
+        """For each device with a window not yet re-armed that ``readings`` pass the end
+        of: the earliest such end. The windows ending then are marked re-armed (the caller
+        re-arms the device's detectors at that time, and asks again for the readings
+        after it: a later window may end among them too)."""
+        if not self._by_device:
+            return {}
+        latest: dict[str, int] = {}
+        for r in readings:
+            if r.device in self._by_device and r.time_ns > latest.get(r.device, -1):
+                latest[r.device] = r.time_ns
+        ends: dict[str, int] = {}
+        with self._lock:
+            for device, t in latest.items():
+                done = [
+                    w
+                    for w in self._by_device.get(device, ())
+                    if not w.rearmed and w.start_ns < w.end_ns <= t
+                ]
+                if done:
+                    ends[device] = end = min(w.end_ns for w in done)
+                    for w in done:
+                        w.rearmed = w.rearmed or w.end_ns == end
+            if ends:
+                self._write()
+        return ends
 
     def _prune(self, now_ns: int) -> None:
         keep_from = now_ns - KEEP_ENDED_S * NS

@@ -150,6 +150,13 @@ def test_describe_and_relearn_reach_the_process_that_holds_the_device(
     assert two.relearn("press-03")["metric_detectors"] == 1
     assert two.describe("press-03", None, ["temp"])["metrics"]["temp"]["readings_learned"] == 0
     assert two.describe("press-04", None, ["temp"])["metrics"]["temp"]["readings_learned"] == 50
+    # Re-arming after a maintenance window: a sensor still stuck is reported again.
+    stuck = [Reading("press-02", "s", "temp", t0 + (50 + i) * 10**9, 21.5) for i in range(20)]
+    assert [a.detector for a in two.observe(stuck)] == ["stuck"]
+    assert two.rearm("press-04") == {"stuck": 0}
+    assert two.rearm("press-02") == {"stuck": 1}
+    again = two.observe([Reading("press-02", "s", "temp", t0 + 70 * 10**9, 21.5)])
+    assert [(a.detector, a.metric) for a in again] == [("stuck", "temp")]
 
 
 def test_a_process_that_dies_costs_its_batch_and_is_started_again_from_the_last_save(

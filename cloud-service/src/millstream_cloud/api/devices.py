@@ -142,7 +142,7 @@ def relearn_device(device_id: str, services: Services = Depends(get_services)) -
 
 
 class Maintenance(BaseModel):
-    """A maintenance window: the device's readings in it are stored, not scored or learned."""
+    """A maintenance window: what the device's detectors raise in it is kept as expected."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -169,17 +169,17 @@ def _detection_here(services: Services, device_id: str) -> Device:
 @router.post(
     "/{device_id}/detection/maintenance",
     status_code=201,
-    summary="Set a maintenance window: the device's readings in it are neither scored nor "
-    "learned (write scope)",
+    summary="Set a maintenance window: what the device's detectors raise in it is kept as "
+    "expected, not alerted (write scope)",
 )
 def start_maintenance(
     device_id: str, body: Maintenance, services: Services = Depends(get_services)
 ) -> dict[str, Any]:
-    """For planned work on the machine (a repair, a tool change, a cleaning): its readings
-    are stored as usual, and those whose time falls in the window are kept from the
-    detectors, so they raise nothing and do not teach the detectors that a stopped
-    machine is normal. With ``silence_alerts`` (the default) the device's alerts are
-    silenced for the window too. Marked in ``detection_events`` (the device dashboard)."""
+    """For planned work on the machine (a repair, a tool change, a cleaning): its
+    detectors run as usual, and what they raise in the window is stored with the verdict
+    ``expected`` instead of being alerted; a sensor still stuck after it is reported
+    again. With ``silence_alerts`` (the default) the device's alerts are silenced for the
+    window too. Marked in ``detection_events`` (the device dashboard)."""
     from millstream_cloud.maintenance import MaintenanceError
 
     dev = _detection_here(services, device_id)

@@ -1165,6 +1165,23 @@ class DetectionEngine:
         self._dirty.add(device)
         return {"metric_detectors": len(metric_keys), "device_model": int(had_model)}
 
+    def rearm(self, device: str) -> dict[str, int]:
+        """After a maintenance window (``millstream_cloud.maintenance``): a stuck sensor
+        reported inside it (kept as expected, not alerted) is reported again at its next
+        reading if it is still stuck, as a sensor left unplugged after the work would be.
+        A device model's incident still open is not: the stop's own incident outlasts the
+        restart by the smoothing window, and reported again it was a false alarm at the
+        end of every window that closed with the restart (a /tmp probe of simulated
+        stops). Never beside ``observe`` (the sink holds the lock scoring runs under)."""
+        n = 0
+        for (d, _m), det in self.stuck.items():
+            if d == device and det.raised:
+                det.raised = False
+                n += 1
+        if n:
+            self._dirty.add(device)
+        return {"stuck": n}
+
     def _detector(self, device: str, metric: str) -> StreamingEnsemble:
         key = (device, metric)
         det = self.metrics.get(key)

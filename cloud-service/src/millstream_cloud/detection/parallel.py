@@ -111,6 +111,8 @@ def _handle(engine: DetectionEngine, op: str, arg: Any) -> Any:
         return engine.describe(*arg)
     if op == "relearn":
         return engine.relearn(arg)
+    if op == "rearm":
+        return engine.rearm(arg)
     if op == "flush":
         return engine.flush()
     if op == "save":
@@ -281,6 +283,11 @@ class PartitionedEngine:
     def relearn(self, device: str) -> dict[str, int]:
         with self._lock:
             result: dict[str, int] = self._child(device).call("relearn", device)
+        return result
+
+    def rearm(self, device: str) -> dict[str, int]:
+        with self._lock:
+            result: dict[str, int] = self._child(device).call("rearm", device)
         return result
 
     def restore(self, directory: Path) -> bool:
