@@ -150,7 +150,7 @@ def test_a_stuck_sensor_in_a_window_is_kept_as_expected_and_reported_if_still_st
         assert 200 < inside < 240 and 400 < after < 440
         assert 480 <= inside2 < 500 and again == 500  # reported again as the window ends
         assert [(a.time_ns - T0) // S for a in handed_on] == [after, again]
-        assert sink.in_maintenance._value.get() == 2
+        assert sink.maintenance_anomalies._value.get() == 2
         assert (w.anomalies, w2.anomalies) == (1, 1)
         assert sink.scored._value.get() == 520  # every reading scored (and learned)
         stored = device_readings(services.storage, "press-01", "plant-a", T0, T0 + 1000 * S)

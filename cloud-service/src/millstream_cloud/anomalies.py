@@ -139,8 +139,8 @@ class AnomalySink:
         self._behind_saved = False  # the last save wrote every span still behind
         self._read_back_retry = 0.0  # monotonic time of the next try after a failed read
         self._read_back_wait = 0.0
-        # Spans of a device's time its detectors neither score nor learn (the API sets
-        # them; services.py gives them their file beside the detectors' state).
+        # Planned work on a device: what its detectors raise then is kept as expected, not
+        # alerted (the API sets them; services.py gives them their file beside the state).
         self.maintenance = MaintenanceWindows()
         self._lock = threading.Lock()
         self._engine_lock = threading.Lock()  # observe and save vs. relearn from the API
@@ -159,7 +159,7 @@ class AnomalySink:
             registry=r,
         )
         self.scored = Counter("millstream_detection_scored_readings", "Readings scored", registry=r)
-        self.in_maintenance = Counter(
+        self.maintenance_anomalies = Counter(
             "millstream_detection_maintenance_anomalies",
             "Anomalies raised in their device's maintenance window: stored with the "
             "verdict expected, not handed to the alert engine",
@@ -613,7 +613,7 @@ class AnomalySink:
             verdict = {"verdict": "expected", "comment": why, "author": w.author or "maintenance"}
             verdicts.append(Point(ANOMALY_FEEDBACK, p.tags, verdict, p.time_ns))
             self.maintenance.kept(w, 1)
-            self.in_maintenance.inc()
+            self.maintenance_anomalies.inc()
         self.storage.write_points(points + verdicts)
         with self._lock:
             self.recent.extend(anomalies)

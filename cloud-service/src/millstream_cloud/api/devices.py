@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from millstream_cloud.detection.engine import Shard
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+log = logging.getLogger("millstream.api")
 
 DEFAULT_RANGE_NS = 3600 * 1_000_000_000
 BACKTEST_LOCK = threading.Lock()  # one backtest at a time in this process
@@ -200,14 +202,19 @@ def start_maintenance(
         raise HTTPException(422, str(exc)) from None
     alerts = services.alerts
     if body.silence_alerts and alerts is not None:
-        silence = alerts.create_silence(
-            [f'site="{dev.site}"', f'device="{dev.id}"'],
-            created_by=body.author or "maintenance",
-            comment=f"maintenance window {w.id}" + (f": {body.comment}" if body.comment else ""),
-            starts_at=w.start_ns,
-            ends_at=w.end_ns,
-        )
-        services.anomalies.maintenance.set_silence(w, silence.id)
+        try:
+            silence = alerts.create_silence(
+                [f'site="{dev.site}"', f'device="{dev.id}"'],
+                created_by=body.author or "maintenance",
+                comment=f"maintenance window {w.id}"
+                + (f": {body.comment}" if body.comment else ""),
+                starts_at=w.start_ns,
+                ends_at=w.end_ns,
+            )
+        except ValueError:  # the window holds (its anomalies are not alerted); said in the log
+            log.exception("silencing the alerts of %s for maintenance failed", dev.id)
+        else:
+            services.anomalies.maintenance.set_silence(w, silence.id)
     return w.to_json(time.time_ns())
 
 
