@@ -8,8 +8,9 @@ machine through the stop, so they are in step when it starts again), and what th
 in it is stored with the verdict ``expected`` instead of being handed to the alert engine.
 A window is matched by the anomaly's own time, so an agent's backlog from the window,
 replayed later, is treated alike. When the first reading after a window arrives, the
-device's stuck checks are re-armed (``DetectionEngine.rearm``): a sensor found stuck
-inside the window and still stuck after it (left unplugged) is reported again.
+device's detectors are re-armed (``DetectionEngine.rearm``): what they found inside the
+window and still find is reported again (a sensor left unplugged at once; an incident of
+the device model once the stop's aftermath is over).
 
 A window is the device's (``POST /api/v1/devices/{id}/detection/maintenance``) and is
 kept, with the ones that ended in the last ``KEEP_ENDED_S`` (30 days), in a small JSON

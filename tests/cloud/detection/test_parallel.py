@@ -153,8 +153,8 @@ def test_describe_and_relearn_reach_the_process_that_holds_the_device(
     # Re-arming after a maintenance window: a sensor still stuck is reported again.
     stuck = [Reading("press-02", "s", "temp", t0 + (50 + i) * 10**9, 21.5) for i in range(20)]
     assert [a.detector for a in two.observe(stuck)] == ["stuck"]
-    assert two.rearm("press-04") == {"stuck": 0}
-    assert two.rearm("press-02") == {"stuck": 1}
+    assert two.rearm("press-04") == {"stuck": 0, "device_model": 0}
+    assert two.rearm("press-02") == {"stuck": 1, "device_model": 0}
     again = two.observe([Reading("press-02", "s", "temp", t0 + 70 * 10**9, 21.5)])
     assert [(a.detector, a.metric) for a in again] == [("stuck", "temp")]
 

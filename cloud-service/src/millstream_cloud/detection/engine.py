@@ -288,6 +288,12 @@ def check_rules(base: EngineSettings, rules: Sequence[Rule]) -> None:
             _check_pairs(replace(base, **pair), f"detection.rules[{i}]")
 
 
+# Smoothing windows (mv_smooth_rows) after a maintenance window before an incident still
+# open is reported again (DetectionEngine.rearm): a stop's own incident outlasts the
+# restart by about one.
+REARM_SMOOTHS = 2
+
+
 class Incident(NamedTuple):
     """A device model's new incident."""
 
@@ -305,6 +311,9 @@ class Incident(NamedTuple):
     # Metrics whose expected value moved faster than they ever did, led by those out of
     # line (VirtualSensorResidual.led_by_others): their residuals are the others', not their own.
     led: tuple[int, ...] = ()
+    # Reported again after a maintenance window: still open REARM_SMOOTHS smoothing windows
+    # after it ended (DetectionEngine.rearm); its first report was kept as expected.
+    after_maintenance: bool = False
 
 
 class DeviceModel:
@@ -358,6 +367,9 @@ class DeviceModel:
         # The interval being averaged for the model (mv_resolution_s): its index, the sum
         # of its rows, how many, its last row's time.
         self.bucket: list[Any] | None = None
+        # Rows left until the incidents still open after a maintenance window are reported
+        # again (DetectionEngine.rearm); 0: none pending.
+        self.rearm_rows = 0
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
     MODEL_KEYS = (
@@ -664,6 +676,10 @@ class DeviceModel:
                             )
                         if several:
                             self._stand_in(raw)
+                if self.rearm_rows:
+                    self.rearm_rows -= 1
+                    if not self.rearm_rows:
+                        out.extend(self._still_open(k, t, A, z_smooth, X, out))
                 if self.open and all(not g.active for g in self.gates):
                     # The incident is over, but the lagged inputs of the slow model still
                     # remember the faulty values for a couple of lag spans: whatever the
@@ -697,6 +713,37 @@ class DeviceModel:
         if self.since_fit >= need and len(self.rows) >= self.s.mv_train_rows:
             self._fit()
         return out
+
+    def _still_open(
+        self,
+        k: int,
+        t: int,
+        A: np.ndarray,
+        z: np.ndarray,
+        X: np.ndarray,
+        new: list[Incident],
+    ) -> list[Incident]:
+        """The incidents open at row ``k`` whose gate is still on, reported again (after
+        a maintenance window, whose own reports were kept as expected)."""
+        assert self.model is not None
+        reported = {inc.metric for inc in new if inc.time_ns == t}
+        expected = self.model.expected_
+        return [
+            Incident(
+                t,
+                float(A[k, j]),
+                j,
+                z[k],
+                X[k],
+                True,
+                [q for q in self.known() if q != j],
+                [],
+                None if expected is None else expected[k],
+                after_maintenance=True,
+            )
+            for j in sorted(self.open - reported)
+            if self.gates[j].active
+        ]
 
     def too_wide(self, max_metrics: int) -> bool:
         """Whether the device has more metrics than a device model may take, and none yet
@@ -846,6 +893,7 @@ class DeviceModel:
             "counters": self.counters,
             "glitch_run": self.glitch_run,
             "prev_raw": self.prev_raw,
+            "rearm_rows": self.rearm_rows,
             **{f"next_{k}": v for k, v in self.next_rows.state_dict("next").items()},
         }
 
@@ -883,6 +931,7 @@ class DeviceModel:
         self.joining = list(st.get("joining", ()))
         self.counters = [int(j) for j in st.get("counters", ())]
         self.glitch_run = [int(n) for n in st.get("glitch_run", ())]
+        self.rearm_rows = int(st.get("rearm_rows", 0))
         # Saved before it was kept: the last row kept is the last row scored.
         prev = st.get(
             "prev_raw", self.rows.last() if self.model is not None and self.rows else None
@@ -1166,21 +1215,28 @@ class DetectionEngine:
         return {"metric_detectors": len(metric_keys), "device_model": int(had_model)}
 
     def rearm(self, device: str) -> dict[str, int]:
-        """After a maintenance window (``millstream_cloud.maintenance``): a stuck sensor
-        reported inside it (kept as expected, not alerted) is reported again at its next
-        reading if it is still stuck, as a sensor left unplugged after the work would be.
-        A device model's incident still open is not: the stop's own incident outlasts the
-        restart by the smoothing window, and reported again it was a false alarm at the
-        end of every window that closed with the restart (a /tmp probe of simulated
-        stops). Never beside ``observe`` (the sink holds the lock scoring runs under)."""
+        """After a maintenance window (``millstream_cloud.maintenance``): what was found
+        in it (kept as expected, not alerted) and is still wrong is reported again. A stuck
+        sensor at its next reading if it is still stuck (left unplugged after the work); a
+        device model's incident if it is still open REARM_SMOOTHS smoothing windows
+        (``mv_smooth_rows``) after the window ended (the machine came back out of line):
+        not at once, as the stop's own incident outlasts the restart by about one
+        smoothing window, and reported at the window's end it was a false alarm after
+        every window that closed with the restart (a /tmp probe of simulated stops).
+        Never beside ``observe`` (the sink holds the lock scoring runs under)."""
         n = 0
         for (d, _m), det in self.stuck.items():
             if d == device and det.raised:
                 det.raised = False
                 n += 1
-        if n:
+        dev = self.devices.get(device)
+        still_open = len(dev.open) if dev is not None and dev.model is not None else 0
+        if dev is not None and dev.model is not None and still_open:
+            smooth = REARM_SMOOTHS * self.settings_for(device)[0].mv_smooth_rows
+            dev.rearm_rows = max(smooth, 2 * max(dev.model.lags_, default=0))
+        if n or still_open:
             self._dirty.add(device)
-        return {"stuck": n}
+        return {"stuck": n, "device_model": still_open}
 
     def _detector(self, device: str, metric: str) -> StreamingEnsemble:
         key = (device, metric)
@@ -1564,6 +1620,8 @@ class DetectionEngine:
                 f"; {describe(c, 'prediction')}, a prediction led by the metrics out of"
                 f" line: it moved faster than {c.metric} ever has"
             )
+        if inc.after_maintenance:
+            text += "; out of line since before the maintenance window ended"
         still = [k for k in inc.open if k not in inc.ended]
         if still:
             names = " and ".join(dev.metrics[k] for k in still)
