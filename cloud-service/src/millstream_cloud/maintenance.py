@@ -35,11 +35,11 @@ from millstream_cloud.timeutil import rfc3339
 log = logging.getLogger("millstream.maintenance")
 
 NS = 1_000_000_000
-# Ended windows are kept this long (a backlog from the window replayed after it is still
-# left out, and so is the window in a backtest of the last month; the API lists them), and
-# a window may not be longer than MAX_SPAN_S: one set to end in 2099 by mistake would
-# blind detection on the device for good. A device may have MAX_PER_DEVICE windows that
-# have not ended.
+# Ended windows are kept this long (what a backlog from the window, replayed after it,
+# raises is still kept as expected, and a backtest of the last month leaves the window
+# out; the API lists them), and a window may not be longer than MAX_SPAN_S: one set to
+# end in 2099 by mistake would mute the device for good. A device may have
+# MAX_PER_DEVICE windows that have not ended.
 KEEP_ENDED_S = 30 * 86400
 MAX_SPAN_S = 31 * 86400
 MAX_PER_DEVICE = 100
