@@ -343,3 +343,47 @@ def test_a_stop_in_a_window_alerts_nothing_and_a_fault_it_left_is_reported_after
         assert "out of line since before the maintenance window ended" in (handed_on[0].explanation)
     finally:
         services.stop()
+
+
+def test_a_window_set_after_its_start_marks_the_anomalies_nobody_judged_as_expected(
+    tmp_path: Path,
+) -> None:
+    from millstream_cloud.feedback import Verdict, judge
+    from millstream_cloud.model import Contribution
+
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    now = time.time_ns()
+    services.pipeline.process([birth("press-01", "press", now)])
+
+    def anomaly(ago_s: int, metric: str) -> Anomaly:
+        c = [Contribution(metric, 9.0, 1.0, 8.0)]
+        return Anomaly("press-01", "plant-a", now - ago_s * S, "robust_z", 0.9, 0.99, metric,
+                       f"{metric} 8 sigma above", c)  # fmt: skip
+
+    try:
+        sink = services.anomalies
+        sink.record([anomaly(600, "temp"), anomaly(1200, "pressure"), anomaly(7200, "temp")])
+        judge(sink, Verdict("press-01", now - 1200 * S, "confirmed", "pressure"))
+        with TestClient(create_app(settings, services, start=False)) as client:
+            res = client.post(
+                "/api/v1/devices/press-01/detection/maintenance",
+                json={"start": rfc3339(now - 3600 * S), "duration": "2h", "comment": "seal"},
+            )
+            assert res.status_code == 201, res.text
+            assert (res.json()["state"], res.json()["anomalies"]) == ("active", 1)
+            listed = client.get("/api/v1/anomalies?device=press-01").json()["anomalies"]
+            verdicts = {
+                ((now - parse_time_ns(a["time"])) // S, a["metric"]): a["feedback"]
+                and a["feedback"]["verdict"]
+                for a in listed
+            }
+            # Inside the window: the unjudged one expected, the operator's verdict kept;
+            # before it: untouched.
+            assert verdicts == {
+                (600, "temp"): "expected",
+                (1200, "pressure"): "confirmed",
+                (7200, "temp"): None,
+            }
+    finally:
+        services.stop()

@@ -36,7 +36,7 @@ from millstream_cloud.storage.base import (
     device_readings,
     row_batches,
 )
-from millstream_cloud.timeutil import rfc3339
+from millstream_cloud.timeutil import parse_time_ns, rfc3339
 
 log = logging.getLogger("millstream.anomalies")
 
@@ -361,7 +361,39 @@ class AnomalySink:
         )
         until = f"maintenance until {rfc3339(end_ns)}: anomalies kept as expected, not alerted"
         self._event(w, w.start_ns, "maintenance", until)
+        self._judge_past(w)
         return w
+
+    def _judge_past(self, w: MaintenanceWindow) -> None:
+        """A window set after its start: the anomalies already raised in it that nobody
+        has judged get the verdict ``expected`` too (they were alerted; a verdict an
+        operator gave is left as it is)."""
+        now = time.time_ns()
+        if w.start_ns >= now:
+            return
+        try:
+            rows = list_anomalies(
+                self.storage, w.device, None, w.site or None, w.start_ns, min(w.end_ns, now),
+                limit=None, verdict="unjudged",
+            )  # fmt: skip
+            why = f"raised in maintenance window {w.id}, set afterwards" + (
+                f": {w.comment}" if w.comment else ""
+            )
+            fields = {"verdict": "expected", "comment": why, "author": w.author or "maintenance"}
+            points = [
+                Point(
+                    ANOMALY_FEEDBACK,
+                    {k: str(a[k]) for k in ("site", "device", "metric", "detector") if a[k]},
+                    fields,
+                    parse_time_ns(a["time"]),
+                )
+                for a in rows
+            ]
+            if points:
+                self.storage.write_points(points)
+                self.maintenance.kept(w, len(points))
+        except Exception:  # the window holds from now on; the verdicts are a convenience
+            log.exception("judging the anomalies already in the maintenance of %s failed", w.device)
 
     def end_maintenance(self, device: str, window_id: str) -> MaintenanceWindow:
         """End a window now (drop it if it has not begun). Raises KeyError if unknown."""
