@@ -104,6 +104,15 @@ def test_an_unreadable_file_is_kept_aside_and_no_window_holds(tmp_path: Path) ->
             aside.unlink()
 
 
+def _service(settings: Settings) -> tuple[Services, list[Anomaly]]:
+    """The service on ``settings`` (no MQTT subscriber), and what its sink hands on to
+    the alert engine."""
+    services = Services.build(settings, with_subscriber=False)
+    handed_on: list[Anomaly] = []
+    services.anomalies.hooks.append(handed_on.extend)
+    return services, handed_on
+
+
 def _noisy(start_s: int, n: int, seed: int) -> list[tuple[int, str, float]]:
     rng = np.random.default_rng(seed)
     return [(T0 + (start_s + i) * S, "temp", float(60 + rng.normal(0, 0.5))) for i in range(n)]
@@ -121,11 +130,9 @@ def test_a_stuck_sensor_in_a_window_is_kept_as_expected_and_reported_if_still_st
     goes on after it (a sensor left unplugged) is reported again when the window ends; one
     after the window is reported as any. The detectors see every reading throughout."""
     settings = Settings(data_dir=str(tmp_path))
-    services = Services.build(settings, with_subscriber=False)
+    services, handed_on = _service(settings)
     try:
         sink = services.anomalies
-        handed_on: list[Anomaly] = []
-        sink.hooks.append(handed_on.extend)
         w = sink.maintenance.add(
             "press-01", "plant-a", T0 + 200 * S, T0 + 300 * S, "seal", "maria", now_ns=T0
         )
@@ -318,11 +325,9 @@ def test_a_stop_in_a_window_alerts_nothing_and_a_fault_it_left_is_reported_after
     once two of the model's lag spans have passed since the window (not at its end,
     where the stop's own incident is still open on a healthy machine too)."""
     settings = Settings(data_dir=str(tmp_path))
-    services = Services.build(settings, with_subscriber=False)
+    services, handed_on = _service(settings)
     try:
         sink = services.anomalies
-        handed_on: list[Anomaly] = []
-        sink.hooks.append(handed_on.extend)
         end = T0 + int(22.5 * 3600) * S
         if window:
             sink.maintenance.add("motor-00", "sim", T0 + 20 * 3600 * S, end, now_ns=T0)
