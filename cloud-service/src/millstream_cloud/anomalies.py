@@ -36,7 +36,7 @@ from millstream_cloud.storage.base import (
     device_readings,
     row_batches,
 )
-from millstream_cloud.timeutil import parse_time_ns, rfc3339
+from millstream_cloud.timeutil import rfc3339
 
 log = logging.getLogger("millstream.anomalies")
 
@@ -372,22 +372,15 @@ class AnomalySink:
         if w.start_ns >= now:
             return
         try:
-            rows = list_anomalies(
-                self.storage, w.device, None, w.site or None, w.start_ns, min(w.end_ns, now),
-                limit=None, verdict="unjudged",
-            )  # fmt: skip
-            why = f"raised in maintenance window {w.id}, set afterwards" + (
-                f": {w.comment}" if w.comment else ""
-            )
-            fields = {"verdict": "expected", "comment": why, "author": w.author or "maintenance"}
+            tags = tag_filters(device=w.device, site=w.site)
+            span = (w.start_ns, min(w.end_ns, now))
+            raised = rows_by_key(self.storage, ANOMALIES, ("score",), tags, *span)
+            judged = rows_by_key(self.storage, ANOMALY_FEEDBACK, ("verdict",), tags, *span)
+            verdict = w.verdict(afterwards=True)
             points = [
-                Point(
-                    ANOMALY_FEEDBACK,
-                    {k: str(a[k]) for k in ("site", "device", "metric", "detector") if a[k]},
-                    fields,
-                    parse_time_ns(a["time"]),
-                )
-                for a in rows
+                Point(ANOMALY_FEEDBACK, dict(key_tags), verdict, t)
+                for key_tags, t in raised
+                if not judged.get((key_tags, t), {}).get("verdict")
             ]
             if points:
                 self.storage.write_points(points)
@@ -636,24 +629,25 @@ class AnomalySink:
         points = [anomaly_point(a) for a in anomalies]
         verdicts: list[Point] = []
         live: list[Anomaly] = []
+        held: dict[str, tuple[MaintenanceWindow, int]] = {}  # by window id: how many
         for a, p in zip(anomalies, points, strict=True):
             w = self.maintenance.holding(a.device, a.time_ns) if self.maintenance else None
             if w is None:
                 live.append(a)
                 continue
-            why = f"raised in maintenance window {w.id}" + (f": {w.comment}" if w.comment else "")
-            verdict = {"verdict": "expected", "comment": why, "author": w.author or "maintenance"}
-            verdicts.append(Point(ANOMALY_FEEDBACK, p.tags, verdict, p.time_ns))
-            self.maintenance.kept(w, 1)
-            self.maintenance_anomalies.inc()
+            verdicts.append(Point(ANOMALY_FEEDBACK, p.tags, w.verdict(), p.time_ns))
+            held[w.id] = (w, held.get(w.id, (w, 0))[1] + 1)
         self.storage.write_points(points + verdicts)
+        for w, n in held.values():  # one save of the windows' file per window, not per anomaly
+            self.maintenance.kept(w, n)
+            self.maintenance_anomalies.inc(n)
         with self._lock:
             self.recent.extend(anomalies)
         alerted = {id(a) for a in live}
         for a in anomalies:
             self.counter.labels(a.detector).inc()
-            held = "" if id(a) in alerted else " (in a maintenance window: kept as expected)"
-            log.info("anomaly on %s/%s: %s%s", a.device, a.metric or "*", a.explanation, held)
+            kept = "" if id(a) in alerted else " (in a maintenance window: kept as expected)"
+            log.info("anomaly on %s/%s: %s%s", a.device, a.metric or "*", a.explanation, kept)
         if not live:
             return
         for hook in self.hooks:

@@ -75,6 +75,14 @@ class MaintenanceWindow:
     def holds(self, time_ns: int) -> bool:
         return self.start_ns <= time_ns < self.end_ns
 
+    def verdict(self, afterwards: bool = False) -> dict[str, str]:
+        """The operator verdict an anomaly raised in the window is stored with
+        (``afterwards``: raised before the window was set)."""
+        why = f"raised in maintenance window {self.id}" + (", set afterwards" if afterwards else "")
+        if self.comment:
+            why += f": {self.comment}"
+        return {"verdict": "expected", "comment": why, "author": self.author or "maintenance"}
+
     def to_json(self, now_ns: int) -> dict[str, Any]:
         return {
             "id": self.id,
