@@ -288,8 +288,9 @@ def check_rules(base: EngineSettings, rules: Sequence[Rule]) -> None:
             _check_pairs(replace(base, **pair), f"detection.rules[{i}]")
 
 
-# Smoothing windows (mv_smooth_rows) after a maintenance window before an incident still
-# open is reported again (DetectionEngine.rearm): a stop's own incident outlasts the
+# The least number of smoothing windows (mv_smooth_rows) after a maintenance window
+# before an incident still open is reported again (DetectionEngine.rearm; otherwise two
+# of the model's lag spans, the incident's aftermath): a stop's own incident outlasts the
 # restart by about one.
 REARM_SMOOTHS = 2
 
@@ -311,8 +312,8 @@ class Incident(NamedTuple):
     # Metrics whose expected value moved faster than they ever did, led by those out of
     # line (VirtualSensorResidual.led_by_others): their residuals are the others', not their own.
     led: tuple[int, ...] = ()
-    # Reported again after a maintenance window: still open REARM_SMOOTHS smoothing windows
-    # after it ended (DetectionEngine.rearm); its first report was kept as expected.
+    # Reported again after a maintenance window: still open once the stop's aftermath is
+    # over (DetectionEngine.rearm); its first report was kept as expected.
     after_maintenance: bool = False
 
 
@@ -684,7 +685,7 @@ class DeviceModel:
                     # The incident is over, but the lagged inputs of the slow model still
                     # remember the faulty values for a couple of lag spans: whatever the
                     # other metrics' residuals do meanwhile is its aftermath, not news ...
-                    after = max(self.s.mv_quiet_rows, 2 * max(self.model.lags_, default=0))
+                    after = self.aftermath(self.s.mv_quiet_rows)
                     if several:
                         # ... unless they are clearly out of line with its metrics still
                         # distrusted (what the lagged inputs hold is their stand-ins').
@@ -713,6 +714,12 @@ class DeviceModel:
         if self.since_fit >= need and len(self.rows) >= self.s.mv_train_rows:
             self._fit()
         return out
+
+    def aftermath(self, floor: int) -> int:
+        """Rows after an incident (or a stop) during which the slow model's lagged inputs
+        still remember it: two of its lag spans, at least ``floor``."""
+        assert self.model is not None
+        return max(floor, 2 * max(self.model.lags_, default=0))
 
     def _still_open(
         self,
@@ -1218,11 +1225,12 @@ class DetectionEngine:
         """After a maintenance window (``millstream_cloud.maintenance``): what was found
         in it (kept as expected, not alerted) and is still wrong is reported again. A stuck
         sensor at its next reading if it is still stuck (left unplugged after the work); a
-        device model's incident if it is still open REARM_SMOOTHS smoothing windows
-        (``mv_smooth_rows``) after the window ended (the machine came back out of line):
-        not at once, as the stop's own incident outlasts the restart by about one
-        smoothing window, and reported at the window's end it was a false alarm after
-        every window that closed with the restart (a /tmp probe of simulated stops).
+        device model's incident if it is still open once the stop's aftermath is over
+        (``DeviceModel.aftermath``: two lag spans, at least REARM_SMOOTHS smoothing
+        windows) after the window ended (the machine came back out of line): not at once,
+        as the stop's own incident outlasts the restart, and reported at the window's end
+        it was a false alarm after every window that closed with the restart (a /tmp probe
+        of simulated stops).
         Never beside ``observe`` (the sink holds the lock scoring runs under)."""
         n = 0
         for (d, _m), det in self.stuck.items():
@@ -1231,9 +1239,9 @@ class DetectionEngine:
                 n += 1
         dev = self.devices.get(device)
         still_open = len(dev.open) if dev is not None and dev.model is not None else 0
-        if dev is not None and dev.model is not None and still_open:
-            smooth = REARM_SMOOTHS * self.settings_for(device)[0].mv_smooth_rows
-            dev.rearm_rows = max(smooth, 2 * max(dev.model.lags_, default=0))
+        if dev is not None and still_open:
+            smooth = self.settings_for(device)[0].mv_smooth_rows
+            dev.rearm_rows = dev.aftermath(REARM_SMOOTHS * smooth)
         if n or still_open:
             self._dirty.add(device)
         return {"stuck": n, "device_model": still_open}

@@ -801,9 +801,10 @@ class VirtualSensorResidual:
 
         ``led`` (``led_by_others`` of a row of ``moved_``) are ruled out, unless every
         candidate is: metrics whose expected value moved faster than the metric itself
-        ever did in training while the device's other metrics' did not. Were that metric at fault, the others would be sound, and its expected value,
-        read from them, its true value: one moving that fast, when the device's operating
-        point is not, says the fault is in the metrics it is read from. Residuals alone
+        ever did in training while the device's other metrics' did not. Were that metric
+        at fault, the others would be sound, and its expected value, read from them, its
+        true value: one moving that fast, when the device's operating point is not, says
+        the fault is in the metrics it is read from. Residuals alone
         cannot tell two temperatures heating together from the third one they are read
         against falling: a motor's overheating was named on its ambient temperature, whose
         expected value had moved 1.3-6.4 times its largest 10-minute change in training.
