@@ -85,7 +85,9 @@ def test_a_window_that_cannot_be_set_is_refused_with_the_field_and_why(tmp_path:
     assert "at most 31" in refused(T0, T0 + 40 * 86400 * S)
     for i in range(MAX_PER_DEVICE):
         book.add("press-01", "plant-a", T0 + i * S, T0 + (i + 1) * S + S, now_ns=T0)
-    assert refused(T0, T0 + S).startswith("device: 'press-01' has 100 windows that have not")
+    assert refused(T0, T0 + S).startswith(
+        "device: 'press-01' has 100 windows and schedules that have not"
+    )
     # Ended windows do not count.
     book.add("press-01", "plant-a", T0, T0 + 200 * S, now_ns=T0 + 150 * S)
     assert not (tmp_path / "m.json.tmp").exists()
@@ -174,14 +176,16 @@ def test_a_stuck_sensor_in_a_window_is_kept_as_expected_and_reported_if_still_st
             assert "raised in maintenance window" in kept["feedback"]["comment"]
             precision = client.get("/api/v1/anomalies/precision?device=press-01").json()
             assert (precision["judged"], precision["expected"]) == (2, 2)
-            # A backtest leaves out what the windows held, as the live path did.
+            # A backtest leaves out what the windows held and re-arms the detectors at
+            # their ends, as the live path did.
             res = client.post(
                 "/api/v1/devices/press-01/detection/backtest",
                 json={"start": rfc3339(T0), "end": rfc3339(T0 + 600 * S), "learn": "0s"},
             )
             assert res.status_code == 200, res.text
             assert [(parse_time_ns(a["time"]) - T0) // S for a in res.json()["anomalies"]] == [
-                after
+                after,
+                again,
             ]
     finally:
         services.stop()
@@ -392,3 +396,224 @@ def test_a_window_set_after_its_start_marks_the_anomalies_nobody_judged_as_expec
             }
     finally:
         services.stop()
+
+
+def test_a_schedule_recurs_at_the_same_wall_clock_time_across_dst_and_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Daily 06:00-08:00 in Berlin from Friday 26 March 2027: Sunday's clocks go forward,
+    and 06:00 is then 04:00 UTC instead of 05:00. Each occurrence is set one day ahead,
+    as an ordinary window; a restart goes on from where the schedule was."""
+    path = tmp_path / "maintenance.json"
+    book = MaintenanceWindows(path)
+    first = parse_time_ns("2027-03-26T05:00:00Z")
+    h = 3600 * S
+    sched = book.add_schedule(
+        "press-01", "plant-a", first, first + 2 * h, "daily", "Europe/Berlin",
+        comment="cleaning", now_ns=first - h,
+    )  # fmt: skip
+    assert [rfc3339(sched.occurrence(k)[0]) for k in range(4)] == [
+        "2027-03-26T05:00:00Z", "2027-03-27T05:00:00Z",
+        "2027-03-28T04:00:00Z", "2027-03-29T04:00:00Z",
+    ]  # fmt: skip
+    assert sched.occurrence(2)[1] - sched.occurrence(2)[0] == 2 * h
+
+    # Set one period ahead: the next occurrence is listed before it begins, once.
+    assert [w.start_ns for w in book.due(first - h)] == [first]
+    assert book.due(first - h) == []
+    w0 = book.holding("press-01", first + h)
+    assert w0 is not None and (w0.schedule, w0.comment) == (sched.id, "cleaning")
+    assert book.holding("press-01", first + 3 * h) is None
+    assert [w.start_ns for w in book.due(first + 22 * h)] == [sched.occurrence(1)[0]]
+
+    again = MaintenanceWindows(path)
+    again.load()
+    sched2 = again.schedule("press-01", sched.id)
+    assert sched2 is not None and sched2.next == 2
+    assert [w.id for w in again.occurrences(sched2)] == sched.windows
+    assert again.due(first + 22 * h) == []  # nothing set twice
+    # Down for two days: the missed occurrences are set (ended ones hold a late backlog).
+    missed = again.due(parse_time_ns("2027-03-30T04:30:00Z"))
+    assert [rfc3339(w.start_ns) for w in missed] == [
+        "2027-03-28T04:00:00Z", "2027-03-29T04:00:00Z",
+        "2027-03-30T04:00:00Z", "2027-03-31T04:00:00Z",
+    ]  # fmt: skip
+    assert again.holding("press-01", parse_time_ns("2027-03-28T05:30:00Z")) == missed[0]
+
+    # Stopped: the occurrence under way ends now, the one set ahead is cancelled, and
+    # nothing more is set.
+    now = parse_time_ns("2027-03-30T05:00:00Z")
+    stopped, touched = again.stop_schedule("press-01", sched.id, now)
+    assert stopped.over(now)
+    assert [(w.start_ns, w.end_ns) for w in touched] == [
+        (missed[2].start_ns, now), (missed[3].start_ns, missed[3].start_ns)
+    ]  # fmt: skip
+    assert again.due(now + 10 * 24 * h) == []
+    assert again.holding("press-01", parse_time_ns("2027-03-31T05:00:00Z")) is None
+    with pytest.raises(KeyError):
+        again.stop_schedule("lathe-01", sched.id, now)  # another device's id
+
+    # Until: none starts at or after it; a schedule left without one is refused.
+    weekly = again.add_schedule(
+        "press-01", "plant-a", first, first + h, "weekly",
+        until_ns=first + 8 * 24 * h, now_ns=first - h,
+    )  # fmt: skip
+    assert len(again.due(first + 30 * 24 * h)) == 2 and weekly.over(first)
+
+
+def test_a_schedule_that_cannot_be_set_is_refused_with_the_field_and_why(
+    tmp_path: Path,
+) -> None:
+    book = MaintenanceWindows(tmp_path / "maintenance.json")
+    h = 3600 * S
+
+    def refused(**kw: object) -> str:
+        args: dict = {"start_ns": T0, "end_ns": T0 + h, "repeat": "daily", "now_ns": T0}
+        args.update(kw)
+        with pytest.raises(MaintenanceError) as exc:
+            book.add_schedule("press-01", "plant-a", **args)
+        return str(exc.value)
+
+    assert refused(repeat="hourly") == "repeat: 'hourly' is not one of daily, weekly"
+    assert refused(timezone="Mars/Olympus").startswith("timezone: 'Mars/Olympus' is not a time")
+    assert refused(timezone="America").startswith("timezone: 'America' is not a time zone")
+    assert "must be shorter than 24 h" in refused(end_ns=T0 + 24 * h)
+    assert refused(end_ns=T0 + 8 * 24 * h, repeat="weekly").startswith("end: a window of 192 h")
+    assert refused(end_ns=T0).startswith("end: ")
+    assert refused(until_ns=T0 - h).startswith("until: ")
+    # Its first occurrence may have passed: it goes on from the first one not over.
+    sched = book.add_schedule("press-01", "plant-a", T0 - 48 * h, T0 - 47 * h, "daily",
+                              now_ns=T0)  # fmt: skip
+    assert sched.occurrence(sched.next)[0] == T0  # under way now
+
+
+def test_a_file_of_the_first_format_is_read(tmp_path: Path) -> None:
+    """Windows saved before schedules existed (a plain mapping of device to windows)."""
+    path = tmp_path / "maintenance.json"
+    old = {"press-01": [{"id": "a1", "device": "press-01", "site": "plant-a",
+                         "start_ns": T0, "end_ns": T0 + 3600 * S}]}  # fmt: skip
+    path.write_text(json.dumps(old))
+    book = MaintenanceWindows(path)
+    book.load()
+    assert [(w.id, w.schedule) for w in book.of("press-01", T0)] == [("a1", None)]
+    assert book.schedules_of("press-01") == []
+
+
+def test_the_api_sets_a_recurring_window_its_silences_and_stops_it(tmp_path: Path) -> None:
+    """Weekly, begun last week: the answer is the schedule with its next occurrence, which
+    is listed and has its alert silence before it begins; deleting one occurrence skips
+    it, deleting the schedule stops it. The detection thread sets occurrences as well."""
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    now = time.time_ns()
+    services.pipeline.process(
+        [birth("press-01", "press", now), telemetry("press-01", 0, _noisy(0, 5, 0), now)]
+    )
+    week = 7 * 86400 * S
+    start = now - week + 3600 * S  # this week's occurrence begins in an hour
+    url = "/api/v1/devices/press-01/detection/maintenance"
+    try:
+        with TestClient(create_app(settings, services, start=False)) as client:
+            res = client.post(
+                url,
+                json={"start": rfc3339(start), "duration": "2h", "repeat": "weekly",
+                      "timezone": "Europe/Berlin", "comment": "tool change", "author": "li"},
+            )  # fmt: skip
+            assert res.status_code == 201, res.text
+            sched = res.json()
+            assert (sched["repeat"], sched["timezone"], sched["state"]) == (
+                "weekly", "Europe/Berlin", "recurring",
+            )  # fmt: skip
+            nxt = sched["next"]
+            assert (nxt["state"], nxt["schedule"], nxt["comment"]) == (
+                "scheduled", sched["id"], "tool change",
+            )  # fmt: skip
+            assert parse_time_ns(nxt["start"]) - start == week
+            silence = client.get(f"/api/v1/silences/{nxt['silence_id']}").json()
+            assert (silence["startsAt"], silence["endsAt"]) == (nxt["start"], nxt["end"])
+            assert silence["status"]["state"] == "pending"
+            listed = client.get(url).json()
+            assert [x["id"] for x in listed["maintenance"]] == [nxt["id"]]
+            assert [x["id"] for x in listed["schedules"]] == [sched["id"]]
+
+            # Skipping this week's occurrence leaves the schedule on.
+            res = client.delete(f"{url}/{nxt['id']}")
+            assert res.json()["state"] == "cancelled"
+            silence = client.get(f"/api/v1/silences/{nxt['silence_id']}").json()
+            assert silence["status"]["state"] == "expired"
+            assert client.get(url).json()["schedules"][0]["state"] == "recurring"
+            # Next week's is set by the detection thread when it is a week ahead.
+            later = services.anomalies.tick_maintenance(now + week)
+            assert [w.start_ns - start for w in later] == [2 * week]
+
+            res = client.delete(f"{url}/{sched['id']}")
+            assert res.status_code == 200 and res.json()["state"] == "ended"
+            listed = client.get(url).json()
+            assert listed["maintenance"] == []  # next week's cancelled with it
+            assert [x["state"] for x in listed["schedules"]] == ["ended"]
+            silence = client.get(f"/api/v1/silences/{later[0].silence_id}").json()
+            assert silence["status"]["state"] == "expired"
+
+            for body, says in [
+                ({"duration": "1h", "repeat": "monthly"}, "repeat: 'monthly' is not one of"),
+                ({"duration": "1h", "repeat": "daily", "timezone": "Berlin"}, "timezone: "),
+                ({"duration": "25h", "repeat": "daily"}, "must be shorter than 24 h"),
+                ({"duration": "1h", "until": "2099-01-01T00:00:00Z"}, "until and timezone are"),
+                ({"duration": "1h", "repeat": "daily", "until": "soon"}, "'soon' is not an RFC"),
+            ]:
+                res = client.post(url, json=body)
+                assert res.status_code == 422 and says in res.text, (body, res.text)
+    finally:
+        services.stop()
+
+    # The detection thread sets what is due (a schedule set without the API here).
+    services = Services.build(settings, with_subscriber=False)
+    book = services.anomalies.maintenance
+    sched2 = book.add_schedule("press-01", "plant-a", now + 3600 * S, now + 7200 * S, "daily")
+    try:
+        services.anomalies.start()
+        deadline = time.monotonic() + 10
+        while not book.occurrences(sched2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [w.start_ns for w in book.occurrences(sched2)] == [now + 3600 * S]
+    finally:
+        services.stop()
+
+
+def test_windows_follow_their_devices_when_the_detection_shards_change(tmp_path: Path) -> None:
+    """Set on one worker, then split over two shards, then back to one: each worker holds
+    the windows of the devices it scores, and a window ended on a shard stays ended."""
+    from millstream_cloud.detection.engine import Shard
+
+    devices = [f"press-{i:02d}" for i in range(8)]
+    end = time.time_ns() + 3600 * S
+
+    def build(shards: int = 1, shard: int = 0) -> Services:
+        detection = {"shards": shards, "shard": shard, "feed": "all"} if shards > 1 else {}
+        return Services.build(
+            Settings(data_dir=str(tmp_path), detection=detection), with_subscriber=False
+        )
+
+    one = build()
+    ids = {d: one.anomalies.maintenance.add(d, "plant-a", end - 7200 * S, end).id for d in devices}
+    one.stop()
+    ended = None
+    for k in range(2):
+        services = build(2, k)
+        try:
+            book = services.anomalies.maintenance
+            held = {d for d in devices if book.of(d)}
+            assert held == {d for d in devices if Shard(k, 2).owns(d)}
+            if ended is None:
+                ended = min(held)
+                time.sleep(0.01)  # a later modification time than the first file's
+                book.end(ended, ids[ended])
+        finally:
+            services.stop()
+    again = build()
+    try:
+        book = again.anomalies.maintenance
+        assert all(book.of(d) for d in devices)
+        assert ended is not None and [w.state(time.time_ns()) for w in book.of(ended)] == ["ended"]
+    finally:
+        again.stop()

@@ -9,6 +9,7 @@ engine, Grafana annotations). Listed, each carries the operator's verdict on it,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -23,7 +24,11 @@ from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import Counter, Gauge
 
-from millstream_cloud.maintenance import MaintenanceWindow, MaintenanceWindows
+from millstream_cloud.maintenance import (
+    MaintenanceSchedule,
+    MaintenanceWindow,
+    MaintenanceWindows,
+)
 from millstream_cloud.metrics import ServiceMetrics
 from millstream_cloud.model import Anomaly, Reading
 from millstream_cloud.storage.base import (
@@ -48,6 +53,22 @@ VERDICTS = ("confirmed", "expected", "false_alarm")
 
 
 AnomalyHook = Callable[[Sequence[Anomaly]], None]
+
+
+class Silencer(Protocol):
+    """What the sink asks of the alert engine: a silence for each maintenance window that
+    silences its device's alerts (``AlertService`` sets itself as ``sink.silencer``)."""
+
+    def create_silence(
+        self,
+        matchers: list[Any],
+        created_by: str,
+        comment: str,
+        starts_at: int | None = None,
+        ends_at: int | None = None,
+    ) -> Any: ...
+
+    def expire_silence(self, silence_id: str) -> Any: ...
 
 
 class Detector(Protocol):
@@ -142,6 +163,8 @@ class AnomalySink:
         # Planned work on a device: what its detectors raise then is kept as expected, not
         # alerted (the API sets them; services.py gives them their file beside the state).
         self.maintenance = MaintenanceWindows()
+        self.silencer: Silencer | None = None  # the alert engine, if any
+        self._next_due = 0.0  # monotonic time to set the schedules' next occurrences
         self._lock = threading.Lock()
         self._engine_lock = threading.Lock()  # observe and save vs. relearn from the API
         self._thread: threading.Thread | None = None
@@ -346,23 +369,87 @@ class AnomalySink:
         return result
 
     def start_maintenance(
-        self, device: str, site: str, start_ns: int, end_ns: int, comment: str, author: str
+        self,
+        device: str,
+        site: str,
+        start_ns: int,
+        end_ns: int,
+        comment: str,
+        author: str,
+        silence_alerts: bool = False,
     ) -> MaintenanceWindow:
-        """Set a maintenance window on ``device`` (see :mod:`millstream_cloud.maintenance`)
-        and mark its start in ``detection_events`` (an annotation on the device's graphs).
+        """Set a maintenance window on ``device`` (see :mod:`millstream_cloud.maintenance`),
+        mark its start in ``detection_events`` (an annotation on the device's graphs) and,
+        with ``silence_alerts``, silence the device's alerts for it.
         Raises MaintenanceError for a window that cannot be set."""
         w = self.maintenance.add(device, site, start_ns, end_ns, comment, author)
+        self._begin(w, silence_alerts)
+        return w
+
+    def schedule_maintenance(
+        self,
+        device: str,
+        site: str,
+        start_ns: int,
+        end_ns: int,
+        repeat: str,
+        timezone: str,
+        until_ns: int | None,
+        comment: str,
+        author: str,
+        silence_alerts: bool = False,
+    ) -> MaintenanceSchedule:
+        """Set a recurring maintenance window; its first occurrences are set at once, the
+        later ones by the detection thread (``tick_maintenance``).
+        Raises MaintenanceError for a schedule that cannot be set."""
+        sched = self.maintenance.add_schedule(
+            device, site, start_ns, end_ns, repeat, timezone, until_ns, comment, author,
+            silence_alerts,
+        )  # fmt: skip
         log.info(
-            "detection: maintenance of %s from %s to %s (%s)",
+            "detection: maintenance of %s %s from %s (%s), %s",
             device,
+            repeat,
             rfc3339(start_ns),
-            rfc3339(end_ns),
+            timezone,
             comment or "no comment",
         )
-        until = f"maintenance until {rfc3339(end_ns)}: anomalies kept as expected, not alerted"
+        self.tick_maintenance()
+        return sched
+
+    def tick_maintenance(self, now_ns: int | None = None) -> list[MaintenanceWindow]:
+        """Set the schedules' occurrences that are due as windows (each marked and
+        silenced as one set through the API). Returns them."""
+        new = self.maintenance.due(now_ns)
+        for w in new:
+            sched = self.maintenance.schedule(w.device, w.schedule or "")
+            self._begin(w, sched is not None and sched.silence_alerts)
+        return new
+
+    def _begin(self, w: MaintenanceWindow, silence_alerts: bool) -> None:
+        log.info(
+            "detection: maintenance of %s from %s to %s (%s)",
+            w.device,
+            rfc3339(w.start_ns),
+            rfc3339(w.end_ns),
+            w.comment or "no comment",
+        )
+        until = f"maintenance until {rfc3339(w.end_ns)}: anomalies kept as expected, not alerted"
         self._event(w, w.start_ns, "maintenance", until)
         self._judge_past(w)
-        return w
+        if silence_alerts and self.silencer is not None and w.end_ns > time.time_ns():
+            try:
+                silence = self.silencer.create_silence(
+                    [f'site="{w.site}"', f'device="{w.device}"'],
+                    created_by=w.author or "maintenance",
+                    comment=f"maintenance window {w.id}" + (f": {w.comment}" if w.comment else ""),
+                    starts_at=w.start_ns,
+                    ends_at=w.end_ns,
+                )
+            except ValueError:  # the window holds (its anomalies are not alerted)
+                log.exception("silencing the alerts of %s for maintenance failed", w.device)
+            else:
+                self.maintenance.set_silence(w, silence.id)
 
     def _judge_past(self, w: MaintenanceWindow) -> None:
         """A window set after its start: the anomalies already raised in it that nobody
@@ -388,16 +475,33 @@ class AnomalySink:
         except Exception:  # the window holds from now on; the verdicts are a convenience
             log.exception("judging the anomalies already in the maintenance of %s failed", w.device)
 
-    def end_maintenance(self, device: str, window_id: str) -> MaintenanceWindow:
-        """End a window now (drop it if it has not begun). Raises KeyError if unknown."""
+    def end_maintenance(
+        self, device: str, window_id: str
+    ) -> MaintenanceWindow | MaintenanceSchedule:
+        """End a window now (drop it if it has not begun), or stop a schedule (its
+        occurrence under way ends now, the one set ahead is cancelled); the alert
+        silences they set are expired. Raises KeyError if unknown."""
         now = time.time_ns()
+        if self.maintenance.schedule(device, window_id) is not None:
+            sched, touched = self.maintenance.stop_schedule(device, window_id, now)
+            log.info("detection: maintenance schedule %s of %s stopped", window_id, device)
+            for w in touched:
+                self._ended(w, now)
+            return sched
         w = self.maintenance.end(device, window_id, now)
         log.info("detection: maintenance of %s ended (window %s)", device, window_id)
+        self._ended(w, now)
+        return w
+
+    def _ended(self, w: MaintenanceWindow, now: int) -> None:
         if w.end_ns == w.start_ns:  # never began: its start marker says so
             self._event(w, w.start_ns, "maintenance", "maintenance window cancelled")
         elif w.end_ns == now:
             self._event(w, now, "maintenance_end", "maintenance ended: anomalies alerted again")
-        return w
+        if w.silence_id and self.silencer is not None:
+            # Expired or removed meanwhile through the alerts API: nothing left to do.
+            with contextlib.suppress(KeyError, ValueError):
+                self.silencer.expire_silence(w.silence_id)
 
     def _event(self, w: MaintenanceWindow, at_ns: int, event: str, text: str) -> None:
         fields: dict[str, Any] = {"explanation": f"{text} ({w.comment})" if w.comment else text}
@@ -519,6 +623,8 @@ class AnomalySink:
     # they were set aside), and the longest wait between tries after a failed read.
     PAGE = 20_000
     RETRY_MAX_S = 30.0
+    # How often the schedules' next occurrences are set (each one period ahead).
+    DUE_EVERY_S = 60.0
 
     def _pace(self, spent_s: float) -> None:
         if self.busy is not None and self.busy():
@@ -538,6 +644,12 @@ class AnomalySink:
             if time.monotonic() >= next_save:
                 self._save()
                 next_save = time.monotonic() + self.save_interval_s
+            if time.monotonic() >= self._next_due:
+                self._next_due = time.monotonic() + self.DUE_EVERY_S
+                try:
+                    self.tick_maintenance()
+                except Exception:  # the windows already set still hold
+                    log.exception("setting the next maintenance occurrences failed")
 
     def _next(self) -> Sequence[Reading] | None:
         """The next queued batch; None after a short wait (at once while devices wait in

@@ -15,6 +15,13 @@ the device model once the stop's aftermath is over).
 A window is the device's (``POST /api/v1/devices/{id}/detection/maintenance``) and is
 kept, with the ones that ended in the last ``KEEP_ENDED_S`` (30 days), in a small JSON
 file beside the detectors' state; a backtest leaves the anomalies in them out.
+
+Planned work often recurs (a cleaning every night, a tool change every Monday): a
+``MaintenanceSchedule`` repeats a window daily or weekly at the same wall-clock time in
+its time zone (as a recurring downtime in Datadog or a periodic maintenance in Zabbix),
+until a date or for good. Each occurrence is an ordinary window, set one period ahead
+(``MaintenanceWindows.due``, called by the detection thread), so everything above holds
+for it, and the API lists the next one before it begins.
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from millstream_cloud.model import Reading
 from millstream_cloud.timeutil import rfc3339
@@ -43,6 +52,8 @@ NS = 1_000_000_000
 KEEP_ENDED_S = 30 * 86400
 MAX_SPAN_S = 31 * 86400
 MAX_PER_DEVICE = 100
+# A schedule's days between occurrences, by its ``repeat``.
+REPEATS = {"daily": 1, "weekly": 7}
 
 
 class MaintenanceError(ValueError):
@@ -66,6 +77,7 @@ class MaintenanceWindow:
     silence_id: str | None = None  # the alert silence set with it, if any
     anomalies: int = 0  # raised in it and kept as expected
     rearmed: bool = False  # the device's detectors were re-armed after it
+    schedule: str | None = None  # the schedule it is an occurrence of, if any
 
     def state(self, now_ns: int) -> str:
         if now_ns < self.start_ns:
@@ -96,6 +108,70 @@ class MaintenanceWindow:
             "created": rfc3339(self.created_ns),
             "silence_id": self.silence_id,
             "anomalies": self.anomalies,
+            "schedule": self.schedule,
+        }
+
+
+@dataclass(slots=True)
+class MaintenanceSchedule:
+    """A window that recurs ``repeat`` (daily, weekly) from its first occurrence
+    (``start_ns`` to ``end_ns``), at the same wall-clock time in ``timezone`` across
+    daylight-saving changes, each lasting as long as the first; none starts at or after
+    ``until_ns``. ``next`` is the index of the next occurrence to set as a window."""
+
+    id: str
+    device: str
+    site: str
+    start_ns: int
+    end_ns: int
+    repeat: str
+    timezone: str = "UTC"
+    until_ns: int | None = None
+    comment: str = ""
+    author: str = ""
+    created_ns: int = 0
+    silence_alerts: bool = True
+    next: int = 0
+    stopped_ns: int | None = None  # stopped through the API
+    windows: list[str] = field(default_factory=list)  # ids of its occurrences, oldest first
+
+    def occurrence(self, k: int) -> tuple[int, int]:
+        """The ``k``-th occurrence (0: the first) as (start_ns, end_ns)."""
+        seconds, rest = divmod(self.start_ns, NS)
+        first = datetime.fromtimestamp(seconds, ZoneInfo(self.timezone))
+        # Aware arithmetic keeps the wall-clock time (06:00 stays 06:00 after a DST change).
+        start = int((first + timedelta(days=k * REPEATS[self.repeat])).timestamp()) * NS + rest
+        return start, start + self.end_ns - self.start_ns
+
+    def over(self, now_ns: int) -> bool:
+        """Stopped, or no occurrence left to begin."""
+        if self.stopped_ns is not None:
+            return True
+        return self.until_ns is not None and self.occurrence(self.next)[0] >= self.until_ns
+
+    def to_json(self, now_ns: int, occurrences: Sequence[MaintenanceWindow]) -> dict[str, Any]:
+        """As a window's JSON (the first occurrence's start and end, the anomalies of
+        every occurrence kept), with ``repeat``, ``timezone``, ``until`` and ``next``:
+        the occurrence under way or next to begin, if any."""
+        coming = [w for w in occurrences if w.end_ns > now_ns]
+        nxt = coming[0] if coming else None
+        return {
+            "id": self.id,
+            "device": self.device,
+            "site": self.site,
+            "start": rfc3339(self.start_ns),
+            "end": rfc3339(self.end_ns),
+            "state": "ended" if self.over(now_ns) and nxt is None else "recurring",
+            "comment": self.comment,
+            "author": self.author,
+            "created": rfc3339(self.created_ns),
+            "silence_id": nxt.silence_id if nxt else None,
+            "anomalies": sum(w.anomalies for w in occurrences),
+            "repeat": self.repeat,
+            "timezone": self.timezone,
+            "until": rfc3339(self.until_ns) if self.until_ns is not None else None,
+            "silence_alerts": self.silence_alerts,
+            "next": nxt.to_json(now_ns) if nxt else None,
         }
 
 
@@ -105,7 +181,8 @@ class MaintenanceWindows:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self._by_device: dict[str, list[MaintenanceWindow]] = {}
-        self._lock = threading.Lock()
+        self._schedules: dict[str, MaintenanceSchedule] = {}  # by id
+        self._lock = threading.RLock()  # stop_schedule ends windows under it
 
     def __bool__(self) -> bool:
         return bool(self._by_device)
@@ -121,34 +198,151 @@ class MaintenanceWindows:
         now_ns: int | None = None,
     ) -> MaintenanceWindow:
         now = time.time_ns() if now_ns is None else now_ns
-        if end_ns <= start_ns:
-            raise MaintenanceError(
-                "end", f"{rfc3339(end_ns)} is not after the start, {rfc3339(start_ns)}"
-            )
+        _check_span(start_ns, end_ns)
         if end_ns <= now:
             raise MaintenanceError("end", f"{rfc3339(end_ns)} has passed (now {rfc3339(now)})")
-        if end_ns - start_ns > MAX_SPAN_S * NS:
-            raise MaintenanceError(
-                "end",
-                f"a window of {(end_ns - start_ns) / NS / 86400:.1f} days; at most "
-                f"{MAX_SPAN_S // 86400} (set another when it ends)",
-            )
         with self._lock:
             self._prune(now)
-            mine = self._by_device.setdefault(device, [])
-            if sum(w.end_ns > now for w in mine) >= MAX_PER_DEVICE:
-                raise MaintenanceError(
-                    "device",
-                    f"{device!r} has {MAX_PER_DEVICE} windows that have not ended, the most "
-                    "it may have",
-                )
+            self._check_room(device, now)
             w = MaintenanceWindow(
                 secrets.token_hex(8), device, site, start_ns, end_ns, comment, author, now
             )
-            mine.append(w)
-            mine.sort(key=lambda x: x.start_ns)
+            self._insert(w)
             self._write()
         return w
+
+    def add_schedule(
+        self,
+        device: str,
+        site: str,
+        start_ns: int,
+        end_ns: int,
+        repeat: str,
+        timezone: str = "UTC",
+        until_ns: int | None = None,
+        comment: str = "",
+        author: str = "",
+        silence_alerts: bool = True,
+        now_ns: int | None = None,
+    ) -> MaintenanceSchedule:
+        """A window repeated ``repeat`` from ``start_ns``..``end_ns`` (which may have
+        passed: "Mondays 06:00 to 08:00 from last Monday"). Its occurrences are set as
+        windows by ``due``, the first ones at once."""
+        now = time.time_ns() if now_ns is None else now_ns
+        if repeat not in REPEATS:
+            raise MaintenanceError("repeat", f"{repeat!r} is not one of {', '.join(REPEATS)}")
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise MaintenanceError(
+                "timezone", f"{timezone!r} is not a time zone (an IANA name: Europe/Berlin, UTC)"
+            ) from None
+        _check_span(start_ns, end_ns)
+        period_s = REPEATS[repeat] * 86400
+        if end_ns - start_ns >= period_s * NS:
+            raise MaintenanceError(
+                "end",
+                f"a window of {(end_ns - start_ns) / NS / 3600:g} h repeated {repeat}: it must "
+                f"be shorter than {period_s // 3600} h (or it never ends)",
+            )
+        sched = MaintenanceSchedule(
+            secrets.token_hex(8), device, site, start_ns, end_ns, repeat, timezone, until_ns,
+            comment, author, now, silence_alerts,
+        )  # fmt: skip
+        while sched.occurrence(sched.next)[1] <= now:  # from the first one not over
+            sched.next += 1
+        if sched.over(now):
+            raise MaintenanceError(
+                "until",
+                f"{rfc3339(until_ns or 0)} leaves no occurrence to come "
+                f"(the next would start {rfc3339(sched.occurrence(sched.next)[0])})",
+            )
+        with self._lock:
+            self._prune(now)
+            self._check_room(device, now)
+            self._schedules[sched.id] = sched
+            self._write()
+        return sched
+
+    def due(self, now_ns: int | None = None) -> list[MaintenanceWindow]:
+        """Set, as windows, the schedules' occurrences that begin within one period
+        from now (so the next is listed, and its alerts silenced, before it begins),
+        and those missed while the service was down that ended in the last
+        KEEP_ENDED_S (an agent's backlog from them is still held). Returns the new ones."""
+        now = time.time_ns() if now_ns is None else now_ns
+        new: list[MaintenanceWindow] = []
+        with self._lock:
+            for sched in self._schedules.values():
+                ahead = now + REPEATS[sched.repeat] * 86400 * NS
+                while not sched.over(now):
+                    start, end = sched.occurrence(sched.next)
+                    if start > ahead:
+                        break
+                    sched.next += 1
+                    if end <= now - KEEP_ENDED_S * NS:
+                        continue
+                    w = MaintenanceWindow(
+                        f"{sched.id}-{sched.next - 1}", sched.device, sched.site, start, end,
+                        sched.comment, sched.author, now, schedule=sched.id,
+                    )  # fmt: skip
+                    self._insert(w)
+                    sched.windows.append(w.id)
+                    new.append(w)
+            if new:
+                self._write()
+        return new
+
+    def stop_schedule(
+        self, device: str, schedule_id: str, now_ns: int | None = None
+    ) -> tuple[MaintenanceSchedule, list[MaintenanceWindow]]:
+        """Stop a schedule: no occurrence after now; the one under way ends now and the
+        one set ahead is cancelled. Returns it with the occurrences this ended or
+        cancelled (as ``end`` returns them). Raises KeyError for an unknown schedule."""
+        now = time.time_ns() if now_ns is None else now_ns
+        with self._lock:
+            sched = self.schedule(device, schedule_id)
+            if sched is None:
+                raise KeyError(schedule_id)
+            if sched.stopped_ns is None:
+                sched.stopped_ns = now
+            touched = [self.end(device, w.id, now) for w in self.occurrences(sched)]
+            touched = [w for w in touched if w.end_ns in (now, w.start_ns)]
+            self._write()
+        return sched, touched
+
+    def occurrences(self, sched: MaintenanceSchedule) -> list[MaintenanceWindow]:
+        """The schedule's occurrences still kept, oldest first (cancelled ones not)."""
+        with self._lock:
+            mine = {w.id: w for w in self._by_device.get(sched.device, ())}
+        return [mine[i] for i in sched.windows if i in mine]
+
+    def schedule(self, device: str, schedule_id: str) -> MaintenanceSchedule | None:
+        s = self._schedules.get(schedule_id)
+        return s if s is not None and s.device == device else None
+
+    def schedules_of(self, device: str) -> list[MaintenanceSchedule]:
+        """The device's schedules, oldest first (stopped or over ones for KEEP_ENDED_S)."""
+        with self._lock:
+            return sorted(
+                (s for s in self._schedules.values() if s.device == device),
+                key=lambda s: s.created_ns,
+            )
+
+    def _check_room(self, device: str, now_ns: int) -> None:
+        """Refuse a device's window or schedule past MAX_PER_DEVICE of them not ended."""
+        n = sum(w.end_ns > now_ns for w in self._by_device.get(device, ()))
+        n += sum(s.device == device and not s.over(now_ns) for s in self._schedules.values())
+        if n >= MAX_PER_DEVICE:
+            raise MaintenanceError(
+                "device",
+                f"{device!r} has {MAX_PER_DEVICE} windows and schedules that have not ended, "
+                "the most it may have",
+            )
+
+    def _insert(self, w: MaintenanceWindow) -> None:
+        mine = self._by_device.setdefault(w.device, [])
+        mine.append(w)
+        mine.sort(key=lambda x: x.start_ns)
 
     def set_silence(self, window: MaintenanceWindow, silence_id: str | None) -> None:
         with self._lock:
@@ -228,13 +422,22 @@ class MaintenanceWindows:
                 self._by_device[device] = left
             else:
                 del self._by_device[device]
+        for sid, sched in list(self._schedules.items()):
+            kept = {w.id for w in self._by_device.get(sched.device, ())}
+            sched.windows = [i for i in sched.windows if i in kept]
+            if sched.over(now_ns) and not sched.windows:
+                del self._schedules[sid]  # stopped or over, its last occurrence gone
 
     def _write(self) -> None:
         """Save every window (called with the lock held). A failed write is logged: the
         windows still hold in this process, and are lost at its restart."""
         if self.path is None:
             return
-        data = {d: [asdict(w) for w in ws] for d, ws in self._by_device.items()}
+        data = {
+            "version": 2,
+            "windows": {d: [asdict(w) for w in ws] for d, ws in self._by_device.items()},
+            "schedules": [asdict(x) for x in self._schedules.values()],
+        }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(self.path.name + ".tmp")
@@ -243,42 +446,88 @@ class MaintenanceWindows:
         except OSError:
             log.exception("saving the maintenance windows to %s failed", self.path)
 
-    def load(self) -> None:
-        """Read the saved windows. An unreadable file is kept aside for inspection
-        (``maintenance.json.unreadable-<time>``), logged, and the windows start empty."""
+    def load(self, others: Sequence[Path] = (), owns: Callable[[str], bool] | None = None) -> None:
+        """Read the saved windows and schedules. An unreadable file is kept aside for
+        inspection (``maintenance.json.unreadable-<time>``), logged, and the windows start
+        empty. With ``detection.shards`` each worker saves its own file: ``others`` are the
+        other layouts' files, read too for the devices this worker ``owns``, so a window
+        set before the shards changed still holds (the newest file's copy of a window
+        wins); they are left as they are."""
         path = self.path
-        if path is None or not path.exists():
-            return
-        try:
-            raw = json.loads(path.read_text())
-            loaded = {
-                str(d): sorted((MaintenanceWindow(**w) for w in ws), key=lambda x: x.start_ns)
-                for d, ws in raw.items()
-            }
-            for ws in loaded.values():
-                for w in ws:
-                    if not (isinstance(w.start_ns, int) and isinstance(w.end_ns, int)):
-                        raise TypeError(f"window {w.id!r}: start_ns and end_ns must be integers")
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+        found: list[tuple[float, _Saved]] = []
+        if path is not None and path.exists():
             try:
-                path.replace(aside)
-            except OSError:
-                aside = path
-            log.error(
-                "detection: %s is unreadable (%s); kept as %s, no maintenance window holds",
-                path,
-                exc,
-                aside.name,
-            )
-            return
+                found.append((path.stat().st_mtime, _read(path)))
+            except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+                aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+                try:
+                    path.replace(aside)
+                except OSError:
+                    aside = path
+                log.error(
+                    "detection: %s is unreadable (%s); kept as %s, no maintenance window holds",
+                    path,
+                    exc,
+                    aside.name,
+                )
+                return
+        for other in others:
+            try:
+                found.append((other.stat().st_mtime, _read(other)))
+            except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+                log.warning("detection: %s is unreadable (%s); not read", other, exc)
+        windows: dict[str, MaintenanceWindow] = {}
+        schedules: dict[str, MaintenanceSchedule] = {}
+        for _, (ws, ss) in sorted(found, key=lambda f: f[0]):  # the newest copy last
+            windows.update((w.id, w) for w in ws if owns is None or owns(w.device))
+            schedules.update((x.id, x) for x in ss if owns is None or owns(x.device))
+        loaded: dict[str, list[MaintenanceWindow]] = {}
+        for w in sorted(windows.values(), key=lambda x: x.start_ns):
+            loaded.setdefault(w.device, []).append(w)
         with self._lock:
             self._by_device = loaded
+            self._schedules = schedules
             self._prune(time.time_ns())
-        if loaded:
+            if len(found) > 1:
+                self._write()  # now the newest
+        if loaded or schedules:
             log.info(
-                "detection: %d maintenance windows of %d devices loaded from %s",
-                sum(len(ws) for ws in loaded.values()),
+                "detection: %d maintenance windows of %d devices and %d schedules loaded from %s",
+                len(windows),
                 len(loaded),
-                path,
+                len(schedules),
+                ", ".join(str(p) for p in [path, *others] if p is not None and p.exists()),
             )
+
+
+_Saved = tuple[list[MaintenanceWindow], list[MaintenanceSchedule]]
+
+
+def _read(path: Path) -> _Saved:
+    """The windows and schedules saved in ``path``; raises for a file that is not one."""
+    raw = json.loads(path.read_text())
+    if raw.get("version") != 2:  # the first format: the windows by device
+        raw = {"windows": raw, "schedules": []}
+    windows = [MaintenanceWindow(**w) for ws in raw["windows"].values() for w in ws]
+    schedules = [MaintenanceSchedule(**x) for x in raw["schedules"]]
+    spans = [(w.id, w.start_ns, w.end_ns) for w in windows]
+    spans += [(x.id, x.start_ns, x.end_ns) for x in schedules]
+    for wid, start, end in spans:
+        if not (isinstance(start, int) and isinstance(end, int)):
+            raise TypeError(f"window {wid!r}: start_ns and end_ns must be integers")
+    for x in schedules:
+        x.occurrence(x.next)  # an unknown repeat or time zone
+    return windows, schedules
+
+
+def _check_span(start_ns: int, end_ns: int) -> None:
+    if end_ns <= start_ns:
+        raise MaintenanceError(
+            "end", f"{rfc3339(end_ns)} is not after the start, {rfc3339(start_ns)}"
+        )
+    if end_ns - start_ns > MAX_SPAN_S * NS:
+        raise MaintenanceError(
+            "end",
+            f"a window of {(end_ns - start_ns) / NS / 86400:.1f} days; at most "
+            f"{MAX_SPAN_S // 86400} (set another when it ends)",
+        )

@@ -100,8 +100,12 @@ def attach_detection(
     own = "" if shard.count == 1 else f".shard-{shard.index}-of-{shard.count}"
     sink.behind_path = state_dir / f"behind{own}.json"
     # The devices' maintenance windows (set through the API of the worker scoring them).
-    sink.maintenance = MaintenanceWindows(state_dir / f"maintenance{own}.json")
-    sink.maintenance.load()
+    # Those of another shard layout are read too, for this shard's devices (a window
+    # set before detection.shards changed still holds).
+    mine = state_dir / f"maintenance{own}.json"
+    others = sorted(p for p in state_dir.glob("maintenance*.json") if p != mine)
+    sink.maintenance = MaintenanceWindows(mine)
+    sink.maintenance.load(others, shard.owns if shard.count > 1 else None)
     if shard.count > 1:
         sink.owns = shard.owns
         log.info("detection scores the devices of %s (detection.shards)", shard)

@@ -154,6 +154,7 @@ class AlertService:
         anomalies = getattr(services, "anomalies", None)
         if anomalies is not None and hasattr(anomalies, "hooks"):
             anomalies.hooks.append(svc.observe_anomalies)
+            anomalies.silencer = svc  # maintenance windows silence their device's alerts
         services.extras["alerts"] = svc
         if hasattr(services, "alerts"):
             services.alerts = svc

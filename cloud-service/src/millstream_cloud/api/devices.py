@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -23,7 +21,6 @@ if TYPE_CHECKING:
     from millstream_cloud.detection.engine import Shard
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
-log = logging.getLogger("millstream.api")
 
 DEFAULT_RANGE_NS = 3600 * 1_000_000_000
 BACKTEST_LOCK = threading.Lock()  # one backtest at a time in this process
@@ -156,6 +153,11 @@ class Maintenance(BaseModel):
     silence_alerts: bool = Field(
         True, description="also silence the device's alerts for the window (an alert silence)"
     )
+    repeat: str | None = Field(
+        None, description="daily or weekly: the window recurs at the same wall-clock time"
+    )
+    timezone: str = Field("UTC", description="with repeat: the IANA time zone of that time")
+    until: str | None = Field(None, description="with repeat: no occurrence starts at or after")
 
 
 def _detection_here(services: Services, device_id: str) -> Device:
@@ -168,11 +170,21 @@ def _detection_here(services: Services, device_id: str) -> Device:
     return dev
 
 
+def _maintenance_json(services: Services, item: Any, now: int) -> dict[str, Any]:
+    """A window's JSON, or a schedule's with its occurrences kept."""
+    from millstream_cloud.maintenance import MaintenanceSchedule
+
+    if isinstance(item, MaintenanceSchedule):
+        return item.to_json(now, services.anomalies.maintenance.occurrences(item))
+    out: dict[str, Any] = item.to_json(now)
+    return out
+
+
 @router.post(
     "/{device_id}/detection/maintenance",
     status_code=201,
-    summary="Set a maintenance window: what the device's detectors raise in it is kept as "
-    "expected, not alerted (write scope)",
+    summary="Set a maintenance window, once or recurring: what the device's detectors raise "
+    "in it is kept as expected, not alerted (write scope)",
 )
 def start_maintenance(
     device_id: str, body: Maintenance, services: Services = Depends(get_services)
@@ -181,74 +193,75 @@ def start_maintenance(
     detectors run as usual, and what they raise in the window is stored with the verdict
     ``expected`` instead of being alerted; a sensor still stuck after it is reported
     again. With ``silence_alerts`` (the default) the device's alerts are silenced for the
-    window too. Marked in ``detection_events`` (the device dashboard)."""
+    window too. Marked in ``detection_events`` (the device dashboard). With ``repeat``
+    (daily, weekly) the window recurs at the same time in ``timezone`` until ``until``
+    (or it is deleted): the answer is the schedule, its ``next`` occurrence included."""
     from millstream_cloud.maintenance import MaintenanceError
 
     dev = _detection_here(services, device_id)
     now = time.time_ns()
+    sink = services.anomalies
     try:
         if (body.end is None) == (body.duration is None):
             raise MaintenanceError("end", "give either end or duration")
+        if body.repeat is None and (body.until is not None or body.timezone != "UTC"):
+            raise MaintenanceError("repeat", "until and timezone are for a recurring window")
         start_ns = parse_time_ns(body.start) if body.start else now
         if body.end is not None:
             end_ns = parse_time_ns(body.end)
         else:
             assert body.duration is not None
             end_ns = start_ns + parse_duration_ns(body.duration)
-        w = services.anomalies.start_maintenance(
-            dev.id, dev.site, start_ns, end_ns, body.comment, body.author
-        )
+        if body.repeat is None:
+            item: Any = sink.start_maintenance(
+                dev.id, dev.site, start_ns, end_ns, body.comment, body.author,
+                body.silence_alerts,
+            )  # fmt: skip
+        else:
+            until_ns = parse_time_ns(body.until) if body.until else None
+            item = sink.schedule_maintenance(
+                dev.id, dev.site, start_ns, end_ns, body.repeat, body.timezone, until_ns,
+                body.comment, body.author, body.silence_alerts,
+            )  # fmt: skip
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    alerts = services.alerts
-    if body.silence_alerts and alerts is not None:
-        try:
-            silence = alerts.create_silence(
-                [f'site="{dev.site}"', f'device="{dev.id}"'],
-                created_by=body.author or "maintenance",
-                comment=f"maintenance window {w.id}"
-                + (f": {body.comment}" if body.comment else ""),
-                starts_at=w.start_ns,
-                ends_at=w.end_ns,
-            )
-        except ValueError:  # the window holds (its anomalies are not alerted); said in the log
-            log.exception("silencing the alerts of %s for maintenance failed", dev.id)
-        else:
-            services.anomalies.maintenance.set_silence(w, silence.id)
-    return w.to_json(time.time_ns())
+    return _maintenance_json(services, item, time.time_ns())
 
 
 @router.get(
     "/{device_id}/detection/maintenance",
-    summary="The device's maintenance windows: scheduled, active and ended in the last 30 days",
+    summary="The device's maintenance windows (scheduled, active and ended in the last 30 "
+    "days) and recurring schedules",
 )
 def list_maintenance(device_id: str, services: Services = Depends(get_services)) -> dict[str, Any]:
     dev = _detection_here(services, device_id)
     now = time.time_ns()
-    return {"maintenance": [w.to_json(now) for w in services.anomalies.maintenance.of(dev.id)]}
+    book = services.anomalies.maintenance
+    return {
+        "maintenance": [w.to_json(now) for w in book.of(dev.id)],
+        "schedules": [_maintenance_json(services, s, now) for s in book.schedules_of(dev.id)],
+    }
 
 
 @router.delete(
     "/{device_id}/detection/maintenance/{window_id}",
-    summary="End a maintenance window now (a scheduled one is cancelled) (write scope)",
+    summary="End a maintenance window now (a scheduled one is cancelled), or stop a recurring "
+    "schedule (write scope)",
 )
 def end_maintenance(
     device_id: str, window_id: str, services: Services = Depends(get_services)
 ) -> dict[str, Any]:
+    """A window's id ends that window only (one occurrence of a schedule is skipped, the
+    schedule goes on); a schedule's id stops it, ending its occurrence under way."""
     dev = _detection_here(services, device_id)
     try:
-        w = services.anomalies.end_maintenance(dev.id, window_id)
+        item = services.anomalies.end_maintenance(dev.id, window_id)
     except KeyError:
         raise HTTPException(
             404, f"no maintenance window {window_id!r} on device {dev.id!r}"
         ) from None
-    alerts = services.alerts
-    if w.silence_id and alerts is not None:
-        # Expired or removed meanwhile through the alerts API: nothing left to do.
-        with contextlib.suppress(KeyError, ValueError):
-            alerts.expire_silence(w.silence_id)
-    out = w.to_json(time.time_ns())
-    if w.end_ns == w.start_ns:
+    out = _maintenance_json(services, item, time.time_ns())
+    if "repeat" not in out and item.end_ns == item.start_ns:  # a window that never began
         out["state"] = "cancelled"
     return out
 

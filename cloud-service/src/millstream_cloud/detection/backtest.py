@@ -55,7 +55,8 @@ class BacktestRequest:
     tolerance_ns: int
     max_readings: int
     # The device's maintenance windows (start_ns, end_ns): what is raised in them is left
-    # out (live, it is kept as expected and not alerted).
+    # out (live, it is kept as expected and not alerted), and the detectors are re-armed
+    # at their ends, as live.
     maintenance: Sequence[tuple[int, int]] = ()
 
 
@@ -82,16 +83,32 @@ def replay(
     engine: EngineSettings,
     rules: Sequence[Rule],
     kind_of: Callable[[str], str | None],
+    rearm_at: Sequence[int] = (),
 ) -> list[Anomaly]:
-    """Every anomaly a fresh engine raises over ``readings``, fed as ingest would."""
+    """Every anomaly a fresh engine raises over ``readings`` (one device's), fed as
+    ingest would; its detectors re-armed at each time in ``rearm_at`` (the ends of the
+    device's maintenance windows) before the first reading at or after it, as live."""
     det = DetectionEngine(engine, rules, kind_of)
     found: list[Anomaly] = []
+    first = readings[0].time_ns if readings else 0
+    ends = sorted(e for e in set(rearm_at) if e > first)  # one ended before: nothing to re-arm
     for batch in row_batches(readings, BATCH_READINGS):
-        found.extend(det.observe(batch))
-        if det.errors:
-            device, error = next(iter(det.errors.items()))
-            raise ReplayFailed(f"detection failed on device {device!r}: {error}")
+        while ends and batch and batch[-1].time_ns >= ends[0]:
+            cut = next(i for i, r in enumerate(batch) if r.time_ns >= ends[0])
+            found.extend(_observe(det, batch[:cut]))
+            det.rearm(batch[cut].device)
+            batch = batch[cut:]
+            ends = [e for e in ends if e > batch[0].time_ns]  # passed together: re-armed once
+        found.extend(_observe(det, batch))
     return found + det.flush()
+
+
+def _observe(det: DetectionEngine, batch: Sequence[Reading]) -> list[Anomaly]:
+    found = det.observe(batch) if batch else []
+    if det.errors:
+        device, error = next(iter(det.errors.items()))
+        raise ReplayFailed(f"detection failed on device {device!r}: {error}")
+    return found
 
 
 def _near(times: Sequence[int], lo: int, hi: int) -> bool:
@@ -154,9 +171,10 @@ def backtest(storage: Storage, req: BacktestRequest) -> dict[str, Any]:
     readings = stored_readings(
         storage, req.device, req.site, req.learn_from_ns, req.end_ns, req.max_readings
     )
+    ends = [w1 for _, w1 in req.maintenance]
     raised = [
         a
-        for a in replay(readings, req.engine, req.rules, lambda _d: req.kind)
+        for a in replay(readings, req.engine, req.rules, lambda _d: req.kind, ends)
         if req.start_ns <= a.time_ns < req.end_ns
         and not any(w0 <= a.time_ns < w1 for w0, w1 in req.maintenance)
     ]
