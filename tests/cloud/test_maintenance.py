@@ -617,3 +617,22 @@ def test_windows_follow_their_devices_when_the_detection_shards_change(tmp_path:
         assert ended is not None and [w.state(time.time_ns()) for w in book.of(ended)] == ["ended"]
     finally:
         again.stop()
+
+
+def test_a_window_ended_before_its_silence_is_set_gets_none(tmp_path: Path) -> None:
+    """The detection thread sets an occurrence and then its silence; the API may cancel
+    the occurrence in between: no silence may then outlive it."""
+    book = MaintenanceWindows(tmp_path / "maintenance.json")
+    now = time.time_ns()
+    made: list[str] = []
+
+    def create() -> str:
+        made.append(f"s{len(made)}")
+        return made[-1]
+
+    cancelled = book.add("press-01", "plant-a", now + 3600 * S, now + 7200 * S)
+    book.end("press-01", cancelled.id)
+    book.silence(cancelled, create)
+    active = book.add("press-01", "plant-a", now - S, now + 3600 * S, now_ns=now)
+    book.silence(active, create)
+    assert (cancelled.silence_id, active.silence_id, made) == (None, "s0", ["s0"])

@@ -437,19 +437,24 @@ class AnomalySink:
         until = f"maintenance until {rfc3339(w.end_ns)}: anomalies kept as expected, not alerted"
         self._event(w, w.start_ns, "maintenance", until)
         self._judge_past(w)
-        if silence_alerts and self.silencer is not None and w.end_ns > time.time_ns():
-            try:
-                silence = self.silencer.create_silence(
-                    [f'site="{w.site}"', f'device="{w.device}"'],
-                    created_by=w.author or "maintenance",
-                    comment=f"maintenance window {w.id}" + (f": {w.comment}" if w.comment else ""),
-                    starts_at=w.start_ns,
-                    ends_at=w.end_ns,
-                )
-            except ValueError:  # the window holds (its anomalies are not alerted)
-                log.exception("silencing the alerts of %s for maintenance failed", w.device)
-            else:
-                self.maintenance.set_silence(w, silence.id)
+        silencer = self.silencer
+        if not silence_alerts or silencer is None:
+            return
+
+        def create() -> str:
+            silence = silencer.create_silence(
+                [f'site="{w.site}"', f'device="{w.device}"'],
+                created_by=w.author or "maintenance",
+                comment=f"maintenance window {w.id}" + (f": {w.comment}" if w.comment else ""),
+                starts_at=w.start_ns,
+                ends_at=w.end_ns,
+            )
+            return str(silence.id)
+
+        try:
+            self.maintenance.silence(w, create)
+        except ValueError:  # the window holds (its anomalies are not alerted)
+            log.exception("silencing the alerts of %s for maintenance failed", w.device)
 
     def _judge_past(self, w: MaintenanceWindow) -> None:
         """A window set after its start: the anomalies already raised in it that nobody

@@ -344,10 +344,15 @@ class MaintenanceWindows:
         mine.append(w)
         mine.sort(key=lambda x: x.start_ns)
 
-    def set_silence(self, window: MaintenanceWindow, silence_id: str | None) -> None:
+    def silence(self, window: MaintenanceWindow, create: Callable[[], str]) -> None:
+        """Set the window's alert silence (``create`` makes it, and returns its id) if the
+        window is still to hold: under the lock ``end`` takes, so a window ended meanwhile
+        gets none, and one ended afterwards finds the id to expire it by."""
         with self._lock:
-            window.silence_id = silence_id
-            self._write()
+            mine = self._by_device.get(window.device, ())
+            if window.end_ns > time.time_ns() and any(w is window for w in mine):
+                window.silence_id = create()
+                self._write()
 
     def end(self, device: str, window_id: str, now_ns: int | None = None) -> MaintenanceWindow:
         """End a window now: an active one ends at ``now``, a scheduled one is dropped
