@@ -46,6 +46,13 @@ class AlertMetrics:
             ["rule", "state"],
             registry=r,
         )
+        self.time_muted = Counter(
+            "millstream_alert_group_flushes_time_muted",
+            "Group flushes whose notifications a route's time intervals held back "
+            "(mute_time_intervals, or outside active_time_intervals), by receiver and interval",
+            ["receiver", "time_interval"],
+            registry=r,
+        )
         self.muted = Gauge(
             "millstream_alerts_muted",
             "Firing alerts muted, by reason (silenced, inhibited)",

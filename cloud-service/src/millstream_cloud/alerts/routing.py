@@ -5,7 +5,9 @@ An alert walks the route tree (depth first; the first matching child wins unless
 share its ``group_by`` labels. A new group notifies after ``group_wait``; after that it is
 looked at every ``group_interval`` and notifies when something changed (a new firing
 alert, a resolution) or when ``repeat_interval`` passed since the last notification.
-Silenced and inhibited alerts are left out at that moment.
+Silenced and inhibited alerts are left out at that moment. A route's
+``mute_time_intervals`` (and the times outside its ``active_time_intervals``) hold back
+its groups' notifications; they go out at the first flush after, resolutions included.
 
 What each integration was last told about each group is the notification log (nflog,
 persisted), so decisions survive a restart.
@@ -15,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from millstream_cloud.alerts.labels import Matcher, match_all, parse_duration, parse_matchers
 from millstream_cloud.alerts.notifiers.base import AlertSnapshot, Notification
 from millstream_cloud.alerts.settings import RouteConfig
 from millstream_cloud.alerts.store import Alert, NflogEntry
+from millstream_cloud.alerts.timeintervals import TimeInterval, holding
 
 log = logging.getLogger("millstream.alerts.routing")
 
@@ -39,6 +42,18 @@ class Route:
     repeat_interval: int
     continue_: bool = False
     routes: list[Route] = field(default_factory=list)
+    # Names of time intervals (not inherited, as Alertmanager).
+    mute_time_intervals: list[str] = field(default_factory=list)
+    active_time_intervals: list[str] = field(default_factory=list)
+
+    def muted_at(self, intervals: Mapping[str, Sequence[TimeInterval]], now: int) -> str | None:
+        """Why the route sends nothing at ``now`` (a time interval), or None."""
+        name = holding(self.mute_time_intervals, intervals, now)
+        if name is not None:
+            return name
+        if self.active_time_intervals and not holding(self.active_time_intervals, intervals, now):
+            return "outside " + ",".join(self.active_time_intervals)
+        return None
 
     @classmethod
     def build(cls, cfg: RouteConfig, parent: Route | None = None) -> Route:
@@ -66,6 +81,8 @@ class Route:
             group_interval=inherit("group_interval"),
             repeat_interval=inherit("repeat_interval"),
             continue_=cfg.continue_,
+            mute_time_intervals=list(cfg.mute_time_intervals),
+            active_time_intervals=list(cfg.active_time_intervals),
         )
         seen: dict[str, int] = {}
         for child in cfg.routes:
@@ -158,8 +175,12 @@ class Dispatcher:
         on_notify: Callable[[Notification, str], None] | None = None,
         lock: threading.RLock | None = None,
         lookup: Callable[[str], Alert | None] | None = None,
+        intervals: Mapping[str, Sequence[TimeInterval]] | None = None,
+        on_time_muted: Callable[[Route, str], None] | None = None,
     ) -> None:
         self.lookup = lookup
+        self.intervals = intervals or {}
+        self.on_time_muted = on_time_muted
         self.lock = lock or threading.RLock()
         self.root = root
         self.integrations = integrations
@@ -202,7 +223,10 @@ class Dispatcher:
         fps = set(fingerprints)
         for key in list(self.groups):
             group = self.groups[key]
+            timed = group.route.mute_time_intervals or group.route.active_time_intervals
             for fp in fps & group.alerts.keys():
+                if timed and group.alerts[fp].state == "resolved" and self._announced(key, fp):
+                    continue  # a resolution its route's time intervals hold back: kept for it
                 del group.alerts[fp]
             if not group.alerts:
                 del self.groups[key]
@@ -217,6 +241,12 @@ class Dispatcher:
 
     def flush(self, group: Group, now: int) -> None:
         route = group.route
+        why = route.muted_at(self.intervals, now) if self.intervals else None
+        if why is not None:  # held back, resolutions too, for the first flush after
+            group.next_flush = now + route.group_interval
+            if self.on_time_muted:
+                self.on_time_muted(route, why)
+            return
         alerts = list(group.alerts.values())
         kept = [a for a in alerts if not self.muted(a, now)]
         firing = frozenset(a.fingerprint for a in kept if a.state == "firing")

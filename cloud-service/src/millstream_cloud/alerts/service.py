@@ -32,6 +32,7 @@ from millstream_cloud.alerts.rules import AnyRule, RuleError, load_rule_files, p
 from millstream_cloud.alerts.settings import AlertSettings
 from millstream_cloud.alerts.silences import Silence, Silences
 from millstream_cloud.alerts.store import Alert, AlertStore
+from millstream_cloud.alerts.timeintervals import parse_interval
 from millstream_cloud.model import Anomaly, Reading
 from millstream_cloud.storage.base import ALERTS, Point, Storage
 
@@ -114,6 +115,13 @@ class AlertService:
             on_notify=self._on_notify,
             lock=self.lock,
             lookup=lambda fp: self.engine.alerts.get(fp),
+            intervals={
+                t.name: [parse_interval(i.model_dump()) for i in t.time_intervals]
+                for t in settings.time_intervals
+            },
+            on_time_muted=lambda route, why: self.metrics.time_muted.labels(
+                route.receiver, why
+            ).inc(),
         )
         self.api_rules: dict[str, AnyRule] = {}
         for body in self.store.load_rules():

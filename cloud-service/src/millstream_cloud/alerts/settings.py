@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from millstream_cloud.alerts.labels import parse_duration, parse_matchers
+from millstream_cloud.alerts.timeintervals import parse_interval
 
 
 class _Section(BaseModel):
@@ -35,6 +36,15 @@ class RouteConfig(_Section):
     repeat_interval: str | None = Field(None, description="re-send an unchanged firing group")
     continue_: bool = Field(
         False, alias="continue", description="keep matching sibling routes after this one"
+    )
+    mute_time_intervals: list[str] = Field(
+        default_factory=list,
+        description="names of time_intervals when this route sends nothing (not inherited)",
+    )
+    active_time_intervals: list[str] = Field(
+        default_factory=list,
+        description="names of time_intervals outside which this route sends nothing "
+        "(none: always; not inherited)",
     )
     routes: list[RouteConfig] = Field(default_factory=list)
 
@@ -105,6 +115,34 @@ class InhibitRuleConfig(_Section):
         return v
 
 
+class TimeRangeConfig(_Section):
+    start_time: str = Field(description="HH:MM, included")
+    end_time: str = Field(description="HH:MM, excluded (24:00 allowed)")
+
+
+class TimeIntervalConfig(_Section):
+    """Every field given must match (all of them left out: always)."""
+
+    times: list[TimeRangeConfig] = Field(default_factory=list)
+    weekdays: list[str] = Field(default_factory=list, description="monday:friday, saturday")
+    days_of_month: list[str] = Field(default_factory=list, description="1:7, -1 (the last)")
+    months: list[str] = Field(default_factory=list, description="january:march, 12")
+    years: list[str] = Field(default_factory=list, description="2026:2027")
+    location: str = Field("UTC", description="IANA time zone the fields are read in")
+
+    @model_validator(mode="after")
+    def _parses(self) -> TimeIntervalConfig:
+        parse_interval(self.model_dump())
+        return self
+
+
+class NamedTimeIntervalConfig(_Section):
+    name: str = Field(min_length=1)
+    time_intervals: list[TimeIntervalConfig] = Field(
+        default_factory=list, description="the interval holds when any of these does"
+    )
+
+
 class DeliverySettings(_Section):
     max_attempts: int = Field(8, ge=1, description="attempts per notification before giving up")
     backoff_initial_s: float = Field(0.5, gt=0, description="first retry delay; doubles each time")
@@ -168,6 +206,11 @@ class AlertSettings(_Section):
     )
     history_max: int = Field(100_000, ge=100, description="alert events kept in the history")
     route: RouteConfig = Field(default_factory=_default_route)
+    time_intervals: list[NamedTimeIntervalConfig] = Field(
+        default_factory=list,
+        description="named recurring times for routes' mute_time_intervals and "
+        "active_time_intervals (Alertmanager's time_intervals)",
+    )
     receivers: list[ReceiverConfig] = Field(default_factory=_default_receivers)
     inhibit_rules: list[InhibitRuleConfig] = Field(default_factory=_default_inhibit)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
@@ -193,6 +236,15 @@ class AlertSettings(_Section):
             raise ValueError(f"receivers: duplicate name {sorted(dupes)[0]!r}")
         if not self.route.receiver:
             raise ValueError("route.receiver: the top-level route needs a receiver")
+        times = [t.name for t in self.time_intervals]
+        dupes = {n for n in times if times.count(n) > 1}
+        if dupes:
+            raise ValueError(f"time_intervals: duplicate name {sorted(dupes)[0]!r}")
+        if self.route.mute_time_intervals or self.route.active_time_intervals:
+            raise ValueError(
+                "route: the top-level route cannot have mute_time_intervals or "
+                "active_time_intervals (give them to a child route)"
+            )
 
         def walk(route: RouteConfig, path: str) -> None:
             if route.receiver and route.receiver not in names:
@@ -200,6 +252,13 @@ class AlertSettings(_Section):
                     f"{path}.receiver: no receiver named {route.receiver!r} "
                     f"(receivers: {', '.join(names) or 'none'})"
                 )
+            for key in ("mute_time_intervals", "active_time_intervals"):
+                for name in getattr(route, key):
+                    if name not in times:
+                        raise ValueError(
+                            f"{path}.{key}: no time interval named {name!r} "
+                            f"(time_intervals: {', '.join(times) or 'none'})"
+                        )
             for i, child in enumerate(route.routes):
                 walk(child, f"{path}.routes[{i}]")
 
