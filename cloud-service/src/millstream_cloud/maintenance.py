@@ -96,19 +96,8 @@ class MaintenanceWindow:
         return {"verdict": "expected", "comment": why, "author": self.author or "maintenance"}
 
     def to_json(self, now_ns: int) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "device": self.device,
-            "site": self.site,
-            "start": rfc3339(self.start_ns),
-            "end": rfc3339(self.end_ns),
-            "state": self.state(now_ns),
-            "comment": self.comment,
-            "author": self.author,
-            "created": rfc3339(self.created_ns),
-            "silence_id": self.silence_id,
-            "anomalies": self.anomalies,
-            "schedule": self.schedule,
+        return _json(self, self.state(now_ns), self.silence_id, self.anomalies) | {
+            "schedule": self.schedule
         }
 
 
@@ -155,24 +144,34 @@ class MaintenanceSchedule:
         the occurrence under way or next to begin, if any."""
         coming = [w for w in occurrences if w.end_ns > now_ns]
         nxt = coming[0] if coming else None
-        return {
-            "id": self.id,
-            "device": self.device,
-            "site": self.site,
-            "start": rfc3339(self.start_ns),
-            "end": rfc3339(self.end_ns),
-            "state": "ended" if self.over(now_ns) and nxt is None else "recurring",
-            "comment": self.comment,
-            "author": self.author,
-            "created": rfc3339(self.created_ns),
-            "silence_id": nxt.silence_id if nxt else None,
-            "anomalies": sum(w.anomalies for w in occurrences),
+        state = "ended" if self.over(now_ns) and nxt is None else "recurring"
+        silence_id = nxt.silence_id if nxt else None
+        return _json(self, state, silence_id, sum(w.anomalies for w in occurrences)) | {
             "repeat": self.repeat,
             "timezone": self.timezone,
             "until": rfc3339(self.until_ns) if self.until_ns is not None else None,
             "silence_alerts": self.silence_alerts,
             "next": nxt.to_json(now_ns) if nxt else None,
         }
+
+
+def _json(
+    x: MaintenanceWindow | MaintenanceSchedule, state: str, silence_id: str | None, anomalies: int
+) -> dict[str, Any]:
+    """The keys a window and a schedule share (the API answers with either)."""
+    return {
+        "id": x.id,
+        "device": x.device,
+        "site": x.site,
+        "start": rfc3339(x.start_ns),
+        "end": rfc3339(x.end_ns),
+        "state": state,
+        "comment": x.comment,
+        "author": x.author,
+        "created": rfc3339(x.created_ns),
+        "silence_id": silence_id,
+        "anomalies": anomalies,
+    }
 
 
 class MaintenanceWindows:
