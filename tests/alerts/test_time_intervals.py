@@ -162,6 +162,10 @@ def test_an_active_route_sends_only_within_its_intervals(make_service, webhook) 
     run(svc, clock, 300, 3, lambda i: 90.0)
     assert webhook.bodies() == []
     assert svc.metrics.time_muted.labels("hook", "outside day-shift")._value.get() > 0
+    (alert,) = svc.list_alerts(state="firing")
+    assert alert["status"]["mutedBy"] == ["outside day-shift"]
     clock.set(at("2026-05-29T04:00:00Z"))
     run(svc, clock, 90, 3, lambda i: 90.0)
     assert statuses(webhook) == ["firing"]
+    (alert,) = svc.list_alerts(state="firing")
+    assert alert["status"]["mutedBy"] == []

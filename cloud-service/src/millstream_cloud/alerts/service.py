@@ -424,7 +424,11 @@ class AlertService:
 
         silenced = self.silenced_by(a, now) if a.state != "resolved" else []
         inhibited = self.inhibited_by(a) if a.state != "resolved" else None
-        receivers = sorted({r.receiver for r in self.dispatcher.root.match(a.labels)})
+        routes = self.dispatcher.root.match(a.labels)
+        receivers = sorted({r.receiver for r in routes})
+        # The time intervals holding back the alert's routes now (Alertmanager's mutedBy).
+        held = (r.muted_at(self.dispatcher.intervals, now) for r in routes)
+        muted = sorted({h for h in held if h is not None}) if a.state != "resolved" else []
         return {
             "fingerprint": a.fingerprint,
             "rule": a.rule,
@@ -439,6 +443,7 @@ class AlertService:
             "status": {
                 "silencedBy": silenced,
                 "inhibitedBy": [inhibited] if inhibited else [],
+                "mutedBy": muted,
                 "acknowledged": bool(a.acked_by),
             },
             "acknowledgement": (
