@@ -450,6 +450,11 @@ def test_a_schedule_recurs_at_the_same_wall_clock_time_across_dst_and_a_restart(
     ]  # fmt: skip
     assert again.due(now + 10 * 24 * h) == []
     assert again.holding("press-01", parse_time_ns("2027-03-31T05:00:00Z")) is None
+    # Listed as stopped for 30 days, then forgotten.
+    again._prune(now + (KEEP_ENDED_S - 1) * S)
+    assert [x.id for x in again.schedules_of("press-01")] == [sched.id]
+    again._prune(now + (KEEP_ENDED_S + 1) * S)
+    assert again.schedules_of("press-01") == []
     with pytest.raises(KeyError):
         again.stop_schedule("lathe-01", sched.id, now)  # another device's id
 

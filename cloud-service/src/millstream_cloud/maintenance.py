@@ -429,7 +429,8 @@ class MaintenanceWindows:
         for sid, sched in list(self._schedules.items()):
             kept = {w.id for w in self._by_device.get(sched.device, ())}
             sched.windows = [i for i in sched.windows if i in kept]
-            if sched.over(now_ns) and not sched.windows:
+            stopped_long_ago = (sched.stopped_ns or 0) <= keep_from
+            if sched.over(now_ns) and not sched.windows and stopped_long_ago:
                 del self._schedules[sid]  # stopped or over, its last occurrence gone
 
     def _write(self) -> None:
