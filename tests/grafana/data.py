@@ -93,4 +93,8 @@ def fleet_points() -> list[Point]:
         t = T0_NS + (30 + 17 * i) * 60 * S + 4_321
         pts.append(Point("detection_events", {"site": DEVICES[device][0], "device": device, "event": "relearn"},
                          {"explanation": "detection re-baselined", "metric_detectors": 2 + i}, t))  # fmt: skip
+        # and one maintenance window: a span (end_ms), drawn as a region
+        t = T0_NS + (50 + 11 * i) * 60 * S
+        pts.append(Point("detection_events", {"site": DEVICES[device][0], "device": device, "event": "maintenance"},
+                         {"explanation": "maintenance until ...", "end_ms": t // 1_000_000 + 7_200_000}, t))  # fmt: skip
     return pts

@@ -434,8 +434,7 @@ class AnomalySink:
             rfc3339(w.end_ns),
             w.comment or "no comment",
         )
-        until = f"maintenance until {rfc3339(w.end_ns)}: anomalies kept as expected, not alerted"
-        self._event(w, w.start_ns, "maintenance", until)
+        self._event(w, w.start_ns, "maintenance", _until(w.end_ns), w.end_ns)
         self._judge_past(w)
         silencer = self.silencer
         if not silence_alerts or silencer is None:
@@ -499,19 +498,27 @@ class AnomalySink:
         return w
 
     def _ended(self, w: MaintenanceWindow, now: int) -> None:
-        if w.end_ns == w.start_ns:  # never began: its start marker says so
-            self._event(w, w.start_ns, "maintenance", "maintenance window cancelled")
+        # The start marker (same time and tags: rewritten) says what became of the window.
+        if w.end_ns == w.start_ns:  # never began
+            self._event(w, w.start_ns, "maintenance", "maintenance window cancelled", w.start_ns)
         elif w.end_ns == now:
+            self._event(w, w.start_ns, "maintenance", _until(now, early=True), now)
             self._event(w, now, "maintenance_end", "maintenance ended: anomalies alerted again")
         if w.silence_id and self.silencer is not None:
             # Expired or removed meanwhile through the alerts API: nothing left to do.
             with contextlib.suppress(KeyError, ValueError):
                 self.silencer.expire_silence(w.silence_id)
 
-    def _event(self, w: MaintenanceWindow, at_ns: int, event: str, text: str) -> None:
+    def _event(
+        self, w: MaintenanceWindow, at_ns: int, event: str, text: str, end_ns: int | None = None
+    ) -> None:
+        """A point in ``detection_events``; ``end_ns`` makes it a span (``end_ms``: Grafana
+        draws the window as a region on the device's graphs)."""
         fields: dict[str, Any] = {"explanation": f"{text} ({w.comment})" if w.comment else text}
         if w.author:
             fields["author"] = w.author
+        if end_ns is not None:
+            fields["end_ms"] = end_ns // 1_000_000
         tags = {"site": w.site, "device": w.device, "event": event}
         try:
             self.storage.write_points([Point(DETECTION_EVENTS, tags, fields, at_ns)])
@@ -772,6 +779,12 @@ class AnomalySink:
                 hook(live)
             except Exception:
                 log.exception("anomaly hook %r failed", hook)
+
+
+def _until(end_ns: int, early: bool = False) -> str:
+    """A maintenance window's start marker."""
+    ended = " (ended early)" if early else ""
+    return f"maintenance until {rfc3339(end_ns)}{ended}: anomalies kept as expected, not alerted"
 
 
 _Key = tuple[tuple[tuple[str, str], ...], int]  # (sorted tag pairs, time_ns)
