@@ -15,6 +15,8 @@ from millstream_cloud.app import create_app
 from millstream_cloud.model import Anomaly, Contribution, Reading
 from millstream_cloud.services import Services
 from millstream_cloud.settings import Settings
+from millstream_cloud.storage.base import SeriesQuery
+from millstream_cloud.timeutil import parse_time_ns
 
 
 @pytest.fixture
@@ -407,6 +409,11 @@ def test_missed_faults_are_reported_refused_where_raised_and_give_recall(
             ("2026-03-01T09:00:00Z", None),
             ("2026-03-01T08:00:03Z", "temp"),
         ]
+        # Stored with its end in ms too: the device dashboard draws it as a region.
+        spans = services.storage.query(SeriesQuery("missed_faults", ["end_ms"], {}))
+        assert sorted(v for s in spans for _, v in s.points) == sorted(
+            parse_time_ns(m["end"]) // 1_000_000 for m in listed
+        )
         summary = client.get(f"{url}/precision").json()
         assert (summary["precision"], summary["missed"], summary["recall"]) == (1.0, 2, 0.3333)
         by_metric = {m["metric"]: m for m in summary["by_metric"]}

@@ -85,7 +85,12 @@ def fleet_points() -> list[Point]:
             Point(
                 "missed_faults",
                 tags,
-                {"end_ns": t + 600 * S, "comment": "seal leak", "author": "ana"},
+                {
+                    "end_ns": t + 600 * S,
+                    "end_ms": (t + 600 * S) // 1_000_000,
+                    "comment": "seal leak",
+                    "author": "ana",
+                },
                 t,
             )
         )
