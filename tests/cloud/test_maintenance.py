@@ -651,3 +651,81 @@ def test_a_window_ended_before_its_silence_is_set_gets_none(tmp_path: Path) -> N
     active = book.add("press-01", "plant-a", now - S, now + 3600 * S, now_ns=now)
     book.silence(active, create)
     assert (cancelled.silence_id, active.silence_id, made) == (None, "s0", ["s0"])
+
+
+def _born(device: str, site: str, at: int) -> object:
+    from millstream_cloud.ingest.pipeline import Message
+
+    body = {"v": 1, "device": device, "state": "online", "kind": "press"}
+    return Message(f"millstream/v1/{site}/{device}/status", json.dumps(body).encode(), at)
+
+
+def test_a_sites_devices_take_a_window_together_and_end_it_together(tmp_path: Path) -> None:
+    """A plant's shutdown: one call sets a window on each of its devices (each with its
+    silence), another site's devices untouched; the group ends them all. With shards, a
+    worker sets the windows of its own devices and names the others."""
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    now = time.time_ns()
+    devices = [("press-01", "plant-a"), ("press-02", "plant-a"), ("lathe-01", "plant-b")]
+    services.pipeline.process([_born(d, s, now) for d, s in devices])
+    url = "/api/v1/sites/plant-a/detection/maintenance"
+    try:
+        with TestClient(create_app(settings, services, start=False)) as client:
+            before = client.post(url, json={"duration": "2h", "until": "2099-01-01T00:00:00Z"})
+            assert before.status_code == 422 and "until and timezone" in before.text
+            assert client.get(url).json()["maintenance"] == []  # nothing was set
+            res = client.post(url, json={"duration": "2h", "comment": "shutdown"})
+            assert res.status_code == 201, res.text
+            body = res.json()
+            assert (body["elsewhere"], body["refused"]) == ([], {})
+            windows = body["maintenance"]
+            assert sorted(w["device"] for w in windows) == ["press-01", "press-02"]
+            assert {w["group"] for w in windows} == {body["group"]}
+            assert all(w["state"] == "active" and w["comment"] == "shutdown" for w in windows)
+            for w in windows:
+                silence = client.get(f"/api/v1/silences/{w['silence_id']}").json()
+                assert f'device="{w["device"]}"' in silence["matchersText"]
+            assert services.anomalies.maintenance.of("lathe-01") == []
+            weekly = client.post(url, json={"duration": "1h", "repeat": "weekly"}).json()
+            assert [x["repeat"] for x in weekly["maintenance"]] == ["weekly", "weekly"]
+            listed = client.get(url).json()
+            # Two one-off windows, and this week's and next week's occurrence of each
+            # device's schedule (set a period ahead).
+            assert len(listed["maintenance"]) == 6 and len(listed["schedules"]) == 2
+
+            res = client.delete(f"{url}/{body['group']}")
+            assert res.status_code == 200, res.text
+            assert [w["state"] for w in res.json()["maintenance"]] == ["ended", "ended"]
+            for w in windows:
+                silence = client.get(f"/api/v1/silences/{w['silence_id']}").json()
+                assert silence["status"]["state"] == "expired"
+            res = client.delete(f"{url}/{weekly['group']}")
+            assert [x["state"] for x in res.json()["maintenance"]] == ["ended", "ended"]
+            assert client.delete(f"{url}/{body['group']}").status_code == 200  # ended again
+            assert client.delete(f"{url}/nope").status_code == 404
+            res = client.delete(f"/api/v1/sites/plant-b/detection/maintenance/{body['group']}")
+            assert res.status_code == 404  # another site's group
+            res = client.post(
+                "/api/v1/sites/plant-x/detection/maintenance", json={"duration": "1h"}
+            )
+            assert res.status_code == 404 and "no device of site 'plant-x'" in res.text
+    finally:
+        services.stop()
+
+    from millstream_cloud.detection.engine import Shard
+
+    sharded = Settings(
+        data_dir=str(tmp_path / "s"), detection={"shards": 2, "shard": 0, "feed": "all"}
+    )
+    services = Services.build(sharded, with_subscriber=False)
+    many = [f"press-{i:02d}" for i in range(8)]
+    services.pipeline.process([_born(d, "plant-a", now) for d in many])
+    try:
+        with TestClient(create_app(sharded, services, start=False)) as client:
+            body = client.post(url, json={"duration": "1h"}).json()
+            mine = sorted(w["device"] for w in body["maintenance"])
+            assert mine == [d for d in many if Shard(0, 2).owns(d)]
+            assert sorted(body["elsewhere"]) == [d for d in many if not Shard(0, 2).owns(d)]
+    finally:
+        services.stop()

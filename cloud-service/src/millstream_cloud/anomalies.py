@@ -377,12 +377,13 @@ class AnomalySink:
         comment: str,
         author: str,
         silence_alerts: bool = False,
+        group: str | None = None,
     ) -> MaintenanceWindow:
         """Set a maintenance window on ``device`` (see :mod:`millstream_cloud.maintenance`),
         mark its start in ``detection_events`` (an annotation on the device's graphs) and,
         with ``silence_alerts``, silence the device's alerts for it.
         Raises MaintenanceError for a window that cannot be set."""
-        w = self.maintenance.add(device, site, start_ns, end_ns, comment, author)
+        w = self.maintenance.add(device, site, start_ns, end_ns, comment, author, group=group)
         self._begin(w, silence_alerts)
         return w
 
@@ -398,13 +399,14 @@ class AnomalySink:
         comment: str,
         author: str,
         silence_alerts: bool = False,
+        group: str | None = None,
     ) -> MaintenanceSchedule:
         """Set a recurring maintenance window; its first occurrences are set at once, the
         later ones by the detection thread (``tick_maintenance``).
         Raises MaintenanceError for a schedule that cannot be set."""
         sched = self.maintenance.add_schedule(
             device, site, start_ns, end_ns, repeat, timezone, until_ns, comment, author,
-            silence_alerts,
+            silence_alerts, group=group,
         )  # fmt: skip
         log.info(
             "detection: maintenance of %s %s from %s (%s), %s",
@@ -496,6 +498,14 @@ class AnomalySink:
         log.info("detection: maintenance of %s ended (window %s)", device, window_id)
         self._ended(w, now)
         return w
+
+    def end_group(self, site: str, group: str) -> list[MaintenanceWindow | MaintenanceSchedule]:
+        """End the windows and stop the schedules set together on ``site`` (the site's
+        API). Raises KeyError if there are none."""
+        members = self.maintenance.grouped(site, group)
+        if not members:
+            raise KeyError(group)
+        return [self.end_maintenance(device, item) for device, item in members]
 
     def _ended(self, w: MaintenanceWindow, now: int) -> None:
         # The start marker (same time and tags: rewritten) says what became of the window.

@@ -78,6 +78,7 @@ class MaintenanceWindow:
     anomalies: int = 0  # raised in it and kept as expected
     rearmed: bool = False  # the device's detectors were re-armed after it
     schedule: str | None = None  # the schedule it is an occurrence of, if any
+    group: str | None = None  # set with its site's other devices' (the site's API)
 
     def state(self, now_ns: int) -> str:
         if now_ns < self.start_ns:
@@ -123,6 +124,7 @@ class MaintenanceSchedule:
     next: int = 0
     stopped_ns: int | None = None  # stopped through the API
     windows: list[str] = field(default_factory=list)  # ids of its occurrences, oldest first
+    group: str | None = None  # set with its site's other devices' (the site's API)
 
     def occurrence(self, k: int) -> tuple[int, int]:
         """The ``k``-th occurrence (0: the first) as (start_ns, end_ns)."""
@@ -171,6 +173,7 @@ def _json(
         "created": rfc3339(x.created_ns),
         "silence_id": silence_id,
         "anomalies": anomalies,
+        "group": x.group,
     }
 
 
@@ -195,6 +198,7 @@ class MaintenanceWindows:
         comment: str = "",
         author: str = "",
         now_ns: int | None = None,
+        group: str | None = None,
     ) -> MaintenanceWindow:
         now = time.time_ns() if now_ns is None else now_ns
         _check_span(start_ns, end_ns)
@@ -204,8 +208,9 @@ class MaintenanceWindows:
             self._prune(now)
             self._check_room(device, now)
             w = MaintenanceWindow(
-                secrets.token_hex(8), device, site, start_ns, end_ns, comment, author, now
-            )
+                secrets.token_hex(8), device, site, start_ns, end_ns, comment, author, now,
+                group=group,
+            )  # fmt: skip
             self._insert(w)
             self._write()
         return w
@@ -223,6 +228,7 @@ class MaintenanceWindows:
         author: str = "",
         silence_alerts: bool = True,
         now_ns: int | None = None,
+        group: str | None = None,
     ) -> MaintenanceSchedule:
         """A window repeated ``repeat`` from ``start_ns``..``end_ns`` (which may have
         passed: "Mondays 06:00 to 08:00 from last Monday"). Its occurrences are set as
@@ -246,7 +252,7 @@ class MaintenanceWindows:
             )
         sched = MaintenanceSchedule(
             secrets.token_hex(8), device, site, start_ns, end_ns, repeat, timezone, until_ns,
-            comment, author, now, silence_alerts,
+            comment, author, now, silence_alerts, group=group,
         )  # fmt: skip
         while sched.occurrence(sched.next)[1] <= now:  # from the first one not over
             sched.next += 1
@@ -318,6 +324,16 @@ class MaintenanceWindows:
     def schedule(self, device: str, schedule_id: str) -> MaintenanceSchedule | None:
         s = self._schedules.get(schedule_id)
         return s if s is not None and s.device == device else None
+
+    def grouped(self, site: str, group: str) -> list[tuple[str, str]]:
+        """(device, id) of the windows and schedules set together on ``site`` as ``group``
+        (a schedule's occurrences go with their schedule)."""
+        with self._lock:
+            items: list[MaintenanceWindow | MaintenanceSchedule] = [
+                w for ws in self._by_device.values() for w in ws
+            ]
+            items += self._schedules.values()
+            return [(x.device, x.id) for x in items if x.group == group and x.site == site]
 
     def schedules_of(self, device: str) -> list[MaintenanceSchedule]:
         """The device's schedules, oldest first (stopped or over ones for KEEP_ENDED_S)."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from millstream_cloud.api import alerts, anomalies, deadletters, devices, health, remote
+from millstream_cloud.api import alerts, anomalies, deadletters, devices, health, remote, sites
 from millstream_cloud.grafana import query_api
 
 ROUTERS = [
     health.router,
     devices.router,
+    sites.router,
     deadletters.router,
     anomalies.router,
     remote.router,

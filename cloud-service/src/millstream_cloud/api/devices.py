@@ -170,13 +170,16 @@ def _detection_here(services: Services, device_id: str) -> Device:
     return dev
 
 
-def _maintenance_json(services: Services, item: Any, now: int) -> dict[str, Any]:
-    """A window's JSON, or a schedule's with its occurrences kept."""
+def maintenance_json(services: Services, item: Any, now: int) -> dict[str, Any]:
+    """A window's JSON (``cancelled`` for one ended before it began), or a schedule's with
+    its occurrences kept."""
     from millstream_cloud.maintenance import MaintenanceSchedule
 
     if isinstance(item, MaintenanceSchedule):
         return item.to_json(now, services.anomalies.maintenance.occurrences(item))
     out: dict[str, Any] = item.to_json(now)
+    if item.end_ns == item.start_ns:
+        out["state"] = "cancelled"
     return out
 
 
@@ -196,36 +199,42 @@ def start_maintenance(
     window too. Marked in ``detection_events`` (the device dashboard). With ``repeat``
     (daily, weekly) the window recurs at the same time in ``timezone`` until ``until``
     (or it is deleted): the answer is the schedule, its ``next`` occurrence included."""
-    from millstream_cloud.maintenance import MaintenanceError
-
     dev = _detection_here(services, device_id)
-    now = time.time_ns()
-    sink = services.anomalies
     try:
-        if (body.end is None) == (body.duration is None):
-            raise MaintenanceError("end", "give either end or duration")
-        if body.repeat is None and (body.until is not None or body.timezone != "UTC"):
-            raise MaintenanceError("repeat", "until and timezone are for a recurring window")
-        start_ns = parse_time_ns(body.start) if body.start else now
-        if body.end is not None:
-            end_ns = parse_time_ns(body.end)
-        else:
-            assert body.duration is not None
-            end_ns = start_ns + parse_duration_ns(body.duration)
-        if body.repeat is None:
-            item: Any = sink.start_maintenance(
-                dev.id, dev.site, start_ns, end_ns, body.comment, body.author,
-                body.silence_alerts,
-            )  # fmt: skip
-        else:
-            until_ns = parse_time_ns(body.until) if body.until else None
-            item = sink.schedule_maintenance(
-                dev.id, dev.site, start_ns, end_ns, body.repeat, body.timezone, until_ns,
-                body.comment, body.author, body.silence_alerts,
-            )  # fmt: skip
+        item = create_maintenance(services, dev, body, time.time_ns())
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    return _maintenance_json(services, item, time.time_ns())
+    return maintenance_json(services, item, time.time_ns())
+
+
+def create_maintenance(
+    services: Services, dev: Device, body: Maintenance, now: int, group: str | None = None
+) -> Any:
+    """Set the window or schedule ``body`` asks for on ``dev``. Raises ValueError
+    (MaintenanceError naming the field) for one that cannot be set."""
+    from millstream_cloud.maintenance import MaintenanceError
+
+    sink = services.anomalies
+    if (body.end is None) == (body.duration is None):
+        raise MaintenanceError("end", "give either end or duration")
+    if body.repeat is None and (body.until is not None or body.timezone != "UTC"):
+        raise MaintenanceError("repeat", "until and timezone are for a recurring window")
+    start_ns = parse_time_ns(body.start) if body.start else now
+    if body.end is not None:
+        end_ns = parse_time_ns(body.end)
+    else:
+        assert body.duration is not None
+        end_ns = start_ns + parse_duration_ns(body.duration)
+    if body.repeat is None:
+        return sink.start_maintenance(
+            dev.id, dev.site, start_ns, end_ns, body.comment, body.author,
+            body.silence_alerts, group,
+        )  # fmt: skip
+    until_ns = parse_time_ns(body.until) if body.until else None
+    return sink.schedule_maintenance(
+        dev.id, dev.site, start_ns, end_ns, body.repeat, body.timezone, until_ns,
+        body.comment, body.author, body.silence_alerts, group,
+    )  # fmt: skip
 
 
 @router.get(
@@ -239,7 +248,7 @@ def list_maintenance(device_id: str, services: Services = Depends(get_services))
     book = services.anomalies.maintenance
     return {
         "maintenance": [w.to_json(now) for w in book.of(dev.id)],
-        "schedules": [_maintenance_json(services, s, now) for s in book.schedules_of(dev.id)],
+        "schedules": [maintenance_json(services, s, now) for s in book.schedules_of(dev.id)],
     }
 
 
@@ -260,10 +269,7 @@ def end_maintenance(
         raise HTTPException(
             404, f"no maintenance window {window_id!r} on device {dev.id!r}"
         ) from None
-    out = _maintenance_json(services, item, time.time_ns())
-    if "repeat" not in out and item.end_ns == item.start_ns:  # a window that never began
-        out["state"] = "cancelled"
-    return out
+    return maintenance_json(services, item, time.time_ns())
 
 
 class Backtest(BaseModel):
