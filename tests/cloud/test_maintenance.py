@@ -729,3 +729,41 @@ def test_a_sites_devices_take_a_window_together_and_end_it_together(tmp_path: Pa
             assert sorted(body["elsewhere"]) == [d for d in many if not Shard(0, 2).owns(d)]
     finally:
         services.stop()
+
+
+def test_an_anomaly_alert_fires_while_the_detectors_hold_its_metric_out_of_line(
+    tmp_path: Path,
+) -> None:
+    """A stuck sensor is reported once; its alert (AnomalyDetected, resolve_after 5m) stays
+    firing past 5 minutes while the sensor is still stuck, and resolves once it moves."""
+    settings = Settings(data_dir=str(tmp_path))
+    services, _ = _service(settings)
+    sink, alerts = services.anomalies, services.alerts
+    assert alerts is not None
+    minutes = 60 * S
+
+    def firing() -> list[tuple[str, str]]:  # (ticked 10 minutes on, the device is offline too)
+        return [
+            (a["labels"]["alertname"], a["labels"].get("metric", ""))
+            for a in alerts.list_alerts(state="firing")
+            if a["labels"]["alertname"] == "AnomalyDetected"
+        ]
+
+    try:
+        msgs = [birth("press-01", "press", T0)]
+        msgs += [telemetry("press-01", 0, _noisy(0, 200, 1), T0 + 200 * S)]
+        msgs += [telemetry("press-01", 1, _stuck(200, 40), T0 + 240 * S)]
+        services.pipeline.process(msgs)
+        assert [(a.detector, a.metric) for a in sink.recent] == [("stuck", "temp")]
+        assert firing() == [("AnomalyDetected", "temp")]
+        sink.refresh_out_of_line()
+        assert sink.holds("press-01", "temp") and not sink.holds("press-01", "flow")
+        alerts.tick(time.time_ns() + 10 * minutes)
+        assert firing() == [("AnomalyDetected", "temp")]  # still stuck: still firing
+        services.pipeline.process([telemetry("press-01", 2, _noisy(240, 20, 2), T0 + 260 * S)])
+        sink.refresh_out_of_line()
+        assert not sink.holds("press-01", "temp")
+        alerts.tick(time.time_ns() + 11 * minutes)
+        assert firing() == []
+    finally:
+        services.stop()

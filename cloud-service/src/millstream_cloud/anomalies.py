@@ -164,6 +164,10 @@ class AnomalySink:
         # alerted (the API sets them; services.py gives them their file beside the state).
         self.maintenance = MaintenanceWindows()
         self.silencer: Silencer | None = None  # the alert engine, if any
+        # (device, metric) the detectors hold out of line, refreshed by the detection
+        # thread every HOLD_EVERY_S: their anomaly alerts stay firing (``holds``).
+        self.out_of_line: frozenset[tuple[str, str]] = frozenset()
+        self._next_hold = 0.0
         self._next_due = 0.0  # monotonic time to set the schedules' next occurrences
         self._lock = threading.Lock()
         self._engine_lock = threading.Lock()  # observe and save vs. relearn from the API
@@ -507,6 +511,24 @@ class AnomalySink:
             raise KeyError(group)
         return [self.end_maintenance(device, item) for device, item in members]
 
+    def refresh_out_of_line(self) -> None:
+        """Read what the detectors hold out of line now (``DetectionEngine.out_of_line``);
+        on failure the last answer stands (logged)."""
+        read = getattr(self.detector, "out_of_line", None)
+        if read is None:
+            return
+        try:
+            with self._engine_lock:
+                self.out_of_line = frozenset(read())
+        except Exception:
+            log.exception("reading what the detectors hold out of line failed")
+
+    def holds(self, device: str, metric: str) -> bool:
+        """Whether the detectors still hold ``metric`` of ``device`` out of line (an
+        anomaly they reported once, a stuck sensor or a device model's incident): its
+        anomaly alert stays firing meanwhile."""
+        return (device, metric) in self.out_of_line
+
     def _ended(self, w: MaintenanceWindow, now: int) -> None:
         # The start marker (same time and tags: rewritten) says what became of the window.
         if w.end_ns == w.start_ns:  # never began
@@ -647,6 +669,8 @@ class AnomalySink:
     RETRY_MAX_S = 30.0
     # How often the schedules' next occurrences are set (each one period ahead).
     DUE_EVERY_S = 60.0
+    # How often what the detectors hold out of line is read for the alert engine.
+    HOLD_EVERY_S = 10.0
 
     def _pace(self, spent_s: float) -> None:
         if self.busy is not None and self.busy():
@@ -666,6 +690,9 @@ class AnomalySink:
             if time.monotonic() >= next_save:
                 self._save()
                 next_save = time.monotonic() + self.save_interval_s
+            if time.monotonic() >= self._next_hold:
+                self._next_hold = time.monotonic() + self.HOLD_EVERY_S
+                self.refresh_out_of_line()
             if time.monotonic() >= self._next_due:
                 self._next_due = time.monotonic() + self.DUE_EVERY_S
                 try:

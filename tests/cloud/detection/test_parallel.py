@@ -157,6 +157,10 @@ def test_describe_and_relearn_reach_the_process_that_holds_the_device(
     assert two.rearm("press-02") == {"stuck": 1, "device_model": 0}
     again = two.observe([Reading("press-02", "s", "temp", t0 + 70 * 10**9, 21.5)])
     assert [(a.detector, a.metric) for a in again] == [("stuck", "temp")]
+    # What the detectors hold out of line, gathered from the process that holds it.
+    assert two.out_of_line() == [("press-02", "temp")]
+    two.observe([Reading("press-02", "s", "temp", t0 + 71 * 10**9, 20.3)])
+    assert two.out_of_line() == []
 
 
 def test_a_process_that_dies_costs_its_batch_and_is_started_again_from_the_last_save(

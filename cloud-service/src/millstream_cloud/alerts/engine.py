@@ -68,6 +68,9 @@ class AlertEngine:
         self.on_change = on_change
         self.on_forget = on_forget
         self.resolved_retention_ns = resolved_retention_ns
+        # Whether the detectors still hold a (device, metric) out of line: an anomaly alert
+        # on it does not resolve meanwhile (the detectors report an incident once).
+        self.held: Callable[[str, str], bool] | None = None
         self.rules: dict[str, AnyRule] = {}
         self.alerts: dict[str, Alert] = {a.fingerprint: a for a in store.load_alerts()}
         self._by_metric: dict[str, list[AnyRule]] = {}
@@ -328,6 +331,12 @@ class AlertEngine:
                 }
                 self._condition(rule, labels, fp, True, now, a.likelihood, extra)
 
+    def _held(self, alert: Alert) -> bool:
+        labels = alert.labels
+        return self.held is not None and self.held(
+            labels.get("device", ""), labels.get("metric", "")
+        )
+
     def evaluate_time(self, now: int, devices: Iterable[DeviceLike]) -> None:
         """Everything that changes with time alone: offline, no data, expiries, ``for``."""
         if self._offline:
@@ -350,7 +359,7 @@ class AlertEngine:
                 continue
             if isinstance(rule, AnomalyRule) and alert.state in ACTIVE:
                 last = alert.last_true_at or alert.active_at
-                if now - last >= parse_duration(rule.resolve_after):
+                if now - last >= parse_duration(rule.resolve_after) and not self._held(alert):
                     self._condition(rule, alert.labels, alert.fingerprint, False, now)
                     continue
             if alert.state == "pending" and now - alert.active_at >= rule.for_ns:

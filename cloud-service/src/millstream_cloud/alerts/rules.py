@@ -5,7 +5,8 @@ Five kinds, chosen by ``type``:
 - ``threshold``: a metric beyond a level, with ``for`` and a separate ``clear`` level
   (hysteresis) so a value hovering at the threshold does not flap.
 - ``anomaly``: a detector's anomaly with at least ``min_likelihood``; it stays active
-  until no such anomaly was seen for ``resolve_after``.
+  until no such anomaly was seen for ``resolve_after`` and the detectors no longer hold
+  its metric out of line (an incident is reported once, and lasts).
 - ``offline``: a device (``scope: device``) or a whole site (``scope: site``, every device
   of it) offline by its status (last will) or by a last seen older than ``stale_after``.
 - ``no_data``: a metric that stopped arriving for ``after``.
@@ -186,7 +187,11 @@ class AnomalyRule(_Base):
     min_likelihood: float = Field(0.9, ge=0.0, le=1.0)
     metric: str | None = Field(None, description="only anomalies of this metric")
     detector: str | None = Field(None, description="only anomalies from this detector")
-    resolve_after: str = Field("5m", description="resolves when no anomaly was seen this long")
+    resolve_after: str = Field(
+        "5m",
+        description="resolves when no anomaly was seen this long and the detectors no "
+        "longer hold its metric out of line",
+    )
 
     @field_validator("resolve_after")
     @classmethod

@@ -163,6 +163,8 @@ class AlertService:
         if anomalies is not None and hasattr(anomalies, "hooks"):
             anomalies.hooks.append(svc.observe_anomalies)
             anomalies.silencer = svc  # maintenance windows silence their device's alerts
+            if hasattr(anomalies, "holds"):  # anomaly alerts fire while still out of line
+                svc.engine.held = anomalies.holds
         services.extras["alerts"] = svc
         if hasattr(services, "alerts"):
             services.alerts = svc

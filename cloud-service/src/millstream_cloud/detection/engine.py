@@ -1246,6 +1246,16 @@ class DetectionEngine:
             self._dirty.add(device)
         return {"stuck": n, "device_model": still_open}
 
+    def out_of_line(self) -> list[tuple[str, str]]:
+        """(device, metric) the detectors hold out of line now, each reported once: a
+        device model's open incidents and sensors reported stuck and still stuck. An
+        anomaly alert on one stays firing (``AlertEngine.held``), as a threshold alert does
+        while its condition holds."""
+        out = [key for key, det in self.stuck.items() if det.raised]
+        for device, dev in self.devices.items():
+            out += [(device, dev.metrics[j]) for j in dev.open if j < len(dev.metrics)]
+        return out
+
     def _detector(self, device: str, metric: str) -> StreamingEnsemble:
         key = (device, metric)
         det = self.metrics.get(key)

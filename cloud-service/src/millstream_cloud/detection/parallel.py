@@ -113,6 +113,8 @@ def _handle(engine: DetectionEngine, op: str, arg: Any) -> Any:
         return engine.relearn(arg)
     if op == "rearm":
         return engine.rearm(arg)
+    if op == "out_of_line":
+        return engine.out_of_line()
     if op == "flush":
         return engine.flush()
     if op == "save":
@@ -289,6 +291,10 @@ class PartitionedEngine:
         with self._lock:
             result: dict[str, int] = self._child(device).call("rearm", device)
         return result
+
+    def out_of_line(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return [(str(d), str(m)) for found in self._all("out_of_line") for d, m in found]
 
     def restore(self, directory: Path) -> bool:
         """Each child loads its partition's devices from ``directory`` (as ``save`` or one
