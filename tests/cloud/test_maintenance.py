@@ -767,3 +767,17 @@ def test_an_anomaly_alert_fires_while_the_detectors_hold_its_metric_out_of_line(
         assert firing() == []
     finally:
         services.stop()
+
+
+def test_windows_set_together_are_saved_once_at_the_end(tmp_path: Path) -> None:
+    """A site's windows: one write of the file for all of them, not one per window."""
+    path = tmp_path / "maintenance.json"
+    book = MaintenanceWindows(path)
+    book.add("press-00", "plant-a", T0, T0 + 3600 * S, now_ns=T0)
+    with book.saved_once():
+        for i in range(1, 4):
+            book.add(f"press-{i:02d}", "plant-a", T0, T0 + 3600 * S, now_ns=T0)
+        assert list(json.loads(path.read_text())["windows"]) == ["press-00"]  # not yet
+    again = MaintenanceWindows(path)
+    again.load()
+    assert all(again.of(f"press-{i:02d}", T0) for i in range(4))

@@ -509,7 +509,8 @@ class AnomalySink:
         members = self.maintenance.grouped(site, group)
         if not members:
             raise KeyError(group)
-        return [self.end_maintenance(device, item) for device, item in members]
+        with self.maintenance.saved_once():
+            return [self.end_maintenance(device, item) for device, item in members]
 
     def refresh_out_of_line(self) -> None:
         """Read what the detectors hold out of line now (``DetectionEngine.out_of_line``);

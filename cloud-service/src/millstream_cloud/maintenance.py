@@ -26,12 +26,13 @@ for it, and the API lists the next one before it begins.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -185,6 +186,8 @@ class MaintenanceWindows:
         self._by_device: dict[str, list[MaintenanceWindow]] = {}
         self._schedules: dict[str, MaintenanceSchedule] = {}  # by id
         self._lock = threading.RLock()  # stop_schedule ends windows under it
+        self._deferred = 0  # inside saved_once: writes wait for its end
+        self._unsaved = False
 
     def __bool__(self) -> bool:
         return bool(self._by_device)
@@ -449,10 +452,27 @@ class MaintenanceWindows:
             if sched.over(now_ns) and not sched.windows and stopped_long_ago:
                 del self._schedules[sid]  # stopped or over, its last occurrence gone
 
+    @contextlib.contextmanager
+    def saved_once(self) -> Iterator[None]:
+        """Changes made inside are saved once, at the end (a site's hundreds of windows set
+        or ended together: one write of the file, not one per window)."""
+        with self._lock:
+            self._deferred += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._deferred -= 1
+                if not self._deferred and self._unsaved:
+                    self._write()
+
     def _write(self) -> None:
         """Save every window (called with the lock held). A failed write is logged: the
         windows still hold in this process, and are lost at its restart."""
         if self.path is None:
+            return
+        self._unsaved = bool(self._deferred)
+        if self._unsaved:
             return
         data = {
             "version": 2,

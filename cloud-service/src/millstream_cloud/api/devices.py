@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from millstream_cloud.anomalies import DescribesDevices
 from millstream_cloud.api.deps import get_services
+from millstream_cloud.maintenance import MaintenanceError, MaintenanceSchedule
 from millstream_cloud.registry import Device
 from millstream_cloud.security.auth import needs_scope
 from millstream_cloud.services import Services, detection_shard
@@ -173,8 +174,6 @@ def _detection_here(services: Services, device_id: str) -> Device:
 def maintenance_json(services: Services, item: Any, now: int) -> dict[str, Any]:
     """A window's JSON (``cancelled`` for one ended before it began), or a schedule's with
     its occurrences kept."""
-    from millstream_cloud.maintenance import MaintenanceSchedule
-
     if isinstance(item, MaintenanceSchedule):
         return item.to_json(now, services.anomalies.maintenance.occurrences(item))
     out: dict[str, Any] = item.to_json(now)
@@ -212,8 +211,6 @@ def create_maintenance(
 ) -> Any:
     """Set the window or schedule ``body`` asks for on ``dev``. Raises ValueError
     (MaintenanceError naming the field) for one that cannot be set."""
-    from millstream_cloud.maintenance import MaintenanceError
-
     sink = services.anomalies
     if (body.end is None) == (body.duration is None):
         raise MaintenanceError("end", "give either end or duration")

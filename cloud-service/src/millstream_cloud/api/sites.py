@@ -56,17 +56,18 @@ def start_site_maintenance(
     now = time.time_ns()
     made: list[Any] = []
     refused: dict[str, str] = {}
-    for dev in devices:
-        if not shard.owns(dev.id):
-            continue
-        try:
-            made.append(create_maintenance(services, dev, body, now, group))
-        except MaintenanceError as exc:
-            if exc.field != "device":  # the request's fault, the same for every device
+    with services.anomalies.maintenance.saved_once():
+        for dev in devices:
+            if not shard.owns(dev.id):
+                continue
+            try:
+                made.append(create_maintenance(services, dev, body, now, group))
+            except MaintenanceError as exc:
+                if exc.field != "device":  # the request's fault, the same for every device
+                    raise HTTPException(422, str(exc)) from None
+                refused[dev.id] = str(exc)
+            except ValueError as exc:  # a bad time or duration: nothing was set
                 raise HTTPException(422, str(exc)) from None
-            refused[dev.id] = str(exc)
-        except ValueError as exc:  # a bad time or duration: nothing was set
-            raise HTTPException(422, str(exc)) from None
     now = time.time_ns()
     return {
         "site": site,
