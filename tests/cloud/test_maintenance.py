@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from millstream_cloud.app import create_app
+from millstream_cloud.detection.engine import DetectionEngine
 from millstream_cloud.maintenance import (
     KEEP_ENDED_S,
     MAX_PER_DEVICE,
@@ -781,3 +782,146 @@ def test_windows_set_together_are_saved_once_at_the_end(tmp_path: Path) -> None:
     again = MaintenanceWindows(path)
     again.load()
     assert all(again.of(f"press-{i:02d}", T0) for i in range(4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shift_sigma", [0.0, 6.0])
+def test_after_an_unplanned_stop_a_fault_from_the_restart_on_is_reported(
+    tmp_path: Path, shift_sigma: float
+) -> None:
+    """No window: the motor's stop alerts, and its incident (on the metrics that fell)
+    outlives the restart. A fault from the restart on (the vibration 6 sigma high) kept
+    that incident open and was never reported; now, once one of the incident's metrics is
+    back in line and the aftermath of the stop is over, what is still out of line is
+    judged again and reported, named. A healthy restart reports nothing after it, and
+    its incident's metrics back in line no longer hold their anomaly alerts firing."""
+    services, handed_on = _service(Settings(data_dir=str(tmp_path)))
+    try:
+        sink = services.anomalies
+        for batch in _stopped_motor(shift_sigma):
+            sink.process(batch)
+        restart = T0 + 22 * 3600 * S
+        stop = [a for a in handed_on if a.time_ns < restart]
+        after = [a for a in handed_on if a.time_ns >= restart]
+        assert len(stop) >= 2  # the stop itself, as before
+        engine = sink.detector
+        assert isinstance(engine, DetectionEngine)
+        dev = engine.devices["motor-00"]
+        if not shift_sigma:
+            assert after == []
+            # The stop's incident is still open (another metric's residual keeps it so),
+            # but none of its metrics is out of line: their alerts may resolve.
+            assert dev.open
+            assert [m for d, m in engine.out_of_line() if d == "motor-00"] == []
+            return
+        assert [(a.detector, a.metric) for a in after] == [("virtual_sensor", "vibration_mm_s")]
+        assert after[0].time_ns > restart + 3600 * S  # once the stop's aftermath is over
+        assert "came back in line" in after[0].explanation
+        assert "above what the other metrics predict" in after[0].explanation
+        assert ("motor-00", "vibration_mm_s") in engine.out_of_line()
+    finally:
+        services.stop()
+
+
+@pytest.mark.slow
+def test_the_judgement_after_a_restart_survives_a_save_and_load(tmp_path: Path) -> None:
+    """Saved between the restart and the report (one of the stop's metrics back in line,
+    the aftermath still running), a loaded engine reports the same, at the same time."""
+    engine = DetectionEngine()
+    batches = _stopped_motor(6.0)
+    mid = T0 + 24 * 3600 * S
+    cut = next(i for i, b in enumerate(batches) if b[0].time_ns >= mid)
+    for batch in batches[:cut]:
+        engine.observe(batch)
+    dev = engine.devices["motor-00"]
+    assert dev.rearm_rows and dev.rearm_back >= 0  # counting down, as after the restart
+    engine.save(tmp_path)
+    again = DetectionEngine.load(tmp_path)
+    found = [engine.observe(b) for b in batches[cut:]]
+    assert found == [again.observe(b) for b in batches[cut:]]
+    assert [a.metric for f in found for a in f] == ["vibration_mm_s"]
+
+
+def _telemetry(device: str, site: str, at: int) -> object:
+    from millstream_cloud.ingest.pipeline import Message
+
+    row = {"ts": rfc3339(at), "metric": "temp", "value": 60.0}
+    body = {"v": 1, "device": device, "seq": 1, "readings": [row]}
+    return Message(f"millstream/v1/{site}/{device}/telemetry", json.dumps(body).encode(), at)
+
+
+def test_a_device_joining_a_site_during_its_maintenance_takes_it_too(tmp_path: Path) -> None:
+    """A machine installed during a plant's shutdown, or in the months a nightly site
+    schedule runs, is covered as the site's devices were when it was set: its first
+    reading gives it its own window (and schedule), with its silence, once. Another
+    site's device is not; after the group is ended, nor is a new one; a restart keeps
+    what the site holds and who was given it."""
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    now = time.time_ns()
+    services.pipeline.process([_born("press-01", "plant-a", now)])
+    url = "/api/v1/sites/plant-a/detection/maintenance"
+    book = services.anomalies.maintenance
+    try:
+        with TestClient(create_app(settings, services, start=False)) as client:
+            shutdown = client.post(url, json={"duration": "2h", "comment": "shutdown"}).json()
+            nightly = client.post(
+                url, json={"duration": "1h", "repeat": "daily", "comment": "cleaning"}
+            ).json()
+            groups = client.get(url).json()["groups"]
+            assert [(g["group"], g["state"], g["devices"]) for g in groups] == [
+                (shutdown["group"], "holding", 1),
+                (nightly["group"], "holding", 1),
+            ]
+            services.pipeline.process(
+                [_telemetry("press-02", "plant-a", now), _telemetry("lathe-01", "plant-b", now)]
+            )
+            joined = book.of("press-02")
+            # The one-off window, and the schedule with its occurrences (which go with it).
+            assert [w.group for w in joined if w.schedule is None] == [shutdown["group"]]
+            assert [s.group for s in book.schedules_of("press-02")] == [nightly["group"]]
+            assert {w.schedule for w in joined if w.group is None} == {
+                book.schedules_of("press-02")[0].id
+            }
+            one_off = next(w for w in joined if w.group == shutdown["group"])
+            assert (one_off.start_ns, one_off.end_ns) == (
+                parse_time_ns(shutdown["maintenance"][0]["start"]),
+                parse_time_ns(shutdown["maintenance"][0]["end"]),
+            )
+            silence = client.get(f"/api/v1/silences/{one_off.silence_id}").json()
+            assert 'device="press-02"' in silence["matchersText"]
+            assert book.of("lathe-01") == [] and book.schedules_of("lathe-01") == []
+            services.pipeline.process([_telemetry("press-02", "plant-a", now + S)])
+            assert len(book.of("press-02")) == len(joined)  # given once
+            # The device's own window ended on its own: not given again (below, restarted).
+            client.delete(f"/api/v1/devices/press-02/detection/maintenance/{one_off.id}")
+
+            res = client.delete(f"{url}/{shutdown['group']}")
+            assert res.status_code == 200
+            assert sorted(w["device"] for w in res.json()["maintenance"]) == [
+                "press-01",
+                "press-02",
+            ]
+            services.pipeline.process([_telemetry("press-03", "plant-a", now + 2 * S)])
+            assert book.of("press-03") and all(w.schedule for w in book.of("press-03"))
+            assert [s.group for s in book.schedules_of("press-03")] == [nightly["group"]]
+            states = {g["group"]: g["state"] for g in client.get(url).json()["groups"]}
+            assert states == {shutdown["group"]: "ended", nightly["group"]: "holding"}
+    finally:
+        services.stop()
+    again = Services.build(settings, with_subscriber=False)
+    try:
+        book = again.anomalies.maintenance
+        given = {g.group: sorted(g.members) for g in book.sites("plant-a")}
+        assert given == {
+            shutdown["group"]: ["press-01", "press-02"],
+            nightly["group"]: ["press-01", "press-02", "press-03"],
+        }
+        n = len(book.of("press-02"))
+        again.pipeline.process(
+            [_telemetry("press-02", "plant-a", now + 3 * S), _telemetry("press-04", "plant-a", now)]
+        )
+        assert len(book.of("press-02")) == n
+        assert [s.group for s in book.schedules_of("press-04")] == [nightly["group"]]
+    finally:
+        again.stop()

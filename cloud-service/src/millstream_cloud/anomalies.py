@@ -25,9 +25,11 @@ from typing import Any, Protocol, runtime_checkable
 from prometheus_client import Counter, Gauge
 
 from millstream_cloud.maintenance import (
+    MaintenanceError,
     MaintenanceSchedule,
     MaintenanceWindow,
     MaintenanceWindows,
+    SiteMaintenance,
 )
 from millstream_cloud.metrics import ServiceMetrics
 from millstream_cloud.model import Anomaly, Reading
@@ -163,6 +165,7 @@ class AnomalySink:
         # Planned work on a device: what its detectors raise then is kept as expected, not
         # alerted (the API sets them; services.py gives them their file beside the state).
         self.maintenance = MaintenanceWindows()
+        self._heard: set[str] = set()  # devices checked for the sites' windows to join
         self.silencer: Silencer | None = None  # the alert engine, if any
         # (device, metric) the detectors hold out of line, refreshed by the detection
         # thread every HOLD_EVERY_S: their anomaly alerts stay firing (``holds``).
@@ -307,6 +310,7 @@ class AnomalySink:
     def process(self, readings: Sequence[Reading]) -> None:
         if self.detector is None:
             return
+        self._join_sites(readings)
         # A device's readings up to the end of its maintenance window, then its detectors
         # re-armed, then the rest (each device's readings stay in order), which may pass
         # the end of another window.
@@ -390,6 +394,41 @@ class AnomalySink:
         w = self.maintenance.add(device, site, start_ns, end_ns, comment, author, group=group)
         self._begin(w, silence_alerts)
         return w
+
+    def _join_sites(self, readings: Sequence[Reading]) -> None:
+        """A device first heard from (by this process) while a window or schedule set on
+        its whole site holds takes its own, as the site's devices did when it was set."""
+        if not self.maintenance.sites():
+            return
+        heard = self._heard
+        new = {r.device: r.site for r in readings if r.device not in heard}
+        now = time.time_ns()
+        for device, site in new.items():
+            heard.add(device)
+            for rec in self.maintenance.joining(device, site, now):
+                try:
+                    self._join(device, rec)
+                except MaintenanceError as exc:  # at its limit of windows: logged
+                    log.warning(
+                        "detection: %s joined site %s during maintenance group %s, not set: %s",
+                        device,
+                        site,
+                        rec.group,
+                        exc,
+                    )
+
+    def _join(self, device: str, rec: SiteMaintenance) -> None:
+        log.info("detection: %s joins site %s's maintenance %s", device, rec.site, rec.group)
+        if rec.repeat is None:
+            self.start_maintenance(
+                device, rec.site, rec.start_ns, rec.end_ns, rec.comment, rec.author,
+                rec.silence_alerts, rec.group,
+            )  # fmt: skip
+        else:
+            self.schedule_maintenance(
+                device, rec.site, rec.start_ns, rec.end_ns, rec.repeat, rec.timezone,
+                rec.until_ns, rec.comment, rec.author, rec.silence_alerts, rec.group,
+            )  # fmt: skip
 
     def schedule_maintenance(
         self,
@@ -505,9 +544,11 @@ class AnomalySink:
 
     def end_group(self, site: str, group: str) -> list[MaintenanceWindow | MaintenanceSchedule]:
         """End the windows and stop the schedules set together on ``site`` (the site's
-        API). Raises KeyError if there are none."""
+        API), and give it to no device joining the site. Raises KeyError if there are
+        none."""
         members = self.maintenance.grouped(site, group)
-        if not members:
+        known = self.maintenance.end_site(site, group, time.time_ns())
+        if not members and not known:
             raise KeyError(group)
         with self.maintenance.saved_once():
             return [self.end_maintenance(device, item) for device, item in members]

@@ -158,6 +158,60 @@ class MaintenanceSchedule:
         }
 
 
+@dataclass(slots=True)
+class SiteMaintenance:
+    """A window or schedule set on a whole site as ``group`` (the site's API): every device
+    of the site known then took its own, and a device first heard from while it holds (a
+    machine installed during a shutdown, or in the months a nightly site schedule runs)
+    takes one too (``AnomalySink``). ``members``: the devices given it, so a device whose
+    window was ended on its own is not given another."""
+
+    group: str
+    site: str
+    start_ns: int
+    end_ns: int
+    repeat: str | None = None
+    timezone: str = "UTC"
+    until_ns: int | None = None
+    comment: str = ""
+    author: str = ""
+    silence_alerts: bool = True
+    created_ns: int = 0
+    members: list[str] = field(default_factory=list)
+    ended_ns: int | None = None  # ended through the API
+
+    def holds(self, now_ns: int) -> bool:
+        """Whether a device joining the site now takes it."""
+        if self.ended_ns is not None:
+            return False
+        if self.repeat is None:
+            return now_ns < self.end_ns
+        return self.until_ns is None or now_ns < self.until_ns
+
+    def over_since(self) -> int | None:
+        """When it stopped holding for good (None: it still may)."""
+        if self.ended_ns is not None:
+            return self.ended_ns
+        return self.end_ns if self.repeat is None else self.until_ns
+
+    def to_json(self, now_ns: int) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "site": self.site,
+            "start": rfc3339(self.start_ns),
+            "end": rfc3339(self.end_ns),
+            "repeat": self.repeat,
+            "timezone": self.timezone,
+            "until": rfc3339(self.until_ns) if self.until_ns is not None else None,
+            "comment": self.comment,
+            "author": self.author,
+            "silence_alerts": self.silence_alerts,
+            "created": rfc3339(self.created_ns),
+            "state": "holding" if self.holds(now_ns) else "ended",
+            "devices": len(self.members),
+        }
+
+
 def _json(
     x: MaintenanceWindow | MaintenanceSchedule, state: str, silence_id: str | None, anomalies: int
 ) -> dict[str, Any]:
@@ -185,6 +239,7 @@ class MaintenanceWindows:
         self.path = path
         self._by_device: dict[str, list[MaintenanceWindow]] = {}
         self._schedules: dict[str, MaintenanceSchedule] = {}  # by id
+        self._sites: dict[str, SiteMaintenance] = {}  # by group
         self._lock = threading.RLock()  # stop_schedule ends windows under it
         self._deferred = 0  # inside saved_once: writes wait for its end
         self._unsaved = False
@@ -338,6 +393,46 @@ class MaintenanceWindows:
             items += self._schedules.values()
             return [(x.device, x.id) for x in items if x.group == group and x.site == site]
 
+    def add_site(self, rec: SiteMaintenance) -> None:
+        """Remember a site's window or schedule, for the devices that join the site."""
+        with self._lock:
+            self._sites[rec.group] = rec
+            self._write()
+
+    def sites(self, site: str | None = None) -> list[SiteMaintenance]:
+        """The sites' windows and schedules (of ``site``), oldest first."""
+        with self._lock:
+            return sorted(
+                (r for r in self._sites.values() if site is None or r.site == site),
+                key=lambda r: (r.created_ns, r.group),
+            )
+
+    def joining(self, device: str, site: str, now_ns: int) -> list[SiteMaintenance]:
+        """The site's windows and schedules holding now that ``device`` has not been
+        given; marked as given (saved), as the caller sets them."""
+        with self._lock:
+            out = [
+                r
+                for r in self._sites.values()
+                if r.site == site and device not in r.members and r.holds(now_ns)
+            ]
+            for r in out:
+                r.members.append(device)
+            if out:
+                self._write()
+            return out
+
+    def end_site(self, site: str, group: str, now_ns: int) -> bool:
+        """Stop giving ``group`` to devices joining ``site``; whether it was there."""
+        with self._lock:
+            rec = self._sites.get(group)
+            if rec is None or rec.site != site:
+                return False
+            if rec.ended_ns is None:
+                rec.ended_ns = now_ns
+                self._write()
+            return True
+
     def schedules_of(self, device: str) -> list[MaintenanceSchedule]:
         """The device's schedules, oldest first (stopped or over ones for KEEP_ENDED_S)."""
         with self._lock:
@@ -451,6 +546,10 @@ class MaintenanceWindows:
             stopped_long_ago = (sched.stopped_ns or 0) <= keep_from
             if sched.over(now_ns) and not sched.windows and stopped_long_ago:
                 del self._schedules[sid]  # stopped or over, its last occurrence gone
+        for group, rec in list(self._sites.items()):
+            over = rec.over_since()
+            if over is not None and over <= keep_from:
+                del self._sites[group]
 
     @contextlib.contextmanager
     def saved_once(self) -> Iterator[None]:
@@ -478,6 +577,7 @@ class MaintenanceWindows:
             "version": 2,
             "windows": {d: [asdict(w) for w in ws] for d, ws in self._by_device.items()},
             "schedules": [asdict(x) for x in self._schedules.values()],
+            "sites": [asdict(r) for r in self._sites.values()],
         }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -519,15 +619,21 @@ class MaintenanceWindows:
                 log.warning("detection: %s is unreadable (%s); not read", other, exc)
         windows: dict[str, MaintenanceWindow] = {}
         schedules: dict[str, MaintenanceSchedule] = {}
-        for _, (ws, ss) in sorted(found, key=lambda f: f[0]):  # the newest copy last
+        sites: dict[str, SiteMaintenance] = {}
+        for _, (ws, ss, rs) in sorted(found, key=lambda f: f[0]):  # the newest copy last
             windows.update((w.id, w) for w in ws if owns is None or owns(w.device))
             schedules.update((x.id, x) for x in ss if owns is None or owns(x.device))
+            for r in rs:  # every layout's devices given it
+                if r.group in sites:
+                    r.members = sorted(set(r.members) | set(sites[r.group].members))
+                sites[r.group] = r
         loaded: dict[str, list[MaintenanceWindow]] = {}
         for w in sorted(windows.values(), key=lambda x: x.start_ns):
             loaded.setdefault(w.device, []).append(w)
         with self._lock:
             self._by_device = loaded
             self._schedules = schedules
+            self._sites = sites
             self._prune(time.time_ns())
             if len(found) > 1:
                 self._write()  # now the newest
@@ -541,7 +647,7 @@ class MaintenanceWindows:
             )
 
 
-_Saved = tuple[list[MaintenanceWindow], list[MaintenanceSchedule]]
+_Saved = tuple[list[MaintenanceWindow], list[MaintenanceSchedule], list[SiteMaintenance]]
 
 
 def _read(path: Path) -> _Saved:
@@ -551,6 +657,7 @@ def _read(path: Path) -> _Saved:
         raw = {"windows": raw, "schedules": []}
     windows = [MaintenanceWindow(**w) for ws in raw["windows"].values() for w in ws]
     schedules = [MaintenanceSchedule(**x) for x in raw["schedules"]]
+    sites = [SiteMaintenance(**r) for r in raw.get("sites", ())]
     spans = [(w.id, w.start_ns, w.end_ns) for w in windows]
     spans += [(x.id, x.start_ns, x.end_ns) for x in schedules]
     for wid, start, end in spans:
@@ -558,7 +665,7 @@ def _read(path: Path) -> _Saved:
             raise TypeError(f"window {wid!r}: start_ns and end_ns must be integers")
     for x in schedules:
         x.occurrence(x.next)  # an unknown repeat or time zone
-    return windows, schedules
+    return windows, schedules, sites
 
 
 def _check_span(start_ns: int, end_ns: int) -> None:

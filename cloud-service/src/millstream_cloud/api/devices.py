@@ -206,12 +206,9 @@ def start_maintenance(
     return maintenance_json(services, item, time.time_ns())
 
 
-def create_maintenance(
-    services: Services, dev: Device, body: Maintenance, now: int, group: str | None = None
-) -> Any:
-    """Set the window or schedule ``body`` asks for on ``dev``. Raises ValueError
-    (MaintenanceError naming the field) for one that cannot be set."""
-    sink = services.anomalies
+def maintenance_span(body: Maintenance, now: int) -> tuple[int, int, int | None]:
+    """The (first) window's start and end and the schedule's ``until`` that ``body``
+    asks for. Raises ValueError (MaintenanceError naming the field) for a bad body."""
     if (body.end is None) == (body.duration is None):
         raise MaintenanceError("end", "give either end or duration")
     if body.repeat is None and (body.until is not None or body.timezone != "UTC"):
@@ -222,12 +219,21 @@ def create_maintenance(
     else:
         assert body.duration is not None
         end_ns = start_ns + parse_duration_ns(body.duration)
+    return start_ns, end_ns, parse_time_ns(body.until) if body.until else None
+
+
+def create_maintenance(
+    services: Services, dev: Device, body: Maintenance, now: int, group: str | None = None
+) -> Any:
+    """Set the window or schedule ``body`` asks for on ``dev``. Raises ValueError
+    (MaintenanceError naming the field) for one that cannot be set."""
+    sink = services.anomalies
+    start_ns, end_ns, until_ns = maintenance_span(body, now)
     if body.repeat is None:
         return sink.start_maintenance(
             dev.id, dev.site, start_ns, end_ns, body.comment, body.author,
             body.silence_alerts, group,
         )  # fmt: skip
-    until_ns = parse_time_ns(body.until) if body.until else None
     return sink.schedule_maintenance(
         dev.id, dev.site, start_ns, end_ns, body.repeat, body.timezone, until_ns,
         body.comment, body.author, body.silence_alerts, group,

@@ -9,8 +9,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException
 
 from millstream_cloud.api.deps import get_services
-from millstream_cloud.api.devices import Maintenance, create_maintenance, maintenance_json
-from millstream_cloud.maintenance import MaintenanceError
+from millstream_cloud.api.devices import (
+    Maintenance,
+    create_maintenance,
+    maintenance_json,
+    maintenance_span,
+)
+from millstream_cloud.maintenance import MaintenanceError, SiteMaintenance
 from millstream_cloud.registry import Device
 from millstream_cloud.services import Services, detection_shard
 
@@ -49,14 +54,21 @@ def start_site_maintenance(
     maintenance`` (each with its own alert silence); the windows share a ``group`` id, which
     ends them all at once. Devices another detection shard scores are listed under
     ``elsewhere`` (ask that worker); one that cannot take another window (at most 100 not
-    ended) under ``refused``, with why."""
+    ended) under ``refused``, with why. A device first heard from while the window or
+    schedule holds (a machine installed during the shutdown, or while a nightly site
+    schedule runs) takes its own too, until the group is ended."""
     shard = detection_shard(services.settings)
     devices = _site_devices(services, site)
     group = secrets.token_hex(8)
     now = time.time_ns()
+    try:
+        start_ns, end_ns, until_ns = maintenance_span(body, now)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
     made: list[Any] = []
     refused: dict[str, str] = {}
-    with services.anomalies.maintenance.saved_once():
+    book = services.anomalies.maintenance
+    with book.saved_once():
         for dev in devices:
             if not shard.owns(dev.id):
                 continue
@@ -68,6 +80,13 @@ def start_site_maintenance(
                 refused[dev.id] = str(exc)
             except ValueError as exc:  # a bad time or duration: nothing was set
                 raise HTTPException(422, str(exc)) from None
+        book.add_site(
+            SiteMaintenance(
+                group, site, start_ns, end_ns, body.repeat, body.timezone, until_ns,
+                body.comment, body.author, body.silence_alerts, now,
+                members=sorted(d.id for d in devices if shard.owns(d.id)),
+            )
+        )  # fmt: skip
     now = time.time_ns()
     return {
         "site": site,
@@ -93,6 +112,7 @@ def list_site_maintenance(site: str, services: Services = Depends(get_services))
         "schedules": [
             maintenance_json(services, x, now) for d in mine for x in book.schedules_of(d.id)
         ],
+        "groups": [r.to_json(now) for r in book.sites(site)],
     }
 
 

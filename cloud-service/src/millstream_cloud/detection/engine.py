@@ -315,6 +315,10 @@ class Incident(NamedTuple):
     # Reported again after a maintenance window: still open once the stop's aftermath is
     # over (DetectionEngine.rearm); its first report was kept as expected.
     after_maintenance: bool = False
+    # Reported again while its incident goes on: still out of line the aftermath after
+    # this metric of the same incident came back in line (a restart after a stop, with a
+    # fault). With the rows since then.
+    back_in_line: tuple[int, int] | None = None
 
 
 class DeviceModel:
@@ -369,8 +373,16 @@ class DeviceModel:
         # of its rows, how many, its last row's time.
         self.bucket: list[Any] | None = None
         # Rows left until the incidents still open after a maintenance window are reported
-        # again (DetectionEngine.rearm); 0: none pending.
+        # again (DetectionEngine.rearm), or after one of an incident's metrics came back in
+        # line while another stayed out (``rearm_back``, that metric; -1: the window);
+        # 0: none pending.
         self.rearm_rows = 0
+        self.rearm_back = -1
+        self.rearm_span = 0  # the rows the pending re-arm waits in all
+        # ... and the metrics it may report: out of line since then without a break.
+        self.rearm_out: set[int] = set()
+        # Metrics reported again that way, until their gate goes off: once per incident.
+        self.rereported: set[int] = set()
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
     MODEL_KEYS = (
@@ -606,12 +618,15 @@ class DeviceModel:
                 ]
                 self.quiet_m = [0] * m
             for k, (t, _) in enumerate(rows):
-                rising = []
+                rising, went_off = [], []
                 for j in range(m):
                     was = self.gates[j].active
                     active, edge = self.gates[j].update(float(A[k, j]))
                     if was and not active:
                         self.quiet_m[j] = self.s.mv_quiet_rows
+                        self.rereported.discard(j)
+                        self.rearm_out.discard(j)
+                        went_off.append(j)
                     elif not active and self.quiet_m[j] > 0:
                         self.quiet_m[j] -= 1
                     if edge:
@@ -677,11 +692,15 @@ class DeviceModel:
                             )
                         if several:
                             self._stand_in(raw)
+                if went_off and several and not self.rearm_rows:
+                    self._back_in_line(went_off)
                 if self.rearm_rows:
                     self.rearm_rows -= 1
                     if not self.rearm_rows:
                         out.extend(self._still_open(k, t, A, z_smooth, X, out))
                 if self.open and all(not g.active for g in self.gates):
+                    if self.rearm_back >= 0:  # the incident ended: nothing to report again
+                        self.rearm_rows, self.rearm_back = 0, -1
                     # The incident is over, but the lagged inputs of the slow model still
                     # remember the faulty values for a couple of lag spans: whatever the
                     # other metrics' residuals do meanwhile is its aftermath, not news ...
@@ -721,6 +740,26 @@ class DeviceModel:
         assert self.model is not None
         return max(floor, 2 * max(self.model.lags_, default=0))
 
+    def _back_in_line(self, went_off: list[int]) -> None:
+        """One of an open incident's metrics came back in line while another of its
+        metrics stays out: the incident's metrics still out once its aftermath is over are
+        reported again. A stop opens an incident on the metrics that fell; at a restart
+        with a fault (a bearing damaged in the trip) the faulty metric stays out of line,
+        and as the open incident it was never reported again. A healthy restart's
+        incident ends within the aftermath (the lagged inputs forget the stop). Not with
+        one incident per device (``mv_max_incidents`` 1), which raises nothing while one
+        is open."""
+        back = [j for j in went_off if j in self.open and j not in self.stuck]
+        out = {
+            q
+            for q, g in enumerate(self.gates)
+            if g.active and q not in self.stuck and q not in self.rereported
+        }
+        if back and out:
+            span = self.aftermath(REARM_SMOOTHS * self.s.mv_smooth_rows)
+            self.rearm_rows, self.rearm_back, self.rearm_span = span, back[0], span
+            self.rearm_out = out
+
     def _still_open(
         self,
         k: int,
@@ -730,11 +769,22 @@ class DeviceModel:
         X: np.ndarray,
         new: list[Incident],
     ) -> list[Incident]:
-        """The incidents open at row ``k`` whose gate is still on, reported again (after
-        a maintenance window, whose own reports were kept as expected)."""
+        """The incidents open at row ``k`` whose gate is still on, reported again: after
+        a maintenance window (whose own reports were kept as expected), or after another
+        metric of the incident came back in line (``_back_in_line``), once each."""
         assert self.model is not None
+        back, self.rearm_back = self.rearm_back, -1
         reported = {inc.metric for inc in new if inc.time_ns == t}
         expected = self.model.expected_
+        again = [j for j in sorted(self.open - reported - self.stuck) if self.gates[j].active]
+        if back >= 0:
+            # Out of line without a break since ``back`` came back: the metric whose own
+            # fault explains them best (the incident's metrics, held by the stop, need not
+            # be the faulty one).
+            cands = sorted(q for q in self.rearm_out - reported if self.gates[q].active)
+            again = [self.model.attribute(z[k], smooth=True, among=cands)] if cands else []
+            self.rereported.update(cands)
+            self.open.update(again)
         return [
             Incident(
                 t,
@@ -746,10 +796,10 @@ class DeviceModel:
                 [q for q in self.known() if q != j],
                 [],
                 None if expected is None else expected[k],
-                after_maintenance=True,
+                after_maintenance=back < 0,
+                back_in_line=(back, self.rearm_span) if back >= 0 else None,
             )
-            for j in sorted(self.open - reported)
-            if self.gates[j].active
+            for j in again
         ]
 
     def too_wide(self, max_metrics: int) -> bool:
@@ -901,6 +951,10 @@ class DeviceModel:
             "glitch_run": self.glitch_run,
             "prev_raw": self.prev_raw,
             "rearm_rows": self.rearm_rows,
+            "rearm_back": self.rearm_back,
+            "rearm_span": self.rearm_span,
+            "rereported": sorted(self.rereported),
+            "rearm_out": sorted(self.rearm_out),
             **{f"next_{k}": v for k, v in self.next_rows.state_dict("next").items()},
         }
 
@@ -939,6 +993,10 @@ class DeviceModel:
         self.counters = [int(j) for j in st.get("counters", ())]
         self.glitch_run = [int(n) for n in st.get("glitch_run", ())]
         self.rearm_rows = int(st.get("rearm_rows", 0))
+        self.rearm_back = int(st.get("rearm_back", -1))
+        self.rearm_span = int(st.get("rearm_span", 0))
+        self.rereported = {int(j) for j in st.get("rereported", ())}
+        self.rearm_out = {int(j) for j in st.get("rearm_out", ())}
         # Saved before it was kept: the last row kept is the last row scored.
         prev = st.get(
             "prev_raw", self.rows.last() if self.model is not None and self.rows else None
@@ -1248,12 +1306,17 @@ class DetectionEngine:
 
     def out_of_line(self) -> list[tuple[str, str]]:
         """(device, metric) the detectors hold out of line now, each reported once: a
-        device model's open incidents and sensors reported stuck and still stuck. An
-        anomaly alert on one stays firing (``AlertEngine.held``), as a threshold alert does
-        while its condition holds."""
+        device model's open incidents' metrics while their gate is on (one back in line
+        while another metric keeps the incident open is let go), and sensors reported stuck
+        and still stuck. An anomaly alert on one stays firing (``AlertEngine.held``), as a
+        threshold alert does while its condition holds."""
         out = [key for key, det in self.stuck.items() if det.raised]
         for device, dev in self.devices.items():
-            out += [(device, dev.metrics[j]) for j in dev.open if j < len(dev.metrics)]
+            out += [
+                (device, dev.metrics[j])
+                for j in sorted(dev.open)
+                if j < min(len(dev.metrics), len(dev.gates)) and dev.gates[j].active
+            ]
         return out
 
     def _detector(self, device: str, metric: str) -> StreamingEnsemble:
@@ -1640,6 +1703,12 @@ class DetectionEngine:
             )
         if inc.after_maintenance:
             text += "; out of line since before the maintenance window ended"
+        if inc.back_in_line is not None:
+            back, rows = inc.back_in_line
+            text += (
+                f"; still out of line {_span(rows * dev.row_gap_ns)} after {dev.metrics[back]},"
+                " out of line with it, came back in line (as after a restart)"
+            )
         still = [k for k in inc.open if k not in inc.ended]
         if still:
             names = " and ".join(dev.metrics[k] for k in still)
@@ -2110,3 +2179,10 @@ def _saved_settings(saved: dict[str, Any]) -> EngineSettings:
     values = dict(saved)
     values["mv_spans"] = tuple(values["mv_spans"])
     return EngineSettings(**values)
+
+
+def _span(ns: int) -> str:
+    """A span for an explanation: ``5.3 hours``, ``40 minutes``."""
+    if ns >= 3600 * 10**9:
+        return f"{ns / 3600e9:.1f} hours"
+    return f"{max(1, round(ns / 60e9))} minutes"
