@@ -925,3 +925,62 @@ def test_a_device_joining_a_site_during_its_maintenance_takes_it_too(tmp_path: P
         assert [s.group for s in book.schedules_of("press-04")] == [nightly["group"]]
     finally:
         again.stop()
+
+
+def test_a_windows_end_moves_and_its_silence_and_annotation_follow(tmp_path: Path) -> None:
+    """The work takes longer: PATCH moves the window's end (or changes its comment); its
+    alert silence is replaced by one to the new end, its annotation rewritten; a restart
+    keeps it. Refused with the field: an end passed, both end and duration, nothing to
+    change, a window over 31 days, an ended window, a schedule's id; 404 for unknown ids."""
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    now = time.time_ns()
+    services.pipeline.process([birth("press-01", "press", now)])
+    url = "/api/v1/devices/press-01/detection/maintenance"
+    try:
+        with TestClient(create_app(settings, services, start=False)) as client:
+            w = client.post(url, json={"duration": "1h", "comment": "seal"}).json()
+            res = client.patch(f"{url}/{w['id']}", json={"duration": "3h", "comment": "seals"})
+            assert res.status_code == 200, res.text
+            moved = res.json()
+            start = parse_time_ns(w["start"])
+            assert parse_time_ns(moved["end"]) == start + 3 * 3600 * S
+            assert (moved["comment"], moved["state"]) == ("seals", "active")
+            assert moved["silence_id"] != w["silence_id"]
+            old = client.get(f"/api/v1/silences/{w['silence_id']}").json()
+            assert old["status"]["state"] == "expired"
+            new = client.get(f"/api/v1/silences/{moved['silence_id']}").json()
+            assert (new["status"]["state"], new["endsAt"]) == ("active", moved["end"])
+            assert new["comment"].endswith(": seals")
+            (spans,) = services.storage.query(
+                SeriesQuery(DETECTION_EVENTS, ["end_ms"], {"event": "maintenance"})
+            )
+            # One marker, rewritten in place with the new end (the region in Grafana).
+            assert [v for _, v in spans.points] == [parse_time_ns(moved["end"]) // 10**6]
+            end = rfc3339(now + 7200 * S)
+            assert client.patch(f"{url}/{w['id']}", json={"end": end}).status_code == 200
+
+            for body, field in [
+                ({"end": rfc3339(now - S)}, "has passed"),
+                ({"end": end, "duration": "1h"}, "either end or duration"),
+                ({}, "give end, duration or comment"),
+                ({"duration": "40d"}, "at most 31"),
+            ]:
+                res = client.patch(f"{url}/{w['id']}", json=body)
+                assert res.status_code == 422 and field in res.text, (body, res.text)
+            sched = client.post(url, json={"duration": "1h", "repeat": "daily"}).json()
+            res = client.patch(f"{url}/{sched['id']}", json={"comment": "x"})
+            assert res.status_code == 422 and "is a schedule" in res.text
+            assert client.patch(f"{url}/nope", json={"comment": "x"}).status_code == 404
+            assert client.patch(f"{url}/nope", json={"duration": "2h"}).status_code == 404
+            client.delete(f"{url}/{w['id']}")
+            res = client.patch(f"{url}/{w['id']}", json={"comment": "late"})
+            assert res.status_code == 422 and "ended at" in res.text
+    finally:
+        services.stop()
+    again = Services.build(settings, with_subscriber=False)
+    try:
+        kept = next(x for x in again.anomalies.maintenance.of("press-01") if x.id == w["id"])
+        assert kept.comment == "seals"
+    finally:
+        again.stop()

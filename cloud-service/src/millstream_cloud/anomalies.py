@@ -68,6 +68,7 @@ class Silencer(Protocol):
         comment: str,
         starts_at: int | None = None,
         ends_at: int | None = None,
+        silence_id: str | None = None,
     ) -> Any: ...
 
     def expire_silence(self, silence_id: str) -> Any: ...
@@ -481,8 +482,14 @@ class AnomalySink:
         )
         self._event(w, w.start_ns, "maintenance", _until(w.end_ns), w.end_ns)
         self._judge_past(w)
+        if silence_alerts:
+            self._silence(w)
+
+    def _silence(self, w: MaintenanceWindow, replaces: str | None = None) -> None:
+        """Silence the device's alerts for the window (``replaces``: the silence set for
+        it before a change, replaced as Alertmanager updates a silence)."""
         silencer = self.silencer
-        if not silence_alerts or silencer is None:
+        if silencer is None:
             return
 
         def create() -> str:
@@ -492,6 +499,7 @@ class AnomalySink:
                 comment=f"maintenance window {w.id}" + (f": {w.comment}" if w.comment else ""),
                 starts_at=w.start_ns,
                 ends_at=w.end_ns,
+                silence_id=replaces,
             )
             return str(silence.id)
 
@@ -540,6 +548,26 @@ class AnomalySink:
         w = self.maintenance.end(device, window_id, now)
         log.info("detection: maintenance of %s ended (window %s)", device, window_id)
         self._ended(w, now)
+        return w
+
+    def change_maintenance(
+        self, device: str, window_id: str, end_ns: int | None, comment: str | None
+    ) -> MaintenanceWindow:
+        """Move a window's end or change its comment (``MaintenanceWindows.change``); its
+        annotation is rewritten and its alert silence replaced to match. Raises KeyError
+        if unknown, MaintenanceError for a change that cannot be made (a schedule's id
+        among them: change an occurrence by its window's id)."""
+        if self.maintenance.schedule(device, window_id) is not None:
+            raise MaintenanceError(
+                "id",
+                f"{window_id} is a schedule: change one occurrence by its window's id, or stop"
+                " the schedule and set another",
+            )
+        w = self.maintenance.change(device, window_id, end_ns, comment)
+        log.info("detection: maintenance of %s now until %s", device, rfc3339(w.end_ns))
+        self._event(w, w.start_ns, "maintenance", _until(w.end_ns), w.end_ns)
+        if w.silence_id:
+            self._silence(w, replaces=w.silence_id)
         return w
 
     def end_group(self, site: str, group: str) -> list[MaintenanceWindow | MaintenanceSchedule]:

@@ -487,6 +487,38 @@ class MaintenanceWindows:
             self._write()
         return w
 
+    def change(
+        self,
+        device: str,
+        window_id: str,
+        end_ns: int | None,
+        comment: str | None,
+        now_ns: int | None = None,
+    ) -> MaintenanceWindow:
+        """Move a window's end (the work takes longer, or less long) or change its
+        comment, while it has not ended. Raises KeyError for an unknown window and
+        MaintenanceError for a change that cannot be made."""
+        now = time.time_ns() if now_ns is None else now_ns
+        with self._lock:
+            w = next((x for x in self._by_device.get(device, ()) if x.id == window_id), None)
+            if w is None:
+                raise KeyError(window_id)
+            if w.end_ns <= now:
+                raise MaintenanceError(
+                    "end", f"window {w.id} ended at {rfc3339(w.end_ns)}; set another"
+                )
+            if end_ns is not None:
+                if end_ns <= now:
+                    raise MaintenanceError(
+                        "end", f"{rfc3339(end_ns)} has passed (to end the window now, DELETE it)"
+                    )
+                _check_span(w.start_ns, end_ns)
+                w.end_ns = end_ns
+            if comment is not None:
+                w.comment = comment
+            self._write()
+            return w
+
     def of(self, device: str, now_ns: int | None = None) -> list[MaintenanceWindow]:
         """The device's windows, oldest start first (ended ones within KEEP_ENDED_S)."""
         now = time.time_ns() if now_ns is None else now_ns

@@ -161,6 +161,16 @@ class Maintenance(BaseModel):
     until: str | None = Field(None, description="with repeat: no occurrence starts at or after")
 
 
+class MaintenanceChange(BaseModel):
+    """A window's new end (the work takes longer, or less long) or comment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    end: str | None = Field(None, description="RFC 3339, still ahead (or give duration)")
+    duration: str | None = Field(None, description="instead of end: from the window's start")
+    comment: str | None = Field(None, max_length=1000)
+
+
 def _detection_here(services: Services, device_id: str) -> Device:
     """The device, when this worker runs its detectors: 404 otherwise (detection off,
     or another shard's device)."""
@@ -272,6 +282,41 @@ def end_maintenance(
         raise HTTPException(
             404, f"no maintenance window {window_id!r} on device {dev.id!r}"
         ) from None
+    return maintenance_json(services, item, time.time_ns())
+
+
+@router.patch(
+    "/{device_id}/detection/maintenance/{window_id}",
+    summary="Move a maintenance window's end or change its comment (write scope)",
+)
+def change_maintenance(
+    device_id: str,
+    window_id: str,
+    body: MaintenanceChange,
+    services: Services = Depends(get_services),
+) -> dict[str, Any]:
+    """The window's end moves (longer or shorter, still ahead; at most 31 days from its
+    start), its annotation and alert silence follow (the silence replaced, as Alertmanager
+    updates one: a new id). One occurrence of a schedule is changed by its window's id."""
+    dev = _detection_here(services, device_id)
+    sink = services.anomalies
+    try:
+        if body.end is not None and body.duration is not None:
+            raise MaintenanceError("end", "give either end or duration")
+        if body.end is None and body.duration is None and body.comment is None:
+            raise MaintenanceError("end", "give end, duration or comment")
+        end_ns = parse_time_ns(body.end) if body.end is not None else None
+        if body.duration is not None:
+            window = next((w for w in sink.maintenance.of(dev.id) if w.id == window_id), None)
+            if window is not None:
+                end_ns = window.start_ns + parse_duration_ns(body.duration)
+        item = sink.change_maintenance(dev.id, window_id, end_ns, body.comment)
+    except KeyError:
+        raise HTTPException(
+            404, f"no maintenance window {window_id!r} on device {dev.id!r}"
+        ) from None
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
     return maintenance_json(services, item, time.time_ns())
 
 
