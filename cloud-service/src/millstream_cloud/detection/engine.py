@@ -741,11 +741,12 @@ class DeviceModel:
         return max(floor, 2 * max(self.model.lags_, default=0))
 
     def _back_in_line(self, went_off: list[int]) -> None:
-        """One of an open incident's metrics came back in line while another of its
-        metrics stays out: the incident's metrics still out once its aftermath is over are
-        reported again. A stop opens an incident on the metrics that fell; at a restart
-        with a fault (a bearing damaged in the trip) the faulty metric stays out of line,
-        and as the open incident it was never reported again. A healthy restart's
+        """One of an open incident's metrics came back in line while other metrics stay
+        out: once the incident's aftermath is over, of the metrics out of line without a
+        break since, the one whose own fault explains them best is reported
+        (``_still_open``). A stop opens an incident on the metrics that fell; at a restart with a fault (a
+        bearing damaged in the trip) the faulty metric stays out of line, and it kept the
+        open incident open, so it was never reported. A healthy restart's
         incident ends within the aftermath (the lagged inputs forget the stop). Not with
         one incident per device (``mv_max_incidents`` 1), which raises nothing while one
         is open."""
@@ -776,15 +777,18 @@ class DeviceModel:
         back, self.rearm_back = self.rearm_back, -1
         reported = {inc.metric for inc in new if inc.time_ns == t}
         expected = self.model.expected_
-        again = [j for j in sorted(self.open - reported - self.stuck) if self.gates[j].active]
-        if back >= 0:
+        known = self.known()
+        if back < 0:
+            again = [j for j in sorted(self.open - reported) if self.gates[j].active]
+        else:
             # Out of line without a break since ``back`` came back: the metric whose own
             # fault explains them best (the incident's metrics, held by the stop, need not
-            # be the faulty one).
+            # be the faulty one). Those back in line are not named as still out.
             cands = sorted(q for q in self.rearm_out - reported if self.gates[q].active)
             again = [self.model.attribute(z[k], smooth=True, among=cands)] if cands else []
             self.rereported.update(cands)
             self.open.update(again)
+            known = [q for q in known if self.gates[q].active or q in self.stuck]
         return [
             Incident(
                 t,
@@ -793,7 +797,7 @@ class DeviceModel:
                 z[k],
                 X[k],
                 True,
-                [q for q in self.known() if q != j],
+                [q for q in known if q != j],
                 [],
                 None if expected is None else expected[k],
                 after_maintenance=back < 0,
@@ -1300,6 +1304,7 @@ class DetectionEngine:
         if dev is not None and still_open:
             smooth = self.settings_for(device)[0].mv_smooth_rows
             dev.rearm_rows = dev.aftermath(REARM_SMOOTHS * smooth)
+            dev.rearm_back = -1  # a judgement after a restart pending gives way to this
         if n or still_open:
             self._dirty.add(device)
         return {"stuck": n, "device_model": still_open}
