@@ -813,6 +813,8 @@ def test_after_an_unplanned_stop_a_fault_from_the_restart_on_is_reported(
             # but none of its metrics is out of line: their alerts may resolve.
             assert dev.open
             assert [m for d, m in engine.out_of_line() if d == "motor-00"] == []
+            model = engine.describe("motor-00", None, [])["device_model"]
+            assert set(model["open_incidents"]).isdisjoint(model["out_of_line"])
             return
         assert [(a.detector, a.metric) for a in after] == [("virtual_sensor", "vibration_mm_s")]
         assert after[0].time_ns > restart + 3600 * S  # once the stop's aftermath is over

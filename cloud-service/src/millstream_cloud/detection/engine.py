@@ -1257,6 +1257,13 @@ class DetectionEngine:
                     if dev is not None and s.mv_max_incidents > 1
                     else []
                 ),
+                # Metrics whose residual is out of line now (their gate on), in an open
+                # incident or not: an incident's metric back in line is not among them.
+                "out_of_line": (
+                    [dev.metrics[j] for j, g in enumerate(dev.gates) if g.active]
+                    if dev is not None and len(dev.gates) == len(dev.metrics)
+                    else []
+                ),
                 "max_incidents": s.mv_max_incidents,
                 # more metrics than a device model takes: each is watched on its own
                 "max_metrics": s.mv_max_metrics,
