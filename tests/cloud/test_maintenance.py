@@ -785,63 +785,32 @@ def test_windows_set_together_are_saved_once_at_the_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shift_sigma", [0.0, 6.0])
-def test_after_an_unplanned_stop_a_fault_from_the_restart_on_is_reported(
-    tmp_path: Path, shift_sigma: float
+def test_after_a_healthy_restart_the_stops_metrics_let_go_of_their_alerts(
+    tmp_path: Path,
 ) -> None:
     """No window: the motor's stop alerts, and its incident (on the metrics that fell)
-    outlives the restart. A fault from the restart on (the vibration 6 sigma high) kept
-    that incident open and was never reported; now, once one of the incident's metrics is
-    back in line and the aftermath of the stop is over, what is still out of line is
-    judged again and reported, named. A healthy restart reports nothing after it, and
-    its incident's metrics back in line no longer hold their anomaly alerts firing."""
+    outlives the restart, kept open by another metric's residual while the model's
+    lagged inputs still hold the stop. The incident's metrics are back in line: the
+    detectors no longer hold them out of line, so their anomaly alerts may resolve (they
+    stayed firing for as long as the incident, hours after a healthy restart)."""
     services, handed_on = _service(Settings(data_dir=str(tmp_path)))
     try:
         sink = services.anomalies
-        for batch in _stopped_motor(shift_sigma):
+        for batch in _stopped_motor(0.0):
             sink.process(batch)
         restart = T0 + 22 * 3600 * S
-        stop = [a for a in handed_on if a.time_ns < restart]
-        after = [a for a in handed_on if a.time_ns >= restart]
-        assert len(stop) >= 2  # the stop itself, as before
+        assert len([a for a in handed_on if a.time_ns < restart]) >= 2  # the stop
+        assert [a for a in handed_on if a.time_ns >= restart] == []
         engine = sink.detector
         assert isinstance(engine, DetectionEngine)
         dev = engine.devices["motor-00"]
-        if not shift_sigma:
-            assert after == []
-            # The stop's incident is still open (another metric's residual keeps it so),
-            # but none of its metrics is out of line: their alerts may resolve.
-            assert dev.open
-            assert [m for d, m in engine.out_of_line() if d == "motor-00"] == []
-            model = engine.describe("motor-00", None, [])["device_model"]
-            assert set(model["open_incidents"]).isdisjoint(model["out_of_line"])
-            return
-        assert [(a.detector, a.metric) for a in after] == [("virtual_sensor", "vibration_mm_s")]
-        assert after[0].time_ns > restart + 3600 * S  # once the stop's aftermath is over
-        assert "came back in line" in after[0].explanation
-        assert "above what the other metrics predict" in after[0].explanation
-        assert ("motor-00", "vibration_mm_s") in engine.out_of_line()
+        assert dev.open  # still open, 8 hours after the restart
+        model = engine.describe("motor-00", None, [])["device_model"]
+        assert model["out_of_line"]  # held so by another metric's residual
+        assert set(model["open_incidents"]).isdisjoint(model["out_of_line"])
+        assert [m for d, m in engine.out_of_line() if d == "motor-00"] == []
     finally:
         services.stop()
-
-
-@pytest.mark.slow
-def test_the_judgement_after_a_restart_survives_a_save_and_load(tmp_path: Path) -> None:
-    """Saved between the restart and the report (one of the stop's metrics back in line,
-    the aftermath still running), a loaded engine reports the same, at the same time."""
-    engine = DetectionEngine()
-    batches = _stopped_motor(6.0)
-    mid = T0 + 24 * 3600 * S
-    cut = next(i for i, b in enumerate(batches) if b[0].time_ns >= mid)
-    for batch in batches[:cut]:
-        engine.observe(batch)
-    dev = engine.devices["motor-00"]
-    assert dev.rearm_rows and dev.rearm_back >= 0  # counting down, as after the restart
-    engine.save(tmp_path)
-    again = DetectionEngine.load(tmp_path)
-    found = [engine.observe(b) for b in batches[cut:]]
-    assert found == [again.observe(b) for b in batches[cut:]]
-    assert [a.metric for f in found for a in f] == ["vibration_mm_s"]
 
 
 def _telemetry(device: str, site: str, at: int) -> object:

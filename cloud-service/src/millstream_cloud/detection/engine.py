@@ -315,10 +315,6 @@ class Incident(NamedTuple):
     # Reported again after a maintenance window: still open once the stop's aftermath is
     # over (DetectionEngine.rearm); its first report was kept as expected.
     after_maintenance: bool = False
-    # Reported again while its incident goes on: still out of line the aftermath after
-    # this metric of the same incident came back in line (a restart after a stop, with a
-    # fault). With the rows since then.
-    back_in_line: tuple[int, int] | None = None
 
 
 class DeviceModel:
@@ -373,16 +369,8 @@ class DeviceModel:
         # of its rows, how many, its last row's time.
         self.bucket: list[Any] | None = None
         # Rows left until the incidents still open after a maintenance window are reported
-        # again (DetectionEngine.rearm), or after one of an incident's metrics came back in
-        # line while another stayed out (``rearm_back``, that metric; -1: the window);
-        # 0: none pending.
+        # again (DetectionEngine.rearm); 0: none pending.
         self.rearm_rows = 0
-        self.rearm_back = -1
-        self.rearm_span = 0  # the rows the pending re-arm waits in all
-        # ... and the metrics it may report: out of line since then without a break.
-        self.rearm_out: set[int] = set()
-        # Metrics reported again that way, until their gate goes off: once per incident.
-        self.rereported: set[int] = set()
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
     MODEL_KEYS = (
@@ -618,15 +606,12 @@ class DeviceModel:
                 ]
                 self.quiet_m = [0] * m
             for k, (t, _) in enumerate(rows):
-                rising, went_off = [], []
+                rising = []
                 for j in range(m):
                     was = self.gates[j].active
                     active, edge = self.gates[j].update(float(A[k, j]))
                     if was and not active:
                         self.quiet_m[j] = self.s.mv_quiet_rows
-                        self.rereported.discard(j)
-                        self.rearm_out.discard(j)
-                        went_off.append(j)
                     elif not active and self.quiet_m[j] > 0:
                         self.quiet_m[j] -= 1
                     if edge:
@@ -692,15 +677,11 @@ class DeviceModel:
                             )
                         if several:
                             self._stand_in(raw)
-                if went_off and several and not self.rearm_rows:
-                    self._back_in_line(went_off)
                 if self.rearm_rows:
                     self.rearm_rows -= 1
                     if not self.rearm_rows:
                         out.extend(self._still_open(k, t, A, z_smooth, X, out))
                 if self.open and all(not g.active for g in self.gates):
-                    if self.rearm_back >= 0:  # the incident ended: nothing to report again
-                        self.rearm_rows, self.rearm_back = 0, -1
                     # The incident is over, but the lagged inputs of the slow model still
                     # remember the faulty values for a couple of lag spans: whatever the
                     # other metrics' residuals do meanwhile is its aftermath, not news ...
@@ -740,27 +721,6 @@ class DeviceModel:
         assert self.model is not None
         return max(floor, 2 * max(self.model.lags_, default=0))
 
-    def _back_in_line(self, went_off: list[int]) -> None:
-        """One of an open incident's metrics came back in line while other metrics stay
-        out: once the incident's aftermath is over, of the metrics out of line without a
-        break since, the one whose own fault explains them best is reported
-        (``_still_open``). A stop opens an incident on the metrics that fell; at a restart with a fault (a
-        bearing damaged in the trip) the faulty metric stays out of line, and it kept the
-        open incident open, so it was never reported. A healthy restart's
-        incident ends within the aftermath (the lagged inputs forget the stop). Not with
-        one incident per device (``mv_max_incidents`` 1), which raises nothing while one
-        is open."""
-        back = [j for j in went_off if j in self.open and j not in self.stuck]
-        out = {
-            q
-            for q, g in enumerate(self.gates)
-            if g.active and q not in self.stuck and q not in self.rereported
-        }
-        if back and out:
-            span = self.aftermath(REARM_SMOOTHS * self.s.mv_smooth_rows)
-            self.rearm_rows, self.rearm_back, self.rearm_span = span, back[0], span
-            self.rearm_out = out
-
     def _still_open(
         self,
         k: int,
@@ -770,25 +730,11 @@ class DeviceModel:
         X: np.ndarray,
         new: list[Incident],
     ) -> list[Incident]:
-        """The incidents open at row ``k`` whose gate is still on, reported again: after
-        a maintenance window (whose own reports were kept as expected), or after another
-        metric of the incident came back in line (``_back_in_line``), once each."""
+        """The incidents open at row ``k`` whose gate is still on, reported again (after
+        a maintenance window, whose own reports were kept as expected)."""
         assert self.model is not None
-        back, self.rearm_back = self.rearm_back, -1
         reported = {inc.metric for inc in new if inc.time_ns == t}
         expected = self.model.expected_
-        known = self.known()
-        if back < 0:
-            again = [j for j in sorted(self.open - reported) if self.gates[j].active]
-        else:
-            # Out of line without a break since ``back`` came back: the metric whose own
-            # fault explains them best (the incident's metrics, held by the stop, need not
-            # be the faulty one). Those back in line are not named as still out.
-            cands = sorted(q for q in self.rearm_out - reported if self.gates[q].active)
-            again = [self.model.attribute(z[k], smooth=True, among=cands)] if cands else []
-            self.rereported.update(cands)
-            self.open.update(again)
-            known = [q for q in known if self.gates[q].active or q in self.stuck]
         return [
             Incident(
                 t,
@@ -797,13 +743,13 @@ class DeviceModel:
                 z[k],
                 X[k],
                 True,
-                [q for q in known if q != j],
+                [q for q in self.known() if q != j],
                 [],
                 None if expected is None else expected[k],
-                after_maintenance=back < 0,
-                back_in_line=(back, self.rearm_span) if back >= 0 else None,
+                after_maintenance=True,
             )
-            for j in again
+            for j in sorted(self.open - reported)
+            if self.gates[j].active
         ]
 
     def too_wide(self, max_metrics: int) -> bool:
@@ -955,10 +901,6 @@ class DeviceModel:
             "glitch_run": self.glitch_run,
             "prev_raw": self.prev_raw,
             "rearm_rows": self.rearm_rows,
-            "rearm_back": self.rearm_back,
-            "rearm_span": self.rearm_span,
-            "rereported": sorted(self.rereported),
-            "rearm_out": sorted(self.rearm_out),
             **{f"next_{k}": v for k, v in self.next_rows.state_dict("next").items()},
         }
 
@@ -997,10 +939,6 @@ class DeviceModel:
         self.counters = [int(j) for j in st.get("counters", ())]
         self.glitch_run = [int(n) for n in st.get("glitch_run", ())]
         self.rearm_rows = int(st.get("rearm_rows", 0))
-        self.rearm_back = int(st.get("rearm_back", -1))
-        self.rearm_span = int(st.get("rearm_span", 0))
-        self.rereported = {int(j) for j in st.get("rereported", ())}
-        self.rearm_out = {int(j) for j in st.get("rearm_out", ())}
         # Saved before it was kept: the last row kept is the last row scored.
         prev = st.get(
             "prev_raw", self.rows.last() if self.model is not None and self.rows else None
@@ -1311,7 +1249,6 @@ class DetectionEngine:
         if dev is not None and still_open:
             smooth = self.settings_for(device)[0].mv_smooth_rows
             dev.rearm_rows = dev.aftermath(REARM_SMOOTHS * smooth)
-            dev.rearm_back = -1  # a judgement after a restart pending gives way to this
         if n or still_open:
             self._dirty.add(device)
         return {"stuck": n, "device_model": still_open}
@@ -1715,12 +1652,6 @@ class DetectionEngine:
             )
         if inc.after_maintenance:
             text += "; out of line since before the maintenance window ended"
-        if inc.back_in_line is not None:
-            back, rows = inc.back_in_line
-            text += (
-                f"; still out of line {_span(rows * dev.row_gap_ns)} after {dev.metrics[back]},"
-                " out of line with it, came back in line (as after a restart)"
-            )
         still = [k for k in inc.open if k not in inc.ended]
         if still:
             names = " and ".join(dev.metrics[k] for k in still)
@@ -2191,10 +2122,3 @@ def _saved_settings(saved: dict[str, Any]) -> EngineSettings:
     values = dict(saved)
     values["mv_spans"] = tuple(values["mv_spans"])
     return EngineSettings(**values)
-
-
-def _span(ns: int) -> str:
-    """A span for an explanation: ``5.3 hours``, ``40 minutes``."""
-    if ns >= 3600 * 10**9:
-        return f"{ns / 3600e9:.1f} hours"
-    return f"{max(1, round(ns / 60e9))} minutes"
