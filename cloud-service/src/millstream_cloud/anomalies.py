@@ -399,11 +399,11 @@ class AnomalySink:
     def _join_sites(self, readings: Sequence[Reading]) -> None:
         """A device first heard from (by this process) while a window or schedule set on
         its whole site holds takes its own, as the site's devices did when it was set."""
-        if not self.maintenance.sites():
+        now = time.time_ns()
+        if not self.maintenance.sites_holding(now):
             return
         heard = self._heard
         new = {r.device: r.site for r in readings if r.device not in heard}
-        now = time.time_ns()
         for device, site in new.items():
             heard.add(device)
             for rec in self.maintenance.joining(device, site, now):

@@ -407,6 +407,11 @@ class MaintenanceWindows:
                 key=lambda r: (r.created_ns, r.group),
             )
 
+    def sites_holding(self, now_ns: int) -> bool:
+        """Whether any site's window or schedule would be given to a joining device."""
+        with self._lock:
+            return any(r.holds(now_ns) for r in self._sites.values())
+
     def joining(self, device: str, site: str, now_ns: int) -> list[SiteMaintenance]:
         """The site's windows and schedules holding now that ``device`` has not been
         given; marked as given (saved), as the caller sets them."""
