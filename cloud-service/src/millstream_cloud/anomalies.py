@@ -551,7 +551,12 @@ class AnomalySink:
         return w
 
     def change_maintenance(
-        self, device: str, window_id: str, end_ns: int | None, comment: str | None
+        self,
+        device: str,
+        window_id: str,
+        end_ns: int | None,
+        comment: str | None,
+        duration_ns: int | None = None,
     ) -> MaintenanceWindow:
         """Move a window's end or change its comment (``MaintenanceWindows.change``); its
         annotation is rewritten and its alert silence replaced to match. Raises KeyError
@@ -563,7 +568,7 @@ class AnomalySink:
                 f"{window_id} is a schedule: change one occurrence by its window's id, or stop"
                 " the schedule and set another",
             )
-        w = self.maintenance.change(device, window_id, end_ns, comment)
+        w = self.maintenance.change(device, window_id, end_ns, comment, None, duration_ns)
         log.info("detection: maintenance of %s now until %s", device, rfc3339(w.end_ns))
         self._event(w, w.start_ns, "maintenance", _until(w.end_ns), w.end_ns)
         if w.silence_id:

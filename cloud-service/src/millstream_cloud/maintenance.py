@@ -499,10 +499,12 @@ class MaintenanceWindows:
         end_ns: int | None,
         comment: str | None,
         now_ns: int | None = None,
+        duration_ns: int | None = None,
     ) -> MaintenanceWindow:
-        """Move a window's end (the work takes longer, or less long) or change its
-        comment, while it has not ended. Raises KeyError for an unknown window and
-        MaintenanceError for a change that cannot be made."""
+        """Move a window's end (``end_ns``, or ``duration_ns`` from its start: the work
+        takes longer, or less long) or change its comment, while it has not ended. Raises
+        KeyError for an unknown window and MaintenanceError for a change that cannot be
+        made."""
         now = time.time_ns() if now_ns is None else now_ns
         with self._lock:
             w = next((x for x in self._by_device.get(device, ()) if x.id == window_id), None)
@@ -512,6 +514,8 @@ class MaintenanceWindows:
                 raise MaintenanceError(
                     "end", f"window {w.id} ended at {rfc3339(w.end_ns)}; set another"
                 )
+            if duration_ns is not None:
+                end_ns = w.start_ns + duration_ns
             if end_ns is not None:
                 if end_ns <= now:
                     raise MaintenanceError(

@@ -299,18 +299,16 @@ def change_maintenance(
     start), its annotation and alert silence follow (the silence replaced, as Alertmanager
     updates one: a new id). One occurrence of a schedule is changed by its window's id."""
     dev = _detection_here(services, device_id)
-    sink = services.anomalies
     try:
         if body.end is not None and body.duration is not None:
             raise MaintenanceError("end", "give either end or duration")
         if body.end is None and body.duration is None and body.comment is None:
             raise MaintenanceError("end", "give end, duration or comment")
         end_ns = parse_time_ns(body.end) if body.end is not None else None
-        if body.duration is not None:
-            window = next((w for w in sink.maintenance.of(dev.id) if w.id == window_id), None)
-            if window is not None:
-                end_ns = window.start_ns + parse_duration_ns(body.duration)
-        item = sink.change_maintenance(dev.id, window_id, end_ns, body.comment)
+        duration_ns = parse_duration_ns(body.duration) if body.duration is not None else None
+        item = services.anomalies.change_maintenance(
+            dev.id, window_id, end_ns, body.comment, duration_ns
+        )
     except KeyError:
         raise HTTPException(
             404, f"no maintenance window {window_id!r} on device {dev.id!r}"
