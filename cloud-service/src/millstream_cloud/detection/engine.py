@@ -29,7 +29,7 @@ import numpy as np
 from ..model import Anomaly, Contribution, Reading
 from .calibration import Hysteresis
 from .explain import describe, explain
-from .multivariate import DISTRUST_PROBE_ROWS, VirtualSensorResidual
+from .multivariate import DISTRUST_PROBE_ROWS, SHORT_BAR, VirtualSensorResidual
 from .rules import Rule, check_bound, check_streaming, resolve
 from .streaming import REBUILDABLE, SpikeBurst, StreamingEnsemble, StuckSensor
 from .window import (
@@ -680,7 +680,13 @@ class DeviceModel:
                 if self.rearm_rows:
                     self.rearm_rows -= 1
                     if not self.rearm_rows:
-                        out.extend(self._still_open(k, t, A, z_smooth, X, out))
+                        again = self._still_open(k, t, A, X, out)
+                        out.extend(again)
+                        for inc in again:
+                            if inc.metric not in self.open:
+                                self.open.add(inc.metric)
+                                if several:
+                                    self._stand_in(raw)
                 if self.open and all(not g.active for g in self.gates):
                     # The incident is over, but the lagged inputs of the slow model still
                     # remember the faulty values for a couple of lag spans: whatever the
@@ -726,30 +732,41 @@ class DeviceModel:
         k: int,
         t: int,
         A: np.ndarray,
-        z: np.ndarray,
         X: np.ndarray,
         new: list[Incident],
     ) -> list[Incident]:
-        """The incidents open at row ``k`` whose gate is still on, reported again (after
-        a maintenance window, whose own reports were kept as expected)."""
-        assert self.model is not None
-        reported = {inc.metric for inc in new if inc.time_ns == t}
-        expected = self.model.expected_
+        """The device judged again at row ``k``, once a maintenance window's aftermath is
+        over (its own reports were kept as expected): one incident if a metric is out of
+        line *now*, its gate on and its last SHORT_ROWS rows alone past the short window's
+        bar (the long window's 30-minute average still holds the stop's aftermath, and
+        the stop's own incident, opened on what stopped, outlasts a healthy restart), named
+        by the metric whose offset, settled since the restart through the lagged inputs and
+        the stand-ins, explains those rows' residuals best (the stop's incident is named on
+        what stopped first, not on what the work left wrong)."""
+        model = self.model
+        assert model is not None and model.short_z_ is not None
+        short = model.short_z_[k]
+        bar = SHORT_BAR * self.s.mv_on
+        if not any(g.active and abs(short[j]) >= bar for j, g in enumerate(self.gates)):
+            return []
+        known = self.known()
+        j = model.attribute(short, smooth=True, distrust=known, settled=True, short=True)
+        if any(inc.metric == j and inc.time_ns == t for inc in new):
+            return []
+        expected = model.expected_
         return [
             Incident(
                 t,
                 float(A[k, j]),
                 j,
-                z[k],
+                short,
                 X[k],
                 True,
-                [q for q in self.known() if q != j],
+                [q for q in known if q != j and self.gates[q].active],
                 [],
                 None if expected is None else expected[k],
                 after_maintenance=True,
             )
-            for j in sorted(self.open - reported)
-            if self.gates[j].active
         ]
 
     def too_wide(self, max_metrics: int) -> bool:
