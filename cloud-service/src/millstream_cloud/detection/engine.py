@@ -312,8 +312,8 @@ class Incident(NamedTuple):
     # Metrics whose expected value moved faster than they ever did, led by those out of
     # line (VirtualSensorResidual.led_by_others): their residuals are the others', not their own.
     led: tuple[int, ...] = ()
-    # Reported again after a maintenance window: still open once the stop's aftermath is
-    # over (DetectionEngine.rearm); its first report was kept as expected.
+    # Reported after a maintenance window, the device judged again once the stop's
+    # aftermath is over (DetectionEngine.rearm): out of line since before the window ended.
     after_maintenance: bool = False
 
 
@@ -680,7 +680,7 @@ class DeviceModel:
                 if self.rearm_rows:
                     self.rearm_rows -= 1
                     if not self.rearm_rows:
-                        again = self._still_open(k, t, A, X, out)
+                        again = self._judge_again(k, t, A, X, out)
                         out.extend(again)
                         for inc in again:
                             if inc.metric not in self.open:
@@ -727,7 +727,7 @@ class DeviceModel:
         assert self.model is not None
         return max(floor, 2 * max(self.model.lags_, default=0))
 
-    def _still_open(
+    def _judge_again(
         self,
         k: int,
         t: int,
@@ -1249,12 +1249,12 @@ class DetectionEngine:
         """After a maintenance window (``millstream_cloud.maintenance``): what was found
         in it (kept as expected, not alerted) and is still wrong is reported again. A stuck
         sensor at its next reading if it is still stuck (left unplugged after the work); a
-        device model's incident if it is still open once the stop's aftermath is over
-        (``DeviceModel.aftermath``: two lag spans, at least REARM_SMOOTHS smoothing
-        windows) after the window ended (the machine came back out of line): not at once,
-        as the stop's own incident outlasts the restart, and reported at the window's end
-        it was a false alarm after every window that closed with the restart (a /tmp probe
-        of simulated stops).
+        device model with an incident still open is judged again once the stop's aftermath
+        is over (``DeviceModel.aftermath``: two lag spans, at least REARM_SMOOTHS smoothing
+        windows) after the window ended (``DeviceModel._judge_again``: did the machine come
+        back out of line?): not at once, as the stop's own incident outlasts the restart,
+        and reported at the window's end it was a false alarm after every window that
+        closed with the restart (a /tmp probe of simulated stops).
         Never beside ``observe`` (the sink holds the lock scoring runs under)."""
         n = 0
         for (d, _m), det in self.stuck.items():

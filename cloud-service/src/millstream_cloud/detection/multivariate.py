@@ -705,9 +705,10 @@ class VirtualSensorResidual:
         ):
             starts = np.maximum(ends - w, 0)
             M = (c[ends] - c[starts]) / (ends - starts)[:, None]
-            z = weight * M / np.sqrt(sig**2 + var)
-            short = z / weight
-            zs = np.where(np.abs(z) > np.abs(zs), z, zs)
+            z = M / np.sqrt(sig**2 + var)
+            if weight != 1.0:
+                short = z
+            zs = np.where(np.abs(weight * z) > np.abs(zs), weight * z, zs)
         if self.extrapolation_penalty > 0.0 and self.lo_ is not None and self.hi_ is not None:
             # Outside the range of its training rows the model extrapolates and its error
             # grows; how far the *other* metrics are outside that range scales the bar.
