@@ -11,7 +11,9 @@ anomaly, named on that metric. Each run goes through the real service (sink, eng
 windows); what the sink hands on to the alert engine after the restart is counted.
 
 Run from the repository root: ``python bench/detection_restart.py`` (seeds 0-5, 30 and 48
-hours, about 10 minutes on 2 cores); ``--seeds 12-17`` scores other machines.
+hours, about 10 minutes on 2 cores); ``--seeds 12-17`` scores other machines, and
+``--no-window`` stops them unplanned (the "before restart" counts are then the stop's own
+alerts).
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ def stopped(
     ]
 
 
-def run(kind: str, metric: str, shift: float, seed: int, hours: float, after_s: int) -> dict:
-    """One machine through the service with a window over its stop."""
+def run(kind: str, metric: str, shift: float, seed: int, hours: float, after_s: int | None) -> dict:
+    """One machine through the service, with a window over its stop unless ``after_s``
+    is None (an unplanned stop)."""
     t0 = (time.time_ns() // 3600 // S - 2) * 3600 * S
     restart = t0 + RESTART_H * 3600 * S
     with tempfile.TemporaryDirectory() as d:
@@ -84,9 +87,9 @@ def run(kind: str, metric: str, shift: float, seed: int, hours: float, after_s: 
         services.anomalies.hooks.append(handed_on.extend)
         try:
             sink = services.anomalies
-            sink.start_maintenance(
-                f"{kind}-00", "sim", t0 + STOP_H * 3600 * S, restart + after_s * S, "stop", ""
-            )
+            if after_s is not None:
+                start, end = t0 + STOP_H * 3600 * S, restart + after_s * S
+                sink.start_maintenance(f"{kind}-00", "sim", start, end, "stop", "")
             for batch in stopped(kind, metric, shift, seed, hours, t0):
                 sink.process(batch)
             kept = int(sink.maintenance_anomalies._value.get())
@@ -117,13 +120,15 @@ if __name__ == "__main__":
     ap.add_argument("--seeds", type=parse_seeds, default=parse_seeds("0-5"))
     ap.add_argument("--hours", default="30,48", help="run lengths, comma-separated")
     ap.add_argument("--window-after", type=int, default=0, help="window end after restart, s")
+    ap.add_argument("--no-window", action="store_true", help="unplanned stops: no window")
     args = ap.parse_args()
+    after_s = None if args.no_window else args.window_after
     runs = []
     for hours in (float(h) for h in args.hours.split(",")):
         for kind, metric in CASES:
             for shift in (0.0, 6.0):
                 for seed in args.seeds:
-                    r = run(kind, metric, shift, seed, hours, args.window_after)
+                    r = run(kind, metric, shift, seed, hours, after_s)
                     runs.append(r)
                     got = [(x["hours_after"], x["metric"]) for x in r["after_restart"]]
                     print(f"{hours:g} h {kind} fault={r['fault']} seed {seed}: {got}", flush=True)
@@ -132,7 +137,7 @@ if __name__ == "__main__":
     out = {
         "seeds": args.seeds,
         "hours": args.hours,
-        "window_after_s": args.window_after,
+        "window_after_s": after_s,
         "healthy_restarts": len(healthy),
         "healthy_with_false_anomalies": sum(bool(r["after_restart"]) for r in healthy),
         "false_anomalies": sum(len(r["after_restart"]) for r in healthy),
@@ -152,6 +157,8 @@ if __name__ == "__main__":
         f" metric first ({out['fault_anomalies']} anomalies)"
     )
     name = f"detection_restart_{args.seeds[0]}-{args.seeds[-1]}"
+    if args.no_window:
+        name += "_no_window"
     path = ROOT / "bench" / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -829,6 +829,47 @@ def test_after_a_pumps_window_a_healthy_restart_stays_quiet_and_a_fault_is_named
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("shift_sigma", [0.0, 6.0])
+def test_after_an_unplanned_stop_a_fault_from_the_restart_on_is_reported(
+    tmp_path: Path, shift_sigma: float
+) -> None:
+    """No window: the pump's stop alerts, and its incident outlasts the restart (the
+    fluid temperature, 960 rows behind its load, still out of line). A 6-sigma shift of
+    the motor current from the restart on kept it open and was never reported; now, once
+    one of the incident's metrics is back in line, the device is judged again when the
+    aftermath is over (as after a window), and the current is named, across a restart
+    of the service between the two. A healthy restart of the same pump raises nothing
+    after it."""
+    settings = Settings(data_dir=str(tmp_path))
+    services, handed_on = _service(settings)
+    restart = T0 + 22 * 3600 * S
+    batches = _stopped("pump", "motor_current_a", shift_sigma, 3)
+    split = next(i for i, b in enumerate(batches) if b[0].time_ns >= restart + 3600 * S)
+    try:
+        for batch in batches[:split]:
+            services.anomalies.process(batch)
+    finally:
+        services.stop()  # saves the detectors' state: the judgement still pending
+    services, handed_after = _service(settings)
+    try:
+        sink = services.anomalies
+        for batch in batches[split:]:
+            sink.process(batch)
+        handed_on += handed_after
+        assert [a for a in handed_on if a.time_ns < restart]  # the stop
+        after = [a for a in handed_on if a.time_ns >= restart]
+        if not shift_sigma:
+            assert after == []
+            return
+        assert [(a.detector, a.metric) for a in after] == [("virtual_sensor", "motor_current_a")]
+        assert after[0].time_ns > restart + 3600 * S
+        assert "came back in line (a restart with a fault?)" in after[0].explanation
+        assert "maintenance" not in after[0].explanation
+    finally:
+        services.stop()
+
+
+@pytest.mark.slow
 def test_after_a_healthy_restart_the_stops_metrics_let_go_of_their_alerts(
     tmp_path: Path,
 ) -> None:

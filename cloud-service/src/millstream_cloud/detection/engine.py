@@ -315,6 +315,9 @@ class Incident(NamedTuple):
     # Reported after a maintenance window, the device judged again once the stop's
     # aftermath is over (DetectionEngine.rearm): out of line since before the window ended.
     after_maintenance: bool = False
+    # Reported while its incident goes on: out of line once the aftermath was over after
+    # this metric of the incident came back in line at this time (a restart after a stop).
+    back_in_line: tuple[int, int] | None = None
 
 
 class DeviceModel:
@@ -368,9 +371,12 @@ class DeviceModel:
         # The interval being averaged for the model (mv_resolution_s): its index, the sum
         # of its rows, how many, its last row's time.
         self.bucket: list[Any] | None = None
-        # Rows left until the incidents still open after a maintenance window are reported
-        # again (DetectionEngine.rearm); 0: none pending.
+        # Rows left until the device is judged again (``_judge_again``): after a maintenance
+        # window (DetectionEngine.rearm), or after one of an open incident's metrics came
+        # back in line (``rearm_back``: that metric and when); 0: none pending.
         self.rearm_rows = 0
+        self.rearm_back: tuple[int, int] | None = None
+        self.judged_back = False  # the open incident was judged again that way (once)
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
     MODEL_KEYS = (
@@ -606,12 +612,13 @@ class DeviceModel:
                 ]
                 self.quiet_m = [0] * m
             for k, (t, _) in enumerate(rows):
-                rising = []
+                rising, went_off = [], []
                 for j in range(m):
                     was = self.gates[j].active
                     active, edge = self.gates[j].update(float(A[k, j]))
                     if was and not active:
                         self.quiet_m[j] = self.s.mv_quiet_rows
+                        went_off.append(j)
                     elif not active and self.quiet_m[j] > 0:
                         self.quiet_m[j] -= 1
                     if edge:
@@ -677,6 +684,8 @@ class DeviceModel:
                             )
                         if several:
                             self._stand_in(raw)
+                if went_off and several and not self.rearm_rows and not self.judged_back:
+                    self._back_in_line(went_off, t)
                 if self.rearm_rows:
                     self.rearm_rows -= 1
                     if not self.rearm_rows:
@@ -688,6 +697,9 @@ class DeviceModel:
                                 if several:
                                     self._stand_in(raw)
                 if self.open and all(not g.active for g in self.gates):
+                    if self.rearm_back is not None:  # nothing left to judge
+                        self.rearm_rows, self.rearm_back = 0, None
+                    self.judged_back = False
                     # The incident is over, but the lagged inputs of the slow model still
                     # remember the faulty values for a couple of lag spans: whatever the
                     # other metrics' residuals do meanwhile is its aftermath, not news ...
@@ -727,6 +739,20 @@ class DeviceModel:
         assert self.model is not None
         return max(floor, 2 * max(self.model.lags_, default=0))
 
+    def _back_in_line(self, went_off: list[int], t: int) -> None:
+        """One of an open incident's metrics came back in line while others stay out:
+        the device is judged again once the aftermath is over (``_judge_again``), once
+        per incident. A stop opens an incident on what fell; at a restart with a fault (a
+        bearing damaged in the trip) the faulty metric stays out, and inside the open
+        incident it was never reported. A healthy restart's incident may outlast the
+        aftermath too (the lagged inputs still hold the stop): what counts then is what
+        the last SHORT_ROWS rows say."""
+        back = [j for j in went_off if j in self.open and j not in self.stuck]
+        if back and any(g.active for q, g in enumerate(self.gates) if q not in self.stuck):
+            self.rearm_rows = self.aftermath(REARM_SMOOTHS * self.s.mv_smooth_rows)
+            self.rearm_back = (back[0], t)
+            self.judged_back = True
+
     def _judge_again(
         self,
         k: int,
@@ -745,6 +771,7 @@ class DeviceModel:
         what stopped first, not on what the work left wrong)."""
         model = self.model
         assert model is not None and model.short_z_ is not None
+        back, self.rearm_back = self.rearm_back, None
         short = model.short_z_[k]
         bar = SHORT_BAR * self.s.mv_on
         if not any(g.active and abs(short[j]) >= bar for j, g in enumerate(self.gates)):
@@ -753,6 +780,8 @@ class DeviceModel:
         j = model.attribute(short, smooth=True, distrust=known, settled=True, short=True)
         if any(inc.metric == j and inc.time_ns == t for inc in new):
             return []
+        if back is not None and j in self.open:
+            return []  # the incident's own metric: reported when it opened
         expected = model.expected_
         return [
             Incident(
@@ -765,7 +794,8 @@ class DeviceModel:
                 [q for q in known if q != j and self.gates[q].active],
                 [],
                 None if expected is None else expected[k],
-                after_maintenance=True,
+                after_maintenance=back is None,
+                back_in_line=back,
             )
         ]
 
@@ -918,6 +948,8 @@ class DeviceModel:
             "glitch_run": self.glitch_run,
             "prev_raw": self.prev_raw,
             "rearm_rows": self.rearm_rows,
+            "rearm_back": None if self.rearm_back is None else list(self.rearm_back),
+            "judged_back": self.judged_back,
             **{f"next_{k}": v for k, v in self.next_rows.state_dict("next").items()},
         }
 
@@ -956,6 +988,9 @@ class DeviceModel:
         self.counters = [int(j) for j in st.get("counters", ())]
         self.glitch_run = [int(n) for n in st.get("glitch_run", ())]
         self.rearm_rows = int(st.get("rearm_rows", 0))
+        back = st.get("rearm_back")
+        self.rearm_back = None if back is None else (int(back[0]), int(back[1]))
+        self.judged_back = bool(st.get("judged_back", False))
         # Saved before it was kept: the last row kept is the last row scored.
         prev = st.get(
             "prev_raw", self.rows.last() if self.model is not None and self.rows else None
@@ -1266,6 +1301,7 @@ class DetectionEngine:
         if dev is not None and still_open:
             smooth = self.settings_for(device)[0].mv_smooth_rows
             dev.rearm_rows = dev.aftermath(REARM_SMOOTHS * smooth)
+            dev.rearm_back = None
         if n or still_open:
             self._dirty.add(device)
         return {"stuck": n, "device_model": still_open}
@@ -1669,6 +1705,13 @@ class DetectionEngine:
             )
         if inc.after_maintenance:
             text += "; out of line since before the maintenance window ended"
+        if inc.back_in_line is not None:
+            came, at = inc.back_in_line
+            hours = (inc.time_ns - at) / 3.6e12
+            text += (
+                f"; still out of line {hours:.1f} h after {dev.metrics[came]} came back in"
+                " line (a restart with a fault?)"
+            )
         still = [k for k in inc.open if k not in inc.ended]
         if still:
             names = " and ".join(dev.metrics[k] for k in still)
