@@ -19,16 +19,14 @@ alerts).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from _common import save_json
 
-from millstream_cloud.detection.eval.sim import KINDS, _lag
-from millstream_cloud.model import Reading
+from millstream_cloud.detection.eval.sim import stopped
 from millstream_cloud.services import Services
 from millstream_cloud.settings import Settings
 
@@ -46,36 +44,6 @@ def parse_seeds(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
-def stopped(
-    kind: str, metric: str, shift: float, seed: int, hours: float, t0: int
-) -> list[list[Reading]]:
-    """The machine's readings in batches of 6 rows; ``metric`` ``shift`` of its noise high
-    from the restart on."""
-    step, n = 10.0, int(hours * 3600 / 10)
-    rng = np.random.default_rng(seed)
-    t_s = np.arange(n) * step
-    load = 0.55 + 0.2 * np.sin(2 * np.pi * t_s / 86400 + rng.uniform(0, 2 * np.pi))
-    stop0, stop1 = int(STOP_H * 3600 / step), int(RESTART_H * 3600 / step)
-    load[stop0:stop1] = 0.0
-    load = _lag(load, step, 60.0)
-    thermal = _lag(load, step, 1200.0)
-    series = {}
-    for m, (off, gain, sig, slow) in KINDS[kind].items():
-        series[m] = off + gain * (thermal if slow else load) + rng.normal(0, sig, n)
-        if not slow:
-            series[m][stop0:stop1] = np.abs(rng.normal(0, sig, stop1 - stop0))
-    series[metric][stop1:] += shift * KINDS[kind][metric][2]
-    device = f"{kind}-00"
-    return [
-        [
-            Reading(device, "sim", m, t0 + int(t_s[i]) * S, float(v[i]))
-            for i in range(lo, min(lo + 6, n))
-            for m, v in series.items()
-        ]
-        for lo in range(0, n, 6)
-    ]
-
-
 def run(kind: str, metric: str, shift: float, seed: int, hours: float, after_s: int | None) -> dict:
     """One machine through the service, with a window over its stop unless ``after_s``
     is None (an unplanned stop)."""
@@ -90,7 +58,7 @@ def run(kind: str, metric: str, shift: float, seed: int, hours: float, after_s: 
             if after_s is not None:
                 start, end = t0 + STOP_H * 3600 * S, restart + after_s * S
                 sink.start_maintenance(f"{kind}-00", "sim", start, end, "stop", "")
-            for batch in stopped(kind, metric, shift, seed, hours, t0):
+            for batch in stopped(kind, metric, shift, seed, t0, hours, STOP_H, RESTART_H):
                 sink.process(batch)
             kept = int(sink.maintenance_anomalies._value.get())
         finally:
@@ -159,7 +127,4 @@ if __name__ == "__main__":
     name = f"detection_restart_{args.seeds[0]}-{args.seeds[-1]}"
     if args.no_window:
         name += "_no_window"
-    path = ROOT / "bench" / "results" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    print(f"wrote {path}")
+    save_json(out, ROOT / "bench" / "results" / f"{name}.json")

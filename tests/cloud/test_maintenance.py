@@ -303,35 +303,11 @@ def _stopped_motor(shift_sigma: float, seed: int = 0) -> list[list[Reading]]:
 
 
 def _stopped(kind: str, metric: str, shift_sigma: float, seed: int) -> list[list[Reading]]:
-    """A simulated machine (``kind``: its metrics follow one load, the slow ones, such as
-    a bearing or fluid temperature, through a 20-minute thermal lag) stopped from hour 20
-    to 22: its fast metrics read about zero and the slow ones cool. From the restart on
-    ``metric`` reads ``shift_sigma`` of its noise high (a fault the work left). 30 hours
-    at 10 s, in batches of 6 rows; the device is ``<kind>-00``."""
-    from millstream_cloud.detection.eval.sim import KINDS, _lag
+    """A simulated machine stopped from hour 20 to 22 of 30, ``metric`` ``shift_sigma`` of
+    its noise high from the restart on (:func:`millstream_cloud.detection.eval.sim.stopped`)."""
+    from millstream_cloud.detection.eval.sim import stopped
 
-    step, n = 10.0, int(30 * 3600 / 10)
-    rng = np.random.default_rng(seed)
-    t_s = np.arange(n) * step
-    load = 0.55 + 0.2 * np.sin(2 * np.pi * t_s / 86400 + rng.uniform(0, 2 * np.pi))
-    stop0, stop1 = int(20 * 3600 / step), int(22 * 3600 / step)
-    load[stop0:stop1] = 0.0
-    load = _lag(load, step, 60.0)
-    thermal = _lag(load, step, 1200.0)
-    series = {}
-    for m, (off, gain, sig, slow) in KINDS[kind].items():
-        series[m] = off + gain * (thermal if slow else load) + rng.normal(0, sig, n)
-        if not slow:
-            series[m][stop0:stop1] = np.abs(rng.normal(0, sig, stop1 - stop0))
-    series[metric][stop1:] += shift_sigma * KINDS[kind][metric][2]
-    return [
-        [
-            Reading(f"{kind}-00", "sim", m, T0 + int(t_s[i]) * S, float(v[i]))
-            for i in range(lo, min(lo + 6, n))
-            for m, v in series.items()
-        ]
-        for lo in range(0, n, 6)
-    ]
+    return stopped(kind, metric, shift_sigma, seed, T0)
 
 
 @pytest.mark.slow

@@ -198,3 +198,43 @@ def inject(
     found = Fault(device, metric, fault, int(t[i0]), int(t[i1 - 1]))
     fleet.faults.append(found)
     return found
+
+
+def stopped(
+    kind: str,
+    metric: str,
+    shift_sigma: float,
+    seed: int,
+    start_ns: int,
+    hours: float = 30.0,
+    stop_h: float = 20.0,
+    restart_h: float = 22.0,
+) -> list[list[Reading]]:
+    """One machine of ``kind`` (device ``<kind>-00``, site ``sim``) at 10 s, on a daily
+    load cycle from ``start_ns``, stopped from ``stop_h`` to ``restart_h`` hours in: its fast
+    metrics read about zero, the slow ones cool through their thermal lag. From the restart
+    on ``metric`` reads ``shift_sigma`` of its noise high (a fault the stop left). Readings
+    in batches of 6 rows. The planned and unplanned stops of the maintenance-window tests
+    and ``bench/detection_restart.py``."""
+    step, n = 10.0, int(hours * 3600 / 10)
+    rng = np.random.default_rng(seed)
+    t_s = np.arange(n) * step
+    load = 0.55 + 0.2 * np.sin(2 * np.pi * t_s / DAY_S + rng.uniform(0, 2 * np.pi))
+    stop0, stop1 = int(stop_h * 3600 / step), int(restart_h * 3600 / step)
+    load[stop0:stop1] = 0.0
+    load = _lag(load, step, 60.0)
+    thermal = _lag(load, step, 1200.0)
+    series = {}
+    for m, (off, gain, sig, slow) in KINDS[kind].items():
+        series[m] = off + gain * (thermal if slow else load) + rng.normal(0, sig, n)
+        if not slow:
+            series[m][stop0:stop1] = np.abs(rng.normal(0, sig, stop1 - stop0))
+    series[metric][stop1:] += shift_sigma * KINDS[kind][metric][2]
+    return [
+        [
+            Reading(f"{kind}-00", "sim", m, start_ns + int(t_s[i]) * NS, float(v[i]))
+            for i in range(lo, min(lo + 6, n))
+            for m, v in series.items()
+        ]
+        for lo in range(0, n, 6)
+    ]
