@@ -761,8 +761,9 @@ class DeviceModel:
         X: np.ndarray,
         new: list[Incident],
     ) -> list[Incident]:
-        """The device judged again at row ``k``, once a maintenance window's aftermath is
-        over (its own reports were kept as expected): one incident if a metric is out of
+        """The device judged again at row ``k``, once the aftermath of a maintenance window
+        (its own reports were kept as expected) or of one of an open incident's metrics
+        coming back in line (``_back_in_line``) is over: one incident if a metric is out of
         line *now*, its gate on and its last SHORT_ROWS rows alone past the short window's
         bar (the long window's 30-minute average still holds the stop's aftermath, and
         the stop's own incident, opened on what stopped, outlasts a healthy restart), named
