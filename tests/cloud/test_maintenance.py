@@ -296,13 +296,7 @@ def test_the_api_sets_lists_and_ends_windows_with_an_alert_silence(tmp_path: Pat
         services.stop()
 
 
-def _stopped_motor(shift_sigma: float, seed: int = 0) -> list[list[Reading]]:
-    """The simulator's motor stopped from hour 20 to 22, its vibration ``shift_sigma`` of
-    its noise high from the restart on (:func:`_stopped`)."""
-    return _stopped("motor", "vibration_mm_s", shift_sigma, seed)
-
-
-def _stopped(kind: str, metric: str, shift_sigma: float, seed: int) -> list[list[Reading]]:
+def _stopped(kind: str, metric: str, shift_sigma: float, seed: int = 0) -> list[list[Reading]]:
     """A simulated machine stopped from hour 20 to 22 of 30, ``metric`` ``shift_sigma`` of
     its noise high from the restart on (:func:`millstream_cloud.detection.eval.sim.stopped`)."""
     from millstream_cloud.detection.eval.sim import stopped
@@ -329,7 +323,7 @@ def test_a_stop_in_a_window_alerts_nothing_and_a_fault_it_left_is_reported_after
         end = T0 + int(22.5 * 3600) * S
         if window:
             sink.maintenance.add("motor-00", "sim", T0 + 20 * 3600 * S, end, now_ns=T0)
-        for batch in _stopped_motor(shift_sigma):
+        for batch in _stopped("motor", "vibration_mm_s", shift_sigma):
             sink.process(batch)
         found = [(a.detector, a.metric) for a in handed_on]
         if not window:  # what the window is for: the stop alerts
@@ -857,7 +851,7 @@ def test_after_a_healthy_restart_the_stops_metrics_let_go_of_their_alerts(
     services, handed_on = _service(Settings(data_dir=str(tmp_path)))
     try:
         sink = services.anomalies
-        for batch in _stopped_motor(0.0):
+        for batch in _stopped("motor", "vibration_mm_s", 0.0):
             sink.process(batch)
         restart = T0 + 22 * 3600 * S
         assert len([a for a in handed_on if a.time_ns < restart]) >= 2  # the stop
