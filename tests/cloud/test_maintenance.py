@@ -296,12 +296,15 @@ def test_the_api_sets_lists_and_ends_windows_with_an_alert_silence(tmp_path: Pat
         services.stop()
 
 
-def _stopped(kind: str, metric: str, shift_sigma: float, seed: int = 0) -> list[list[Reading]]:
-    """A simulated machine stopped from hour 20 to 22 of 30, ``metric`` ``shift_sigma`` of
-    its noise high from the restart on (:func:`millstream_cloud.detection.eval.sim.stopped`)."""
+def _stopped(
+    kind: str, metric: str, shift_sigma: float, seed: int = 0, hours: float = 30.0
+) -> list[list[Reading]]:
+    """A simulated machine stopped from hour 20 to 22 of ``hours``, ``metric``
+    ``shift_sigma`` of its noise high from the restart on
+    (:func:`millstream_cloud.detection.eval.sim.stopped`)."""
     from millstream_cloud.detection.eval.sim import stopped
 
-    return stopped(kind, metric, shift_sigma, seed, T0)
+    return stopped(kind, metric, shift_sigma, seed, T0, hours)
 
 
 @pytest.mark.slow
@@ -799,6 +802,43 @@ def test_after_a_pumps_window_a_healthy_restart_stays_quiet_and_a_fault_is_named
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "metric", "shift_sigma"),
+    [
+        ("motor", "vibration_mm_s", 0.0),
+        ("pump", "motor_current_a", 0.0),
+        ("pump", "motor_current_a", 6.0),
+    ],
+)
+def test_after_a_window_the_device_is_judged_on_its_readings_not_on_drifted_stand_ins(
+    tmp_path: Path, kind: str, metric: str, shift_sigma: float
+) -> None:
+    """48-hour runs (seed 7) stopped in a window ending at the restart. The stop's
+    incident keeps its metrics distrusted for hours, their stand-ins predicted from one
+    another, and by the judgement two lag spans later they had drifted from the machine:
+    the healthy motor was reported "bearing_temp_c 80.8 sigma below ... (47.87, expected
+    61.09)", the healthy pump "motor_current_a 16.3 sigma below ...". Judged on a replay of
+    the model's memory from the readings, both stay quiet, and the pump's 6-sigma current
+    shift is still named on the current, read high and quoted so."""
+    services, handed_on = _service(Settings(data_dir=str(tmp_path)))
+    try:
+        sink = services.anomalies
+        restart = T0 + 22 * 3600 * S
+        sink.maintenance.add(f"{kind}-00", "sim", T0 + 20 * 3600 * S, restart, now_ns=T0)
+        for batch in _stopped(kind, metric, shift_sigma, 7, hours=48.0):
+            sink.process(batch)
+        found = [(a.detector, a.metric) for a in handed_on]
+        if not shift_sigma:
+            assert found == []
+            return
+        assert found == [("virtual_sensor", metric)]
+        c = handed_on[0].contributions[0]
+        assert c.sigma > 0 and c.value > c.expected
+    finally:
+        services.stop()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("shift_sigma", [0.0, 6.0])
 def test_after_an_unplanned_stop_a_fault_from_the_restart_on_is_reported(
     tmp_path: Path, shift_sigma: float
@@ -835,6 +875,31 @@ def test_after_an_unplanned_stop_a_fault_from_the_restart_on_is_reported(
         assert after[0].time_ns > restart + 3600 * S
         assert "came back in line (a restart with a fault?)" in after[0].explanation
         assert "maintenance" not in after[0].explanation
+    finally:
+        services.stop()
+
+
+@pytest.mark.slow
+def test_after_an_unplanned_stop_a_fault_of_a_metric_that_stopped_is_reported(
+    tmp_path: Path,
+) -> None:
+    """No window: the motor's stop opens its incident on the metrics that fell, the
+    vibration among them, and the vibration comes back 6 sigma high. Judged on the live
+    stream it was taken for the stop's own incident and never reported; the replay reads
+    it as it reads now, and it is named hours after the restart."""
+    services, handed_on = _service(Settings(data_dir=str(tmp_path)))
+    try:
+        sink = services.anomalies
+        for batch in _stopped("motor", "vibration_mm_s", 6.0):
+            sink.process(batch)
+        restart = T0 + 22 * 3600 * S
+        assert [a for a in handed_on if a.time_ns < restart]  # the stop
+        after = [a for a in handed_on if a.time_ns >= restart]
+        assert [(a.detector, a.metric) for a in after] == [("virtual_sensor", "vibration_mm_s")]
+        assert after[0].time_ns > restart + 3600 * S
+        assert "came back in line (a restart with a fault?)" in after[0].explanation
+        c = after[0].contributions[0]
+        assert c.sigma > 0 and c.value > c.expected
     finally:
         services.stop()
 

@@ -399,6 +399,28 @@ def test_a_stand_in_widens_the_spread_of_the_metrics_that_lean_on_it() -> None:
     assert (model.fit(X[:8640]).distrust_spread([1])[1] == 1.0).all()  # a new model: anew
 
 
+def test_a_replay_reads_the_rows_afresh_and_leaves_the_stream_as_it_was() -> None:
+    # The device judged again after a stop is judged on a replay of the model's memory
+    # with every metric read as it reads (engine: DeviceModel._judge_again): the live
+    # stream, with a metric distrusted, must not move, and the replay must see a shift
+    # on the shifted metric as a stream that read those rows would.
+    X = _metrics(4)
+    model = VirtualSensorResidual(spans=(5, 20), smooth=20).fit(X[:1500])
+    Y = X[1500:].copy()
+    Y[300:, 2] += 0.2
+    model.residuals(Y[:100], distrust=[1])
+    before = json.dumps(model.state_dict())
+    view, _, zs = model.replay(Y)
+    assert json.dumps(model.state_dict()) == before
+    again, _, zs_again = model.replay(Y)
+    assert np.array_equal(zs, zs_again) and again is not view
+    assert view.short_z_ is not None and view.expected_ is not None
+    assert np.abs(zs[:280]).max() < 7.0  # in line before the shift
+    assert abs(view.short_z_[-1][2]) > 11.2  # out of line on the short window's bar
+    assert view.attribute(view.short_z_[-1], smooth=True, settled=True, short=True) == 2
+    assert view.expected_[-1][2] < Y[-1, 2] - 0.1  # it expects the unshifted level
+
+
 def _lagged(x: np.ndarray, span: int) -> np.ndarray:
     a, out, acc = 2.0 / (span + 1.0), np.empty_like(x), x[0]
     for i, v in enumerate(x):

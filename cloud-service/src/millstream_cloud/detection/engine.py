@@ -376,7 +376,7 @@ class DeviceModel:
         # back in line (``rearm_back``: that metric and when); 0: none pending.
         self.rearm_rows = 0
         self.rearm_back: tuple[int, int] | None = None
-        self.judged_back = False  # the open incident was judged again that way (once)
+        self.judged_back = False  # the open incident was judged again, or reported by a judgement
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
     MODEL_KEYS = (
@@ -689,7 +689,7 @@ class DeviceModel:
                 if self.rearm_rows:
                     self.rearm_rows -= 1
                     if not self.rearm_rows:
-                        again = self._judge_again(k, t, A, X, out)
+                        again = self._judge_again(k, t, raw, X, out)
                         out.extend(again)
                         for inc in again:
                             if inc.metric not in self.open:
@@ -757,44 +757,56 @@ class DeviceModel:
         self,
         k: int,
         t: int,
-        A: np.ndarray,
+        raw: np.ndarray,
         X: np.ndarray,
         new: list[Incident],
     ) -> list[Incident]:
-        """The device judged again at row ``k``, once the aftermath of a maintenance window
-        (its own reports were kept as expected) or of one of an open incident's metrics
-        coming back in line (``_back_in_line``) is over: one incident if a metric is out of
-        line *now*, its gate on and its last SHORT_ROWS rows alone past the short window's
-        bar (the long window's 30-minute average still holds the stop's aftermath, and
-        the stop's own incident, opened on what stopped, outlasts a healthy restart), named
-        by the metric whose offset, settled since the restart through the lagged inputs and
-        the stand-ins, explains those rows' residuals best (the stop's incident is named on
-        what stopped first, not on what the work left wrong)."""
+        """The device judged again at row ``k`` of this call's rows (``raw``, as read),
+        once the aftermath of a maintenance window (its own reports were kept as expected)
+        or of one of an open incident's metrics coming back in line (``_back_in_line``) is
+        over: one incident if a metric is out of line *now*, its last SHORT_ROWS rows
+        alone past the short window's bar (the long window's 30-minute average still holds
+        the stop's aftermath), named by the metric whose offset, settled since the restart
+        through the lagged inputs, explains those rows' residuals best (the stop's incident
+        is named on what stopped first, not on what the work left wrong).
+
+        Judged on a replay of the model's memory with every metric's readings as its
+        inputs (``VirtualSensorResidual.replay``), not on the live stream: there the
+        stop's metrics are still distrusted, their stand-ins predicted from one another
+        for hours, and stand-ins that had drifted from the machine made a healthy restart
+        read "bearing_temp_c 80.8 sigma below ... (47.87, expected 61.09)". Read from the
+        readings, a stop is what the lagged inputs model (the slow metrics cool as the
+        load's average falls) and its aftermath is over."""
         model = self.model
-        assert model is not None and model.short_z_ is not None
+        assert model is not None
         back, self.rearm_back = self.rearm_back, None
-        short = model.short_z_[k]
-        bar = SHORT_BAR * self.s.mv_on
-        if not any(g.active and abs(short[j]) >= bar for j, g in enumerate(self.gates)):
+        view, _, zs = model.replay(self._recent_inputs(raw[: k + 1]))
+        assert view.short_z_ is not None and view.expected_ is not None
+        short, now = view.short_z_[-1], zs[-1]
+        out = [int(q) for q in np.flatnonzero(np.abs(short) >= SHORT_BAR * self.s.mv_on)]
+        if not out:
             return []
-        known = self.known()
-        j = model.attribute(short, smooth=True, distrust=known, settled=True, short=True)
+        # Named among the metrics out of line: a name under the bar reads as a fault the
+        # sentence's own figure denies ("vibration_mm_s 0.1 sigma above ...").
+        j = view.attribute(short, smooth=True, among=out, settled=True, short=True)
         if any(inc.metric == j and inc.time_ns == t for inc in new):
             return []
-        if back is not None and j in self.open:
-            return []  # the incident's own metric: reported when it opened
-        expected = model.expected_
+        # One of the stop's own metrics too: the replay reads it as it reads now, not as
+        # it fell (a vibration that stopped, then came back 6 sigma high). Reported, the
+        # incident is not judged again when one of its metrics comes back in line (a
+        # shifted current's gate flapping after a window was reported twice).
+        self.judged_back = True
         return [
             Incident(
                 t,
-                float(A[k, j]),
+                float(abs(now[j])),
                 j,
                 short,
                 X[k],
                 True,
-                [q for q in known if q != j and self.gates[q].active],
+                [q for q in self.known() if q != j and abs(now[q]) >= self.s.mv_on],
                 [],
-                None if expected is None else expected[k],
+                view.expected_[-1],
                 after_maintenance=back is None,
                 back_in_line=back,
             )

@@ -640,6 +640,17 @@ class VirtualSensorResidual:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The spread (fast, smoothed) of the residuals over ``X`` after ``burn`` rows,
         scored from a fresh stream state with ``distrust`` standing in."""
+        _, zi, zs = self.replay(X, distrust)
+        return _tail_aware_sd(zi[burn:]), _tail_aware_sd(zs[burn:])
+
+    def replay(
+        self, X: np.ndarray, distrust: Sequence[int] = ()
+    ) -> tuple[VirtualSensorResidual, np.ndarray, np.ndarray]:
+        """A copy of the model run over ``X`` (rows oldest first, ``memory_rows`` of them
+        to forget its start) from a fresh stream state, with ``distrust`` standing in:
+        what the stream would say now had it read ``X`` so. The copy (its ``short_z_``,
+        ``expected_``) and the residuals (instantaneous, smoothed) over ``X``; the model's
+        own stream state is untouched."""
         probe = copy.copy(self)
         assert self.mean_ is not None and self.scale_ is not None
         z0 = (X[0] - self.mean_) / self.scale_
@@ -650,7 +661,7 @@ class VirtualSensorResidual:
         probe._recent_fast = np.zeros((LOCAL_ROWS, m))
         probe._recent_pred = None
         zi, zs = probe.residuals(X, distrust)
-        return _tail_aware_sd(zi[burn:]), _tail_aware_sd(zs[burn:])
+        return probe, zi, zs
 
     def distrust_spread(self, distrust: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Per metric: how many times wider its residuals (fast, smoothed) spread with the
