@@ -26,28 +26,6 @@ def _standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mean, scale, (X - mean) / scale
 
 
-def _through_stand_ins(
-    gain: np.ndarray, virtual: np.ndarray, d: list[int], settle: bool = False
-) -> np.ndarray:
-    """``gain`` (row i: how metric i's prediction follows each metric) with the distrusted
-    metrics ``d`` read through their stand-ins: each stand-in follows the others as
-    ``virtual`` says (row c: how metric c's virtual value follows each metric), not its
-    own reading. Without ``settle`` each stand-in is held while another is predicted;
-    with it, the stand-ins have settled on one another's values (when that loop has a
-    solution)."""
-    if not d:
-        return gain
-    virtual = virtual.copy()
-    loop = np.eye(len(d)) - virtual[np.ix_(d, d)]
-    virtual[:, d] = 0.0  # a stand-in does not read a distrusted metric's reading
-    follow = virtual[d, :]
-    if settle and np.linalg.cond(loop) < 1e6:
-        follow = np.linalg.solve(loop, follow)
-    out = gain.copy()
-    out[:, d] = 0.0
-    return out + gain[:, d] @ follow
-
-
 def _as2d(X: np.ndarray) -> np.ndarray:
     arr = np.asarray(X, dtype=float)
     if arr.ndim != 2:
@@ -493,14 +471,10 @@ class VirtualSensorResidual:
         return out
 
     def _slow_residuals(
-        self,
-        Z: np.ndarray,
-        Z_in: np.ndarray | None = None,
-        level: np.ndarray | None = None,
-        distrust: Sequence[int] = (),
+        self, Z: np.ndarray, Z_in: np.ndarray | None = None, level: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Residuals of the slow model and the variance of its predictions, made from
-        ``Z_in`` where given (its ``distrust`` metrics' virtual values); ``level``: each
+        ``Z_in`` where given (its distrusted metrics' virtual values); ``level``: each
         row's recent level of every metric, which ``expected_`` quotes against."""
         assert self.slow_coef_ is not None
         assert self._s is not None
@@ -523,12 +497,6 @@ class VirtualSensorResidual:
         # average (QUOTE_SPAN), follows an offset within minutes (the 10-minute one quoted
         # a 2 A offset as 1.2 A at the incident's rising edge).
         recent = S if level is None else level
-        if distrust and level is not None:
-            # A distrusted metric's level in ``level`` is its stand-in's: quoted against
-            # it, its reading read as its own virtual value ("70 sigma above (2.9953, expected
-            # 3.0002)" after a maintenance window). Its own smoothed readings instead.
-            recent = recent.copy()
-            recent[:, list(distrust)] = S[:, list(distrust)]
         self.expected_ = self.mean_ + self.scale_ * (pred + Z - recent)
         return S - pred, var
 
@@ -698,7 +666,7 @@ class VirtualSensorResidual:
         R_fast = Z - self._predict(F)
         zi = _local(R_fast, self._recent_fast) / self.sig_
         self._recent_fast = np.vstack([self._recent_fast, R_fast])[-LOCAL_ROWS:]
-        R, var = self._slow_residuals(Z, Z_in if distrust else None, self._level(F), distrust)
+        R, var = self._slow_residuals(Z, Z_in if distrust else None, self._level(F))
         allr = np.vstack([self._recent, R])
         k = len(R)
         c = np.cumsum(np.vstack([np.zeros(R.shape[1]), allr]), axis=0)
@@ -759,17 +727,16 @@ class VirtualSensorResidual:
         incident opens), a one-row spike in the fast model's. With ``distrust``, an offset
         also leaks through the virtual values that stand in for those metrics. ``settled``:
         an offset that has lasted longer than the lags (hours after a restart), which the
-        lagged inputs and every average have taken in."""
+        lagged inputs and every average have taken in, with every metric read as it reads
+        (a ``replay``: no ``distrust``)."""
         assert self.coef_ is not None and self.slow_coef_ is not None
         m = self.coef_.shape[0]
         L = np.eye(m)
         if settled:
-            # Its lagged copies have taken the offset in too; so have the stand-ins, each
-            # predicted from the others' readings and from the other stand-ins' values
-            # held a row before, which after hours have settled on one another.
-            gain = (self.slow_coef_[:, :m] + self.slow_coef_[:, m : 2 * m]) * (1 - np.eye(m))
-            virtual = self._fast_gain([1.0] * (1 + len(self.spans)))
-            return L - _through_stand_ins(gain, virtual, list(distrust), settle=True)
+            if distrust:
+                raise ValueError("a settled offset is judged with every metric trusted")
+            # Its lagged copies have taken the offset in too.
+            return L - (self.slow_coef_[:, :m] + self.slow_coef_[:, m : 2 * m]) * (1 - L)
         if smooth:
             # At the rising edge, tens of rows into a fault, the lagged inputs (EMAs of
             # 60 to 960 rows) have hardly moved: the fault leaks through the others'
@@ -777,7 +744,15 @@ class VirtualSensorResidual:
             # 2 A offset of a motor's current was named as the vibration (lag 960 rows),
             # which those gains expected to be pulled down far more than it yet was.
             gain = self.slow_coef_[:, :m] * (1 - np.eye(m))
-            return L - _through_stand_ins(gain, self._virtual_gain(), list(distrust))
+            if distrust:
+                d = list(distrust)
+                virtual = self._virtual_gain()
+                virtual[np.ix_(d, d)] = 0.0  # each held while the other is predicted
+                via = gain[:, d] @ virtual[d, :]  # through the stand-ins' predictions
+                gain = gain.copy()
+                gain[:, d] = 0.0
+                gain += via
+            return L - gain
         # A single-row spike reaches an EMA feature only with its weight 2 / (span + 1).
         return L - self._fast_gain([1.0] + [2.0 / (s + 1.0) for s in self.spans])
 
@@ -871,7 +846,8 @@ class VirtualSensorResidual:
         sig = self.sig_smooth_ if smooth else self.sig_
         if short and self.sig_short_ is not None:
             sig = self.sig_short_
-        Ln = self.leak_matrix(smooth, distrust if smooth else (), settled) / sig[:, None]
+        through = distrust if smooth and not settled else ()
+        Ln = self.leak_matrix(smooth, through, settled) / sig[:, None]
         num = (Ln.T @ z) ** 2
         fit = num / np.maximum(np.sum(Ln**2, axis=0), 1e-12)
         if among is not None:
