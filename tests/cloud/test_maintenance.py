@@ -1022,7 +1022,8 @@ def test_a_windows_end_moves_and_its_silence_and_annotation_follow(tmp_path: Pat
     """The work takes longer: PATCH moves the window's end (or changes its comment); its
     alert silence is replaced by one to the new end, its annotation rewritten; a restart
     keeps it. Refused with the field: an end passed, both end and duration, nothing to
-    change, a window over 31 days, an ended window, a schedule's id; 404 for unknown ids."""
+    change, a window over 31 days, an ended window, an until (a schedule's), a schedule's
+    id with an end; 404 for unknown ids."""
     settings = Settings(data_dir=str(tmp_path))
     services = Services.build(settings, with_subscriber=False)
     now = time.time_ns()
@@ -1054,13 +1055,14 @@ def test_a_windows_end_moves_and_its_silence_and_annotation_follow(tmp_path: Pat
             for body, field in [
                 ({"end": rfc3339(now - S)}, "has passed"),
                 ({"end": end, "duration": "1h"}, "either end or duration"),
-                ({}, "give end, duration or comment"),
+                ({}, "give end, duration, comment or until"),
+                ({"until": rfc3339(now + 7200 * S)}, "is a window, not a schedule"),
                 ({"duration": "40d"}, "at most 31"),
             ]:
                 res = client.patch(f"{url}/{w['id']}", json=body)
                 assert res.status_code == 422 and field in res.text, (body, res.text)
             sched = client.post(url, json={"duration": "1h", "repeat": "daily"}).json()
-            res = client.patch(f"{url}/{sched['id']}", json={"comment": "x"})
+            res = client.patch(f"{url}/{sched['id']}", json={"end": end})
             assert res.status_code == 422 and "is a schedule" in res.text
             assert client.patch(f"{url}/nope", json={"comment": "x"}).status_code == 404
             assert client.patch(f"{url}/nope", json={"duration": "2h"}).status_code == 404
@@ -1075,3 +1077,195 @@ def test_a_windows_end_moves_and_its_silence_and_annotation_follow(tmp_path: Pat
         assert kept.comment == "seals"
     finally:
         again.stop()
+
+
+def test_a_schedule_changes_from_now_on_and_the_occurrence_under_way_keeps_its_times(
+    tmp_path: Path,
+) -> None:
+    """Daily 06:00-08:00, now 07:00 (an occurrence under way, the next set a day ahead):
+    a longer duration lengthens the ones not begun, a comment reaches the one under way
+    too; an until cancels the one set ahead that starts at or after it, and taking the
+    until back sets it again; a restart keeps it all. A stopped schedule, an until
+    passed, an occurrence as long as the period are refused."""
+    path = tmp_path / "maintenance.json"
+    book = MaintenanceWindows(path)
+    h = 3600 * S
+    first = parse_time_ns("2027-05-03T06:00:00Z")
+    now = first + h
+    sched = book.add_schedule(
+        "press-01", "plant-a", first, first + 2 * h, "daily", comment="clean", now_ns=first - h
+    )
+    under_way, ahead = book.due(now)
+    assert (under_way.start_ns, ahead.start_ns) == (first, first + 24 * h)
+
+    same, changed, cancelled = book.change_schedule(
+        "press-01", sched.id, comment="deep clean", duration_ns=3 * h, now_ns=now
+    )
+    assert same is sched and cancelled == []
+    assert sorted(w.id for w in changed) == sorted([under_way.id, ahead.id])
+    assert (under_way.end_ns, under_way.comment) == (first + 2 * h, "deep clean")
+    assert (ahead.end_ns, ahead.comment) == (first + 27 * h, "deep clean")
+    assert sched.occurrence(5)[1] - sched.occurrence(5)[0] == 3 * h
+
+    _, changed, cancelled = book.change_schedule(
+        "press-01", sched.id, until_ns=first + 24 * h, set_until=True, now_ns=now
+    )
+    assert (changed, [(w.id, w.end_ns) for w in cancelled]) == ([], [(ahead.id, ahead.start_ns)])
+    assert sched.over(now) and book.holding("press-01", first + 25 * h) is None
+    assert book.due(now + 3 * 24 * h) == []
+    assert book.holding("press-01", first + h) is under_way  # under way: kept
+
+    again = MaintenanceWindows(path)
+    again.load()
+    _, _, cancelled = again.change_schedule("press-01", sched.id, set_until=True, now_ns=now)
+    assert cancelled == []
+    back = again.due(now)
+    assert [(w.id, w.start_ns, w.end_ns, w.comment) for w in back] == [
+        (ahead.id, first + 24 * h, first + 27 * h, "deep clean")
+    ]
+
+    def refused(**kw: object) -> str:
+        with pytest.raises(MaintenanceError) as exc:
+            again.change_schedule("press-01", sched.id, now_ns=now, **kw)  # type: ignore[arg-type]
+        return str(exc.value)
+
+    assert refused(until_ns=now - h, set_until=True).startswith("until: ")
+    assert "must be shorter than 24 h" in refused(duration_ns=24 * h)
+    assert refused(duration_ns=0).startswith("end: ")
+    with pytest.raises(KeyError):
+        again.change_schedule("lathe-01", sched.id, comment="x", now_ns=now)
+    again.stop_schedule("press-01", sched.id, now)
+    assert "was stopped at" in refused(comment="x")
+
+
+def test_the_api_changes_a_schedule_its_silences_and_annotations_follow(tmp_path: Path) -> None:
+    """PATCH with a schedule's id: the occurrence set ahead takes the new length, its alert
+    silence replaced and annotation rewritten; an until before it cancels it (silence
+    expired), ``null`` sets it again."""
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    now = time.time_ns()
+    services.pipeline.process([birth("press-01", "press", now)])
+    url = "/api/v1/devices/press-01/detection/maintenance"
+    start = now + 3600 * S
+    try:
+        with TestClient(create_app(settings, services, start=False)) as client:
+            body = {"start": rfc3339(start), "duration": "1h", "repeat": "daily", "comment": "oil"}
+            sched = client.post(url, json=body).json()
+            nxt = sched["next"]
+            res = client.patch(f"{url}/{sched['id']}", json={"duration": "2h", "comment": "oil+"})
+            assert res.status_code == 200, res.text
+            changed = res.json()
+            assert (changed["id"], changed["comment"]) == (sched["id"], "oil+")
+            assert parse_time_ns(changed["end"]) - parse_time_ns(changed["start"]) == 7200 * S
+            moved = changed["next"]
+            assert (moved["id"], moved["comment"]) == (nxt["id"], "oil+")
+            assert parse_time_ns(moved["end"]) == start + 7200 * S
+            assert moved["silence_id"] != nxt["silence_id"]
+            old = client.get(f"/api/v1/silences/{nxt['silence_id']}").json()
+            assert old["status"]["state"] == "expired"
+            new = client.get(f"/api/v1/silences/{moved['silence_id']}").json()
+            assert (new["status"]["state"], new["endsAt"]) == ("pending", moved["end"])
+            (spans,) = services.storage.query(
+                SeriesQuery(DETECTION_EVENTS, ["end_ms"], {"event": "maintenance"})
+            )
+            assert [v for _, v in spans.points] == [(start + 7200 * S) // 10**6]
+
+            res = client.patch(f"{url}/{sched['id']}", json={"until": rfc3339(start)})
+            assert res.status_code == 200, res.text
+            assert (res.json()["until"], res.json()["next"]) == (rfc3339(start), None)
+            gone = client.get(f"/api/v1/silences/{moved['silence_id']}").json()
+            assert gone["status"]["state"] == "expired"
+            assert client.get(url).json()["maintenance"] == []
+            res = client.patch(f"{url}/{sched['id']}", json={"until": None})
+            back = res.json()
+            assert (back["until"], back["state"], back["next"]["id"]) == (
+                None, "recurring", nxt["id"],
+            )  # fmt: skip
+            assert parse_time_ns(back["next"]["end"]) == start + 7200 * S
+            again = client.get(f"/api/v1/silences/{back['next']['silence_id']}").json()
+            assert again["status"]["state"] == "pending"
+
+            for change, says in [
+                ({"until": rfc3339(now - S)}, "has passed"),
+                ({"duration": "1d"}, "must be shorter than 24 h"),
+                ({"until": "soon"}, "'soon' is not an RFC"),
+            ]:
+                res = client.patch(f"{url}/{sched['id']}", json=change)
+                assert res.status_code == 422 and says in res.text, (change, res.text)
+            client.delete(f"{url}/{sched['id']}")
+            res = client.patch(f"{url}/{sched['id']}", json={"comment": "x"})
+            assert res.status_code == 422 and "was stopped" in res.text
+    finally:
+        services.stop()
+
+
+def test_a_sites_shutdown_runs_longer_on_every_device_and_on_one_joining_later(
+    tmp_path: Path,
+) -> None:
+    """PATCH on the site's group: every device's window moves (each silence replaced), a
+    device joining the site afterwards takes the new end; a device whose own window was
+    ended is listed under ``refused`` and left ended. A change no device could take is
+    refused with nothing changed; a schedule group takes a duration and an until."""
+    settings = Settings(data_dir=str(tmp_path))
+    services = Services.build(settings, with_subscriber=False)
+    now = time.time_ns()
+    services.pipeline.process([_born(d, "plant-a", now) for d in ("press-01", "press-02")])
+    url = "/api/v1/sites/plant-a/detection/maintenance"
+    book = services.anomalies.maintenance
+    try:
+        with TestClient(create_app(settings, services, start=False)) as client:
+            shutdown = client.post(url, json={"duration": "2h", "comment": "shutdown"}).json()
+            group = shutdown["group"]
+            first = {w["device"]: w for w in shutdown["maintenance"]}
+            start = parse_time_ns(first["press-01"]["start"])
+            res = client.patch(f"{url}/{group}", json={"duration": "1d", "comment": "relining"})
+            assert res.status_code == 200, res.text
+            body = res.json()
+            assert body["refused"] == {}
+            assert sorted(w["device"] for w in body["maintenance"]) == ["press-01", "press-02"]
+            for w in body["maintenance"]:
+                assert (w["comment"], parse_time_ns(w["end"])) == ("relining", start + 86400 * S)
+                assert w["silence_id"] != first[w["device"]]["silence_id"]
+                silence = client.get(f"/api/v1/silences/{w['silence_id']}").json()
+                assert silence["endsAt"] == w["end"]
+
+            client.delete(
+                f"/api/v1/devices/press-02/detection/maintenance/{first['press-02']['id']}"
+            )
+            res = client.patch(f"{url}/{group}", json={"duration": "30h"})
+            assert [w["device"] for w in res.json()["maintenance"]] == ["press-01"]
+            assert list(res.json()["refused"]) == ["press-02"]
+            assert "ended at" in res.json()["refused"]["press-02"]
+            (ended,) = book.of("press-02")
+            assert ended.end_ns < start + 3600 * S
+
+            services.pipeline.process([_telemetry("press-03", "plant-a", now + S)])
+            (joined,) = book.of("press-03")
+            assert (joined.end_ns, joined.comment) == (start + 30 * 3600 * S, "relining")
+
+            for change, says in [
+                ({"until": rfc3339(now + 86400 * S)}, "is a window, not a schedule"),
+                ({"duration": "40d"}, "at most 31"),
+                ({}, "give end, duration, comment or until"),
+            ]:
+                res = client.patch(f"{url}/{group}", json=change)
+                assert res.status_code == 422 and says in res.text, (change, res.text)
+            assert book.holding("press-01", start + 29 * 3600 * S) is not None  # unchanged
+            assert client.patch(f"{url}/nope", json={"comment": "x"}).status_code == 404
+
+            nightly = client.post(url, json={"duration": "1h", "repeat": "daily"}).json()
+            res = client.patch(
+                f"{url}/{nightly['group']}", json={"duration": "2h", "until": None}
+            )
+            assert res.status_code == 200, res.text
+            assert len(res.json()["maintenance"]) == 3  # press-03 is one of the site's now
+            for s in book.schedules_of("press-01"):
+                assert s.end_ns - s.start_ns == 7200 * S
+            res = client.patch(f"{url}/{nightly['group']}", json={"end": rfc3339(now)})
+            assert res.status_code == 422 and "is a schedule" in res.text
+            client.delete(f"{url}/{group}")
+            res = client.patch(f"{url}/{group}", json={"comment": "x"})
+            assert res.status_code == 422 and "was ended at" in res.text
+    finally:
+        services.stop()

@@ -557,23 +557,44 @@ class AnomalySink:
         end_ns: int | None,
         comment: str | None,
         duration_ns: int | None = None,
-    ) -> MaintenanceWindow:
-        """Move a window's end or change its comment (``MaintenanceWindows.change``); its
-        annotation is rewritten and its alert silence replaced to match. Raises KeyError
-        if unknown, MaintenanceError for a change that cannot be made (a schedule's id
-        among them: change an occurrence by its window's id)."""
+        until_ns: int | None = None,
+        set_until: bool = False,
+    ) -> MaintenanceWindow | MaintenanceSchedule:
+        """Move a window's end or change its comment (``MaintenanceWindows.change``), or
+        change a schedule from now on (``MaintenanceWindows.change_schedule``: each
+        occurrence's ``duration_ns``, the comment, with ``set_until`` its ``until_ns``);
+        the annotations are rewritten and the alert silences replaced to match, and the
+        occurrences a shorter schedule drops are cancelled. Raises KeyError if unknown,
+        MaintenanceError for a change that cannot be made."""
         if self.maintenance.schedule(device, window_id) is not None:
-            raise MaintenanceError(
-                "id",
-                f"{window_id} is a schedule: change one occurrence by its window's id, or stop"
-                " the schedule and set another",
+            if end_ns is not None:
+                raise MaintenanceError(
+                    "end",
+                    f"{window_id} is a schedule: give each occurrence's duration (from its "
+                    "start), or move one occurrence's end by its window's id",
+                )
+            now = time.time_ns()
+            sched, changed, cancelled = self.maintenance.change_schedule(
+                device, window_id, comment, duration_ns, until_ns, set_until, now
             )
+            log.info("detection: maintenance schedule %s of %s changed", window_id, device)
+            for w in changed:
+                self._changed(w)
+            for w in cancelled:
+                self._ended(w, now)
+            self.tick_maintenance()  # a later until: an occurrence may be due now
+            return sched
+        if set_until:
+            raise MaintenanceError("until", f"{window_id} is a window, not a schedule")
         w = self.maintenance.change(device, window_id, end_ns, comment, None, duration_ns)
         log.info("detection: maintenance of %s now until %s", device, rfc3339(w.end_ns))
+        self._changed(w)
+        return w
+
+    def _changed(self, w: MaintenanceWindow) -> None:
         self._event(w, w.start_ns, "maintenance", _until(w.end_ns), w.end_ns)
         if w.silence_id:
             self._silence(w, replaces=w.silence_id)
-        return w
 
     def end_group(self, site: str, group: str) -> list[MaintenanceWindow | MaintenanceSchedule]:
         """End the windows and stop the schedules set together on ``site`` (the site's
@@ -585,6 +606,41 @@ class AnomalySink:
             raise KeyError(group)
         with self.maintenance.saved_once():
             return [self.end_maintenance(device, item) for device, item in members]
+
+    def change_group(
+        self,
+        site: str,
+        group: str,
+        end_ns: int | None,
+        comment: str | None,
+        duration_ns: int | None = None,
+        until_ns: int | None = None,
+        set_until: bool = False,
+    ) -> tuple[list[MaintenanceWindow | MaintenanceSchedule], dict[str, str]]:
+        """Change the windows or schedules set together on ``site`` (the site's API) as
+        ``change_maintenance`` changes one, and what the group gives a device joining the
+        site. Returns those changed and, by device, why one was not (a window ended on its
+        own). Raises KeyError if there are none, MaintenanceError for a change none of
+        them could take (nothing changed)."""
+        members = self.maintenance.grouped(site, group)
+        known = self.maintenance.change_site(
+            site, group, end_ns, comment, duration_ns, until_ns, set_until, time.time_ns()
+        )
+        if not members and known is None:
+            raise KeyError(group)
+        changed: list[MaintenanceWindow | MaintenanceSchedule] = []
+        refused: dict[str, str] = {}
+        with self.maintenance.saved_once():
+            for device, item in members:
+                try:
+                    changed.append(
+                        self.change_maintenance(
+                            device, item, end_ns, comment, duration_ns, until_ns, set_until
+                        )
+                    )
+                except MaintenanceError as exc:
+                    refused[device] = str(exc)
+        return changed, refused
 
     def refresh_out_of_line(self) -> None:
         """Read what the detectors hold out of line now (``DetectionEngine.out_of_line``);

@@ -21,7 +21,9 @@ Planned work often recurs (a cleaning every night, a tool change every Monday): 
 its time zone (as a recurring downtime in Datadog or a periodic maintenance in Zabbix),
 until a date or for good. Each occurrence is an ordinary window, set one period ahead
 (``MaintenanceWindows.due``, called by the detection thread), so everything above holds
-for it, and the API lists the next one before it begins.
+for it, and the API lists the next one before it begins. A schedule is changed from now
+on (``change_schedule``: its occurrences' length, comment, until); the occurrence under
+way keeps its times.
 """
 
 from __future__ import annotations
@@ -301,13 +303,7 @@ class MaintenanceWindows:
                 "timezone", f"{timezone!r} is not a time zone (an IANA name: Europe/Berlin, UTC)"
             ) from None
         _check_span(start_ns, end_ns)
-        period_s = REPEATS[repeat] * 86400
-        if end_ns - start_ns >= period_s * NS:
-            raise MaintenanceError(
-                "end",
-                f"a window of {(end_ns - start_ns) / NS / 3600:g} h repeated {repeat}: it must "
-                f"be shorter than {period_s // 3600} h (or it never ends)",
-            )
+        _check_period(end_ns - start_ns, repeat)
         sched = MaintenanceSchedule(
             secrets.token_hex(8), device, site, start_ns, end_ns, repeat, timezone, until_ns,
             comment, author, now, silence_alerts, group=group,
@@ -373,6 +369,71 @@ class MaintenanceWindows:
             self._write()
         return sched, touched
 
+    def change_schedule(
+        self,
+        device: str,
+        schedule_id: str,
+        comment: str | None = None,
+        duration_ns: int | None = None,
+        until_ns: int | None = None,
+        set_until: bool = False,
+        now_ns: int | None = None,
+    ) -> tuple[MaintenanceSchedule, list[MaintenanceWindow], list[MaintenanceWindow]]:
+        """Change a schedule from now on, as a recurring downtime is edited in Datadog:
+        ``duration_ns`` is each occurrence's length (the ones not begun, the one set ahead
+        among them; the one under way keeps its end, moved by its window's id),
+        ``comment`` its own and its occurrences' not ended, and with ``set_until`` its
+        ``until_ns`` (None: for good), the occurrences set ahead that start at or after it
+        cancelled. Returns it with the occurrences changed and those cancelled (as ``end``
+        returns them). Raises KeyError for an unknown schedule and MaintenanceError for a
+        change that cannot be made (a stopped schedule, an until passed, an occurrence as
+        long as the period)."""
+        now = time.time_ns() if now_ns is None else now_ns
+        with self._lock:
+            sched = self.schedule(device, schedule_id)
+            if sched is None:
+                raise KeyError(schedule_id)
+            if sched.stopped_ns is not None:
+                raise MaintenanceError(
+                    "id", f"schedule {sched.id} was stopped at {rfc3339(sched.stopped_ns)}; "
+                    "set another",
+                )  # fmt: skip
+            if duration_ns is not None:
+                _check_span(0, duration_ns)
+                _check_period(duration_ns, sched.repeat)
+            if set_until and until_ns is not None and until_ns <= now:
+                raise MaintenanceError(
+                    "until", f"{rfc3339(until_ns)} has passed (to stop the schedule now, DELETE it)"
+                )
+            was_over = sched.over(now)
+            ahead = [w for w in self.occurrences(sched) if w.start_ns > now]
+            changed: dict[str, MaintenanceWindow] = {}
+            if duration_ns is not None:
+                sched.end_ns = sched.start_ns + duration_ns
+                for w in ahead:
+                    w.end_ns = w.start_ns + duration_ns
+                    changed[w.id] = w
+            if comment is not None:
+                sched.comment = comment
+                for w in self.occurrences(sched):
+                    if w.end_ns > now:
+                        w.comment = comment
+                        changed[w.id] = w
+            cancelled: list[MaintenanceWindow] = []
+            if set_until:
+                sched.until_ns = until_ns
+                for w in ahead:
+                    if until_ns is not None and w.start_ns >= until_ns:
+                        cancelled.append(self.end(device, w.id, now))
+                        changed.pop(w.id, None)
+                        # Set again if a later change takes the until back.
+                        sched.next = min(sched.next, int(w.id.rsplit("-", 1)[1]))
+                if was_over:  # taken up again: from the first occurrence not over
+                    while sched.occurrence(sched.next)[1] <= now:
+                        sched.next += 1
+            self._write()
+        return sched, list(changed.values()), cancelled
+
     def occurrences(self, sched: MaintenanceSchedule) -> list[MaintenanceWindow]:
         """The schedule's occurrences still kept, oldest first (cancelled ones not)."""
         with self._lock:
@@ -437,6 +498,58 @@ class MaintenanceWindows:
                 rec.ended_ns = now_ns
                 self._write()
             return True
+
+    def change_site(
+        self,
+        site: str,
+        group: str,
+        end_ns: int | None,
+        comment: str | None,
+        duration_ns: int | None,
+        until_ns: int | None,
+        set_until: bool,
+        now_ns: int,
+    ) -> SiteMaintenance | None:
+        """Change what ``group`` gives the devices joining ``site`` as its devices' windows
+        or schedules are changed (the site's API): checked as they are, so a change none of
+        them could take is refused before any is made. None if the group was set before
+        sites kept theirs. Raises MaintenanceError for a change that cannot be made."""
+        with self._lock:
+            rec = self._sites.get(group)
+            if rec is None or rec.site != site:
+                return None
+            if rec.ended_ns is not None:
+                raise MaintenanceError(
+                    "group", f"group {group} was ended at {rfc3339(rec.ended_ns)}; set another"
+                )
+            if rec.repeat is None:
+                if set_until:
+                    raise MaintenanceError("until", f"group {group} is a window, not a schedule")
+                if duration_ns is not None:
+                    end_ns = rec.start_ns + duration_ns
+                if end_ns is not None:
+                    if end_ns <= now_ns:
+                        raise MaintenanceError("end", f"{rfc3339(end_ns)} has passed")
+                    _check_span(rec.start_ns, end_ns)
+            else:
+                if end_ns is not None:
+                    raise MaintenanceError(
+                        "end", f"group {group} is a schedule: give each occurrence's duration"
+                    )
+                if duration_ns is not None:
+                    _check_span(0, duration_ns)
+                    _check_period(duration_ns, rec.repeat)
+                    end_ns = rec.start_ns + duration_ns
+                if set_until and until_ns is not None and until_ns <= now_ns:
+                    raise MaintenanceError("until", f"{rfc3339(until_ns)} has passed")
+            if end_ns is not None:
+                rec.end_ns = end_ns
+            if comment is not None:
+                rec.comment = comment
+            if set_until:
+                rec.until_ns = until_ns
+            self._write()
+            return rec
 
     def schedules_of(self, device: str) -> list[MaintenanceSchedule]:
         """The device's schedules, oldest first (stopped or over ones for KEEP_ENDED_S)."""
@@ -719,4 +832,15 @@ def _check_span(start_ns: int, end_ns: int) -> None:
             "end",
             f"a window of {(end_ns - start_ns) / NS / 86400:.1f} days; at most "
             f"{MAX_SPAN_S // 86400} (set another when it ends)",
+        )
+
+
+def _check_period(span_ns: int, repeat: str) -> None:
+    """A recurring window must end before its next occurrence begins."""
+    period_s = REPEATS[repeat] * 86400
+    if span_ns >= period_s * NS:
+        raise MaintenanceError(
+            "end",
+            f"a window of {span_ns / NS / 3600:g} h repeated {repeat}: it must "
+            f"be shorter than {period_s // 3600} h (or it never ends)",
         )

@@ -162,13 +162,32 @@ class Maintenance(BaseModel):
 
 
 class MaintenanceChange(BaseModel):
-    """A window's new end (the work takes longer, or less long) or comment."""
+    """A window's new end (the work takes longer, or less long) or comment; a schedule's
+    occurrences' duration, comment or until, from now on."""
 
     model_config = ConfigDict(extra="forbid")
 
     end: str | None = Field(None, description="RFC 3339, still ahead (or give duration)")
-    duration: str | None = Field(None, description="instead of end: from the window's start")
+    duration: str | None = Field(
+        None, description="instead of end: from the window's start (a schedule's occurrences')"
+    )
     comment: str | None = Field(None, max_length=1000)
+    until: str | None = Field(
+        None, description="a schedule's: no occurrence starts at or after; null: for good"
+    )
+
+    def parsed(self) -> tuple[int | None, int | None, int | None, bool]:
+        """(end_ns, duration_ns, until_ns, whether until was given). Raises ValueError
+        (MaintenanceError naming the field) for a change that cannot be read."""
+        set_until = "until" in self.model_fields_set
+        if self.end is not None and self.duration is not None:
+            raise MaintenanceError("end", "give either end or duration")
+        if self.end is None and self.duration is None and self.comment is None and not set_until:
+            raise MaintenanceError("end", "give end, duration, comment or until")
+        end_ns = parse_time_ns(self.end) if self.end is not None else None
+        duration_ns = parse_duration_ns(self.duration) if self.duration is not None else None
+        until_ns = parse_time_ns(self.until) if self.until is not None else None
+        return end_ns, duration_ns, until_ns, set_until
 
 
 def _detection_here(services: Services, device_id: str) -> Device:
@@ -287,7 +306,8 @@ def end_maintenance(
 
 @router.patch(
     "/{device_id}/detection/maintenance/{window_id}",
-    summary="Move a maintenance window's end or change its comment (write scope)",
+    summary="Move a maintenance window's end or change its comment, or change a recurring "
+    "schedule from now on (write scope)",
 )
 def change_maintenance(
     device_id: str,
@@ -297,17 +317,15 @@ def change_maintenance(
 ) -> dict[str, Any]:
     """The window's end moves (longer or shorter, still ahead; at most 31 days from its
     start), its annotation and alert silence follow (the silence replaced, as Alertmanager
-    updates one: a new id). One occurrence of a schedule is changed by its window's id."""
+    updates one: a new id). One occurrence of a schedule is changed by its window's id. A
+    schedule's id changes the schedule from now on: ``duration`` each occurrence's length
+    (the ones not begun), ``comment`` (its occurrences' not ended too), ``until`` when it
+    stops (``null``: never; the occurrence set ahead cancelled if it starts at or after)."""
     dev = _detection_here(services, device_id)
     try:
-        if body.end is not None and body.duration is not None:
-            raise MaintenanceError("end", "give either end or duration")
-        if body.end is None and body.duration is None and body.comment is None:
-            raise MaintenanceError("end", "give end, duration or comment")
-        end_ns = parse_time_ns(body.end) if body.end is not None else None
-        duration_ns = parse_duration_ns(body.duration) if body.duration is not None else None
+        end_ns, duration_ns, until_ns, set_until = body.parsed()
         item = services.anomalies.change_maintenance(
-            dev.id, window_id, end_ns, body.comment, duration_ns
+            dev.id, window_id, end_ns, body.comment, duration_ns, until_ns, set_until
         )
     except KeyError:
         raise HTTPException(

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from millstream_cloud.api.deps import get_services
 from millstream_cloud.api.devices import (
     Maintenance,
+    MaintenanceChange,
     create_maintenance,
     maintenance_json,
     maintenance_span,
@@ -135,4 +136,38 @@ def end_site_maintenance(
         "site": site,
         "group": group,
         "maintenance": [maintenance_json(services, x, now) for x in ended],
+    }
+
+
+@router.patch(
+    "/{site}/detection/maintenance/{group}",
+    summary="Change the windows (or schedules) set together on a site: the shutdown runs "
+    "longer, a new comment, a schedule's until (write scope)",
+)
+def change_site_maintenance(
+    site: str, group: str, body: MaintenanceChange, services: Services = Depends(get_services)
+) -> dict[str, Any]:
+    """The body and each device's change as ``PATCH /api/v1/devices/{id}/detection/
+    maintenance/{id}`` with the window's or schedule's id; a device joining the site later
+    takes the group as changed. A change none of them could take is refused (422, nothing
+    changed); a device whose own window was ended, or schedule stopped, is listed under
+    ``refused`` with why."""
+    _site_devices(services, site)
+    try:
+        end_ns, duration_ns, until_ns, set_until = body.parsed()
+        changed, refused = services.anomalies.change_group(
+            site, group, end_ns, body.comment, duration_ns, until_ns, set_until
+        )
+    except KeyError:
+        raise HTTPException(
+            404, f"no maintenance windows of group {group!r} on site {site!r}"
+        ) from None
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    now = time.time_ns()
+    return {
+        "site": site,
+        "group": group,
+        "maintenance": [maintenance_json(services, x, now) for x in changed],
+        "refused": refused,
     }
