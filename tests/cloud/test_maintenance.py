@@ -1255,9 +1255,7 @@ def test_a_sites_shutdown_runs_longer_on_every_device_and_on_one_joining_later(
             assert client.patch(f"{url}/nope", json={"comment": "x"}).status_code == 404
 
             nightly = client.post(url, json={"duration": "1h", "repeat": "daily"}).json()
-            res = client.patch(
-                f"{url}/{nightly['group']}", json={"duration": "2h", "until": None}
-            )
+            res = client.patch(f"{url}/{nightly['group']}", json={"duration": "2h", "until": None})
             assert res.status_code == 200, res.text
             assert len(res.json()["maintenance"]) == 3  # press-03 is one of the site's now
             for s in book.schedules_of("press-01"):
