@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -470,7 +471,9 @@ def test_a_schedule_that_cannot_be_set_is_refused_with_the_field_and_why(
             book.add_schedule("press-01", "plant-a", **args)
         return str(exc.value)
 
-    assert refused(repeat="hourly") == "repeat: 'hourly' is not one of daily, weekly"
+    assert refused(repeat="hourly") == (
+        "repeat: 'hourly' is not one of daily, weekly, monthly nor an RFC 5545 RRULE (FREQ=...)"
+    )
     assert refused(timezone="Mars/Olympus").startswith("timezone: 'Mars/Olympus' is not a time")
     assert refused(timezone="America").startswith("timezone: 'America' is not a time zone")
     assert "must be shorter than 24 h" in refused(end_ns=T0 + 24 * h)
@@ -481,6 +484,57 @@ def test_a_schedule_that_cannot_be_set_is_refused_with_the_field_and_why(
     sched = book.add_schedule("press-01", "plant-a", T0 - 48 * h, T0 - 47 * h, "daily",
                               now_ns=T0)  # fmt: skip
     assert sched.occurrence(sched.next)[0] == T0  # under way now
+
+
+def test_a_schedule_by_rule_recurs_on_the_first_monday_of_each_month(tmp_path: Path) -> None:
+    """``FREQ=MONTHLY;BYDAY=1MO`` from Monday 1 March 2027, 06:00 in Berlin: 06:00 across
+    the change to summer time, each set its shortest gap (28 days) ahead; COUNT ends it;
+    a restart goes on. Refused with why: a rule more often than daily, one that is not a
+    rule, a DTSTART of its own, one with no occurrence, a window as long as its gap."""
+    path = tmp_path / "maintenance.json"
+    book = MaintenanceWindows(path)
+    h, day = 3600 * S, 86400 * S
+    first = parse_time_ns("2027-03-01T05:00:00Z")
+    sched = book.add_schedule(
+        "press-01", "plant-a", first, first + 2 * h, "FREQ=MONTHLY;BYDAY=1MO",
+        "Europe/Berlin", now_ns=first - h,
+    )  # fmt: skip
+    assert [rfc3339(sched.occurrence(k)[0]) for k in range(4)] == [
+        "2027-03-01T05:00:00Z", "2027-04-05T04:00:00Z",
+        "2027-05-03T04:00:00Z", "2027-06-07T04:00:00Z",
+    ]  # fmt: skip
+    assert sched.period_ns() == 28 * day - h  # 28 days, one of them 23 hours long
+    assert [w.start_ns for w in book.due(first - h)] == [first]
+    assert [rfc3339(w.start_ns) for w in book.due(first + 10 * day)] == ["2027-04-05T04:00:00Z"]
+    assert book.holding("press-01", parse_time_ns("2027-04-05T05:00:00Z")) is not None
+    assert book.holding("press-01", parse_time_ns("2027-04-12T05:00:00Z")) is None
+
+    again = MaintenanceWindows(path)
+    again.load()
+    assert [rfc3339(w.start_ns) for w in again.due(first + 40 * day)] == ["2027-05-03T04:00:00Z"]
+
+    # COUNT ends a schedule; "monthly" recurs on the first occurrence's day of the month.
+    counted = again.add_schedule(
+        "press-01", "plant-a", first, first + h, "FREQ=MONTHLY;COUNT=2", now_ns=first - h
+    )
+    assert [rfc3339(w.start_ns) for w in again.due(first + 20 * day) if w.schedule == counted.id] == [
+        "2027-03-01T05:00:00Z", "2027-04-01T05:00:00Z",
+    ]  # fmt: skip
+    assert counted.over(first + 20 * day)
+    monthly = again.add_schedule("press-01", "plant-a", first, first + h, "monthly", now_ns=first)
+    assert rfc3339(monthly.occurrence(2)[0]) == "2027-05-01T05:00:00Z"
+
+    def refused(repeat: str, end_ns: int = first + h) -> str:
+        with pytest.raises(MaintenanceError) as exc:
+            again.add_schedule("press-01", "plant-a", first, end_ns, repeat, now_ns=first)
+        return str(exc.value)
+
+    assert refused("FREQ=HOURLY").startswith("repeat: 'FREQ=HOURLY': FREQ=HOURLY; a rule")
+    assert "is not one of daily, weekly, monthly" in refused("fortnightly")
+    assert "is not a recurrence rule" in refused("FREQ=MONTHLY;BYDAY=XX")
+    assert "without DTSTART" in refused("DTSTART:20270101T000000\nRRULE:FREQ=DAILY")
+    assert "no occurrence after now" in refused("FREQ=YEARLY;BYMONTH=2;BYMONTHDAY=30")
+    assert "shorter than 12 h" in refused("FREQ=DAILY;BYHOUR=6,18", first + 13 * h)
 
 
 def test_a_file_of_the_first_format_is_read(tmp_path: Path) -> None:
@@ -551,7 +605,8 @@ def test_the_api_sets_a_recurring_window_its_silences_and_stops_it(tmp_path: Pat
             assert silence["status"]["state"] == "expired"
 
             for body, says in [
-                ({"duration": "1h", "repeat": "monthly"}, "repeat: 'monthly' is not one of"),
+                ({"duration": "1h", "repeat": "hourly"}, "repeat: 'hourly' is not one of"),
+                ({"duration": "1h", "repeat": "FREQ=HOURLY"}, "a rule recurs DAILY, WEEKLY"),
                 ({"duration": "1h", "repeat": "daily", "timezone": "Berlin"}, "timezone: "),
                 ({"duration": "25h", "repeat": "daily"}, "must be shorter than 24 h"),
                 ({"duration": "1h", "until": "2099-01-01T00:00:00Z"}, "until and timezone are"),
@@ -559,6 +614,12 @@ def test_the_api_sets_a_recurring_window_its_silences_and_stops_it(tmp_path: Pat
             ]:
                 res = client.post(url, json=body)
                 assert res.status_code == 422 and says in res.text, (body, res.text)
+            rule = "FREQ=MONTHLY;BYDAY=1MO"  # the first Monday of each month
+            res = client.post(url, json={"duration": "1h", "repeat": rule, "timezone": "UTC"})
+            assert res.status_code == 201, res.text
+            first_monday = datetime.fromisoformat(res.json()["next"]["start"])
+            assert (res.json()["repeat"], first_monday.weekday()) == (rule, 0)
+            assert first_monday.day <= 7 and res.json()["next"]["silence_id"]
     finally:
         services.stop()
 

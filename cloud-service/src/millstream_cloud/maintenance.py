@@ -29,6 +29,8 @@ way keeps its times.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import logging
 import secrets
@@ -40,6 +42,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from dateutil.rrule import rrule, rrulestr
 
 from millstream_cloud.model import Reading
 from millstream_cloud.timeutil import rfc3339
@@ -55,8 +59,18 @@ NS = 1_000_000_000
 KEEP_ENDED_S = 30 * 86400
 MAX_SPAN_S = 31 * 86400
 MAX_PER_DEVICE = 100
-# A schedule's days between occurrences, by its ``repeat``.
+# A schedule's days between occurrences, by its ``repeat``; any other ``repeat`` is an
+# RFC 5545 recurrence rule (as Datadog's recurring downtimes take one), ``monthly`` short
+# for the simplest: "FREQ=MONTHLY;BYDAY=1MO" is the first Monday of every month. A rule
+# recurs daily at the most often (a few times a day with BYHOUR), so its occurrences over
+# years stay a few thousand.
 REPEATS = {"daily": 1, "weekly": 7}
+RULES = {"monthly": "FREQ=MONTHLY"}
+RULE_FREQS = ("DAILY", "WEEKLY", "MONTHLY", "YEARLY")
+# A rule's occurrence is set as a window its shortest gap ahead (a month's at most), as a
+# daily or weekly one is set a period ahead; the gap is measured over its first GAP_SEEN.
+MAX_AHEAD_S = 31 * 86400
+GAP_SEEN = 60
 
 
 class MaintenanceError(ValueError):
@@ -130,16 +144,39 @@ class MaintenanceSchedule:
     group: str | None = None  # set with its site's other devices' (the site's API)
 
     def occurrence(self, k: int) -> tuple[int, int]:
-        """The ``k``-th occurrence (0: the first) as (start_ns, end_ns)."""
+        """The ``k``-th occurrence (0: the first) as (start_ns, end_ns). A rule's first is
+        its first instance from ``start_ns`` (which is one only if it matches the rule);
+        IndexError past a rule's last (COUNT, UNTIL)."""
         seconds, rest = divmod(self.start_ns, NS)
-        first = datetime.fromtimestamp(seconds, ZoneInfo(self.timezone))
-        # Aware arithmetic keeps the wall-clock time (06:00 stays 06:00 after a DST change).
-        start = int((first + timedelta(days=k * REPEATS[self.repeat])).timestamp()) * NS + rest
+        if self.repeat in REPEATS:
+            first = datetime.fromtimestamp(seconds, ZoneInfo(self.timezone))
+            # Aware arithmetic keeps the wall-clock time (06:00 stays 06:00 after a DST change).
+            at = first + timedelta(days=k * REPEATS[self.repeat])
+        else:
+            at = _rule(self.repeat, seconds, self.timezone)[k]
+        start = int(at.timestamp()) * NS + rest
         return start, start + self.end_ns - self.start_ns
+
+    def has(self, k: int) -> bool:
+        """Whether there is a ``k``-th occurrence (a rule's may run out)."""
+        if self.repeat in REPEATS:
+            return True
+        try:
+            _rule(self.repeat, self.start_ns // NS, self.timezone)[k]
+        except IndexError:
+            return False
+        return True
+
+    def period_ns(self) -> int:
+        """The time between occurrences (a rule's shortest): an occurrence must be
+        shorter, and each is set as a window this long before it begins."""
+        if self.repeat in REPEATS:
+            return REPEATS[self.repeat] * 86400 * NS
+        return _gap_s(self.repeat, self.start_ns // NS, self.timezone) * NS
 
     def over(self, now_ns: int) -> bool:
         """Stopped, or no occurrence left to begin."""
-        if self.stopped_ns is not None:
+        if self.stopped_ns is not None or not self.has(self.next):
             return True
         return self.until_ns is not None and self.occurrence(self.next)[0] >= self.until_ns
 
@@ -294,22 +331,24 @@ class MaintenanceWindows:
         passed: "Mondays 06:00 to 08:00 from last Monday"). Its occurrences are set as
         windows by ``due``, the first ones at once."""
         now = time.time_ns() if now_ns is None else now_ns
-        if repeat not in REPEATS:
-            raise MaintenanceError("repeat", f"{repeat!r} is not one of {', '.join(REPEATS)}")
         try:
             ZoneInfo(timezone)
         except (ZoneInfoNotFoundError, ValueError, OSError):
             raise MaintenanceError(
                 "timezone", f"{timezone!r} is not a time zone (an IANA name: Europe/Berlin, UTC)"
             ) from None
+        if repeat not in REPEATS:
+            _check_rule(repeat, start_ns // NS, timezone)
         _check_span(start_ns, end_ns)
-        _check_period(end_ns - start_ns, repeat)
         sched = MaintenanceSchedule(
             secrets.token_hex(8), device, site, start_ns, end_ns, repeat, timezone, until_ns,
             comment, author, now, silence_alerts, group=group,
         )  # fmt: skip
-        while sched.occurrence(sched.next)[1] <= now:  # from the first one not over
-            sched.next += 1
+        _check_period(end_ns - start_ns, sched)
+        while sched.has(sched.next) and sched.occurrence(sched.next)[1] <= now:
+            sched.next += 1  # from the first one not over
+        if not sched.has(sched.next):
+            raise MaintenanceError("repeat", f"{repeat!r} has no occurrence after now")
         if sched.over(now):
             raise MaintenanceError(
                 "until",
@@ -332,7 +371,7 @@ class MaintenanceWindows:
         new: list[MaintenanceWindow] = []
         with self._lock:
             for sched in self._schedules.values():
-                ahead = now + REPEATS[sched.repeat] * 86400 * NS
+                ahead = now + min(sched.period_ns(), MAX_AHEAD_S * NS)
                 while not sched.over(now):
                     start, end = sched.occurrence(sched.next)
                     if start > ahead:
@@ -400,7 +439,7 @@ class MaintenanceWindows:
                 )  # fmt: skip
             if duration_ns is not None:
                 _check_span(0, duration_ns)
-                _check_period(duration_ns, sched.repeat)
+                _check_period(duration_ns, sched)
             if set_until and until_ns is not None and until_ns <= now:
                 raise MaintenanceError(
                     "until", f"{rfc3339(until_ns)} has passed (to stop the schedule now, DELETE it)"
@@ -429,7 +468,7 @@ class MaintenanceWindows:
                         # Set again if a later change takes the until back.
                         sched.next = min(sched.next, int(w.id.rsplit("-", 1)[1]))
                 if was_over:  # taken up again: from the first occurrence not over
-                    while sched.occurrence(sched.next)[1] <= now:
+                    while sched.has(sched.next) and sched.occurrence(sched.next)[1] <= now:
                         sched.next += 1
             self._write()
         return sched, list(changed.values()), cancelled
@@ -538,7 +577,10 @@ class MaintenanceWindows:
                     )
                 if duration_ns is not None:
                     _check_span(0, duration_ns)
-                    _check_period(duration_ns, rec.repeat)
+                    like = MaintenanceSchedule(
+                        "", "", site, rec.start_ns, rec.end_ns, rec.repeat, rec.timezone
+                    )
+                    _check_period(duration_ns, like)
                     end_ns = rec.start_ns + duration_ns
                 if set_until and until_ns is not None and until_ns <= now_ns:
                     raise MaintenanceError("until", f"{rfc3339(until_ns)} has passed")
@@ -818,7 +860,7 @@ def _read(path: Path) -> _Saved:
         if not (isinstance(start, int) and isinstance(end, int)):
             raise TypeError(f"window {wid!r}: start_ns and end_ns must be integers")
     for x in schedules:
-        x.occurrence(x.next)  # an unknown repeat or time zone
+        x.period_ns()  # an unknown repeat, rule or time zone
     return windows, schedules, sites
 
 
@@ -835,12 +877,59 @@ def _check_span(start_ns: int, end_ns: int) -> None:
         )
 
 
-def _check_period(span_ns: int, repeat: str) -> None:
+def _check_period(span_ns: int, sched: MaintenanceSchedule) -> None:
     """A recurring window must end before its next occurrence begins."""
-    period_s = REPEATS[repeat] * 86400
-    if span_ns >= period_s * NS:
+    period_ns = sched.period_ns()
+    if span_ns >= period_ns:
         raise MaintenanceError(
             "end",
-            f"a window of {span_ns / NS / 3600:g} h repeated {repeat}: it must "
-            f"be shorter than {period_s // 3600} h (or it never ends)",
+            f"a window of {span_ns / NS / 3600:g} h repeated {sched.repeat}: it must "
+            f"be shorter than {period_ns / NS / 3600:g} h (or it never ends)",
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def _rule(repeat: str, start_s: int, timezone: str) -> rrule:
+    """``repeat`` (a rule, or ``monthly``) from ``start_s`` at its wall-clock time in
+    ``timezone``; its instances are cached as they are read. Raises ValueError."""
+    first = datetime.fromtimestamp(start_s, ZoneInfo(timezone))
+    text = RULES.get(repeat, repeat)
+    if "\n" in text or "DTSTART" in text.upper():
+        raise ValueError("one RRULE line, without DTSTART (the window's start is its start)")
+    rule = rrulestr(text, dtstart=first, cache=True)
+    if not isinstance(rule, rrule):
+        raise ValueError("one RRULE line")
+    return rule
+
+
+@functools.lru_cache(maxsize=4096)
+def _gap_s(repeat: str, start_s: int, timezone: str) -> int:
+    """The shortest time between a rule's occurrences (over its first GAP_SEEN; a
+    rule of one occurrence: MAX_SPAN_S, the longest a window may be, and then some)."""
+    at = [int(t.timestamp()) for t in itertools.islice(_rule(repeat, start_s, timezone), GAP_SEEN)]
+    gaps = [b - a for a, b in itertools.pairwise(at)]
+    return min(gaps) if gaps else MAX_SPAN_S + 1
+
+
+def _check_rule(repeat: str, start_s: int, timezone: str) -> None:
+    """Refuse a ``repeat`` that is not daily, weekly, monthly or a rule of RULE_FREQS."""
+    known = ", ".join([*REPEATS, *RULES])
+    text = RULES.get(repeat, repeat).upper().removeprefix("RRULE:")
+    if "\n" in text or "DTSTART" in text:
+        raise MaintenanceError(
+            "repeat",
+            f"{repeat!r}: one RRULE line, without DTSTART (the window's start is its start)",
+        )
+    freq = next((p[5:] for p in text.split(";") if p.startswith("FREQ=")), None)
+    if freq is None:
+        raise MaintenanceError(
+            "repeat", f"{repeat!r} is not one of {known} nor an RFC 5545 RRULE (FREQ=...)"
+        )
+    if freq not in RULE_FREQS:
+        raise MaintenanceError(
+            "repeat", f"{repeat!r}: FREQ={freq}; a rule recurs {', '.join(RULE_FREQS)}"
+        )
+    try:
+        _rule(repeat, start_s, timezone)
+    except (ValueError, TypeError) as exc:
+        raise MaintenanceError("repeat", f"{repeat!r} is not a recurrence rule: {exc}") from None

@@ -155,7 +155,10 @@ class Maintenance(BaseModel):
         True, description="also silence the device's alerts for the window (an alert silence)"
     )
     repeat: str | None = Field(
-        None, description="daily or weekly: the window recurs at the same wall-clock time"
+        None,
+        max_length=500,
+        description="daily, weekly, monthly or an RFC 5545 RRULE (FREQ=MONTHLY;BYDAY=1MO: "
+        "the first Monday of each month): the window recurs at the same wall-clock time",
     )
     timezone: str = Field("UTC", description="with repeat: the IANA time zone of that time")
     until: str | None = Field(None, description="with repeat: no occurrence starts at or after")
