@@ -209,11 +209,13 @@ def stopped(
     hours: float = 30.0,
     stop_h: float = 20.0,
     restart_h: float = 22.0,
+    fault_h: float | None = None,
 ) -> list[list[Reading]]:
     """One machine of ``kind`` (device ``<kind>-00``, site ``sim``) at 10 s, on a daily
     load cycle from ``start_ns``, stopped from ``stop_h`` to ``restart_h`` hours in: its fast
     metrics read about zero, the slow ones cool through their thermal lag. From the restart
-    on ``metric`` reads ``shift_sigma`` of its noise high (a fault the stop left). Readings
+    (or from ``fault_h`` hours in) on ``metric`` reads ``shift_sigma`` of its noise high (a
+    fault the stop left, or one while its aftermath lasts). Readings
     in batches of 6 rows. The planned and unplanned stops of the maintenance-window tests
     and ``bench/detection_restart.py``."""
     step, n = 10.0, int(hours * 3600 / 10)
@@ -229,7 +231,8 @@ def stopped(
         series[m] = off + gain * (thermal if slow else load) + rng.normal(0, sig, n)
         if not slow:
             series[m][stop0:stop1] = np.abs(rng.normal(0, sig, stop1 - stop0))
-    series[metric][stop1:] += shift_sigma * KINDS[kind][metric][2]
+    onset = stop1 if fault_h is None else int(fault_h * 3600 / step)
+    series[metric][onset:] += shift_sigma * KINDS[kind][metric][2]
     return [
         [
             Reading(f"{kind}-00", "sim", m, start_ns + int(t_s[i]) * NS, float(v[i]))
