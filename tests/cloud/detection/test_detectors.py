@@ -421,6 +421,30 @@ def test_a_replay_reads_the_rows_afresh_and_leaves_the_stream_as_it_was() -> Non
     assert view.expected_[-1][2] < Y[-1, 2] - 0.1  # it expects the unshifted level
 
 
+def test_a_model_that_adopts_a_replay_reads_on_as_the_replay_would() -> None:
+    # Once no metric is distrusted any more the live stream takes a replay's state
+    # (engine: DeviceModel._let_go): from then on it reads the rows as a stream that had
+    # read every metric's readings, not as one whose stand-ins had drifted.
+    X = _metrics(4)
+    model = VirtualSensorResidual(spans=(5, 20), smooth=20).fit(X[:1200])
+    Y = X[1200:].copy()
+    drifted = Y[:500].copy()
+    drifted[:, 1] += 0.5  # what a stand-in that had drifted fed the stream
+    model.residuals(drifted, distrust=[1])
+    view, _, _ = model.replay(Y[:500])
+    model.adopt(view)
+    zi, zs = model.residuals(Y[500:])
+    twin, _, _ = model.replay(Y[:500])
+    zi_twin, zs_twin = twin.residuals(Y[500:])
+    assert np.allclose(zi, zi_twin) and np.allclose(zs, zs_twin)
+    assert np.abs(zs).max() < 7.0
+    # A model that kept its own state reads the same rows otherwise.
+    kept = VirtualSensorResidual(spans=(5, 20), smooth=20).fit(X[:1200])
+    kept.residuals(drifted, distrust=[1])
+    _, zs_kept = kept.residuals(Y[500:])
+    assert not np.allclose(zs, zs_kept)
+
+
 def _lagged(x: np.ndarray, span: int) -> np.ndarray:
     a, out, acc = 2.0 / (span + 1.0), np.empty_like(x), x[0]
     for i, v in enumerate(x):

@@ -611,6 +611,7 @@ class DeviceModel:
                     Hysteresis(self.s.mv_on, self.s.mv_off, self.s.mv_min_on_rows) for _ in range(m)
                 ]
                 self.quiet_m = [0] * m
+            resynced = False
             for k, (t, _) in enumerate(rows):
                 rising, went_off = [], []
                 for j in range(m):
@@ -619,23 +620,43 @@ class DeviceModel:
                     if was and not active:
                         self.quiet_m[j] = self.s.mv_quiet_rows
                         went_off.append(j)
-                    elif not active and self.quiet_m[j] > 0:
+                    elif self.quiet_m[j] > 0:
+                        # Counted on while the gate is on too: one that comes on in a quiet
+                        # period and stays on is no flap, and is judged when it ends (it
+                        # was never reported: a vibration shifted in a restart's aftermath).
                         self.quiet_m[j] -= 1
                     if edge:
                         rising.append(j)
+                letting_go = list(self.recovering)
                 released = self._recover()
                 before = self.known()
-                if before:
+                if released and not before and several:
+                    again = self._let_go(k, t, raw, X, out, letting_go)
+                    out.extend(again)
+                    self.open.update(inc.metric for inc in again)
+                    if again:
+                        self._stand_in(raw)
+                    before = self.known()
+                    resynced = True
+                if resynced:
+                    rising = []  # scored on the stream state before it was made again
+                elif before:
                     # Another metric's gate going off is the open incident's spread unless
                     # it is clearly out of line with the incident's metrics distrusted.
                     rising = self._beyond(A_far[k]) if len(before) < self.s.mv_max_incidents else []
-                elif released:
-                    # A gate that opened under the second bar while the last incident's
-                    # metrics were still distrusted has had no rising edge since.
+                else:
+                    # A gate that opened under the second bar while an incident's metrics
+                    # were still distrusted has had no rising edge since: it is one once
+                    # nothing is distrusted and it reads past the bar (not only at the row
+                    # the last quiet period ended: a current shifted during a restart's
+                    # aftermath stayed unreported for a day).
                     rising += [
                         j
                         for j, g in enumerate(self.gates)
-                        if g.active and A[k, j] >= self.s.mv_on and self.quiet_m[j] == 0
+                        if j not in rising
+                        and g.active
+                        and A[k, j] >= self.s.mv_on
+                        and self.quiet_m[j] == 0
                     ]
                 if rising:
                     spike = a_inst[k].max() > a_smooth[k].max()
@@ -753,6 +774,31 @@ class DeviceModel:
             self.rearm_back = (back[0], t)
             self.judged_back = True
 
+    def _let_go(
+        self,
+        k: int,
+        t: int,
+        raw: np.ndarray,
+        X: np.ndarray,
+        new: list[Incident],
+        ended: list[int],
+    ) -> list[Incident]:
+        """The last distrusted metrics' quiet period is over (at row ``k`` of this call's
+        rows, ``raw``). Their stand-ins stood in for hours, maybe drifted from the machine,
+        and the lagged inputs still hold them: the stream state is made again of the
+        readings (a replay of the model's memory and this call's rows; its rows from
+        ``k`` on, scored before, open no incident). A fault that began while
+        they were distrusted had no rising edge of its own (a current shifted in a
+        restart's aftermath went unreported for a day): the device is judged on that
+        replay as after a window (``_judge_again``), unless such a judgement is pending."""
+        model = self.model
+        assert model is not None
+        view, _, _ = model.replay(self._recent_inputs(raw))
+        model.adopt(view)
+        if self.rearm_rows:
+            return []
+        return self._judge_again(k, t, raw, X, new, ended)
+
     def _judge_again(
         self,
         k: int,
@@ -760,6 +806,7 @@ class DeviceModel:
         raw: np.ndarray,
         X: np.ndarray,
         new: list[Incident],
+        ended: list[int] | None = None,
     ) -> list[Incident]:
         """The device judged again at row ``k`` of this call's rows (``raw``, as read),
         once the aftermath of a maintenance window (its own reports were kept as expected)
@@ -776,10 +823,13 @@ class DeviceModel:
         for hours, and stand-ins that had drifted from the machine made a healthy restart
         read "bearing_temp_c 80.8 sigma below ... (47.87, expected 61.09)". Read from the
         readings, a stop is what the lagged inputs model (the slow metrics cool as the
-        load's average falls) and its aftermath is over."""
+        load's average falls) and its aftermath is over. ``ended``: judged as the metrics
+        of an incident that ended are let go (``_let_go``), not after a window."""
         model = self.model
         assert model is not None
-        back, self.rearm_back = self.rearm_back, None
+        back = None
+        if ended is None:
+            back, self.rearm_back = self.rearm_back, None
         view, _, zs = model.replay(self._recent_inputs(raw[: k + 1]))
         assert view.short_z_ is not None and view.expected_ is not None
         short, now = view.short_z_[-1], zs[-1]
@@ -805,9 +855,9 @@ class DeviceModel:
                 X[k],
                 True,
                 [q for q in self.known() if q != j and abs(now[q]) >= self.s.mv_on],
-                [],
+                [q for q in ended or () if q != j],
                 view.expected_[-1],
-                after_maintenance=back is None,
+                after_maintenance=ended is None and back is None,
                 back_in_line=back,
             )
         ]

@@ -631,6 +631,15 @@ class VirtualSensorResidual:
         zi, zs = probe.residuals(X, distrust)
         return probe, zi, zs
 
+    def adopt(self, probe: VirtualSensorResidual) -> None:
+        """Take a ``replay``'s stream state as this model's own: its averages and recent
+        residuals made of the readings, not of stand-ins that may have drifted from them
+        (once no metric is distrusted any more)."""
+        self._ema, self._s, self._s_in = probe._ema, probe._s, probe._s_in
+        self._lagged = probe._lagged
+        self._recent, self._recent_fast = probe._recent, probe._recent_fast
+        self._recent_pred = probe._recent_pred
+
     def distrust_spread(self, distrust: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Per metric: how many times wider its residuals (fast, smoothed) spread with the
         ``distrust`` metrics' virtual values standing in (the widest of theirs, as
