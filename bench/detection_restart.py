@@ -41,6 +41,12 @@ SLOW_CASES = (("motor", "bearing_temp_c"), ("pump", "fluid_temp_c"))
 STOP_H, RESTART_H = 20, 22
 
 
+def _median_delay(faulty: list[dict]) -> float | None:
+    """Hours from a fault's onset to its first report, the median over those reported."""
+    first = [r["after_restart"][0]["hours_after"] for r in faulty if r["after_restart"]]
+    return round(float(np.median(first)), 2) if first else None
+
+
 def parse_seeds(text: str) -> list[int]:
     """``0,1,2`` or ``12-17``."""
     if "-" in text:
@@ -141,11 +147,7 @@ if __name__ == "__main__":
         ),
         "fault_anomalies": sum(len(r["after_restart"]) for r in faulty),
         # Hours from the fault's onset to its first report, over the faults reported.
-        "median_delay_h": float(
-            np.median([r["after_restart"][0]["hours_after"] for r in faulty if r["after_restart"]])
-        )
-        if any(r["after_restart"] for r in faulty)
-        else None,
+        "median_delay_h": _median_delay(faulty),
         "runs": runs,
     }
     print(
