@@ -313,7 +313,7 @@ class Incident(NamedTuple):
     # line (VirtualSensorResidual.led_by_others): their residuals are the others', not their own.
     led: tuple[int, ...] = ()
     # Reported after a maintenance window, the device judged again once the stop's
-    # aftermath is over (DetectionEngine.rearm): out of line since before the window ended.
+    # aftermath is over (DetectionEngine.rearm): out of line then, since the window or before.
     after_maintenance: bool = False
     # Reported while its incident goes on: out of line once the aftermath was over after
     # this metric of the incident came back in line at this time (a restart after a stop).
@@ -1767,7 +1767,7 @@ class DetectionEngine:
                 f" line: it moved faster than {c.metric} ever has"
             )
         if inc.after_maintenance:
-            text += "; out of line since before the maintenance window ended"
+            text += "; out of line when judged again after the maintenance window"
         if inc.back_in_line is not None:
             came, at = inc.back_in_line
             hours = (inc.time_ns - at) / 3.6e12
