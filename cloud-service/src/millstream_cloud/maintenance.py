@@ -170,9 +170,7 @@ class MaintenanceSchedule:
     def period_ns(self) -> int:
         """The time between occurrences (a rule's shortest): an occurrence must be
         shorter, and each is set as a window this long before it begins."""
-        if self.repeat in REPEATS:
-            return REPEATS[self.repeat] * 86400 * NS
-        return _gap_s(self.repeat, self.start_ns // NS, self.timezone) * NS
+        return _period_ns(self.repeat, self.start_ns, self.timezone)
 
     def over(self, now_ns: int) -> bool:
         """Stopped, or no occurrence left to begin."""
@@ -344,7 +342,7 @@ class MaintenanceWindows:
             secrets.token_hex(8), device, site, start_ns, end_ns, repeat, timezone, until_ns,
             comment, author, now, silence_alerts, group=group,
         )  # fmt: skip
-        _check_period(end_ns - start_ns, sched)
+        _check_period(end_ns - start_ns, repeat, start_ns, timezone)
         while sched.has(sched.next) and sched.occurrence(sched.next)[1] <= now:
             sched.next += 1  # from the first one not over
         if not sched.has(sched.next):
@@ -439,7 +437,7 @@ class MaintenanceWindows:
                 )  # fmt: skip
             if duration_ns is not None:
                 _check_span(0, duration_ns)
-                _check_period(duration_ns, sched)
+                _check_period(duration_ns, sched.repeat, sched.start_ns, sched.timezone)
             if set_until and until_ns is not None and until_ns <= now:
                 raise MaintenanceError(
                     "until", f"{rfc3339(until_ns)} has passed (to stop the schedule now, DELETE it)"
@@ -577,10 +575,7 @@ class MaintenanceWindows:
                     )
                 if duration_ns is not None:
                     _check_span(0, duration_ns)
-                    like = MaintenanceSchedule(
-                        "", "", site, rec.start_ns, rec.end_ns, rec.repeat, rec.timezone
-                    )
-                    _check_period(duration_ns, like)
+                    _check_period(duration_ns, rec.repeat, rec.start_ns, rec.timezone)
                     end_ns = rec.start_ns + duration_ns
                 if set_until and until_ns is not None and until_ns <= now_ns:
                     raise MaintenanceError("until", f"{rfc3339(until_ns)} has passed")
@@ -877,13 +872,20 @@ def _check_span(start_ns: int, end_ns: int) -> None:
         )
 
 
-def _check_period(span_ns: int, sched: MaintenanceSchedule) -> None:
+def _period_ns(repeat: str, start_ns: int, timezone: str) -> int:
+    """The time between a schedule's occurrences (a rule's shortest)."""
+    if repeat in REPEATS:
+        return REPEATS[repeat] * 86400 * NS
+    return _gap_s(repeat, start_ns // NS, timezone) * NS
+
+
+def _check_period(span_ns: int, repeat: str, start_ns: int, timezone: str) -> None:
     """A recurring window must end before its next occurrence begins."""
-    period_ns = sched.period_ns()
+    period_ns = _period_ns(repeat, start_ns, timezone)
     if span_ns >= period_ns:
         raise MaintenanceError(
             "end",
-            f"a window of {span_ns / NS / 3600:g} h repeated {sched.repeat}: it must "
+            f"a window of {span_ns / NS / 3600:g} h repeated {repeat}: it must "
             f"be shorter than {period_ns / NS / 3600:g} h (or it never ends)",
         )
 
