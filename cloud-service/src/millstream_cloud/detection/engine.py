@@ -790,14 +790,19 @@ class DeviceModel:
         ``k`` on, scored before, open no incident). A fault that began while
         they were distrusted had no rising edge of its own (a current shifted in a
         restart's aftermath went unreported for a day): the device is judged on that
-        replay as after a window (``_judge_again``), unless such a judgement is pending."""
+        replay as after a window (``_judge_again``), unless such a judgement is pending.
+        One replay serves both: up to row ``k`` for the judgement, then on over this
+        call's later rows before it is adopted."""
         model = self.model
         assert model is not None
-        view, _, _ = model.replay(self._recent_inputs(raw))
+        inputs = self._recent_inputs(raw)
+        cut = len(inputs) - (len(raw) - k - 1)  # the inputs up to row k
+        view, _, zs = model.replay(inputs[:cut])
+        judged = [] if self.rearm_rows else self._judge_again(k, t, raw, X, new, ended, (view, zs))
+        if cut < len(inputs):
+            view.residuals(inputs[cut:])
         model.adopt(view)
-        if self.rearm_rows:
-            return []
-        return self._judge_again(k, t, raw, X, new, ended)
+        return judged
 
     def _judge_again(
         self,
@@ -807,6 +812,7 @@ class DeviceModel:
         X: np.ndarray,
         new: list[Incident],
         ended: list[int] | None = None,
+        replayed: tuple[VirtualSensorResidual, np.ndarray] | None = None,
     ) -> list[Incident]:
         """The device judged again at row ``k`` of this call's rows (``raw``, as read),
         once the aftermath of a maintenance window (its own reports were kept as expected)
@@ -824,13 +830,17 @@ class DeviceModel:
         read "bearing_temp_c 80.8 sigma below ... (47.87, expected 61.09)". Read from the
         readings, a stop is what the lagged inputs model (the slow metrics cool as the
         load's average falls) and its aftermath is over. ``ended``: judged as the metrics
-        of an incident that ended are let go (``_let_go``), not after a window."""
+        of an incident that ended are let go (``_let_go``), not after a window;
+        ``replayed``: that replay up to row ``k`` and its smoothed residuals, made there."""
         model = self.model
         assert model is not None
         back = None
         if ended is None:
             back, self.rearm_back = self.rearm_back, None
-        view, _, zs = model.replay(self._recent_inputs(raw[: k + 1]))
+        if replayed is None:
+            view, _, zs = model.replay(self._recent_inputs(raw[: k + 1]))
+        else:
+            view, zs = replayed
         assert view.short_z_ is not None and view.expected_ is not None
         short, now = view.short_z_[-1], zs[-1]
         out = [int(q) for q in np.flatnonzero(np.abs(short) >= SHORT_BAR * self.s.mv_on)]
