@@ -24,6 +24,7 @@ from millstream_cloud.detection.multivariate import (
 )
 from millstream_cloud.detection.streaming import (
     LevelShift,
+    PatternSurprise,
     RobustZScore,
     SeasonalResidual,
     Spike,
@@ -34,7 +35,16 @@ from millstream_cloud.detection.streaming import (
     poisson_tail,
 )
 
-STREAMING = ["robust_z", "level_shift", "volatility", "seasonal", "spike", "ensemble", "stuck"]
+STREAMING = [
+    "robust_z",
+    "level_shift",
+    "volatility",
+    "seasonal",
+    "spike",
+    "pattern",
+    "ensemble",
+    "stuck",
+]
 BATCH = ["pca_t2q", "isolation_forest", "virtual_sensor"]
 
 
@@ -75,6 +85,55 @@ def test_components_rank_an_outlier_above_normal(cls: type) -> None:
         assert det.score_one(40.0) > det.score_one(10.0)
     else:
         assert det.score_one(40.0) > det.score_one(10.2)
+
+
+def _cycle(order: list[float], n: int, seed: int = 0) -> np.ndarray:
+    """``order`` repeated for ``n`` values, with a little noise."""
+    xs = np.resize(np.asarray(order, dtype=float), n)
+    return xs + np.random.default_rng(seed).normal(0.0, 0.05, n)
+
+
+def test_pattern_component_is_surprised_by_the_same_values_in_another_order() -> None:
+    # Every value of the new order lies inside the learned range and is as common; only
+    # what follows what has changed.
+    det = PatternSurprise()
+    for x in _cycle([0.0, 1.0, 2.0, 3.0], 2000):
+        det.learn_one(float(x))
+    usual = det.score_one(0.0)  # the cycle stands at 3: 0 comes next
+    for x in _cycle([0.0, 2.0, 1.0, 3.0], 16, seed=1):
+        det.learn_one(float(x))
+    broken = det.score_one(0.0)
+    assert broken > 4 * usual
+    # ... and it learns the new order: after a few hundred values it is expected again.
+    for x in _cycle([0.0, 2.0, 1.0, 3.0], 800, seed=2):
+        det.learn_one(float(x))
+    assert det.score_one(0.0) < broken / 3
+
+
+def test_pattern_component_forgets_old_counts_to_stay_within_its_memory() -> None:
+    det = PatternSurprise(max_keys=500)
+    for x in _noise(5000):
+        det.learn_one(float(x))
+    assert all(0 < len(t.follow) <= 500 for t in det.tiles)
+    assert np.isfinite(det.score_one(10.0)) and det.score_one(10.0) > 0.0
+
+
+def test_ensemble_with_the_pattern_component_names_it_for_a_changed_order() -> None:
+    xs = np.concatenate(
+        [_cycle([0.0, 1.0, 2.0, 3.0], 3000), _cycle([0.0, 2.0, 1.0, 3.0], 40, seed=1)]
+    )
+    det = StreamingEnsemble(warmup=300, history=3000, components=("value", "pattern"))
+    without = StreamingEnsemble(warmup=300, history=3000, components=("value",))
+    scores = [det.update(float(x)) for x in xs]
+    plain = [without.update(float(x)) for x in xs]
+    assert max(scores[3000:]) >= 0.5 > max(scores[300:3000])
+    assert max(plain[3000:]) < 0.5  # the values alone are ordinary
+    at = 3000 + int(np.argmax(scores[3000:]))
+    det2 = StreamingEnsemble(warmup=300, history=3000, components=("value", "pattern"))
+    for x in xs[:at]:
+        det2.update(float(x))
+    det2.update(float(xs[at]))
+    assert min(det2.last_tails, key=lambda k: det2.last_tails[k]) == "pattern"
 
 
 def test_ensemble_flags_a_spike_and_stays_quiet_on_a_steady_signal() -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from millstream_cloud.detection.engine import DetectionEngine, EngineSettings
 from millstream_cloud.detection.rules import parse_rules, resolve
+from millstream_cloud.detection.streaming import COMPONENTS, StreamingEnsemble
 from millstream_cloud.model import Anomaly, Reading
 from millstream_cloud.settings import SettingsError, load_settings
 
@@ -442,3 +443,14 @@ def test_a_metric_rule_turns_the_spike_check_off_and_a_restart_keeps_what_it_lea
         engine.spikes[("m1", "current")].state_dict()
         == again.spikes[("m1", "current")].state_dict()
     )
+
+
+def test_a_rule_can_add_the_optional_pattern_component_to_a_metric() -> None:
+    comps = [*BASE.streaming.get("components", COMPONENTS), "pattern"]
+    rules = parse_rules([{"match": {"metric": "cycle_*"}, "streaming": {"components": comps}}])
+    s, on = resolve(BASE, rules, "m1", None, "cycle_time")
+    det = StreamingEnsemble(warmup=s.warmup, **s.streaming)
+    assert on and "pattern" in det.components and "pattern" in det.cal
+    # ... and only there: the live default leaves it out (its cost, docs/detection.md).
+    other = resolve(BASE, rules, "m1", None, "temp")[0]
+    assert "pattern" not in StreamingEnsemble(warmup=other.warmup, **other.streaming).components

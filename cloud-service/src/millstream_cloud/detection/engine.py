@@ -1584,6 +1584,7 @@ class DetectionEngine:
             "level_long": "its usual level (recent average)",
             "seasonal": "the same time one season ago",
             "spike": "the readings just before it",
+            "pattern": "the pattern of the readings before it",
         }
         contrib = Contribution(r.metric, r.value, ref.center, sigma)
         if comp == "spike":

@@ -27,7 +27,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from .calibration import TAIL_FITS
-from .streaming import COMPONENTS, StreamingEnsemble
+from .streaming import COMPONENTS, KNOWN_COMPONENTS, StreamingEnsemble
 
 MATCH_KEYS = ("kind", "device", "metric")
 # Settings a rule that names a metric may set: what one metric's detectors read.
@@ -132,16 +132,16 @@ def check_streaming(block: Any, where: str) -> dict[str, Any]:
         raise ValueError(f"{where}.tail_fit: {block['tail_fit']!r}; one of {', '.join(TAIL_FITS)}")
     weights = block.get("weights") or {}
     if not isinstance(weights, Mapping) or not all(
-        k in COMPONENTS and _is_number(v) and v >= 0 for k, v in weights.items()
+        k in KNOWN_COMPONENTS and _is_number(v) and v >= 0 for k, v in weights.items()
     ):
         raise ValueError(
             f"{where}.weights: {weights!r}; a mapping of components "
-            f"({', '.join(COMPONENTS)}) to numbers of 0 or more"
+            f"({', '.join(KNOWN_COMPONENTS)}) to numbers of 0 or more"
         )
     comps = block.get("components", COMPONENTS)
-    if isinstance(comps, str) or not all(c in COMPONENTS for c in comps):
+    if isinstance(comps, str) or not all(c in KNOWN_COMPONENTS for c in comps):
         raise ValueError(
-            f"{where}.components: {comps!r}; choose from {', '.join(COMPONENTS)} "
+            f"{where}.components: {comps!r}; choose from {', '.join(KNOWN_COMPONENTS)} "
             "(the long windows follow from 'long')"
         )
     return block

@@ -234,7 +234,186 @@ class SeasonalResidual:
         self.n = int(state["n"])
 
 
+class _Tiling:
+    """What followed each short run of bins, in one quantisation of the values.
+
+    ``follow`` counts (context..., next bin) for contexts of 0 to ``order`` bins, ``seen``
+    each context; past ``max_keys`` counts every count is halved (those at 1 forgotten),
+    so memory stays bounded and the older patterns weigh less.
+    """
+
+    __slots__ = ("distinct", "follow", "last", "offset", "seen")
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+        self.follow: dict[tuple[int, ...], int] = {}
+        self.seen: dict[tuple[int, ...], int] = {}
+        self.last: tuple[int, ...] = ()  # the latest bins, oldest first
+        self.distinct = 0  # bins seen
+
+    def surprise(self, b: int, alpha: float) -> float:
+        """``-ln p`` of bin ``b`` next: each longer context's counts blended with the
+        shorter one's estimate (``alpha`` pseudo-counts), as PPM-style predictors do."""
+        n0 = self.seen.get((), 0)
+        p = (self.follow.get((b,), 0) + 0.5) / (n0 + 0.5 * (self.distinct + 1))
+        h = self.last
+        for k in range(1, len(h) + 1):
+            ctx = h[-k:]
+            n = self.seen.get(ctx, 0)
+            if n == 0:
+                break
+            p = (self.follow.get((*ctx, b), 0) + alpha * p) / (n + alpha)
+        return -math.log(p)
+
+    def learn(self, b: int, order: int, max_keys: int) -> None:
+        h = self.last
+        for k in range(len(h) + 1):
+            ctx = h[len(h) - k :]
+            key = (*ctx, b)
+            count = self.follow.get(key, 0)
+            if not count and not ctx:
+                self.distinct += 1
+            self.follow[key] = count + 1
+            self.seen[ctx] = self.seen.get(ctx, 0) + 1
+        self.last = (*h, b)[-order:]
+        if len(self.follow) > max_keys:
+            self._halve()
+
+    def _halve(self) -> None:
+        self.follow = {k: c // 2 for k, c in self.follow.items() if c > 1}
+        seen: dict[tuple[int, ...], int] = {}
+        for k, c in self.follow.items():
+            seen[k[:-1]] = seen.get(k[:-1], 0) + c
+        self.seen = seen
+        self.distinct = sum(1 for k in self.follow if len(k) == 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "offset": self.offset,
+            "follow": [[*k, c] for k, c in self.follow.items()],
+            "last": list(self.last),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _Tiling:
+        t = cls(float(state["offset"]))
+        for row in state["follow"]:
+            key, c = tuple(int(v) for v in row[:-1]), int(row[-1])
+            t.follow[key] = c
+            t.seen[key[:-1]] = t.seen.get(key[:-1], 0) + c
+        t.distinct = sum(1 for k in t.follow if len(k) == 1)
+        t.last = tuple(int(v) for v in state["last"])
+        return t
+
+
+@register("pattern")
+class PatternSurprise:
+    """How unexpected the value is after the few before it, averaged over ``short`` values.
+
+    The other components judge a value, an average or a step against their history; a
+    series can change its *pattern* without any of them leaving their range (a typist's
+    rhythm, a traffic curve that turns ragged, a cycle that skips a beat). Here the values
+    are cut into bins (``bins`` across the middle 90 % of the first ``fit_after`` values),
+    and a small variable-order Markov model (contexts of up to ``order`` bins, PPM-style
+    blending) says how probable each new bin is after the ones before it: the raw output
+    is ``-ln p``, averaged over the last ``short`` values as HTM averages its raw anomaly
+    score. ``tilings`` quantisations offset by a fraction of a bin (tile coding) are
+    averaged, so a value on a bin's edge does not flip the verdict.
+    """
+
+    def __init__(
+        self,
+        order: int = 3,
+        bins: int = 20,
+        tilings: int = 4,
+        short: int = 16,
+        fit_after: int = 200,
+        alpha: float = 1.0,
+        max_keys: int = 50_000,
+    ) -> None:
+        self.order, self.bins, self.tilings = order, bins, tilings
+        self.short, self.fit_after, self.alpha, self.max_keys = short, fit_after, alpha, max_keys
+        self.first: list[float] = []  # the values before the bins are fixed
+        self.res = 0.0  # a bin's width; 0 until fitted
+        self.anchor = 0.0
+        self.tiles = [_Tiling(i / tilings) for i in range(tilings)]
+        self.recent: deque[float] = deque(maxlen=short)
+
+    def _fit(self) -> None:
+        a = np.asarray(self.first, dtype=float)
+        lo, hi = np.quantile(a, [0.05, 0.95])
+        span = float(hi - lo)
+        if span <= 0.0:  # a series that barely moved: its whole range, or a sliver
+            span = max(float(a.max() - a.min()), abs(float(np.median(a))) * 1e-3, 1e-9)
+        self.res, self.anchor = span / self.bins, float(np.median(a))
+        for v in self.first:
+            self._learn(v)
+        self.first = []
+
+    def _bin(self, x: float, tile: _Tiling) -> int:
+        return math.floor((x - self.anchor) / self.res + tile.offset)
+
+    def _now(self, x: float) -> float | None:
+        """The surprise of ``x`` next, averaged over the tilings (None before it can say)."""
+        if not self.res or len(self.tiles[0].last) < self.order:
+            return None
+        total = sum(t.surprise(self._bin(x, t), self.alpha) for t in self.tiles)
+        return total / self.tilings
+
+    def score_one(self, x: float) -> float:
+        s = self._now(x)
+        if s is None:
+            return 0.0
+        n = len(self.recent)
+        drop = self.recent[0] if n == self.short else 0.0
+        return (sum(self.recent) - drop + s) / min(n + 1, self.short)
+
+    def _learn(self, x: float) -> None:
+        for t in self.tiles:
+            t.learn(self._bin(x, t), self.order, self.max_keys)
+
+    def learn_one(self, x: float) -> None:
+        if not self.res:
+            self.first.append(x)
+            if len(self.first) >= self.fit_after:
+                self._fit()
+            return
+        s = self._now(x)
+        if s is not None:
+            self.recent.append(s)
+        self._learn(x)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": [self.order, self.bins, self.tilings, self.short, self.fit_after],
+            "alpha": self.alpha,
+            "max_keys": self.max_keys,
+            "first": self.first,
+            "res": self.res,
+            "anchor": self.anchor,
+            "tiles": [t.state_dict() for t in self.tiles],
+            "recent": list(self.recent),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.order, self.bins, self.tilings, self.short, self.fit_after = (
+            int(v) for v in state["params"]
+        )
+        self.alpha, self.max_keys = float(state["alpha"]), int(state["max_keys"])
+        self.first = [float(v) for v in state["first"]]
+        self.res, self.anchor = float(state["res"]), float(state["anchor"])
+        self.tiles = [_Tiling.from_state(t) for t in state["tiles"]]
+        self.recent = deque((float(v) for v in state["recent"]), maxlen=self.short)
+
+
 COMPONENTS = ("value", "level", "volatility", "seasonal", "spike")
+# Components a detector may be given besides the defaults: ``pattern`` (the NAB settings
+# use it; live, it would cost most of a metric's scoring time and memory for a kind of
+# change the device model and the other components mostly see).
+OPTIONAL_COMPONENTS = ("pattern",)
+KNOWN_COMPONENTS = COMPONENTS + OPTIONAL_COMPONENTS
+# Components whose statistic is already a one-sided surprise (larger is rarer).
+ONE_SIDED = frozenset({"value", "pattern"})
 # Components whose statistic is in the metric's own units (a mean of readings), whose
 # calibration keeps its window in float64; the others' are differences or z-scores
 # (calibration.COMPACT).
@@ -355,6 +534,8 @@ class StreamingEnsemble:
             "seasonal": SeasonalResidual(detect_after or warmup, short),
             "spike": Spike(),
         }
+        if "pattern" in components:  # built only when used: the costliest part
+            self.parts["pattern"] = PatternSurprise()
         comps = list(components)
         if long:
             self.parts["level_long"] = LevelShift(long)
@@ -467,13 +648,13 @@ class StreamingEnsemble:
             pending[name] = (v, p)
 
     def _new_calibration(self, name: str) -> AnomalyLikelihood:
-        """An empty calibration for component ``name``: two-sided but for ``value``, whose
-        statistic is already a distance; its window compact (float32) but for the
+        """An empty calibration for component ``name``: two-sided but for ``value`` and
+        ``pattern``, whose statistics are already a distance and a surprise; its window compact (float32) but for the
         statistics in the metric's own units (``IN_METRIC_UNITS``)."""
         return AnomalyLikelihood(
             self.history,
             1,
-            two_sided=name != "value",
+            two_sided=name not in ONE_SIDED,
             tail_fit=self.tail_fit,
             memory=self.memory,
             compact=name not in IN_METRIC_UNITS,
