@@ -118,6 +118,15 @@ def test_pattern_component_forgets_old_counts_to_stay_within_its_memory() -> Non
     assert np.isfinite(det.score_one(10.0)) and det.score_one(10.0) > 0.0
 
 
+def test_pattern_component_fitted_on_a_flat_start_takes_any_finite_value() -> None:
+    det = PatternSurprise()
+    for _ in range(300):
+        det.learn_one(0.0)
+    for x in (1e300, -1e300, 5.0, 0.0):
+        assert math.isfinite(det.score_one(x))
+        det.learn_one(x)
+
+
 def test_ensemble_with_the_pattern_component_names_it_for_a_changed_order() -> None:
     xs = np.concatenate(
         [_cycle([0.0, 1.0, 2.0, 3.0], 3000), _cycle([0.0, 2.0, 1.0, 3.0], 40, seed=1)]

@@ -351,7 +351,9 @@ class PatternSurprise:
         self.first = []
 
     def _bin(self, x: float, tile: _Tiling) -> int:
-        return math.floor((x - self.anchor) / self.res + tile.offset)
+        # Clamped: a wild reading over a sliver of a bin (a series flat while the bins
+        # were fitted) would overflow; beyond 1e15 bins every value is as new anyway.
+        return math.floor(min(max((x - self.anchor) / self.res + tile.offset, -1e15), 1e15))
 
     def _now(self, x: float) -> float | None:
         """The surprise of ``x`` next, averaged over the tilings (None before it can say)."""
