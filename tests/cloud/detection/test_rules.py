@@ -369,6 +369,20 @@ def test_a_state_saved_before_the_spike_component_takes_it_on_without_restarting
     assert again.restarted == 1
 
 
+def test_a_rule_adding_the_pattern_component_keeps_what_the_detector_learned() -> None:
+    before = DetectionEngine(BASE)
+    _feed(before, _series("m1", "temp", 600, 10**6))
+    comps = [*COMPONENTS, "pattern"]
+    rules = parse_rules([{"match": {"metric": "temp"}, "streaming": {"components": comps}}])
+    after = DetectionEngine(BASE, rules)
+    after.load_state(before.state_dict())
+    det = after.metrics[("m1", "temp")]
+    assert after.restarted == 0 and det.n == 600 and "pattern" in det.components
+    # Rebuilt from the 600 values it remembers: 200 to fit its bins, then one a value.
+    assert len(det.cal["pattern"].stats) == 400 and det.parts["pattern"].ready
+    assert np.isfinite(det.update(10.0))
+
+
 @pytest.mark.parametrize("before", [6000, 400])
 def test_a_state_saved_with_another_history_takes_the_new_one_on_without_restarting(
     before: int,

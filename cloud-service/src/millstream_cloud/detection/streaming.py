@@ -127,6 +127,11 @@ class Spike:
         self.span = span
         self.win: deque[float] = deque(maxlen=span)
 
+    @property
+    def ready(self) -> bool:
+        """Whether it scores (it has its ``span`` values before the next)."""
+        return len(self.win) == self.span
+
     def median(self) -> float:
         """The median of the values before the next one (a few: sorting beats NumPy)."""
         w, k = sorted(self.win), len(self.win)
@@ -339,6 +344,11 @@ class PatternSurprise:
         self.tiles = [_Tiling(i / tilings) for i in range(tilings)]
         self.recent: deque[float] = deque(maxlen=short)
 
+    @property
+    def ready(self) -> bool:
+        """Whether it scores (its bins are fitted and it has a whole context)."""
+        return bool(self.res) and len(self.tiles[0].last) >= self.order
+
     def _fit(self) -> None:
         a = np.asarray(self.first, dtype=float)
         lo, hi = np.quantile(a, [0.05, 0.95])
@@ -357,7 +367,7 @@ class PatternSurprise:
 
     def _now(self, x: float) -> float | None:
         """The surprise of ``x`` next, averaged over the tilings (None before it can say)."""
-        if not self.res or len(self.tiles[0].last) < self.order:
+        if not self.ready:
             return None
         total = sum(t.surprise(self._bin(x, t), self.alpha) for t in self.tiles)
         return total / self.tilings
@@ -422,7 +432,10 @@ ONE_SIDED = frozenset({"value", "pattern"})
 IN_METRIC_UNITS = frozenset({"level", "level_long"})
 # Components whose statistic can be replayed from the values a detector remembers, and
 # the part that computes it.
-REBUILDABLE: dict[str, type[Spike]] = {"spike": Spike}
+REBUILDABLE: dict[str, type[Spike] | type[PatternSurprise]] = {
+    "spike": Spike,
+    "pattern": PatternSurprise,
+}
 
 
 @register("ensemble")
@@ -681,7 +694,8 @@ class StreamingEnsemble:
     def add_component(self, name: str) -> None:
         """Start watching ``name`` (one of :data:`REBUILDABLE`) with its calibration rebuilt
         from the values the ``value`` component remembers: a detector saved before the
-        component existed takes it on at an upgrade instead of learning afresh."""
+        component existed takes it on at an upgrade, and one a rule now gives it (``pattern``)
+        takes it on at once, instead of learning afresh."""
         if name in self.components:
             return
         if name not in REBUILDABLE:
@@ -689,7 +703,7 @@ class StreamingEnsemble:
         part = REBUILDABLE[name]()
         cal = self._new_calibration(name)
         for x in self.parts["value"].ref.buf.tolist():
-            if len(part.win) == part.span:
+            if part.ready:
                 cal.learn(part.score_one(x))
             part.learn_one(x)
         self.parts[name], self.cal[name] = part, cal
