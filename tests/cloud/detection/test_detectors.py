@@ -145,6 +145,17 @@ def test_ensemble_with_the_pattern_component_names_it_for_a_changed_order() -> N
     assert min(det2.last_tails, key=lambda k: det2.last_tails[k]) == "pattern"
 
 
+def test_an_ensemble_with_the_pattern_component_saved_and_loaded_goes_on_identically() -> None:
+    xs = _cycle([0.0, 1.0, 2.0, 3.0], 1200)
+    det = StreamingEnsemble(warmup=300, history=1000, components=("value", "spike", "pattern"))
+    for x in xs[:1000]:
+        det.update(float(x))
+    clone = StreamingEnsemble.from_state(json.loads(json.dumps(det.state_dict())))
+    tail = _cycle([0.0, 2.0, 1.0, 3.0], 200, seed=3)
+    assert [det.update(float(x)) for x in tail] == [clone.update(float(x)) for x in tail]
+    assert clone.parts["pattern"].tiles[0].follow == det.parts["pattern"].tiles[0].follow
+
+
 def test_ensemble_flags_a_spike_and_stays_quiet_on_a_steady_signal() -> None:
     det = StreamingEnsemble(warmup=200, history=1000)
     scores = [det.update(float(x)) for x in _noise(1500)]
