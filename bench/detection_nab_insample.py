@@ -7,7 +7,7 @@ parameters tuned on all 58 files by coordinate descent from the frozen values (t
 swept per profile, as NAB does), next to the frozen settings and ARTime's published row.
 It says what the detector family can reach in-sample; it is **not** an estimate for
 unseen data and the tuned values are not adopted (docs/detection.md). Needs a NAB checkout
-as ``detection_nab_unseen.py`` does; about 16 minutes on one core.
+as ``detection_nab_unseen.py`` does; about 30 minutes on one core.
 Writes bench/results/detection_nab_insample.json. Run from the repository root.
 """
 
