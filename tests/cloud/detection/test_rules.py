@@ -468,3 +468,23 @@ def test_a_rule_can_add_the_optional_pattern_component_to_a_metric() -> None:
     # ... and only there: the live default leaves it out (its cost, docs/detection.md).
     other = resolve(BASE, rules, "m1", None, "temp")[0]
     assert "pattern" not in StreamingEnsemble(warmup=other.warmup, **other.streaming).components
+
+
+def test_a_metric_given_the_pattern_component_reports_a_changed_order_in_words() -> None:
+    # A cycle 0,1,2,3 for 3000 readings, then 0,2,1,3: every value as ordinary as
+    # before, only their order new. The value alone raises nothing; with `pattern`, one
+    # anomaly, which says so (and none when the component starts, 200 readings in).
+    rng = np.random.default_rng(0)
+    cycles = np.concatenate([np.resize([0.0, 1, 2, 3], 3000), np.resize([0.0, 2, 1, 3], 200)])
+    values = cycles + rng.normal(0, 0.05, len(cycles))
+    readings = [
+        Reading("m1", "s", "cycle_time", i * 10**10, float(v)) for i, v in enumerate(values)
+    ]
+    found = {}
+    for comps in (["value"], ["value", "pattern"]):
+        rule = {"match": {"metric": "cycle_*"}, "streaming": {"components": comps}}
+        found[len(comps)] = _feed(DetectionEngine(BASE, parse_rules([rule])), readings)
+    assert found[1] == []
+    [a] = found[2]
+    assert a.detector == "ensemble:pattern" and 3000 <= a.time_ns // 10**10 < 3010
+    assert "out of its usual pattern" in a.explanation and "σ" not in a.explanation

@@ -1584,7 +1584,6 @@ class DetectionEngine:
             "level_long": "its usual level (recent average)",
             "seasonal": "the same time one season ago",
             "spike": "the readings just before it",
-            "pattern": "the pattern of the readings before it",
         }
         contrib = Contribution(r.metric, r.value, ref.center, sigma)
         if comp == "spike":
@@ -1597,6 +1596,12 @@ class DetectionEngine:
             vol = det.parts[comp].score_one(r.value)
             how = "barely moving (stuck sensor?)" if vol < 1e-9 else "moving unusually"
             text = f"{r.metric} {how}: {comp.replace('_', ' ')} tail probability {tails[comp]:.1e}"
+        elif comp == "pattern":
+            # Not a distance: the values may each be ordinary, their order is not.
+            text = (
+                f"{r.metric} out of its usual pattern: its last readings came in an order "
+                f"rarely seen before (pattern tail probability {tails[comp]:.1e})"
+            )
         else:
             text = explain([contrib], words.get(comp, "its usual level"))
         out.append(

@@ -578,9 +578,24 @@ class StreamingEnsemble:
             out[name] = part.score_one(x)
         return out
 
+    def _waiting(self) -> str | None:
+        """The component that cannot say yet, if any: ``pattern`` before its bins are
+        fitted. It scores nothing and its calibration does not learn the placeholder 0s
+        (against a run of them its first real surprises were all records: a live metric
+        alarmed as the component started). Only with ``calibrate_after`` (the live
+        settings keep early junk out of the calibrations); the frozen NAB settings learn
+        every statistic from the first value, placeholders included, as evaluated."""
+        part = self.parts.get("pattern")
+        if part is None or part.ready or not self.calibrate_after or "pattern" not in self.cal:
+            return None
+        return "pattern"
+
     def _score(self, x: float) -> tuple[float, dict[str, float], dict[str, float]]:
         raw = self._raw(x)
-        tails = {name: self.cal[name].tail(v) for name, v in raw.items()}
+        waiting = self._waiting()
+        tails = {
+            name: 1.0 if name == waiting else self.cal[name].tail(v) for name, v in raw.items()
+        }
         if self.n < self.warmup:
             return 0.0, raw, tails
         best = 0.0
@@ -641,9 +656,11 @@ class StreamingEnsemble:
     def _learn_calibrations(
         self, raw: dict[str, float], tails: dict[str, float], t: float | None
     ) -> None:
+        waiting = self._waiting()
         if self.resolution_s <= 0.0 or t is None:
             for name, v in raw.items():
-                self.cal[name].learn(v)
+                if name != waiting:
+                    self.cal[name].learn(v)
             return
         # Each statistic's most surprising value of the interval: the smallest tail
         # probability (a two-shift machine's level sits far from its median all day, so
@@ -651,6 +668,8 @@ class StreamingEnsemble:
         # centre between equals (a young calibration answers 1.0 to everything).
         pending = self.pending
         for name, v in raw.items():
+            if name == waiting:
+                continue
             p = tails.get(name, 1.0)
             held = pending.get(name)
             if held is not None:
