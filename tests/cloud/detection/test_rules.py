@@ -487,4 +487,4 @@ def test_a_metric_given_the_pattern_component_reports_a_changed_order_in_words()
     assert found[1] == []
     [a] = found[2]
     assert a.detector == "ensemble:pattern" and 3000 <= a.time_ns // 10**10 < 3010
-    assert "out of its usual pattern" in a.explanation and "σ" not in a.explanation
+    assert "out of its usual pattern" in a.explanation and "\u03c3" not in a.explanation  # no sigma
