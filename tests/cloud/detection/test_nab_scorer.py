@@ -24,6 +24,19 @@ def test_artime_corpus_thresholds_reproduce_reference_row(bench_root: Path, corp
     assert got == [65.2, 53.7, 71.5]
 
 
+def test_a_corpus_raw_score_is_the_sum_of_its_files_at_a_fixed_threshold(corpus) -> None:
+    # What bench/detection_nab_unseen.py's bootstrap over files rests on.
+    files, scores = corpus
+    thresholds = {p: 0.6 for p in nab.PROFILES}
+    whole = nab.score_corpus(files, scores, thresholds)
+    each = [nab.score_corpus([f], [s], thresholds) for f, s in zip(files, scores, strict=True)]
+    windows = sum(len(f.windows) for f in files)
+    for p, prof in nab.PROFILES.items():
+        raw = sum(r[p].raw for r in each)
+        assert raw == pytest.approx(whole[p].raw)
+        assert nab.normalise(raw, windows, prof) == pytest.approx(whole[p].normalised)
+
+
 def test_artime_reoptimised_thresholds_reproduce_reference_row(corpus) -> None:
     files, scores = corpus
     res = nab.score_corpus(files, scores)
