@@ -979,6 +979,31 @@ def test_a_fault_that_begins_in_a_restarts_aftermath_is_reported_once_it_is_let_
 
 
 @pytest.mark.slow
+def test_an_incident_a_fault_keeps_open_is_judged_again_and_the_fault_named(
+    tmp_path: Path,
+) -> None:
+    """A window over the motor's stop; the stop's incident (speed and current) outlasts
+    the restart, and the judgement after it finds nothing. Its metrics' stand-ins are
+    predicted from the others, so when the vibration shifts 6 sigma, 4 hours on, the
+    speed's stand-in moves with it and the speed reads out of line: the stop's incident
+    stayed open for good and the shift, inside it, was never reported (seed 4). Judged
+    again an hour on, on a replay of the readings, the stale incident is over, and the
+    shift is found minutes after it begins, named on the vibration, once."""
+    services, handed_on = _service(Settings(data_dir=str(tmp_path)))
+    try:
+        sink = services.anomalies
+        restart = T0 + 22 * 3600 * S
+        sink.maintenance.add("motor-00", "sim", T0 + 20 * 3600 * S, restart, now_ns=T0)
+        for batch in _stopped("motor", "vibration_mm_s", 6.0, 4, hours=48.0, fault_h=26.0):
+            sink.process(batch)
+        assert [(a.detector, a.metric) for a in handed_on] == [("virtual_sensor", "vibration_mm_s")]
+        onset = restart + 4 * 3600 * S
+        assert onset < handed_on[0].time_ns < onset + 3600 * S
+    finally:
+        services.stop()
+
+
+@pytest.mark.slow
 def test_after_an_unplanned_stop_a_fault_of_a_metric_that_stopped_is_reported(
     tmp_path: Path,
 ) -> None:

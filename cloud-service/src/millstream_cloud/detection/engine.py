@@ -293,6 +293,9 @@ def check_rules(base: EngineSettings, rules: Sequence[Rule]) -> None:
 # of the model's lag spans, the incident's aftermath): a stop's own incident outlasts the
 # restart by about one.
 REARM_SMOOTHS = 2
+# Rows (an hour of 10-s rows) between judgements of an incident still open after it was
+# judged again (``DeviceModel._rejudge``).
+REJUDGE_ROWS = 360
 
 
 class Incident(NamedTuple):
@@ -377,6 +380,8 @@ class DeviceModel:
         self.rearm_rows = 0
         self.rearm_back: tuple[int, int] | None = None
         self.judged_back = False  # the open incident was judged again, or reported by a judgement
+        # Rows until a judged incident still open is judged on a replay (``_rejudge``).
+        self.rejudge_rows = REJUDGE_ROWS
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
     MODEL_KEYS = (
@@ -717,6 +722,18 @@ class DeviceModel:
                                 self.open.add(inc.metric)
                                 if several:
                                     self._stand_in(raw)
+                        self.rejudge_rows = REJUDGE_ROWS
+                elif several and self.open and self.judged_back and not resynced:
+                    self.rejudge_rows -= 1
+                    if self.rejudge_rows <= 0:
+                        self.rejudge_rows = REJUDGE_ROWS
+                        over = self._rejudge(k, t, raw, X, out)
+                        if over is not None:
+                            out.extend(over)
+                            self.open = {inc.metric for inc in over}
+                            if over:
+                                self._stand_in(raw)
+                            resynced = True
                 if self.open and all(not g.active for g in self.gates):
                     if self.rearm_back is not None:  # nothing left to judge
                         self.rearm_rows, self.rearm_back = 0, None
@@ -734,6 +751,7 @@ class DeviceModel:
                     else:
                         self.quiet_m = [max(q, after) for q in self.quiet_m]
                     self.open.clear()
+                    self.rejudge_rows = REJUDGE_ROWS
                 self.n_rows += 1
                 new_flags.append(any(g.active for g in self.gates) or glitched[k])
         else:
@@ -793,15 +811,49 @@ class DeviceModel:
         replay as after a window (``_judge_again``), unless such a judgement is pending.
         One replay serves both: up to row ``k`` for the judgement, then on over this
         call's later rows before it is adopted."""
-        model = self.model
-        assert model is not None
+        view, zs, rest = self._replay_to(k, raw)
+        judged = [] if self.rearm_rows else self._judge_again(k, t, raw, X, new, ended, (view, zs))
+        self._adopt_replay(view, rest)
+        return judged
+
+    def _replay_to(
+        self, k: int, raw: np.ndarray
+    ) -> tuple[VirtualSensorResidual, np.ndarray, np.ndarray]:
+        """A replay of the model's memory and this call's rows (``raw``) up to row ``k``,
+        with its smoothed residuals, and the inputs of the call's later rows."""
+        assert self.model is not None
         inputs = self._recent_inputs(raw)
         cut = len(inputs) - (len(raw) - k - 1)  # the inputs up to row k
-        view, _, zs = model.replay(inputs[:cut])
-        judged = [] if self.rearm_rows else self._judge_again(k, t, raw, X, new, ended, (view, zs))
-        if cut < len(inputs):
-            view.residuals(inputs[cut:])
-        model.adopt(view)
+        view, _, zs = self.model.replay(inputs[:cut])
+        return view, zs, inputs[cut:]
+
+    def _adopt_replay(self, view: VirtualSensorResidual, rest: np.ndarray) -> None:
+        """The stream state made again of the readings: the replay run on over the
+        call's later rows (scored before; they open nothing), then adopted."""
+        assert self.model is not None
+        if len(rest):
+            view.residuals(rest)
+        self.model.adopt(view)
+
+    def _rejudge(
+        self, k: int, t: int, raw: np.ndarray, X: np.ndarray, new: list[Incident]
+    ) -> list[Incident] | None:
+        """An incident judged again and still open, an hour on: judged on a replay of the
+        model's memory (every metric's readings as its inputs) at row ``k``. While its
+        metrics are distrusted their stand-ins are predicted from the others, and a fault
+        of another metric moves them: the motor's speed, stood in for since a stop, read
+        out of line once the vibration shifted, which held the stop's incident open for
+        good, and the shift, inside it, was never reported. When the replay reads every
+        metric of the incident in line it is over: the stream is made again of the
+        readings (as when metrics are let go, ``_let_go``), and the device is judged as
+        after a window (one incident if a metric is out of line now). None: still open."""
+        view, zs, rest = self._replay_to(k, raw)
+        # In line as its gate would have it: under the off level (the short window's bar,
+        # which a report must pass, would let a 6-sigma fault still under way go).
+        if any(abs(zs[-1][j]) >= self.s.mv_off for j in self.open):
+            return None
+        judged = self._judge_again(k, t, raw, X, new, [], (view, zs))
+        self._adopt_replay(view, rest)
         return judged
 
     def _judge_again(
@@ -1023,6 +1075,7 @@ class DeviceModel:
             "rearm_rows": self.rearm_rows,
             "rearm_back": None if self.rearm_back is None else list(self.rearm_back),
             "judged_back": self.judged_back,
+            "rejudge_rows": self.rejudge_rows,
             **{f"next_{k}": v for k, v in self.next_rows.state_dict("next").items()},
         }
 
@@ -1064,6 +1117,7 @@ class DeviceModel:
         back = st.get("rearm_back")
         self.rearm_back = None if back is None else (int(back[0]), int(back[1]))
         self.judged_back = bool(st.get("judged_back", False))
+        self.rejudge_rows = int(st.get("rejudge_rows", REJUDGE_ROWS))
         # Saved before it was kept: the last row kept is the last row scored.
         prev = st.get(
             "prev_raw", self.rows.last() if self.model is not None and self.rows else None
