@@ -25,6 +25,14 @@ from .base import pack_floats, register, unpack_floats
 from .calibration import AnomalyLikelihood, RollingRobust, tail_to_score
 
 
+def _mean_with(window: deque[float], x: float, size: int) -> float:
+    """The mean of the last ``size`` values of ``window`` (a deque of at most ``size``)
+    and ``x`` after them, without storing ``x``: scoring must not learn."""
+    n = len(window)
+    drop = window[0] if n == size else 0.0
+    return (sum(window) - drop + x) / min(n + 1, size)
+
+
 @register("robust_z")
 class RobustZScore:
     """Distance of the value from the median of the last ``window`` values, in robust sigmas."""
@@ -70,9 +78,7 @@ class LevelShift:
     def score_one(self, x: float) -> float:
         if not self.win:
             return x
-        n = len(self.win)
-        drop = self.win[0] if n == self.short else 0.0
-        return (sum(self.win) - drop + x) / min(n + 1, self.short)
+        return _mean_with(self.win, x, self.short)
 
     def learn_one(self, x: float) -> None:
         self.win.append(x)
@@ -96,9 +102,7 @@ class Volatility:
 
     def score_one(self, x: float) -> float:
         step = abs(x - self.prev) if self.prev is not None else 0.0
-        n = len(self.steps)
-        drop = self.steps[0] if n == self.short else 0.0
-        return (sum(self.steps) - drop + step) / min(n + 1, self.short)
+        return _mean_with(self.steps, step, self.short)
 
     def learn_one(self, x: float) -> None:
         if self.prev is not None:
@@ -204,9 +208,7 @@ class SeasonalResidual:
         r = self._residual(x)
         if r is None:
             return 0.0
-        n = len(self.resid)
-        drop = self.resid[0] if n == self.short else 0.0
-        return (sum(self.resid) - drop + r) / min(n + 1, self.short)
+        return _mean_with(self.resid, r, self.short)
 
     def learn_one(self, x: float) -> None:
         r = self._residual(x)
@@ -376,9 +378,7 @@ class PatternSurprise:
         s = self._now(x)
         if s is None:
             return 0.0
-        n = len(self.recent)
-        drop = self.recent[0] if n == self.short else 0.0
-        return (sum(self.recent) - drop + s) / min(n + 1, self.short)
+        return _mean_with(self.recent, s, self.short)
 
     def _learn(self, x: float) -> None:
         for t in self.tiles:
