@@ -476,11 +476,13 @@ class DeviceModel:
         if len(rows) < max(50, width * 10):
             return None
         # Retraining replaces the model with one fitted on the latest rows; rows that were
-        # inside a raised anomaly are dropped so a fault is not learned as normal.
-        X = rows.values()
+        # inside a raised anomaly are dropped so a fault is not learned as normal. Asked
+        # every batch while a long incident holds most rows (its flags first: no copy of
+        # the window then).
         keep = ~rows.flags()
-        if keep.sum() < len(X) // 2:
+        if keep.sum() < len(keep) // 2:
             return None
+        X = rows.values()
         counters = _counter_columns(X)
         X = _rates(X, counters, None)
         model = VirtualSensorResidual(
