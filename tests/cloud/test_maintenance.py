@@ -1002,6 +1002,35 @@ def test_a_fault_that_begins_in_a_restarts_aftermath_is_reported_once_it_is_let_
 
 
 @pytest.mark.slow
+def test_a_fault_on_a_stops_own_metric_before_its_incident_closes_is_reported(
+    tmp_path: Path,
+) -> None:
+    """An unplanned stop of a 48-hour motor (seed 25): its incident (speed, vibration)
+    outlasts the restart and its judgement finds nothing; 4 hours after the restart, an
+    hour before the first hourly judgement, the vibration shifts 6 sigma. The incident,
+    one of its own metrics now out of line, stayed open to the end and the shift was never
+    reported. Judged on the replay while still out of line, it is, within minutes (the
+    speed, which the replay predicts from the vibration, is named a minute before it)."""
+    services, handed_on = _service(Settings(data_dir=str(tmp_path)))
+    try:
+        sink = services.anomalies
+        restart = T0 + 22 * 3600 * S
+        onset = restart + 4 * 3600 * S
+        for batch in _stopped("motor", "vibration_mm_s", 6.0, 25, hours=48.0, fault_h=26.0):
+            sink.process(batch)
+        assert [a for a in handed_on if a.time_ns < restart]  # the stop
+        assert not [a for a in handed_on if restart <= a.time_ns < onset]
+        after = [a for a in handed_on if a.time_ns >= onset]
+        assert "vibration_mm_s" in [a.metric for a in after]
+        assert after[0].time_ns < onset + 1800 * S
+        (vib,) = [a for a in after if a.metric == "vibration_mm_s"]
+        c = vib.contributions[0]
+        assert c.sigma > 0 and c.value > c.expected
+    finally:
+        services.stop()
+
+
+@pytest.mark.slow
 def test_an_incident_a_fault_keeps_open_is_judged_again_and_the_fault_named(
     tmp_path: Path,
 ) -> None:

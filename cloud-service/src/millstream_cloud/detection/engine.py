@@ -380,6 +380,8 @@ class DeviceModel:
         self.rearm_rows = 0
         self.rearm_back: tuple[int, int] | None = None
         self.judged_back = False  # the open incident was judged again, or reported by a judgement
+        # Something was reported in the open incident since a judgement last found nothing.
+        self.judged_out = False
         # Rows until a judged incident still open is judged on a replay (``_rejudge``).
         self.rejudge_rows = REJUDGE_ROWS
 
@@ -695,6 +697,7 @@ class DeviceModel:
                     if found:
                         ended = [q for q in before if q in self.recovering]
                         self.open.add(j)
+                        self.judged_out = True
                         # A spike is reported at the time of the row it is in.
                         if spike:
                             out.append(
@@ -746,7 +749,7 @@ class DeviceModel:
                 if self.open and all(not g.active for g in self.gates):
                     if self.rearm_back is not None:  # nothing left to judge
                         self.rearm_rows, self.rearm_back = 0, None
-                    self.judged_back = False
+                    self.judged_back = self.judged_out = False
                     # The incident is over, but the lagged inputs of the slow model still
                     # remember the faulty values for a couple of lag spans: whatever the
                     # other metrics' residuals do meanwhile is its aftermath, not news ...
@@ -855,13 +858,25 @@ class DeviceModel:
         good, and the shift, inside it, was never reported. When the replay reads every
         metric of the incident in line it is over: the stream is made again of the
         readings (as when metrics are let go, ``_let_go``), and the device is judged as
-        after a window (one incident if a metric is out of line now). None: still open."""
+        after a window (one incident if a metric is out of line now). None: still open.
+
+        Still out of line, it is judged as well, unless something was reported in it since
+        a judgement last found nothing: a fault on one of its own metrics that began before
+        it could close (the motor's vibration, 4 hours after an unplanned stop's restart,
+        an hour before its first hourly judgement) held it open to the end, and the
+        replay, reading the vibration 53 sigma high over the last minutes, was asked only
+        whether it was over."""
         view, zs, rest = self._replay_to(k, raw)
         # In line as its gate would have it: under the off level (the short window's bar,
         # which a report must pass, would let a 6-sigma fault still under way go).
         if any(abs(zs[-1][j]) >= self.s.mv_off for j in self.open):
-            return None
-        judged = self._judge_again(k, t, raw, X, new, [], (view, zs))
+            if self.judged_out:
+                return None
+            judged = self._judge_again(k, t, raw, X, new, [], (view, zs))
+            if not judged:
+                return None
+        else:
+            judged = self._judge_again(k, t, raw, X, new, [], (view, zs))
         self._adopt_replay(view, rest)
         return judged
 
@@ -906,6 +921,7 @@ class DeviceModel:
         short, now = view.short_z_[-1], zs[-1]
         out = [int(q) for q in np.flatnonzero(np.abs(short) >= SHORT_BAR * self.s.mv_on)]
         if not out:
+            self.judged_out = False
             return []
         # Named among the metrics out of line: a name under the bar reads as a fault the
         # sentence's own figure denies ("vibration_mm_s 0.1 sigma above ...").
@@ -916,7 +932,7 @@ class DeviceModel:
         # it fell (a vibration that stopped, then came back 6 sigma high). Reported, the
         # incident is not judged again when one of its metrics comes back in line (a
         # shifted current's gate flapping after a window was reported twice).
-        self.judged_back = True
+        self.judged_back = self.judged_out = True
         return [
             Incident(
                 t,
@@ -1084,6 +1100,7 @@ class DeviceModel:
             "rearm_rows": self.rearm_rows,
             "rearm_back": None if self.rearm_back is None else list(self.rearm_back),
             "judged_back": self.judged_back,
+            "judged_out": self.judged_out,
             "rejudge_rows": self.rejudge_rows,
             **{f"next_{k}": v for k, v in self.next_rows.state_dict("next").items()},
         }
@@ -1126,6 +1143,8 @@ class DeviceModel:
         back = st.get("rearm_back")
         self.rearm_back = None if back is None else (int(back[0]), int(back[1]))
         self.judged_back = bool(st.get("judged_back", False))
+        # Saved before it was kept: a judged incident is taken as reported (not again).
+        self.judged_out = bool(st.get("judged_out", self.judged_back))
         self.rejudge_rows = int(st.get("rejudge_rows", REJUDGE_ROWS))
         # Saved before it was kept: the last row kept is the last row scored.
         prev = st.get(
