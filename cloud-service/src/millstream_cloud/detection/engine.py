@@ -869,14 +869,12 @@ class DeviceModel:
         view, zs, rest = self._replay_to(k, raw)
         # In line as its gate would have it: under the off level (the short window's bar,
         # which a report must pass, would let a 6-sigma fault still under way go).
-        if any(abs(zs[-1][j]) >= self.s.mv_off for j in self.open):
-            if self.judged_out:
-                return None
-            judged = self._judge_again(k, t, raw, X, new, [], (view, zs))
-            if not judged:
-                return None
-        else:
-            judged = self._judge_again(k, t, raw, X, new, [], (view, zs))
+        still_out = any(abs(zs[-1][j]) >= self.s.mv_off for j in self.open)
+        if still_out and self.judged_out:
+            return None
+        judged = self._judge_again(k, t, raw, X, new, [], (view, zs))
+        if still_out and not judged:
+            return None
         self._adopt_replay(view, rest)
         return judged
 
