@@ -1056,6 +1056,70 @@ def test_an_incident_a_fault_keeps_open_is_judged_again_and_the_fault_named(
 
 
 @pytest.mark.slow
+def test_an_incident_the_windows_judgement_found_over_is_closed_before_a_later_fault(
+    tmp_path: Path,
+) -> None:
+    """A window over the pump's stop (seed 2); the stop's incident (flow, pressure)
+    outlasts the restart on the live stream, whose stand-ins still hold the stop, and the
+    judgement after the window, on a replay of the readings, finds nothing. Nothing judged
+    it again, so it stayed open, and a 6-sigma shift of the current 4 hours after the
+    restart, a second incident under the further-incident bar, was never reported. Judged
+    again an hour on, the replay reads the incident over, and the shift is reported as
+    the device's own incident within an hour of its onset, named on the current."""
+    services, handed_on = _service(Settings(data_dir=str(tmp_path)))
+    try:
+        sink = services.anomalies
+        restart = T0 + 22 * 3600 * S
+        sink.maintenance.add("pump-00", "sim", T0 + 20 * 3600 * S, restart, now_ns=T0)
+        for batch in _stopped("pump", "motor_current_a", 6.0, 2, hours=48.0, fault_h=26.0):
+            sink.process(batch)
+        onset = restart + 4 * 3600 * S
+        assert [(a.detector, a.metric) for a in handed_on] == [
+            ("virtual_sensor", "motor_current_a")
+        ]
+        assert onset < handed_on[0].time_ns < onset + 3600 * S
+    finally:
+        services.stop()
+
+
+@pytest.mark.slow
+def test_a_fault_that_holds_a_stops_incident_open_from_the_restart_is_reported(
+    tmp_path: Path,
+) -> None:
+    """An unplanned stop of a 48-hour motor (seed 3) opens its incident on the speed and
+    the current; the vibration comes back 6 sigma high at the restart. The speed's and
+    current's stand-ins, predicted from the vibration among others, moved with it, their
+    gates never went off, and nothing judged the device again: the shift was never
+    reported. Their readings back within what the model learned are the restart, and the
+    device is judged once its aftermath is over: the vibration named, read high. The
+    service restarts as the machine does, so that the readings fell is kept with the
+    device."""
+    settings = Settings(data_dir=str(tmp_path))
+    services, handed_on = _service(settings)
+    restart = T0 + 22 * 3600 * S
+    batches = _stopped("motor", "vibration_mm_s", 6.0, 3, hours=48.0)
+    split = next(i for i, b in enumerate(batches) if b[0].time_ns >= restart)
+    try:
+        for batch in batches[:split]:
+            services.anomalies.process(batch)
+    finally:
+        services.stop()
+    services, handed_after = _service(settings)
+    try:
+        for batch in batches[split:]:
+            services.anomalies.process(batch)
+        handed_on += handed_after
+        assert [a for a in handed_on if a.time_ns < restart]  # the stop
+        after = [a for a in handed_on if a.time_ns >= restart]
+        assert [(a.detector, a.metric) for a in after] == [("virtual_sensor", "vibration_mm_s")]
+        assert after[0].time_ns < restart + 6 * 3600 * S
+        c = after[0].contributions[0]
+        assert c.sigma > 0 and c.value > c.expected
+    finally:
+        services.stop()
+
+
+@pytest.mark.slow
 def test_after_an_unplanned_stop_a_fault_of_a_metric_that_stopped_is_reported(
     tmp_path: Path,
 ) -> None:

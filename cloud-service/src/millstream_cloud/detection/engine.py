@@ -380,6 +380,8 @@ class DeviceModel:
         self.rearm_rows = 0
         self.rearm_back: tuple[int, int] | None = None
         self.judged_back = False  # the open incident was judged again, or reported by a judgement
+        # The open incident's metrics reading below the model's training range (stopped).
+        self.below: set[int] = set()
         # Something was reported in the open incident since a judgement last found nothing.
         self.judged_out = False
         # Rows until a judged incident still open is judged on a replay (``_rejudge``).
@@ -628,6 +630,7 @@ class DeviceModel:
                 ]
                 self.quiet_m = [0] * m
             resynced = False
+            lo, hi = self.model.training_range()
             for k, (t, _) in enumerate(rows):
                 rising, went_off = [], []
                 for j in range(m):
@@ -722,13 +725,20 @@ class DeviceModel:
                             )
                         if several:
                             self._stand_in(raw)
-                if went_off and several and not self.rearm_rows and not self.judged_back:
-                    self._back_in_line(went_off, t)
+                back = went_off + self._in_range_again(X[k], lo, hi) if several else []
+                if back and not self.rearm_rows and not self.judged_back:
+                    self._back_in_line(back, t)
                 if self.rearm_rows:
                     self.rearm_rows -= 1
                     if not self.rearm_rows:
                         again = self._judge_again(k, t, raw, X, out)
                         out.extend(again)
+                        if not again and self.open:
+                            # Judged, and still open: judged again an hour on like any
+                            # judged incident. Left unjudged, a stop's incident the
+                            # replay read over stayed open on the live stream's stand-ins,
+                            # and a fault hours later went unreported under it.
+                            self.judged_back = True
                         for inc in again:
                             if inc.metric not in self.open:
                                 self.open.add(inc.metric)
@@ -803,6 +813,25 @@ class DeviceModel:
             self.rearm_rows = self.aftermath(REARM_SMOOTHS * self.s.mv_smooth_rows)
             self.rearm_back = (back[0], t)
             self.judged_back = True
+
+    # A reading this many training ranges below its range is a stop (speed, flow ~0).
+    STOP_RANGES = 0.5
+
+    def _in_range_again(self, x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[int]:
+        """The open incident's metrics whose reading ``x`` is back up within the model's
+        training range after falling below it: a restart, even while their gates stay on.
+        A vibration shifted from an unplanned stop's restart moved the stop's stand-ins for
+        the speed and current with it, their gates never went off, and the device was never
+        judged again (the shift unreported for a day)."""
+        back = [j for j in self.below if j in self.open and x[j] >= lo[j]]
+        # Below by a margin: a slow metric cooling past the edge of its range is no stop.
+        far = lo - self.STOP_RANGES * (hi - lo)
+        self.below = {
+            j
+            for j in self.open
+            if j not in back and hi[j] > lo[j] and (j in self.below or x[j] < far[j])
+        }
+        return back
 
     def _let_go(
         self,
@@ -1099,6 +1128,7 @@ class DeviceModel:
             "rearm_back": None if self.rearm_back is None else list(self.rearm_back),
             "judged_back": self.judged_back,
             "judged_out": self.judged_out,
+            "below": sorted(self.below),
             "rejudge_rows": self.rejudge_rows,
             **{f"next_{k}": v for k, v in self.next_rows.state_dict("next").items()},
         }
@@ -1144,6 +1174,7 @@ class DeviceModel:
         # Saved before it was kept: a judged incident is taken as reported (not again).
         self.judged_out = bool(st.get("judged_out", self.judged_back))
         self.rejudge_rows = int(st.get("rejudge_rows", REJUDGE_ROWS))
+        self.below = {int(j) for j in st.get("below", ())}
         # Saved before it was kept: the last row kept is the last row scored.
         prev = st.get(
             "prev_raw", self.rows.last() if self.model is not None and self.rows else None
