@@ -313,6 +313,30 @@ def _stopped(
     return stopped(kind, metric, shift_sigma, seed, T0, hours, fault_h=fault_h)
 
 
+def _after_a_window(
+    tmp_path: Path,
+    kind: str,
+    metric: str,
+    shift_sigma: float,
+    seed: int,
+    hours: float = 30.0,
+    fault_h: float | None = None,
+) -> tuple[list[Anomaly], int]:
+    """A simulated machine (:func:`_stopped`) through the service, a maintenance window
+    over its stop ending at the restart: what the sink handed on to the alert engine, and
+    how many anomalies it kept as expected."""
+    services, handed_on = _service(Settings(data_dir=str(tmp_path)))
+    try:
+        sink = services.anomalies
+        restart = T0 + 22 * 3600 * S
+        sink.maintenance.add(f"{kind}-00", "sim", T0 + 20 * 3600 * S, restart, now_ns=T0)
+        for batch in _stopped(kind, metric, shift_sigma, seed, hours, fault_h):
+            sink.process(batch)
+        return handed_on, int(sink.maintenance_anomalies._value.get())
+    finally:
+        services.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("shift_sigma", "window"), [(0.0, False), (0.0, True), (6.0, True)])
 def test_a_stop_in_a_window_alerts_nothing_and_a_fault_it_left_is_reported_after(
@@ -847,26 +871,18 @@ def test_after_a_pumps_window_a_healthy_restart_stays_quiet_and_a_fault_is_named
     reported once, named on the current (seed 2: also as a second anomaly on the fluid
     temperature, whose prediction follows the current through the lagged inputs; seed 3:
     not at all, the current being none of the stop's incident's metrics)."""
-    services, handed_on = _service(Settings(data_dir=str(tmp_path)))
-    try:
-        sink = services.anomalies
-        restart = T0 + 22 * 3600 * S
-        sink.maintenance.add("pump-00", "sim", T0 + 20 * 3600 * S, restart, now_ns=T0)
-        for batch in _stopped("pump", "motor_current_a", shift_sigma, seed):
-            sink.process(batch)
-        assert sink.maintenance_anomalies._value.get() >= 1  # the stop, kept as expected
-        found = [(a.detector, a.metric) for a in handed_on]
-        if not shift_sigma:
-            assert found == []
-            return
-        assert found == [("virtual_sensor", "motor_current_a")]
-        a = handed_on[0]
-        assert a.time_ns > restart + 3600 * S
-        assert "out of line when judged again after the maintenance window" in a.explanation
-        c = a.contributions[0]
-        assert c.sigma > 0 and c.value > c.expected  # read high, and quoted so
-    finally:
-        services.stop()
+    handed_on, kept = _after_a_window(tmp_path, "pump", "motor_current_a", shift_sigma, seed)
+    assert kept >= 1  # the stop, kept as expected
+    found = [(a.detector, a.metric) for a in handed_on]
+    if not shift_sigma:
+        assert found == []
+        return
+    assert found == [("virtual_sensor", "motor_current_a")]
+    a = handed_on[0]
+    assert a.time_ns > T0 + 22 * 3600 * S + 3600 * S
+    assert "out of line when judged again after the maintenance window" in a.explanation
+    c = a.contributions[0]
+    assert c.sigma > 0 and c.value > c.expected  # read high, and quoted so
 
 
 @pytest.mark.slow
@@ -888,22 +904,14 @@ def test_after_a_window_the_device_is_judged_on_its_readings_not_on_drifted_stan
     61.09)", the healthy pump "motor_current_a 16.3 sigma below ...". Judged on a replay of
     the model's memory from the readings, both stay quiet, and the pump's 6-sigma current
     shift is still named on the current, read high and quoted so."""
-    services, handed_on = _service(Settings(data_dir=str(tmp_path)))
-    try:
-        sink = services.anomalies
-        restart = T0 + 22 * 3600 * S
-        sink.maintenance.add(f"{kind}-00", "sim", T0 + 20 * 3600 * S, restart, now_ns=T0)
-        for batch in _stopped(kind, metric, shift_sigma, 7, hours=48.0):
-            sink.process(batch)
-        found = [(a.detector, a.metric) for a in handed_on]
-        if not shift_sigma:
-            assert found == []
-            return
-        assert found == [("virtual_sensor", metric)]
-        c = handed_on[0].contributions[0]
-        assert c.sigma > 0 and c.value > c.expected
-    finally:
-        services.stop()
+    handed_on, _ = _after_a_window(tmp_path, kind, metric, shift_sigma, 7, hours=48.0)
+    found = [(a.detector, a.metric) for a in handed_on]
+    if not shift_sigma:
+        assert found == []
+        return
+    assert found == [("virtual_sensor", metric)]
+    c = handed_on[0].contributions[0]
+    assert c.sigma > 0 and c.value > c.expected
 
 
 @pytest.mark.slow
@@ -916,17 +924,9 @@ def test_a_model_retrained_after_a_healthy_restart_keeps_the_stop_out_of_its_ave
     training rows) held that average down, and the healthy bearing temperature was
     reported "11.3 sigma above what the other metrics predict (49.3, expected 46.75)".
     With nothing distrusted, its averages end where its training rows do."""
-    services, handed_on = _service(Settings(data_dir=str(tmp_path)))
-    try:
-        sink = services.anomalies
-        restart = T0 + 22 * 3600 * S
-        sink.maintenance.add("motor-00", "sim", T0 + 20 * 3600 * S, restart, now_ns=T0)
-        for batch in _stopped("motor", "vibration_mm_s", 0.0, 19, hours=48.0):
-            sink.process(batch)
-        assert sink.maintenance_anomalies._value.get() >= 2  # the stop, kept as expected
-        assert [(a.metric, a.explanation) for a in handed_on] == []
-    finally:
-        services.stop()
+    handed_on, kept = _after_a_window(tmp_path, "motor", "vibration_mm_s", 0.0, 19, hours=48.0)
+    assert kept >= 2  # the stop, kept as expected
+    assert [(a.metric, a.explanation) for a in handed_on] == []
 
 
 @pytest.mark.slow
@@ -986,21 +986,13 @@ def test_a_fault_that_begins_in_a_restarts_aftermath_is_reported_once_it_is_let_
     them: named on the faulty metric, once. (The pump's seed 0, used here before, is now
     found minutes after onset: its stale incident is closed by the hourly judgement
     first.)"""
-    services, handed_on = _service(Settings(data_dir=str(tmp_path)))
-    try:
-        sink = services.anomalies
-        restart = T0 + 22 * 3600 * S
-        sink.maintenance.add(f"{kind}-00", "sim", T0 + 20 * 3600 * S, restart, now_ns=T0)
-        for batch in _stopped(kind, metric, 6.0, seed, hours=48.0, fault_h=26.0):
-            sink.process(batch)
-        assert [(a.detector, a.metric) for a in handed_on] == [("virtual_sensor", metric)]
-        (a,) = handed_on
-        assert a.time_ns > restart + 4 * 3600 * S
-        assert "a new incident shortly after" in a.explanation
-        c = a.contributions[0]
-        assert c.value > c.expected
-    finally:
-        services.stop()
+    handed_on, _ = _after_a_window(tmp_path, kind, metric, 6.0, seed, 48.0, fault_h=26.0)
+    assert [(a.detector, a.metric) for a in handed_on] == [("virtual_sensor", metric)]
+    (a,) = handed_on
+    assert a.time_ns > T0 + 26 * 3600 * S
+    assert "a new incident shortly after" in a.explanation
+    c = a.contributions[0]
+    assert c.value > c.expected
 
 
 @pytest.mark.slow
@@ -1049,18 +1041,10 @@ def test_an_incident_a_fault_keeps_open_is_judged_again_and_the_fault_named(
     shift, a second incident under the further-incident bar, was never reported. Judged
     again an hour on, on a replay of the readings, the stale incident is over, and the
     shift is found within an hour of its onset, named on its metric, once."""
-    services, handed_on = _service(Settings(data_dir=str(tmp_path)))
-    try:
-        sink = services.anomalies
-        restart = T0 + 22 * 3600 * S
-        sink.maintenance.add(f"{kind}-00", "sim", T0 + 20 * 3600 * S, restart, now_ns=T0)
-        for batch in _stopped(kind, metric, 6.0, seed, hours=48.0, fault_h=26.0):
-            sink.process(batch)
-        assert [(a.detector, a.metric) for a in handed_on] == [("virtual_sensor", metric)]
-        onset = restart + 4 * 3600 * S
-        assert onset < handed_on[0].time_ns < onset + 3600 * S
-    finally:
-        services.stop()
+    handed_on, _ = _after_a_window(tmp_path, kind, metric, 6.0, seed, 48.0, fault_h=26.0)
+    assert [(a.detector, a.metric) for a in handed_on] == [("virtual_sensor", metric)]
+    onset = T0 + 26 * 3600 * S
+    assert onset < handed_on[0].time_ns < onset + 3600 * S
 
 
 @pytest.mark.slow

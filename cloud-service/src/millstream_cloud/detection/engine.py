@@ -631,6 +631,8 @@ class DeviceModel:
                 self.quiet_m = [0] * m
             resynced = False
             lo, hi = self.model.training_range()
+            # Below this a reading is a stop; none for a metric that never moved in training.
+            far = np.where(hi > lo, lo - self.STOP_RANGES * (hi - lo), -np.inf)
             for k, (t, _) in enumerate(rows):
                 rising, went_off = [], []
                 for j in range(m):
@@ -725,7 +727,7 @@ class DeviceModel:
                             )
                         if several:
                             self._stand_in(raw)
-                back = went_off + self._in_range_again(X[k], lo, hi) if several else []
+                back = went_off + self._in_range_again(X[k], lo, far) if several else []
                 if back and not self.rearm_rows and not self.judged_back:
                     self._back_in_line(back, t)
                 if self.rearm_rows:
@@ -817,20 +819,18 @@ class DeviceModel:
     # A reading this many training ranges below its range is a stop (speed, flow ~0).
     STOP_RANGES = 0.5
 
-    def _in_range_again(self, x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[int]:
+    def _in_range_again(self, x: np.ndarray, lo: np.ndarray, far: np.ndarray) -> list[int]:
         """The open incident's metrics whose reading ``x`` is back up within the model's
         training range after falling below it: a restart, even while their gates stay on.
         A vibration shifted from an unplanned stop's restart moved the stop's stand-ins for
         the speed and current with it, their gates never went off, and the device was never
         judged again (the shift unreported for a day)."""
+        if not self.open and not self.below:
+            return []
         back = [j for j in self.below if j in self.open and x[j] >= lo[j]]
-        # Below by a margin: a slow metric cooling past the edge of its range is no stop.
-        far = lo - self.STOP_RANGES * (hi - lo)
-        self.below = {
-            j
-            for j in self.open
-            if j not in back and hi[j] > lo[j] and (j in self.below or x[j] < far[j])
-        }
+        # Below ``far``, a margin under the range: a slow metric cooling past the edge of
+        # its range is no stop.
+        self.below = {j for j in self.open if j not in back and (j in self.below or x[j] < far[j])}
         return back
 
     def _let_go(
