@@ -776,6 +776,22 @@ def test_likelihood_and_hysteresis() -> None:
         Hysteresis(on=1.0, off=2.0)
 
 
+def test_a_held_gate_is_on_without_an_edge_and_goes_off_as_any_other() -> None:
+    # Switched on by a judgement made elsewhere (the device model's replay), not by a
+    # score: no rising edge, and it goes off below ``off`` after ``min_on`` updates.
+    gate = Hysteresis(on=1.0, off=0.5, min_on=2)
+    gate.hold()
+    assert gate.active
+    assert [gate.update(v) for v in (0.2, 0.2, 0.2)] == [
+        (True, False),
+        (False, False),
+        (False, False),
+    ]
+    gate.update(1.5)
+    gate.hold()  # already on: kept as it was
+    assert gate.state_dict()["held"] == 0 and gate.active
+
+
 def test_long_windows_follow_the_listed_components() -> None:
     assert StreamingEnsemble(long=32).components[-2:] == ("level_long", "volatility_long")
     det = StreamingEnsemble(long=32, components=("value", "level"))

@@ -670,6 +670,11 @@ class Hysteresis:
             self.active = False
         return self.active, False
 
+    def hold(self) -> None:
+        """Switch on without a rising edge: something else judged the signal raised."""
+        if not self.active:
+            self.active, self._held = True, 0
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "on": self.on,

@@ -296,6 +296,9 @@ REARM_SMOOTHS = 2
 # Rows (an hour of 10-s rows) between judgements of an incident still open after it was
 # judged again (``DeviceModel._rejudge``).
 REJUDGE_ROWS = 360
+# A retrain held back by an incident's rows in its memory runs anyway this many retrain
+# intervals after the last (``DeviceModel._may_fit``): a device with frequent incidents.
+RETRAIN_OVERDUE = 3
 
 
 class Incident(NamedTuple):
@@ -379,7 +382,9 @@ class DeviceModel:
         # back in line (``rearm_back``: that metric and when); 0: none pending.
         self.rearm_rows = 0
         self.rearm_back: tuple[int, int] | None = None
-        self.judged_back = False  # the open incident was judged again, or reported by a judgement
+        # The open incident (or the one whose quiet period this is) was judged again, or
+        # reported by a judgement.
+        self.judged_back = False
         # The open incident's metrics reading below the model's training range (stopped).
         self.below: set[int] = set()
         # Something was reported in the open incident since a judgement last found nothing.
@@ -652,9 +657,15 @@ class DeviceModel:
                 released = self._recover()
                 before = self.known()
                 if released and not before and several:
+                    self.judged_back = self.judged_out = False
                     again = self._let_go(k, t, raw, X, out, letting_go)
                     out.extend(again)
                     self.open.update(inc.metric for inc in again)
+                    for inc in again:
+                        # Found on the replay: on until the live stream reads it in line
+                        # (its gate, scored before the replay, was off, and the incident
+                        # closed at once, to be reported again after its aftermath).
+                        self.gates[inc.metric].hold()
                     if again:
                         self._stand_in(raw)
                     before = self.known()
@@ -742,6 +753,7 @@ class DeviceModel:
                             # and a fault hours later went unreported under it.
                             self.judged_back = True
                         for inc in again:
+                            self.gates[inc.metric].hold()
                             if inc.metric not in self.open:
                                 self.open.add(inc.metric)
                                 if several:
@@ -753,15 +765,35 @@ class DeviceModel:
                         self.rejudge_rows = REJUDGE_ROWS
                         over = self._rejudge(k, t, raw, X, out)
                         if over is not None:
-                            out.extend(over)
-                            self.open = {inc.metric for inc in over}
-                            if over:
-                                self._stand_in(raw)
+                            self._take_over(over, raw, out)
+                            resynced = True
+                elif several and self.recovering and self.judged_back and not resynced:
+                    # The quiet period after a judged incident (a stop's) is judged hourly
+                    # on a replay too: a stop's own metric shifted after its incident
+                    # closed (a motor's vibration, 4 hours after an unplanned stop's
+                    # restart) was found only when it ended, 2 hours on.
+                    self.rejudge_rows -= 1
+                    if self.rejudge_rows <= 0:
+                        self.rejudge_rows = REJUDGE_ROWS
+                        view, zs, rest = self._replay_to(k, raw)
+                        news = self._judge_again(k, t, raw, X, out, [], (view, zs))
+                        if news:
+                            # The replay read the quiet metrics' aftermath over: let go,
+                            # and the stream made again of the readings.
+                            for j in self.recovering:
+                                self.quiet_m[j] = 0
+                            self.recovering.clear()
+                            self._adopt_replay(view, rest)
+                            self._take_over(news, raw, out)
                             resynced = True
                 if self.open and all(not g.active for g in self.gates):
-                    if self.rearm_back is not None:  # nothing left to judge
-                        self.rearm_rows, self.rearm_back = 0, None
-                    self.judged_back = self.judged_out = False
+                    # A judgement pending since a restart stays: its aftermath is not over,
+                    # and a fault that begins in it (a vibration 4 hours after an unplanned
+                    # stop's restart, as the stop's incident closed) is found by that
+                    # judgement, not when the metrics are let go hours later. A judged
+                    # incident stays judged through its quiet period (judged hourly, above).
+                    if not several:
+                        self.judged_back = self.judged_out = False
                     # The incident is over, but the lagged inputs of the slow model still
                     # remember the faulty values for a couple of lag spans: whatever the
                     # other metrics' residuals do meanwhile is its aftermath, not news ...
@@ -792,9 +824,27 @@ class DeviceModel:
             if len(self.next_rows) >= self.s.mv_train_rows:
                 self._take_joining()
         need = self.s.mv_retrain_rows if self.model is not None else self.s.mv_train_rows
-        if self.since_fit >= need and len(self.rows) >= self.s.mv_train_rows:
+        if self.since_fit >= need and len(self.rows) >= self.s.mv_train_rows and self._may_fit():
             self._fit()
         return out
+
+    def _may_fit(self) -> bool:
+        """Whether a retrain that is due may run now. Not while an incident is open: its
+        rows are left out of training, so a retrain learns nothing new, and the stream
+        state it is brought to (``_resume``, run over the latest rows with the incident's
+        metrics stood in for) read a pump's current, shifted from a restart and reported,
+        back in line: the incident closed with the fault under way, and its rows were
+        trained on. Nor while the new model's memory still holds an incident's rows (its
+        aftermath), unless the retrain is long overdue (RETRAIN_OVERDUE intervals): its
+        averages would end before the incident, and retrained as a stop's incident ended,
+        a healthy pump's flow read out of line against a fluid temperature still cooler
+        than before the stop."""
+        if self.model is None:
+            return True
+        if self.open:
+            return False
+        recent = bool(self.rows.flags()[-self.model.memory_rows() :].any())
+        return not recent or self.since_fit >= RETRAIN_OVERDUE * self.s.mv_retrain_rows
 
     def aftermath(self, floor: int) -> int:
         """Rows after an incident (or a stop) during which the slow model's lagged inputs
@@ -906,6 +956,17 @@ class DeviceModel:
             return None
         self._adopt_replay(view, rest)
         return judged
+
+    def _take_over(self, found: list[Incident], raw: np.ndarray, out: list[Incident]) -> None:
+        """The stream made again of the readings (a replay adopted): what the replay
+        found, if anything, is the device's open incident now, its gates on until the live
+        stream reads it in line."""
+        out.extend(found)
+        self.open = {inc.metric for inc in found}
+        for inc in found:
+            self.gates[inc.metric].hold()
+        if found:
+            self._stand_in(raw)
 
     def _judge_again(
         self,
