@@ -658,16 +658,7 @@ class DeviceModel:
                 before = self.known()
                 if released and not before and several:
                     self.judged_back = self.judged_out = False
-                    again = self._let_go(k, t, raw, X, out, letting_go)
-                    out.extend(again)
-                    self.open.update(inc.metric for inc in again)
-                    for inc in again:
-                        # Found on the replay: on until the live stream reads it in line
-                        # (its gate, scored before the replay, was off, and the incident
-                        # closed at once, to be reported again after its aftermath).
-                        self.gates[inc.metric].hold()
-                    if again:
-                        self._stand_in(raw)
+                    self._open_found(self._let_go(k, t, raw, X, out, letting_go), raw, out)
                     before = self.known()
                     resynced = True
                 if resynced:
@@ -745,19 +736,13 @@ class DeviceModel:
                     self.rearm_rows -= 1
                     if not self.rearm_rows:
                         again = self._judge_again(k, t, raw, X, out)
-                        out.extend(again)
                         if not again and self.open:
                             # Judged, and still open: judged again an hour on like any
                             # judged incident. Left unjudged, a stop's incident the
                             # replay read over stayed open on the live stream's stand-ins,
                             # and a fault hours later went unreported under it.
                             self.judged_back = True
-                        for inc in again:
-                            self.gates[inc.metric].hold()
-                            if inc.metric not in self.open:
-                                self.open.add(inc.metric)
-                                if several:
-                                    self._stand_in(raw)
+                        self._open_found(again, raw, out)
                         self.rejudge_rows = REJUDGE_ROWS
                 elif several and self.open and self.judged_back and not resynced:
                     self.rejudge_rows -= 1
@@ -765,7 +750,8 @@ class DeviceModel:
                         self.rejudge_rows = REJUDGE_ROWS
                         over = self._rejudge(k, t, raw, X, out)
                         if over is not None:
-                            self._take_over(over, raw, out)
+                            self.open.clear()
+                            self._open_found(over, raw, out)
                             resynced = True
                 elif several and self.recovering and self.judged_back and not resynced:
                     # The quiet period after a judged incident (a stop's) is judged hourly
@@ -784,7 +770,7 @@ class DeviceModel:
                                 self.quiet_m[j] = 0
                             self.recovering.clear()
                             self._adopt_replay(view, rest)
-                            self._take_over(news, raw, out)
+                            self._open_found(news, raw, out)
                             resynced = True
                 if self.open and all(not g.active for g in self.gates):
                     # A judgement pending since a restart stays: its aftermath is not over,
@@ -957,15 +943,17 @@ class DeviceModel:
         self._adopt_replay(view, rest)
         return judged
 
-    def _take_over(self, found: list[Incident], raw: np.ndarray, out: list[Incident]) -> None:
-        """The stream made again of the readings (a replay adopted): what the replay
-        found, if anything, is the device's open incident now, its gates on until the live
-        stream reads it in line."""
+    def _open_found(self, found: list[Incident], raw: np.ndarray, out: list[Incident]) -> None:
+        """Report what a judgement on a replay found and open it: its gates held on until
+        the live stream reads it in line (scored before the replay, a gate that was off
+        closed the incident at once, and the fault was found again after its quiet
+        period), and the stand-ins taken for a metric newly distrusted."""
         out.extend(found)
-        self.open = {inc.metric for inc in found}
+        new = {inc.metric for inc in found} - self.open
+        self.open |= new
         for inc in found:
             self.gates[inc.metric].hold()
-        if found:
+        if new and self.s.mv_max_incidents > 1:
             self._stand_in(raw)
 
     def _judge_again(
