@@ -7,7 +7,9 @@ reading up to 400 ms after its sample's time (metrics read one after another) an
 ``_jitter<ms>`` to the file name. ``--step-s 1 --hours 20 --devices 6`` runs fleets read
 every second (the agent's default; shorter and smaller, about 1.5 minutes a seed) and adds
 ``_step1`` to the name; ``--engine '{"mv_resolution_s": 0}'`` overrides engine settings
-(added to the name as ``_engine``).
+(added to the name as ``_engine``). ``--curves`` runs machines whose metrics follow powers
+of the load (a pump's pressure and power by the affinity laws: ``sim.CURVES``), the same
+random draws otherwise, and adds ``_curves``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ if __name__ == "__main__":
     ap.add_argument("--hours", type=float, default=36.0)
     ap.add_argument("--devices", type=int, default=12)
     ap.add_argument("--engine", type=json.loads, default={}, help="engine settings (JSON)")
+    ap.add_argument("--curves", action="store_true", help="metrics follow powers of the load")
     args = ap.parse_args()
     SEEDS = args.seeds
     settings = runners.load_frozen()
@@ -49,7 +52,13 @@ if __name__ == "__main__":
     tp_anoms = n_anoms = 0
     delays: list[float] = []
     for seed in SEEDS:
-        cfg = SimConfig(seed=seed, step_s=args.step_s, hours=args.hours, devices=args.devices)
+        cfg = SimConfig(
+            seed=seed,
+            step_s=args.step_s,
+            hours=args.hours,
+            devices=args.devices,
+            curves=args.curves,
+        )
         r = runners.run_sim(settings, config=cfg, jitter_ms=args.jitter_ms)
         per_seed[str(seed)] = r
         n_faults += len(r["faults"])
@@ -68,6 +77,7 @@ if __name__ == "__main__":
         "hours": args.hours,
         "devices": args.devices,
         "engine": args.engine,
+        "curves": args.curves,
         "recall": round(tp_faults / n_faults, 4),
         "precision": round(tp_anoms / n_anoms, 4) if n_anoms else 1.0,
         "median_delay_s": round(median(delays), 1) if delays else None,
@@ -84,6 +94,8 @@ if __name__ == "__main__":
         name += f"_step{args.step_s:g}"
     if args.engine:
         name += "_engine"
+    if args.curves:
+        name += "_curves"
     path = ROOT / "bench" / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -66,6 +66,15 @@ FAULT_METRIC: dict[str, dict[str, str]] = {
         "overheating": "fluid_temp_c",
     },
 }
+# ``SimConfig.curves``: metrics that follow a power of the load instead of the load, as a
+# pump's pressure (speed squared) and shaft power (speed cubed) do by the affinity laws, a
+# fan's vibration with speed squared, a bearing's heat with the current's square. Scaled to
+# the linear value at the mean load (0.55), so only the shape changes.
+CURVES: dict[str, dict[str, int]] = {
+    "motor": {"vibration_mm_s": 2, "bearing_temp_c": 2},
+    "pump": {"pressure_bar": 2, "motor_current_a": 3, "fluid_temp_c": 3},
+}
+MEAN_LOAD = 0.55
 FAULT_DURATION_S = {
     "drift": 7200.0,
     "stuck": 3600.0,
@@ -94,6 +103,7 @@ class SimConfig:
     faults: tuple[str, ...] = FAULT_KINDS * 2
     site: str = "sim"
     start_ns: int = 1_700_000_000 * NS
+    curves: bool = False  # metrics follow ``CURVES``' powers of the load (same random draws)
 
 
 @dataclass(slots=True)
@@ -152,7 +162,13 @@ def simulate(config: SimConfig | None = None) -> Fleet:
         load = _lag(np.clip(load + steps, 0.1, 1.0), cfg.step_s, 60.0)
         thermal = _lag(load, cfg.step_s, 1200.0)
         for metric, (off, gain, sigma, slow) in KINDS[kind].items():
-            base = off + gain * (thermal if slow else load)
+            power = CURVES[kind].get(metric, 1) if cfg.curves else 1
+            if power == 1:
+                shape = thermal if slow else load
+            else:
+                curve = load**power / MEAN_LOAD ** (power - 1)
+                shape = _lag(curve, cfg.step_s, 1200.0) if slow else curve
+            base = off + gain * shape
             fleet.series[(dev, metric)] = base + rng.normal(0.0, sigma, n)
         if d < len(cfg.faults):
             dur = FAULT_DURATION_S.get(cfg.faults[d], 0.0)
