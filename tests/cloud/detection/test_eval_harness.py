@@ -236,6 +236,35 @@ def test_sim_cli_takes_the_reading_interval_and_fleet_size(
     assert rc == 2 and "--step-s: from 0.1" in err
 
 
+def test_the_simulators_curves_bend_the_metrics_and_keep_the_draws(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--curves``: a pump's pressure follows the square of its load, its current the
+    cube (the affinity laws); the random draws are the linear fleet's, so the two are
+    compared fault for fault."""
+    from millstream_cloud.detection.eval import sim
+
+    cfg = {"seed": 5, "devices": 2, "hours": 24.0, "faults": ("level_shift",)}
+    line, curve = (sim.simulate(sim.SimConfig(**cfg, curves=c)) for c in (False, True))
+    assert line.faults == curve.faults
+    flow = line.series[("pump-01", "flow_l_min")]
+    assert np.array_equal(flow, curve.series[("pump-01", "flow_l_min")])
+
+    def misfit(y: np.ndarray, degree: int) -> float:  # residual spread against the flow
+        return float(np.std(y - np.polyval(np.polyfit(flow, y, degree), flow)))
+
+    for metric in ("pressure_bar", "motor_current_a"):
+        bent, straight = curve.series[("pump-01", metric)], line.series[("pump-01", metric)]
+        # the flow's own noise aside, a line fits the linear pump; a cubic, the curved one
+        assert misfit(bent, 1) > 3 * misfit(straight, 1)
+        assert misfit(bent, 1) > 2 * misfit(bent, 3)
+    out = tmp_path / "sim.json"
+    rc, _ = _eval(
+        ["sim", "--devices", "1", "--hours", "17", "--curves", "--json", str(out)], capsys
+    )
+    assert rc == 0 and json.loads(out.read_text())["curves"] is True
+
+
 def _one_window(pred_rows: list[int], cp_row: int = 100, n: int = 200) -> skab.ChangepointScore:
     """One run of ``n`` rows a second, a true changepoint at ``cp_row``, predictions on at
     ``pred_rows``."""

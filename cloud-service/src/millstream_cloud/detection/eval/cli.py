@@ -120,7 +120,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from .sim import FAULT_DURATION_S, SimConfig
 
     settings = runners.load_frozen(args.settings)
-    cfg = SimConfig(seed=args.seed, devices=args.devices, hours=args.hours, step_s=args.step_s)
+    cfg = SimConfig(
+        seed=args.seed,
+        devices=args.devices,
+        hours=args.hours,
+        step_s=args.step_s,
+        curves=args.curves,
+    )
     # Faults start after the model's learning time and must end, with an hour to spare.
     least_h = cfg.fault_after_h + (max(FAULT_DURATION_S.values()) + 3600) / 3600
     if args.hours < least_h:
@@ -131,10 +137,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
     if not 0.1 <= args.step_s <= 3600 or args.devices < 1:
         raise EvalInputError("--step-s: from 0.1 to 3600 seconds; --devices: at least 1")
     out = runners.run_sim(settings, seed=args.seed, config=cfg)
-    out.update(step_s=cfg.step_s, hours=cfg.hours, devices=cfg.devices)
+    out.update(step_s=cfg.step_s, hours=cfg.hours, devices=cfg.devices, curves=cfg.curves)
+    shape = ", metrics on curves of the load" if cfg.curves else ""
     print(
         f"simulator (seed {out['seed']}, {cfg.devices} devices read every {cfg.step_s:g} s "
-        f"for {cfg.hours:g} h): {out['readings']} readings, "
+        f"for {cfg.hours:g} h{shape}): {out['readings']} readings, "
         f"{len(out['faults'])} faults, {out['anomalies']} anomalies, {out['seconds']} s"
     )
     print(
@@ -222,6 +229,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--hours", type=float, default=36.0, help="hours simulated (at least 17)")
     sim.add_argument(
         "--devices", type=int, default=12, help="devices (the first 10 get a fault each)"
+    )
+    sim.add_argument(
+        "--curves",
+        action="store_true",
+        help="metrics follow powers of the load (a pump's pressure and power by the "
+        "affinity laws) instead of straight lines",
     )
     common(sim)
     sim.set_defaults(func=_reporting("sim", cmd_sim))
