@@ -634,6 +634,72 @@ def test_virtual_sensor_on_a_wide_device_picks_related_metrics_from_its_first_da
     assert model.attribute(zs[-1]) == 41
 
 
+def _pump(curves: bool, hours: float = 40.0, seed: int = 3) -> np.ndarray:
+    """The simulator's healthy pump (flow, pressure, current, fluid temperature) at 10 s:
+    on straight lines of its load, or by the affinity laws (``curves``)."""
+    fleet = simulate(SimConfig(seed=seed, devices=2, hours=hours, faults=(), curves=curves))
+    return np.column_stack([v for (dev, _), v in fleet.series.items() if dev == "pump-01"])
+
+
+def _square_columns(model: VirtualSensorResidual) -> list[list[int]]:
+    m = len(model.lags_)
+    return [[c - 2 * m for c in idx if 2 * m <= c < 3 * m] for idx in model.slow_idx_]
+
+
+def test_virtual_sensor_follows_a_pump_on_its_curves_and_finds_a_small_shift_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from millstream_cloud.detection import multivariate
+
+    # Pumps by the affinity laws: pressure with the square of the flow, current with the
+    # cube. Trained on 30 hours, scored on the next 10, a 2-sigma shift of the pressure
+    # (0.1 bar) from the 5th. Straight lines spread their residuals with the curve they
+    # miss: the shift was 4-13 sigma and named on the flow in each of five pumps.
+    on, gains = EngineSettings().mv_on, (("squares", multivariate.SQUARE_GAIN), ("lines", np.inf))
+    for seed in range(3, 8):
+        X = _pump(curves=True, seed=seed)
+        train, test = X[:10800], X[10800:].copy()
+        test[1800:, 1] += 0.1
+        found = {}
+        for name, gain in gains:
+            monkeypatch.setattr(multivariate, "SQUARE_GAIN", gain)
+            model = VirtualSensorResidual(spans=(30, 120), smooth=180).fit(train)
+            assert any(_square_columns(model)) == (name == "squares")
+            _, zs_ok = copy.deepcopy(model).residuals(X[10800:])
+            _, zs = model.residuals(test)
+            found[name] = (float(np.abs(zs_ok).max()), float(zs[-1, 1]), model.attribute(zs[-1]))
+        healthy, shift, named = found["squares"]
+        assert healthy < on < shift and named == 1, (seed, found)
+        assert shift > 1.5 * found["lines"][1], (seed, found)
+
+
+def test_virtual_sensor_keeps_straight_lines_for_a_straight_line_machine() -> None:
+    # The same pump on straight lines: no square earns its place, a day's rows or not.
+    X = _pump(curves=False, hours=72)
+    for rows in (4320, 10800, 25920):
+        model = VirtualSensorResidual(spans=(30, 120), smooth=180).fit(X[:rows])
+        assert not any(_square_columns(model))
+    # Half a day of rows is too few to tell a curve from a line: none, even on a curve.
+    half_day = VirtualSensorResidual(spans=(30, 120), smooth=180).fit(_pump(True)[:4320])
+    assert not any(_square_columns(half_day))
+
+
+def test_a_virtual_sensor_saved_before_the_squares_loads_and_scores_the_same() -> None:
+    X = _pump(curves=False, hours=30)
+    model = VirtualSensorResidual(spans=(30, 120), smooth=180).fit(X[:8000])
+    state = json.loads(json.dumps(model.state_dict()))
+    m = len(model.lags_)
+    # As saved before: coefficients on [S, lagged S, 1], the intercept's column 2m.
+    state["slow_coef"] = [row[: 2 * m] + row[-1:] for row in state["slow_coef"]]
+    state["slow_idx"] = [[2 * m if c == 3 * m else c for c in idx] for idx in state["slow_idx"]]
+    old = VirtualSensorResidual()
+    old.load_state(state)
+    assert np.array_equal(old.slow_coef_, model.slow_coef_)
+    assert old.slow_idx_ == model.slow_idx_
+    for a, b in zip(old.residuals(X[8000:]), model.residuals(X[8000:]), strict=True):
+        assert np.array_equal(a, b)
+
+
 def test_isolation_forest_scores_higher_for_outliers() -> None:
     X = np.random.default_rng(0).normal(size=(300, 3))
     det = IsolationForestDetector(n_estimators=50).fit(X)
