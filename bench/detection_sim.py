@@ -22,7 +22,7 @@ from pathlib import Path
 from statistics import median
 
 from millstream_cloud.detection.eval import runners
-from millstream_cloud.detection.eval.sim import SimConfig
+from millstream_cloud.detection.eval.sim import SimConfig, least_hours
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
@@ -47,6 +47,11 @@ if __name__ == "__main__":
     ap.add_argument("--curves", action="store_true", help="metrics follow powers of the load")
     ap.add_argument("--fault-after", type=float, default=14.0, help="earliest fault onset (h)")
     args = ap.parse_args()
+    if args.hours < least_hours(args.fault_after):
+        ap.error(
+            f"--hours {args.hours:g}: at least {least_hours(args.fault_after):g} with faults "
+            f"from hour {args.fault_after:g} (they last up to 2 h, with an hour to spare)"
+        )
     SEEDS = args.seeds
     settings = runners.load_frozen()
     settings["engine"] = {**settings.get("engine", {}), **args.engine}

@@ -341,9 +341,7 @@ class VirtualSensorResidual:
     @staticmethod
     def _slow_design(S: np.ndarray, L: np.ndarray | None, items: list[int]) -> np.ndarray:
         """The columns of regressor ``items`` (``_columns``), without the intercept."""
-        m = S.shape[1]
-        lin = [k for k in items if k < m]
-        sq = [k - m for k in items if k >= m]
+        lin, sq = _split(items, S.shape[1])
         parts = [S[:, lin]] + ([] if L is None else [L[:, lin]]) + [S[:, sq] ** 2]
         return np.hstack(parts)
 
@@ -1058,9 +1056,14 @@ def _replace_tail(kept: np.ndarray, new: np.ndarray, cols: list[int]) -> None:
 def _columns(items: list[int], m: int, span: int) -> list[int]:
     """The columns of :func:`_design` that regressor ``items`` use: item k < m is metric
     k's smoothed value (and its lagged copy, with a lag), item m + k its square."""
-    lin = [k for k in items if k < m]
+    lin, sq = _split(items, m)
     lag = [m + k for k in lin] if span else []
-    return [*lin, *lag, *(m + k for k in items if k >= m)]
+    return [*lin, *lag, *(2 * m + k for k in sq)]
+
+
+def _split(items: list[int], m: int) -> tuple[list[int], list[int]]:
+    """Regressor ``items`` as the metrics whose values and whose squares they use."""
+    return [k for k in items if k < m], [k - m for k in items if k >= m]
 
 
 def _design(S: np.ndarray, L: np.ndarray | None) -> np.ndarray:

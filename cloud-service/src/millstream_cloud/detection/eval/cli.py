@@ -117,7 +117,7 @@ def _changepoint_row(name: str, row: tuple[float, float, float, int, int]) -> No
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from .sim import FAULT_DURATION_S, SimConfig
+    from .sim import SimConfig, least_hours
 
     settings = runners.load_frozen(args.settings)
     cfg = SimConfig(
@@ -128,7 +128,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         curves=args.curves,
     )
     # Faults start after the model's learning time and must end, with an hour to spare.
-    least_h = cfg.fault_after_h + (max(FAULT_DURATION_S.values()) + 3600) / 3600
+    least_h = least_hours(cfg.fault_after_h)
     if args.hours < least_h:
         raise EvalInputError(
             f"--hours {args.hours:g}: at least {least_h:g} (faults start after "

@@ -69,7 +69,7 @@ FAULT_METRIC: dict[str, dict[str, str]] = {
 # ``SimConfig.curves``: metrics that follow a power of the load instead of the load, as a
 # pump's pressure (speed squared) and shaft power (speed cubed) do by the affinity laws, a
 # fan's vibration with speed squared, a bearing's heat with the current's square. Scaled to
-# the linear value at the mean load (0.55), so only the shape changes.
+# the linear value at the mean load, so only the shape changes.
 CURVES: dict[str, dict[str, int]] = {
     "motor": {"vibration_mm_s": 2, "bearing_temp_c": 2},
     "pump": {"pressure_bar": 2, "motor_current_a": 3, "fluid_temp_c": 3},
@@ -82,6 +82,12 @@ FAULT_DURATION_S = {
     "spikes": 600.0,
     "overheating": 3600.0,
 }
+
+
+def least_hours(fault_after_h: float) -> float:
+    """The shortest run whose faults, starting after ``fault_after_h`` hours of normal
+    running, can all end with an hour to spare."""
+    return fault_after_h + (max(FAULT_DURATION_S.values()) + 3600) / 3600
 
 
 @dataclass(slots=True, frozen=True)
@@ -151,7 +157,7 @@ def simulate(config: SimConfig | None = None) -> Fleet:
         dev = f"{kind}-{d:02d}"
         fleet.kinds[dev] = kind
         phase = rng.uniform(0, 2 * np.pi)
-        load = 0.55 + 0.2 * np.sin(2 * np.pi * t_s / DAY_S + phase)
+        load = MEAN_LOAD + 0.2 * np.sin(2 * np.pi * t_s / DAY_S + phase)
         # Operator load changes: a new set point every 1-3 hours.
         steps = np.zeros(n)
         k = 0
@@ -237,7 +243,7 @@ def stopped(
     step, n = 10.0, int(hours * 3600 / 10)
     rng = np.random.default_rng(seed)
     t_s = np.arange(n) * step
-    load = 0.55 + 0.2 * np.sin(2 * np.pi * t_s / DAY_S + rng.uniform(0, 2 * np.pi))
+    load = MEAN_LOAD + 0.2 * np.sin(2 * np.pi * t_s / DAY_S + rng.uniform(0, 2 * np.pi))
     stop0, stop1 = int(stop_h * 3600 / step), int(restart_h * 3600 / step)
     load[stop0:stop1] = 0.0
     load = _lag(load, step, 60.0)
