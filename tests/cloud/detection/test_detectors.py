@@ -700,6 +700,82 @@ def test_a_virtual_sensor_saved_before_the_squares_loads_and_scores_the_same() -
         assert np.array_equal(a, b)
 
 
+def _young(curves: bool, seed: int, device: str) -> tuple[VirtualSensorResidual, np.ndarray]:
+    """A first model (12 hours of rows) of one of the simulator's healthy machines, and
+    the next 12 hours of its rows."""
+    fleet = simulate(SimConfig(seed=seed, devices=2, hours=24, faults=(), curves=curves))
+    X = np.column_stack([v for (dev, _), v in fleet.series.items() if dev == device])
+    return VirtualSensorResidual(spans=(30, 120), smooth=180).fit(X[:4320]), X[4320:]
+
+
+def _as_lines(model: VirtualSensorResidual) -> VirtualSensorResidual:
+    """The model without the curve's doubt: its bars as before it."""
+    line = copy.deepcopy(model)
+    line.curve_coef_ = line.curve_weight_ = None
+    return line
+
+
+def test_a_young_virtual_sensor_doubts_its_lines_where_a_curve_parts_from_them() -> None:
+    # First models (12 hours) of machines on curves, scored healthy over their next 12
+    # hours: the line a young model fits misses the curve between and beyond the loads it
+    # saw, and its residual crossed the bar (mv_on) in 5 of these 10 machines. The curve
+    # fitted beside it (its regressors' squares added) widens the bar where the two part.
+    on = EngineSettings().mv_on
+    over = {"doubt": 0, "lines": 0}
+    for seed in range(3, 8):
+        for device in ("motor-00", "pump-01"):
+            model, rest = _young(True, seed, device)
+            assert model.curve_weight_ is not None and model.curve_weight_.max() > 0.2
+            _, zl = _as_lines(model).residuals(rest)
+            _, zs = model.residuals(rest)
+            assert np.abs(zs).max() <= np.abs(zl).max() + 1e-9
+            over["doubt"] += int(np.abs(zs).max() > on)
+            over["lines"] += int(np.abs(zl).max() > on)
+    assert over["lines"] >= 4 and over["doubt"] <= over["lines"] - 3, over
+
+
+def test_a_young_virtual_sensor_on_straight_lines_keeps_its_bars_and_finds_a_shift() -> None:
+    # On straight lines the curve explains almost none of the line's misfit (at most
+    # 0.10 of it here), so the bars stay as they were: a 2-sigma pressure shift (0.1
+    # bar) is found and named as before, and healthy rows stay below the bar.
+    on = EngineSettings().mv_on
+    for seed in range(3, 8):
+        model, rest = _young(False, seed, "pump-01")
+        weight = model.curve_weight_ if model.curve_weight_ is not None else np.zeros(4)
+        assert weight.max() <= 0.12, (seed, weight)
+        _, zs_ok = copy.deepcopy(model).residuals(rest)
+        assert np.abs(zs_ok).max() < on
+        shifted = rest.copy()
+        shifted[1800:, 1] += 0.1
+        line = _as_lines(model)
+        _, zl = line.residuals(shifted)
+        _, zs = model.residuals(shifted)
+        assert zs[-1, 1] > on and zs[-1, 1] >= 0.95 * zl[-1, 1], (seed, zs[-1], zl[-1])
+        assert model.attribute(zs[-1]) == line.attribute(zl[-1])
+    # A model of a day's rows or more chooses its squares instead: no doubt kept.
+    assert (
+        VirtualSensorResidual(spans=(30, 120), smooth=180)
+        .fit(_pump(True, hours=30)[:10800])
+        .curve_weight_
+        is None
+    )
+
+
+def test_the_curve_doubt_is_saved_and_a_state_saved_before_it_scores_as_lines() -> None:
+    model, rest = _young(True, 4, "pump-01")
+    state = json.loads(json.dumps(model.state_dict()))
+    again = VirtualSensorResidual()
+    again.load_state(state)
+    for a, b in zip(again.residuals(rest), copy.deepcopy(model).residuals(rest), strict=True):
+        assert np.array_equal(a, b)
+    del state["curve_coef"], state["curve_weight"]  # as saved before the doubt
+    old = VirtualSensorResidual()
+    old.load_state(state)
+    assert old.curve_weight_ is None
+    for a, b in zip(old.residuals(rest), _as_lines(model).residuals(rest), strict=True):
+        assert np.array_equal(a, b)
+
+
 def test_isolation_forest_scores_higher_for_outliers() -> None:
     X = np.random.default_rng(0).normal(size=(300, 3))
     det = IsolationForestDetector(n_estimators=50).fit(X)

@@ -838,7 +838,8 @@ def _before_v3(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` without what the stuck check has kept since version 3 (how many readings
     it learned, and how: a state saved before counts as learned; the smallest change it
     saw, learned again from the next ones), the spike check (it starts afresh) and the
-    device model's record of how its expected values move (kept from its next fit)."""
+    device model's record of how its expected values move and the doubt of its lines
+    (both kept from its next fit)."""
     for dev in state["devices"].values():
         dev.pop("spikes", None)
         for st in dev["stuck"].values():
@@ -847,7 +848,7 @@ def _before_v3(state: dict[str, Any]) -> dict[str, Any]:
         if dev["model"] is not None:
             dev["model"].pop("bucket", None)  # the interval averaged for the model
             if dev["model"]["model"] is not None:
-                for key in ("recent_pred", "move"):
+                for key in ("recent_pred", "move", "curve_coef", "curve_weight"):
                     dev["model"]["model"].pop(key, None)
     return state
 

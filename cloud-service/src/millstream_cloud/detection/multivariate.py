@@ -276,6 +276,11 @@ class VirtualSensorResidual:
         # per metric: the columns of [S, lagged S, 1] it uses, and their coefficients' covariance
         self.slow_idx_: list[list[int]] = []
         self.slow_cov_: list[np.ndarray] = []
+        # A model too young to choose squares (``_curve``): per metric, its regression with
+        # its regressors' squares added (metrics x (3 * metrics + 1), as ``slow_coef_``) and
+        # the share of the line's misfit that curve explains; None where no metric's does.
+        self.curve_coef_: np.ndarray | None = None
+        self.curve_weight_: np.ndarray | None = None
         self.fixed_: list[int] = []  # metrics constant in the training rows: not judged
         # Per distrusted metric c (measured when first distrusted): how many times wider
         # each metric's residual (fast, smoothed) spreads while c's virtual value stands in.
@@ -452,6 +457,7 @@ class VirtualSensorResidual:
         used: list[list[int]] = [[] for _ in range(m)]
         lags = [span for span, _ in chosen]
         R_in = np.empty((n - burn, m))
+        curve, weight = np.zeros((m, 3 * m + 1)), np.zeros(m)
         R_out = np.empty((n - cut, m)) if held_out else None
         self._lagged = {}
         for span in sorted(set(lags)):
@@ -466,11 +472,14 @@ class VirtualSensorResidual:
                     R_out[:, j] = S[cut:, j] - _apply(A[cut:], c)
                 c = _ridge(A[burn:], S[burn:, j], self.slow_ridge)
                 R_in[:, j] = S[burn:, j] - _apply(A[burn:], c)
+                if not squares:
+                    curve[j], weight[j] = self._curve(S, L, (span, burn), j, cols, R_in[:, j])
                 used[j] = [*_columns(cols, m, span), 3 * m]
                 coef[j, used[j]] = c
                 cov[j] = _coef_cov(A[burn:], R_in[:, j], self.slow_ridge, self.smooth)
         self.lags_, self.slow_coef_ = lags, coef
         self.slow_idx_, self.slow_cov_ = used, cov
+        self.curve_coef_, self.curve_weight_ = (curve, weight) if weight.any() else (None, None)
         self._s = s_last
         gap = self.smooth
         self.move_ = (
@@ -481,6 +490,44 @@ class VirtualSensorResidual:
             self._spread(R_in, R_out, w) for w in (self.smooth, self._short())
         )
         return R_in
+
+    def _curve(
+        self,
+        S: np.ndarray,
+        L: np.ndarray | None,
+        at: tuple[int, int],
+        j: int,
+        items: list[int],
+        r_in: np.ndarray,
+    ) -> tuple[np.ndarray, float]:
+        """The doubt of a model too young to choose squares (``SQUARE_MIN_ROWS``): metric
+        ``j``'s regression on ``items`` refitted with their squares added, as a row of
+        ``curve_coef_``, and the share of the line's in-sample misfit (``r_in``) that
+        curve explains (0: none; the row is then zeros). ``at``: the lag span and the
+        burn-in rows.
+
+        Half a day of a machine's loads cannot tell a curve from a line by held-out rows
+        (which squares entered on straight-line machines by chance), but where the line
+        misses a curve its bar should say so: the scoring widens it by the two fits'
+        difference at each row, times that share. On the simulator's straight-line
+        machines the share is 0.00-0.09 (the bars as before); on its pumps by the
+        affinity laws up to 0.8, and most of their first day's false anomalies came where
+        the line and the curve part (``--curves``: 31 to 15 on seeds 300-302)."""
+        span, burn = at
+        m = S.shape[1]
+        lin, _ = _split(items, m)
+        row = np.zeros(3 * m + 1)
+        e_line = float(np.mean(r_in**2))
+        if not lin or e_line <= 0.0:
+            return row, 0.0
+        both = [*lin, *(m + k for k in lin)]
+        A = self._slow_design(S, L, both)
+        c = _ridge(A[burn:], S[burn:, j], self.slow_ridge)
+        share = 1.0 - float(np.mean((S[burn:, j] - _apply(A[burn:], c)) ** 2)) / e_line
+        if share <= 0.0:
+            return row, 0.0
+        row[[*_columns(both, m, span), 3 * m]] = c
+        return row, share
 
     def _short(self) -> int:
         return max(1, min(SHORT_ROWS, self.smooth))
@@ -572,6 +619,10 @@ class VirtualSensorResidual:
             pred[:, j] = D @ self.slow_coef_[j]
             Dj = D[:, self.slow_idx_[j]]
             var[:, j] = np.einsum("ni,ij,nj->n", Dj, self.slow_cov_[j], Dj)
+            if self.curve_weight_ is not None and self.curve_weight_[j] > 0.0:
+                assert self.curve_coef_ is not None
+                part = D @ self.curve_coef_[j] - pred[:, j]
+                var[:, j] += self.curve_weight_[j] * part * part
         return pred, var
 
     # --- public ------------------------------------------------------------------------
@@ -953,6 +1004,8 @@ class VirtualSensorResidual:
             "slow_coef": lst(self.slow_coef_),
             "slow_idx": self.slow_idx_,
             "slow_cov": [c.tolist() for c in self.slow_cov_],
+            "curve_coef": lst(self.curve_coef_),
+            "curve_weight": lst(self.curve_weight_),
             "sig_smooth": lst(self.sig_smooth_),
             "sig_short": lst(self.sig_short_),
             "ema": lst(self._ema),
@@ -991,6 +1044,9 @@ class VirtualSensorResidual:
             self.slow_coef_ = np.hstack([c[:, :-1], np.zeros((m, m)), c[:, -1:]])
             self.slow_idx_ = [[3 * m if i == 2 * m else i for i in idx] for idx in self.slow_idx_]
         self.slow_cov_ = [np.asarray(c, dtype=float) for c in state["slow_cov"]]
+        # saved before the curve's doubt: the bar as it was then
+        self.curve_coef_ = arr(state.get("curve_coef"))
+        self.curve_weight_ = arr(state.get("curve_weight"))
         self.sig_short_ = arr(state["sig_short"])
         self._ema, self._s = arr(state["ema"]), arr(state["s"])
         self._s_in = arr(state.get("s_in"))  # saved before a second incident was possible
