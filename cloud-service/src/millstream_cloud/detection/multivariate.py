@@ -614,17 +614,39 @@ class VirtualSensorResidual:
         pred = np.empty_like(S)
         var = np.empty_like(S)
         design = {span: _design(S, L[span] if span else None) for span in set(self.lags_)}
+        inside: dict[int, np.ndarray] = {}  # the designs at inputs held to the training range
         for j, span in enumerate(self.lags_):
             D = design[span]
             pred[:, j] = D @ self.slow_coef_[j]
             Dj = D[:, self.slow_idx_[j]]
             var[:, j] = np.einsum("ni,ij,nj->n", Dj, self.slow_cov_[j], Dj)
             if self.curve_weight_ is not None and self.curve_weight_[j] > 0.0:
-                assert self.curve_coef_ is not None
-                cols = np.flatnonzero(self.curve_coef_[j])  # a few of a wide design's
-                part = D[:, cols] @ self.curve_coef_[j, cols] - pred[:, j]
-                var[:, j] += self.curve_weight_[j] * part * part
+                if span not in inside:
+                    inside[span] = self._held_in(S, L.get(span))
+                var[:, j] += self.curve_weight_[j] * self._curve_gap(inside[span], j) ** 2
         return pred, var
+
+    def _held_in(self, S: np.ndarray, L: np.ndarray | None) -> np.ndarray:
+        """The slow design with its inputs held within the training rows' range."""
+        lo, hi = self.lo_, self.hi_
+        if lo is None or hi is None:
+            return _design(S, L)
+        return _design(np.clip(S, lo, hi), None if L is None else np.clip(L, lo, hi))
+
+    def _curve_gap(self, D: np.ndarray, j: int) -> np.ndarray:
+        """Metric ``j``'s curve minus its line on the design ``D``, row by row: the young
+        model's doubt (``_curve``), read where the inputs are held within the training
+        range, as the line misses a curve mostly *between* the loads it saw. Beyond them a
+        curve fitted on a few of them parts from the line by its square: a straight-line
+        pump's first stop (its loads at zero) hid the stop's incident from a bar widened so,
+        and the restart was reported."""
+        assert self.curve_coef_ is not None and self.slow_coef_ is not None
+        cols = np.flatnonzero(self.curve_coef_[j])  # a few of a wide design's
+        used = self.slow_idx_[j]
+        gap: np.ndarray = (
+            D[:, cols] @ self.curve_coef_[j, cols] - D[:, used] @ self.slow_coef_[j, used]
+        )
+        return gap
 
     # --- public ------------------------------------------------------------------------
     def fit(self, X: np.ndarray) -> VirtualSensorResidual:
