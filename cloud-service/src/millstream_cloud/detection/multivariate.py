@@ -512,7 +512,7 @@ class VirtualSensorResidual:
         difference at each row, times that share. On the simulator's straight-line
         machines the share is 0.00-0.10 (the bars as before); on its pumps by the
         affinity laws up to 0.8, and most of their first day's false anomalies came where
-        the line and the curve part (``--curves``: 31 to 15 on seeds 300-302)."""
+        the line and the curve part (``--curves``: 31 to 20 on seeds 300-302)."""
         span, burn = at
         m = S.shape[1]
         lin, _ = _split(items, m)
