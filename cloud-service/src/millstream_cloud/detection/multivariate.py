@@ -614,16 +614,19 @@ class VirtualSensorResidual:
         pred = np.empty_like(S)
         var = np.empty_like(S)
         design = {span: _design(S, L[span] if span else None) for span in set(self.lags_)}
-        inside: dict[int, np.ndarray] = {}  # the designs at inputs held to the training range
         for j, span in enumerate(self.lags_):
             D = design[span]
             pred[:, j] = D @ self.slow_coef_[j]
             Dj = D[:, self.slow_idx_[j]]
             var[:, j] = np.einsum("ni,ij,nj->n", Dj, self.slow_cov_[j], Dj)
-            if self.curve_weight_ is not None and self.curve_weight_[j] > 0.0:
-                if span not in inside:
-                    inside[span] = self._held_in(S, L.get(span))
-                var[:, j] += self.curve_weight_[j] * self._curve_gap(inside[span], j) ** 2
+        if self.curve_weight_ is not None:
+            for span in set(self.lags_):
+                doubted = [
+                    j for j, s in enumerate(self.lags_) if s == span and self.curve_weight_[j] > 0.0
+                ]
+                if doubted:
+                    gap = self._curve_gap(self._held_in(S, L.get(span)), doubted)
+                    var[:, doubted] += self.curve_weight_[doubted] * gap**2
         return pred, var
 
     def _held_in(self, S: np.ndarray, L: np.ndarray | None) -> np.ndarray:
@@ -633,19 +636,17 @@ class VirtualSensorResidual:
             return _design(S, L)
         return _design(np.clip(S, lo, hi), None if L is None else np.clip(L, lo, hi))
 
-    def _curve_gap(self, D: np.ndarray, j: int) -> np.ndarray:
-        """Metric ``j``'s curve minus its line on the design ``D``, row by row: the young
-        model's doubt (``_curve``), read where the inputs are held within the training
-        range, as the line misses a curve mostly *between* the loads it saw. Beyond them a
-        curve fitted on a few of them parts from the line by its square: a straight-line
-        pump's first stop (its loads at zero) hid the stop's incident from a bar widened so,
-        and the restart was reported."""
+    def _curve_gap(self, D: np.ndarray, metrics: list[int]) -> np.ndarray:
+        """The ``metrics``' curves minus their lines on the design ``D``, a column each:
+        the young model's doubt (``_curve``), read where the inputs are held within the
+        training range, as the line misses a curve mostly *between* the loads it saw.
+        Beyond them a curve fitted on a few of them parts from the line by its square: a
+        straight-line pump's first stop (its loads at zero) hid the stop's incident from a
+        bar widened so, and the restart was reported."""
         assert self.curve_coef_ is not None and self.slow_coef_ is not None
-        cols = np.flatnonzero(self.curve_coef_[j])  # a few of a wide design's
-        used = self.slow_idx_[j]
-        gap: np.ndarray = (
-            D[:, cols] @ self.curve_coef_[j, cols] - D[:, used] @ self.slow_coef_[j, used]
-        )
+        # Both rows are zero outside the columns they use: one product for all of them.
+        diff = self.curve_coef_[metrics] - self.slow_coef_[metrics]
+        gap: np.ndarray = D @ diff.T
         return gap
 
     # --- public ------------------------------------------------------------------------
