@@ -63,6 +63,7 @@ def run(
     hours: float,
     after_s: int | None,
     fault_after_h: float = 0.0,
+    curves: bool = False,
 ) -> dict:
     """One machine through the service, with a window over its stop unless ``after_s``
     is None (an unplanned stop), the fault from ``fault_after_h`` after the restart."""
@@ -79,7 +80,10 @@ def run(
                 start, end = t0 + STOP_H * 3600 * S, restart + after_s * S
                 sink.start_maintenance(f"{kind}-00", "sim", start, end, "stop", "")
             fault_h = RESTART_H + fault_after_h
-            for batch in stopped(kind, metric, shift, seed, t0, hours, STOP_H, RESTART_H, fault_h):
+            batches = stopped(
+                kind, metric, shift, seed, t0, hours, STOP_H, RESTART_H, fault_h, curves
+            )
+            for batch in batches:
                 sink.process(batch)
             kept = int(sink.maintenance_anomalies._value.get())
         finally:
@@ -116,6 +120,7 @@ if __name__ == "__main__":
         "--fault-after", type=float, default=0.0, help="fault onset, hours after the restart"
     )
     ap.add_argument("--slow", action="store_true", help="the fault on the slow metric")
+    ap.add_argument("--curves", action="store_true", help="machines on curves (sim.CURVES)")
     args = ap.parse_args()
     after_s = None if args.no_window else args.window_after
     runs = []
@@ -123,7 +128,9 @@ if __name__ == "__main__":
         for kind, metric in SLOW_CASES if args.slow else CASES:
             for shift in (0.0, 6.0):
                 for seed in args.seeds:
-                    r = run(kind, metric, shift, seed, hours, after_s, args.fault_after)
+                    r = run(
+                        kind, metric, shift, seed, hours, after_s, args.fault_after, args.curves
+                    )
                     runs.append(r)
                     got = [(x["hours_after"], x["metric"]) for x in r["after_restart"]]
                     print(f"{hours:g} h {kind} fault={r['fault']} seed {seed}: {got}", flush=True)
@@ -135,6 +142,7 @@ if __name__ == "__main__":
         "window_after_s": after_s,
         "fault_after_h": args.fault_after,
         "slow": args.slow,
+        "curves": args.curves,
         "healthy_restarts": len(healthy),
         "healthy_with_false_anomalies": sum(bool(r["after_restart"]) for r in healthy),
         "false_anomalies": sum(len(r["after_restart"]) for r in healthy),
@@ -164,4 +172,6 @@ if __name__ == "__main__":
         name += f"_fault_after_{args.fault_after:g}h"
     if args.slow:
         name += "_slow"
+    if args.curves:
+        name += "_curves"
     save_json(out, ROOT / "bench" / "results" / f"{name}.json")

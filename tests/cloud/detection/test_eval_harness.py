@@ -265,6 +265,34 @@ def test_the_simulators_curves_bend_the_metrics_and_keep_the_draws(
     assert rc == 0 and json.loads(out.read_text())["curves"] is True
 
 
+def test_a_stopped_machine_on_curves_keeps_the_draws_and_stops_alike() -> None:
+    """``stopped(curves=True)`` (``bench/detection_restart.py --curves``): the pump's
+    pressure on the square of its load, the same draws, and the same stop (about zero)."""
+    from millstream_cloud.detection.eval import sim
+
+    def series(curves: bool) -> dict[str, np.ndarray]:
+        batches = sim.stopped("pump", "motor_current_a", 0.0, 2, 0, 30.0, curves=curves)
+        rows: dict[str, list[float]] = {}
+        for batch in batches:
+            for r in batch:
+                rows.setdefault(r.metric, []).append(r.value)
+        return {m: np.array(v) for m, v in rows.items()}
+
+    line, curve = series(False), series(True)
+    assert np.array_equal(line["flow_l_min"], curve["flow_l_min"])
+    stop = slice(20 * 360 + 30, 22 * 360)  # the stop, after the load's own lag
+    sigma = sim.KINDS["pump"]["pressure_bar"][2]
+    assert np.abs(curve["pressure_bar"][stop]).max() < 5 * sigma
+    run = slice(0, 20 * 360)
+    flow = line["flow_l_min"][run]
+    bent, straight = curve["pressure_bar"][run], line["pressure_bar"][run]
+
+    def misfit(y: np.ndarray) -> float:  # a line's residual spread against the flow
+        return float(np.std(y - np.polyval(np.polyfit(flow, y, 1), flow)))
+
+    assert misfit(bent) > 1.5 * misfit(straight)  # 1.9: a daily wave of +-0.2 load
+
+
 def _one_window(pred_rows: list[int], cp_row: int = 100, n: int = 200) -> skab.ChangepointScore:
     """One run of ``n`` rows a second, a true changepoint at ``cp_row``, predictions on at
     ``pred_rows``."""

@@ -167,15 +167,9 @@ def simulate(config: SimConfig | None = None) -> Fleet:
             k += length
         load = _lag(np.clip(load + steps, 0.1, 1.0), cfg.step_s, 60.0)
         thermal = _lag(load, cfg.step_s, 1200.0)
-        for metric, (off, gain, sigma, slow) in KINDS[kind].items():
-            power = CURVES[kind].get(metric, 1) if cfg.curves else 1
-            if power == 1:
-                shape = thermal if slow else load
-            else:
-                curve = load**power / MEAN_LOAD ** (power - 1)
-                shape = _lag(curve, cfg.step_s, 1200.0) if slow else curve
-            base = off + gain * shape
-            fleet.series[(dev, metric)] = base + rng.normal(0.0, sigma, n)
+        for metric, (off, gain, sigma, _) in KINDS[kind].items():
+            shape = _shape(kind, metric, load, thermal, cfg.step_s, cfg.curves)
+            fleet.series[(dev, metric)] = off + gain * shape + rng.normal(0.0, sigma, n)
         if d < len(cfg.faults):
             dur = FAULT_DURATION_S.get(cfg.faults[d], 0.0)
             latest = cfg.hours * 3600 - dur - 3600
@@ -222,6 +216,20 @@ def inject(
     return found
 
 
+def _shape(
+    kind: str, metric: str, load: np.ndarray, thermal: np.ndarray, step_s: float, curves: bool
+) -> np.ndarray:
+    """How ``metric`` of a ``kind`` follows the load: the load itself, or its thermal lag
+    for a slow metric; with ``curves``, ``CURVES``' power of it (scaled to the straight
+    line's value at the mean load), lagged alike."""
+    power = CURVES[kind].get(metric, 1) if curves else 1
+    slow = KINDS[kind][metric][3]
+    if power == 1:
+        return thermal if slow else load
+    curve = load**power / MEAN_LOAD ** (power - 1)
+    return _lag(curve, step_s, 1200.0) if slow else curve
+
+
 def stopped(
     kind: str,
     metric: str,
@@ -232,14 +240,15 @@ def stopped(
     stop_h: float = 20.0,
     restart_h: float = 22.0,
     fault_h: float | None = None,
+    curves: bool = False,
 ) -> list[list[Reading]]:
     """One machine of ``kind`` (device ``<kind>-00``, site ``sim``) at 10 s, on a daily
     load cycle from ``start_ns``, stopped from ``stop_h`` to ``restart_h`` hours in: its fast
     metrics read about zero, the slow ones cool through their thermal lag. From the restart
     (or from ``fault_h`` hours in) on ``metric`` reads ``shift_sigma`` of its noise high (a
-    fault the stop left, or one while its aftermath lasts). Readings
-    in batches of 6 rows. The planned and unplanned stops of the maintenance-window tests
-    and ``bench/detection_restart.py``."""
+    fault the stop left, or one while its aftermath lasts); ``curves``: its metrics on
+    ``CURVES`` (the same random draws). Readings in batches of 6 rows. The planned and
+    unplanned stops of the maintenance-window tests and ``bench/detection_restart.py``."""
     step, n = 10.0, int(hours * 3600 / 10)
     rng = np.random.default_rng(seed)
     t_s = np.arange(n) * step
@@ -250,7 +259,9 @@ def stopped(
     thermal = _lag(load, step, 1200.0)
     series = {}
     for m, (off, gain, sig, slow) in KINDS[kind].items():
-        series[m] = off + gain * (thermal if slow else load) + rng.normal(0, sig, n)
+        series[m] = (
+            off + gain * _shape(kind, m, load, thermal, step, curves) + rng.normal(0, sig, n)
+        )
         if not slow:
             series[m][stop0:stop1] = np.abs(rng.normal(0, sig, stop1 - stop0))
     onset = stop1 if fault_h is None else int(fault_h * 3600 / step)
