@@ -16,7 +16,9 @@ hours, about 10 minutes on 2 cores); ``--seeds 12-17`` scores other machines, an
 alerts). ``--fault-after 4`` starts the fault 4 hours after the restart instead, while the
 stop's aftermath lasts (its metrics still distrusted), and ``--slow`` puts it on the
 machines' slow metric (the bearing's, the fluid's temperature); what is handed on between
-the restart and the fault's onset counts as false.
+the restart and the fault's onset counts as false. ``--curves`` puts the machines' metrics
+on the simulator's curves of the load (``sim.CURVES``, the same draws) and adds
+``_curves`` to the file name.
 """
 
 from __future__ import annotations
