@@ -250,14 +250,11 @@ def test_the_simulators_curves_bend_the_metrics_and_keep_the_draws(
     flow = line.series[("pump-01", "flow_l_min")]
     assert np.array_equal(flow, curve.series[("pump-01", "flow_l_min")])
 
-    def misfit(y: np.ndarray, degree: int) -> float:  # residual spread against the flow
-        return float(np.std(y - np.polyval(np.polyfit(flow, y, degree), flow)))
-
     for metric in ("pressure_bar", "motor_current_a"):
         bent, straight = curve.series[("pump-01", metric)], line.series[("pump-01", metric)]
         # the flow's own noise aside, a line fits the linear pump; a cubic, the curved one
-        assert misfit(bent, 1) > 3 * misfit(straight, 1)
-        assert misfit(bent, 1) > 2 * misfit(bent, 3)
+        assert _misfit(flow, bent) > 3 * _misfit(flow, straight)
+        assert _misfit(flow, bent) > 2 * _misfit(flow, bent, 3)
     out = tmp_path / "sim.json"
     rc, _ = _eval(
         ["sim", "--devices", "1", "--hours", "17", "--curves", "--json", str(out)], capsys
@@ -286,11 +283,12 @@ def test_a_stopped_machine_on_curves_keeps_the_draws_and_stops_alike() -> None:
     run = slice(0, 20 * 360)
     flow = line["flow_l_min"][run]
     bent, straight = curve["pressure_bar"][run], line["pressure_bar"][run]
+    assert _misfit(flow, bent) > 1.5 * _misfit(flow, straight)  # 1.9: a daily wave of +-0.2 load
 
-    def misfit(y: np.ndarray) -> float:  # a line's residual spread against the flow
-        return float(np.std(y - np.polyval(np.polyfit(flow, y, 1), flow)))
 
-    assert misfit(bent) > 1.5 * misfit(straight)  # 1.9: a daily wave of +-0.2 load
+def _misfit(x: np.ndarray, y: np.ndarray, degree: int = 1) -> float:
+    """The spread of ``y`` around a polynomial of ``x`` (a line by default) fitted to it."""
+    return float(np.std(y - np.polyval(np.polyfit(x, y, degree), x)))
 
 
 def _one_window(pred_rows: list[int], cp_row: int = 100, n: int = 200) -> skab.ChangepointScore:
