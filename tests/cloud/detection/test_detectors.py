@@ -766,7 +766,7 @@ def test_a_young_virtual_sensor_on_straight_lines_keeps_its_bars_and_finds_a_shi
     )
 
 
-def test_a_young_virtual_sensor_keeps_its_doubt_to_the_loads_it_saw() -> None:
+def test_a_young_virtual_sensor_doubts_beyond_the_loads_it_saw_by_the_slope_only() -> None:
     # A straight-line pump stopped for two hours (flow, pressure and current near zero, far
     # below anything in training) after its first model: a curve fitted on half a day's
     # loads parts from the line there by its square, and a bar widened by that hid the
