@@ -625,13 +625,16 @@ class VirtualSensorResidual:
                     j for j, s in enumerate(self.lags_) if s == span and self.curve_weight_[j] > 0.0
                 ]
                 if doubted:
-                    gap = self._curve_gap(S, L.get(span), doubted)
+                    gap = self._curve_gap(design[span], S, L.get(span), doubted)
                     var[:, doubted] += self.curve_weight_[doubted] * gap**2
         return pred, var
 
-    def _curve_gap(self, S: np.ndarray, L: np.ndarray | None, metrics: list[int]) -> np.ndarray:
+    def _curve_gap(
+        self, D: np.ndarray, S: np.ndarray, L: np.ndarray | None, metrics: list[int]
+    ) -> np.ndarray:
         """The ``metrics``' curves minus their lines at the smoothed rows ``S`` (and their
-        lagged copy ``L``), a column each: the young model's doubt (``_curve``).
+        lagged copy ``L``; ``D``, their design), a column each: the young model's doubt
+        (``_curve``).
 
         Within the training rows' range it is read as fitted: the line misses a curve
         mostly *between* the loads it saw. Beyond it, it goes on from the range's edge
@@ -644,19 +647,22 @@ class VirtualSensorResidual:
         assert self.curve_coef_ is not None and self.slow_coef_ is not None
         # Both rows are zero outside the columns they use: one product for all of them.
         diff = self.curve_coef_[metrics] - self.slow_coef_[metrics]
+        gap: np.ndarray = D @ diff.T
         lo, hi = self.lo_, self.hi_
         if lo is None or hi is None:
-            gap: np.ndarray = _design(S, L) @ diff.T
             return gap
-        m = S.shape[1]
         S_in = np.clip(S, lo, hi)
         L_in = None if L is None else np.clip(L, lo, hi)
+        out = S - S_in
+        L_out = None if L is None or L_in is None else L - L_in
+        if not out.any() and (L_out is None or not L_out.any()):
+            return gap  # the usual case: no second design
+        m = S.shape[1]
         gap = _design(S_in, L_in) @ diff.T
         # The slope at the edge: a square's is twice its coefficient times the edge.
-        out = S - S_in
         gap += out @ diff[:, :m].T + 2.0 * (out * S_in) @ diff[:, 2 * m : 3 * m].T
-        if L is not None and L_in is not None:
-            gap += (L - L_in) @ diff[:, m : 2 * m].T
+        if L_out is not None:
+            gap += L_out @ diff[:, m : 2 * m].T
         return gap
 
     # --- public ------------------------------------------------------------------------
