@@ -1001,7 +1001,8 @@ class DeviceModel:
             return []
         # Named among the metrics out of line: a name under the bar reads as a fault the
         # sentence's own figure denies ("vibration_mm_s 0.1 sigma above ...").
-        j = view.attribute(short, smooth=True, among=out, settled=True, short=True)
+        var = None if view.var_ is None else view.var_[-1]
+        j = view.attribute(short, smooth=True, among=out, settled=True, short=True, var=var)
         if any(inc.metric == j and inc.time_ns == t for inc in new):
             return []
         # One of the stop's own metrics too: the replay reads it as it reads now, not as

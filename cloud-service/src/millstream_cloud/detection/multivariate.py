@@ -294,6 +294,9 @@ class VirtualSensorResidual:
         # The short averaging window's statistic alone over those rows (in sigmas of its
         # own spread): what the last SHORT_ROWS rows say, without the long window's past.
         self.short_z_: np.ndarray | None = None
+        # ... and the variance of the slow model's prediction at each of them, which both
+        # windows' bars include (``residuals``) and an attribution reads a leak against.
+        self.var_: np.ndarray | None = None
 
     # --- fast model --------------------------------------------------------------------
     def _features(self, Z: np.ndarray, ema: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -803,6 +806,7 @@ class VirtualSensorResidual:
         zi = _local(R_fast, self._recent_fast) / self.sig_
         self._recent_fast = np.vstack([self._recent_fast, R_fast])[-LOCAL_ROWS:]
         R, var = self._slow_residuals(Z, Z_in if distrust else None, self._level(F))
+        self.var_ = var
         allr = np.vstack([self._recent, R])
         k = len(R)
         c = np.cumsum(np.vstack([np.zeros(R.shape[1]), allr]), axis=0)
@@ -971,12 +975,20 @@ class VirtualSensorResidual:
         led: Sequence[int] = (),
         settled: bool = False,
         short: bool = False,
+        var: np.ndarray | None = None,
     ) -> int:
         """The metric (of ``among``, default all) whose own fault best explains the
         residual vector ``z`` (in sigmas), accounting for how a fault in one metric leaks
         into the predictions of the others (reconstruction-based contribution), through
         the ``distrust`` metrics' virtual values too. ``settled``: for an offset that has
         lasted hours (``leak_matrix``); ``short``: ``z`` is the short window's statistic.
+        ``var``: the prediction's variance at z's row (a row of ``var_``), which z's own
+        bar includes, so a leak is read against the same bar. Against the spread alone,
+        a young model's doubt of a curved metric's line (its bar widened, its z shrunk)
+        made that metric's share look small: of a curved motor's vibration and the
+        bearing temperature read from it, the temperature was named for the vibration's
+        fault (``bench/detection_restart.py --curves``: 13 of 24 faults named right, 18
+        with the bar).
 
         ``led`` (``led_by_others`` of a row of ``moved_``) are ruled out, unless every
         candidate is: metrics whose expected value moved faster than the metric itself
@@ -993,6 +1005,8 @@ class VirtualSensorResidual:
         sig = self.sig_smooth_ if smooth else self.sig_
         if short and self.sig_short_ is not None:
             sig = self.sig_short_
+        if var is not None and smooth:
+            sig = np.sqrt(sig**2 + var)
         through = distrust if smooth and not settled else ()
         Ln = self.leak_matrix(smooth, through, settled) / sig[:, None]
         num = (Ln.T @ z) ** 2
