@@ -1001,6 +1001,9 @@ class DeviceModel:
             return []
         # Named among the metrics out of line: a name under the bar reads as a fault the
         # sentence's own figure denies ("vibration_mm_s 0.1 sigma above ...").
+        # Each leak read against the bar the residuals were judged on (a young model's
+        # doubt widens it). Not at a rising edge on the live stream: tried, it named
+        # worse there (docs/detection.md, *Their stops, named*).
         var = None if view.var_ is None else view.var_[-1]
         j = view.attribute(short, smooth=True, among=out, settled=True, short=True, var=var)
         if any(inc.metric == j and inc.time_ns == t for inc in new):
