@@ -661,8 +661,10 @@ class DeviceModel:
                     self._open_found(self._let_go(k, t, raw, X, out, letting_go), raw, out)
                     before = self.known()
                     resynced = True
-                if resynced:
-                    rising = []  # scored on the stream state before it was made again
+                if resynced or (self.rearm_rows and self.rearm_back is None):
+                    # Scored on the stream state before it was made again; or in a planned
+                    # restart's aftermath, which the judgement at its end reads over.
+                    rising = []
                 elif before:
                     # Another metric's gate going off is the open incident's spread unless
                     # it is clearly out of line with the incident's metrics distrusted.
