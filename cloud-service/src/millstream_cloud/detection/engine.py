@@ -662,8 +662,11 @@ class DeviceModel:
                     before = self.known()
                     resynced = True
                 if resynced or (self.rearm_rows and self.rearm_back is None):
-                    # Scored on the stream state before it was made again; or in a planned
-                    # restart's aftermath, which the judgement at its end reads over.
+                    # Scored on the stream state before it was made again; or in the
+                    # aftermath of a window's restart, which the judgement at its end reads
+                    # over on a replay: on the live stream a curved pump's current, its
+                    # lines fed inputs still holding the stop, opened a second incident ten
+                    # minutes after a healthy restart.
                     rising = []
                 elif before:
                     # Another metric's gate going off is the open incident's spread unless
