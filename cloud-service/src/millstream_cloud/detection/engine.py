@@ -385,6 +385,9 @@ class DeviceModel:
         # The open incident (or the one whose quiet period this is) was judged again, or
         # reported by a judgement.
         self.judged_back = False
+        # A window's judgement left the stop's incident open: nothing new opens on the
+        # live stream until a replay reads it over (``_rejudge``) or it ends.
+        self.after_window = False
         # The open incident's metrics reading below the model's training range (stopped).
         self.below: set[int] = set()
         # Something was reported in the open incident since a judgement last found nothing.
@@ -661,12 +664,13 @@ class DeviceModel:
                     self._open_found(self._let_go(k, t, raw, X, out, letting_go), raw, out)
                     before = self.known()
                     resynced = True
-                if resynced or (self.rearm_rows and self.rearm_back is None):
+                if resynced or self.after_window or (self.rearm_rows and self.rearm_back is None):
                     # Scored on the stream state before it was made again; or in the
                     # aftermath of a window's restart, which the judgement at its end reads
                     # over on a replay: on the live stream a curved pump's current, its
                     # lines fed inputs still holding the stop, opened a second incident ten
-                    # minutes after a healthy restart.
+                    # minutes after a healthy restart; or after that judgement, while the
+                    # stop's incident it left open is judged hourly on replays.
                     rising = []
                 elif before:
                     # Another metric's gate going off is the open incident's spread unless
@@ -740,6 +744,7 @@ class DeviceModel:
                 if self.rearm_rows:
                     self.rearm_rows -= 1
                     if not self.rearm_rows:
+                        window = self.rearm_back is None
                         again = self._judge_again(k, t, raw, X, out)
                         if not again and self.open:
                             # Judged, and still open: judged again an hour on like any
@@ -747,6 +752,12 @@ class DeviceModel:
                             # replay read over stayed open on the live stream's stand-ins,
                             # and a fault hours later went unreported under it.
                             self.judged_back = True
+                            # After a window, nothing new opens on the live stream until
+                            # then: its stand-ins for the stop's metrics, predicted from
+                            # the others by a curved pump's young model, read the fluid
+                            # temperature 51 sigma below at the row the replay read it
+                            # 0.4 (a healthy restart). The hourly replay judges meanwhile.
+                            self.after_window = window and several
                         self._open_found(again, raw, out)
                         self.rejudge_rows = REJUDGE_ROWS
                 elif several and self.open and self.judged_back and not resynced:
@@ -756,6 +767,7 @@ class DeviceModel:
                         over = self._rejudge(k, t, raw, X, out)
                         if over is not None:
                             self.open.clear()
+                            self.after_window = False
                             self._open_found(over, raw, out)
                             resynced = True
                 elif several and self.recovering and self.judged_back and not resynced:
@@ -798,6 +810,7 @@ class DeviceModel:
                     else:
                         self.quiet_m = [max(q, after) for q in self.quiet_m]
                     self.open.clear()
+                    self.after_window = False
                     self.rejudge_rows = REJUDGE_ROWS
                 self.n_rows += 1
                 new_flags.append(any(g.active for g in self.gates) or glitched[k])
@@ -1185,6 +1198,7 @@ class DeviceModel:
             "rearm_rows": self.rearm_rows,
             "rearm_back": None if self.rearm_back is None else list(self.rearm_back),
             "judged_back": self.judged_back,
+            "after_window": self.after_window,
             "judged_out": self.judged_out,
             "below": sorted(self.below),
             "rejudge_rows": self.rejudge_rows,
@@ -1229,6 +1243,7 @@ class DeviceModel:
         back = st.get("rearm_back")
         self.rearm_back = None if back is None else (int(back[0]), int(back[1]))
         self.judged_back = bool(st.get("judged_back", False))
+        self.after_window = bool(st.get("after_window", False))
         # Saved before it was kept: a judged incident is taken as reported (not again).
         self.judged_out = bool(st.get("judged_out", self.judged_back))
         self.rejudge_rows = int(st.get("rejudge_rows", REJUDGE_ROWS))
