@@ -977,8 +977,23 @@ class VirtualSensorResidual:
         short: bool = False,
         var: np.ndarray | None = None,
     ) -> int:
-        """The metric (of ``among``, default all) whose own fault best explains the
-        residual vector ``z`` (in sigmas), accounting for how a fault in one metric leaks
+        """The metric whose own fault best explains ``z``: the largest of ``explained``."""
+        return int(np.argmax(self.explained(z, smooth, among, distrust, led, settled, short, var)))
+
+    def explained(
+        self,
+        z: np.ndarray,
+        smooth: bool = True,
+        among: Sequence[int] | None = None,
+        distrust: Sequence[int] = (),
+        led: Sequence[int] = (),
+        settled: bool = False,
+        short: bool = False,
+        var: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Per metric (of ``among``, default all; -1 for one ruled out), how much of the
+        residual vector ``z`` (in sigmas; the share in its squared sigmas) a fault of that
+        metric alone explains, accounting for how a fault in one metric leaks
         into the predictions of the others (reconstruction-based contribution), through
         the ``distrust`` metrics' virtual values too. ``settled``: for an offset that has
         lasted hours (``leak_matrix``); ``short``: ``z`` is the short window's statistic.
@@ -1018,7 +1033,7 @@ class VirtualSensorResidual:
             plausible[list(led)] = -1.0
             if plausible.max() >= 0.0:
                 fit = plausible
-        return int(np.argmax(fit))
+        return fit
 
     @staticmethod
     def led_by_others(moved: np.ndarray) -> list[int]:
