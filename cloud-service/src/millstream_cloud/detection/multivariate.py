@@ -966,19 +966,10 @@ class VirtualSensorResidual:
         weight under 0.3 %)."""
         return 3 * max((*self.spans, *self.lags_, self.slow_span))
 
-    def attribute(
-        self,
-        z: np.ndarray,
-        smooth: bool = True,
-        among: Sequence[int] | None = None,
-        distrust: Sequence[int] = (),
-        led: Sequence[int] = (),
-        settled: bool = False,
-        short: bool = False,
-        var: np.ndarray | None = None,
-    ) -> int:
-        """The metric whose own fault best explains ``z``: the largest of ``explained``."""
-        return int(np.argmax(self.explained(z, smooth, among, distrust, led, settled, short, var)))
+    def attribute(self, z: np.ndarray, **how: Any) -> int:
+        """The metric whose own fault best explains ``z``: the largest of ``explained``
+        (``how``: its keywords)."""
+        return int(np.argmax(self.explained(z, **how)))
 
     def explained(
         self,
