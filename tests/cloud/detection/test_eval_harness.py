@@ -36,7 +36,7 @@ def test_skab_scorer_counts_flag_everything_like_the_readme(bench_root: Path) ->
 
 
 def test_skab_loader_tolerates_missing_anomaly_free_readme_and_mixed_line_endings(
-    bench_root: Path, tmp_path: Path
+    bench_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     src = bench_root / "skab" / "data" / "valve1" / "0.csv"
     (tmp_path / "valveX").mkdir()
@@ -51,10 +51,16 @@ def test_skab_loader_tolerates_missing_anomaly_free_readme_and_mixed_line_ending
     assert [r.name for r in runs] == ["valveX/0.csv", "valveX/1.csv"]
     assert runs[0].values.shape == runs[1].values.shape
     assert (runs[0].anomaly == runs[1].anomaly).all()
+    (tmp_path / "anomaly-free").mkdir()
+    (tmp_path / "anomaly-free" / "anomaly-free.csv").write_text("datetime;Pressure\n")
     out = tmp_path / "out.json"
     assert cli.main(["eval", "skab", "--data", str(tmp_path), "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {"f1", "far", "mar"} <= set(data)
+    # The unlabelled table is said to be left out; SKAB's own anomaly-free/ is expected.
+    assert data["unlisted_files"] == ["notes.csv"]
+    err = capsys.readouterr().err
+    assert "1 CSV file(s) without an 'anomaly' column (or unreadable), not scored: notes.csv" in err
 
 
 def test_skab_empty_dir_says_what_is_missing(tmp_path: Path) -> None:

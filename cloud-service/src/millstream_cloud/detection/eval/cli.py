@@ -42,19 +42,24 @@ def _require_dir(value: Path | None, flag: str) -> Path:
     return value
 
 
+def _not_scored(name: str, why: str, files: list[str]) -> None:
+    """Say which CSV files in the folder were left out, so a score over fewer files than
+    the folder holds is not taken for the whole folder's."""
+    if files:
+        print(
+            f"eval {name}: {len(files)} CSV file(s) {why}, not scored: "
+            + ", ".join(files[:5])
+            + (" ..." if len(files) > 5 else ""),
+            file=sys.stderr,
+        )
+
+
 def cmd_nab(args: argparse.Namespace) -> int:
     settings = runners.load_frozen(args.settings)
     data = _require_dir(args.data, "--data")
     labels = _require_dir(args.labels, "--labels")
     out = runners.run_nab(data, labels, settings, sweep=args.sweep)
-    if out["unlisted_files"]:
-        names = out["unlisted_files"]
-        print(
-            f"eval nab: {len(names)} CSV file(s) not in combined_windows.json, not scored: "
-            + ", ".join(names[:5])
-            + (" ..." if len(names) > 5 else ""),
-            file=sys.stderr,
-        )
+    _not_scored("nab", "not in combined_windows.json", out["unlisted_files"])
     mode = (
         "thresholds SWEPT on these files (NAB's optimiser; not the frozen ones)"
         if args.sweep
@@ -81,6 +86,7 @@ def cmd_skab(args: argparse.Namespace) -> int:
     settings = runners.load_frozen(args.settings)
     data = _require_dir(args.data, "--data")
     out = runners.run_skab(data, settings)
+    _not_scored("skab", "without an 'anomaly' column (or unreadable)", out["unlisted_files"])
     print(
         f"SKAB: {out['runs']} runs, first {settings['skab']['train_rows']} rows of each for "
         f"training, pooled over the rest; {out['seconds']} s"

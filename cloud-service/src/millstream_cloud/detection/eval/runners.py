@@ -194,6 +194,7 @@ def run_skab(data_dir: Path, settings: dict[str, Any], unscored_tail: int = 0) -
         "mar": sc.mar,
         "counts": {"tp": sc.tp, "fp": sc.fp, "fn": sc.fn, "tn": sc.tn},
         "runs": len(runs),
+        "unlisted_files": skab.unlabelled_files(data_dir, runs),
         "changepoint": changepoint,
         "slow_channels_excluded": sorted(slow),
         "thresholds": {

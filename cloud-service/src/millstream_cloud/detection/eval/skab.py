@@ -123,6 +123,19 @@ def load_runs(data_dir: Path) -> list[SkabRun]:
     return runs
 
 
+def unlabelled_files(data_dir: Path, runs: Iterable[SkabRun]) -> list[str]:
+    """The CSV files below ``data_dir`` that are not scored runs, but for SKAB's own
+    ``anomaly-free/`` folder (expected to be skipped): a run with a misspelt label
+    column, an empty file, a table of something else. Said, so a score over fewer runs
+    than the folder holds is not taken for the whole folder's."""
+    scored = {r.name for r in runs}
+    return sorted(
+        name
+        for name in (p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*.csv"))
+        if name not in scored and "anomaly-free" not in name.split("/")[:-1]
+    )
+
+
 @dataclass(slots=True)
 class SkabScore:
     tp: int
