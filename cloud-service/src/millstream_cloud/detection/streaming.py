@@ -974,7 +974,7 @@ class SpikeBurst:
     ramp or a load change is not a spike). The spread is that of readings against their
     predecessors' median, 1.4826 times their median size, the larger of two stochastic
     quantiles (a few floats to keep, no window): over the metric's history (steps of
-    ``RATE`` after the first ``FIRST``) and over its last hundred or so readings (steps of
+    ``RATE`` after the first ``FIRST``) and over its last fifty or so readings (steps of
     ``FAST``: a machine noisier running than idle is judged by its running spread a few
     minutes after it starts). Around a regime change the readings on each side, ``NEAR``
     of them, say more: where their spread is over ``GUARD`` times that, the reading is not
@@ -983,7 +983,7 @@ class SpikeBurst:
     ``LOCAL`` times theirs is the least spread. Theirs, read from 16 readings, was once
     the spread itself whenever larger, and lost a 6-sigma spike now and then to the noise
     of so few: read every second, five 6-sigma spikes in 10 minutes were found in 10 to 15
-    of 20 fleets after a day of history; with the quantile of the last hundred, 16 to 20
+    of 20 fleets after a day of history; with the quantile of the last fifty, 16 to 20
     (``bench/detection_spikes.py``, docs/detection.md).
 
     One spike in noise is no news at 86,400 readings a day; ``count`` within ``window_s``
