@@ -380,6 +380,29 @@ def test_virtual_sensor_attributes_a_fault_to_its_own_metric() -> None:
     assert model.attribute(zs[300], led=model.led_by_others(model.moved_[300])) == 1
 
 
+def test_an_attribution_reads_each_leak_against_the_bar_as_damped() -> None:
+    """Beyond the training range ``extrapolation_penalty`` widens each metric's bar by how
+    far the *others* are out: a leak read against the undamped bar misweighs the metrics."""
+    rng = np.random.default_rng(3)
+    load = np.repeat(rng.uniform(0.2, 0.6, 40), 50)
+    X = np.column_stack([g * load + rng.normal(0, 0.01, len(load)) for g in (1.0, 3.0, 2.0)])
+    plain = VirtualSensorResidual(spans=(5, 20), smooth=20).fit(X[:1500])
+    plain.residuals(X[1500:])
+    assert set(plain.bar(-1)) == {"var"}  # the penalty off: nothing damped
+    model = VirtualSensorResidual(spans=(5, 20), smooth=20, extrapolation_penalty=2.0)
+    model.fit(X[:1500])
+    Y = X[1500:].copy()
+    Y[:, 2] += 3.0  # metric 2 far beyond its range: the others' bars widen, its own not
+    model.residuals(Y)
+    bar = model.bar(-1)
+    assert set(bar) == {"var", "damp"} and bar["damp"][0] > 1.5 * bar["damp"][2]
+    assert model.sig_ is not None
+    z = model.leak_matrix() @ np.eye(3)[1] * 0.5 / (model.sig_ * bar["damp"])
+    fit = model.explained(z, smooth=False, **bar)
+    assert fit[1] == pytest.approx(float(np.sum(z**2))) and int(np.argmax(fit)) == 1
+    assert model.explained(z, smooth=False)[1] < 0.99 * float(np.sum(z**2))
+
+
 def test_a_metric_whose_expected_value_moved_faster_than_ever_is_not_named() -> None:
     model = VirtualSensorResidual(spans=(5, 20), smooth=20).fit(_metrics(4)[:1500])
     z = np.array([1.0, 8.0, 2.0])

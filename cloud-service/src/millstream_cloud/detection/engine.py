@@ -1071,8 +1071,9 @@ class DeviceModel:
         # Each leak read against the bar the residuals were judged on (a young model's
         # doubt widens it). Not at a rising edge on the live stream: tried, it named
         # worse there (docs/detection.md, *Their stops, named*).
-        var = None if view.var_ is None else view.var_[-1]
-        fit = view.explained(short, smooth=True, among=out, settled=True, short=True, var=var)
+        fit = view.explained(
+            short, smooth=True, among=out, settled=True, short=True, **view.bar(-1)
+        )
         j = self._part_near_tie(fit, raw[: k + 1])
         if any(inc.metric == j and inc.time_ns == t for inc in new):
             return []

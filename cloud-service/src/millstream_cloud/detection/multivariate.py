@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -203,6 +203,14 @@ ALONE_MOVE = 2.0
 
 
 @register("virtual_sensor")
+class Bar(TypedDict, total=False):
+    """What widened a scored row's bars beyond the residuals' spread (``explained``'s
+    keywords): the prediction's variance and, with ``extrapolation_penalty``, the damping."""
+
+    var: np.ndarray
+    damp: np.ndarray
+
+
 class VirtualSensorResidual:
     """Each metric predicted from the device's *other* metrics ("virtual sensors").
 
@@ -297,6 +305,9 @@ class VirtualSensorResidual:
         # ... and the variance of the slow model's prediction at each of them, which both
         # windows' bars include (``residuals``) and an attribution reads a leak against.
         self.var_: np.ndarray | None = None
+        # ... and the factor each bar was widened by beyond the training range
+        # (``extrapolation_penalty``; None when it is off).
+        self.damp_: np.ndarray | None = None
 
     # --- fast model --------------------------------------------------------------------
     def _features(self, Z: np.ndarray, ema: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -807,6 +818,7 @@ class VirtualSensorResidual:
         self._recent_fast = np.vstack([self._recent_fast, R_fast])[-LOCAL_ROWS:]
         R, var = self._slow_residuals(Z, Z_in if distrust else None, self._level(F))
         self.var_ = var
+        self.damp_ = None
         allr = np.vstack([self._recent, R])
         k = len(R)
         c = np.cumsum(np.vstack([np.zeros(R.shape[1]), allr]), axis=0)
@@ -837,6 +849,7 @@ class VirtualSensorResidual:
             others = (excess.sum(axis=1, keepdims=True) - excess) / max(m - 1, 1)
             damp = 1.0 + self.extrapolation_penalty * others
             zi, zs, short = zi / damp, zs / damp, short / damp
+            self.damp_ = damp
         if self.fixed_:
             zi[:, self.fixed_] = 0.0
             zs[:, self.fixed_] = 0.0
@@ -981,6 +994,7 @@ class VirtualSensorResidual:
         settled: bool = False,
         short: bool = False,
         var: np.ndarray | None = None,
+        damp: np.ndarray | None = None,
     ) -> np.ndarray:
         """Per metric (of ``among``, default all; -1 for one ruled out), how much of the
         residual vector ``z`` (in sigmas; the share in its squared sigmas) a fault of that
@@ -994,7 +1008,8 @@ class VirtualSensorResidual:
         made that metric's share look small: of a curved motor's vibration and the
         bearing temperature read from it, the temperature was named for the vibration's
         fault (``bench/detection_restart.py --curves``: 13 of 24 faults named right, 18
-        with the bar).
+        with the bar). ``damp``: the factor z's bar was widened by beyond the training
+        range (a row of ``damp_``), likewise. ``bar(row)`` gives both for a row scored.
 
         ``led`` (``led_by_others`` of a row of ``moved_``) are ruled out, unless every
         candidate is: metrics whose expected value moved faster than the metric itself
@@ -1013,6 +1028,8 @@ class VirtualSensorResidual:
             sig = self.sig_short_
         if var is not None and smooth:
             sig = np.sqrt(sig**2 + var)
+        if damp is not None:
+            sig = sig * damp
         through = distrust if smooth and not settled else ()
         Ln = self.leak_matrix(smooth, through, settled) / sig[:, None]
         num = (Ln.T @ z) ** 2
@@ -1025,6 +1042,16 @@ class VirtualSensorResidual:
             if plausible.max() >= 0.0:
                 fit = plausible
         return fit
+
+    def bar(self, row: int) -> Bar:
+        """What widened the bars of ``row`` of the rows ``residuals`` scored last, as
+        ``explained``'s keywords (``var``, and ``damp`` when the penalty is on)."""
+        out: Bar = {}
+        if self.var_ is not None:
+            out["var"] = self.var_[row]
+        if self.damp_ is not None:
+            out["damp"] = self.damp_[row]
+        return out
 
     @staticmethod
     def led_by_others(moved: np.ndarray) -> list[int]:
