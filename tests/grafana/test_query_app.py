@@ -55,3 +55,18 @@ def test_grafana_credentials_with_a_read_token(tmp_path: Path) -> None:
         assert client.get("/query", params=form, headers=hdr).status_code == 200
         params = {**form, "u": "grafana", "p": read_token}
         assert client.get("/query", params=params).status_code == 200
+
+
+def test_ping_answers_get_and_head_and_the_api_names_each_operation_once(
+    tmp_path: Path,
+) -> None:
+    """Grafana's InfluxDB datasource pings with GET or HEAD; an OpenAPI client generated
+    from /openapi.json needs one operation id per operation (GET and HEAD of one route
+    shared one)."""
+    client, _ = _app(tmp_path, with_auth=False)
+    assert client.get("/ping").status_code == 204
+    assert client.head("/ping").status_code == 204
+    spec = client.get("/openapi.json").json()
+    ids = [op["operationId"] for ops in spec["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+    assert set(spec["paths"]["/ping"]) == {"get", "head"}

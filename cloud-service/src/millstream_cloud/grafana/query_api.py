@@ -151,7 +151,11 @@ async def query_post(request: Request, services: Services = Depends(get_services
     return await _query(request, services)
 
 
-@router.api_route("/ping", methods=["GET", "HEAD"])
+# One route per method, each with its own operation id: a route of both had one id for
+# the two operations, which the OpenAPI document may not (a client generated from it
+# gets two functions of one name).
+@router.head("/ping", operation_id="ping_head")
+@router.get("/ping", operation_id="ping_get")
 async def ping() -> Response:
     """InfluxDB's liveness answer (204 with version headers)."""
     return Response(status_code=204, headers=VERSION_HEADERS)
