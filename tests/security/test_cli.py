@@ -114,3 +114,13 @@ def test_rendered_agent_config_is_accepted_by_the_agent(tmp_path: Path) -> None:
     loaded = agent_config.load_config(str(out / "agent.yaml"), env={})
     assert loaded["device"]["id"] == "press-01"
     assert loaded["mqtt"]["tls"]["cert"] == "/etc/millstream/press-01.crt"
+
+
+def test_the_cloud_cli_says_what_it_is_and_its_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from millstream_cloud import __version__, cli
+
+    assert "cloud service" in cli.build_parser().format_help()
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"millstream-cloud {__version__}"

@@ -7,6 +7,15 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from millstream_cloud import __version__
+
+DESCRIPTION = (
+    "Millstream cloud service: ingest machine telemetry from MQTT, store it, detect "
+    "anomalies, raise alerts and provision Grafana; and the tools around it (settings "
+    "check, evaluation on NAB, SKAB and the simulator, certificates, device identities, "
+    "API tokens)."
+)
+
 # Each module exposes ``add_parser(subparsers)`` which registers its sub-command(s) and
 # sets ``func(args) -> int`` as the parser default. A module that is not installed yet
 # (optional feature) is skipped so the rest of the CLI still works.
@@ -20,7 +29,8 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="millstream-cloud", description=__doc__)
+    parser = argparse.ArgumentParser(prog="millstream-cloud", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"millstream-cloud {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
