@@ -47,3 +47,26 @@ def test_a_check_across_sections_names_the_key_it_is_about(tmp_path: Path) -> No
         load_settings(path, environ={})
     msg = str(err.value)
     assert f"{path}:5: detection.shards: " in msg and "needs detection.feed: all" in msg
+
+
+def test_an_unknown_key_is_told_the_key_it_was_likely_meant_for(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.yaml"
+    path.write_text(
+        "mqtt:\n"
+        "  borker: mqtt://127.0.0.1:1883\n"  # a typo
+        "detection:\n"
+        "  spike_sigma: 5\n"  # a detector setting one level too high
+        "  bogus: 1\n"  # nothing like it
+        "  engine:\n"
+        "    warmpu: 10\n"
+    )
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, environ={})
+    msg = str(err.value)
+    assert f"{path}:2: mqtt.borker: unknown key (did you mean 'mqtt.broker'?)" in msg
+    assert (
+        f"{path}:4: detection.spike_sigma: unknown key "
+        "(did you mean 'detection.engine.spike_sigma'?)" in msg
+    )
+    assert f"{path}:5: detection.bogus: unknown key\n" in msg + "\n"
+    assert "warmpu (did you mean 'warmup'?)" in msg

@@ -7,6 +7,8 @@ Unknown keys are errors: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 import re
 import socket
@@ -485,6 +487,39 @@ def _paths(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str
     return out
 
 
+@functools.cache
+def _known_keys() -> tuple[tuple[str, ...], ...]:
+    """Every settings key, by its path: the sections' fields and the detection engine's."""
+    from millstream_cloud.detection.engine import EngineSettings
+
+    def walk(model: type[BaseModel], prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
+        out = []
+        for name, field in model.model_fields.items():
+            out.append((*prefix, name))
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                out += walk(kind, (*prefix, name))
+        return out
+
+    engine: list[tuple[str, ...]] = [
+        ("detection", "engine", name) for name in EngineSettings.__dataclass_fields__
+    ]
+    return tuple(walk(Settings, ()) + engine)
+
+
+def _did_you_mean(loc: tuple[str, ...]) -> str:
+    """For an unknown key: the key of that name in another section (a detector setting
+    put under ``detection:`` rather than ``detection.engine:``), else a known key of the
+    same section spelt alike; empty when nothing is close."""
+    known = _known_keys()
+    same_name = [".".join(k) for k in known if k[-1] == loc[-1] and k != loc]
+    if same_name:
+        return f" (did you mean {' or '.join(repr(k) for k in same_name[:2])}?)"
+    siblings = [k[-1] for k in known if k[:-1] == loc[:-1]]
+    close = difflib.get_close_matches(loc[-1], siblings, n=1, cutoff=0.75)
+    return f" (did you mean {'.'.join((*loc[:-1], close[0]))!r}?)" if close else ""
+
+
 def _explain(
     exc: ValidationError, source: str, where: dict[tuple[str, ...], int] | None = None
 ) -> SettingsError:
@@ -492,7 +527,9 @@ def _explain(
     lines = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key" + _did_you_mean(loc)
         if not loc:  # a check across sections names the key it is about first
             named = re.match(r"(?:Value error, )?([a-z_]+(?:\.[a-z_]+)+)", msg)
             loc = tuple(named.group(1).split(".")) if named else ()

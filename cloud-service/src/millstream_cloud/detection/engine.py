@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import json
@@ -227,8 +228,14 @@ def settings_from_mapping(block: dict[str, Any] | None, pairs: bool = True) -> E
     fields = EngineSettings.__dataclass_fields__
     unknown = sorted(set(block) - set(fields))
     if unknown:
+        named = [
+            f"{key} (did you mean {close[0]!r}?)"
+            if (close := difflib.get_close_matches(key, list(fields), n=1, cutoff=0.75))
+            else key
+            for key in unknown
+        ]
         raise ValueError(
-            f"detection settings: unknown key(s) {', '.join(unknown)}; "
+            f"detection settings: unknown key(s) {', '.join(named)}; "
             f"known: {', '.join(sorted(fields))}"
         )
     defaults = EngineSettings()
