@@ -328,6 +328,11 @@ def test_operator_verdicts_are_kept_listed_and_give_each_detector_its_precision(
         assert verdicts(verdict="unjudged") == [("pressure", None)]
         assert verdicts(verdict="false_alarm") == [("temp", "false_alarm")]
         assert client.get(url, params={"verdict": "perhaps"}).status_code == 422
+        # A span that ends before it starts is refused, not answered "no anomalies".
+        backwards = {"start": "2026-03-01T09:00:00Z", "end": "2026-03-01T08:00:00Z"}
+        res = client.get(url, params=backwards)
+        assert res.status_code == 422 and "is before start" in res.text
+        assert client.get(f"{url}/precision", params=backwards).status_code == 422
 
         summary = client.get(f"{url}/precision").json()
         assert (summary["anomalies"], summary["judged"], summary["precision"]) == (3, 2, 0.5)

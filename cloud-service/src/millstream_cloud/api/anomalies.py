@@ -37,7 +37,12 @@ def _time(text: str) -> int:
 
 
 def _range(start: str | None, end: str | None) -> tuple[int | None, int | None]:
-    return (_time(start) if start else None, _time(end) if end else None)
+    """The span's bounds in ns; one that ends before it starts is refused (422) rather
+    than answered with nothing, which reads as "no anomalies"."""
+    start_ns, end_ns = (_time(start) if start else None, _time(end) if end else None)
+    if start_ns is not None and end_ns is not None and end_ns < start_ns:
+        raise HTTPException(422, f"end {end} is before start {start}")
+    return start_ns, end_ns
 
 
 @dataclass(frozen=True, slots=True)
