@@ -239,7 +239,9 @@ def test_sim_cli_takes_the_reading_interval_and_fleet_size(
     rc, err = _eval(["sim", "--hours", "10"], capsys)
     assert rc == 2 and "--hours 10: at least 17" in err
     rc, err = _eval(["sim", "--step-s", "0"], capsys)
-    assert rc == 2 and "--step-s: from 0.1" in err
+    assert rc == 2 and "--step-s 0: from 0.1" in err and "--devices" not in err
+    rc, err = _eval(["sim", "--devices", "0"], capsys)
+    assert rc == 2 and "--devices 0: at least 1" in err and "--step-s" not in err
 
 
 def test_the_simulators_curves_bend_the_metrics_and_keep_the_draws(

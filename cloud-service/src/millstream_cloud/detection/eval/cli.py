@@ -140,8 +140,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
             f"--hours {args.hours:g}: at least {least_h:g} (faults start after "
             f"{cfg.fault_after_h:g} h of normal running and last up to 2 h)"
         )
-    if not 0.1 <= args.step_s <= 3600 or args.devices < 1:
-        raise EvalInputError("--step-s: from 0.1 to 3600 seconds; --devices: at least 1")
+    if not 0.1 <= args.step_s <= 3600:
+        raise EvalInputError(f"--step-s {args.step_s:g}: from 0.1 to 3600 seconds")
+    if args.devices < 1:
+        raise EvalInputError(f"--devices {args.devices}: at least 1")
     out = runners.run_sim(settings, seed=args.seed, config=cfg)
     out.update(step_s=cfg.step_s, hours=cfg.hours, devices=cfg.devices, curves=cfg.curves)
     shape = ", metrics on curves of the load" if cfg.curves else ""
