@@ -202,7 +202,6 @@ IMPLAUSIBLE_MOVE = 1.0
 ALONE_MOVE = 2.0
 
 
-@register("virtual_sensor")
 class Bar(TypedDict, total=False):
     """What widened a scored row's bars beyond the residuals' spread (``explained``'s
     keywords): the prediction's variance and, with ``extrapolation_penalty``, the damping."""
@@ -211,6 +210,7 @@ class Bar(TypedDict, total=False):
     damp: np.ndarray
 
 
+@register("virtual_sensor")
 class VirtualSensorResidual:
     """Each metric predicted from the device's *other* metrics ("virtual sensors").
 
