@@ -91,6 +91,15 @@ def _feed(engine: DetectionEngine, readings: list[Reading], chunk: int = 100) ->
             "detection.rules[0]: detection settings: streaming: unknown key(s) alert",
         ),
         (
+            [{"match": {"kind": "pump"}, "warmpu": 10}],
+            "detection.rules[0]: detection settings: unknown key(s) warmpu (did you mean "
+            "'warmup'?)",
+        ),
+        (
+            [{"match": {"metric": "t"}, "streaming": {"shrot": 3}}],
+            "streaming: unknown key(s) shrot (did you mean 'short'?)",
+        ),
+        (
             [{"match": {"metric": "t"}, "streaming": {"components": ["value", "trend"]}}],
             "streaming.components: ['value', 'trend']; choose from value, level",
         ),

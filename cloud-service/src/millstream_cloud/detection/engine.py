@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 import hashlib
 import json
@@ -31,7 +30,7 @@ from ..model import Anomaly, Contribution, Reading
 from .calibration import Hysteresis
 from .explain import describe, explain
 from .multivariate import DISTRUST_PROBE_ROWS, SHORT_BAR, VirtualSensorResidual
-from .rules import Rule, check_bound, check_streaming, resolve
+from .rules import Rule, check_bound, check_streaming, refuse_unknown, resolve
 from .streaming import REBUILDABLE, SpikeBurst, StreamingEnsemble, StuckSensor
 from .window import (
     LOADING_FROM,
@@ -226,18 +225,7 @@ def settings_from_mapping(block: dict[str, Any] | None, pairs: bool = True) -> E
     if not block:
         return EngineSettings()
     fields = EngineSettings.__dataclass_fields__
-    unknown = sorted(set(block) - set(fields))
-    if unknown:
-        named = [
-            f"{key} (did you mean {close[0]!r}?)"
-            if (close := difflib.get_close_matches(key, list(fields), n=1, cutoff=0.75))
-            else key
-            for key in unknown
-        ]
-        raise ValueError(
-            f"detection settings: unknown key(s) {', '.join(named)}; "
-            f"known: {', '.join(sorted(fields))}"
-        )
+    refuse_unknown("detection settings", block, fields)
     defaults = EngineSettings()
     values: dict[str, Any] = {}
     for key, value in block.items():

@@ -20,8 +20,9 @@ rules without one.
 
 from __future__ import annotations
 
+import difflib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any
@@ -114,16 +115,28 @@ def check_bound(where: str, value: Any, low: float, high: float | None, whole: b
     return int(value) if whole else value
 
 
+def refuse_unknown(where: str, given: Iterable[str], known: Collection[str]) -> None:
+    """An error naming the keys of ``given`` not in ``known``, each with the known key it
+    was likely meant for (a typo), and the known ones."""
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return
+    named = [
+        f"{key} (did you mean {close[0]!r}?)"
+        if (close := difflib.get_close_matches(key, list(known), n=1, cutoff=0.75))
+        else key
+        for key in unknown
+    ]
+    raise ValueError(
+        f"{where}: unknown key(s) {', '.join(named)}; known: {', '.join(sorted(known))}"
+    )
+
+
 def check_streaming(block: Any, where: str) -> dict[str, Any]:
     """A ``streaming`` block: a mapping of known ensemble parameters, else an error."""
     if not isinstance(block, Mapping):
         raise ValueError(f"{where}: must be a mapping of per-metric detector settings")
-    known = streaming_keys()
-    unknown = sorted(set(block) - known)
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
+    refuse_unknown(where, block, streaming_keys())
     block = dict(block)
     for key, value in block.items():
         if key in STREAMING_BOUNDS and not (key == "detect_after" and value is None):
