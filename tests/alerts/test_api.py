@@ -131,6 +131,12 @@ def test_reading_through_pipeline_raises_alert_listed_and_notified(app, webhook)
         "acknowledged",
     ]
     assert events[0]["event"] in ("resolved", "notified")
+    # A span that ends before it starts is refused, not answered "nothing happened".
+    res = client.get(
+        "/api/v1/alerts/history",
+        params={"since": "2026-03-01T09:00:00Z", "until": "2026-03-01T08:00:00Z"},
+    )
+    assert res.status_code == 422 and res.json()["detail"]["field"] == "until"
     svc.tick(time.time_ns() + 300 * 10**9)  # the group's next flush sends the resolution
     assert [b["status"] for b in webhook.wait_for(2)] == ["firing", "resolved"]
     assert svc.wait_idle(5)

@@ -83,12 +83,16 @@ def history(
     until: str | None = Query(None, description="RFC 3339, exclusive"),
     limit: int = Query(1000, ge=1, le=100_000),
 ) -> Any:
+    since_ns, until_ns = _time(since, "since"), _time(until, "until")
+    if since_ns is not None and until_ns is not None and until_ns < since_ns:
+        # Refused rather than answered with no events, which reads as "nothing happened".
+        raise HTTPException(422, {"field": "until", "message": f"{until} is before since {since}"})
     rows = svc.history(
         fingerprint=fingerprint,
         alertname=alertname,
         event=event,
-        since=_time(since, "since"),
-        until=_time(until, "until"),
+        since=since_ns,
+        until=until_ns,
         limit=limit,
     )
     return {"events": [{**r, "time": rfc3339(r["time"])} for r in rows]}
