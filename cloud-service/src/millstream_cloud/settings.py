@@ -7,7 +7,6 @@ Unknown keys are errors: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 import re
@@ -511,13 +510,14 @@ def _did_you_mean(loc: tuple[str, ...]) -> str:
     """For an unknown key: the key of that name in another section (a detector setting
     put under ``detection:`` rather than ``detection.engine:``), else a known key of the
     same section spelt alike; empty when nothing is close."""
+    from millstream_cloud.detection.rules import likely_meant
+
     known = _known_keys()
     same_name = [".".join(k) for k in known if k[-1] == loc[-1] and k != loc]
     if same_name:
         return f" (did you mean {' or '.join(repr(k) for k in same_name[:2])}?)"
-    siblings = [k[-1] for k in known if k[:-1] == loc[:-1]]
-    close = difflib.get_close_matches(loc[-1], siblings, n=1, cutoff=0.75)
-    return f" (did you mean {'.'.join((*loc[:-1], close[0]))!r}?)" if close else ""
+    meant = likely_meant(loc[-1], (k[-1] for k in known if k[:-1] == loc[:-1]))
+    return f" (did you mean {'.'.join((*loc[:-1], meant))!r}?)" if meant else ""
 
 
 def _explain(

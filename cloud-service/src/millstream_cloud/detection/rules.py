@@ -115,6 +115,12 @@ def check_bound(where: str, value: Any, low: float, high: float | None, whole: b
     return int(value) if whole else value
 
 
+def likely_meant(key: str, known: Iterable[str]) -> str | None:
+    """The known key spelt most like ``key`` (a typo's intended key), if one is close."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def refuse_unknown(where: str, given: Iterable[str], known: Collection[str]) -> None:
     """An error naming the keys of ``given`` not in ``known``, each with the known key it
     was likely meant for (a typo), and the known ones."""
@@ -122,9 +128,7 @@ def refuse_unknown(where: str, given: Iterable[str], known: Collection[str]) -> 
     if not unknown:
         return
     named = [
-        f"{key} (did you mean {close[0]!r}?)"
-        if (close := difflib.get_close_matches(key, list(known), n=1, cutoff=0.75))
-        else key
+        f"{key} (did you mean {meant!r}?)" if (meant := likely_meant(key, known)) else key
         for key in unknown
     ]
     raise ValueError(
