@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -140,11 +141,11 @@ def write_cloud_config(var: Path, history: bool) -> Path:
     return path
 
 
-def history_seconds(text: str) -> float:
-    """``--history`` in seconds (``12h``, ``90m``, ``0``)."""
+def seconds(text: str, flag: str = "--history") -> float:
+    """A duration flag in seconds (``12h``, ``90m``, ``0``); ValueError naming ``flag``."""
     from millstream_agent.collectors._options import parse_duration
 
-    return parse_duration(text, "--history")
+    return parse_duration(text, flag)
 
 
 def first_fault_after(history_s: float, devices: int) -> str:
@@ -155,6 +156,32 @@ def first_fault_after(history_s: float, devices: int) -> str:
         return "150s"
     readings = devices * 10 * history_s / HISTORY_STEP_S
     return f"{150 + 1.5 * readings / HISTORY_RATE:.0f}s"
+
+
+# About how long after its onset a fault is found in the demo (the device model's median
+# delays are 4-5 minutes: bench/detection_demo.py, docs/detection.md).
+FOUND_WITHIN_S = 300
+
+
+def duration_note(duration_s: float, first_fault_s: float) -> str:
+    """What to tell a user whose ``--duration`` stops the demo before it can show a fault
+    found ("" when it can, or when it runs until Ctrl-C): a 5-minute demo with its past
+    ended before its first fault and printed "no fault injected yet", which read as a
+    demo that does nothing."""
+    if not duration_s or duration_s >= first_fault_s + FOUND_WITHIN_S:
+        return ""
+    enough = math.ceil((first_fault_s + FOUND_WITHIN_S) / 60) * 60
+    if duration_s <= first_fault_s:
+        what = f"ends before the first fault is injected (at {first_fault_s:.0f} s)"
+    else:
+        what = (
+            f"stops {duration_s - first_fault_s:.0f} s after the first fault is injected"
+            f" (at {first_fault_s:.0f} s), before most can be found"
+        )
+    return (
+        f"demo: DURATION={duration_s:g} {what}; DURATION={enough} or more shows faults"
+        " found (0: until Ctrl-C)"
+    )
 
 
 def http_json(url: str, timeout: float = 2.0) -> object:
@@ -320,13 +347,18 @@ def main() -> int:
     args = ap.parse_args()
     var = args.workdir
     try:
-        history_s = history_seconds(args.history)
+        history_s = seconds(args.history)
     except ValueError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
     with_history = history_s > 0
     fault_types = args.fault_types or FAULT_TYPES[history_s >= DEVICE_MODEL_AFTER_S]
     fault_start_after = args.fault_start_after or first_fault_after(history_s, args.devices)
+    try:
+        first_fault_s = seconds(fault_start_after, "--fault-start-after")
+    except ValueError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
 
     if port_in_use(args.port):
         print(f"demo: port {args.port} is in use; run `make demo PORT=8001`", file=sys.stderr)
@@ -462,6 +494,9 @@ def main() -> int:
             "  stop         Ctrl-C"
             + (f" (or after {args.duration:.0f} s)" if args.duration else "")
         )
+        note = duration_note(args.duration, first_fault_s)
+        if note:
+            print(note)
         sys.stdout.flush()
         started = time.monotonic()
         last: tuple[float, float] | None = None

@@ -170,3 +170,20 @@ def test_summary_says_when_detection_is_learning_the_past() -> None:
     assert demo.detection_note(43_320, 43_300) == ""
     assert demo.detection_note(2_001, 1_000) == "  detection learning (1,001 readings behind)"
     assert demo.detection_note(2_000, 1_000) == ""
+
+
+def test_a_demo_too_short_to_show_a_fault_found_says_so_before_it_runs() -> None:
+    """A DURATION that ends before the first fault (or too soon after it) is told at
+    start what it will miss and what length shows faults found; one long enough, or a
+    run until Ctrl-C, is told nothing."""
+    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts" / "demo.py")
+    assert spec and spec.loader
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    before = demo.duration_note(300, 312)
+    assert "ends before the first fault is injected (at 312 s)" in before
+    assert "DURATION=660 or more" in before
+    soon = demo.duration_note(400, 312)
+    assert "stops 88 s after the first fault" in soon and "DURATION=660" in soon
+    assert demo.duration_note(660, 312) == ""
+    assert demo.duration_note(0, 312) == ""
