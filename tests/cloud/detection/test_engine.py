@@ -247,6 +247,79 @@ def test_a_model_due_mid_incident_is_retrained_after_it_and_scores_on_from_now(
     assert shift.start_ns < found[0].time_ns < shift.end_ns
 
 
+def _first_day(
+    seed: int,
+    curves: bool,
+    faults: tuple[tuple[str, str, float], ...] = (),
+    beyond: set[tuple[str, str]] | None = None,
+) -> list[Anomaly]:
+    """The anomalies of the simulator's motor and pump over a day (their first models
+    at hour 12), with ``faults`` (device, kind, hour) injected; into ``beyond``, the
+    metrics their descriptions listed ``beyond_reach`` (read every 10 minutes)."""
+    fleet = simulate(SimConfig(seed=seed, devices=2, hours=24, faults=(), curves=curves))
+    for device, kind, hour in faults:
+        inject(fleet, device, kind, hour * 3600)
+    engine = DetectionEngine(EngineSettings())
+    found: list[Anomaly] = []
+    for i, batch in enumerate(fleet.batches()):
+        found += engine.observe(batch)
+        if beyond is not None and i % 10 == 0:
+            for device in ("motor-00", "pump-01"):
+                said = engine.describe(device, None, [])["device_model"]["beyond_reach"]
+                beyond.update((device, m) for m in said)
+    return found + engine.flush()
+
+
+def test_a_young_model_of_a_machine_on_curves_does_not_judge_loads_beyond_its_reach(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Healthy machines on curves, their first models (half a day of their loads) judging
+    # the rest of the day: where the loads went beyond the training range, the line
+    # missed the curve by more than its doubt widened the bar, and a pump raised "flow"
+    # (seeds 5 and 12) or "motor_current_a" (seed 11), the metric the others follow.
+    # Beyond its reach such a model now says nothing.
+    from millstream_cloud.detection import engine as engine_module
+
+    for seed in (5, 11, 12):
+        beyond: set[tuple[str, str]] = set()
+        assert _first_day(seed, curves=True, beyond=beyond) == [], seed
+        # ... and its device's description says which metrics are beyond it.
+        assert ("pump-01", "flow_l_min") in beyond, (seed, beyond)
+    monkeypatch.setattr(engine_module, "REACH", math.inf)
+    assert [a.metric for a in _first_day(12, curves=True)] == ["flow_l_min"]
+
+
+def test_a_young_model_of_a_machine_on_curves_still_finds_a_shift() -> None:
+    # A 2-sigma shift of a motor's speed an hour into its first model's judging (hour
+    # 17), on machines on curves: found and named within 15 minutes, as before the
+    # reach (and on seed 9, whose loads stayed beyond it for the fault's hour, not found).
+    for seed in (4, 5, 7):
+        found = _first_day(seed, curves=True, faults=(("motor-00", "level_shift", 17.0),))
+        motor = [a for a in found if a.device == "motor-00"]
+        assert [a.metric for a in motor] == ["speed_rpm"], seed
+
+
+def test_only_a_young_model_that_doubts_its_lines_has_a_reach() -> None:
+    # Straight-line machines: their young models' curves explain 0.00-0.04 of their
+    # lines' misfit, under CURVE_DOUBT, and they judge every load as before.
+    from millstream_cloud.detection.engine import CURVE_DOUBT
+
+    for curves in (False, True):
+        fleet = simulate(SimConfig(seed=4, devices=2, hours=13, faults=(), curves=curves))
+        X = np.column_stack([v for (d, _), v in fleet.series.items() if d == "pump-01"])
+        dev = DeviceModel(EngineSettings())
+        dev.model = dev._new_model().fit(X[:4320])
+        lo, hi = dev.model.training_range()
+        reach = dev._reach(np.vstack([hi * 1.2, (lo + hi) / 2]), lo, hi)
+        weight = dev.model.curve_weight_
+        if curves:
+            assert weight is not None and weight.max() >= CURVE_DOUBT
+            assert reach is not None and reach[0].all() and not reach[1].any()
+        else:
+            assert weight is None or weight.max() < CURVE_DOUBT
+            assert reach is None
+
+
 def test_a_stuck_sensor_is_distrusted_and_a_fault_beside_it_is_named_right() -> None:
     # The current sticks at 20:00 (the stuck check reports it); at 20:20 the speed shifts.
     # The stuck value fed the others' predictions: before it was distrusted, the shift's
