@@ -252,13 +252,17 @@ def _first_day(
     curves: bool,
     faults: tuple[tuple[str, str, float], ...] = (),
     beyond: set[tuple[str, str]] | None = None,
+    injected: list[Fault] | None = None,
 ) -> list[Anomaly]:
     """The anomalies of the simulator's motor and pump over a day (their first models
-    at hour 12), with ``faults`` (device, kind, hour) injected; into ``beyond``, the
-    metrics their descriptions listed ``beyond_reach`` (read every 10 minutes)."""
+    at hour 12), with ``faults`` (device, kind, hour) injected (into ``injected``); into
+    ``beyond``, the metrics their descriptions listed ``beyond_reach`` (read every 10
+    minutes)."""
     fleet = simulate(SimConfig(seed=seed, devices=2, hours=24, faults=(), curves=curves))
     for device, kind, hour in faults:
-        inject(fleet, device, kind, hour * 3600)
+        fault = inject(fleet, device, kind, hour * 3600)
+        if injected is not None:
+            injected.append(fault)
     engine = DetectionEngine(EngineSettings())
     found: list[Anomaly] = []
     for i, batch in enumerate(fleet.batches()):
@@ -294,9 +298,13 @@ def test_a_young_model_of_a_machine_on_curves_still_finds_a_shift() -> None:
     # 17), on machines on curves: found and named within 15 minutes, as before the
     # reach (and on seed 9, whose loads stayed beyond it for the fault's hour, not found).
     for seed in (4, 5, 7):
-        found = _first_day(seed, curves=True, faults=(("motor-00", "level_shift", 17.0),))
+        shift: list[Fault] = []
+        found = _first_day(
+            seed, curves=True, faults=(("motor-00", "level_shift", 17.0),), injected=shift
+        )
         motor = [a for a in found if a.device == "motor-00"]
         assert [a.metric for a in motor] == ["speed_rpm"], seed
+        assert 0 < motor[0].time_ns - shift[0].start_ns <= 15 * 60e9, seed
 
 
 def test_only_a_young_model_that_doubts_its_lines_has_a_reach() -> None:
