@@ -307,25 +307,29 @@ def test_a_young_model_of_a_machine_on_curves_still_finds_a_shift() -> None:
         assert 0 < motor[0].time_ns - shift[0].start_ns <= 15 * 60e9, seed
 
 
-def test_only_a_young_model_that_doubts_its_lines_has_a_reach() -> None:
-    # Straight-line machines: their young models' curves explain 0.00-0.04 of their
-    # lines' misfit, under CURVE_DOUBT, and they judge every load as before.
+def test_only_a_model_of_a_machine_on_curves_has_a_reach() -> None:
+    # A young model that doubts its lines (its curves explain over CURVE_DOUBT of their
+    # misfit) and one of a day and more that chose squares have a reach; straight-line
+    # machines' models (their curves explain 0.00-0.04, no square chosen) judge every load.
     from millstream_cloud.detection.engine import CURVE_DOUBT
 
     for curves in (False, True):
-        fleet = simulate(SimConfig(seed=4, devices=2, hours=13, faults=(), curves=curves))
+        fleet = simulate(SimConfig(seed=4, devices=2, hours=31, faults=(), curves=curves))
         X = np.column_stack([v for (d, _), v in fleet.series.items() if d == "pump-01"])
-        dev = DeviceModel(EngineSettings())
-        dev.model = dev._new_model().fit(X[:4320])
-        lo, hi = dev.model.training_range()
-        reach = dev._reach(np.vstack([hi * 1.2, (lo + hi) / 2]), lo, hi)
-        weight = dev.model.curve_weight_
-        if curves:
-            assert weight is not None and weight.max() >= CURVE_DOUBT
-            assert reach is not None and reach[0].all() and not reach[1].any()
-        else:
-            assert weight is None or weight.max() < CURVE_DOUBT
-            assert reach is None
+        for rows in (4320, 10800):  # half a day; a day and a half
+            dev = DeviceModel(EngineSettings())
+            dev.model = dev._new_model().fit(X[:rows])
+            lo, hi = dev.model.training_range()
+            reach = dev._reach(np.vstack([hi * 1.2, (lo + hi) / 2]), lo, hi)
+            weight = dev.model.curve_weight_
+            m = len(dev.model.lags_)
+            squares = any(2 * m <= c < 3 * m for idx in dev.model.slow_idx_ for c in idx)
+            if curves:
+                assert squares or (weight is not None and weight.max() >= CURVE_DOUBT), rows
+                assert reach is not None and reach[0].all() and not reach[1].any(), rows
+            else:
+                assert not squares and (weight is None or weight.max() < CURVE_DOUBT), rows
+                assert reach is None, rows
 
 
 def test_a_stuck_sensor_is_distrusted_and_a_fault_beside_it_is_named_right() -> None:

@@ -303,8 +303,9 @@ REARM_SMOOTHS = 2
 # a metric's line misfit doubts its lines (``VirtualSensorResidual._curve``: 0.00-0.04 on
 # the simulator's straight-line machines, 0.28-0.96 on its curves) ...
 CURVE_DOUBT = 0.2
-# ... and does not open an incident where the device's other metrics read beyond its
-# training range by more than this share of it (``DeviceModel._beyond_reach``).
+# ... and it, or a model that chose squares, does not open an incident where the
+# device's other metrics read beyond its training range by more than this share of it
+# (``DeviceModel._beyond_reach``).
 REACH = 0.05
 # Rows (an hour of 10-s rows) between judgements of an incident still open after it was
 # judged again (``DeviceModel._rejudge``).
@@ -934,14 +935,22 @@ class DeviceModel:
     STOP_RANGES = 0.5
 
     def _reach(self, X: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray | None:
-        """Per row of ``X`` and metric, whether it reads beyond the reach of a young model
-        that doubts its lines (CURVE_DOUBT): outside its training range by more than
-        REACH of it, on a row that is no stop (every metric above a range below its
-        range: stops have their own judgement). None for any other model."""
+        """Per row of ``X`` and metric, whether it reads beyond the reach of a model of a
+        machine on curves, a young one that doubts its lines (CURVE_DOUBT) or one that
+        chose squares: outside its training range by more than REACH of it, on a row that
+        is no stop (every metric above a range below its range: stops have their own
+        judgement). None for a model of straight lines, which extrapolate as they fit.
+
+        Squares extrapolate better than lines but not well: on ``--curves --hours 72
+        --fault-after 40`` fleets, day 2's false anomalies (models with squares) were
+        named on the pump's flow too, at loads beyond their training range."""
         model = self.model
         assert model is not None
         doubt = model.curve_weight_
-        if model.curve_coef_ is None or doubt is None or doubt.max() < CURVE_DOUBT:
+        m = len(model.lags_)
+        squares = any(2 * m <= c < 3 * m for idx in model.slow_idx_ for c in idx)
+        young = model.curve_coef_ is not None and doubt is not None and doubt.max() >= CURVE_DOUBT
+        if not (young or squares):
             return None
         span = np.where(hi > lo, hi - lo, np.inf)
         out = (np.maximum(X - hi, 0.0) + np.maximum(lo - X, 0.0)) / span > REACH
@@ -949,7 +958,7 @@ class DeviceModel:
         return out
 
     def beyond_reach(self) -> list[str]:
-        """The metrics read beyond the reach of a young model that doubts its lines
+        """The metrics read beyond the reach of a model of a machine on curves
         (``_reach``) within the residuals' average: while any is, no incident opens."""
         return [
             self.metrics[q]
@@ -1614,8 +1623,8 @@ class DetectionEngine:
                     if dev is not None and len(dev.gates) == len(dev.metrics)
                     else []
                 ),
-                # Metrics read beyond the loads a young model that doubts its lines saw,
-                # within its averaging window: it opens no incident meanwhile.
+                # Metrics read beyond the loads a model of a machine on curves saw, within
+                # its averaging window: it opens no incident meanwhile.
                 "beyond_reach": dev.beyond_reach() if dev is not None else [],
                 "max_incidents": s.mv_max_incidents,
                 # more metrics than a device model takes: each is watched on its own
