@@ -321,14 +321,12 @@ def test_only_a_model_of_a_machine_on_curves_has_a_reach() -> None:
             dev.model = dev._new_model().fit(X[:rows])
             lo, hi = dev.model.training_range()
             reach = dev._reach(np.vstack([hi * 1.2, (lo + hi) / 2]), lo, hi)
-            weight = dev.model.curve_weight_
-            m = len(dev.model.lags_)
-            squares = any(2 * m <= c < 3 * m for idx in dev.model.slow_idx_ for c in idx)
+            assert dev.model.curved(CURVE_DOUBT) == curves, rows
+            # young, by its doubt; older, by the squares it chose (no doubt kept)
+            assert (dev.model.curve_coef_ is None) == (rows == 10800), rows
             if curves:
-                assert squares or (weight is not None and weight.max() >= CURVE_DOUBT), rows
                 assert reach is not None and reach[0].all() and not reach[1].any(), rows
             else:
-                assert not squares and (weight is None or weight.max() < CURVE_DOUBT), rows
                 assert reach is None, rows
 
 

@@ -408,8 +408,8 @@ class DeviceModel:
         self.judged_out = False
         # Rows until a judged incident still open is judged on a replay (``_rejudge``).
         self.rejudge_rows = REJUDGE_ROWS
-        # Per metric, the latest row it read beyond a doubting young model's reach
-        # (``_beyond_reach``): the residuals' averages hold those rows a while longer.
+        # Per metric, the latest row it read beyond the reach of a model of a machine on
+        # curves (``_reach``): the residuals' averages hold those rows a while longer.
         self.reach_rows: list[int] = []
 
     # Settings the fitted model is made of, and settings of the gates that judge it.
@@ -944,13 +944,8 @@ class DeviceModel:
         Squares extrapolate better than lines but not well: on ``--curves --hours 72
         --fault-after 40`` fleets, day 2's false anomalies (models with squares) were
         named on the pump's flow too, at loads beyond their training range."""
-        model = self.model
-        assert model is not None
-        doubt = model.curve_weight_
-        m = len(model.lags_)
-        squares = any(2 * m <= c < 3 * m for idx in model.slow_idx_ for c in idx)
-        young = model.curve_coef_ is not None and doubt is not None and doubt.max() >= CURVE_DOUBT
-        if not (young or squares):
+        assert self.model is not None
+        if not self.model.curved(CURVE_DOUBT):
             return None
         span = np.where(hi > lo, hi - lo, np.inf)
         out = (np.maximum(X - hi, 0.0) + np.maximum(lo - X, 0.0)) / span > REACH

@@ -1053,6 +1053,16 @@ class VirtualSensorResidual:
             out["damp"] = self.damp_[row]
         return out
 
+    def curved(self, doubt: float) -> bool:
+        """Whether the model takes its machine to be on curves: a metric's regression
+        uses a square, or (too young to choose squares) a curve explains at least
+        ``doubt`` of a metric's line misfit (``curve_weight_``)."""
+        m = len(self.lags_)
+        if any(2 * m <= c < 3 * m for idx in self.slow_idx_ for c in idx):
+            return True
+        weight = self.curve_weight_
+        return self.curve_coef_ is not None and weight is not None and weight.max() >= doubt
+
     @staticmethod
     def led_by_others(moved: np.ndarray) -> list[int]:
         """The metrics (``moved``: a row of ``moved_``) whose expected value moved faster
