@@ -141,7 +141,7 @@ def write_cloud_config(var: Path, history: bool) -> Path:
     return path
 
 
-def seconds(text: str, flag: str = "--history") -> float:
+def seconds(text: str, flag: str) -> float:
     """A duration flag in seconds (``12h``, ``90m``, ``0``); ValueError naming ``flag``."""
     from millstream_agent.collectors._options import parse_duration
 
@@ -347,7 +347,7 @@ def main() -> int:
     args = ap.parse_args()
     var = args.workdir
     try:
-        history_s = seconds(args.history)
+        history_s = seconds(args.history, "--history")
     except ValueError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2

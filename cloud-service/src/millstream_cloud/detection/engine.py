@@ -933,13 +933,16 @@ class DeviceModel:
 
     # A reading this many training ranges below its range is a stop (speed, flow ~0).
     STOP_RANGES = 0.5
+    # ... and, for a model's reach (``_reach``), this many: a curved pump running at a low
+    # load read its flow 0.51 of its range below it, and is judged by the reach.
+    REACH_STOP_RANGES = 1.0
 
     def _reach(self, X: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray | None:
         """Per row of ``X`` and metric, whether it reads beyond the reach of a model of a
         machine on curves, a young one that doubts its lines (CURVE_DOUBT) or one that
         chose squares: outside its training range by more than REACH of it, on a row that
-        is no stop (every metric above a range below its range: stops have their own
-        judgement). None for a model of straight lines, which extrapolate as they fit.
+        is no stop (every metric above REACH_STOP_RANGES below its range: stops have
+        their own judgement). None for a model of straight lines, which extrapolate as they fit.
 
         Squares extrapolate better than lines but not well: on ``--curves --hours 72
         --fault-after 40`` fleets, day 2's false anomalies (models with squares) were
@@ -949,7 +952,7 @@ class DeviceModel:
             return None
         span = np.where(hi > lo, hi - lo, np.inf)
         out = (np.maximum(X - hi, 0.0) + np.maximum(lo - X, 0.0)) / span > REACH
-        out[np.less(X, lo - span).any(axis=1)] = False  # a stop
+        out[np.less(X, lo - self.REACH_STOP_RANGES * span).any(axis=1)] = False  # a stop
         return out
 
     def beyond_reach(self) -> list[str]:
