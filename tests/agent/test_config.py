@@ -77,6 +77,11 @@ def test_wrong_type_names_key_line_and_expectation() -> None:
     )
 
 
+def test_a_value_outside_its_choices_is_told_the_choices() -> None:
+    [error] = errors_of(GOOD.replace("  keepalive: 30", "  keepalive: 30\n  qos: 2"))
+    assert error == "agent.yaml:7: mqtt.qos: expected an integer: 1, got 2"
+
+
 def test_collector_option_checked_against_options_spec() -> None:
     errors = errors_of(GOOD.replace("metrics: 4", "metrics: four, colour: red"))
     assert any(

@@ -70,3 +70,25 @@ def test_an_unknown_key_is_told_the_key_it_was_likely_meant_for(tmp_path: Path) 
     )
     assert f"{path}:5: detection.bogus: unknown key\n" in msg + "\n"
     assert "warmpu (did you mean 'warmup'?)" in msg
+
+
+def test_an_engine_setting_out_of_range_is_named_at_its_own_line(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.yaml"
+    path.write_text("detection:\n  engine:\n    warmup: 10\n    mv_on: -1\n")
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, environ={})
+    msg = str(err.value)
+    assert f"{path}:4: detection.engine.mv_on: -1; must be a number, 0.1 or more" in msg
+    assert "Value error" not in msg  # pydantic's wording, not ours
+
+
+def test_a_misspelt_storage_backend_is_refused_with_the_known_ones(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.yaml"
+    path.write_text("storage:\n  backend: influx\n")
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, environ={})
+    assert str(err.value) == (
+        f"{path}:2: storage.backend: unknown backend 'influx'; known: embedded, influxdb"
+        " (did you mean 'influxdb'?)"
+    )
+    assert load_settings(overrides={"storage": {"backend": "influxdb"}}, environ={})

@@ -244,6 +244,20 @@ class StorageSettings(Section):
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
     influxdb: InfluxDBSettings = Field(default_factory=InfluxDBSettings)
 
+    @field_validator("backend")
+    @classmethod
+    def _backend_known(cls, value: str) -> str:
+        """A misspelt backend is refused by ``check-config``, not first by ``serve``."""
+        from millstream_cloud.detection.rules import likely_meant
+        from millstream_cloud.storage.base import backend_names
+
+        known = backend_names()
+        if value not in known:
+            meant = likely_meant(value, known)
+            hint = f" (did you mean {meant!r}?)" if meant else ""
+            raise ValueError(f"unknown backend {value!r}; known: {', '.join(known)}{hint}")
+        return value
+
 
 class RegistrySettings(Section):
     url: str | None = Field(
@@ -520,6 +534,17 @@ def _did_you_mean(loc: tuple[str, ...]) -> str:
     return f" (did you mean {'.'.join((*loc[:-1], meant))!r}?)" if meant else ""
 
 
+def _engine_key(msg: str) -> tuple[tuple[str, ...], str]:
+    """An engine setting's problem under its own key ("detection.engine.mv_on: -1; must
+    be ...", at its line) rather than under ``engine``, which holds them all."""
+    from millstream_cloud.detection.engine import EngineSettings
+
+    named = re.match(r"detection settings: ([a-z_]+)(?:\[\])?:? (.*)", msg, re.DOTALL)
+    if named and named.group(1) in EngineSettings.__dataclass_fields__:
+        return ("detection", "engine", named.group(1)), named.group(2)
+    return ("detection", "engine"), msg.removeprefix("detection settings: ")
+
+
 def _explain(
     exc: ValidationError, source: str, where: dict[tuple[str, ...], int] | None = None
 ) -> SettingsError:
@@ -528,8 +553,12 @@ def _explain(
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
         msg = err["msg"]
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key" + _did_you_mean(loc)
+        if loc == ("detection", "engine"):
+            loc, msg = _engine_key(msg)
         if not loc:  # a check across sections names the key it is about first
             named = re.match(r"(?:Value error, )?([a-z_]+(?:\.[a-z_]+)+)", msg)
             loc = tuple(named.group(1).split(".")) if named else ()

@@ -204,6 +204,9 @@ def _describe(opt: Opt) -> str:
         "url": "a broker URL mqtt://HOST[:PORT] or mqtts://HOST[:PORT]",
         "enum": "one of " + ", ".join(str(c) for c in opt.choices),
     }[opt.kind]
+    if opt.choices and opt.kind != "enum":
+        # "expected an integer, got 3" read as if 3 were not one (mqtt.qos takes only 1).
+        what += ": " + " or ".join(str(c) for c in opt.choices)
     if opt.pattern is not None:
         what += f" matching {opt.pattern.pattern}"
     if opt.minimum is not None and opt.maximum is not None:

@@ -183,6 +183,11 @@ def register(cls: type[Storage]) -> type[Storage]:
     return cls
 
 
+def backend_names() -> list[str]:
+    """The names ``storage.backend`` may take: the built-in two, and any registered."""
+    return sorted({"embedded", "influxdb", *_BACKENDS})
+
+
 def backend_class(name: str) -> type[Storage]:
     try:
         return _BACKENDS[name]
