@@ -560,7 +560,7 @@ def _explain(
         if loc == ("detection", "engine"):
             loc, msg = _engine_key(msg)
         if not loc:  # a check across sections names the key it is about first
-            named = re.match(r"(?:Value error, )?([a-z_]+(?:\.[a-z_]+)+)", msg)
+            named = re.match(r"([a-z_]+(?:\.[a-z_]+)+)", msg)
             loc = tuple(named.group(1).split(".")) if named else ()
         key = ".".join(loc)
         line = next(
