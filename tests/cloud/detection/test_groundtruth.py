@@ -109,3 +109,16 @@ def test_a_reading_and_its_expected_value_show_their_difference() -> None:
     assert describe(c, "what the other metrics predict for this load") == (
         "speed 7.4\u03c3 above what the other metrics predict for this load (1521.3, expected 1519.6)"
     )
+
+
+def test_a_reading_back_across_its_expected_value_is_said_to_be_so() -> None:
+    from millstream_cloud.detection.explain import describe
+    from millstream_cloud.model import Contribution
+
+    # The device model's sigma is its residuals' 30-minute average; the reading quoted is
+    # now. On the other side of its expected value, the sentence says which is which.
+    c = Contribution(metric="fluid_temp_c", value=57.77, expected=56.63, sigma=-7.0)
+    assert describe(c, "what the other metrics predict for this load") == (
+        "fluid_temp_c 7.0\u03c3 below what the other metrics predict for this load on average"
+        " (now 57.77, expected 56.63)"
+    )
