@@ -211,3 +211,11 @@ def test_check_rules_cli(tmp_path, capsys):
     args = parser.parse_args(["alerts", "check-rules", str(bad)])
     assert args.func(args) == 2
     assert f"{bad}: rules[0] (Hot).for: " in capsys.readouterr().err
+
+
+def test_a_misspelt_field_or_a_promql_expr_gets_a_hint() -> None:
+    errs = errors_of({"name": "x", "type": "threshold", "metric": "t", "treshold": 80})
+    assert ("treshold", "unknown field (did you mean 'threshold'?)") in errs
+    # Written as a Prometheus rule: told what a rule here says instead.
+    [(field, msg)] = errors_of({"name": "hot", "expr": "temp > 80", "for": "5m"})
+    assert field == "type" and "PromQL" in msg and "metric, op and threshold" in msg

@@ -253,9 +253,32 @@ def _field(loc: tuple[Any, ...]) -> str:
     return text
 
 
+# Each rule type's model, for the fields an unknown one was likely meant as.
+_MODELS: dict[str, type[BaseModel]] = {
+    "threshold": ThresholdRule,
+    "rate_of_change": RateOfChangeRule,
+    "anomaly": AnomalyRule,
+    "offline": OfflineRule,
+    "no_data": NoDataRule,
+}
+
+
+def _known_fields(kind: str) -> list[str]:
+    """The keys a rule of ``kind`` takes, as written in a rules file (``for``, not ``for_``)."""
+    fields = _MODELS[kind].model_fields.items()
+    return [f.alias or name for name, f in fields]
+
+
 def _message(err: dict[str, Any]) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
+        loc = [str(p) for p in err["loc"]]
+        if len(loc) == 2 and loc[0] in _MODELS:
+            from millstream_cloud.detection.rules import likely_meant
+
+            meant = likely_meant(loc[1], _known_fields(loc[0]))
+            if meant:
+                return f"unknown field (did you mean {meant!r}?)"
         return "unknown field"
     if kind == "missing":
         return "field required"
@@ -270,7 +293,11 @@ def parse_rule(data: Any) -> AnyRule:
     if not isinstance(data, dict):
         raise RuleError([("", "a rule must be a mapping")])
     if "type" not in data:
-        raise RuleError([("type", f"field required: one of {', '.join(RULE_TYPES)}")])
+        msg = f"field required: one of {', '.join(RULE_TYPES)}"
+        if "expr" in data:
+            # Prometheus' rule files say what to watch in PromQL; here the type does.
+            msg += " (a PromQL `expr` is not read here: a threshold rule gives metric, op and threshold)"
+        raise RuleError([("type", msg)])
     try:
         return _ADAPTER.validate_python(data)  # type: ignore[no-any-return]
     except ValidationError as exc:
