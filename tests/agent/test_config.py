@@ -91,6 +91,17 @@ def test_collector_option_checked_against_options_spec() -> None:
     assert any("collectors[0].options.colour: unknown option" in e for e in errors), errors
 
 
+def test_a_misspelt_register_or_node_option_is_told_the_option_it_was_meant_for() -> None:
+    from millstream_agent.collectors._options import check_keys
+
+    with pytest.raises(ValueError) as info:
+        check_keys({"name": "temp", "adress": 3}, {"name", "address", "scale"}, "registers[0].")
+    assert str(info.value) == (
+        "registers[0].adress: unknown option (did you mean 'address'?); "
+        "known options: address, name, scale"
+    )
+
+
 def test_collector_constructor_checks_values_beyond_types() -> None:
     [error] = errors_of(GOOD.replace("kind: motor", "kind: turbine"))
     assert error.startswith("agent.yaml:14: collectors[0].options: kind:"), error

@@ -7,6 +7,7 @@ agent can refuse to start and say which key is wrong.
 from __future__ import annotations
 
 import calendar
+import difflib
 import re
 import time
 from typing import Any, Optional
@@ -123,5 +124,9 @@ def check_keys(options: dict[str, Any], allowed: Any, where: str = "") -> None:
     """Refuse keys the collector does not know, naming the first one (typos fail loudly)."""
     for key in options:
         if key not in allowed:
-            known = ", ".join(sorted(allowed))
-            raise ValueError(f"{where}{key}: unknown option; known options: {known}")
+            known = sorted(allowed)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"{where}{key}: unknown option{hint}; known options: {', '.join(known)}"
+            )
