@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from millstream_agent.collectors._options import did_you_mean
 from millstream_agent.protocol import ID_PATTERN
 
 ENV_PASSWORD = "MILLSTREAM_MQTT_PASSWORD"
@@ -494,9 +494,7 @@ def _line(container: Any, key: Any) -> Optional[int]:
 
 
 def _unknown(key: Any, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(str(key), allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown key{hint}; expected one of: {', '.join(allowed)}"
+    return f"unknown key{did_you_mean(key, allowed)}; expected one of: {', '.join(allowed)}"
 
 
 def _got(value: Any) -> str:

@@ -120,13 +120,18 @@ def get_bool(options: dict[str, Any], key: str, default: bool, where: str = "") 
     return value
 
 
+def did_you_mean(key: Any, known: list[str]) -> str:
+    """`` (did you mean 'broker'?)`` for the known key spelt most like ``key``, else ''."""
+    close = difflib.get_close_matches(str(key), known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def check_keys(options: dict[str, Any], allowed: Any, where: str = "") -> None:
     """Refuse keys the collector does not know, naming the first one (typos fail loudly)."""
     for key in options:
         if key not in allowed:
             known = sorted(allowed)
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(
-                f"{where}{key}: unknown option{hint}; known options: {', '.join(known)}"
+                f"{where}{key}: unknown option{did_you_mean(key, known)}; "
+                f"known options: {', '.join(known)}"
             )
