@@ -550,7 +550,7 @@ def test_backtest_replays_history_with_proposed_settings_and_checks_the_labels(
         assert res.status_code == 422 and "colour" in res.text
         rule = {"match": {"kind": "press"}, "mv_on": 3.0}  # below the default mv_off
         res = client.post(backtest, json={**span, "rules": [rule]})
-        assert res.status_code == 422 and "rules[0]: mv_off (3.5) must be below" in res.text
+        assert res.status_code == 422 and "rules[0]: mv_off: 3.5; must be below" in res.text
         res = client.post(backtest, json={**span, "start": "2026-03-01T09:00:00Z"})
         assert res.status_code == 422 and "not after start" in res.text
         assert client.post(backtest, json={**span, "max_readings": 10}).status_code == 413

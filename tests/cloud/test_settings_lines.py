@@ -92,3 +92,22 @@ def test_a_misspelt_storage_backend_is_refused_with_the_known_ones(tmp_path: Pat
         " (did you mean 'influxdb'?)"
     )
     assert load_settings(overrides={"storage": {"backend": "influxdb"}}, environ={})
+
+
+def test_a_per_metric_detector_setting_is_named_at_its_own_line(tmp_path: Path) -> None:
+    # Below engine.streaming the key is two levels deeper than the engine's own; the
+    # engine's error carries the key, so the line is the parameter's, not the block's.
+    path = tmp_path / "cloud.yaml"
+    path.write_text("detection:\n  engine:\n    warmup: 10\n    streaming:\n      alert_level: 2\n")
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, environ={})
+    assert str(err.value).startswith(
+        f"{path}:5: detection.engine.streaming.alert_level: 2; must be a number"
+    )
+    path.write_text("detection:\n  engine:\n    streaming:\n      alert_levle: 0.5\n")
+    with pytest.raises(SettingsError) as err:
+        load_settings(path, environ={})
+    assert str(err.value).startswith(
+        f"{path}:3: detection.engine.streaming: unknown key(s) alert_levle "
+        "(did you mean 'alert_level'?)"
+    )

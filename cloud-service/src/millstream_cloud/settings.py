@@ -23,8 +23,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from millstream_cloud.alerts.settings import AlertSettings
+from millstream_cloud.hints import KeyedValueError, likely_meant
 
 
 class Section(BaseModel):
@@ -248,7 +250,6 @@ class StorageSettings(Section):
     @classmethod
     def _backend_known(cls, value: str) -> str:
         """A misspelt backend is refused by ``check-config``, not first by ``serve``."""
-        from millstream_cloud.detection.rules import likely_meant
         from millstream_cloud.storage.base import backend_names
 
         known = backend_names()
@@ -524,8 +525,6 @@ def _did_you_mean(loc: tuple[str, ...]) -> str:
     """For an unknown key: the key of that name in another section (a detector setting
     put under ``detection:`` rather than ``detection.engine:``), else a known key of the
     same section spelt alike; empty when nothing is close."""
-    from millstream_cloud.detection.rules import likely_meant
-
     known = _known_keys()
     same_name = [".".join(k) for k in known if k[-1] == loc[-1] and k != loc]
     if same_name:
@@ -534,15 +533,13 @@ def _did_you_mean(loc: tuple[str, ...]) -> str:
     return f" (did you mean {'.'.join((*loc[:-1], meant))!r}?)" if meant else ""
 
 
-def _engine_key(msg: str) -> tuple[tuple[str, ...], str]:
+def _engine_key(err: ErrorDetails) -> tuple[tuple[str, ...], str]:
     """An engine setting's problem under its own key ("detection.engine.mv_on: -1; must
     be ...", at its line) rather than under ``engine``, which holds them all."""
-    from millstream_cloud.detection.engine import EngineSettings
-
-    named = re.match(r"detection settings: ([a-z_]+)(?:\[\])?:? (.*)", msg, re.DOTALL)
-    if named and named.group(1) in EngineSettings.__dataclass_fields__:
-        return ("detection", "engine", named.group(1)), named.group(2)
-    return ("detection", "engine"), msg.removeprefix("detection settings: ")
+    exc = (err.get("ctx") or {}).get("error")
+    if isinstance(exc, KeyedValueError):
+        return ("detection", "engine", *exc.path), exc.problem
+    return ("detection", "engine"), str(err["msg"]).removeprefix("Value error, ")
 
 
 def _explain(
@@ -558,7 +555,7 @@ def _explain(
         if err["type"] == "extra_forbidden":
             msg = "unknown key" + _did_you_mean(loc)
         if loc == ("detection", "engine"):
-            loc, msg = _engine_key(msg)
+            loc, msg = _engine_key(err)
         if not loc:  # a check across sections names the key it is about first
             named = re.match(r"([a-z_]+(?:\.[a-z_]+)+)", msg)
             loc = tuple(named.group(1).split(".")) if named else ()

@@ -61,7 +61,7 @@ def _feed(engine: DetectionEngine, readings: list[Reading], chunk: int = 100) ->
             "detection.rules[1].mv_on: a device model setting",
         ),
         ([{"match": {"device": "d1"}, "mv_onn": 8.0}], "detection.rules[0]: detection settings"),
-        ([{"match": {"device": "d1"}, "mv_on": "high"}], "mv_on must be like 7.0"),
+        ([{"match": {"device": "d1"}, "mv_on": "high"}], "mv_on: must be like 7.0"),
         (
             [{"match": {"device": "d1"}, "load_change_rows": -1}],
             "load_change_rows: -1; must be a whole number, from 0",

@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from millstream_cloud.alerts.labels import Matcher, check_template, parse_duration, parse_matchers
+from millstream_cloud.hints import likely_meant
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
 LABEL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -274,8 +275,6 @@ def _message(err: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         loc = [str(p) for p in err["loc"]]
         if len(loc) == 2 and loc[0] in _MODELS:
-            from millstream_cloud.detection.rules import likely_meant
-
             meant = likely_meant(loc[1], _known_fields(loc[0]))
             if meant:
                 return f"unknown field (did you mean {meant!r}?)"

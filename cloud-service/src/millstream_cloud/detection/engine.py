@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from ..hints import KeyedValueError
 from ..model import Anomaly, Contribution, Reading
 from .calibration import Hysteresis
 from .explain import describe, explain
@@ -227,48 +228,53 @@ def settings_from_mapping(block: dict[str, Any] | None, pairs: bool = True) -> E
     fields = EngineSettings.__dataclass_fields__
     refuse_unknown("detection settings", block, fields)
     defaults = EngineSettings()
-    values: dict[str, Any] = {}
-    for key, value in block.items():
-        current = getattr(defaults, key)
-        if isinstance(current, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(current, (int, float)):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif isinstance(current, tuple):
-            ok = isinstance(value, (list, tuple))
-            value = tuple(value) if ok else value
-        else:
-            ok = isinstance(value, type(current))
-        if not ok:
-            raise ValueError(f"detection settings: {key} must be like {current!r}, got {value!r}")
-        if key in BOUNDS:
-            value = check_bound(f"detection settings: {key}", value, *BOUNDS[key])
-        if key == "mv_spans":
-            value = tuple(
-                check_bound("detection settings: mv_spans[]", span, 1, 100_000, True)
-                for span in value
-            )
-            if not value:
-                raise ValueError("detection settings: mv_spans: give one or more spans")
-        if key == "streaming":
-            # Checked here, not when the first reading of a new series builds a detector.
-            value = {
-                **defaults.streaming,
-                **check_streaming(value, "detection settings: streaming"),
-            }
-        values[key] = value
+    values = {key: _checked(key, value, getattr(defaults, key)) for key, value in block.items()}
     out = EngineSettings(**with_implied(values))
     if pairs:
         _check_pairs(out, "detection settings")
     return out
 
 
+def _checked(key: str, value: Any, current: Any) -> Any:
+    """One engine setting of the right type and in range, else a
+    :class:`KeyedValueError` naming it (below ``streaming``, the parameter too)."""
+    where = "detection settings: "
+    if isinstance(current, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(current, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(current, tuple):
+        ok = isinstance(value, (list, tuple))
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, type(current))
+    if not ok:
+        raise KeyedValueError((key,), f"must be like {current!r}, got {value!r}", where)
+    try:
+        if key in BOUNDS:
+            value = check_bound("", value, *BOUNDS[key])
+        if key == "mv_spans":
+            value = tuple(check_bound("", span, 1, 100_000, True) for span in value)
+            if not value:
+                raise ValueError("give one or more spans")
+    except ValueError as exc:
+        raise KeyedValueError((key,), str(exc), where) from None
+    if key == "streaming":
+        # Checked here, not when the first reading of a new series builds a detector.
+        try:
+            value = {**current, **check_streaming(value, "streaming")}
+        except KeyedValueError as exc:
+            raise KeyedValueError(("streaming", *exc.path), exc.problem, where) from None
+    return value
+
+
 def _check_pairs(s: EngineSettings, where: str) -> None:
     if s.mv_off >= s.mv_on:
-        raise ValueError(
-            f"{where}: mv_off ({s.mv_off:g}) must be below mv_on ({s.mv_on:g}): "
+        problem = (
+            f"{s.mv_off:g}; must be below mv_on ({s.mv_on:g}): "
             "an incident ends when the residual falls below mv_off"
         )
+        raise KeyedValueError(("mv_off",), problem, f"{where}: ")
 
 
 def check_rules(base: EngineSettings, rules: Sequence[Rule]) -> None:

@@ -20,13 +20,13 @@ rules without one.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
+from ..hints import KeyedValueError, likely_meant
 from .calibration import TAIL_FITS
 from .streaming import COMPONENTS, KNOWN_COMPONENTS, StreamingEnsemble
 
@@ -111,14 +111,9 @@ def check_bound(where: str, value: Any, low: float, high: float | None, whole: b
     in_range = f"{_num(low)} or more" if high is None else f"from {_num(low)} to {_num(high)}"
     ok = _is_number(value) and (not whole or float(value).is_integer())
     if not ok or value < low or (high is not None and value > high):
-        raise ValueError(f"{where}: {value!r}; must be {kind}, {in_range}")
+        problem = f"{value!r}; must be {kind}, {in_range}"
+        raise ValueError(f"{where}: {problem}" if where else problem)
     return int(value) if whole else value
-
-
-def likely_meant(key: str, known: Iterable[str]) -> str | None:
-    """The known key spelt most like ``key`` (a typo's intended key), if one is close."""
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
-    return close[0] if close else None
 
 
 def refuse_unknown(where: str, given: Iterable[str], known: Collection[str]) -> None:
@@ -131,36 +126,43 @@ def refuse_unknown(where: str, given: Iterable[str], known: Collection[str]) -> 
         f"{key} (did you mean {meant!r}?)" if (meant := likely_meant(key, known)) else key
         for key in unknown
     ]
-    raise ValueError(
-        f"{where}: unknown key(s) {', '.join(named)}; known: {', '.join(sorted(known))}"
-    )
+    problem = f"unknown key(s) {', '.join(named)}; known: {', '.join(sorted(known))}"
+    raise KeyedValueError((), problem, f"{where}: ")
 
 
 def check_streaming(block: Any, where: str) -> dict[str, Any]:
-    """A ``streaming`` block: a mapping of known ensemble parameters, else an error."""
+    """A ``streaming`` block: a mapping of known ensemble parameters, else an error
+    (a :class:`KeyedValueError` naming the parameter, where there is one)."""
     if not isinstance(block, Mapping):
-        raise ValueError(f"{where}: must be a mapping of per-metric detector settings")
+        problem = "must be a mapping of per-metric detector settings"
+        raise KeyedValueError((), problem, f"{where}: ")
     refuse_unknown(where, block, streaming_keys())
     block = dict(block)
     for key, value in block.items():
         if key in STREAMING_BOUNDS and not (key == "detect_after" and value is None):
-            block[key] = check_bound(f"{where}.{key}", value, *STREAMING_BOUNDS[key])
+            try:
+                block[key] = check_bound("", value, *STREAMING_BOUNDS[key])
+            except ValueError as exc:
+                raise KeyedValueError((key,), str(exc), f"{where}.") from None
     if block.get("tail_fit", TAIL_FITS[0]) not in TAIL_FITS:
-        raise ValueError(f"{where}.tail_fit: {block['tail_fit']!r}; one of {', '.join(TAIL_FITS)}")
+        problem = f"{block['tail_fit']!r}; one of {', '.join(TAIL_FITS)}"
+        raise KeyedValueError(("tail_fit",), problem, f"{where}.")
     weights = block.get("weights") or {}
     if not isinstance(weights, Mapping) or not all(
         k in KNOWN_COMPONENTS and _is_number(v) and v >= 0 for k, v in weights.items()
     ):
-        raise ValueError(
-            f"{where}.weights: {weights!r}; a mapping of components "
+        problem = (
+            f"{weights!r}; a mapping of components "
             f"({', '.join(KNOWN_COMPONENTS)}) to numbers of 0 or more"
         )
+        raise KeyedValueError(("weights",), problem, f"{where}.")
     comps = block.get("components", COMPONENTS)
     if isinstance(comps, str) or not all(c in KNOWN_COMPONENTS for c in comps):
-        raise ValueError(
-            f"{where}.components: {comps!r}; choose from {', '.join(KNOWN_COMPONENTS)} "
+        problem = (
+            f"{comps!r}; choose from {', '.join(KNOWN_COMPONENTS)} "
             "(the long windows follow from 'long')"
         )
+        raise KeyedValueError(("components",), problem, f"{where}.")
     return block
 
 
