@@ -12,6 +12,10 @@ DURATION ?= 0
 PORT     ?= 8000
 HISTORY  ?= 12h
 
+# The suite runs on every core (pytest-xdist; each worker starts its own brokers and
+# servers on free ports); JOBS=1 runs it in one process, as `pytest` alone does.
+JOBS ?= auto
+
 BENCHES := $(patsubst bench/%.py,%,$(filter-out bench/_%,$(wildcard bench/*.py)))
 
 .PHONY: help venv system-deps test test-fast check lint format demo bench clean stack stack-down $(addprefix bench-,$(BENCHES))
@@ -34,10 +38,10 @@ system-deps:
 	@bash scripts/system-deps.sh
 
 test: system-deps venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(JOBS) $(PYTEST_ARGS)
 
 test-fast: venv
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(JOBS) -m "not slow" $(PYTEST_ARGS)
 
 check: venv
 	$(BIN)/ruff check edge-agent cloud-service tests bench scripts
