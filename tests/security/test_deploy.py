@@ -403,3 +403,4 @@ def test_cloud_service_environment_is_valid_settings() -> None:
     assert settings.storage.influxdb.api == "v1"
     assert settings.storage.influxdb.create_database is False
     assert settings.alerts.external_url == "http://127.0.0.1:8000"  # not the container's
+    assert settings.alerts.grafana_url == "http://127.0.0.1:3000"  # as GRAFANA_PORT publishes

@@ -18,6 +18,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
+from urllib.parse import urlencode
 
 from millstream_cloud.alerts.labels import fingerprint, match_all, parse_duration, render
 from millstream_cloud.alerts.metrics import AlertMetrics
@@ -62,8 +63,10 @@ class AlertEngine:
         on_change: Callable[[Alert, int], None],
         resolved_retention_ns: int = 3600 * 10**9,
         on_forget: Callable[[list[str]], None] | None = None,
+        grafana_url: str | None = None,
     ) -> None:
         self.store = store
+        self.grafana_url = (grafana_url or "").rstrip("/")
         self.metrics = metrics
         self.on_change = on_change
         self.on_forget = on_forget
@@ -161,13 +164,35 @@ class AlertEngine:
 
     def _annotate(self, rule: AnyRule, alert: Alert, extra: Mapping[str, Any]) -> None:
         values = self._values(rule, alert.labels, {"value": alert.value, **extra})
+        values["dashboard_url"] = self._dashboard_url(alert, extra.get("anomaly_ns"))
         templates = dict(rule.annotations)
         if "summary" not in templates:
             kind: str = rule.type
             if isinstance(rule, OfflineRule) and rule.scope == "site":
                 kind = "offline_site"
             templates["summary"] = DEFAULT_SUMMARY[kind]
+        if values["dashboard_url"] and "dashboard_url" not in templates:
+            templates["dashboard_url"] = "{dashboard_url}"
         alert.annotations = {k: render(t, values) for k, t in templates.items()}
+
+    def _dashboard_url(self, alert: Alert, since_ns: int | None) -> str:
+        """The Grafana dashboard an ops engineer opens first: the device's (its metric
+        chosen), or the site's fleet for a site-wide alert, from an hour before the
+        condition (or the anomaly it reports, which a replay may date earlier) to its
+        end, or now while it lasts. Empty without ``grafana_url``."""
+        device, site, metric = (alert.labels.get(k, "") for k in ("device", "site", "metric"))
+        if not self.grafana_url or not (device or site):
+            return ""
+        params = {"var-site": site} if site else {}
+        if device:
+            params["var-device"] = device
+            if metric:
+                params["var-metric"] = metric
+        start = min(alert.active_at, since_ns) if since_ns else alert.active_at
+        params["from"] = str(start // 10**6 - 3_600_000)
+        params["to"] = str(alert.ends_at // 10**6 + 900_000) if alert.ends_at else "now"
+        uid = "millstream-device" if device else "millstream-fleet"
+        return f"{self.grafana_url}/d/{uid}?{urlencode(params)}"
 
     # transitions
     def _condition(
@@ -328,6 +353,7 @@ class AlertEngine:
                     "score": a.score,
                     # with the device and metric labels, what a verdict needs to name it
                     "anomaly_time": rfc3339(a.time_ns),
+                    "anomaly_ns": a.time_ns,
                 }
                 self._condition(rule, labels, fp, True, now, a.likelihood, extra)
 

@@ -180,6 +180,7 @@ TEMPLATE_VARS = (
     "per",
     "after",
     "metric_suffix",
+    "dashboard_url",
 )
 
 

@@ -98,7 +98,9 @@ class _Base(BaseModel):
             if key in RESERVED_LABELS:
                 raise ValueError(f"label {key!r} is set by Millstream and cannot be overridden")
             check_template(str(text))
-            if re.search(r"\{(value|explanation|likelihood|score|anomaly_time)\b", str(text)):
+            if re.search(
+                r"\{(value|explanation|likelihood|score|anomaly_time|dashboard_url)\b", str(text)
+            ):
                 raise ValueError(
                     f"label {key!r}: labels are the alert's identity and must not change with "
                     "the value; put {value} and {explanation} in annotations"

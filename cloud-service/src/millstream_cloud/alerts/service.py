@@ -104,6 +104,7 @@ class AlertService:
             on_change=self._on_change,
             resolved_retention_ns=self.resolved_retention_ns,
             on_forget=self._on_forget,
+            grafana_url=settings.grafana_url,
         )
         self.dispatcher = Dispatcher(
             Route.build(settings.route),

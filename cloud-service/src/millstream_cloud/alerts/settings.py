@@ -195,6 +195,12 @@ class AlertSettings(_Section):
         description="this service's URL, put into notifications; unset: the API's own "
         "address (http://<api.host>:<api.port>, a wildcard bind named by the host name)",
     )
+    grafana_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="Grafana's address as the alerts' readers open it; set, an alert about "
+        "a device links its dashboard around the alert's start (annotation dashboard_url)",
+    )
     webhook: str | None = Field(
         None,
         pattern=r"^https?://",

@@ -108,6 +108,8 @@ class Notification:
             lines.append(f"- {a.status}: {summary} [{labels}] since {rfc3339(a.starts_at)}")
             if a.ends_at and a.status == "resolved":
                 lines.append(f"  resolved at {rfc3339(a.ends_at)}")
+            if a.annotations.get("dashboard_url"):
+                lines.append(f"  dashboard: {a.annotations['dashboard_url']}")
         if self.external_url:
             lines += ["", self.external_url]
         return "\n".join(lines)
