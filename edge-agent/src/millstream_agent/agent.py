@@ -26,10 +26,17 @@ from millstream_agent.loop import EventLoop, Timer
 from millstream_agent.queue import SqliteQueue
 from millstream_agent.remote import Remote, RemoteState
 from millstream_agent.session import DeviceSession, MqttSettings
+from millstream_agent.systemd import SystemdNotifier
 
 log = logging.getLogger("millstream.agent")
 
 DRAIN_ON_EXIT = 5.0  # seconds to wait for PUBACKs at shutdown; the rest stays queued
+# A collector read this long (and three of its intervals) without returning is stuck:
+# the built-in ones time out far sooner (Modbus, OPC UA), so it is a hang, and under
+# systemd's watchdog the agent stops answering it and is restarted.
+STUCK_AFTER = 60.0
+# How often systemd hears the status line when no watchdog asks for more.
+STATUS_EVERY = 10.0
 
 
 @dataclass
@@ -53,6 +60,9 @@ class CollectorRunner:
         self._thread = threading.Thread(target=self._run, name="collectors", daemon=True)
         self.collected = 0
         self.write_errors = 0
+        # The collector being read and since when (monotonic): a read that never returns
+        # holds every collector, which the watchdog reports (``stuck``).
+        self._busy: Optional[tuple[str, float, float]] = None
 
     def configure(self, blocks: list[dict[str, Any]]) -> None:
         """Replace the collector set; unchanged blocks keep running undisturbed."""
@@ -121,6 +131,18 @@ class CollectorRunner:
             for entry in self._entries.values():
                 self._close(entry)
 
+    def stuck(self, now: float) -> Optional[str]:
+        """Why the collectors no longer run, or None: the thread died, or one read has
+        taken longer than STUCK_AFTER (and three of its intervals)."""
+        if self._thread.ident is not None and not self._thread.is_alive() and not self._stop:
+            return "the collector thread has died"
+        busy = self._busy
+        if busy is not None:
+            name, since, interval = busy
+            if now - since > max(STUCK_AFTER, 3 * interval):
+                return f"collector {name} has not returned for {now - since:.0f} s"
+        return None
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -145,24 +167,28 @@ class CollectorRunner:
             for entry, collector in work:
                 if collector is None:
                     continue
+                name = entry.block["name"]
+                self._busy = (name, time.monotonic(), float(entry.block["interval"]))
                 try:
                     samples.extend(collector.collect(time.time()))
                     if entry.failures:
-                        log.info("collector %s recovered", entry.block["name"])
+                        log.info("collector %s recovered", name)
                     entry.failures = 0
                 except CollectorError as exc:
                     entry.failures += 1
                     if entry.failures <= 3 or entry.failures % 60 == 0:
                         log.warning(
                             "collector %s: %s (failure %d)",
-                            entry.block["name"],
+                            name,
                             exc,
                             entry.failures,
                         )
                 except Exception:
                     entry.failures += 1
                     if entry.failures <= 3 or entry.failures % 60 == 0:
-                        log.exception("collector %s failed", entry.block["name"])
+                        log.exception("collector %s failed", name)
+                finally:
+                    self._busy = None
             if samples:
                 texts = protocol.readings_json(samples)
                 if texts:
@@ -288,6 +314,9 @@ class Agent:
         self.started = time.time()
         self._monitor_timer: Optional[Timer] = None
         self._stop_requested = False
+        self.systemd = SystemdNotifier()
+        self._stuck: Optional[str] = None
+        self._watchdog_timer: Optional[Timer] = None
 
     # wiring -----------------------------------------------------------------
     def _wake(self) -> None:
@@ -366,6 +395,40 @@ class Agent:
         self.session.pump()
         self._schedule_monitor()
 
+    # systemd -------------------------------------------------------------------
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: the link, then what is queued."""
+        s = self.session
+        stats = self.queue.stats()
+        if s.connected:
+            link = f"connected to {s.settings.broker}"
+        else:
+            link = f"not connected to {s.settings.broker}"
+            if s.last_error:
+                link += f" ({s.last_error})"
+        queued = f"{stats.depth} readings queued"
+        if stats.depth:
+            queued += f", oldest {stats.oldest_age:.0f} s"
+        line = f"{link}; {queued}; {s.acknowledged} sent since start"
+        if stats.dropped:
+            line += f"; {stats.dropped} dropped in total"
+        return f"{self._stuck}; {line}" if self._stuck else line
+
+    def _watchdog(self) -> None:
+        """Tell systemd the agent is alive, and how it is, while both its threads work:
+        this runs on the event loop, so a hung loop stops it too; a hung collector
+        (``CollectorRunner.stuck``) withholds it. Either way systemd restarts the agent."""
+        stuck = self.runner.stuck(time.monotonic())
+        if stuck and stuck != self._stuck:
+            log.error("%s: no longer telling systemd's watchdog the agent is alive", stuck)
+        self._stuck = stuck
+        fields = {"STATUS": self.status_line()}
+        if self.systemd.watchdog_s and not stuck:
+            fields["WATCHDOG"] = "1"
+        self.systemd.notify(fields)
+        every = min(STATUS_EVERY, self.systemd.watchdog_s / 2) if self.systemd.watchdog_s else None
+        self._watchdog_timer = self.loop.call_later(every or STATUS_EVERY, self._watchdog)
+
     # running -----------------------------------------------------------------
     def request_stop(self, *_: Any) -> None:
         self._stop_requested = True
@@ -397,8 +460,16 @@ class Agent:
 
             timers = [self.loop.call_later(1.0, tick), self.loop.call_later(60.0, enforce)]
             self._schedule_monitor()
+            if self.systemd.enabled:
+                self.systemd.notify({"READY": "1", "STATUS": self.status_line()})
+                self._watchdog_timer = self.loop.call_later(0.0, self._watchdog)
             self.loop.run(until=lambda: self._stop_requested)
             log.info("stopping: collectors, then up to %gs for outstanding PUBACKs", DRAIN_ON_EXIT)
+            self.systemd.notify(
+                {"STOPPING": "1", "STATUS": f"stopping: up to {DRAIN_ON_EXIT:g} s for PUBACKs"}
+            )
+            if self._watchdog_timer is not None:
+                self._watchdog_timer.cancel()
             self.runner.stop()
             for t in timers:
                 t.cancel()
@@ -435,6 +506,7 @@ class Agent:
                 signal.signal(s, h)
             self.queue.close()
             self.loop.close()
+            self.systemd.close()
         return 0
 
 
