@@ -175,12 +175,13 @@ class AgentProcess:
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.log_path = tmp_path / f"{name}.log"
         self.env = {**os.environ, **(env or {})}
+        self.python = sys.executable  # the interpreter that runs it
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> AgentProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed right after Popen
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "millstream_agent.cli", "run", "-c", str(self.config_path)],
+            [self.python, "-m", "millstream_agent.cli", "run", "-c", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
