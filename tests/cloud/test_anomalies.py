@@ -891,3 +891,22 @@ def test_an_unreadable_list_of_devices_behind_is_kept_aside_and_the_service_star
         assert any("behind.json is unreadable" in r.getMessage() for r in caplog.records)
     finally:
         services.stop()
+
+
+def test_anomalies_are_listed_since_a_time_relative_to_now(services: Services) -> None:
+    # curl '.../api/v1/anomalies?start=now-1h': the last hour's, without writing its time.
+    services.anomalies.detector = ThresholdDetector()
+    now = time.time_ns()
+    readings = [
+        Reading("press-01", "plant-a", "temp", now - ago_s * 1_000_000_000, 150.0)
+        for ago_s in (3 * 3600, 2 * 3600, 1800, 60)
+    ]
+    services.storage.write_readings(readings)
+    services.pipeline.hooks[0](readings)
+    with TestClient(create_app(services.settings, services, start=False)) as client:
+        recent = client.get("/api/v1/anomalies", params={"start": "now-1h"}).json()
+        assert len(recent["anomalies"]) == 2
+        older = client.get("/api/v1/anomalies", params={"start": "now-4h", "end": "now-1h"})
+        assert len(older.json()["anomalies"]) == 2
+        bad = client.get("/api/v1/anomalies", params={"start": "now-1y"})
+        assert bad.status_code == 422 and "'1y' is not a duration" in bad.text

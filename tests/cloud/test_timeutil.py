@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from millstream_cloud.timeutil import parse_duration_ns, parse_time_ns, rfc3339
@@ -33,3 +35,16 @@ def test_durations() -> None:
     for bad in ("0s", "-5s", "5", "1x"):
         with pytest.raises(ValueError, match="is not a duration"):
             parse_duration_ns(bad)
+
+
+def test_a_time_relative_to_now_as_grafana_writes_it() -> None:
+    now = parse_time_ns("2026-03-01T08:00:00Z")
+    assert parse_time_ns("now", now) == now
+    assert parse_time_ns("now-1h", now) == parse_time_ns("2026-03-01T07:00:00Z")
+    assert parse_time_ns(" now + 1h30m ", now) == parse_time_ns("2026-03-01T09:30:00Z")
+    # Without the caller's now, the system's.
+    assert abs(parse_time_ns("now-1d") - (time.time_ns() - 86400 * 10**9)) < 5 * 10**9
+    with pytest.raises(ValueError, match="'now-1y': '1y' is not a duration"):
+        parse_time_ns("now-1y", now)
+    with pytest.raises(ValueError, match="nor one relative to now like now-1h"):
+        parse_time_ns("yesterday", now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime, timezone
 
 from millstream_cloud.protocol import format_ts
@@ -38,13 +39,27 @@ def parse_duration_ns(text: str) -> int:
 
 
 _FRACTION = re.compile(r"(T\d\d:\d\d:\d\d)\.(\d+)")
+_RELATIVE = re.compile(r"now(?:\s*([+-])\s*(\S+))?")
 
 
-def parse_time_ns(text: str) -> int:
-    """RFC 3339 (any offset; naive means UTC) to epoch nanoseconds.
+def parse_time_ns(text: str, now_ns: int | None = None) -> int:
+    """RFC 3339 (any offset; naive means UTC), or a time relative to now as Grafana
+    writes it (``now``, ``now-1h``, ``now+30m``), to epoch nanoseconds.
 
     Fractions are kept to the nanosecond (``datetime`` stops at microseconds), so a time
-    the API printed with 9 digits names the same instant when it is sent back."""
+    the API printed with 9 digits names the same instant when it is sent back.
+    ``now_ns``: the caller's now (its clock), else the system's."""
+    relative = _RELATIVE.fullmatch(text.strip())
+    if relative:
+        now = time.time_ns() if now_ns is None else now_ns
+        sign, span = relative.groups()
+        if sign is None:
+            return now
+        try:
+            delta = parse_duration_ns(span)
+        except ValueError as exc:
+            raise ValueError(f"{text!r}: {exc}") from None
+        return now + delta if sign == "+" else now - delta
     iso = text.strip().replace("Z", "+00:00").replace(" ", "T")
     frac_ns = 0
     m = _FRACTION.search(iso)
@@ -55,7 +70,10 @@ def parse_time_ns(text: str) -> int:
     try:
         dt = datetime.fromisoformat(iso)
     except ValueError:
-        raise ValueError(f"{text!r} is not an RFC 3339 time like 2026-01-31T12:00:00Z") from None
+        raise ValueError(
+            f"{text!r} is not an RFC 3339 time like 2026-01-31T12:00:00Z, "
+            "nor one relative to now like now-1h"
+        ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     ns = int(dt.timestamp()) * NS + frac_ns

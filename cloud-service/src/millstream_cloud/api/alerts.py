@@ -79,8 +79,8 @@ def history(
     event: str | None = Query(
         None, description="pending, firing, resolved, inactive, notified, acknowledged"
     ),
-    since: str | None = Query(None, description="RFC 3339, inclusive"),
-    until: str | None = Query(None, description="RFC 3339, exclusive"),
+    since: str | None = Query(None, description="RFC 3339 or relative to now (now-1h), inclusive"),
+    until: str | None = Query(None, description="RFC 3339 or relative to now (now-1h), exclusive"),
     limit: int = Query(1000, ge=1, le=100_000),
 ) -> Any:
     since_ns, until_ns = _time(since, "since"), _time(until, "until")

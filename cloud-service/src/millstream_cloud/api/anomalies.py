@@ -56,8 +56,8 @@ class Span:
 def span(
     device: str | None = Query(None),
     site: str | None = Query(None),
-    start: str | None = Query(None, description="RFC 3339, inclusive"),
-    end: str | None = Query(None, description="RFC 3339, exclusive"),
+    start: str | None = Query(None, description="RFC 3339 or relative to now (now-1h), inclusive"),
+    end: str | None = Query(None, description="RFC 3339 or relative to now (now-1h), exclusive"),
 ) -> Span:
     """The device, site and time filters the summary routes share."""
     return Span(device, site, *_range(start, end))
@@ -69,8 +69,8 @@ def anomalies(
     device: str | None = Query(None),
     metric: str | None = Query(None),
     site: str | None = Query(None),
-    start: str | None = Query(None, description="RFC 3339, inclusive"),
-    end: str | None = Query(None, description="RFC 3339, exclusive"),
+    start: str | None = Query(None, description="RFC 3339 or relative to now (now-1h), inclusive"),
+    end: str | None = Query(None, description="RFC 3339 or relative to now (now-1h), exclusive"),
     verdict: VerdictFilter | None = Query(
         None, description="only anomalies with this verdict, or judged / unjudged"
     ),

@@ -146,8 +146,12 @@ class Maintenance(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    start: str | None = Field(None, description="RFC 3339; default: now")
-    end: str | None = Field(None, description="RFC 3339 (or give duration)")
+    start: str | None = Field(
+        None, description="RFC 3339 or relative to now (now-1h); default: now"
+    )
+    end: str | None = Field(
+        None, description="RFC 3339 or relative to now (now+2h), or give duration"
+    )
     duration: str | None = Field(None, description="instead of end: 30m, 2h, 1d")
     comment: str = Field("", max_length=1000, description="what is being done")
     author: str = Field("", max_length=200)
@@ -170,7 +174,9 @@ class MaintenanceChange(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    end: str | None = Field(None, description="RFC 3339, still ahead (or give duration)")
+    end: str | None = Field(
+        None, description="RFC 3339 or relative to now (now+2h), still ahead, or give duration"
+    )
     duration: str | None = Field(
         None, description="instead of end: from the window's start (a schedule's occurrences')"
     )
@@ -245,13 +251,13 @@ def maintenance_span(body: Maintenance, now: int) -> tuple[int, int, int | None]
         raise MaintenanceError("end", "give either end or duration")
     if body.repeat is None and (body.until is not None or body.timezone != "UTC"):
         raise MaintenanceError("repeat", "until and timezone are for a recurring window")
-    start_ns = parse_time_ns(body.start) if body.start else now
+    start_ns = parse_time_ns(body.start, now) if body.start else now
     if body.end is not None:
-        end_ns = parse_time_ns(body.end)
+        end_ns = parse_time_ns(body.end, now)
     else:
         assert body.duration is not None
         end_ns = start_ns + parse_duration_ns(body.duration)
-    return start_ns, end_ns, parse_time_ns(body.until) if body.until else None
+    return start_ns, end_ns, parse_time_ns(body.until, now) if body.until else None
 
 
 def create_maintenance(
@@ -344,8 +350,10 @@ class Backtest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    start: str | None = Field(None, description="RFC 3339; default: end - 1d")
-    end: str | None = Field(None, description="RFC 3339; default: now")
+    start: str | None = Field(
+        None, description="RFC 3339 or relative to now (now-1h); default: end - 1d"
+    )
+    end: str | None = Field(None, description="RFC 3339 or relative to now (now-1h); default: now")
     learn: str = Field("1d", description="history before start the engine learns from")
     engine: dict[str, Any] = Field(
         default_factory=dict, description="overrides merged over detection.engine"
@@ -430,8 +438,12 @@ def telemetry(
     device_id: str,
     services: Services = Depends(get_services),
     metric: list[str] = Query(..., description="metric name; repeat for several"),
-    start: str | None = Query(None, description="RFC 3339, inclusive (default: end - 1h)"),
-    end: str | None = Query(None, description="RFC 3339, exclusive (default: now)"),
+    start: str | None = Query(
+        None, description="RFC 3339 or relative to now (now-1h), inclusive (default: end - 1h)"
+    ),
+    end: str | None = Query(
+        None, description="RFC 3339 or relative to now (now-1h), exclusive (default: now)"
+    ),
     every: str | None = Query(None, description="bucket width: 10s, 1m, 1h, 1d"),
     agg: str | None = Query(
         None, description="mean, min, max, last or count (default mean with every)"
