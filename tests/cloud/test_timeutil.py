@@ -46,5 +46,7 @@ def test_a_time_relative_to_now_as_grafana_writes_it() -> None:
     assert abs(parse_time_ns("now-1d") - (time.time_ns() - 86400 * 10**9)) < 5 * 10**9
     with pytest.raises(ValueError, match="'now-1y': '1y' is not a duration"):
         parse_time_ns("now-1y", now)
+    with pytest.raises(ValueError, match="'now-20000w' is out of range"):
+        parse_time_ns("now-20000w", now)  # as far as an absolute time may go, no further
     with pytest.raises(ValueError, match="nor one relative to now like now-1h"):
         parse_time_ns("yesterday", now)

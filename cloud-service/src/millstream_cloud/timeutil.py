@@ -59,7 +59,7 @@ def parse_time_ns(text: str, now_ns: int | None = None) -> int:
             delta = parse_duration_ns(span)
         except ValueError as exc:
             raise ValueError(f"{text!r}: {exc}") from None
-        return now + delta if sign == "+" else now - delta
+        return _held(now + delta if sign == "+" else now - delta, text)
     iso = text.strip().replace("Z", "+00:00").replace(" ", "T")
     frac_ns = 0
     m = _FRACTION.search(iso)
@@ -76,8 +76,12 @@ def parse_time_ns(text: str, now_ns: int | None = None) -> int:
         ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    ns = int(dt.timestamp()) * NS + frac_ns
-    if not -(2**63) < ns < 2**63:  # what a 64-bit nanosecond time holds, as in InfluxDB
+    return _held(int(dt.timestamp()) * NS + frac_ns, text)
+
+
+def _held(ns: int, text: str) -> int:
+    """``ns`` if a 64-bit nanosecond time holds it (as in InfluxDB), else an error."""
+    if not -(2**63) < ns < 2**63:
         raise ValueError(f"{text!r} is out of range: times from 1677-09-22 to 2262-04-11")
     return ns
 

@@ -69,6 +69,9 @@ def test_detail_latest_telemetry_and_dead_letters(client):
     assert [sum(p["value"] for p in s["points"]) for s in tel] == [10, 10]
     dl = client.get("/api/v1/dead-letters").json()["dead_letters"]
     assert [d["reason"] for d in dl] == ["schema"] and dl[0]["payload"] == "[]"
+    # A cursor no page ever gave (past what SQLite's integer holds) is refused, not a 500.
+    bad = client.get("/api/v1/dead-letters", params={"cursor": 2**63})
+    assert bad.status_code == 422 and "cursor" in bad.text
 
 
 @pytest.mark.skipif(

@@ -28,7 +28,9 @@ def list_dead_letters(
         None, description="only this reason (e.g. schema, not_json, oversize)"
     ),
     limit: int = Query(100, ge=1, le=10_000),
-    cursor: int | None = Query(None, description="the `next` value of the previous page"),
+    cursor: int | None = Query(
+        None, ge=0, le=2**63 - 1, description="the `next` value of the previous page"
+    ),
 ) -> dict[str, Any]:
     items = services.dead_letters.list(limit + 1, cursor, reason)
     page = items[:limit]
