@@ -1,12 +1,14 @@
 """Property-based fuzzing of what untrusted parties hand us: the cloud's payload decoder
-(anything a device, or whoever holds its key, can publish) and the agent's config loader
-(files edited by hand on a Pi, and desired config pushed from the cloud).
+(anything a device, or whoever holds its key, can publish), the agent's config loader
+(files edited by hand on a Pi, and desired config pushed from the cloud), and the cloud's
+settings and alert rule files (edited by hand too).
 
-The property is the same for both: never crash, always a clear error. Every input is
+The property is the same for all: never crash, always a clear error. Every input is
 either accepted or rejected with the module's own error type and a non-empty message;
-no other exception escapes. The example counts add up to 10,000 per run: 7,000 for the
-decoder, 3,000 for the config loader (``MILLSTREAM_FUZZ_SCALE`` multiplies them, e.g. 10
-for a long run). Runs are derandomized, so a failure reproduces on the next run.
+no other exception escapes. The example counts add up to 10,600 per run: 7,000 for the
+decoder, 3,000 for the config loader, 600 for the cloud's files (``MILLSTREAM_FUZZ_SCALE``
+multiplies them, e.g. 10 for a long run). Runs are derandomized, so a failure reproduces
+on the next run.
 """
 
 from __future__ import annotations
@@ -317,3 +319,76 @@ def test_agent_config_complex_keys_are_a_config_error(text: str) -> None:
         load_text(module, text)
     except Exception as exc:
         assert_clear_config_error(module, exc)
+
+
+# -- the cloud's settings file and alert rule files ------------------------------------------
+# Written by hand by whoever runs the service; the property as above: loaded, or refused
+# with the loader's own error naming what is wrong, nothing else.
+CLOUD_KEYS = [
+    "mqtt", "broker", "storage", "backend", "embedded", "influxdb", "url", "detection",
+    "engine", "rules", "match", "kind", "metric", "mv_on", "mv_off", "streaming",
+    "alert_level", "alerts", "route", "receivers", "receiver", "name", "webhook_configs",
+    "api", "port", "host", "ingest", "max_payload_bytes", "warmup", "mv_spans", "group_by",
+    "matchers", "inhibit_rules", "shards", "feed", "shard", "components", "tail_fit",
+    "grafana_url", "rule_files", "enabled", "data_dir",
+]  # fmt: skip
+RULE_KEYS = [
+    "name", "type", "metric", "op", "threshold", "clear", "for", "labels", "annotations",
+    "matchers", "min_likelihood", "resolve_after", "scope", "after", "per", "window",
+    "keep_firing_for", "detector", "stale_after", "expr",
+]  # fmt: skip
+_cloud_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(10**20), 10**20),
+        st.floats(),
+        st.text(max_size=12),
+        st.sampled_from(["embedded", "influxdb", "mqtt://127.0.0.1:1", "all", "1h", "{device}"]),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(
+            st.one_of(st.sampled_from(CLOUD_KEYS + RULE_KEYS), st.text(max_size=5)),
+            inner,
+            max_size=5,
+        ),
+    ),
+    max_leaves=25,
+)
+
+
+@fuzz(300)
+@given(
+    st.dictionaries(
+        st.sampled_from(["mqtt", "storage", "detection", "alerts", "api", "ingest", "data_dir"]),
+        _cloud_values,
+        max_size=4,
+    )
+)
+def test_cloud_settings_structured_fuzz(doc: dict[str, Any]) -> None:
+    import tempfile
+
+    import yaml
+
+    from millstream_cloud.settings import SettingsError, load_settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/cloud.yaml"
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(yaml.safe_dump(doc))
+        try:
+            load_settings(path, environ={})
+        except SettingsError as exc:
+            assert str(exc).strip()
+
+
+@fuzz(300)
+@given(st.lists(st.dictionaries(st.sampled_from(RULE_KEYS), _cloud_values, max_size=7), max_size=3))
+def test_alert_rules_structured_fuzz(rules: list[dict[str, Any]]) -> None:
+    from millstream_cloud.alerts.rules import RuleError, parse_rules
+
+    try:
+        parse_rules({"rules": rules})
+    except RuleError as exc:
+        assert str(exc).strip()
