@@ -167,3 +167,24 @@ def test_a_collector_that_never_returns_withholds_the_watchdog_until_it_does(
     assert any(t < stuck[0][0] for t in pings)
     assert not [t for t in pings if stuck[0][0] <= t < released[0] - started]
     assert any(t > released[0] - started for t in pings)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_collector_thread_is_reported_as_stuck(tmp_path: Path) -> None:
+    from millstream_agent.agent import CollectorRunner, open_queue
+    from millstream_agent.clock import ClockWatch
+
+    queue = open_queue(str(tmp_path / "q.db"), fsync="off")
+    runner = CollectorRunner(queue, ClockWatch(), None)
+    assert runner.stuck(time.monotonic()) is None  # not started: nothing to say
+
+    def die() -> None:
+        raise RuntimeError("a bug in the collector loop")
+
+    runner._thread = threading.Thread(target=die, daemon=True)
+    runner._thread.start()
+    runner._thread.join(timeout=5)
+    assert runner.stuck(time.monotonic()) == "the collector thread has died"
+    runner.stop()  # a stop asked for is not a death
+    assert runner.stuck(time.monotonic()) is None
+    queue.close()
