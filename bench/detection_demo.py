@@ -80,6 +80,7 @@ def score_fleet(seed: int, seconds: int, history_s: float = 0.0) -> dict:
         "recent": result["recent"],
         "faults": result["faults"],
         "stray": [_brief(found[i]) for i in result["stray"]],
+        "misnamed": len(result["misnamed"]),
         "healthy": [_brief(a) for a in healthy],
     }
 
@@ -112,7 +113,8 @@ def main() -> None:
             pooled.setdefault(kind, Counter()).update(c)
         faults = ", ".join(f"{k} {c['found']}/{c['of']}" for k, c in sorted(r["faults"].items()))
         print(
-            f"seed {seed}: {faults}; recent {r['recent']}; stray {len(r['stray'])};"
+            f"seed {seed}: {faults}; recent {r['recent']}; stray {len(r['stray'])}"
+            f" ({r['misnamed']} on a faulty device, another metric);"
             f" healthy run {len(r['healthy'])}"
         )
         sys.stdout.flush()
@@ -128,12 +130,16 @@ def main() -> None:
         "seeds": list(args.seeds),
         "faults": {k: dict(c) for k, c in pooled.items()},
         "stray": sum(len(r["stray"]) for r in per_seed.values()),
+        "misnamed": sum(r["misnamed"] for r in per_seed.values()),
         "healthy": sum(len(r["healthy"]) for r in per_seed.values()),
         "per_seed": per_seed,
     }
     faults = ", ".join(f"{k} {c['found']}/{c['of']}" for k, c in sorted(out["faults"].items()))
     delays = ", ".join(f"{k} {v:.0f} s" for k, v in out["median_delay_s"].items())
-    print(f"pooled: {faults}; stray {out['stray']}; healthy runs {out['healthy']}")
+    print(
+        f"pooled: {faults}; stray {out['stray']} ({out['misnamed']} on a faulty device, "
+        f"another metric); healthy runs {out['healthy']}"
+    )
     print(f"median delay from a fault's start to its first anomaly: {delays}")
     base = "detection_demo_history" if history_s else "detection_demo"
     name = f"{base}.json" if args.seeds == (1,) else f"{base}_{args.seeds[0]}-{args.seeds[-1]}.json"

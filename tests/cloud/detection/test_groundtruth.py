@@ -40,12 +40,16 @@ def test_a_fault_is_found_by_an_anomaly_naming_its_device_and_metric_in_time() -
     result = groundtruth.compare([SPIKE, STUCK], raised)
     assert result["faults"] == {"spike": {"found": 1, "of": 1}, "stuck": {"found": 1, "of": 1}}
     assert result["stray"] == [2, 3] and result["recent"] == 0
+    # The last was raised during the spike on its device, on another metric: seen, named
+    # wrong; the one after the stuck sensor's end is outside any fault.
+    assert result["misnamed"] == [3]
     late = groundtruth.compare([SPIKE], [groundtruth.from_api(rows)[0]], slack_s=30.0)
     assert late["faults"] == {"spike": {"found": 0, "of": 1}}
     assert groundtruth.summary_lines(result, len(raised)) == [
         "injected faults  2 (spike 1, stuck 1)",
         "found            spike 1 of 1, stuck 1 of 1",
-        "anomalies        4: 2 during an injected fault, 2 outside one",
+        "anomalies        4: 2 during an injected fault, 2 outside one (1 of them during a "
+        "fault of the same device, named on another metric)",
     ]
 
 

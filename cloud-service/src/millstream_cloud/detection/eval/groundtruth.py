@@ -131,8 +131,10 @@ def compare(
     judged_before_s: float | None = None,
     settle_s: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Faults found and missed by type (``{"spike": {"found": 3, "of": 7}}``), and the
-    indexes of the anomalies no fault covers. A fault that began after
+    """Faults found and missed by type (``{"spike": {"found": 3, "of": 7}}``), the
+    indexes of the anomalies no fault covers (``stray``), and of those the ones raised on
+    a device while one of its faults lasted but naming another metric (``misnamed``: a
+    fault seen and named wrong, not a false alarm). A fault that began after
     ``judged_before_s`` (less ``settle_s`` of its type) and has no anomaly yet is counted
     as ``recent``, not missed: the readings that show it may not have reached the
     detectors, or not for long enough."""
@@ -152,7 +154,14 @@ def compare(
         row["of"] += 1
         row["found"] += found
     stray = [i for i, a in enumerate(raised) if not any(covers(f, a, slack_s) for f in faults)]
-    return {"faults": by_type, "stray": stray, "recent": recent}
+    misnamed = [
+        i
+        for i in stray
+        if any(
+            covers({**f, "metrics": sorted(raised[i].metrics)}, raised[i], slack_s) for f in faults
+        )
+    ]
+    return {"faults": by_type, "stray": stray, "misnamed": misnamed, "recent": recent}
 
 
 def read_faults(path: Path) -> list[dict[str, Any]]:
@@ -195,11 +204,17 @@ def summary_lines(result: Mapping[str, Any], raised: int, history: bool = False)
     total = sum(r["of"] for r in faults.values())
     kinds = ", ".join(f"{k} {r['of']}" for k, r in sorted(faults.items()))
     found = ", ".join(f"{k} {r['found']} of {r['of']}" for k, r in sorted(faults.items()))
-    stray = len(result["stray"])
+    stray, misnamed = len(result["stray"]), len(result.get("misnamed", ()))
+    named_wrong = (
+        f" ({misnamed} of them during a fault of the same device, named on another metric)"
+        if misnamed
+        else ""
+    )
     lines = [
         f"injected faults  {total} ({kinds}){later}",
         f"found            {found}",
-        f"anomalies        {raised}: {raised - stray} during an injected fault, {stray} outside one",
+        f"anomalies        {raised}: {raised - stray} during an injected fault, "
+        f"{stray} outside one{named_wrong}",
     ]
     if history and any(r["found"] < r["of"] for r in faults.values()):
         lines.append(
