@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from millstream_cloud.alerts.clock import ManualClock, SystemClock
+from millstream_cloud.alerts.notifiers.base import AlertSnapshot, Notification
 from tests.alerts.conftest import T0, WebhookServer, reading
 from tests.alerts.test_lifecycle import HOT, route, run
 from tests.support.servers import ServerProcess, find_binary, free_port
@@ -233,3 +234,16 @@ def test_rule_files_from_the_environment_are_comma_separated():
 
     s = AlertSettings.model_validate({"rule_files": "default, /etc/millstream/plant.yaml"})
     assert s.rule_files == ["default", "/etc/millstream/plant.yaml"]
+
+
+def test_a_resolved_alert_says_how_long_it_lasted() -> None:
+    snap = AlertSnapshot(
+        fingerprint="f",
+        status="resolved",
+        labels={"alertname": "HotSpindle", "device": "press-1"},
+        annotations={"summary": "press-1 at 90.0"},
+        starts_at=T0,
+        ends_at=T0 + (14 * 60 + 3) * 10**9 + 400_000_000,
+    )
+    note = Notification(receiver="mail", group_key="k", group_labels={}, alerts=[snap])
+    assert note.text().splitlines()[-1].endswith(", after 14m3s")

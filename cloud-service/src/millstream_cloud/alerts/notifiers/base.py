@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from millstream_cloud.timeutil import rfc3339
+from millstream_cloud.alerts.labels import format_duration
+from millstream_cloud.timeutil import NS, rfc3339
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
 
@@ -107,7 +108,9 @@ class Notification:
             labels = ", ".join(f"{k}={v}" for k, v in sorted(a.labels.items()))
             lines.append(f"- {a.status}: {summary} [{labels}] since {rfc3339(a.starts_at)}")
             if a.ends_at and a.status == "resolved":
-                lines.append(f"  resolved at {rfc3339(a.ends_at)}")
+                # To the second: how long it lasted is what the reader weighs.
+                lasted = format_duration((a.ends_at - a.starts_at) // NS * NS)
+                lines.append(f"  resolved at {rfc3339(a.ends_at)}, after {lasted}")
             if a.annotations.get("dashboard_url"):
                 lines.append(f"  dashboard: {a.annotations['dashboard_url']}")
         if self.external_url:
