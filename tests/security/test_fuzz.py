@@ -5,10 +5,10 @@ settings and alert rule files (edited by hand too).
 
 The property is the same for all: never crash, always a clear error. Every input is
 either accepted or rejected with the module's own error type and a non-empty message;
-no other exception escapes. The example counts add up to 10,600 per run: 7,000 for the
-decoder, 3,000 for the config loader, 600 for the cloud's files (``MILLSTREAM_FUZZ_SCALE``
-multiplies them, e.g. 10 for a long run). Runs are derandomized, so a failure reproduces
-on the next run.
+no other exception escapes. The example counts add up to 11,100 per run: 7,000 for the
+decoder, 3,000 for the config loader and 500 for the desired config the cloud pushes, 600
+for the cloud's files (``MILLSTREAM_FUZZ_SCALE`` multiplies them, e.g. 10 for a long
+run). Runs are derandomized, so a failure reproduces on the next run.
 """
 
 from __future__ import annotations
@@ -310,6 +310,43 @@ def test_agent_config_valid_document_loads() -> None:
     module = agent_config()
     config = load_text(module, yaml.safe_dump(VALID_AGENT))
     assert config["device"]["id"] == "press-01"
+
+
+@fuzz(500)
+@given(
+    st.one_of(
+        _remote := st.recursive(
+            yaml_scalars,
+            lambda inner: st.one_of(
+                st.lists(inner, max_size=4),
+                st.dictionaries(
+                    st.sampled_from(
+                        ["batch", "max_readings", "max_delay", "collectors", "type", "name",
+                         "interval", "options", "enabled", "self_monitoring", "log", "level",
+                         "registers", "address", "nodes", "node_id", "metrics", "faults",
+                         "mqtt", "device", "queue", "x"]
+                    ),
+                    inner,
+                    max_size=5,
+                ),
+            ),
+            max_leaves=30,
+        ),
+        st.dictionaries(
+            st.sampled_from(["batch", "collectors", "self_monitoring", "log"]), _remote, max_size=4
+        ),
+    )
+)  # fmt: skip
+def test_agent_remote_config_fuzz(desired: Any) -> None:
+    # config/desired: whoever may publish to a device's topics can send it anything.
+    import yaml
+
+    module = agent_config()
+    base = load_text(module, yaml.safe_dump(VALID_AGENT))
+    try:
+        module.merge_remote(base, desired)
+    except Exception as exc:
+        assert_clear_config_error(module, exc)
 
 
 @pytest.mark.parametrize("text", ["? 0:", "? [a]: 1", "{[1]: 2}"])
