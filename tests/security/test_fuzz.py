@@ -312,31 +312,36 @@ def test_agent_config_valid_document_loads() -> None:
     assert config["device"]["id"] == "press-01"
 
 
+_remote_values = st.recursive(
+    yaml_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(
+            st.sampled_from(
+                ["batch", "max_readings", "max_delay", "collectors", "type", "name",
+                 "interval", "options", "enabled", "self_monitoring", "log", "level",
+                 "registers", "address", "nodes", "node_id", "metrics", "faults", "mqtt",
+                 "device", "queue", "x"]
+            ),
+            inner,
+            max_size=5,
+        ),
+    ),
+    max_leaves=30,
+)  # fmt: skip
+
+
 @fuzz(500)
 @given(
     st.one_of(
-        _remote := st.recursive(
-            yaml_scalars,
-            lambda inner: st.one_of(
-                st.lists(inner, max_size=4),
-                st.dictionaries(
-                    st.sampled_from(
-                        ["batch", "max_readings", "max_delay", "collectors", "type", "name",
-                         "interval", "options", "enabled", "self_monitoring", "log", "level",
-                         "registers", "address", "nodes", "node_id", "metrics", "faults",
-                         "mqtt", "device", "queue", "x"]
-                    ),
-                    inner,
-                    max_size=5,
-                ),
-            ),
-            max_leaves=30,
-        ),
+        _remote_values,
         st.dictionaries(
-            st.sampled_from(["batch", "collectors", "self_monitoring", "log"]), _remote, max_size=4
+            st.sampled_from(["batch", "collectors", "self_monitoring", "log"]),
+            _remote_values,
+            max_size=4,
         ),
     )
-)  # fmt: skip
+)
 def test_agent_remote_config_fuzz(desired: Any) -> None:
     # config/desired: whoever may publish to a device's topics can send it anything.
     import yaml

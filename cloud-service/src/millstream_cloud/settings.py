@@ -533,13 +533,11 @@ def _did_you_mean(loc: tuple[str, ...]) -> str:
     return f" (did you mean {'.'.join((*loc[:-1], meant))!r}?)" if meant else ""
 
 
-def _engine_key(err: ErrorDetails) -> tuple[tuple[str, ...], str]:
-    """An engine setting's problem under its own key ("detection.engine.mv_on: -1; must
-    be ...", at its line) rather than under ``engine``, which holds them all."""
+def _keyed(err: ErrorDetails) -> KeyedValueError | None:
+    """The check's own error when it knows its key (the engine's settings: each is told
+    at its own key and line, not at ``engine``, which holds them all)."""
     exc = (err.get("ctx") or {}).get("error")
-    if isinstance(exc, KeyedValueError):
-        return ("detection", "engine", *exc.path), exc.problem
-    return ("detection", "engine"), str(err["msg"]).removeprefix("Value error, ")
+    return exc if isinstance(exc, KeyedValueError) else None
 
 
 def _explain(
@@ -554,8 +552,8 @@ def _explain(
             msg = msg.removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key" + _did_you_mean(loc)
-        if loc == ("detection", "engine"):
-            loc, msg = _engine_key(err)
+        if loc == ("detection", "engine") and (keyed := _keyed(err)):
+            loc, msg = (*loc, *keyed.path), keyed.problem
         if not loc:  # a check across sections names the key it is about first
             named = re.match(r"([a-z_]+(?:\.[a-z_]+)+)", msg)
             loc = tuple(named.group(1).split(".")) if named else ()

@@ -116,12 +116,17 @@ def timestamp(stamp: object) -> float:
     return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
 
 
-def covers(fault: Mapping[str, Any], a: Raised, slack_s: float = SLACK_S) -> bool:
+def during(fault: Mapping[str, Any], a: Raised, slack_s: float = SLACK_S) -> bool:
+    """``a`` raised on the fault's device while it lasted (or within ``slack_s`` after)."""
     return (
         a.device == fault["device"]
-        and not a.metrics.isdisjoint(fault["metrics"])
         and timestamp(fault["start"]) <= a.time_s <= timestamp(fault["end"]) + slack_s
     )
+
+
+def covers(fault: Mapping[str, Any], a: Raised, slack_s: float = SLACK_S) -> bool:
+    """``a`` found the fault: raised during it, naming one of its metrics."""
+    return not a.metrics.isdisjoint(fault["metrics"]) and during(fault, a, slack_s)
 
 
 def compare(
@@ -155,11 +160,7 @@ def compare(
         row["found"] += found
     stray = [i for i, a in enumerate(raised) if not any(covers(f, a, slack_s) for f in faults)]
     misnamed = [
-        i
-        for i in stray
-        if any(
-            covers({**f, "metrics": sorted(raised[i].metrics)}, raised[i], slack_s) for f in faults
-        )
+        i for i in stray if raised[i].metrics and any(during(f, raised[i], slack_s) for f in faults)
     ]
     return {"faults": by_type, "stray": stray, "misnamed": misnamed, "recent": recent}
 
